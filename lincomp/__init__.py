@@ -1,0 +1,31 @@
+"""lincomp: declared attention variants (local windows, gated linear attention, hybrids) compiled to
+generated Triton (GPU) and TVM (CPU) kernels, autotuned per device, installed into real models.
+
+``import lincomp`` is cheap: triton, tvm, transformers and diffusers load on first use.
+"""
+
+from lincomp.spec import AttentionSpec, GridWindow, LinearBranch, TerracedWindow, Window1D
+from lincomp import presets
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "reference": ("lincomp.reference", "reference"),
+    "ReferenceDecoder": ("lincomp.reference", "ReferenceDecoder"),
+    "compile": ("lincomp.compiler", "compile"),
+    "Kernel": ("lincomp.runtime.kernel", "Kernel"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lincomp' has no attribute {name!r}")
+
+
+__all__ = ["AttentionSpec", "Window1D", "TerracedWindow", "GridWindow", "LinearBranch", "presets",
+           *_LAZY]

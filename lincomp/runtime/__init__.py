@@ -1,0 +1,1 @@
+"""Runtime pieces shared by every backend: the Kernel interface, fallbacks, the generated-code cache."""

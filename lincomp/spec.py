@@ -1,0 +1,375 @@
+"""Attention specs: what a user declares (SEMANTICS.md defines the math of every field).
+
+A spec is frozen, hashable, round-trips through a plain dict / JSON, and has a stable ``key()``
+used by the tuning database and the kernel cache. Every invalid combination raises ``ValueError`` or
+``TypeError`` with a message that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+FEATURE_MAPS = ("identity", "elu1", "relu", "hedgehog", "hedgehog_exp")
+HEDGEHOG_MAPS = ("hedgehog", "hedgehog_exp")
+GATES = (None, "scalar", "vector")
+COMBINES = (None, "shared", "sum")
+SHAPES = ("circle", "square")
+
+_TOP_KEYS = ("window", "causal", "prefix", "sinks", "linear", "combine")
+_LINEAR_KEYS = ("feature_map", "feature_dim", "gate", "normalize", "chunk_size")
+# Optional keys a dict may carry for humans; ignored by the math.
+_OPTIONAL_KEYS = ("name", "description", "version", "paper")
+
+
+def _int(value: Any, name: str, minimum: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}; {fix}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}; {fix}")
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _choice(value: Any, name: str, choices: tuple) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _check_keys(d: Mapping, known: tuple, where: str) -> None:
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
+    for key in d:
+        if key in known or key in _OPTIONAL_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+        if close:  # a typo would otherwise be silently ignored
+            raise ValueError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}?")
+
+
+# ----------------------------------------------------------------------------------------- windows
+@dataclass(frozen=True)
+class Window1D:
+    """Query i sees keys i-left .. i+right (positions counted after the prefix)."""
+
+    left: int
+    right: int = 0
+    kind = "1d"
+
+    def __post_init__(self):
+        _int(self.left, "window.left", 0, "give how many keys before the query it sees")
+        _int(self.right, "window.right", 0, "use right=0 for a causal sliding window")
+
+    def to_dict(self) -> dict:
+        return {"kind": "1d", "left": self.left, "right": self.right}
+
+    def reach(self, causal: bool) -> int:
+        """How far back (in tokens) a query can see: the decode cache length."""
+        return self.left
+
+    def __repr__(self) -> str:
+        return f"Window1D(left={self.left}, right={self.right})"
+
+
+@dataclass(frozen=True)
+class TerracedWindow:
+    """LoLCATs "terraced" blocks: j <= i and block(j) in {block(i) - 1, block(i)}."""
+
+    block: int
+    kind = "terraced"
+
+    def __post_init__(self):
+        _int(self.block, "window.block", 1, "use the block size in tokens, e.g. 64")
+
+    def to_dict(self) -> dict:
+        return {"kind": "terraced", "block": self.block}
+
+    def reach(self, causal: bool) -> int:
+        return 2 * self.block - 1
+
+    def __repr__(self) -> str:
+        return f"TerracedWindow(block={self.block})"
+
+
+@dataclass(frozen=True)
+class GridWindow:
+    """2D (rows, cols) or 3D (frames, rows, cols) neighbourhood on a row-major token grid."""
+
+    grid: tuple
+    radius: int
+    shape: str = "circle"
+
+    def __post_init__(self):
+        if isinstance(self.grid, (str, bytes)) or not hasattr(self.grid, "__iter__"):
+            raise TypeError(f"window.grid must be a list like [64, 64], got {self.grid!r}")
+        grid = tuple(self.grid)
+        if len(grid) not in (2, 3):
+            raise ValueError(f"window.grid must have 2 (rows, cols) or 3 (frames, rows, cols) entries, got {list(grid)}")
+        for n, g in enumerate(grid):
+            _int(g, f"window.grid[{n}]", 1, "grid sizes are token counts per axis")
+        object.__setattr__(self, "grid", grid)
+        _choice(self.shape, "window.shape", SHAPES)
+        # A circle of radius 0 is empty (dy^2 + dx^2 < 0 never holds): no query would see itself.
+        _int(self.radius, "window.radius", 1 if self.shape == "circle" else 0,
+             "a circle needs radius >= 1 (strict inequality), a square radius >= 0")
+
+    @property
+    def kind(self) -> str:
+        return f"{len(self.grid)}d"
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "grid": list(self.grid), "radius": self.radius, "shape": self.shape}
+
+    def reach(self, causal: bool) -> int:
+        # Largest flat backward distance i - j of a visible pair in row-major order.
+        r = self.radius if self.shape == "square" else self.radius - 1
+        strides = [math.prod(self.grid[a + 1:]) for a in range(len(self.grid))]
+        return sum(min(r, g - 1) * s for g, s in zip(self.grid, strides))
+
+    def __repr__(self) -> str:
+        return f"GridWindow(grid={self.grid}, radius={self.radius}, shape={self.shape!r})"
+
+
+Window = Union[Window1D, TerracedWindow, GridWindow]
+
+
+def window_from_dict(d: Optional[Mapping]) -> Optional[Window]:
+    if d is None:
+        return None
+    if isinstance(d, (Window1D, TerracedWindow, GridWindow)):
+        return d
+    kind = d.get("kind") if isinstance(d, Mapping) else None
+    if kind == "1d":
+        _check_keys(d, ("kind", "left", "right"), "window")
+        if "left" not in d:
+            raise ValueError("window.left is required for a 1d window, e.g. {'kind': '1d', 'left': 127, 'right': 0}")
+        return Window1D(d["left"], d.get("right", 0))
+    if kind == "terraced":
+        _check_keys(d, ("kind", "block"), "window")
+        if "block" not in d:
+            raise ValueError("window.block is required for a terraced window, e.g. {'kind': 'terraced', 'block': 64}")
+        return TerracedWindow(d["block"])
+    if kind in ("2d", "3d"):
+        _check_keys(d, ("kind", "grid", "radius", "shape"), "window")
+        for req in ("grid", "radius"):
+            if req not in d:
+                raise ValueError(f"window.{req} is required for a {kind} window, e.g. "
+                                 "{'kind': '2d', 'grid': [64, 64], 'radius': 8, 'shape': 'circle'}")
+        w = GridWindow(tuple(d["grid"]) if isinstance(d["grid"], (list, tuple)) else d["grid"],
+                       d["radius"], d.get("shape", "circle"))
+        if w.kind != kind:
+            raise ValueError(f"window.kind is {kind!r} but window.grid has {len(w.grid)} entries; "
+                             f"use kind {w.kind!r} or give {kind[0]} grid sizes")
+        return w
+    if not isinstance(d, Mapping):
+        raise TypeError(f"window must be null or a dict, got {type(d).__name__}")
+    raise ValueError(f"window.kind must be one of ['1d', 'terraced', '2d', '3d'], got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------- linear branch
+@dataclass(frozen=True)
+class LinearBranch:
+    """Causal gated (or non-causal) linear attention: S_t = diag(a_t) S_{t-1} + phi(k_t)^T v_t."""
+
+    feature_map: str = "identity"
+    feature_dim: Optional[int] = None  # E for hedgehog maps (F = 2E); None: F = D, or E from the weights
+    gate: Optional[str] = None
+    normalize: bool = False
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        _choice(self.feature_map, "linear.feature_map", FEATURE_MAPS)
+        if self.feature_dim is not None:
+            if self.feature_map not in HEDGEHOG_MAPS:
+                raise ValueError(f"linear.feature_dim is only for hedgehog maps; {self.feature_map!r} keeps "
+                                 "F = D: set feature_dim to null")
+            _int(self.feature_dim, "linear.feature_dim", 1, "E, the width of each half of the hedgehog map")
+        _choice(self.gate, "linear.gate", GATES)
+        _bool(self.normalize, "linear.normalize")
+        _int(self.chunk_size, "linear.chunk_size", 1, "a chunk of 64 tokens is the usual choice")
+
+    @property
+    def has_weights(self) -> bool:
+        return self.feature_map in HEDGEHOG_MAPS
+
+    def to_dict(self) -> dict:
+        return {"feature_map": self.feature_map, "feature_dim": self.feature_dim, "gate": self.gate,
+                "normalize": self.normalize, "chunk_size": self.chunk_size}
+
+    @classmethod
+    def from_dict(cls, d: Optional[Mapping]) -> Optional["LinearBranch"]:
+        if d is None or isinstance(d, LinearBranch):
+            return d
+        _check_keys(d, _LINEAR_KEYS, "linear")
+        return cls(**{k: d[k] for k in _LINEAR_KEYS if k in d})
+
+
+# ------------------------------------------------------------------------------------------- spec
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One attention variant. Fields and their math: SEMANTICS.md. Build from dicts or the presets."""
+
+    window: Optional[Window] = None
+    causal: bool = False
+    prefix: int = 0
+    sinks: int = 0
+    linear: Optional[LinearBranch] = None
+    combine: Optional[str] = None
+    name: Optional[str] = field(default=None, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "window", window_from_dict(self.window))
+        object.__setattr__(self, "linear", LinearBranch.from_dict(self.linear))
+        _bool(self.causal, "causal")
+        _int(self.prefix, "prefix", 0, "the number of global (text) tokens before the grid")
+        _int(self.sinks, "sinks", 0, "the number of sink logits per head (Lizard uses 4)")
+        _choice(self.combine, "combine", COMBINES)
+        lin, win = self.linear, self.window
+        if lin is not None and win is not None and self.combine is None:
+            raise ValueError("combine: a spec with a window and a linear branch must say how they combine: "
+                             "'shared' (LoLCATs, one normaliser) or 'sum' (Lizard)")
+        if self.combine is not None and (lin is None or win is None):
+            missing = "linear" if lin is None else "window"
+            raise ValueError(f"combine={self.combine!r} needs both a window and a linear branch, but {missing} is "
+                             "null; set combine to null or add the missing branch")
+        if self.sinks and lin is not None and win is None:
+            raise ValueError("sinks enter a softmax denominator, and this spec has only a linear branch; "
+                             "set sinks to 0 or add a window with combine='sum'")
+        if self.sinks and self.combine == "shared":
+            raise ValueError("sinks are not part of combine='shared' (SEMANTICS.md section 3); "
+                             "set sinks to 0 or use combine='sum'")
+        if lin is not None and lin.gate is not None and not self.causal:
+            raise ValueError(f"linear.gate={lin.gate!r} needs causal=true (a decay from j to i only exists for j <= i); "
+                             "set causal to true or gate to null")
+
+    # -- dict / JSON -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"window": None if self.window is None else self.window.to_dict(), "causal": self.causal,
+             "prefix": self.prefix, "sinks": self.sinks,
+             "linear": None if self.linear is None else self.linear.to_dict(), "combine": self.combine}
+        if self.name is not None:
+            d["name"] = self.name
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "AttentionSpec":
+        if isinstance(d, AttentionSpec):
+            return d
+        _check_keys(d, _TOP_KEYS, "spec")
+        kwargs = {k: d[k] for k in _TOP_KEYS if k in d}
+        return cls(name=d.get("name"), **kwargs)
+
+    def to_json(self, path: Optional[Union[str, Path]] = None, indent: int = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+        if path is not None:
+            from lincomp._atomic import atomic_write_text
+            atomic_write_text(Path(path), text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: Union[str, Path]) -> "AttentionSpec":
+        p = Path(text_or_path)
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{") and p.exists():
+            text = p.read_text()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"spec JSON does not parse ({e}); give a JSON object or a path to one") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def coerce(cls, spec: Union["AttentionSpec", Mapping, str, Path]) -> "AttentionSpec":
+        """An AttentionSpec from a spec, a dict, a JSON string or a JSON file path."""
+        if isinstance(spec, AttentionSpec):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls.from_dict(spec)
+        if isinstance(spec, (str, Path)):
+            return cls.from_json(spec)
+        raise TypeError(f"spec must be an AttentionSpec, a dict or a JSON path, got {type(spec).__name__}")
+
+    def canonical_json(self) -> str:
+        d = self.to_dict()
+        d.pop("name", None)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    def key(self) -> str:
+        """Stable id of the math (names excluded): readable summary + 12 hex of sha256."""
+        digest = hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+        return f"{self.summary()}-{digest}"
+
+    def summary(self) -> str:
+        parts = []
+        w = self.window
+        if w is None:
+            parts.append("dense" if self.linear is None else "")
+        elif isinstance(w, Window1D):
+            parts.append(f"w1d{w.left}.{w.right}")
+        elif isinstance(w, TerracedWindow):
+            parts.append(f"terr{w.block}")
+        else:
+            parts.append(f"{w.kind}{'x'.join(map(str, w.grid))}{w.shape[0]}{w.radius}")
+        if self.causal:
+            parts.append("c")
+        if self.prefix:
+            parts.append(f"p{self.prefix}")
+        if self.sinks:
+            parts.append(f"s{self.sinks}")
+        if self.linear is not None:
+            lin = self.linear
+            parts.append(f"lin{lin.feature_map}{lin.feature_dim or ''}{'-' + lin.gate if lin.gate else ''}"
+                         f"{'-n' if lin.normalize else ''}")
+        if self.combine:
+            parts.append(self.combine)
+        return "_".join(p for p in parts if p)
+
+    # -- derived facts ---------------------------------------------------------------------------
+    @property
+    def has_softmax(self) -> bool:
+        """True when a softmax (window or dense) branch exists."""
+        return self.linear is None or self.window is not None
+
+    def expected_length(self) -> Optional[int]:
+        """The sequence length a grid window fixes (prefix + prod(grid)), else None."""
+        if isinstance(self.window, GridWindow):
+            return self.prefix + self.window.tokens
+        return None
+
+    def with_grid(self, grid) -> "AttentionSpec":
+        """The same spec on another grid (e.g. another image size)."""
+        if not isinstance(self.window, GridWindow):
+            raise ValueError("with_grid needs a 2d/3d window")
+        from dataclasses import replace
+        return replace(self, window=GridWindow(tuple(grid), self.window.radius, self.window.shape))
+
+    def __repr__(self) -> str:
+        fields = [f"window={self.window!r}"] if self.window is not None else []
+        if self.causal:
+            fields.append("causal=True")
+        if self.prefix:
+            fields.append(f"prefix={self.prefix}")
+        if self.sinks:
+            fields.append(f"sinks={self.sinks}")
+        if self.linear is not None:
+            fields.append(f"linear={self.linear!r}")
+        if self.combine:
+            fields.append(f"combine={self.combine!r}")
+        if self.name:
+            fields.append(f"name={self.name!r}")
+        return f"AttentionSpec({', '.join(fields)})"
