@@ -10,7 +10,7 @@ from lincomp import presets
 __version__ = "0.1.0"
 
 _LAZY = {
-    "reference": ("lincomp.reference", "reference"),
+    "reference": ("lincomp.reference", None),   # a callable package: lincomp.reference(spec, q, k, v)
     "ReferenceDecoder": ("lincomp.reference", "ReferenceDecoder"),
     "compile": ("lincomp.compiler", "compile"),
     "Kernel": ("lincomp.runtime.kernel", "Kernel"),
@@ -21,7 +21,8 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
         mod, attr = _LAZY[name]
-        value = getattr(importlib.import_module(mod), attr)
+        module = importlib.import_module(mod)
+        value = module if attr is None else getattr(module, attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lincomp' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Shared test setup: hypothesis profiles and tolerance helpers.
+"""Shared test setup: hypothesis profiles, the Triton interpreter on CPU-only machines, GPU skips.
 
 Profiles: ``ci`` (default; a fixed example budget, no deadline) and ``dev`` (more examples).
 Choose with ``HYPOTHESIS_PROFILE=dev``.
@@ -10,13 +10,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # Triton kernels run through the numpy interpreter on a CPU-only machine
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):

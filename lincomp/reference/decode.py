@@ -53,7 +53,7 @@ class ReferenceDecoder:
         k1 = k[:, :, 0].to(dt).repeat_interleave(rep, 1)
         v1 = v[:, :, 0].to(dt).repeat_interleave(rep, 1)
         scale = D ** -0.5 if self.scale is None else self.scale
-        fq = fk = None
+        fq = fk = gt = None
         if lin is not None:
             fq = feature_map(lin.feature_map, q1[:, :, None], self._w("feature_weight_q"))[:, :, 0]
             fk = feature_map(lin.feature_map, k1[:, :, None], self._w("feature_weight_k"))[:, :, 0]
@@ -73,7 +73,7 @@ class ReferenceDecoder:
             self.z = gt.exp() * self.z
             self.keys = [(p, kk, vv, ff, ld + gt) for (p, kk, vv, ff, ld) in self.keys]
         t = self.t
-        self.keys.append((t, k1, v1, fk, (fk.new_zeros(B, H, 1) if fk is not None else None)))
+        self.keys.append((t, k1, v1, fk, None if gt is None else torch.zeros_like(gt)))
         self.t += 1
 
         pos = torch.tensor([p for p, *_ in self.keys], device=q.device)

@@ -107,7 +107,8 @@ def _shared(call: Call, dtype, form: str) -> torch.Tensor:
     s, mask = window_scores(call, dtype)
     v = _expand_heads(call.v, call.H).to(dtype)
     m = s.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    # Not detached: m_i does not cancel here (the linear terms are not shifted by it).
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = (s - m).exp() * mask
     gamma = call.window_gamma.to(dtype)[None, :, None]
     fq, fk = _features(call, dtype)

@@ -306,7 +306,7 @@ def _load(path: Path, warn: bool = True) -> _Loaded:
                 loaded = _parse(path, f.read().decode("utf-8", errors="replace"))
                 with _CACHE_LOCK:
                     _CACHE[str(path)] = (sig, loaded)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no file yet
         return _Loaded()
     except OSError as e:
         loaded = _Loaded(problems=[Problem(path, f"unreadable: {e}")], fatal=True)

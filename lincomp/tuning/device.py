@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any
 
 # Device types torch understands; a string outside these is taken to be a device *name* already.
 _TORCH_DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|hip)(:\d+)?$")
@@ -126,12 +126,3 @@ def library_versions() -> dict:
                 continue
     return versions
 
-
-def _main() -> None:  # python -m lincomp.tuning.device: what this machine is called in the db
-    name = device_name()
-    print(f"{name}  ->  {device_slug(name)}.json")
-    print(library_versions())
-
-
-if __name__ == "__main__":
-    _main()

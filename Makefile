@@ -1,0 +1,41 @@
+# lincomp: two commands do everything on a fresh machine.
+#   make demo   runs the main job (spec -> tune -> compile -> linearise MiniLM -> distil -> report)
+#   make test   runs the test suite (CPU; Triton under TRITON_INTERPRET=1, TVM on LLVM)
+# Both create .venv with the pinned toolchain (requirements/lock.txt) on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lincomp-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all test-fast bench gpu-check lock clean
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/lock.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/lincomp demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" --timeout=900 $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	HF_HUB_OFFLINE=1 HYPOTHESIS_PROFILE=dev $(PY) -m pytest -q --timeout=3600 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_cpu.py
+
+# On a GPU machine with torch + triton preinstalled (no venv, no internet): PYTHONPATH=. python3 ...
+gpu-check:
+	PYTHONPATH=. python3 benchmarks/gpu_check.py
+
+lock: $(STAMP)
+	$(PY) -m pip freeze | grep -v -e '^-e' -e '^lincomp' | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements/lock.txt.new
+	mv requirements/lock.txt.new requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis out

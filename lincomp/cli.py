@@ -1,0 +1,49 @@
+"""The ``lincomp`` command: ``explain | tune | db | distill | demo``.
+
+Each subcommand lives beside the code it drives and registers itself here; nothing heavy is
+imported until a subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with register(subparsers), one-line help)
+_SUBCOMMANDS = {
+    "explain": ("lincomp.ir.explain", "print a spec's IR, plan, FLOPs and bytes against dense attention"),
+    "tune": ("lincomp.tuning.tune_cli", "autotune a spec's kernels on this device into the tuning database"),
+    "db": ("lincomp.tuning.cli", "show or validate the tuning database"),
+    "distill": ("lincomp.models.distill_cli", "linearise a model and distil it against the original"),
+    "demo": ("lincomp.demo", "run the main job end to end and write a report"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lincomp",
+        description="Compile declared attention variants (local windows, gated linear attention, hybrids) "
+                    "to generated Triton (GPU) and TVM (CPU) kernels.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in _SUBCOMMANDS.items():
+        mod = importlib.import_module(module)
+        mod.register(sub)
+        # Subcommands that register their own parser keep it; make sure help text is present.
+        if name in sub.choices and not sub.choices[name].description:
+            sub.choices[name].description = help_text
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None) or not hasattr(args, "func"):
+        parser.print_help()
+        return 0 if not getattr(args, "command", None) else 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

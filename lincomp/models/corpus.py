@@ -1,0 +1,169 @@
+"""Offline text corpora that exist on every machine: the running Python's standard library.
+
+Two views of the same files, built deterministically (sorted paths, no randomness):
+
+- ``docstring_passages(split)``: English prose, the module / class / function docstrings of the
+  stdlib, joined per file into passages of roughly ``words`` words (for the MiniLM encoder);
+- ``source_bytes(split)``: the raw source code as bytes (for the byte-level causal LM).
+
+A file belongs to the held-out split when ``sha1(relative path)`` ends in a digit below
+``heldout_percent`` (10% by default), so the split is stable across runs and machines. The corpus
+depends on the Python version (3.11's stdlib differs from 3.12's): ``corpus_info()`` records the
+version, the file count and a content hash so that results say what they were measured on.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import re
+import sys
+import sysconfig
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+SPLITS = ("train", "heldout")
+# Test suites and vendored data are not prose and would dominate the corpus by size.
+_SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
+               "ensurepip", "turtledemo"}
+_WS = re.compile(r"\s+")
+
+
+def stdlib_root() -> Path:
+    """The folder of the running Python's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@lru_cache(maxsize=4)
+def stdlib_files(root: Optional[str] = None) -> Tuple[Path, ...]:
+    """Every ``.py`` file of the stdlib (tests and site-packages excluded), sorted by relative path."""
+    base = Path(root) if root is not None else stdlib_root()
+    if not base.is_dir():
+        raise FileNotFoundError(f"no Python standard library at {base}; pass root= the folder holding os.py")
+    files = [p for p in base.rglob("*.py")
+             if not (set(p.relative_to(base).parts[:-1]) & _SKIP_PARTS) and p.is_file()]
+    return tuple(sorted(files, key=lambda p: p.relative_to(base).as_posix()))
+
+
+def split_of(relpath: str, heldout_percent: int = 10) -> str:
+    """'heldout' or 'train' for a file, from a stable hash of its relative path."""
+    if not 0 < heldout_percent < 100:
+        raise ValueError(f"heldout_percent must be in 1..99, got {heldout_percent}")
+    h = int(hashlib.sha1(relpath.encode()).hexdigest(), 16) % 100
+    return "heldout" if h < heldout_percent else "train"
+
+
+def _files_of(split: str, root: Optional[str], heldout_percent: int) -> List[Path]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    base = Path(root) if root is not None else stdlib_root()
+    return [p for p in stdlib_files(root) if split_of(p.relative_to(base).as_posix(), heldout_percent) == split]
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def _docstrings(source: str) -> Iterator[str]:
+    """Docstrings of a module and of its classes and functions, in source order, whitespace-folded."""
+    with warnings.catch_warnings():  # old stdlib files trigger invalid-escape warnings
+        warnings.simplefilter("ignore")
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            return
+    nodes = [tree] + sorted((n for n in ast.walk(tree)
+                             if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))),
+                            key=lambda n: (n.lineno, n.col_offset))
+    for node in nodes:
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            text = _WS.sub(" ", doc).strip()
+            if len(text.split()) >= 4 and text.isascii():   # skip stubs like "Return x."
+                yield text
+
+
+def docstring_passages(split: str = "train", *, words: int = 200, min_words: int = 40,
+                       root: Optional[str] = None, heldout_percent: int = 10) -> List[str]:
+    """Passages of about ``words`` words: consecutive docstrings of one file joined with spaces.
+
+    A file's remainder shorter than ``min_words`` is dropped. Deterministic for a given stdlib.
+    """
+    if words < 1 or min_words < 1:
+        raise ValueError(f"words and min_words must be >= 1, got {words}, {min_words}")
+    passages = []
+    for path in _files_of(split, root, heldout_percent):
+        source = _read(path)
+        if source is None:
+            continue
+        buf: List[str] = []
+        for doc in _docstrings(source):
+            buf.extend(doc.split())
+            while len(buf) >= words:
+                passages.append(" ".join(buf[:words]))
+                buf = buf[words:]
+        if len(buf) >= min_words:
+            passages.append(" ".join(buf))
+    return passages
+
+
+def source_bytes(split: str = "train", *, root: Optional[str] = None, heldout_percent: int = 10,
+                 max_bytes: Optional[int] = None) -> bytes:
+    """The split's source files concatenated (each followed by a blank line), as UTF-8 bytes."""
+    out, total = [], 0
+    for path in _files_of(split, root, heldout_percent):
+        text = _read(path)
+        if text is None:
+            continue
+        data = text.encode("utf-8") + b"\n\n"
+        out.append(data)
+        total += len(data)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    data = b"".join(out)
+    return data if max_bytes is None else data[:max_bytes]
+
+
+def corpus_info(root: Optional[str] = None, heldout_percent: int = 10) -> dict:
+    """What the corpus is: Python version, stdlib folder, file counts per split, a content hash."""
+    base = Path(root) if root is not None else stdlib_root()
+    files = stdlib_files(root)
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(base).as_posix().encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    counts = {s: len(_files_of(s, root, heldout_percent)) for s in SPLITS}
+    return {"python": sys.version.split()[0], "stdlib": str(base), "files": len(files), **{f"files_{s}": n for s, n in counts.items()},
+            "heldout_percent": heldout_percent, "sha256": h.hexdigest()[:16]}
+
+
+def token_blocks(texts: Sequence[str], tokenizer, length: int, *, max_blocks: Optional[int] = None):
+    """Pack tokenised texts into ``[N, length]`` id blocks, each ``[CLS] ... [SEP]`` with no padding.
+
+    The texts are tokenised without special tokens, concatenated, and cut into runs of
+    ``length - 2`` tokens; a short tail is dropped. Returns a LongTensor.
+    """
+    import torch
+
+    if length < 3:
+        raise ValueError(f"length must be >= 3 (room for [CLS] and [SEP]), got {length}")
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls is None or sep is None:
+        raise ValueError("token_blocks needs a tokenizer with [CLS] and [SEP] tokens (a BERT-family tokenizer)")
+    body = length - 2
+    blocks, run = [], []
+    for text in texts:
+        run.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        while len(run) >= body:
+            blocks.append([cls] + run[:body] + [sep])
+            run = run[body:]
+            if max_blocks is not None and len(blocks) >= max_blocks:
+                return torch.tensor(blocks, dtype=torch.long)
+    if not blocks:
+        raise ValueError(f"the texts hold fewer than {body} tokens: no block of length {length} can be made")
+    return torch.tensor(blocks, dtype=torch.long)

@@ -1,0 +1,558 @@
+"""Distillation of a linearised model into its teacher (attention transfer, as in LoLCATs / Lizard / CLEAR).
+
+``distill(student, teacher, data)`` runs two stages:
+
+1. **attention transfer**: every linearised layer's attention output (before the output projection,
+   recorded by ``lincomp.models.capture_attention``) is matched to the teacher's with an MSE; only
+   the parameters ``lincomp.linearize`` added train (feature maps, gates, sink logits, mixing weights);
+2. **fine-tuning**: LoRA adapters (peft) on the q/k/v projections train with a task loss
+   (next-token loss for causal LMs, embedding distillation for encoders, ``clear_loss`` for Flux, or
+   any callable); the adapters are merged into the weights at the end.
+
+Training is deterministic for a seed (the RNG is re-seeded from (seed, stage, step) before every step,
+and the batch of step ``i`` is ``data[i % len(data)]``), so a run resumed from its checkpoint
+(``checkpoint_dir``: one safetensors file per stage, written atomically) ends with exactly the
+weights of an uninterrupted run. Works on CPU and GPU: batches follow the student's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lincomp._atomic import atomic_write_bytes
+
+STAGES = ("attention", "finetune")
+TASK_LOSSES = ("auto", "lm", "embedding", "clear")
+# q/k/v projection names per model family (Llama / BERT / diffusers attention incl. Flux's text stream).
+QKV_NAMES = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "to_q", "to_k", "to_v",
+             "add_q_proj", "add_k_proj", "add_v_proj")
+CHECKPOINT_FORMAT = "lincomp-distill-1"
+
+LossOut = Union[torch.Tensor, Tuple[torch.Tensor, Mapping[str, float]]]
+
+
+# ------------------------------------------------------------------------------------ issue-6 API
+def _models_api():
+    """linearize's helpers (lincomp.models), imported on first use."""
+    try:
+        from lincomp.models import capture_attention, learned_parameters, set_attention_mode
+    except ImportError as e:  # pragma: no cover - only while lincomp.models is incomplete
+        raise ImportError(f"lincomp.distill needs lincomp.models (linearize, capture_attention, ...): {e}") from e
+    return capture_attention, learned_parameters, set_attention_mode
+
+
+def learned_named_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """``{name: parameter}`` of exactly the parameters ``lincomp.linearize`` added to ``model``."""
+    _, learned_parameters, _ = _models_api()
+    learned = learned_parameters(model)
+    if isinstance(learned, Mapping):
+        items = list(learned.values())
+    else:
+        items = list(learned)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for p in items:
+        if id(p) not in by_id:
+            raise ValueError("learned_parameters(model) returned a tensor that is not a parameter of the model")
+        out[by_id[id(p)]] = p
+    return dict(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------------------- batches
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _batch_at(data: Union[Sequence, Callable[[int], Any]], step: int) -> Any:
+    """The batch of step ``step``: ``data(step)`` or ``data[step % len(data)]`` (deterministic, resumable)."""
+    if callable(data) and not isinstance(data, (torch.Tensor, Sequence)):
+        return data(step)
+    if isinstance(data, torch.Tensor):
+        raise TypeError("data must be a sequence of batches (e.g. a list, or a [N, B, L] tensor of token ids "
+                        "indexed per step) or a callable step -> batch; a bare [B, L] tensor is one batch: "
+                        "wrap it in a list")
+    if not isinstance(data, Sequence) or len(data) == 0:
+        raise TypeError(f"data must be a non-empty sequence of batches or a callable step -> batch, got "
+                        f"{type(data).__name__}")
+    return data[step % len(data)]
+
+
+def run_model(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for a dict, ``model(input_ids=batch)`` for a tensor of token ids."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, torch.Tensor):
+        return model(input_ids=batch)
+    raise TypeError(f"a batch must be a dict of model inputs or a tensor of token ids, got {type(batch).__name__}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------- teacher
+class TeacherRunner:
+    """Runs the teacher without gradients: ``teacher(batch, capture=False) -> (outputs, captured)``.
+
+    The teacher is a separate model, or the student itself (``teacher=None`` or the same object): then
+    it runs in ``set_attention_mode(model, "teacher")`` with any LoRA adapters disabled, which is the
+    original model exactly (linearize keeps the original weights).
+    """
+
+    def __init__(self, teacher: Optional[nn.Module], student: nn.Module):
+        self.model = student if teacher is None else teacher
+        self.shared = self.model is student
+
+    @contextmanager
+    def _mode(self) -> Iterator[None]:
+        if not self.shared:
+            yield
+            return
+        _, _, set_attention_mode = _models_api()
+        lora = _lora_layers(self.model)
+        set_attention_mode(self.model, "teacher")
+        for m in lora:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m in lora:
+                m.enable_adapters(True)
+            set_attention_mode(self.model, "student")
+
+    def __call__(self, batch: Any, capture: bool = False, forward: Optional[Callable] = None):
+        """``(outputs, {layer: attention output} or None)``; ``forward(model, batch)`` defaults to run_model."""
+        forward = forward or run_model
+        capture_attention, _, _ = _models_api()
+        with torch.no_grad(), self._mode(), ExitStack() as stack:
+            caps = stack.enter_context(capture_attention(self.model)) if capture else None
+            out = forward(self.model, batch)
+        return out, (dict(caps) if caps is not None else None)
+
+
+def _forward_captured(model: nn.Module, batch: Any, forward: Optional[Callable] = None):
+    capture_attention, _, _ = _models_api()
+    with capture_attention(model) as caps:
+        out = (forward or run_model)(model, batch)
+    return out, dict(caps)
+
+
+# ------------------------------------------------------------------------------------------ losses
+def attention_mse(student_caps: Mapping[str, torch.Tensor], teacher_caps: Mapping[str, torch.Tensor],
+                  layers: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, int]:
+    """Mean over layers of MSE(student attention output, teacher's); returns ``(loss, n_layers)``.
+
+    Layers are matched by module name (falling back to order when the names differ but the counts agree).
+    ``layers`` restricts the match to those names.
+    """
+    names = [n for n in student_caps if n in teacher_caps]
+    pairs = [(student_caps[n], teacher_caps[n]) for n in names]
+    if not pairs and len(student_caps) == len(teacher_caps) and student_caps:
+        names = list(student_caps)
+        pairs = list(zip(student_caps.values(), teacher_caps.values()))
+    if layers is not None:
+        keep = set(layers)
+        missing = keep - set(names)
+        if missing:
+            raise ValueError(f"attention layers {sorted(missing)} were not captured; captured: {names}")
+        pairs = [p for n, p in zip(names, pairs) if n in keep]
+    if not pairs:
+        raise ValueError("no attention outputs were captured from both the student and the teacher; is the "
+                         "student linearised (lincomp.linearize) and does the teacher have the same layers?")
+    losses = []
+    for s, t in pairs:
+        if s.shape != t.shape:
+            raise ValueError(f"attention output shapes differ: student {list(s.shape)}, teacher {list(t.shape)}")
+        losses.append(F.mse_loss(s.float(), t.float()))
+    return torch.stack(losses).mean(), len(pairs)
+
+
+def attention_transfer_loss(student: nn.Module, teacher: TeacherRunner, batch: Any) -> LossOut:
+    """Stage 1: MSE between each linearised layer's attention output and the teacher's."""
+    _, t_caps = teacher(batch, capture=True)
+    _, s_caps = _forward_captured(student, batch)
+    loss, n = attention_mse(s_caps, t_caps)
+    return loss, {"attn_mse": loss.item(), "layers": n}
+
+
+def lm_loss(student: nn.Module, teacher: TeacherRunner, batch: Any) -> LossOut:
+    """Next-token cross-entropy (labels = input ids unless the batch has ``labels``)."""
+    inputs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
+    inputs.setdefault("labels", inputs["input_ids"])
+    loss = student(**inputs).loss
+    return loss, {"lm": loss.item()}
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sentence embedding as sentence-transformers computes it: the mean over (unpadded) tokens."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def embedding_loss(student: nn.Module, teacher: TeacherRunner, batch: Any) -> LossOut:
+    """Encoders: 1 - cos(mean-pooled student embedding, teacher's) + token-level MSE of the last hidden state
+    (relative to the teacher's mean square)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    t_out, _ = teacher(batch)
+    s_out = run_model(student, batch)
+    hs, ht = s_out.last_hidden_state.float(), t_out.last_hidden_state.float()
+    cos = F.cosine_similarity(mean_pool(hs, mask), mean_pool(ht, mask), dim=-1).mean()
+    mse = F.mse_loss(hs, ht) / ht.pow(2).mean().clamp_min(1e-12)
+    loss = (1 - cos) + mse
+    return loss, {"cos": cos.item(), "hidden_rel_mse": mse.item()}
+
+
+@dataclass(frozen=True)
+class ClearWeights:
+    """CLEAR's loss weights: flow matching + prediction distillation + attention-output MSE."""
+
+    flow: float = 1.0
+    prediction: float = 0.5
+    attention: float = 0.5
+
+
+def clear_loss(student: nn.Module, teacher: TeacherRunner, batch: Mapping[str, torch.Tensor], *,
+               weights: ClearWeights = ClearWeights(), layers: Optional[Sequence[str]] = None) -> LossOut:
+    """CLEAR's distillation loss for a diffusers Flux transformer (rectified flow).
+
+    ``batch``: ``latents`` (clean packed latents x0 ``[B, N, C]``), ``encoder_hidden_states``,
+    ``pooled_projections``, ``img_ids``, ``txt_ids`` and optionally ``guidance``. Draws noise e and a
+    logit-normal time t (from the torch RNG, which ``distill`` seeds per step), forms
+    x_t = (1 - t) x0 + t e and scores: ``flow * MSE(student, e - x0) + prediction * MSE(student, teacher)
+    + attention * MSE(student attention outputs, teacher's)`` (``layers``: which attention modules; all
+    by default).
+    """
+    if not isinstance(batch, Mapping) or "latents" not in batch:
+        raise ValueError("clear_loss needs a dict batch with 'latents' (clean packed latents [B, N, C]) and the "
+                         "Flux conditioning inputs (encoder_hidden_states, pooled_projections, img_ids, txt_ids)")
+    x0 = batch["latents"]
+    noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)
+    t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, dtype=x0.dtype))
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    inputs = {k: v for k, v in batch.items() if k != "latents"}
+    inputs.update(hidden_states=xt, timestep=t, return_dict=False)
+    want_attn = weights.attention != 0
+    t_out, t_caps = teacher(inputs, capture=want_attn)
+    if want_attn:
+        s_out, s_caps = _forward_captured(student, inputs)
+    else:
+        s_out, s_caps = run_model(student, inputs), None
+    pred, t_pred = s_out[0].float(), t_out[0].float()
+    flow = F.mse_loss(pred, (noise - x0).float())
+    pred_mse = F.mse_loss(pred, t_pred)
+    loss = weights.flow * flow + weights.prediction * pred_mse
+    parts = {"flow": flow.item(), "pred_mse": pred_mse.item()}
+    if want_attn:
+        attn, _ = attention_mse(s_caps, t_caps, layers)
+        loss = loss + weights.attention * attn
+        parts["attn_mse"] = attn.item()
+    return loss, parts
+
+
+def _resolve_task_loss(task_loss: Union[str, Callable], student: nn.Module) -> Callable:
+    if callable(task_loss):
+        return task_loss
+    if task_loss not in TASK_LOSSES:
+        raise ValueError(f"task_loss must be one of {list(TASK_LOSSES)} or a callable "
+                         f"(student, teacher, batch) -> loss, got {task_loss!r}")
+    if task_loss == "auto":
+        if hasattr(student, "lm_head") or type(student).__name__.endswith("ForCausalLM"):
+            task_loss = "lm"
+        elif type(student).__name__.startswith("Flux"):
+            task_loss = "clear"
+        else:
+            task_loss = "embedding"
+    return {"lm": lm_loss, "embedding": embedding_loss, "clear": clear_loss}[task_loss]
+
+
+# -------------------------------------------------------------------------------------------- LoRA
+def _lora_layers(model: nn.Module) -> list:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def qkv_module_names(model: nn.Module, targets: Optional[Sequence[str]] = None) -> List[str]:
+    """Names of the ``nn.Linear`` modules LoRA attaches to: those whose last name part is in ``targets``
+    (default: the q/k/v projections of Llama, BERT and diffusers attention)."""
+    targets = tuple(targets) if targets is not None else QKV_NAMES
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    if not names:
+        raise ValueError(f"no nn.Linear module named one of {list(targets)} in {type(model).__name__}; "
+                         "pass lora_targets= the last name parts of its q/k/v projections")
+    return names
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Optional[Sequence[str]] = None,
+             seed: int = 0) -> Dict[str, nn.Parameter]:
+    """Attach LoRA adapters (peft, in place) to the q/k/v projections; returns their parameters by name.
+
+    Only the adapters' requires_grad is changed (the rest of the model keeps its flags).
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ImportError("the fine-tuning stage needs peft: pip install peft") from e
+    if rank < 1:
+        raise ValueError(f"lora_rank must be >= 1, got {rank}")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    names = qkv_module_names(model, targets)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_derived_seed(seed, "lora-init", 0))
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names), model)
+    for n, p in model.named_parameters():  # peft froze everything else; restore the caller's flags
+        base = n.replace(".base_layer.", ".")
+        if "lora_" not in n:
+            p.requires_grad_(flags.get(n, flags.get(base, False)))
+    return {n: p for n, p in sorted(model.named_parameters()) if "lora_" in n}
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA adapter into its base weight and put the plain layer back; returns how many."""
+    count = 0
+    layers = {id(m) for m in _lora_layers(model)}
+    for name, module in list(model.named_modules()):
+        if id(module) in layers:
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------- training loop
+def _derived_seed(seed: int, name: str, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}/{step}".encode()).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: float = 0.1, final: float = 0.1) -> float:
+    """Linear warmup over ``warmup * steps`` steps, then cosine decay to ``final * lr``."""
+    w = max(1, int(round(warmup * steps)))
+    if step < w:
+        return lr * (step + 1) / w
+    frac = (step - w) / max(1, steps - w)
+    return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _fingerprint(d: Mapping) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], opt: torch.optim.Optimizer, step: int,
+                     fingerprint: str, history: list, extra: Optional[Mapping[str, str]] = None) -> None:
+    from safetensors.torch import save
+
+    tensors = {f"param/{n}": p.detach().cpu().contiguous().clone() for n, p in params.items()}
+    for n, p in params.items():
+        for k, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{n}/{k}"] = v.detach().cpu().contiguous().clone()
+    meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "fingerprint": fingerprint,
+            "history": json.dumps(history), **dict(extra or {})}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], opt: torch.optim.Optimizer,
+                     fingerprint: str) -> Tuple[int, list]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a lincomp distillation checkpoint (format {meta.get('format')!r})")
+        if meta.get("fingerprint") != fingerprint:
+            raise ValueError(f"{path} was written by a run with other settings (steps, lr, seed, trained "
+                             "parameters or data); delete it or choose another checkpoint_dir to start afresh")
+        keys = set(f.keys())
+        with torch.no_grad():
+            for n, p in params.items():
+                if f"param/{n}" not in keys:
+                    raise ValueError(f"{path} has no parameter {n!r}; delete it to start afresh")
+                p.copy_(f.get_tensor(f"param/{n}").to(p.device, p.dtype))
+        for n, p in params.items():
+            prefix = f"optim/{n}/"
+            state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+            if state:
+                opt.state[p] = {k: (v.to(p.device) if k != "step" else v) for k, v in state.items()}
+        return int(meta["step"]), json.loads(meta.get("history", "[]"))
+
+
+def train_steps(params: Mapping[str, nn.Parameter], loss_at: Callable[[int], LossOut], *, steps: int,
+                lr: float, name: str = "train", seed: int = 0, warmup: float = 0.1, weight_decay: float = 0.0,
+                clip: Optional[float] = 1.0, checkpoint: Optional[Union[str, Path]] = None,
+                checkpoint_every: int = 50, settings: Optional[Mapping] = None,
+                progress: bool = True, log_every: int = 1) -> Tuple[List[dict], int]:
+    """AdamW over ``params`` for ``steps`` steps of ``loss_at(step)``; returns ``(history, resumed_from)``.
+
+    Before each step the torch RNG is seeded from (seed, name, step). With ``checkpoint`` (a .safetensors
+    path) the parameters, optimizer state and history are saved atomically every ``checkpoint_every`` steps
+    and at the end, and a run finds its checkpoint and continues from it; ``settings`` (JSON-able) must
+    match the run that wrote it.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    params = dict(params)
+    if not params:
+        raise ValueError(f"stage {name!r} has no parameters to train")
+    for n, p in params.items():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+    fp = _fingerprint({"name": name, "steps": steps, "lr": lr, "seed": seed, "warmup": warmup,
+                       "weight_decay": weight_decay, "clip": clip,
+                       "params": {n: list(p.shape) for n, p in params.items()}, "settings": settings or {}})
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    start, history = 0, []
+    if ckpt is not None and ckpt.exists():
+        start, history = _load_checkpoint(ckpt, params, opt, fp)
+    resumed_from = start
+    bar = None
+    if progress and start < steps:
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
+        except ImportError:  # tqdm is optional
+            bar = None
+    try:
+        for step in range(start, steps):
+            torch.manual_seed(_derived_seed(seed, name, step))
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup)
+            opt.zero_grad(set_to_none=True)
+            out = loss_at(step)
+            loss, parts = out if isinstance(out, tuple) else (out, {})
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{name}: the loss is {loss.item()} at step {step}; lower the learning "
+                                         f"rate (lr={lr}) or check the data")
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
+            opt.step()
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                history.append({"step": step + 1, "loss": float(loss.item()), "lr": opt.param_groups[0]["lr"],
+                                **{k: float(v) for k, v in parts.items()}})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss.item():.4g}")
+            if ckpt is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                _save_checkpoint(ckpt, params, opt, step + 1, fp, history)
+    finally:
+        if bar is not None:
+            bar.close()
+    return history, resumed_from
+
+
+# ----------------------------------------------------------------------------------------- distill
+@dataclass
+class DistillResult:
+    """What ``distill`` did: per-step history, wall time and the step each stage resumed from."""
+
+    history: Dict[str, List[dict]] = field(default_factory=dict)
+    wall_s: Dict[str, float] = field(default_factory=dict)
+    resumed_from: Dict[str, int] = field(default_factory=dict)
+    lora_merged: int = 0
+
+    def last(self, stage: str) -> Optional[dict]:
+        rows = self.history.get(stage) or []
+        return rows[-1] if rows else None
+
+
+def distill(student: nn.Module, teacher: Optional[nn.Module], data: Union[Sequence, Callable[[int], Any]], *,
+            attention_steps: int = 200, finetune_steps: int = 0, lr: float = 1e-2, finetune_lr: float = 1e-4,
+            task_loss: Union[str, Callable] = "auto", lora_rank: int = 8, lora_alpha: float = 16.0,
+            lora_targets: Optional[Sequence[str]] = None, finetune_learned: bool = True, merge: bool = True,
+            checkpoint_dir: Optional[Union[str, Path]] = None, checkpoint_every: int = 50, seed: int = 0,
+            warmup: float = 0.1, clip: Optional[float] = 1.0, progress: bool = True,
+            log_every: int = 1) -> DistillResult:
+    """Train a ``lincomp.linearize``-d ``student`` to reproduce ``teacher``; returns a :class:`DistillResult`.
+
+    ``teacher``: the original model, or None / the student itself (its "teacher" attention mode, with
+    LoRA disabled). ``data``: a sequence of batches (dicts of model inputs or token-id tensors; step ``i``
+    uses ``data[i % len(data)]``) or a callable ``step -> batch``.
+    Stage 1 (``attention_steps``, ``lr``) trains only the parameters linearize added, on the attention MSE.
+    Stage 2 (``finetune_steps``, ``finetune_lr``) adds LoRA (``lora_rank``, ``lora_alpha``) to the q/k/v
+    projections (``lora_targets``: their last name parts) and trains them, plus the learned parts if
+    ``finetune_learned``, on ``task_loss``: "lm", "embedding", "clear", "auto" (by model type) or a callable
+    ``(student, teacher_runner, batch) -> loss or (loss, {name: float})``. ``merge`` folds LoRA into the
+    weights at the end. ``checkpoint_dir``: resumable safetensors checkpoints (one file per stage).
+    Gradients flow only to the trained parameters; the model is left in eval mode (no dropout).
+    """
+    if attention_steps < 0 or finetune_steps < 0:
+        raise ValueError("attention_steps and finetune_steps must be >= 0")
+    runner = TeacherRunner(teacher, student)
+    if not runner.shared:
+        runner.model.eval()
+        for p in runner.model.parameters():
+            p.requires_grad_(False)
+    student.eval()  # deterministic: no dropout; gradients still flow
+    device = _device_of(student)
+    learned = learned_named_parameters(student)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    common = {"seed": seed, "warmup": warmup, "clip": clip, "progress": progress, "log_every": log_every,
+              "checkpoint_every": checkpoint_every}
+    result = DistillResult()
+
+    def batch(step: int):
+        return _to_device(_batch_at(data, step), device)
+
+    settings = {"data": len(data) if isinstance(data, Sequence) else "callable", "student": type(student).__name__}
+    if attention_steps:
+        if not learned:
+            warnings.warn("stage 1 (attention transfer) skipped: linearize added no learnable parameters to this "
+                          "student (a spec without feature maps, gates or sinks); use finetune_steps")
+        else:
+            t0 = time.perf_counter()
+            hist, res = train_steps(learned, lambda s: attention_transfer_loss(student, runner, batch(s)),
+                                    steps=attention_steps, lr=lr, name="attention",
+                                    checkpoint=ckdir / "attention.safetensors" if ckdir else None,
+                                    settings=settings, **common)
+            result.history["attention"], result.resumed_from["attention"] = hist, res
+            result.wall_s["attention"] = time.perf_counter() - t0
+            for p in learned.values():
+                p.requires_grad_(False)
+    if finetune_steps:
+        loss_fn = _resolve_task_loss(task_loss, student)
+        lora = add_lora(student, lora_rank, lora_alpha, lora_targets, seed)
+        trained = dict(lora)
+        if finetune_learned:
+            trained.update(learned)
+        t0 = time.perf_counter()
+        try:
+            hist, res = train_steps(trained, lambda s: loss_fn(student, runner, batch(s)), steps=finetune_steps,
+                                    lr=finetune_lr, name="finetune",
+                                    checkpoint=ckdir / "finetune.safetensors" if ckdir else None,
+                                    settings={**settings, "task_loss": getattr(loss_fn, "__name__", str(loss_fn)),
+                                              "lora": [lora_rank, lora_alpha]}, **common)
+        finally:
+            for p in trained.values():
+                p.requires_grad_(False)
+        if merge:
+            result.lora_merged = merge_lora(student)
+        result.history["finetune"], result.resumed_from["finetune"] = hist, res
+        result.wall_s["finetune"] = time.perf_counter() - t0
+    return result

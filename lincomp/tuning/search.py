@@ -1,0 +1,179 @@
+"""Measured search over a small config space, shared by the GPU (Triton) and CPU (TVM) backends.
+
+``tune`` builds every config, times it, skips the ones that fail (and says why), stores the best in
+the tuning database, and does no work at all when the database already holds the exact key.
+Correctness checks belong in ``build`` (raise to reject a config); ``tune`` only measures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from lincomp.tuning.db import Entry, TuningDB, TuningDBError, TuningDBWarning
+
+# progress(i, n, config, time_ms or None, error or None), called after each candidate
+ProgressFn = Callable[[int, int, dict, Optional[float], Optional[str]], None]
+
+
+class TuningError(RuntimeError):
+    """No config of the space built and ran; the message lists why each failed."""
+
+
+@dataclass
+class TuneResult:
+    """The chosen config. ``cached`` is True when it came from the database without any work."""
+
+    config: dict
+    time_ms: float
+    cached: bool
+    candidates: list = field(default_factory=list)
+    entry: Optional[Entry] = None
+
+
+def median_time_ms(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 10, device: Any = None) -> float:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    On CUDA each rep is bracketed by ``torch.cuda.Event``s (GPU time, no host sync per rep); on a CPU
+    by ``time.perf_counter``. ``device=None``: CUDA when available, else CPU; pass "cpu" to time CPU
+    kernels on a GPU machine.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for _ in range(warmup):  # compile caches, autotuners, allocator growth, CPU frequency ramp
+        fn()
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            torch.cuda.synchronize()
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(reps)]
+            for start, end in events:
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize()
+            times = [start.elapsed_time(end) for start, end in events]
+    else:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def tune(space: Sequence[Mapping], build: Callable[[dict], Callable[[], Any]],
+         bench: Optional[Callable[[Callable[[], Any]], float]] = None, *,
+         backend: str, kernel: str, spec: Any, dtype: Any, dims: Union[Mapping[str, int], str],
+         db: Optional[TuningDB] = None, device: Any = None, force: bool = False,
+         progress: Union[None, bool, ProgressFn] = None) -> TuneResult:
+    """Time every config of ``space`` and keep the fastest.
+
+    ``build(config)`` returns a zero-argument callable running the kernel (raise to reject the config);
+    ``bench(fn)`` returns its median time in ms (default: ``median_time_ms``). The key
+    (backend, kernel, spec, dtype, dims bucket, device) selects the database entry: if ``db`` holds it
+    exactly and ``force`` is False nothing is built or run. ``progress``: True for a tqdm bar (if
+    tqdm is installed), or a callable ``progress(i, n, config, time_ms, error)``.
+    Raises TuningError when every config fails.
+    """
+    if db is not None and not force:
+        hit = db.lookup(backend, kernel, spec, dtype, dims, device=device, nearest=False)
+        if hit is not None:
+            return TuneResult(config=hit.config, time_ms=hit.time_ms, cached=True,
+                              candidates=hit.candidates, entry=hit)
+
+    configs = _unique_configs(space)
+    if not configs:
+        raise ValueError(f"the search space for {backend}/{kernel} is empty; give at least one config")
+    bench = bench if bench is not None else median_time_ms
+    bar, report = _progress(progress, len(configs), f"{backend}/{kernel}")
+    candidates = []
+    try:
+        for i, config in enumerate(configs):
+            time_ms, error = _measure(config, build, bench)
+            candidates.append({"config": config, "error": error} if error else {"config": config, "time_ms": time_ms})
+            if report is not None:
+                report(i, len(configs), config, time_ms, error)
+            if bar is not None:
+                best = min((c["time_ms"] for c in candidates if "time_ms" in c), default=None)
+                bar.set_postfix_str("best -" if best is None else f"best {best:.3g} ms")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    ok = [c for c in candidates if "time_ms" in c]
+    if not ok:
+        reasons = "\n".join(f"  {json.dumps(c['config'], sort_keys=True)}: {c['error']}" for c in candidates)
+        raise TuningError(f"no config of {backend}/{kernel} built and ran:\n{reasons}")
+    best = min(ok, key=lambda c: c["time_ms"])  # first of equal times: the space's order breaks ties
+    entry = None
+    if db is not None:
+        try:
+            entry = db.record(backend, kernel, spec, dtype, dims, best["config"], best["time_ms"],
+                              candidates=candidates, device=device)
+        except (OSError, TuningDBError) as e:  # a read-only or foreign db must not lose the result
+            warnings.warn(f"lincomp tuning: could not store the result for {backend}/{kernel}: {e}",
+                          TuningDBWarning, stacklevel=2)
+    return TuneResult(config=best["config"], time_ms=best["time_ms"], cached=False,
+                      candidates=candidates, entry=entry)
+
+
+def _measure(config: dict, build: Callable, bench: Callable) -> tuple:
+    """(time_ms, None) or (None, why it failed)."""
+    try:
+        fn = build(dict(config))  # a copy: build may not edit the stored config
+    except Exception as e:  # any failure rejects this config only
+        return None, f"build: {type(e).__name__}: {_short(e)}"
+    try:
+        t = float(bench(fn))
+    except Exception as e:
+        return None, f"run: {type(e).__name__}: {_short(e)}"
+    if not math.isfinite(t) or t < 0:
+        return None, f"run: bench returned {t!r}, not a time in ms"
+    return t, None
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _unique_configs(space: Sequence[Mapping]) -> list:
+    """Configs as JSON-native dicts in the space's order, duplicates dropped."""
+    seen, out = set(), []
+    for n, config in enumerate(space):
+        if not isinstance(config, Mapping):
+            raise TypeError(f"space[{n}] must be a dict of config values, got {type(config).__name__}")
+        config = dict(config)
+        try:
+            text = json.dumps(config, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"space[{n}] must be JSON data (it is stored in the tuning db): {e}") from None
+        if json.loads(text) != config:
+            raise TypeError(f"space[{n}] must be JSON-native (lists, not tuples; str keys): {config!r}")
+        if text not in seen:
+            seen.add(text)
+            out.append(config)
+    return out
+
+
+def _progress(progress: Union[None, bool, ProgressFn], total: int, desc: str) -> tuple:
+    """(tqdm bar or None, callback or None)."""
+    if callable(progress):
+        return None, progress
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is optional: tune silently
+            return None, None
+        return tqdm(total=total, desc=desc, unit="cfg", leave=False), None
+    return None, None
