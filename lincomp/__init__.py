@@ -14,6 +14,8 @@ _LAZY = {
     "ReferenceDecoder": ("lincomp.reference", "ReferenceDecoder"),
     "compile": ("lincomp.compiler", "compile"),
     "Kernel": ("lincomp.runtime.kernel", "Kernel"),
+    "tune": ("lincomp.tuning.autotune", "tune"),
+    "TuningDB": ("lincomp.tuning", "TuningDB"),
 }
 
 

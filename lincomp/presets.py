@@ -53,3 +53,13 @@ PAPER_SPECS = {
     "gla-scalar": lambda: gla("scalar"),
     "swa-128": lambda: sliding_window(128),
 }
+
+
+def resolve(text) -> AttentionSpec:
+    """A spec from a preset name (see ``PAPER_SPECS``), a JSON file path, a JSON string or a dict."""
+    if isinstance(text, str) and text in PAPER_SPECS:
+        return PAPER_SPECS[text]()
+    try:
+        return AttentionSpec.coerce(text)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{text!r} is neither a preset ({', '.join(PAPER_SPECS)}) nor a spec JSON file: {e}") from None

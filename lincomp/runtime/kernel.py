@@ -33,6 +33,13 @@ class Kernel:
     def forward(self, q, k, v, **kwargs):
         raise NotImplementedError
 
+    def tune(self, q, k, v, *, force: bool = False, progress=True, db=None, **tensors) -> list:
+        """Autotune for these inputs' device, dtype and shape bucket; store results in the tuning db.
+
+        Returns one ``lincomp.tuning.TuneResult`` per tuned kernel (empty: nothing to tune).
+        """
+        return []
+
     def __call__(self, q, k, v, **kwargs):
         try:
             return self.forward(q, k, v, **kwargs)

@@ -1,0 +1,1 @@
+"""Lowering: IR plans -> generated kernel source (Triton for GPUs, TVM TensorIR for CPUs)."""

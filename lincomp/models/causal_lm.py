@@ -1,0 +1,208 @@
+"""A small causal teacher for the Lizard-style experiments: a tiny ``LlamaForCausalLM`` over bytes.
+
+The model reads UTF-8 bytes (vocabulary 256, no tokenizer to ship) and is trained on the Python
+standard library's source (``lincomp.models.corpus.source_bytes``). Everything is deterministic for a
+seed: the initial weights, the training windows of each step (drawn from (seed, step)) and the
+evaluation windows (evenly spaced, fixed).
+
+    cfg = TeacherConfig(steps=1000)
+    model, info = train_teacher(cfg, out_dir="out/teacher")   # resumable; cached once finished
+    ppl = perplexity(model, eval_windows(heldout_tokens(), 512, 64))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from lincomp._atomic import atomic_write_text
+
+VOCAB = 256
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Architecture and training recipe of the byte-level teacher."""
+
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 2
+    intermediate_size: int = 384
+    max_positions: int = 2048
+    seq_len: int = 512
+    batch_size: int = 8
+    steps: int = 1000
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def llama_config(self):
+        """The matching ``transformers.LlamaConfig`` (RoPE, RMSNorm, SwiGLU, tied embeddings)."""
+        from transformers import LlamaConfig
+
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of heads {self.heads}")
+        return LlamaConfig(vocab_size=VOCAB, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                           num_key_value_heads=self.heads, max_position_embeddings=self.max_positions,
+                           tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                           attn_implementation="sdpa")
+
+
+def tiny_llama(cfg: TeacherConfig = TeacherConfig()):
+    """A freshly initialised ``LlamaForCausalLM`` for ``cfg`` (weights fixed by ``cfg.seed``)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return LlamaForCausalLM(cfg.llama_config()).eval()
+
+
+# ------------------------------------------------------------------------------------------- data
+def encode(text: Union[str, bytes]) -> torch.Tensor:
+    """Bytes (or a string as UTF-8) -> a LongTensor of token ids 0..255."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def decode(ids) -> str:
+    """Token ids -> text (invalid UTF-8 is replaced)."""
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def corpus_tokens(split: str = "train", max_bytes: Optional[int] = None) -> torch.Tensor:
+    """The stdlib source of ``split`` ("train" / "heldout") as byte ids."""
+    from lincomp.models.corpus import source_bytes
+
+    return encode(source_bytes(split, max_bytes=max_bytes))
+
+
+def window_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0) -> Callable[[int], torch.Tensor]:
+    """``step -> [batch_size, seq_len]`` random windows of ``tokens``, a pure function of (seed, step)."""
+    n = tokens.numel() - seq_len
+    if n <= 0:
+        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than seq_len {seq_len}")
+
+    def at(step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        starts = torch.randint(0, n, (batch_size,), generator=g)
+        return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+
+    return at
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
+    """``[count, seq_len]`` non-overlapping windows spread evenly over ``tokens`` (fixed, no randomness)."""
+    n = tokens.numel() // seq_len
+    if n < 1:
+        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than seq_len {seq_len}")
+    count = min(count, n)
+    idx = torch.linspace(0, n - 1, count).round().long().tolist()
+    return torch.stack([tokens[i * seq_len:(i + 1) * seq_len] for i in idx])
+
+
+@torch.no_grad()
+def token_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Per-position mean next-token NLL ``[seq_len - 1]`` over ``windows`` (nats)."""
+    dev = next(model.parameters()).device
+    total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
+    for i in range(0, windows.shape[0], batch_size):
+        x = windows[i:i + batch_size].to(dev)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        total += nll.double().sum(0).cpu()
+    return total / windows.shape[0]
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8, start: int = 0) -> float:
+    """exp(mean next-token NLL) over ``windows``, counting predicted positions ``>= start`` only."""
+    nll = token_nll(model, windows, batch_size)
+    return float(math.exp(nll[start:].mean().item()))
+
+
+# ------------------------------------------------------------------------------------------ train
+def _save_dir_atomically(model, out_dir: Path, info: dict) -> None:
+    """save_pretrained into a temp folder, then swap it in (readers never see half a model)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    atomic_write_text(tmp / "teacher_info.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+    old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_teacher(out_dir: Union[str, Path], cfg: Optional[TeacherConfig] = None):
+    """A finished teacher from ``out_dir`` (and its info), or None when absent or trained with another cfg."""
+    out_dir = Path(out_dir)
+    info_path = out_dir / "teacher_info.json"
+    if not info_path.exists():
+        return None
+    info = json.loads(info_path.read_text())
+    if cfg is not None and info.get("config") != asdict(cfg):
+        return None
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(out_dir).eval(), info
+
+
+def train_teacher(cfg: TeacherConfig = TeacherConfig(), out_dir: Optional[Union[str, Path]] = None, *,
+                  tokens: Optional[torch.Tensor] = None, device: Optional[Union[str, torch.device]] = None,
+                  progress: bool = True) -> Tuple[object, dict]:
+    """Train the byte-level teacher on ``tokens`` (default: the stdlib source, train split).
+
+    With ``out_dir`` a finished teacher there is loaded instead of retrained, and an interrupted run
+    resumes from ``out_dir``'s checkpoint. Returns ``(model, info)``.
+    """
+    from lincomp.models.distill import train_steps
+
+    if out_dir is not None:
+        found = load_teacher(out_dir, cfg)
+        if found is not None:
+            return found
+    tokens = corpus_tokens("train") if tokens is None else tokens
+    model = tiny_llama(cfg)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    model.to(dev)
+    batches = window_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
+    params = dict(sorted(model.named_parameters()))
+
+    def loss_at(step: int):
+        x = batches(step).to(dev)
+        loss = model(input_ids=x, labels=x).loss
+        return loss, {"bits_per_byte": loss.item() / math.log(2)}
+
+    ckpt = None
+    if out_dir is not None:
+        ckpt = Path(out_dir).with_name(f"{Path(out_dir).name}.train.safetensors")
+    t0 = time.perf_counter()
+    history, resumed = train_steps(params, loss_at, steps=cfg.steps, lr=cfg.lr, name="teacher", seed=cfg.seed,
+                                   weight_decay=cfg.weight_decay, checkpoint=ckpt, checkpoint_every=100,
+                                   settings={"config": asdict(cfg), "tokens": int(tokens.numel())},
+                                   progress=progress, log_every=10)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    info = {"config": asdict(cfg), "wall_s": time.perf_counter() - t0, "resumed_from": resumed,
+            "train_tokens": int(tokens.numel()), "final_loss": history[-1]["loss"] if history else None,
+            "history": history[-20:]}
+    if out_dir is not None:
+        _save_dir_atomically(model, Path(out_dir), info)
+        if ckpt is not None and ckpt.exists():
+            ckpt.unlink()
+    return model, info
