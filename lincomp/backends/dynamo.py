@@ -9,7 +9,7 @@ in a process that never imported lincomp; this module imports only torch and lin
 
 Options (``options={...}``; unknown keys raise ValueError):
 
-- ``spec`` (required): what replaces SDPA.
+- ``spec``: what replaces SDPA (optional for linearised models, whose attention already calls lincomp).
   * an ``AttentionSpec``, its dict, or a JSON string / path: every call site;
   * a mapping ``{module-name pattern: spec or None}``: fnmatch patterns over the module path of the call site
     (e.g. ``"model.layers.*.self_attn"``); the first matching pattern wins; ``None`` or no match keeps SDPA;
@@ -41,6 +41,7 @@ import dataclasses
 import difflib
 import fnmatch
 import json
+import operator
 import re
 import warnings
 from typing import Any, Callable, Mapping, Optional
@@ -83,7 +84,7 @@ class CallSite:
 class Options:
     """Validated backend options (see the module docstring)."""
 
-    chooser: Callable[[CallSite], Optional[AttentionSpec]]
+    chooser: Optional[Callable[[CallSite], Optional[AttentionSpec]]]   # None: no spec given
     target: Optional[str] = None
     fallback: str = "warn"
     hints_json: str = ""
@@ -156,9 +157,6 @@ def parse_options(options: Optional[Mapping]) -> Options:
             close = difflib.get_close_matches(str(key), _OPTION_KEYS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; the options are {list(_OPTION_KEYS)}"
             raise ValueError(f"unknown lincomp backend option {key!r}{hint}")
-    if options.get("spec") is None:
-        raise ValueError("options['spec'] is required: torch.compile(model, backend='lincomp', "
-                         "options={'spec': lincomp.presets.sliding_window(128)}) (or a pattern mapping / callable)")
     target = options.get("target")
     if target is not None and target not in _TARGETS:
         raise ValueError(f"options['target'] must be one of {list(_TARGETS)}, got {target!r}")
@@ -175,7 +173,8 @@ def parse_options(options: Optional[Mapping]) -> Options:
     inductor = options.get("inductor", True)
     if not isinstance(inductor, (bool, Mapping)):
         raise TypeError(f"options['inductor'] must be True, False or a dict of Inductor config patches, got {inductor!r}")
-    return Options(chooser=_chooser(options["spec"]), target=target,
+    spec = options.get("spec")
+    return Options(chooser=_chooser(spec) if spec is not None else None, target=target,
                    fallback=_choice(options, "fallback", ("warn", "error"), "warn"), hints_json=hints_json,
                    unsupported=_choice(options, "unsupported", ("error", "keep"), "error"), check_masks=check,
                    inductor=inductor)
@@ -216,25 +215,28 @@ def _same(a, b) -> bool:
 
 
 def _unrepeat(node):
-    """x for ``x[:, :, None].expand(B, Hkv, n, L, D).reshape(B, Hkv * n, L, D)`` (transformers' repeat_kv)."""
-    if not (isinstance(node, torch.fx.Node) and node.op in ("call_method", "call_function")
-            and str(node.target) in ("reshape", "view", "<built-in method reshape of type object at") ):
-        pass
-    if not isinstance(node, torch.fx.Node) or node.target not in ("reshape", "view", torch.reshape):
+    """x for ``x[:, :, None].expand(B, Hkv, n, L, D).reshape(B, Hkv * n, L, D)`` (transformers' repeat_kv), else None.
+
+    Query head h then reads key/value head h // n: exactly grouped-query attention, so x can be passed as is.
+    """
+    if not (isinstance(node, torch.fx.Node) and node.target in ("reshape", "view", torch.reshape)):
         return None
     src = node.args[0]
-    if not isinstance(src, torch.fx.Node) or src.target != "expand":
+    if not (isinstance(src, torch.fx.Node) and src.target == "expand"):
         return None
     inner = src.args[0]
-    base = inner.args[0] if isinstance(inner, torch.fx.Node) and inner.target is __import__("operator").getitem else None
-    bv, iv, ov = _val(base), _val(inner), _val(node)
-    if not all(isinstance(t, torch.Tensor) for t in (bv, iv, ov)) or bv.dim() != 4 or iv.dim() != 5:
+    if not (isinstance(inner, torch.fx.Node) and inner.target is operator.getitem):
         return None
-    # inner must be base with a new axis 2, and the output [B, Hkv * n, L, D] with the same B, L, D.
-    if not (_same(iv.shape[2], 1) and _same(iv.shape[1], bv.shape[1]) and _same(iv.shape[3], bv.shape[2])
-            and _same(ov.shape[2], bv.shape[2]) and _same(ov.shape[3], bv.shape[3])):
+    base = inner.args[0]
+    bv, iv, ev, ov = _val(base), _val(inner), _val(src), _val(node)
+    if not all(isinstance(t, torch.Tensor) for t in (bv, iv, ev, ov)) or bv.dim() != 4 or iv.dim() != 5:
         return None
-    return base
+    B, Hkv, L, D = bv.shape
+    if (_same(iv.shape[0], B) and _same(iv.shape[1], Hkv) and _same(iv.shape[2], 1) and _same(iv.shape[3], L)
+            and _same(iv.shape[4], D) and ov.dim() == 4 and _same(ov.shape[1], Hkv * ev.shape[2])
+            and _same(ov.shape[2], L) and _same(ov.shape[3], D)):
+        return base
+    return None
 
 
 def _sites(gm: torch.fx.GraphModule):
@@ -331,9 +333,10 @@ def rewrite(gm: torch.fx.GraphModule, options) -> list:
     import lincomp.runtime.ops  # noqa: F401  (registers torch.ops.lincomp.*)
     opts = parse_options(options)
     report = []
+    routed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.lincomp.attention.default]
     for index, node in _sites(gm):
         site = _call_site(index, node)
-        spec = opts.chooser(site)
+        spec = opts.chooser(site) if opts.chooser is not None else None
         entry = {"site": site.name, "index": index, "action": "kept", "spec": None, "reason": "no spec chosen"}
         if spec is not None:
             try:
@@ -348,14 +351,16 @@ def rewrite(gm: torch.fx.GraphModule, options) -> list:
                 _replace(gm, node, plan, opts)
                 entry.update(action="replaced", spec=plan["spec"].key(), reason="")
         report.append(entry)
-    for node in gm.graph.nodes:  # attention already routed through lincomp (linearised models)
-        if node.op == "call_function" and node.target is torch.ops.lincomp.attention.default:
-            if opts.target is not None:
-                node.update_kwarg("target", opts.target)
-                node.update_kwarg("fallback", opts.fallback)
-                node.update_kwarg("hints_json", opts.hints_json)
-            report.append({"site": _module_name(node), "index": None, "action": "lincomp",
-                           "spec": AttentionSpec.from_json(node.args[3]).key(), "reason": "already a lincomp op"})
+    for node in routed:  # attention already routed through lincomp (linearised models)
+        if opts.target is not None:
+            node.update_kwarg("target", opts.target)
+            node.update_kwarg("fallback", opts.fallback)
+            node.update_kwarg("hints_json", opts.hints_json)
+        report.append({"site": _module_name(node), "index": None, "action": "lincomp",
+                       "spec": AttentionSpec.from_json(node.args[3]).key(), "reason": "already a lincomp op"})
+    if opts.chooser is None and report and not routed:
+        warnings.warn("lincomp backend: no options['spec'] given, so scaled_dot_product_attention is kept; pass "
+                      "options={'spec': ...} or linearize the model first", stacklevel=2)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

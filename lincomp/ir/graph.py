@@ -1,6 +1,6 @@
 """The lincomp IR: one attention spec at one sequence length as a small op graph (a networkx DAG).
 
-Nodes are tensors-producing ops; every node carries typed attributes:
+Nodes are ops (inputs included) that produce named tensors; every node carries typed attributes:
 
 - ``op``: the op kind (``OPS``);
 - ``inputs``: ``{port: TensorType}``, what the op expects on each input port;
@@ -41,25 +41,25 @@ class TensorType:
         return f"{self.dtype}[{','.join(map(str, self.shape))}]"
 
 
-def T(*shape, dtype: str = "in") -> TensorType:
-    """Shorthand: ``T("B", "H", "L", "D")``."""
+def _t(*shape, dtype: str = "in") -> TensorType:
+    """Shorthand: ``_t("B", "H", "L", "D")``."""
     return TensorType(tuple(shape), dtype)
 
 
 # Shapes of the tensors of SEMANTICS.md, by keyword name.
-_QKV = {"q": T("B", "H", "L", "D"), "k": T("B", "Hkv", "L", "D"), "v": T("B", "Hkv", "L", "Dv")}
+_QKV = {"q": _t("B", "H", "L", "D"), "k": _t("B", "Hkv", "L", "D"), "v": _t("B", "Hkv", "L", "Dv")}
 
 
-def add_node(graph: nx.DiGraph, name: str, op: str, *, inputs: Optional[Mapping] = None,
+def add_node(graph: nx.DiGraph, node: str, op: str, /, *, inputs: Optional[Mapping] = None,
              outputs: Optional[Mapping] = None, **params) -> str:
-    """Add op node ``name`` (unique) and return its name."""
+    """Add op node ``node`` (a unique name) and return it; ``params`` become the node's params."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops are {list(OPS)}")
-    if name in graph:
-        raise ValueError(f"node {name!r} already exists")
-    graph.add_node(name, op=op, inputs=dict(inputs or {}), outputs=dict(outputs or {}), params=params,
+    if node in graph:
+        raise ValueError(f"node {node!r} already exists")
+    graph.add_node(node, op=op, inputs=dict(inputs or {}), outputs=dict(outputs or {}), params=params,
                    algorithm=None)
-    return name
+    return node
 
 
 def connect(graph: nx.DiGraph, src: str, dst: str, out: str, port: str) -> None:
@@ -87,8 +87,9 @@ def nodes_by_op(graph: nx.DiGraph, op: str) -> List[str]:
     return [n for n, a in graph.nodes(data=True) if a["op"] == op]
 
 
-def _sizes(spec: AttentionSpec, L: int, sizes: Optional[Mapping]) -> dict:
-    """Concrete values of the shape symbols that are known (None for the rest)."""
+def derive_sizes(spec: AttentionSpec, L: int, sizes: Optional[Mapping]) -> dict:
+    """Concrete values of the shape symbols (None where unknown): the given ones, L, m, and what follows
+    (Hkv = H and Dv = D by default, F = D or 2E, E from the spec's feature_dim)."""
     s = {k: None for k in SYMBOLS}
     for k, val in dict(sizes or {}).items():
         if k not in SYMBOLS:
@@ -133,7 +134,7 @@ def build_graph(spec, L: int, *, initial_state: bool = False, return_state: bool
     if return_state and spec.combine == "shared":
         raise ValueError("return_state is not defined for combine='shared' (SEMANTICS.md section 3)")
 
-    g = nx.DiGraph(source_spec=spec, L=int(L), sizes=_sizes(spec, L, sizes), rewrites=[])
+    g = nx.DiGraph(source_spec=spec, L=int(L), sizes=derive_sizes(spec, L, sizes), rewrites=[])
     g.graph["relations"] = {} if lin is None else {"F": "2*E" if lin.has_weights else "D"}
     for name, tt in _QKV.items():
         _input(g, name, tt)
@@ -145,12 +146,12 @@ def build_graph(spec, L: int, *, initial_state: bool = False, return_state: bool
         window_out = _build_window(g, spec)
 
     if spec.combine == "shared":
-        _input(g, "window_gamma", T("H"))
+        _input(g, "window_gamma", _t("H"))
         add_node(g, "combine", "combine", mode="shared",
-                 inputs={"window_num": T("B", "H", "L", "Dv", dtype="f32"), "window_den": T("B", "H", "L", dtype="f32"),
-                         "linear_num": T("B", "H", "L", "Dv", dtype="f32"), "linear_den": T("B", "H", "L", dtype="f32"),
-                         "gamma": T("H")},
-                 outputs={"num": T("B", "H", "L", "Dv", dtype="f32"), "den": T("B", "H", "L", dtype="f32")})
+                 inputs={"window_num": _t("B", "H", "L", "Dv", dtype="f32"), "window_den": _t("B", "H", "L", dtype="f32"),
+                         "linear_num": _t("B", "H", "L", "Dv", dtype="f32"), "linear_den": _t("B", "H", "L", dtype="f32"),
+                         "gamma": _t("H")},
+                 outputs={"num": _t("B", "H", "L", "Dv", dtype="f32"), "den": _t("B", "H", "L", dtype="f32")})
         connect(g, "window", "combine", "num", "window_num")
         connect(g, "window", "combine", "den", "window_den")
         connect(g, "scan", "combine", "num", "linear_num")
@@ -160,10 +161,10 @@ def build_graph(spec, L: int, *, initial_state: bool = False, return_state: bool
     elif spec.combine == "sum":
         o_lin = _normalize_linear(g, lin, "norm_linear")
         o_win = _normalize(g, "norm_window", ("window", "num"), ("window", "den"), "divide")
-        _input(g, "alpha", T("H"))
+        _input(g, "alpha", _t("H"))
         add_node(g, "combine", "combine", mode="sum",
-                 inputs={"linear": T("B", "H", "L", "Dv"), "window": T("B", "H", "L", "Dv"), "alpha": T("H")},
-                 outputs={"o": T("B", "H", "L", "Dv")})
+                 inputs={"linear": _t("B", "H", "L", "Dv"), "window": _t("B", "H", "L", "Dv"), "alpha": _t("H")},
+                 outputs={"o": _t("B", "H", "L", "Dv")})
         connect(g, o_lin, "combine", "o", "linear")
         connect(g, o_win, "combine", "o", "window")
         connect(g, "alpha", "combine", "value", "alpha")
@@ -173,9 +174,9 @@ def build_graph(spec, L: int, *, initial_state: bool = False, return_state: bool
     else:
         o = _normalize(g, "norm", ("window", "num"), ("window", "den"), "divide")
 
-    out_inputs = {"o": T("B", "H", "L", "Dv")}
+    out_inputs = {"o": _t("B", "H", "L", "Dv")}
     if return_state:
-        out_inputs.update(S=T("B", "H", "F", "Dv", dtype="f32"), z=T("B", "H", "F", dtype="f32"))
+        out_inputs.update(S=_t("B", "H", "F", "Dv", dtype="f32"), z=_t("B", "H", "F", dtype="f32"))
     add_node(g, "output", "output", inputs=out_inputs, return_state=bool(return_state))
     connect(g, o, "output", "o", "o")
     if return_state:
@@ -186,13 +187,13 @@ def build_graph(spec, L: int, *, initial_state: bool = False, return_state: bool
 
 def _build_linear(g: nx.DiGraph, spec: AttentionSpec, initial_state: bool, exclude_window: bool) -> str:
     lin: LinearBranch = spec.linear
-    phi = T("B", "H", "L", "F", dtype="f32")
+    phi = _t("B", "H", "L", "F", dtype="f32")
     for side in ("q", "k"):
         ins = {"x": _QKV[side]}
         if lin.has_weights:
             wname = f"feature_weight_{side}"
-            _input(g, wname, T("H", "D", "E"))
-            ins["weight"] = T("H", "D", "E")
+            _input(g, wname, _t("H", "D", "E"))
+            ins["weight"] = _t("H", "D", "E")
         # The k side expands key heads to query heads (GQA): hedgehog weights are per query head.
         add_node(g, f"phi_{side}", "feature_map", inputs=ins, outputs={"y": phi}, map=lin.feature_map,
                  side=side, feature_dim=lin.feature_dim, expand_heads=side == "k")
@@ -201,20 +202,20 @@ def _build_linear(g: nx.DiGraph, spec: AttentionSpec, initial_state: bool, exclu
             connect(g, f"feature_weight_{side}", f"phi_{side}", "value", "weight")
     ins = {"phi_q": phi, "phi_k": phi, "v": _QKV["v"]}
     if lin.gate is not None:
-        gt = T("B", "H", "L") if lin.gate == "scalar" else T("B", "H", "L", "F")
+        gt = _t("B", "H", "L") if lin.gate == "scalar" else _t("B", "H", "L", "F")
         _input(g, "g", gt)
         add_node(g, "gate", "cumulative_gate", inputs={"g": gt}, outputs={"G": TensorType(gt.shape, "f32")},
                  kind=lin.gate)
         connect(g, "g", "gate", "value", "g")
         ins["gate"] = TensorType(gt.shape, "f32")
     if initial_state:
-        _input(g, "initial_state", T("B", "H", "F", "Dv"), optional=True)
-        # z0 defaults to zeros when only S0 is given; the IR carries the pair as one input node.
-        g.nodes["initial_state"]["outputs"] = {"S0": T("B", "H", "F", "Dv"), "z0": T("B", "H", "F")}
-        ins.update(S0=T("B", "H", "F", "Dv"), z0=T("B", "H", "F"))
-    outs = {"num": T("B", "H", "L", "Dv", dtype="f32"), "den": T("B", "H", "L", dtype="f32")}
+        # One input node with two outputs: the call passes (S0, z0), or S0 alone (z0 = 0).
+        add_node(g, "initial_state", "input", outputs={"S0": _t("B", "H", "F", "Dv"), "z0": _t("B", "H", "F")},
+                 name="initial_state", optional=True)
+        ins.update(S0=_t("B", "H", "F", "Dv"), z0=_t("B", "H", "F"))
+    outs = {"num": _t("B", "H", "L", "Dv", dtype="f32"), "den": _t("B", "H", "L", dtype="f32")}
     if spec.causal:
-        outs.update(S=T("B", "H", "F", "Dv", dtype="f32"), z=T("B", "H", "F", dtype="f32"))
+        outs.update(S=_t("B", "H", "F", "Dv", dtype="f32"), z=_t("B", "H", "F", dtype="f32"))
     add_node(g, "scan", "linear_scan", inputs=ins, outputs=outs, causal=spec.causal, linear=lin,
              chunk_size=lin.chunk_size, exclude_window=exclude_window)
     for port in ("phi_q", "phi_k"):
@@ -231,11 +232,11 @@ def _build_linear(g: nx.DiGraph, spec: AttentionSpec, initial_state: bool, exclu
 def _build_window(g: nx.DiGraph, spec: AttentionSpec) -> str:
     ins = dict(_QKV)
     if spec.sinks:
-        _input(g, "sink_logits", T("H", "m"))
-        ins["sinks"] = T("H", "m")
+        _input(g, "sink_logits", _t("H", "m"))
+        ins["sinks"] = _t("H", "m")
     # num/den are the un-normalised softmax sums, shifted by the row max of the window scores (m_i).
     add_node(g, "window", "window_softmax", inputs=ins,
-             outputs={"num": T("B", "H", "L", "Dv", dtype="f32"), "den": T("B", "H", "L", dtype="f32")},
+             outputs={"num": _t("B", "H", "L", "Dv", dtype="f32"), "den": _t("B", "H", "L", dtype="f32")},
              window=spec.window, prefix=spec.prefix, causal=spec.causal, sinks=spec.sinks)
     for name in ("q", "k", "v"):
         connect(g, name, "window", "value", name)
@@ -246,10 +247,10 @@ def _build_window(g: nx.DiGraph, spec: AttentionSpec) -> str:
 
 def _normalize(g: nx.DiGraph, name: str, num: Tuple[str, str], den: Optional[Tuple[str, str]], mode: str) -> str:
     """``o = num / den`` (0 where den == 0) for ``mode="divide"``, ``o = linear_scale * num`` for "scale"."""
-    ins = {"num": T("B", "H", "L", "Dv", dtype="f32")}
+    ins = {"num": _t("B", "H", "L", "Dv", dtype="f32")}
     if den is not None:
-        ins["den"] = T("B", "H", "L", dtype="f32")
-    add_node(g, name, "normalize", inputs=ins, outputs={"o": T("B", "H", "L", "Dv")}, mode=mode)
+        ins["den"] = _t("B", "H", "L", dtype="f32")
+    add_node(g, name, "normalize", inputs=ins, outputs={"o": _t("B", "H", "L", "Dv")}, mode=mode)
     connect(g, num[0], name, num[1], "num")
     if den is not None:
         connect(g, den[0], name, den[1], "den")
@@ -270,7 +271,8 @@ def graph_to_spec(graph: nx.DiGraph) -> AttentionSpec:
     if len(windows) > 1 or len(scans) > 1 or len(combines) > 1:
         raise ValueError("graph_to_spec needs at most one window, one scan and one combine node")
     src: AttentionSpec = graph.graph["source_spec"]
-    window, prefix, sinks, causal = None, 0, 0, src.causal
+    # Without a window node the prefix has no effect; keep the source's so specs round-trip exactly.
+    window, prefix, sinks, causal = None, src.prefix, 0, src.causal
     if windows:
         p = graph.nodes[windows[0]]["params"]
         window, prefix, sinks, causal = p["window"], p["prefix"], p["sinks"], p["causal"]
@@ -278,6 +280,11 @@ def graph_to_spec(graph: nx.DiGraph) -> AttentionSpec:
     if scans:
         causal = graph.nodes[scans[0]]["params"]["causal"]
     combine = graph.nodes[combines[0]]["params"]["mode"] if combines else None
+    if windows and window is None and linear is not None:
+        # A spec says "dense softmax branch" only without a linear branch (window=None + linear means
+        # linear-only). In a hybrid, a window that became dense at this L is the full 1D band.
+        L = graph.graph["L"]
+        window, prefix = Window1D(L - 1, 0 if causal else L - 1), 0
     return AttentionSpec(window=window, causal=causal, prefix=prefix, sinks=sinks, linear=linear,
                          combine=combine, name=src.name)
 
@@ -318,7 +325,11 @@ def format_ir(graph: nx.DiGraph) -> str:
     s = graph.graph["sizes"]
     known = ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
     rel = ", ".join(f"{k}={v}" for k, v in graph.graph.get("relations", {}).items())
-    lines = [f"ir {graph_to_spec(graph).summary() or 'attention'} ({known}{'; ' + rel if rel else ''})"]
+    try:
+        title = graph_to_spec(graph).summary()
+    except (ValueError, TypeError):   # a broken graph still prints (that is when a dump helps most)
+        title = "(not a valid spec)"
+    lines = [f"ir {title or 'attention'} ({known}{'; ' + rel if rel else ''})"]
     order = topo_order(graph) if nx.is_directed_acyclic_graph(graph) else list(graph.nodes)
     for n in order:
         a = graph.nodes[n]

@@ -556,3 +556,72 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: Union[Sequen
         result.history["finetune"], result.resumed_from["finetune"] = hist, res
         result.wall_s["finetune"] = time.perf_counter() - t0
     return result
+
+
+# ---------------------------------------------------------------------------------- eval and save
+@torch.no_grad()
+def embedding_fidelity(student: nn.Module, teacher: Optional[nn.Module], blocks: torch.Tensor,
+                       batch_size: int = 16) -> dict:
+    """Cosine similarity of mean-pooled sentence embeddings, student vs teacher, over token-id ``blocks``
+    ``[N, L]`` (no padding): ``{"mean", "min", "p05", "n", "length"}``."""
+    runner = TeacherRunner(teacher, student)
+    dev = _device_of(student)
+    sims = []
+    for i in range(0, blocks.shape[0], batch_size):
+        x = blocks[i:i + batch_size].to(dev)
+        t, _ = runner(x)
+        s = run_model(student, x)
+        sims.append(F.cosine_similarity(mean_pool(s.last_hidden_state.float()),
+                                        mean_pool(t.last_hidden_state.float()), dim=-1).cpu())
+    c = torch.cat(sims).double()
+    return {"mean": c.mean().item(), "min": c.min().item(), "p05": torch.quantile(c, 0.05).item(),
+            "n": int(c.numel()), "length": int(blocks.shape[1])}
+
+
+def save_student(student: nn.Module, path: Union[str, Path], spec, *, extra: Optional[Mapping[str, Any]] = None,
+                 include: Optional[Sequence[str]] = None) -> Path:
+    """Write what distillation changed (linearize's parameters and the q/k/v projections) to a safetensors
+    file, atomically, with the spec in its metadata. ``include``: more module-name parts to store."""
+    from safetensors.torch import save
+
+    from lincomp.spec import AttentionSpec
+
+    spec = AttentionSpec.coerce(spec)
+    keep = set(learned_named_parameters(student))
+    parts = set(QKV_NAMES) | set(include or ())
+    for n, _ in student.named_parameters():
+        mod = n.rsplit(".", 1)[0]
+        if mod.split(".")[-1] in parts:
+            keep.add(n)
+    tensors = {n: p.detach().cpu().contiguous().clone() for n, p in student.named_parameters() if n in keep}
+    meta = {"format": "lincomp-student-1", "spec": spec.canonical_json(), "model": type(student).__name__,
+            "extra": json.dumps(dict(extra or {}), default=str)}
+    path = Path(path)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return path
+
+
+def load_student(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+    """Linearise ``model`` (a fresh copy of the teacher) with the spec stored in ``path`` and load the saved
+    tensors into it; returns the student."""
+    from safetensors import safe_open
+
+    from lincomp.spec import AttentionSpec
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "lincomp-student-1":
+            raise ValueError(f"{path} is not a lincomp student file (written by lincomp.models.distill.save_student)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    import lincomp
+
+    student = lincomp.linearize(model, AttentionSpec.from_json(meta["spec"])) or model
+    params = dict(student.named_parameters())
+    missing = [k for k in tensors if k not in params]
+    if missing:
+        raise ValueError(f"{path} holds tensors this model lacks: {missing[:5]}; was it saved from another "
+                         "architecture?")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k].copy_(t.to(params[k].device, params[k].dtype))
+    return student

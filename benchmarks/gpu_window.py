@@ -1,0 +1,453 @@
+"""GPU benchmark of the generated window (softmax) kernels: lincomp vs dense SDPA (flash) vs FlexAttention.
+
+``check_and_time(out_dir, quick=False) -> list[dict]`` (called by ``benchmarks/gpu_check.py``):
+1. correctness: lincomp forward and gradients against the fp32 reference at small sizes (bf16 and
+   fp16), and lincomp's forward against FlexAttention's at every benchmark size;
+2. timing, bf16, D = 128, forward and forward + backward:
+   - causal sliding windows w = 128, 1024, 4096 at L = 8K, 32K, 128K (B = 1, H = 16);
+   - CLEAR circles r = 8, 16, 32 on grids 64^2, 128^2, 256^2 with 512 prefix tokens (B = 1, H = 24).
+   Peers: ``F.scaled_dot_product_attention`` with the flash backend (dense; causal for 1D) and
+   ``torch.compile(flex_attention)`` with the same mask (row-major tokens, as CLEAR's code; the block
+   mask is built once, outside the timing).
+Useful TFLOP/s count only visible pairs (computed analytically, never with an L x L mask):
+forward 4 * D * pairs, forward + backward 3.5x that (FlashAttention's convention). SDPA's TFLOP/s
+count the pairs it computes (all, or the causal half).
+Writes ``window.md`` and ``window.json`` to ``out_dir``. Every case is guarded: an error becomes a row.
+
+Run alone: ``PYTHONPATH=. python3 benchmarks/gpu_window.py out/ [--quick]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
+
+D_HEAD = 128
+SWA_CASES = [(w, L) for L in (8192, 32768, 131072) for w in (128, 1024, 4096)]      # B=1, H=16
+CLEAR_CASES = [(r, g) for g in (64, 128, 256) for r in (8, 16, 32)]                 # B=1, H=24, 512 text
+QUICK_SWA = [(128, 8192), (1024, 32768)]
+QUICK_CLEAR = [(8, 64), (16, 128)]
+GOAL_VS_FLEX = {"1d": 1.1, "2d": 1.5}
+GOAL_VS_SDPA = 0.7
+BWD_FACTOR = 2.5   # backward = 2.5 x forward FLOPs (5 matmuls vs 2)
+
+
+# ======================================================================= analytic pair counting
+def _axis_counts(g: int, dmin: int, dmax: int):
+    """{d: positions p with p and p + d both in [0, g)} for d in [dmin, dmax]."""
+    return {d: max(0, g - abs(d)) for d in range(dmin, dmax + 1)}
+
+
+def body_pairs(spec: AttentionSpec, Lb: int) -> int:
+    """Visible (query, key) pairs among the ``Lb`` tokens after the prefix (window rule + causal)."""
+    w, causal = spec.window, spec.causal
+    if w is None:
+        return Lb * (Lb + 1) // 2 if causal else Lb * Lb
+    if isinstance(w, Window1D):
+        # d = i - j in [-right, left] (and d >= 0 when causal); Lb - |d| queries have a key at distance d
+        lo = 0 if causal else -w.right
+        lo = max(lo, -(Lb - 1))
+        hi = min(w.left, Lb - 1)
+        return sum(Lb - abs(d) for d in range(lo, hi + 1)) if hi >= lo else 0
+    if isinstance(w, TerracedWindow):
+        # query p sees keys from the start of the previous block up to p (causal is implied)
+        b = w.block
+        total = 0
+        for start in range(0, Lb, b):   # per block: rows start .. start+b-1
+            end = min(start + b, Lb)
+            first = max(0, start - b)
+            n = end - start
+            total += n * (start - first) + n * (n + 1) // 2
+        return total
+    assert isinstance(w, GridWindow)
+    r = w.radius
+    reach = r if w.shape == "square" else r - 1
+    nd = len(w.grid)
+    strides = [math.prod(w.grid[a + 1:]) for a in range(nd)]
+    per_axis = [_axis_counts(g, -min(reach, g - 1), min(reach, g - 1)) for g in w.grid]
+    total = 0
+
+    def rec(a, offs, prod):
+        nonlocal total
+        if prod == 0:
+            return
+        if a == nd:
+            if w.shape == "circle" and sum(d * d for d in offs) >= r * r:
+                return
+            if causal and sum(d * s for d, s in zip(offs, strides)) > 0:   # key after the query
+                return
+            total += prod
+            return
+        for d, c in per_axis[a].items():
+            rec(a + 1, offs + [d], prod * c)
+
+    rec(0, [], 1)
+    return total
+
+
+def useful_pairs(spec: AttentionSpec, L: int) -> int:
+    """|{(i, j) : j in W(i)}| of SEMANTICS.md section 1, in O(window) time (no L x L mask)."""
+    spec = AttentionSpec.coerce(spec)
+    n = min(spec.prefix, L)
+    Lb = L - n
+    if spec.causal:
+        prefix = n * (n + 1) // 2 + Lb * n          # prefix rows: j <= i; body rows: every prefix key
+    else:
+        prefix = n * L + Lb * n                      # prefix rows: every key; body rows: prefix keys
+    return prefix + body_pairs(spec, Lb)
+
+
+def flops(pairs: int, B: int, H: int, D: int, backward: bool) -> float:
+    """Attention FLOPs for ``pairs`` (query, key) pairs: 2 matmuls of 2*D per pair forward."""
+    f = 4.0 * D * pairs * B * H
+    return f * (1.0 + BWD_FACTOR) if backward else f
+
+
+# =============================================================================== tables
+COLUMNS = ["case", "pass", "L", "density", "lincomp_ms", "flex_ms", "sdpa_ms", "lincomp_tflops", "flex_tflops",
+           "sdpa_tflops", "vs_flex", "goal_vs_flex", "vs_sdpa", "goal_met", "err_vs_flex", "config"]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    if isinstance(v, dict):
+        return ",".join(f"{k}={v[k]}" for k in ("block_m", "block_n", "tile", "num_warps", "num_stages") if k in v)
+    return str(v)
+
+
+def write_table(rows: list, out_dir: str) -> tuple:
+    """Write ``window.json`` (all rows) and ``window.md`` (checks, timings, errors). Returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out / "window.json", out / "window.md"
+    jpath.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    lines = ["# lincomp window kernels vs SDPA (flash, dense) and FlexAttention", ""]
+    dev = next((r.get("device") for r in rows if r.get("device")), None)
+    if dev:
+        lines += [f"Device: {dev}. bf16, D={D_HEAD}. useful TFLOP/s count visible pairs only; "
+                  f"vs_flex = flex_ms / lincomp_ms (goal 1.1 on 1D, 1.5 on 2D); vs_sdpa = lincomp useful "
+                  f"TFLOP/s / SDPA TFLOP/s (goal {GOAL_VS_SDPA}).", ""]
+    checks = [r for r in rows if r.get("pass") == "check"]
+    if checks:
+        lines += ["## Correctness", "", "| check | dtype | max rel err | ok |", "|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r.get('dtype', '-')} | {_fmt(r.get('max_rel_err'))} | {_fmt(r.get('ok'))} |"
+                  for r in checks]
+        lines.append("")
+    timed = [r for r in rows if r.get("pass") in ("fwd", "fwd+bwd")]
+    if timed:
+        lines += ["## Timings", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in timed]
+        lines.append("")
+    bad = [r for r in rows if r.get("error") or r.get("skipped")]
+    if bad:
+        lines += ["## Errors and skipped cases", ""]
+        lines += [f"- {r.get('case', '?')} ({r.get('pass', '')}): {r.get('error') or r.get('skipped')}" for r in bad]
+        lines.append("")
+    mpath.write_text("\n".join(lines))
+    return jpath, mpath
+
+
+def summarize(rows: list) -> dict:
+    """Geometric-mean speedups per family and pass, and how many timed rows met their goals."""
+    out = {}
+    for fam in ("1d", "2d"):
+        for ps in ("fwd", "fwd+bwd"):
+            sel = [r for r in rows if r.get("kind") == fam and r.get("pass") == ps and r.get("vs_flex")]
+            if sel:
+                out[f"{fam} {ps} vs flex (geomean)"] = math.exp(sum(math.log(r["vs_flex"]) for r in sel) / len(sel))
+            sel = [r for r in rows if r.get("kind") == fam and r.get("pass") == ps and r.get("vs_sdpa")]
+            if sel:
+                out[f"{fam} {ps} vs sdpa (geomean)"] = math.exp(sum(math.log(r["vs_sdpa"]) for r in sel) / len(sel))
+    timed = [r for r in rows if r.get("goal_met") is not None]
+    out["goals met"] = f"{sum(bool(r['goal_met']) for r in timed)}/{len(timed)}"
+    return out
+
+
+# =============================================================================== GPU parts
+def swa_spec(w: int) -> AttentionSpec:
+    return AttentionSpec(window=Window1D(w - 1, 0), causal=True, name=f"swa-{w}")
+
+
+def clear_spec(r: int, g: int, prefix: int = 512) -> AttentionSpec:
+    return AttentionSpec(window=GridWindow((g, g), r, "circle"), prefix=prefix, name=f"clear-r{r}")
+
+
+def _flex_masks():
+    """mask_mods reading window parameters from captured tensors (one compiled kernel per shape, not per
+    window size)."""
+    def swa(w_t):
+        def mask_mod(b, h, q, kv):
+            return (kv <= q) & (q - kv < w_t)
+        return mask_mod
+
+    def clear(n_t, wg_t, r2_t):
+        def mask_mod(b, h, q, kv):
+            qp, kp = q - n_t, kv - n_t
+            dy = qp // wg_t - kp // wg_t
+            dx = qp % wg_t - kp % wg_t
+            return (q < n_t) | (kv < n_t) | (dy * dy + dx * dx < r2_t)
+        return mask_mod
+    return swa, clear
+
+
+def _time_ms(fn: Callable, budget_s: float = 1.5, max_reps: int = 20) -> float:
+    """Median CUDA time of ``fn`` with as many reps as fit a small budget (after one warm-up)."""
+    from lincomp.tuning import median_time_ms
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    one = max(time.perf_counter() - t0, 1e-5)
+    reps = int(max(3, min(max_reps, budget_s / one)))
+    return median_time_ms(fn, warmup=1, reps=reps, device="cuda")
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def correctness_checks(device="cuda") -> list:
+    """lincomp forward + gradients vs the fp32 reference at small sizes, bf16 and fp16."""
+    import lincomp
+    from lincomp.testing import random_inputs
+    rows = []
+    specs = [("swa w=128 L=2048", swa_spec(128), 2048),
+             ("swa w=1000+sinks L=1500 GQA", AttentionSpec(window=Window1D(999, 0), causal=True, sinks=4), 1500),
+             ("clear r=8 24^2+512", clear_spec(8, 24), None),
+             ("3d square r=2 4x12x12+64", AttentionSpec(window=GridWindow((4, 12, 12), 2, "square"), prefix=64), None),
+             ("dense causal L=1000", AttentionSpec(causal=True), 1000)]
+    for dtype in (torch.bfloat16, torch.float16):
+        for name, spec, L in specs:
+            row = {"family": "window", "case": name, "pass": "check", "dtype": str(dtype).replace("torch.", "")}
+            try:
+                Hkv = 2 if "GQA" in name else 4
+                inp = random_inputs(spec, B=2, H=4, Hkv=Hkv, L=L, D=128 if "3d" not in name else 64, dtype=dtype,
+                                    device=device, seed=1)
+                kern = lincomp.compile(spec, target="triton")
+                names = [n for n in ("q", "k", "v", "sink_logits") if n in inp]
+                leaves = {n: t.clone().requires_grad_(n in names) for n, t in inp.items()}
+                o = kern(**leaves)
+                do = torch.randn_like(o)
+                grads = torch.autograd.grad(o, [leaves[n] for n in names], do)
+                ref_in = {n: t.detach().float().requires_grad_(n in names) for n, t in inp.items()}
+                ref = lincomp.reference(spec, **ref_in)
+                ref_g = torch.autograd.grad(ref, [ref_in[n] for n in names], do.float())
+                errs = {"o": _rel(o, ref), **{f"d{n}": _rel(a, b) for n, a, b in zip(names, grads, ref_g)}}
+                row.update(errs=errs, max_rel_err=max(errs.values()), ok=max(errs.values()) <= 1e-2)
+            except Exception as e:  # a row, never a crash
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            rows.append(row)
+    return rows
+
+
+def _case_rows(kind, name, spec, B, H, L, D, peers, sdpa_cache, tune_left, quick):
+    """Time one case (forward, forward+backward) for lincomp and its peers; rows for both passes."""
+    import lincomp
+    from lincomp.lower.triton import window as W
+    from lincomp.tuning import device_name
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dtype, generator=gen) for _ in range(3))
+    do = torch.randn(B, H, L, D, device=dev, dtype=dtype, generator=gen)
+    pairs = useful_pairs(spec, L)
+    base = {"family": "window", "kind": kind, "case": name, "L": L, "B": B, "H": H, "D": D, "dtype": "bfloat16",
+            "pairs": pairs, "density": pairs / (L * L), "device": device_name(dev)}
+    tuned = False
+    if tune_left() > 0:
+        try:
+            res = W.tune_window(spec, L=L, B=B, H=H, D=D, dtype=dtype, device=dev)
+            tuned = True
+            base["tuning"] = {kern: ("cached" if r.cached else f"{len(r.candidates)} configs") for kern, r in res.items()}
+        except Exception as e:
+            base["tuning"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+    kern = lincomp.compile(spec, target="triton")
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+
+    def lin_f():
+        return kern(q, k, v)
+
+    def lin_fb():
+        o = kern(qg, kg, vg)
+        return torch.autograd.grad(o, (qg, kg, vg), do)
+
+    results = {"lincomp": {"fwd": _time_ms(lin_f), "fwd+bwd": _time_ms(lin_fb)}}
+    o_lin = lin_f()
+    base["config"] = kern.config.get("window_fwd")
+    base["config_bwd"] = kern.config.get("window_bwd")
+    base["tuned"] = tuned
+    err_flex = None
+    # --- FlexAttention (same mask, row-major tokens)
+    if peers.get("flex") is not None:
+        try:
+            flex, create_block_mask, mask_mod = peers["flex"], peers["create_block_mask"], peers["mask_for"](spec)
+            bm = create_block_mask(mask_mod, None, None, L, L, device=dev, BLOCK_SIZE=128, _compile=True)
+            torch.cuda.synchronize()
+
+            def flex_f():
+                return flex(q, k, v, block_mask=bm)
+
+            def flex_fb():
+                o = flex(qg, kg, vg, block_mask=bm)
+                return torch.autograd.grad(o, (qg, kg, vg), do)
+
+            o_flex = flex_f()
+            err_flex = _rel(o_lin, o_flex)
+            results["flex"] = {"fwd": _time_ms(flex_f), "fwd+bwd": _time_ms(flex_fb)}
+            base["flex_block_density"] = _block_density(bm)
+            del bm, o_flex
+        except Exception as e:
+            base["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    # --- SDPA flash (dense; causal for 1D), timed once per (L, H)
+    key = (L, H, spec.causal)
+    if key not in sdpa_cache:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            import torch.nn.functional as F
+
+            def sdpa_f():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=spec.causal)
+
+            def sdpa_fb():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=spec.causal)
+                return torch.autograd.grad(o, (qg, kg, vg), do)
+
+            budget = 0.8 if quick else 1.5
+            sdpa_cache[key] = {"fwd": _time_ms(sdpa_f, budget), "fwd+bwd": _time_ms(sdpa_fb, budget)}
+        except Exception as e:
+            sdpa_cache[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    if "error" not in sdpa_cache[key]:
+        results["sdpa"] = sdpa_cache[key]
+    else:
+        base["sdpa_error"] = sdpa_cache[key]["error"]
+    sdpa_pairs = L * (L + 1) // 2 if spec.causal else L * L
+    rows = []
+    for ps in ("fwd", "fwd+bwd"):
+        bwd = ps == "fwd+bwd"
+        row = dict(base, **{"pass": ps, "err_vs_flex": err_flex})
+        if bwd:
+            row["config"] = base.get("config_bwd")
+        for impl, res in results.items():
+            ms = res[ps]
+            row[f"{impl}_ms"] = ms
+            p = sdpa_pairs if impl == "sdpa" else pairs
+            row[f"{impl}_tflops"] = flops(p, B, H, D, bwd) / (ms * 1e-3) / 1e12
+        if "flex_ms" in row:
+            row["vs_flex"] = row["flex_ms"] / row["lincomp_ms"]
+            row["goal_vs_flex"] = GOAL_VS_FLEX[kind]
+        if "sdpa_tflops" in row:
+            row["vs_sdpa"] = row["lincomp_tflops"] / row["sdpa_tflops"]
+        goals = []
+        if "vs_flex" in row:
+            goals.append(row["vs_flex"] >= GOAL_VS_FLEX[kind])
+        if "vs_sdpa" in row:
+            goals.append(row["vs_sdpa"] >= GOAL_VS_SDPA)
+        row["goal_met"] = all(goals) if goals else None
+        if err_flex is not None and err_flex > 2e-2:
+            row["error"] = f"lincomp differs from FlexAttention: rel err {err_flex:.3g}"
+        rows.append(row)
+    return rows
+
+
+def _block_density(bm) -> Optional[float]:
+    """Fraction of FlexAttention's 128 x 128 blocks that are computed."""
+    try:
+        return 1.0 - float(bm.sparsity()) / 100.0
+    except Exception:
+        return None
+
+
+def _peers() -> dict:
+    peers = {}
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        swa, clear = _flex_masks()
+        dev = "cuda"
+
+        def mask_for(spec):
+            if isinstance(spec.window, Window1D):
+                return swa(torch.tensor(spec.window.left + 1, device=dev))
+            g = spec.window.grid
+            return clear(torch.tensor(spec.prefix, device=dev), torch.tensor(g[1], device=dev),
+                         torch.tensor(spec.window.radius ** 2, device=dev))
+        peers.update(flex=torch.compile(flex_attention), create_block_mask=create_block_mask, mask_for=mask_for)
+    except Exception as e:  # an older torch: no FlexAttention
+        peers["flex"] = None
+        peers["flex_error"] = f"{type(e).__name__}: {e}"
+    return peers
+
+
+def check_and_time(out_dir: str, quick: bool = False, *, time_budget_s: Optional[float] = None,
+                   tune: Optional[bool] = None) -> list:
+    """Correctness checks, then timings (see the module docstring). Returns the rows; writes the tables.
+
+    ``time_budget_s`` bounds the whole run (default 150 s quick, 420 s full): cases that would start
+    later are skipped (a row says so). ``tune`` (default: not quick) autotunes cases while a share of
+    the budget is left; tuned keys are stored in the tuning db, so a second run does no tuning.
+    """
+    t_start = time.perf_counter()
+    budget = time_budget_s if time_budget_s is not None else (150.0 if quick else 420.0)
+    tune = (not quick) if tune is None else tune
+    rows = []
+    if not torch.cuda.is_available():
+        rows.append({"family": "window", "case": "all", "skipped": "no CUDA device"})
+        write_table(rows, out_dir)
+        return rows
+    left = lambda: budget - (time.perf_counter() - t_start)  # noqa: E731
+    tune_left = (lambda: left() - 0.6 * budget) if tune else (lambda: 0.0)   # tune in the first 40% only
+    try:
+        rows += correctness_checks()
+    except Exception as e:
+        rows.append({"family": "window", "case": "correctness", "pass": "check", "ok": False,
+                     "error": f"{type(e).__name__}: {e}"})
+    peers = _peers()
+    if peers.get("flex_error"):
+        rows.append({"family": "window", "case": "flex", "skipped": peers["flex_error"]})
+    sdpa_cache = {}
+    cases = ([("1d", f"swa w={w} L={L // 1024}K", swa_spec(w), 1, 16, L) for w, L in (QUICK_SWA if quick else SWA_CASES)]
+             + [("2d", f"clear r={r} {g}x{g}+512", clear_spec(r, g), 1, 24, g * g + 512)
+                for r, g in (QUICK_CLEAR if quick else CLEAR_CASES)])
+    for kind, name, spec, B, H, L in cases:
+        if left() < 15:
+            rows.append({"family": "window", "kind": kind, "case": name, "skipped": "time budget"})
+            continue
+        try:
+            rows += _case_rows(kind, name, spec, B, H, L, D_HEAD, peers, sdpa_cache, tune_left, quick)
+        except Exception as e:
+            rows.append({"family": "window", "kind": kind, "case": name,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}",
+                         "trace": traceback.format_exc(limit=3)[-600:]})
+        torch.cuda.empty_cache()
+    rows.append({"family": "window", "case": "summary", "summary": summarize(rows),
+                 "wall_s": time.perf_counter() - t_start})
+    write_table(rows, out_dir)
+    return rows
+
+
+if __name__ == "__main__":
+    out = sys.argv[1] if len(sys.argv) > 1 else "out/gpu_window"
+    result = check_and_time(out, quick="--quick" in sys.argv)
+    print(Path(out, "window.md").read_text())
+    print(json.dumps(result[-1], indent=1, default=str))

@@ -1,0 +1,353 @@
+"""``lincomp.distributed.attention(...)``: one attention call over a sequence split across processes.
+
+Per rank, for the tokens after the prefix:
+- window branch: halo exchange of the keys/values its windows reach (point-to-point, posted first),
+  interior rows computed while the halo is in flight, border rows once it lands (plan.py);
+- causal linear branch: each rank's state contribution, one all-gather, a local exclusive scan
+  (decays as products of gates) gives the state entering any position; then local outputs;
+- non-causal linear branch: one all-reduce of (S, z);
+- prefix rows: causal -> computed locally (they see only the prefix); non-causal -> exact (an
+  all-reduce of shifted softmax sums over every rank's keys) or CLEAR's approximate mode (each rank
+  attends to the prefix and its own patch; outputs averaged).
+Local compute goes through ``lincomp.compile(sub_spec, target)`` kernels; the rest is plain torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from lincomp.distributed.comm import Comm
+from lincomp.distributed.layout import Layout, box_shape
+from lincomp.distributed.plan import GlobalPlan, branches, global_plan
+from lincomp.inputs import bind
+from lincomp.reference.features import feature_map
+from lincomp.reference.linear import log_gates, safe_divide
+from lincomp.spec import AttentionSpec, GridWindow, Window1D
+
+PREFIX_MODES = ("exact", "approximate")
+_WEIGHTS = ("feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
+
+
+@functools.lru_cache(maxsize=512)
+def _kernel(spec: AttentionSpec, target: str):
+    from lincomp.compiler import compile as compile_spec
+    return compile_spec(spec, target=target)
+
+
+def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
+    """[B, Hkv, L, ...] -> [B, H, L, ...] (grouped-query attention)."""
+    return t if t.shape[1] == H else t.repeat_interleave(H // t.shape[1], dim=1)
+
+
+def _kernel_tensors(sub: AttentionSpec, weights: dict, g=None, state=None) -> dict:
+    """The keyword tensors ``sub`` takes (a kernel rejects any it does not use)."""
+    out = {}
+    lin = sub.linear
+    if lin is not None:
+        if lin.gate is not None:
+            out["g"] = g
+        if lin.has_weights:
+            out["feature_weight_q"] = weights["feature_weight_q"]
+            out["feature_weight_k"] = weights["feature_weight_k"]
+        if state is not None and sub.causal:
+            out["initial_state"] = state
+    if sub.sinks:
+        out["sink_logits"] = weights["sink_logits"]
+    if sub.combine == "shared":
+        out["window_gamma"] = weights["window_gamma"]
+    if sub.combine == "sum":
+        out["alpha"] = weights["alpha"]
+    return out
+
+
+def attention(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Optional[Layout] = None,
+              group=None, prefix_mode: str = "exact", overlap: bool = True, target: str = "auto",
+              sync_grads: bool = True, scale: Optional[float] = None, linear_scale: Optional[float] = None,
+              return_state: bool = False, stats: Optional[Counter] = None, **tensors):
+    """Attention of ``spec`` over a sequence split across the ranks of ``group``.
+
+    ``q, k, v``: this rank's ``[B, H|Hkv, prefix + own_tokens, D]`` (``layout.shard`` makes them): the
+    prefix tokens (replicated, identical on every rank) then the rank's slice or patch, row-major.
+    Per-token tensors (``g``) are sharded the same way; weights and ``initial_state`` are replicated.
+    ``layout``: a :class:`Layout` (default: ``Layout.for_spec``; for 1D specs the local lengths are
+    all-gathered once). ``prefix_mode``: "exact" or "approximate" (CLEAR: prefix queries attend to the
+    prefix and the local patch, outputs averaged over ranks; non-causal specs only differ).
+    ``overlap``: compute interior rows while the halo is in flight. ``target``: the local kernels'
+    ``lincomp.compile`` target. ``sync_grads``: all-reduce the gradients of replicated inputs (set
+    False if something else, e.g. DDP over the same group, sums them). ``stats``: a Counter that
+    receives the bytes this rank sends, by kind.
+
+    Returns this rank's ``o [B, H, prefix + own_tokens, Dv]`` (prefix rows replicated), and with
+    ``return_state`` the final ``(S, z)`` of the whole sequence, replicated. Every rank must call this
+    (and run backward through its output) in the same order: it is a collective.
+    """
+    spec = AttentionSpec.coerce(spec)
+    if prefix_mode not in PREFIX_MODES:
+        raise ValueError(f"prefix_mode must be one of {list(PREFIX_MODES)}, got {prefix_mode!r}")
+    if tensors.get("key_padding_mask") is not None:
+        raise ValueError("key_padding_mask is not supported by lincomp.distributed; drop it or run single-process")
+    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        if layout is not None and layout.world_size != 1:
+            raise ValueError(f"layout has {layout.world_size} ranks but no process group of that size is running; "
+                             "call torch.distributed.init_process_group first")
+        return _kernel(spec, target)(q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state,
+                                     **tensors)
+    comm = Comm(group, stats)
+    layout = _resolve_layout(spec, layout, comm, q)
+    local_spec = spec.with_grid(box_shape(layout.box(comm.rank))) if isinstance(spec.window, GridWindow) else spec
+    call = bind(local_spec, q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state, **tensors)
+    plan = global_plan(spec, layout, bool(overlap))
+    return _Run(plan, comm, call, target, prefix_mode, sync_grads).run()
+
+
+def _resolve_layout(spec: AttentionSpec, layout: Optional[Layout], comm: Comm, q: torch.Tensor) -> Layout:
+    n = spec.prefix
+    if layout is None:
+        if isinstance(spec.window, GridWindow):
+            layout = Layout.for_spec(spec, comm.world)
+        else:
+            mine = torch.tensor([q.shape[2] - n], dtype=torch.long, device=q.device)
+            sizes = [torch.zeros_like(mine) for _ in range(comm.world)]
+            dist.all_gather(sizes, mine, group=comm.group)
+            sizes = [int(s) for s in sizes]
+            if min(sizes) < 1:
+                raise ValueError(f"every rank needs at least one token after the {n} prefix tokens; local sizes "
+                                 f"are {sizes}")
+            layout = Layout.sequence(n + sum(sizes), comm.world, prefix=n, sizes=sizes)
+    if layout.world_size != comm.world:
+        raise ValueError(f"layout has {layout.world_size} ranks but the group has {comm.world}; "
+                         f"build it with world_size={comm.world}")
+    if layout.prefix != n:
+        raise ValueError(f"layout.prefix = {layout.prefix} but spec.prefix = {n}; build the layout from the spec "
+                         "(Layout.for_spec)")
+    w = spec.window
+    if isinstance(w, GridWindow) and layout.shape != w.grid:
+        raise ValueError(f"layout splits a {list(layout.shape)} grid but window.grid is {list(w.grid)}; "
+                         "use Layout.for_spec(spec, world_size)")
+    if not isinstance(w, GridWindow) and len(layout.shape) != 1:
+        raise ValueError(f"a {list(layout.shape)} grid layout needs a 2d/3d window; use Layout.sequence")
+    want = layout.local_length(comm.rank)
+    if q.shape[2] != want:
+        raise ValueError(f"rank {comm.rank}: q has {q.shape[2]} tokens, the layout gives it {want} "
+                         f"({n} prefix + {want - n} own); shard inputs with lincomp.distributed.shard")
+    return layout
+
+
+class _Run:
+    """One call's data on this rank: replicated and own parts of every tensor, and the steps."""
+
+    def __init__(self, plan: GlobalPlan, comm: Comm, call, target: str, prefix_mode: str, sync_grads: bool):
+        self.plan, self.comm, self.call, self.target, self.mode = plan, comm, call, target, prefix_mode
+        self.spec, self.parts = plan.spec, plan.parts
+        self.rp = plan.ranks[comm.rank]
+        self.n = n = self.spec.prefix
+        self.cd = torch.float64 if call.q.dtype == torch.float64 else torch.float32
+        self.H = call.H
+        q, k, v, g = call.q, call.k, call.v, call.g
+        cut = (lambda t: None if t is None or n == 0 else t[:, :, :n])
+        reps = comm.replicate([cut(q), cut(k), cut(v), cut(g), *(getattr(call, w) for w in _WEIGHTS),
+                               call.S0, call.z0], sync=sync_grads)
+        self.q_p, self.k_p, self.v_p, self.g_p = reps[:4]
+        self.w = dict(zip(_WEIGHTS, reps[4:9]))
+        self.S0 = None if reps[9] is None else (reps[9], reps[10])
+        own = (lambda t: None if t is None else (t if n == 0 else t[:, :, n:]))
+        self.q_o, self.k_o, self.v_o, self.g_o = own(q), own(k), own(v), own(g)
+
+    # -- top level ------------------------------------------------------------------------------
+    def run(self):
+        plan, rp, comm = self.plan, self.rp, self.comm
+        halo = [self.k_o, self.v_o] + ([self.g_o] if self.parts.exchange_gate else [])
+        pending = comm.start_halo(rp, halo) if plan.exchange else None
+        states, final = self._states() if plan.has_states else ({}, None)
+        outs, ext = [None] * len(rp.tasks), None
+        for i in sorted(range(len(rp.tasks)), key=lambda i: rp.tasks[i].from_halo):   # interior first
+            if rp.tasks[i].from_halo and ext is None:
+                ext = self._halo(pending, halo)
+            outs[i] = self._task(i, ext, states)
+        if pending is not None and ext is None:       # lend our tokens even if no local row needs a halo
+            ext = self._halo(pending, halo)
+        o_win = torch.cat(outs, 2).index_select(2, rp.index("place", self.q_o.device)) if outs else None
+        total = self._global_state() if self.parts.linear == "global" else None
+        o_own = self._combine(o_win, self._own_linear(states, total)).to(self.call.q.dtype)
+        o = o_own if self.n == 0 else torch.cat([self._prefix_rows(total), o_own], 2)
+        o = comm.finish(o)
+        if self.call.return_state:
+            return o, tuple(comm.replicated_output(t) for t in final)
+        return o
+
+    def _combine(self, o_win, o_lin):
+        if o_lin is None:
+            return o_win
+        if o_win is None:
+            return o_lin
+        alpha = self.w["alpha"].to(self.cd)[None, :, None, None]
+        return (o_lin.to(self.cd) + alpha * o_win.to(self.cd)).to(self.call.q.dtype)
+
+    # -- window (or fused hybrid) tasks -----------------------------------------------------------
+    def _halo(self, pending, halo):
+        k, v, *g = self.comm.finish_halo(pending, halo)
+        dev = self.q_o.device
+        q = self.q_o.new_zeros(k.shape[:1] + self.q_o.shape[1:2] + k.shape[2:3] + self.q_o.shape[3:])
+        q = q.index_copy(2, self.rp.index("own_in_ext", dev), self.q_o)
+        return {"q": q, "k": k, "v": v, "g": g[0] if g else None}
+
+    def _task(self, i: int, ext, states):
+        task, rp, n, call = self.rp.tasks[i], self.rp, self.n, self.call
+        sub = self.parts.task_spec
+        sub = sub.with_grid(box_shape(task.keys)) if isinstance(sub.window, GridWindow) else sub
+        src = ext if task.from_halo else {"q": self.q_o, "k": self.k_o, "v": self.v_o, "g": self.g_o}
+        idx = rp.index(f"keys:{i}", self.q_o.device)
+        q, k, v = (src[x].index_select(2, idx) for x in "qkv")
+        g = None
+        if sub.linear is not None and sub.linear.gate is not None:
+            g = src["g"].index_select(2, idx)
+            if n:   # fused tasks: the decay over the prefix is already in the entering state
+                g = torch.cat([torch.zeros_like(self.g_p), g], 2)
+        if n:
+            q, k, v = torch.cat([self.q_p, q], 2), torch.cat([self.k_p, k], 2), torch.cat([self.v_p, v], 2)
+        state = states.get(task.state_at) if task.state_at is not None else None
+        o = _kernel(sub, self.target)(q, k, v, scale=call.scale, linear_scale=call.linear_scale,
+                                      **_kernel_tensors(sub, self.w, g, state))
+        return o.index_select(2, rp.index(f"rows:{i}", o.device) + n)
+
+    # -- linear branch ----------------------------------------------------------------------------
+    def _features(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.w[f"feature_weight_{which}"]
+        return feature_map(self.spec.linear.feature_map, _heads(x, self.H).to(self.cd),
+                           None if w is None else w.to(self.cd))
+
+    def _states(self):
+        """States entering every position this rank needs ({flat position: (S, z)}), and the final state."""
+        plan, comm, cd, rp = self.plan, self.comm, self.cd, self.rp
+        B, H = self.q_o.shape[:2]
+        fk = self._features("k", self.k_o)
+        v = _heads(self.v_o, H).to(cd)
+        G = log_gates(None if self.g_o is None else self.g_o.to(cd), fk).cumsum(2)   # [B, H, L, Fg]
+        F, Dv, Fg = fk.shape[-1], v.shape[-1], G.shape[-1]
+        start = rp.own_range[0]
+        mine = [self._contrib(fk, v, G, p - start) for p in plan.checkpoints[comm.rank]]
+        width = max(len(c) for c in plan.checkpoints.values())
+        mine += [torch.zeros_like(mine[0])] * (width - len(mine))
+        every = comm.all_gather(torch.stack(mine), "state")          # [R, width, B, H, Fg + F*Dv + F]
+        S, z = self._prefix_state(B, H, F, Dv)
+        states = {0: (S, z)}
+        for seg_start, stop, r in plan.segments:
+            for j, p in enumerate(plan.checkpoints[r]):
+                logA, Sc, zc = every[r, j].split([Fg, F * Dv, F], -1)
+                a = logA.exp()
+                states[p] = (a[..., None] * S + Sc.view(B, H, F, Dv), a * z + zc)
+            S, z = states[stop]
+        return states, (S, z)
+
+    @staticmethod
+    def _contrib(fk, v, G, m: int) -> torch.Tensor:
+        """Packed (log decay, S, z) of the first ``m`` local tokens, decayed to the end of them."""
+        last = G[:, :, m - 1:m]
+        w = fk[:, :, :m] * (last - G[:, :, :m]).exp()
+        S = w.transpose(-1, -2) @ v[:, :, :m]
+        return torch.cat([last[:, :, 0], S.flatten(-2), w.sum(2)], -1)
+
+    def _prefix_state(self, B, H, F, Dv):
+        """The state after the prefix: the initial state decayed over it (+ the prefix keys, except in 'shared')."""
+        cd = self.cd
+        if self.S0 is not None:
+            S, z = self.S0[0].to(cd), self.S0[1].to(cd)
+        else:
+            S = self.q_o.new_zeros(B, H, F, Dv, dtype=cd)
+            z = self.q_o.new_zeros(B, H, F, dtype=cd)
+        if self.n == 0:
+            return S, z
+        fk = self._features("k", self.k_p)
+        G = log_gates(None if self.g_p is None else self.g_p.to(cd), fk).cumsum(2)
+        a = G[:, :, -1].exp()
+        S, z = a[..., None] * S, a * z
+        if self.parts.state_keys_prefix:
+            Sc, zc = self._contrib(fk, _heads(self.v_p, H).to(cd), G, self.n).split([G.shape[-1], F * Dv, F], -1)[1:]
+            S, z = S + Sc.view(B, H, F, Dv), z + zc
+        return S, z
+
+    def _global_state(self):
+        """Non-causal: (S, z) summed over every token of every rank (one all-reduce)."""
+        def local(k, v):
+            fk = self._features("k", k)
+            return fk.transpose(-1, -2) @ _heads(v, self.H).to(self.cd), fk.sum(2)
+
+        S, z = local(self.k_o, self.v_o)
+        F = z.shape[-1]
+        tot = self.comm.all_reduce(torch.cat([S.flatten(-2), z], -1), "state")
+        S, z = tot.split([tot.shape[-1] - F, F], -1)
+        S = S.view(z.shape + (-1,))
+        if self.n:
+            Sp, zp = local(self.k_p, self.v_p)
+            S, z = S + Sp, z + zp
+        return S, z
+
+    def _linear_out(self, q: torch.Tensor, total) -> torch.Tensor:
+        S, z = total
+        fq = self._features("q", q)
+        num = fq @ S
+        if self.spec.linear.normalize:
+            return safe_divide(num, (fq * z[:, :, None, :]).sum(-1))
+        return self.call.linear_scale * num
+
+    def _own_linear(self, states, total):
+        if self.parts.linear is None:
+            return None
+        if self.parts.linear == "global":
+            return self._linear_out(self.q_o, total)
+        sub, call = self.parts.linear_spec, self.call
+        state = states[self.rp.own_range[0]]
+        return _kernel(sub, self.target)(self.q_o, self.k_o, self.v_o, scale=call.scale,
+                                         linear_scale=call.linear_scale,
+                                         **_kernel_tensors(sub, self.w, self.g_o, state))
+
+    # -- prefix rows ------------------------------------------------------------------------------
+    def _prefix_rows(self, total) -> torch.Tensor:
+        spec, call = self.spec, self.call
+        if spec.causal:         # prefix rows see only prefix keys: one local call, replicated
+            window = None if spec.window is None else Window1D(self.n - 1, 0)
+            sub = replace(spec, window=window, prefix=0, name=None)
+            o = _kernel(sub, self.target)(self.q_p, self.k_p, self.v_p, scale=call.scale,
+                                          linear_scale=call.linear_scale,
+                                          **_kernel_tensors(sub, self.w, self.g_p, self.S0))
+        else:
+            o_win = self._prefix_softmax() if spec.has_softmax else None
+            o_lin = self._linear_out(self.q_p, total) if spec.linear is not None else None
+            o = self._combine(o_win, o_lin)
+        return self.comm.replicated_output(o.to(call.q.dtype))
+
+    def _prefix_softmax(self) -> torch.Tensor:
+        """Non-causal prefix rows over every key: exact (global shift and sums) or approximate (local, averaged)."""
+        cd, H, comm = self.cd, self.H, self.comm
+        q = self.q_p.to(cd) * self.call.scale
+        s_p = q @ _heads(self.k_p, H).to(cd).transpose(-1, -2)            # [B, H, n, n]
+        s_o = q @ _heads(self.k_o, H).to(cd).transpose(-1, -2)            # [B, H, n, L_own]
+        sinks = None
+        m = torch.maximum(s_p.amax(-1), s_o.amax(-1))
+        if self.spec.sinks:
+            sinks = self.w["sink_logits"].to(cd)[None, :, None, :]
+            m = torch.maximum(m, sinks.amax(-1))
+        m = m.detach()
+        if self.mode == "exact":
+            m = comm.all_reduce_max(m, "prefix")
+        e_o = (s_o - m[..., None]).exp()
+        num = e_o @ _heads(self.v_o, H).to(cd)
+        den = e_o.sum(-1, keepdim=True)
+        if self.mode == "exact":
+            num, den = comm.all_reduce(torch.cat([num, den], -1), "prefix").split([num.shape[-1], 1], -1)
+        e_p = (s_p - m[..., None]).exp()
+        num = num + e_p @ _heads(self.v_p, H).to(cd)
+        den = den[..., 0] + e_p.sum(-1)
+        if sinks is not None:
+            den = den + (sinks - m[..., None]).exp().sum(-1)
+        o = safe_divide(num, den)
+        if self.mode == "approximate":
+            o = comm.all_reduce(o, "prefix") / comm.world
+        return o

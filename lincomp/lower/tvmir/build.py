@@ -1,0 +1,160 @@
+"""Compile generated TVMScript for the host CPU, with an in-process memo and an on-disk module cache.
+
+``build(funcs, tag)`` wraps PrimFunc texts into one ``@I.ir_module``, and returns a :class:`Built` (the
+loaded runtime module plus the full source). The cache key is a hash of the source, the LLVM target and
+the TVM version: a second process finds ``<cache>/tvm/<tag>-<hash>.so`` and loads it (milliseconds)
+instead of parsing and compiling (a second or more). Files are written atomically (temp + rename).
+
+Target: ``{"kind": "llvm", "mcpu": <host cpu>, "num-cores": <usable cores>}``; a plain "llvm" target
+would emit generic x86-64 code. ``LINCOMP_TVM_MCPU`` overrides the CPU name (e.g. "sapphirerapids").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import tvm
+from tvm.script import ir as I
+from tvm.script import tirx as T
+
+from lincomp.lower.tvmir import intrinsics
+from lincomp.lower.tvmir.codegen import HEADER
+from lincomp.runtime.cache import cache_dir
+
+# Bump when the generated code's meaning changes without its text changing (e.g. the exp2 lowering).
+CODEGEN_VERSION = "1"
+_lock = threading.Lock()
+_memo: Dict[str, "Built"] = {}
+STATS = {"compiled": 0, "loaded": 0, "memo": 0, "compile_s": 0.0, "load_s": 0.0}
+
+
+@dataclass
+class Built:
+    """A compiled module: ``fn(name)`` gets a PrimFunc, ``source`` is what ``kernel.source`` shows."""
+
+    module: object
+    source: str
+    path: Optional[Path]
+    how: str                      # "compiled", "loaded" (from disk) or "memo" (this process)
+    seconds: float
+    _fns: dict = field(default_factory=dict, repr=False)
+
+    def fn(self, name: str):
+        if name not in self._fns:
+            self._fns[name] = self.module[name]
+        return self._fns[name]
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@lru_cache(maxsize=None)
+def host_cpu() -> str:
+    name = os.environ.get("LINCOMP_TVM_MCPU")
+    if name:
+        return name
+    try:
+        return str(tvm.target.codegen.llvm_get_system_cpu())
+    except Exception:  # pragma: no cover - very old LLVM
+        return "generic"
+
+
+@lru_cache(maxsize=None)
+def target() -> "tvm.target.Target":
+    return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": usable_cores()})
+
+
+def target_key() -> str:
+    return f"llvm-{host_cpu()}-{usable_cores()}c-tvm{tvm.__version__}-cg{CODEGEN_VERSION}"
+
+
+def module_text(funcs: List[str]) -> str:
+    """The ``@I.ir_module`` holding the PrimFunc texts (what gets parsed)."""
+    body = "\n".join("    " + line if line else "" for f in funcs for line in (f.rstrip("\n") + "\n").split("\n"))
+    return "@I.ir_module\nclass Module:\n" + body
+
+
+def full_source(funcs: List[str]) -> str:
+    """The readable source shown to users: import header + the module."""
+    return HEADER + "\n\n" + module_text(funcs)
+
+
+def parse(funcs: List[str]):
+    intrinsics.register()
+    return tvm.script.from_source(module_text(funcs),
+                                  extra_vars={"I": I, "T": T, "math": math, **intrinsics.SCRIPT_VARS})
+
+
+def build(funcs: List[str], tag: str) -> Built:
+    """Compile (or load from the disk cache) the module of ``funcs``. Thread-safe, memoised."""
+    source = full_source(funcs)
+    key = hashlib.sha256((target_key() + "\n" + source).encode()).hexdigest()[:20]
+    with _lock:
+        hit = _memo.get(key)
+        if hit is not None:
+            STATS["memo"] += 1
+            return hit
+        folder = cache_dir("tvm", _slug(target_key()))
+        path = folder / f"{tag}-{key}.so"
+        built = None
+        if path.exists():
+            t0 = time.perf_counter()
+            try:
+                intrinsics.register()
+                module = tvm.runtime.load_module(str(path))
+                built = Built(module, source, path, "loaded", time.perf_counter() - t0)
+                STATS["loaded"] += 1
+                STATS["load_s"] += built.seconds
+            except Exception:  # a truncated or foreign file: rebuild it
+                built = None
+        if built is None:
+            t0 = time.perf_counter()
+            ex = tvm.compile(parse(funcs), target=target())
+            try:
+                _export(ex, path)
+                module = tvm.runtime.load_module(str(path))
+            except Exception:  # no C toolchain to link a .so: keep the in-memory module
+                module, path = ex.mod, None
+            built = Built(module, source, path, "compiled", time.perf_counter() - t0)
+            STATS["compiled"] += 1
+            STATS["compile_s"] += built.seconds
+        _memo[key] = built
+        return built
+
+
+def _export(ex, path: Path) -> None:
+    """``export_library`` to a temp name in the same folder, then rename (readers never see half a file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        ex.export_library(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in text)
+
+
+def clear_memo() -> None:
+    """Forget compiled modules of this process (tests use it to time a cold disk-cache load)."""
+    with _lock:
+        _memo.clear()

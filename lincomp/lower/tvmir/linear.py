@@ -1,0 +1,335 @@
+"""The linear-branch template: chunked (gated) linear attention with the state carried between chunks.
+
+One generated PrimFunc ``linear_fwd`` per variant; ``B`` and ``L`` are symbolic. One task per
+(batch, head) runs its chunks in order (SEMANTICS.md section 2, the form of reference/linear.py)::
+
+    per chunk of C tokens (features phi(q), phi(k) loaded once; elementwise maps applied on load):
+        Gc      = cumulative log-gate inside the chunk (<= 0)
+        aT[j,i] = phi(k_j) . phi(q_i) * d_ij  for j <= i        (d_ij = 2^((Gc_i - Gc_j) log2 e))
+        o_i     = sum_j aT[j,i] v_j + (phi(q_i) * 2^(Gc_i log2 e)) S           (intra + inter)
+        den_i   = sum_j aT[j,i]     + (phi(q_i) * 2^(Gc_i log2 e)) . z
+        S       = 2^(Gc_end log2 e) S + sum_j (phi(k_j) 2^((Gc_end - Gc_j) log2 e))^T v_j   (z alike)
+
+Every exponent is <= 0, so no gate strength overflows. Vector gates split the chunk into sub-chunks:
+pairs in different sub-chunks factor through the boundary between them (two matmuls), pairs inside
+one sub-chunk take one exponential per feature (as flash-linear-attention's chunk_gla does).
+Non-causal specs (no gate, no state) sum the whole sequence into S, z first, then read them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from lincomp.lower.tvmir.codegen import LOG2E, Script, divisor_at_most, emit_gemm_tile, exp2, f32
+from lincomp.spec import AttentionSpec
+
+INLINE_MAPS = ("identity", "elu1", "relu")
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Schedule choices of the linear template (the tuning space)."""
+
+    chunk: int = 64          # tokens per chunk (the math does not depend on it)
+    sub_chunk: int = 16      # vector gates: pairs inside a sub-chunk use per-feature exponentials
+    mr: int = 4              # rows per micro-kernel step
+
+    def to_dict(self) -> dict:
+        return {"chunk": self.chunk, "sub_chunk": self.sub_chunk, "mr": self.mr}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LinearConfig":
+        return cls(**{k: d[k] for k in ("chunk", "sub_chunk", "mr") if k in d})
+
+
+@dataclass(frozen=True)
+class LinearDims:
+    """Static sizes: query heads, key/value heads, head dims, feature width, heads of phi(k)."""
+
+    H: int
+    Hkv: int
+    D: int
+    Dv: int
+    F: int
+    HF: int            # heads of the key features buffer (H with per-head weights, else Hkv)
+
+
+def inline_features(spec: AttentionSpec) -> bool:
+    """Elementwise maps are applied while loading q / k; hedgehog maps come precomputed."""
+    return spec.linear.feature_map in INLINE_MAPS
+
+
+def arg_names(spec: AttentionSpec, *, mode: str, initial_state: bool, return_state: bool) -> list:
+    """Arguments of ``linear_fwd``. ``mode``: "o" (the branch output) or "numden" (shared hybrid)."""
+    names = ["q", "k"] if inline_features(spec) else ["fq", "fk"]
+    names.append("v")
+    if spec.linear.gate is not None:
+        names.append("g")
+    if initial_state:
+        names += ["S0", "z0"]
+    names += ["num", "den"] if mode == "numden" else ["o"]
+    if return_state:
+        names += ["S_out", "z_out"]
+    return names + ["linear_scale"]
+
+
+def _phi(fmap: str, x: str) -> str:
+    if fmap == "identity":
+        return x
+    if fmap == "relu":
+        return f"T.max({x}, T.float32(0))"
+    if fmap == "elu1":   # elu(x) + 1 = x + 1 (x > 0), e^x (x <= 0)
+        return f"T.if_then_else({x} > T.float32(0), {x} + T.float32(1), {exp2(f'{x} * {f32(LOG2E)}')})"
+    raise ValueError(fmap)
+
+
+def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, mode: str = "o",
+                  initial_state: bool = False, return_state: bool = False, name: str = "linear_fwd") -> str:
+    """TVMScript of the chunked linear kernel for ``spec``."""
+    lin = spec.linear
+    H, Hkv, D, Dv, F, HF = dims.H, dims.Hkv, dims.D, dims.Dv, dims.F, dims.HF
+    C = cfg.chunk
+    group = H // Hkv
+    causal, gate, normalize = spec.causal, lin.gate, lin.normalize
+    inline = inline_features(spec)
+    cs = divisor_at_most(C, cfg.sub_chunk)
+    mr = divisor_at_most(C, cfg.mr)
+    mr_f = divisor_at_most(F, cfg.mr)
+    names = arg_names(spec, mode=mode, initial_state=initial_state, return_state=return_state)
+    assert causal or (gate is None and not initial_state and not return_state)
+
+    s = Script()
+    s("@T.prim_func")
+    params = ", ".join(f"{a}: T.float32" if a == "linear_scale" else f"{a}_h: T.handle" for a in names)
+    with s.block(f"def {name}({params}):"):
+        s(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
+        s("B = T.int32()", "L = T.int32()")
+        if inline:
+            s(f'q = T.match_buffer(q_h, (B, {H}, L, {D}), "float32")',
+              f'k = T.match_buffer(k_h, (B, {Hkv}, L, {D}), "float32")')
+        else:
+            s(f'fq = T.match_buffer(fq_h, (B, {H}, L, {F}), "float32")',
+              f'fk = T.match_buffer(fk_h, (B, {HF}, L, {F}), "float32")')
+        s(f'v = T.match_buffer(v_h, (B, {Hkv}, L, {Dv}), "float32")')
+        if gate == "scalar":
+            s(f'g = T.match_buffer(g_h, (B, {H}, L), "float32")')
+        elif gate == "vector":
+            s(f'g = T.match_buffer(g_h, (B, {H}, L, {F}), "float32")')
+        if initial_state:
+            s(f'S0 = T.match_buffer(S0_h, (B, {H}, {F}, {Dv}), "float32")',
+              f'z0 = T.match_buffer(z0_h, (B, {H}, {F}), "float32")')
+        if mode == "numden":
+            s(f'num = T.match_buffer(num_h, (B, {H}, L, {Dv}), "float32")',
+              f'den = T.match_buffer(den_h, (B, {H}, L), "float32")')
+        else:
+            s(f'o = T.match_buffer(o_h, (B, {H}, L, {Dv}), "float32")')
+        if return_state:
+            s(f'S_out = T.match_buffer(S_out_h, (B, {H}, {F}, {Dv}), "float32")',
+              f'z_out = T.match_buffer(z_out_h, (B, {H}, {F}), "float32")')
+        s("# one task per (batch, head); its chunks run in order")
+        with s.block(f"for task in T.parallel(B * {H}):"):
+            s(f"b = task // {H}", f"h = task % {H}", f"hk = h // {group}" if group > 1 else "hk = h")
+            fk_head = "h" if HF == H else "hk"
+            Fg = F if gate == "vector" else 1
+            for buf, shape in (("S", f"({F}, {Dv})"), ("z", f"({F},)"), ("qc", f"({C}, {F})"),
+                               ("qT", f"({F}, {C})"), ("kc", f"({C}, {F})"), ("aT", f"({C}, {C})"),
+                               ("oc", f"({C}, {Dv})"), ("dc", f"({C},)"), ("GT", f"({Fg}, {C})"),
+                               ("decay", f"({Fg},)")):
+                s(f'{buf} = T.alloc_buffer({shape}, "float32")')
+            if gate == "vector":
+                s(f'kd = T.alloc_buffer(({C}, {F}), "float32")', f'qd = T.alloc_buffer(({F}, {C}), "float32")')
+            # state at the start
+            with s.block(f"for f in range({F}):"):
+                with s.block(f"for d in T.vectorized({Dv}):"):
+                    s(f"S[f, d] = {'S0[b, h, f, d]' if initial_state else 'T.float32(0)'}")
+                s(f"z[f] = {'z0[b, h, f]' if initial_state else 'T.float32(0)'}")
+            nchunks = f"(L + {C - 1}) // {C}"
+            if not causal:
+                s("# pass 1: S = sum_j phi(k_j)^T v_j, z = sum_j phi(k_j) over the whole sequence")
+                with s.block(f"for c in range({nchunks}):"):
+                    s(f"c0 = c * {C}")
+                    _emit_load_chunk(s, spec, C, F, inline, fk_head, keys_only=True)
+                    _emit_state_update(s, C, F, Dv, mr_f, gate=None)
+            s("# " + ("chunks in order: outputs from the state entering the chunk, then the state update"
+                      if causal else "pass 2: o_i = phi(q_i) S (/ phi(q_i) . z)"))
+            with s.block(f"for c in range({nchunks}):"):
+                s(f"c0 = c * {C}")
+                _emit_load_chunk(s, spec, C, F, inline, fk_head, keys_only=False)
+                if causal:
+                    _emit_gates(s, gate, C, F)
+                    _emit_intra(s, gate, C, F, Dv, cs, mr)
+                    _emit_inter(s, gate, C, F, Dv, mr)
+                else:
+                    _emit_readout(s, C, F, Dv, mr)
+                _emit_store(s, mode, normalize, C, Dv)
+                if causal:
+                    _emit_state_update(s, C, F, Dv, mr_f, gate)
+            if return_state:
+                with s.block(f"for f in range({F}):"):
+                    with s.block(f"for d in T.vectorized({Dv}):"):
+                        s("S_out[b, h, f, d] = S[f, d]")
+                    s("z_out[b, h, f] = z[f]")
+    return s.text()
+
+
+def _emit_load_chunk(s, spec, C, F, inline, fk_head, keys_only) -> None:
+    """phi(k) rows (and phi(q) rows / columns) of the chunk; rows past L are zero."""
+    fmap = spec.linear.feature_map
+    src_q = (lambda r, f: _phi(fmap, f"q[b, h, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
+        (lambda r, f: f"fq[b, h, T.min(c0 + {r}, L - 1), {f}]")
+    src_k = (lambda r, f: _phi(fmap, f"k[b, hk, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
+        (lambda r, f: f"fk[b, {fk_head}, T.min(c0 + {r}, L - 1), {f}]")
+    with s.block(f"for r in range({C}):"):
+        with s.block(f"for f in T.vectorized({F}):"):
+            s(f"kc[r, f] = T.if_then_else(c0 + r < L, {src_k('r', 'f')}, T.float32(0))")
+            if not keys_only:
+                s(f"qc[r, f] = T.if_then_else(c0 + r < L, {src_q('r', 'f')}, T.float32(0))")
+    if not keys_only:
+        with s.block(f"for f in range({F}):"):
+            with s.block(f"for r in range({C}):"):
+                s("qT[f, r] = qc[r, f]")
+
+
+def _emit_gates(s, gate, C, F) -> None:
+    """GT[:, i] = cumulative log-gate from the chunk start to token i (0 past L; 0 without gates)."""
+    if gate is None:
+        return
+    s("# cumulative log-gates inside the chunk (fp32 is exact enough over one chunk)")
+    if gate == "scalar":
+        s("GT[0, 0] = g[b, h, c0]")
+        with s.block(f"for r in range(1, {C}):"):
+            s("GT[0, r] = GT[0, r - 1] + T.if_then_else(c0 + r < L, g[b, h, T.min(c0 + r, L - 1)], T.float32(0))")
+        s(f"decay[0] = {exp2(f'GT[0, {C - 1}] * {f32(LOG2E)}')}")
+    else:
+        with s.block(f"for f in range({F}):"):
+            s("GT[f, 0] = g[b, h, c0, f]")
+            with s.block(f"for r in range(1, {C}):"):
+                s("GT[f, r] = GT[f, r - 1] + T.if_then_else(c0 + r < L, g[b, h, T.min(c0 + r, L - 1), f], "
+                  "T.float32(0))")
+        with s.block(f"for f in T.vectorized({F}):"):
+            s(f"decay[f] = {exp2(f'GT[f, {C - 1}] * {f32(LOG2E)}')}")
+
+
+def _emit_intra(s, gate, C, F, Dv, cs, mr) -> None:
+    """aT[j, i] (keys x queries) for j <= i inside the chunk, then oc = aT^T V, dc = column sums."""
+    L2E = f32(LOG2E)
+    if gate == "vector":
+        s(f"# vector gate: sub-chunks of {cs}; pairs across sub-chunks factor through the boundary r0")
+        with s.block(f"for a in range({C // cs}):"):
+            s(f"i0 = a * {cs}")
+            s("# queries of sub-chunk a decayed to the boundary, keys before it decayed from it")
+            with s.block(f"for f in range({F}):"):
+                s("gref = T.if_then_else(a > 0, GT[f, T.max(i0 - 1, 0)], T.float32(0))")
+                with s.block(f"for i in T.vectorized({cs}):"):
+                    s(f"qd[f, i0 + i] = qT[f, i0 + i] * {exp2(f'(GT[f, i0 + i] - gref) * {L2E}')}")
+                with s.block("for j in range(i0):"):
+                    s(f"kd[j, f] = kc[j, f] * {exp2(f'(gref - GT[f, j]) * {L2E}')}")
+            with s.block("for j in range(i0):"):
+                with s.block(f"for i in T.vectorized({cs}):"):
+                    s("aT[j, i0 + i] = T.float32(0)")
+                with s.block(f"for f in range({F}):"):
+                    with s.block(f"for i in T.vectorized({cs}):"):
+                        s("aT[j, i0 + i] = aT[j, i0 + i] + kd[j, f] * qd[f, i0 + i]")
+            s("# pairs inside the sub-chunk: one exponential per feature")
+            with s.block(f"for j in range({cs}):"):
+                with s.block(f"for i in T.vectorized({cs}):"):
+                    s("aT[i0 + j, i0 + i] = T.float32(0)")
+                with s.block(f"for f in range({F}):"):
+                    with s.block(f"for i in T.vectorized({cs}):"):
+                        dec = exp2(f"T.min(GT[f, i0 + i] - GT[f, i0 + j], T.float32(0)) * {L2E}")
+                        s(f"aT[i0 + j, i0 + i] = aT[i0 + j, i0 + i] + T.if_then_else(j <= i, "
+                          f"kc[i0 + j, f] * qT[f, i0 + i] * {dec}, T.float32(0))")
+            with s.block(f"for j in range(i0 + {cs}, {C}):"):
+                with s.block(f"for i in T.vectorized({cs}):"):
+                    s("aT[j, i0 + i] = T.float32(0)")
+    else:
+        s("# aT = K_chunk @ qT, causal within the chunk" + (" and decayed" if gate else ""))
+        emit_gemm_tile(s, rows=C, mr=mr, width=C, red=str(F),
+                       a=lambda r, x: f"kc[{r}, {x}]", b=lambda x, w: f"qT[{x}, {w}]", init=None,
+                       store=lambda r, w, val: f"aT[{r}, {w}] = {val}")
+        with s.block(f"for j in range({C}):"):
+            with s.block(f"for i in T.vectorized({C}):"):
+                if gate == "scalar":
+                    dec = exp2(f"T.min(GT[0, i] - GT[0, j], T.float32(0)) * {L2E}")
+                    s(f"aT[j, i] = T.if_then_else(j <= i, aT[j, i] * {dec}, T.float32(0))")
+                else:
+                    s("aT[j, i] = T.if_then_else(j <= i, aT[j, i], T.float32(0))")
+    with s.block(f"for i in T.vectorized({C}):"):
+        s("dc[i] = T.float32(0)")
+    with s.block(f"for j in range({C}):"):
+        with s.block(f"for i in T.vectorized({C}):"):
+            s("dc[i] = dc[i] + aT[j, i]")
+    s("# oc = aT^T @ V_chunk (query i only needs keys j <= i)")
+    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, red=lambda r0: f"{r0} + {mr}",
+                   a=lambda r, x: f"aT[{x}, {r}]", b=lambda x, w: f"v[b, hk, T.min(c0 + {x}, L - 1), {w}]",
+                   init=None, store=lambda r, w, val: f"oc[{r}, {w}] = {val}")
+
+
+def _emit_inter(s, gate, C, F, Dv, mr) -> None:
+    """oc += (phi(q) decayed from the chunk start) @ S; dc += the same . z."""
+    L2E = f32(LOG2E)
+    s("# the state entering the chunk: decay it to each query")
+    qdec = "qT"   # decayed in place: the intra-chunk part is done with it
+    if gate is not None:
+        with s.block(f"for f in range({F}):"):
+            with s.block(f"for i in T.vectorized({C}):"):
+                gi = "GT[f, i]" if gate == "vector" else "GT[0, i]"
+                s(f"qT[f, i] = qT[f, i] * {exp2(f'{gi} * {L2E}')}")
+    with s.block(f"for f in range({F}):"):
+        with s.block(f"for i in T.vectorized({C}):"):
+            s(f"dc[i] = dc[i] + {qdec}[f, i] * z[f]")
+    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, red=str(F),
+                   a=lambda r, x: f"{qdec}[{x}, {r}]", b=lambda x, w: f"S[{x}, {w}]",
+                   init=lambda r, w: f"oc[{r}, {w}]", store=lambda r, w, val: f"oc[{r}, {w}] = {val}")
+
+
+def _emit_readout(s, C, F, Dv, mr) -> None:
+    """Non-causal: oc = phi(q) @ S, dc = phi(q) . z."""
+    with s.block(f"for i in T.vectorized({C}):"):
+        s("dc[i] = T.float32(0)")
+    with s.block(f"for f in range({F}):"):
+        with s.block(f"for i in T.vectorized({C}):"):
+            s("dc[i] = dc[i] + qT[f, i] * z[f]")
+    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, red=str(F),
+                   a=lambda r, x: f"qT[{x}, {r}]", b=lambda x, w: f"S[{x}, {w}]",
+                   init=None, store=lambda r, w, val: f"oc[{r}, {w}] = {val}")
+
+
+def _emit_store(s, mode, normalize, C, Dv) -> None:
+    s("# write the chunk's rows")
+    with s.block(f"for i in range({C}):"):
+        with s.block("if c0 + i < L:"):
+            if mode == "numden":
+                with s.block(f"for d in T.vectorized({Dv}):"):
+                    s("num[b, h, c0 + i, d] = oc[i, d]")
+                s("den[b, h, c0 + i] = dc[i]")
+            elif normalize:
+                s("inv = T.if_then_else(dc[i] == T.float32(0), T.float32(0), T.float32(1) / dc[i])")
+                with s.block(f"for d in T.vectorized({Dv}):"):
+                    s("o[b, h, c0 + i, d] = oc[i, d] * inv")
+            else:
+                with s.block(f"for d in T.vectorized({Dv}):"):
+                    s("o[b, h, c0 + i, d] = oc[i, d] * linear_scale")
+
+
+def _emit_state_update(s, C, F, Dv, mr_f, gate) -> None:
+    """S = decay * S + kend^T V_chunk, z = decay * z + column sums of kend (kend: keys decayed to the end)."""
+    L2E = f32(LOG2E)
+    s("# state update" + (": keys decayed to the chunk end" if gate else ""))
+    if gate is not None:
+        with s.block(f"for j in range({C}):"):
+            with s.block(f"for f in T.vectorized({F}):"):
+                gj, ge = ("GT[f, j]", f"GT[f, {C - 1}]") if gate == "vector" else ("GT[0, j]", f"GT[0, {C - 1}]")
+                s(f"kc[j, f] = kc[j, f] * {exp2(f'({ge} - {gj}) * {L2E}')}")
+    dec = (lambda r: f"decay[{r}]") if gate == "vector" else (lambda r: "decay[0]")
+    emit_gemm_tile(s, rows=F, mr=mr_f, width=Dv, red=str(C),
+                   a=lambda r, x: f"kc[{x}, {r}]", b=lambda x, w: f"v[b, hk, T.min(c0 + {x}, L - 1), {w}]",
+                   init=(lambda r, w: f"S[{r}, {w}] * {dec(r)}") if gate else (lambda r, w: f"S[{r}, {w}]"),
+                   store=lambda r, w, val: f"S[{r}, {w}] = {val}")
+    if gate is not None:
+        with s.block(f"for f in T.vectorized({F}):"):
+            s(f"z[f] = z[f] * {dec('f')}")
+    with s.block(f"for j in range({C}):"):
+        with s.block(f"for f in T.vectorized({F}):"):
+            s("z[f] = z[f] + kc[j, f]")

