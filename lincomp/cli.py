@@ -27,12 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "to generated Triton (GPU) and TVM (CPU) kernels.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _SUBCOMMANDS.items():
-        mod = importlib.import_module(module)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:  # one missing optional dependency must not take the whole CLI down
+            p = sub.add_parser(name, help=f"{help_text} (unavailable: {e})")
+            p.set_defaults(func=lambda args, e=e, name=name: _unavailable(name, e))
+            continue
         mod.register(sub)
         # Subcommands that register their own parser keep it; make sure help text is present.
         if name in sub.choices and not sub.choices[name].description:
             sub.choices[name].description = help_text
     return parser
+
+
+def _unavailable(name: str, error: Exception) -> int:
+    print(f"lincomp {name}: unavailable here ({error}); install the missing package and retry", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:

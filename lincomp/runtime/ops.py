@@ -163,7 +163,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Optional[f
     kernel = get_kernel(spec_json, target, fallback, hints_json)
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
     o = _run(kernel, q, k, v, scale, tensors, key_padding_mask, fallback)
-    # A custom op's output may not alias an input.
+    # Contiguous, as the fake implementation promises; a custom op's output may not alias an input.
+    o = o.contiguous()
     return o.clone() if o is q or o is k or o is v else o
 
 
@@ -192,7 +193,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, spec_j
         lq, lk, lv, *rest = leaves
         o = _run(kernel, lq, lk, lv, scale, dict(zip(tensors, rest)), key_padding_mask, fallback)
         grads = torch.autograd.grad(o, leaves, grad_out, allow_unused=True)
-    return [torch.zeros_like(x) if d is None else d.to(x.dtype) for x, d in zip(leaves, grads)]
+    return [x.new_zeros(x.shape) if d is None else d.to(x.dtype).contiguous() for x, d in zip(leaves, grads)]
 
 
 @attention_backward.register_fake
@@ -200,7 +201,7 @@ def _attention_backward_fake(grad_out, q, k, v, spec_json, scale=None, g=None, f
                              feature_weight_k=None, sink_logits=None, window_gamma=None, alpha=None,
                              key_padding_mask=None, target="auto", fallback="warn", hints_json=""):
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
-    return [torch.empty_like(t) for t in (q, k, v, *tensors.values())]
+    return [t.new_empty(t.shape) for t in (q, k, v, *tensors.values())]   # contiguous, like the real one
 
 
 def _setup_context(ctx, inputs, output):

@@ -119,6 +119,7 @@ class LinearPlan:
             f"SINKS = tl.constexpr({self.sinks})",
             f"PREFIX = tl.constexpr({self.prefix})",
             f"HEDGEHOG = tl.constexpr({self.hedgehog})",
+            f"LAGGED = tl.constexpr({self.combine == 2 and self.causal})  # \"shared\", causal: the state lags the window",
         ])
 
     def feat_index_body(self) -> str:
@@ -498,6 +499,9 @@ def run_backward(plan: LinearPlan, config: dict, do, dSL, dzL, q, k, v, g, wq, w
         dcoef = (dof * ow).sum((0, 2, 3))
     elif plan.combine == 2:
         wrow, erow = u, dden
+        if not plan.causal and plan.prefix:  # prefix rows have no linear term (the forward zeroes it)
+            keep = (torch.arange(L, device=dev) >= plan.prefix).to(f32)
+            u, dden = u * keep, dden * keep
     u, dden = u.contiguous(), dden.contiguous()
 
     if plan.causal:

@@ -1,0 +1,438 @@
+"""``TVMKernel``: a spec's generated TVM kernels behind the :class:`~lincomp.runtime.kernel.Kernel` interface.
+
+A call runs up to three compiled parts (each its own module, cached in memory and on disk):
+
+- ``features``: hedgehog feature maps (and, for ``combine="shared"``, phi(q), phi(k) for the window);
+- ``linear``:   the chunked scan (linear.py) -> the branch output, or its num / den for "shared";
+- ``window``:   block-sparse softmax over the plan (window.py), with the hybrid combine fused in.
+
+Sizes ``B`` and ``L`` are symbolic in every PrimFunc: a new length re-plans the window (a few
+vectorised numpy ops, cached) but never recompiles. Configs come from, in order: ``config=`` given
+to ``lincomp.compile``, the tuning database (``tuning_db/``, nearest length bucket of this CPU),
+the defaults below. ``kernel.tune(q, k, v, ...)`` measures the config space and stores the best.
+
+Inference only: a call whose inputs require grad (with grad mode on) runs the reference instead, with
+a warning -- the reference is differentiable, so training still works, just not at kernel speed.
+Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
+fp64 runs on the reference (a fp32 kernel would silently lose precision). Non-contiguous or
+misaligned (not 64-byte) tensors are copied, with a one-time warning naming the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Dict, Optional
+
+import torch
+
+from lincomp.inputs import Call, bind
+from lincomp.ir.blocks import block_plan, default_tile
+from lincomp.lower.tvmir import build as _build
+from lincomp.lower.tvmir import features as _features
+from lincomp.lower.tvmir import linear as _linear
+from lincomp.lower.tvmir import window as _window
+from lincomp.runtime.kernel import Kernel, Unsupported
+from lincomp.spec import AttentionSpec, GridWindow
+
+PARTS = ("window", "linear")
+BACKEND = "tvm"
+KERNEL_NAMES = {"window": "window_fwd", "linear": "linear_fwd"}
+# Tests set this (or LINCOMP_POISON=1): outputs start as NaN, so an element a kernel forgets shows up.
+POISON = os.environ.get("LINCOMP_POISON") == "1"
+
+
+class TVMCopyWarning(UserWarning):
+    """An input had to be copied (non-contiguous, misaligned or another dtype) before the kernel ran."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The static sizes a compiled module is specialised to (B and L stay symbolic)."""
+
+    H: int
+    Hkv: int
+    D: int
+    Dv: int
+    F: Optional[int]
+    E: Optional[int]
+    HF: Optional[int]          # heads of phi(k): H with per-head weights, else Hkv
+
+    @classmethod
+    def of(cls, call: Call) -> "Sizes":
+        lin = call.spec.linear
+        E = call.feature_weight_q.shape[-1] if (lin is not None and lin.has_weights) else None
+        HF = None if lin is None else (call.H if lin.has_weights else call.Hkv)
+        return cls(call.H, call.Hkv, call.D, call.Dv, call.F, E, HF)
+
+    def bucket(self, L: int, part: str) -> dict:
+        dims = {"L": L, "H": self.H, "D": self.D}
+        if self.Hkv != self.H:
+            dims["Hkv"] = self.Hkv
+        if self.Dv != self.D:
+            dims["Dv"] = self.Dv
+        if part == "linear" and self.F != self.D:
+            dims["F"] = self.F
+        return dims
+
+
+# ---------------------------------------------------------------------------------- config space
+def default_config(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> dict:
+    """The untuned choice (measured on a 2-core AVX-512 CPU; see benchmarks/results/cpu_kernels.md)."""
+    if part == "window":
+        if isinstance(spec.window, GridWindow):
+            bm = 16 if len(spec.window.grid) == 2 else 32
+            cfg = _window.WindowConfig(block_m=bm, block_n=bm, tile=default_tile(spec.window.grid, bm))
+        else:
+            bm = 32 if L > 32 else 16
+            cfg = _window.WindowConfig(block_m=bm, block_n=bm)
+        return _fit_window(cfg, sizes).to_dict()
+    return _linear.LinearConfig(chunk=64, sub_chunk=16, mr=4).to_dict()
+
+
+def _fit_window(cfg: "_window.WindowConfig", sizes: Sizes) -> "_window.WindowConfig":
+    """Micro-kernel rows so that the accumulator tile stays in registers (<= 1 KiB)."""
+    mr_qk = max(1, min(cfg.mr_qk if cfg.mr_qk else 8, 1024 // (4 * cfg.block_m)))
+    mr_pv = max(1, min(cfg.mr_pv if cfg.mr_pv else 8, 1024 // (4 * sizes.Dv)))
+    return replace(cfg, mr_qk=mr_qk, mr_pv=mr_pv)
+
+
+def config_space(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> list:
+    """The hand-written schedule space searched by measurement (a few dozen configs at most)."""
+    out = []
+    if part == "window":
+        if isinstance(spec.window, GridWindow):
+            grid = spec.window.grid
+            for bm in (16, 32, 64):
+                tiles = {default_tile(grid, bm)}
+                if len(grid) == 2:
+                    tiles |= {t for t in ((2, 8), (4, 4), (8, 2), (4, 8), (8, 4), (8, 8), (4, 16), (2, 16))
+                              if math.prod(t) == bm}
+                for tile in sorted(tiles):
+                    for mr in (4, 8):
+                        out.append(_window.WindowConfig(bm, bm, tile, mr, 4))
+        else:
+            for bm in (16, 32, 64):
+                for bn in (16, 32, 64, 128):
+                    for mr in (4, 8):
+                        out.append(_window.WindowConfig(bm, bn, None, mr, 4))
+        return [c.to_dict() for c in {_fit_window(c, sizes): None for c in out}]
+    for chunk in (32, 64, 128):
+        subs = (8, 16, 32) if spec.linear.gate == "vector" else (16,)
+        for sub in subs:
+            for mr in (4, 8):
+                if sub <= chunk:
+                    out.append(_linear.LinearConfig(chunk, sub, mr).to_dict())
+    return out
+
+
+# ------------------------------------------------------------------------------------------ kernel
+class TVMKernel(Kernel):
+    """Generated TVM (LLVM CPU) kernels for one spec; see the module docstring."""
+
+    target = "tvm"
+
+    def __init__(self, spec, *, config: Optional[dict] = None, db=None, **hints):
+        super().__init__(spec, source="", config=None)
+        self.hints = hints
+        self._fixed = {p: dict(c) for p, c in (config or {}).items()}
+        unknown = set(self._fixed) - set(PARTS)
+        if unknown:
+            raise ValueError(f"config keys must be among {list(PARTS)} (one dict per kernel part), got {sorted(unknown)}")
+        self._db = db
+        self._lock = threading.Lock()
+        self._configs: Dict[tuple, dict] = {}
+        self._plans: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self._built: Dict[str, "_build.Built"] = {}
+        self._warned = set()
+        self.copies = []          # (tensor name, reason) of every copy made, for inspection
+
+    # -- public ---------------------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        if self._built:
+            return "\n\n".join(b.source for b in self._built.values())
+        return self.preview_source()
+
+    @source.setter
+    def source(self, value):  # the base class assigns it; the real source is generated per call
+        pass
+
+    def preview_source(self, H: int = 1, D: int = 64, L: int = 4096) -> str:
+        """The generated TVMScript for H heads of dim D (regenerated per call's sizes)."""
+        spec = self.spec
+        lin = spec.linear
+        E = (lin.feature_dim or D) if (lin is not None and lin.has_weights) else None
+        F = None if lin is None else (2 * E if E else D)
+        sizes = Sizes(H, H, D, D, F, E, None if lin is None else H)
+        texts = [f"# preview for H={H}, D={D} (each call compiles for its own sizes)"]
+        for part, funcs in self._part_sources(sizes, self._configs_for(sizes, L), False, False).items():
+            texts.append(_build.full_source(funcs))
+        return "\n\n".join(texts)
+
+    def forward(self, q, k, v, *, scale=None, linear_scale=None, return_state=False, **tensors):
+        self._check_grad(q, k, v, tensors)
+        call = bind(self.spec, q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state,
+                    **tensors)
+        if q.device.type != "cpu":
+            raise Unsupported(f"the tensors are on {q.device}; the TVM backend runs on the CPU "
+                              "(use target='auto' to pick Triton for CUDA tensors)")
+        if call.key_padding_mask is not None:
+            raise Unsupported("key_padding_mask is not supported by the TVM kernels")
+        if q.dtype == torch.float64:
+            raise Unsupported("float64 inputs: the TVM kernels compute in float32, which would silently "
+                              "drop precision; cast to float32 to use them")
+        out_dtype = q.dtype
+        self._prepare(call)
+        sizes = Sizes.of(call)
+        configs = self._configs_for(sizes, call.L)
+        o, state = self._run(call, sizes, configs)
+        self.config = {p: dict(c) for p, c in configs.items()}
+        if out_dtype != torch.float32:
+            o = o.to(out_dtype)
+            if state is not None:
+                state = tuple(t.to(out_dtype) for t in state)
+        return (o, state) if return_state else o
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _check_grad(self, q, k, v, tensors) -> None:
+        if not torch.is_grad_enabled():
+            return
+        ts = [q, k, v] + [t for x in tensors.values() for t in (x if isinstance(x, (tuple, list)) else (x,))]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts):
+            raise Unsupported("inputs require grad and the TVM backend is inference-only (no backward); "
+                              "running the differentiable reference -- wrap the call in torch.no_grad() "
+                              "for kernel speed")
+
+    def _prepare(self, call: Call) -> None:
+        """Make every tensor fp32, contiguous and 64-byte aligned (copying, with a reason, if needed)."""
+        for name in ("q", "k", "v", "g", "feature_weight_q", "feature_weight_k", "sink_logits",
+                     "window_gamma", "alpha", "S0", "z0"):
+            t = getattr(call, name)
+            if t is not None:
+                setattr(call, name, self._fit(name, t))
+
+    def _fit(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        reasons = []
+        if t.dtype != torch.float32:
+            reasons.append(f"dtype {t.dtype} -> float32")
+        if not t.is_contiguous():
+            reasons.append(f"non-contiguous (strides {list(t.stride())})")
+        elif t.data_ptr() % 64:
+            reasons.append(f"misaligned (address % 64 = {t.data_ptr() % 64})")
+        if not reasons:
+            return t
+        why = ", ".join(reasons)
+        self.copies.append((name, why))
+        if (name, why) not in self._warned and not why.startswith("dtype"):
+            self._warned.add((name, why))
+            warnings.warn(f"lincomp tvm: copying {name} before the kernel: {why}; pass contiguous tensors "
+                          "to avoid the copy", TVMCopyWarning, stacklevel=5)
+        out = torch.empty(t.shape, dtype=torch.float32)   # fresh allocations are 64-byte aligned
+        out.copy_(t)
+        return out
+
+    # -- configs and modules ----------------------------------------------------------------------
+    def _parts(self) -> tuple:
+        spec = self.spec
+        parts = []
+        if spec.linear is not None:
+            parts.append("linear")
+        if spec.has_softmax:
+            parts.append("window")
+        return tuple(parts)
+
+    def _configs_for(self, sizes: Sizes, L: int) -> dict:
+        """Config per part for this length bucket: fixed > tuning db (nearest bucket) > default."""
+        from lincomp.tuning.db import shape_bucket
+        out = {}
+        for part in self._parts():
+            bucket = shape_bucket(**sizes.bucket(L, part))
+            key = (part, sizes, bucket)
+            if key not in self._configs:
+                cfg = self._fixed.get(part)
+                if cfg is None:
+                    cfg = self._db_config(part, sizes, L)
+                if cfg is None:
+                    cfg = default_config(part, self.spec, sizes, L)
+                self._configs[key] = self._normalise(part, cfg, sizes)
+            out[part] = self._configs[key]
+        return out
+
+    def _normalise(self, part: str, cfg: dict, sizes: Sizes) -> dict:
+        if part == "window":
+            c = _window.WindowConfig.from_dict({**{"mr_qk": 0, "mr_pv": 0}, **cfg})
+            if isinstance(self.spec.window, GridWindow):
+                c = replace(c, block_n=c.block_m, tile=c.tile or default_tile(self.spec.window.grid, c.block_m))
+            else:
+                c = replace(c, tile=None)
+            return _fit_window(c, sizes).to_dict()
+        return _linear.LinearConfig.from_dict(cfg).to_dict()
+
+    def _db_config(self, part: str, sizes: Sizes, L: int) -> Optional[dict]:
+        try:
+            from lincomp.tuning.db import TuningDB
+            db = self._db if self._db is not None else TuningDB()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hit = db.lookup(BACKEND, KERNEL_NAMES[part], self.spec, "float32", sizes.bucket(L, part),
+                                device="cpu")
+            return None if hit is None else hit.config
+        except Exception:  # a missing or unreadable database never stops a call
+            return None
+
+    def _part_sources(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool) -> dict:
+        """{part: [PrimFunc texts]} for this call's variant."""
+        spec, lin = self.spec, self.spec.linear
+        out = {}
+        if lin is not None:
+            funcs = []
+            if (not _linear.inline_features(spec)) or spec.combine == "shared":
+                E = sizes.E if sizes.E is not None else sizes.D
+                funcs.append(_features.feature_source(lin.feature_map, _features.FeatureDims(sizes.H, sizes.H, sizes.D, E),
+                                                      name="features_q"))
+                funcs.append(_features.feature_source(lin.feature_map, _features.FeatureDims(sizes.Hkv, sizes.HF, sizes.D, E),
+                                                      name="features_k"))
+            mode = "numden" if spec.combine == "shared" else "o"
+            funcs.append(_linear.linear_source(
+                spec, _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF),
+                _linear.LinearConfig.from_dict(configs["linear"]), mode=mode, initial_state=initial_state,
+                return_state=return_state))
+            out["linear"] = funcs
+        if spec.has_softmax:
+            dims = _window.WindowDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF)
+            out["window"] = [_window.window_source(spec, dims, _window.WindowConfig.from_dict(configs["window"]))]
+        return out
+
+    def _modules(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool) -> dict:
+        built = {}
+        for part, funcs in self._part_sources(sizes, configs, initial_state, return_state).items():
+            built[part] = _build.build(funcs, f"{part}-{self.spec.summary() or 'spec'}")
+        self._built = built
+        return built
+
+    def _plan(self, L: int, cfg: dict) -> tuple:
+        """The window plan's arrays as int32 tensors (cached per length and tile shape)."""
+        tile = tuple(cfg["tile"]) if cfg.get("tile") else None
+        key = (L, cfg["block_m"], cfg["block_n"], tile)
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is not None:
+                self._plans.move_to_end(key)
+                return hit
+        p = block_plan(self.spec, L, cfg["block_m"], cfg["block_n"], tile)
+        arrays = [p.kv_offsets.to(torch.int32).contiguous(), p.kv_indices.to(torch.int32).contiguous(),
+                  p.kv_full.to(torch.int32).contiguous()]
+        if _window.tiled(self.spec):
+            arrays.append(p.q_tokens.to(torch.int32).contiguous())
+        arrays = tuple(arrays)
+        with self._lock:
+            self._plans[key] = arrays
+            while len(self._plans) > 16:
+                self._plans.popitem(last=False)
+        return arrays
+
+    # -- the call -------------------------------------------------------------------------------
+    def _run(self, call: Call, sizes: Sizes, configs: dict):
+        spec, lin = self.spec, self.spec.linear
+        B, H, L, Dv = call.B, call.H, call.L, call.Dv
+        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state)
+        o = _empty((B, H, L, Dv))
+        state = None
+        lin_args = None
+        if lin is not None:
+            m = mods["linear"]
+            fq = fk = None
+            if (not _linear.inline_features(spec)) or spec.combine == "shared":
+                fq = _empty((B, H, L, sizes.F))
+                fk = _empty((B, sizes.HF, L, sizes.F))
+                wq = [call.feature_weight_q] if lin.has_weights else []
+                wk = [call.feature_weight_k] if lin.has_weights else []
+                m.fn("features_q")(call.q, *wq, fq)
+                m.fn("features_k")(call.k, *wk, fk)
+            args = [call.q, call.k] if _linear.inline_features(spec) else [fq, fk]
+            args.append(call.v)
+            if lin.gate is not None:
+                args.append(call.g)
+            if call.S0 is not None:
+                args += [call.S0, call.z0]
+            if spec.combine == "shared":
+                num, den = _empty((B, H, L, Dv)), _empty((B, H, L))
+                args += [num, den]
+            else:
+                lin_o = o if spec.combine is None else _empty((B, H, L, Dv))
+                args.append(lin_o)
+            if call.return_state:
+                state = (_empty((B, H, sizes.F, Dv)), _empty((B, H, sizes.F)))
+                args += list(state)
+            m.fn("linear_fwd")(*args, call.linear_scale)
+            if spec.combine == "shared":
+                lin_args = [num, den, call.window_gamma, fq, fk]
+                if lin.gate is not None:
+                    lin_args.append(call.g.double().cumsum(2).contiguous())
+            elif spec.combine == "sum":
+                lin_args = [lin_o, call.alpha]
+        if spec.has_softmax:
+            args = [call.q, call.k, call.v, *self._plan(L, configs["window"])]
+            if spec.sinks:
+                args.append(call.sink_logits)
+            args += lin_args or []
+            mods["window"].fn("window_fwd")(*args, o, call.scale)
+        return o, state
+
+    # -- tuning ---------------------------------------------------------------------------------
+    def tune(self, q, k, v, *, force: bool = False, progress=True, db=None, **tensors) -> list:
+        """Measure the config space of each part at these inputs' sizes; store the best per bucket.
+
+        Returns one :class:`lincomp.tuning.TuneResult` per part. A key already in the database
+        costs nothing (unless ``force``). Each config's output is checked against the default's.
+        """
+        from lincomp.tuning import TuningDB, median_time_ms
+        from lincomp.tuning import tune as run_tune
+
+        db = db if db is not None else (self._db if self._db is not None else TuningDB())
+        with torch.no_grad():
+            call = bind(self.spec, q, k, v, **tensors)
+            self._prepare(call)
+            sizes = Sizes.of(call)
+            base = self._configs_for(sizes, call.L)
+            ref, _ = self._run(call, sizes, base)
+            results = []
+            for part in self._parts():
+                def build(cfg, part=part):
+                    configs = dict(base, **{part: self._normalise(part, cfg, sizes)})
+                    out, _ = self._run(call, sizes, configs)
+                    err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                    if not err <= 1e-4:
+                        raise RuntimeError(f"config disagrees with the default config (rel err {err:.2e})")
+                    return lambda: self._run(call, sizes, configs)
+                res = run_tune(config_space(part, self.spec, sizes, call.L), build,
+                               lambda fn: median_time_ms(fn, warmup=2, reps=7, device="cpu"),
+                               backend=BACKEND, kernel=KERNEL_NAMES[part], spec=self.spec, dtype="float32",
+                               dims=sizes.bucket(call.L, part), db=db, device="cpu", force=force,
+                               progress=progress)
+                bucket_key = (part, sizes, _bucket(sizes, call.L, part))
+                self._configs[bucket_key] = self._normalise(part, res.config, sizes)
+                base = dict(base, **{part: self._configs[bucket_key]})
+                results.append(res)
+        return results
+
+
+def _bucket(sizes: Sizes, L: int, part: str) -> str:
+    from lincomp.tuning.db import shape_bucket
+    return shape_bucket(**sizes.bucket(L, part))
+
+
+def _empty(shape) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=torch.float32)
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def compile_tvm(spec, **hints) -> TVMKernel:
+    """``lincomp.compile(spec, target="tvm")``: hints ``config={"window": {...}, "linear": {...}}``, ``db``."""
+    return TVMKernel(AttentionSpec.coerce(spec), **hints)
