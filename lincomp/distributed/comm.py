@@ -17,7 +17,7 @@ and the final output is tied to the last, so even a rank whose halo feeds no loc
 from __future__ import annotations
 
 from collections import Counter
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,6 +73,12 @@ class Comm:
         self.stats = stats if stats is not None else Counter()
         self._last: Optional[torch.Tensor] = None
 
+    def anchor(self, tensors: Sequence[Optional[torch.Tensor]]) -> None:
+        """Start the backward chain at an input that needs a gradient (so a rank that only receives
+        still records the collective, and its backward sends the gradient back)."""
+        if torch.is_grad_enabled():
+            self._last = next((t for t in tensors if t is not None and t.requires_grad), None)
+
     def peer(self, group_rank: int) -> int:
         """Global rank of a group rank (P2P ops address global ranks)."""
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
@@ -122,9 +128,19 @@ class Comm:
         self.count(kind, _ring_all_reduce(_nbytes(y), self.world))
         return y
 
-    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """Differentiable gather of ``x`` from every rank: -> ``[world, *x.shape]``."""
-        return self._done(_AllGather.apply(self, kind, self.tie(x)))
+    def p2p(self, sends: Dict[int, torch.Tensor], recv: Dict[int, tuple], kind: str, device) -> Dict[int, torch.Tensor]:
+        """Differentiable point-to-point: send ``sends[peer]`` to each peer, receive a ``(shape, dtype)``
+        tensor from each peer of ``recv``. Backward sends the gradients the other way."""
+        peers_out, peers_in = sorted(sends), sorted(recv)
+        meta = (peers_out, [(p,) + tuple(recv[p]) for p in peers_in], torch.device(device))
+        anchor = self._last if self._last is not None else torch.zeros((), device=device)
+        token, *got = _P2P.apply(self, kind, meta, anchor, *(sends[p] for p in peers_out))
+        self._done(token)
+        return dict(zip(peers_in, got))
+
+    def broadcast(self, x: torch.Tensor, src: int, kind: str) -> torch.Tensor:
+        """Differentiable broadcast of rank ``src``'s ``x`` (backward: the gradients summed onto ``src``)."""
+        return self._done(_Broadcast.apply(self, kind, src, self.tie(x)))
 
     def start_halo(self, plan: RankPlan, tensors: Sequence[torch.Tensor]) -> "_Pending":
         """Post the halo sends and receives of ``tensors`` (own box tokens on dim 2); returns at once."""
@@ -135,13 +151,13 @@ class Comm:
             buf = _pack([t.detach().index_select(2, idx) for t in tensors])
             pending.keep.append(buf)
             self.count("halo", _nbytes(buf))
-            ops.append(dist.P2POp(dist.isend, buf, self.peer(peer), self.group))
+            ops.append(dist.P2POp(dist.isend, buf, self.peer(peer), self.group, _TAG_HALO))
         for peer in sorted(plan.recv):
             n = plan.index(f"recv:{peer}", tensors[0].device).numel()
             size = sum(_padded(torch.Size(_token_shape(t, n)).numel() * t.element_size()) for t in tensors)
             buf = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
             pending.recv[peer] = buf
-            ops.append(dist.P2POp(dist.irecv, buf, self.peer(peer), self.group))
+            ops.append(dist.P2POp(dist.irecv, buf, self.peer(peer), self.group, _TAG_HALO))
         pending.works = dist.batch_isend_irecv(ops) if ops else []
         return pending
 
@@ -167,15 +183,19 @@ class _Pending:
         self.works, self.recv, self.keep = [], {}, []
 
 
-def _exchange(comm: Comm, kind: str, sends: dict, recv_sizes: dict, device) -> dict:
-    """Blocking point-to-point exchange of packed buffers: {peer: buf} out, {peer: nbytes} in."""
+_TAG_HALO, _TAG_HALO_GRAD, _TAG_P2P, _TAG_P2P_GRAD = 11, 12, 13, 14   # gloo matches (peer, tag) in order
+
+
+def _exchange(comm: Comm, kind: str, tag: int, sends: dict, recv: dict, device) -> dict:
+    """Blocking point-to-point exchange: ``sends`` {peer: tensor}; ``recv`` {peer: (shape, dtype)}."""
     ops, bufs = [], {}
     for peer in sorted(sends):
         comm.count(kind, _nbytes(sends[peer]))
-        ops.append(dist.P2POp(dist.isend, sends[peer], comm.peer(peer), comm.group))
-    for peer in sorted(recv_sizes):
-        bufs[peer] = torch.empty(recv_sizes[peer], dtype=torch.uint8, device=device)
-        ops.append(dist.P2POp(dist.irecv, bufs[peer], comm.peer(peer), comm.group))
+        ops.append(dist.P2POp(dist.isend, sends[peer], comm.peer(peer), comm.group, tag))
+    for peer in sorted(recv):
+        shape, dtype = recv[peer]
+        bufs[peer] = torch.empty(shape, dtype=dtype, device=device)
+        ops.append(dist.P2POp(dist.irecv, bufs[peer], comm.peer(peer), comm.group, tag))
     for w in (dist.batch_isend_irecv(ops) if ops else []):
         w.wait()
     return bufs
@@ -248,30 +268,47 @@ class _AllReduce(Function):
         return None, None, g
 
 
-class _AllGather(Function):
+class _P2P(Function):
+    """Forward: send / receive whole tensors. ``anchor`` (the backward chain's last tensor) makes a rank that
+    only receives record this step too, so its backward sends the gradient back."""
+
     @staticmethod
-    def forward(ctx, comm, kind, x):
-        ctx.comm, ctx.kind = comm, kind
-        x = x.contiguous()
-        out = x.new_empty((comm.world,) + tuple(x.shape))
-        dist.all_gather(list(out.unbind(0)), x, group=comm.group)
-        comm.count(kind, (comm.world - 1) * _nbytes(x))
-        return out
+    def forward(ctx, comm, kind, meta, anchor, *sends):
+        peers_out, recv_meta, device = meta
+        ctx.comm, ctx.kind, ctx.meta = comm, kind, meta
+        ctx.send_meta = [(t.shape, t.dtype) for t in sends]
+        ctx.anchor_meta = (anchor.shape, anchor.dtype)
+        bufs = _exchange(comm, kind, _TAG_P2P, {p: t.contiguous() for p, t in zip(peers_out, sends)},
+                         {p: (shape, dtype) for p, shape, dtype in recv_meta}, device)
+        return (torch.zeros((), device=device),) + tuple(bufs[p] for p, _, _ in recv_meta)
+
+    @staticmethod
+    def backward(ctx, _token_grad, *grads):
+        peers_out, recv_meta, device = ctx.meta
+        back = _exchange(ctx.comm, ctx.kind + "_grad", _TAG_P2P_GRAD,
+                         {p: g.contiguous() for (p, _, _), g in zip(recv_meta, grads)},
+                         dict(zip(peers_out, ctx.send_meta)), device)
+        shape, dtype = ctx.anchor_meta
+        zero = torch.zeros((), dtype=dtype, device=device).expand(shape)
+        return (None, None, None, zero) + tuple(back[p] for p in peers_out)
+
+
+class _Broadcast(Function):
+    @staticmethod
+    def forward(ctx, comm, kind, src, x):
+        ctx.comm, ctx.kind, ctx.src = comm, kind, src
+        y = x.contiguous().clone()
+        dist.broadcast(y, comm.peer(src), group=comm.group)
+        comm.count(kind, _nbytes(y))
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         comm = ctx.comm
-        grad = grad.contiguous()
-        if comm.backend == "nccl":
-            g = grad.new_empty(grad.shape[1:])
-            dist.reduce_scatter_tensor(g, grad, group=comm.group)
-            comm.count(ctx.kind + "_grad", (comm.world - 1) * _nbytes(g))
-        else:       # gloo has no reduce-scatter: all-reduce, keep our slot
-            full = grad.clone()
-            dist.all_reduce(full, group=comm.group)
-            comm.count(ctx.kind + "_grad", _ring_all_reduce(_nbytes(full), comm.world))
-            g = full[comm.rank]
-        return None, None, g
+        g = grad.contiguous().clone()
+        dist.all_reduce(g, group=comm.group)        # gloo and NCCL both; only src keeps the sum
+        comm.count(ctx.kind + "_grad", _ring_all_reduce(_nbytes(g), comm.world))
+        return None, None, None, (g if comm.rank == ctx.src else torch.zeros_like(g))
 
 
 class _HaloWait(Function):
@@ -307,8 +344,9 @@ class _HaloWait(Function):
         sizes = {}
         for p in plan.send:
             n = plan.index(f"send:{p}", dev).numel()
-            sizes[p] = sum(_padded(torch.Size(_token_shape(g, n)).numel() * g.element_size()) for g in own)
-        bufs = _exchange(comm, "halo_grad", sends, sizes, dev)
+            sizes[p] = ((sum(_padded(torch.Size(_token_shape(g, n)).numel() * g.element_size()) for g in own),),
+                        torch.uint8)
+        bufs = _exchange(comm, "halo_grad", _TAG_HALO_GRAD, sends, sizes, dev)
         for p, buf in bufs.items():
             idx = plan.index(f"send:{p}", dev)
             pieces = _unpack(buf, [(_token_shape(g, idx.numel()), g.dtype) for g in own])

@@ -45,6 +45,24 @@ def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
     return t if t.shape[1] == H else t.repeat_interleave(H // t.shape[1], dim=1)
 
 
+def _then(a: torch.Tensor, b: torch.Tensor, sizes, apply: bool = False) -> torch.Tensor:
+    """Compose linear-state pieces, packed ``[..., Fg | F*Dv | F]`` = (log decay, S, z): ``b`` then ``a``.
+
+    ``a`` covers tokens after those of ``b``: S = exp(log_a) S_b + S_a (z alike). With ``apply``, ``b`` is a
+    state without a decay part (packed ``[F*Dv | F]``) and so is the result.
+    """
+    Fg, FD, F = sizes
+    la, Sa, za = a.split(sizes, -1)
+    if apply:
+        Sb, zb = b.split([FD, F], -1)
+    else:
+        lb, Sb, zb = b.split(sizes, -1)
+    decay = la.exp()
+    S = (decay[..., None] * Sb.unflatten(-1, (F, -1))).flatten(-2) + Sa
+    z = decay * zb + za
+    return torch.cat([S, z], -1) if apply else torch.cat([la + lb, S, z], -1)
+
+
 def _kernel_tensors(sub: AttentionSpec, weights: dict, g=None, state=None) -> dict:
     """The keyword tensors ``sub`` takes (a kernel rejects any it does not use)."""
     out = {}
@@ -152,6 +170,7 @@ class _Run:
         self.H = call.H
         q, k, v, g = call.q, call.k, call.v, call.g
         cut = (lambda t: None if t is None or n == 0 else t[:, :, :n])
+        comm.anchor([q, k, v, g, *(getattr(call, w) for w in _WEIGHTS), call.S0, call.z0])
         reps = comm.replicate([cut(q), cut(k), cut(v), cut(g), *(getattr(call, w) for w in _WEIGHTS),
                                call.S0, call.z0], sync=sync_grads)
         self.q_p, self.k_p, self.v_p, self.g_p = reps[:4]
@@ -224,27 +243,51 @@ class _Run:
                            None if w is None else w.to(self.cd))
 
     def _states(self):
-        """States entering every position this rank needs ({flat position: (S, z)}), and the final state."""
+        """The states entering the positions this rank needs ({flat position: (S, z)}), and the final state.
+
+        Each rank's slice contributes x_r = (log decay, S, z) (its keys decayed to its end). The state entering
+        slice r is the prefix state carried through x_0 o ... o x_{r-1}: an exclusive scan, done as a shift
+        by one rank and log2(R) point-to-point rounds (Kogge-Stone). States entering other positions (a
+        fused task's key box may start in a neighbour's slice) are made by that slice's rank and sent.
+        """
         plan, comm, cd, rp = self.plan, self.comm, self.cd, self.rp
+        r, R, dev = comm.rank, comm.world, self.q_o.device
         B, H = self.q_o.shape[:2]
         fk = self._features("k", self.k_o)
         v = _heads(self.v_o, H).to(cd)
-        G = log_gates(None if self.g_o is None else self.g_o.to(cd), fk).cumsum(2)   # [B, H, L, Fg]
+        G = log_gates(None if self.g_o is None else self.g_o.to(cd), fk).cumsum(2)   # [B, H, L_own, Fg]
         F, Dv, Fg = fk.shape[-1], v.shape[-1], G.shape[-1]
-        start = rp.own_range[0]
-        mine = [self._contrib(fk, v, G, p - start) for p in plan.checkpoints[comm.rank]]
-        width = max(len(c) for c in plan.checkpoints.values())
-        mine += [torch.zeros_like(mine[0])] * (width - len(mine))
-        every = comm.all_gather(torch.stack(mine), "state")          # [R, width, B, H, Fg + F*Dv + F]
-        S, z = self._prefix_state(B, H, F, Dv)
-        states = {0: (S, z)}
-        for seg_start, stop, r in plan.segments:
-            for j, p in enumerate(plan.checkpoints[r]):
-                logA, Sc, zc = every[r, j].split([Fg, F * Dv, F], -1)
-                a = logA.exp()
-                states[p] = (a[..., None] * S + Sc.view(B, H, F, Dv), a * z + zc)
-            S, z = states[stop]
-        return states, (S, z)
+        sizes = [Fg, F * Dv, F]
+        start, stop = rp.own_range
+        x = self._contrib(fk, v, G, stop - start)                                     # [B, H, Fg + F*Dv + F]
+        like = (tuple(x.shape), x.dtype)
+        y = comm.p2p({r + 1: x} if r + 1 < R else {}, {r - 1: like} if r else {}, "state", dev).get(r - 1)
+        for s in plan.scan_rounds():
+            got = comm.p2p({r + s: y} if 1 <= r and r + s <= R - 1 else {},
+                           {r - s: like} if r - s >= 1 else {}, "state", dev)
+            if r - s >= 1:
+                y = _then(y, got[r - s], sizes)
+        prefix = self._prefix_state(B, H, F, Dv)                                      # packed (S, z)
+        entering = prefix if y is None else _then(y, prefix, sizes, apply=True)
+        made = {p: entering if p == start else _then(self._contrib(fk, v, G, p - start), entering, sizes, apply=True)
+                for p in plan.produce[r]}
+        pk = prefix.shape[-1]
+        sends = {user: torch.stack([made[p] for p in ps]) for (maker, user), ps in plan.deliveries.items()
+                 if maker == r}
+        recv = {maker: ((len(ps),) + prefix.shape, prefix.dtype) for (maker, user), ps in plan.deliveries.items()
+                if user == r}
+        got = comm.p2p(sends, recv, "state", dev) if plan.deliveries else {}
+        states = {0: prefix, **made}
+        for (maker, user), ps in plan.deliveries.items():
+            if user == r:
+                states.update(zip(ps, got[maker].unbind(0)))
+        unpack = (lambda t: (t[..., :pk - F].view(B, H, F, Dv), t[..., pk - F:]))
+        states = {p: unpack(states[p]) for p in plan.needs[r]}
+        final = None
+        if self.call.return_state:
+            last = _then(x, entering, sizes, apply=True) if r == R - 1 else torch.zeros_like(prefix)
+            final = unpack(comm.broadcast(last, R - 1, "state"))
+        return states, final
 
     @staticmethod
     def _contrib(fk, v, G, m: int) -> torch.Tensor:
@@ -254,24 +297,23 @@ class _Run:
         S = w.transpose(-1, -2) @ v[:, :, :m]
         return torch.cat([last[:, :, 0], S.flatten(-2), w.sum(2)], -1)
 
-    def _prefix_state(self, B, H, F, Dv):
-        """The state after the prefix: the initial state decayed over it (+ the prefix keys, except in 'shared')."""
+    def _prefix_state(self, B, H, F, Dv) -> torch.Tensor:
+        """Packed (S, z) after the prefix: the initial state decayed over it (+ its keys, except in 'shared')."""
         cd = self.cd
         if self.S0 is not None:
             S, z = self.S0[0].to(cd), self.S0[1].to(cd)
         else:
             S = self.q_o.new_zeros(B, H, F, Dv, dtype=cd)
             z = self.q_o.new_zeros(B, H, F, dtype=cd)
+        state = torch.cat([S.flatten(-2), z], -1)
         if self.n == 0:
-            return S, z
+            return state
         fk = self._features("k", self.k_p)
         G = log_gates(None if self.g_p is None else self.g_p.to(cd), fk).cumsum(2)
-        a = G[:, :, -1].exp()
-        S, z = a[..., None] * S, a * z
-        if self.parts.state_keys_prefix:
-            Sc, zc = self._contrib(fk, _heads(self.v_p, H).to(cd), G, self.n).split([G.shape[-1], F * Dv, F], -1)[1:]
-            S, z = S + Sc.view(B, H, F, Dv), z + zc
-        return S, z
+        contrib = self._contrib(fk, _heads(self.v_p, H).to(cd), G, self.n)
+        if not self.parts.state_keys_prefix:            # keep only the decay
+            contrib = torch.cat([contrib[..., :G.shape[-1]], torch.zeros_like(state)], -1)
+        return _then(contrib, state, [G.shape[-1], F * Dv, F], apply=True)
 
     def _global_state(self):
         """Non-causal: (S, z) summed over every token of every rank (one all-reduce)."""

@@ -168,13 +168,24 @@ class GlobalPlan:
     parts: Branches
     ranks: List[RankPlan]
     exchange: bool                          # some rank needs a halo
-    segments: List[Tuple[int, int, int]]    # (start, stop, rank) in sequence order (causal linear only)
-    checkpoints: Dict[int, List[int]]       # rank -> flat positions in (start, stop] it reports states at
-    needs: Dict[int, List[int]]             # rank -> flat positions whose incoming state it needs
+    # Causal linear branch (empty otherwise). Rank r's slice is [start_r, stop_r) in row-major order, in rank
+    # order; the scan gives each rank the state entering its slice; a state entering another position p
+    # is made by the rank whose slice holds p and sent to whoever needs it.
+    needs: Dict[int, List[int]]             # rank -> flat positions whose entering state it needs
+    produce: Dict[int, List[int]]           # rank -> positions in its slice whose state it makes
+    deliveries: Dict[Tuple[int, int], List[int]]   # (maker, user) -> positions sent from maker to user
 
     @property
     def has_states(self) -> bool:
-        return bool(self.segments)
+        return bool(self.needs)
+
+    def scan_rounds(self) -> List[int]:
+        """Strides of the log-step (Kogge-Stone) rounds after the first shift by one rank."""
+        world, out, s = self.layout.world_size, [], 1
+        while s <= world - 2:
+            out.append(s)
+            s *= 2
+        return out
 
 
 def _task_spec(spec: AttentionSpec, keys: Box) -> AttentionSpec:
@@ -217,16 +228,24 @@ def global_plan(spec: AttentionSpec, layout: Layout, overlap: bool) -> GlobalPla
                     rp.recv[peer.rank] = inter
                     peer.send[rp.rank] = inter
     exchange = any(rp.recv for rp in ranks)
-    segments, checkpoints, needs = [], {}, {}
+    needs, produce, deliveries = {}, {}, {}
     if scan:
-        segments = sorted((rp.own_range[0], rp.own_range[1], rp.rank) for rp in ranks)
+        starts = [rp.own_range[0] for rp in ranks]
+        if starts != sorted(starts):
+            raise ValueError(f"a causal linear branch needs the ranks' slices in sequence order, got starts {starts}")
         for rp in ranks:
-            want = {t.state_at for t in rp.tasks} if need_state else {rp.own_range[0]}
-            needs[rp.rank] = sorted(want)
-        everything = set().union(*needs.values())
-        for start, stop, r in segments:
-            checkpoints[r] = sorted({p for p in everything if start < p < stop} | {stop})
-    return GlobalPlan(spec, layout, parts, ranks, exchange, segments, checkpoints, needs)
+            needs[rp.rank] = sorted({t.state_at for t in rp.tasks} if need_state else {rp.own_range[0]})
+            produce[rp.rank] = set()
+        for user, positions in needs.items():
+            for p in positions:
+                if p == 0:                   # the state after the prefix: every rank makes it locally
+                    continue
+                maker = bisect.bisect_right(starts, p) - 1
+                produce[maker].add(p)
+                if maker != user:
+                    deliveries.setdefault((maker, user), []).append(p)
+        produce = {r: sorted(ps) for r, ps in produce.items()}
+    return GlobalPlan(spec, layout, parts, ranks, exchange, needs, produce, deliveries)
 
 
 def halo_tokens(plan: GlobalPlan, rank: int) -> int:
@@ -236,7 +255,7 @@ def halo_tokens(plan: GlobalPlan, rank: int) -> int:
 
 def traffic(plan: GlobalPlan, rank: int, *, B: int, H: int, D: int, Hkv: Optional[int] = None,
             Dv: Optional[int] = None, F: Optional[int] = None, itemsize: int = 2, gate_itemsize: int = 4,
-            state_itemsize: int = 4, prefix_mode: str = "exact") -> Dict[str, int]:
+            state_itemsize: int = 4, prefix_mode: str = "exact", return_state: bool = False) -> Dict[str, int]:
     """Bytes ``rank`` sends in one forward call, by kind, as :class:`Comm` counts them (ring collectives).
 
     ``itemsize``: bytes per q/k/v element; ``F``: feature width of the linear branch (default ``D``);
@@ -256,9 +275,12 @@ def traffic(plan: GlobalPlan, rank: int, *, B: int, H: int, D: int, Hkv: Optiona
             out["halo"] += pad(t * B * H * (F if gate == "vector" else 1) * gate_itemsize)
     per_state = B * H * (F * Dv + F) * state_itemsize
     if plan.has_states:
-        width = max(len(c) for c in plan.checkpoints.values())
-        fg = F if gate == "vector" else 1
-        out["state"] = (world - 1) * width * (per_state + B * H * fg * state_itemsize)
+        contrib = per_state + B * H * (F if gate == "vector" else 1) * state_itemsize   # (log decay, S, z)
+        sends = int(rank + 1 < world) + sum(1 <= rank and rank + s <= world - 1 for s in plan.scan_rounds())
+        out["state"] = sends * contrib + sum(len(ps) * per_state for (maker, _), ps in plan.deliveries.items()
+                                             if maker == rank)
+        if return_state:
+            out["state"] += per_state
     elif parts.linear == "global":
         out["state"] = ring(per_state)
     n = spec.prefix

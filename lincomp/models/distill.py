@@ -35,6 +35,7 @@ from lincomp._atomic import atomic_write_bytes
 
 STAGES = ("attention", "finetune")
 TASK_LOSSES = ("auto", "lm", "embedding", "clear")
+TRANSFERS = ("local", "end_to_end")
 # q/k/v projection names per model family (Llama / BERT / diffusers attention incl. Flux's text stream).
 QKV_NAMES = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "to_q", "to_k", "to_v",
              "add_q_proj", "add_k_proj", "add_v_proj")
@@ -188,11 +189,93 @@ def attention_mse(student_caps: Mapping[str, torch.Tensor], teacher_caps: Mappin
 
 
 def attention_transfer_loss(student: nn.Module, teacher: TeacherRunner, batch: Any) -> LossOut:
-    """Stage 1: MSE between each linearised layer's attention output and the teacher's."""
+    """Stage 1, end to end: MSE between each linearised layer's attention output (the student running on its
+    own hidden states) and the teacher's (``capture_attention`` on both)."""
     _, t_caps = teacher(batch, capture=True)
     _, s_caps = _forward_captured(student, batch)
     loss, n = attention_mse(s_caps, t_caps)
     return loss, {"attn_mse": loss.item(), "layers": n}
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                      key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """Plain softmax attention, the teacher of a linearised layer: q ``[B, H, L, D]``, k / v ``[B, Hkv, L, D]``
+    (grouped-query heads repeated), ``key_padding_mask [B, L]`` (True = attend) -> ``[B, H, L, Dv]``."""
+    H = q.shape[1]
+    if k.shape[1] != H:
+        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, :].to(torch.bool)
+        if causal:
+            L = q.shape[2]
+            mask = mask & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+            causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+class LayerLocalTransfer:
+    """LoLCATs' attention transfer, layer by layer, in one forward pass.
+
+    Inside ``with LayerLocalTransfer(model) as t:`` every linearised layer computes its lincomp output on
+    its q / k / v, records ``MSE(lincomp output, softmax output)`` in ``t.losses``, and passes the *softmax*
+    output on, so every layer sees exactly the teacher's hidden states (linearize keeps the original
+    weights) and gradients reach only the learned parts of each layer, never the rest of the network.
+    """
+
+    def __init__(self, model: nn.Module):
+        from lincomp.models import LinearizedAttention
+
+        self.layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+        if not self.layers:
+            raise ValueError("layer-local attention transfer needs a linearised model (lincomp.linearize)")
+        self.losses: List[torch.Tensor] = []
+        self._handles: list = []
+
+    def _hook(self, module, args, kwargs, out):
+        if module.mode != "student" or getattr(module, "_decoder", None) is not None:
+            return None
+        names = ("q", "k", "v")
+        q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+        with torch.no_grad():
+            target = softmax_attention(q, k, v, causal=module.spec.causal, scale=kwargs.get("scale"),
+                                       key_padding_mask=kwargs.get("key_padding_mask"))
+        self.losses.append(F.mse_loss(out.float(), target.float()))
+        return target.to(out.dtype)
+
+    def __enter__(self) -> "LayerLocalTransfer":
+        self.losses = []
+        self._handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def layer_local_loss(student: nn.Module, teacher: TeacherRunner, batch: Any) -> LossOut:
+    """Stage 1, layer-local (LoLCATs): the mean over layers of MSE(lincomp output, softmax output) with every
+    layer fed the teacher's hidden states; one forward of the student, no teacher forward."""
+    with LayerLocalTransfer(student) as t:
+        run_model(student, batch)
+    if not t.losses:
+        raise ValueError("no linearised layer ran in student mode during the forward pass")
+    loss = torch.stack(t.losses).mean()
+    return loss, {"attn_mse": loss.item(), "layers": len(t.losses)}
+
+
+def _check_same_weights(student: nn.Module, teacher: nn.Module) -> None:
+    """Layer-local transfer uses the student's own original attention as the teacher: they must agree."""
+    learned = {id(p) for p in learned_named_parameters(student).values()}
+    mine = {n: p for n, p in student.named_parameters() if id(p) not in learned}
+    theirs = dict(teacher.named_parameters())
+    for n, p in mine.items():
+        q = theirs.get(n)
+        if q is None or q.shape != p.shape or not torch.equal(q.detach().to(p.device), p.detach()):
+            raise ValueError(f"transfer='local' runs the student's own softmax attention as the teacher, but the "
+                             f"teacher's {n!r} differs from the student's; pass transfer='end_to_end' to match a "
+                             "different teacher's attention outputs")
 
 
 def lm_loss(student: nn.Module, teacher: TeacherRunner, batch: Any) -> LossOut:
@@ -485,14 +568,17 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: Union[Sequen
             task_loss: Union[str, Callable] = "auto", lora_rank: int = 8, lora_alpha: float = 16.0,
             lora_targets: Optional[Sequence[str]] = None, finetune_learned: bool = True, merge: bool = True,
             checkpoint_dir: Optional[Union[str, Path]] = None, checkpoint_every: int = 50, seed: int = 0,
-            warmup: float = 0.1, clip: Optional[float] = 1.0, progress: bool = True,
+            warmup: float = 0.1, clip: Optional[float] = 1.0, transfer: str = "local", progress: bool = True,
             log_every: int = 1) -> DistillResult:
     """Train a ``lincomp.linearize``-d ``student`` to reproduce ``teacher``; returns a :class:`DistillResult`.
 
     ``teacher``: the original model, or None / the student itself (its "teacher" attention mode, with
     LoRA disabled). ``data``: a sequence of batches (dicts of model inputs or token-id tensors; step ``i``
     uses ``data[i % len(data)]``) or a callable ``step -> batch``.
-    Stage 1 (``attention_steps``, ``lr``) trains only the parameters linearize added, on the attention MSE.
+    Stage 1 (``attention_steps``, ``lr``) trains only the parameters linearize added, on the attention MSE:
+    ``transfer="local"`` (LoLCATs; default) feeds every layer the teacher's hidden states (one forward, no
+    backward through the network; the student's own weights are the teacher), ``"end_to_end"`` runs the
+    student on its own hidden states against ``capture_attention`` of the teacher.
     Stage 2 (``finetune_steps``, ``finetune_lr``) adds LoRA (``lora_rank``, ``lora_alpha``) to the q/k/v
     projections (``lora_targets``: their last name parts) and trains them, plus the learned parts if
     ``finetune_learned``, on ``task_loss``: "lm", "embedding", "clear", "auto" (by model type) or a callable
@@ -502,6 +588,8 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: Union[Sequen
     """
     if attention_steps < 0 or finetune_steps < 0:
         raise ValueError("attention_steps and finetune_steps must be >= 0")
+    if transfer not in TRANSFERS:
+        raise ValueError(f"transfer must be one of {list(TRANSFERS)}, got {transfer!r}")
     runner = TeacherRunner(teacher, student)
     if not runner.shared:
         runner.model.eval()
@@ -526,11 +614,14 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: Union[Sequen
             warnings.warn("stage 1 (attention transfer) skipped: linearize added no learnable parameters to this "
                           "student (a spec without feature maps, gates or sinks); use finetune_steps")
         else:
+            stage1 = layer_local_loss if transfer == "local" else attention_transfer_loss
+            if transfer == "local" and not runner.shared:
+                _check_same_weights(student, runner.model)
             t0 = time.perf_counter()
-            hist, res = train_steps(learned, lambda s: attention_transfer_loss(student, runner, batch(s)),
+            hist, res = train_steps(learned, lambda s: stage1(student, runner, batch(s)),
                                     steps=attention_steps, lr=lr, name="attention",
                                     checkpoint=ckdir / "attention.safetensors" if ckdir else None,
-                                    settings=settings, **common)
+                                    settings={**settings, "transfer": transfer}, **common)
             result.history["attention"], result.resumed_from["attention"] = hist, res
             result.wall_s["attention"] = time.perf_counter() - t0
             for p in learned.values():
@@ -613,9 +704,9 @@ def load_student(model: nn.Module, path: Union[str, Path]) -> nn.Module:
         if meta.get("format") != "lincomp-student-1":
             raise ValueError(f"{path} is not a lincomp student file (written by lincomp.models.distill.save_student)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    import lincomp
+    from lincomp.models import linearize
 
-    student = lincomp.linearize(model, AttentionSpec.from_json(meta["spec"])) or model
+    student = linearize(model, AttentionSpec.from_json(meta["spec"])) or model
     params = dict(student.named_parameters())
     missing = [k for k in tensors if k not in params]
     if missing:

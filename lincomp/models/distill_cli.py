@@ -34,9 +34,9 @@ def _log_default(msg: str) -> None:
 
 
 def _linearize(model, spec):
-    import lincomp
+    from lincomp.models import linearize
 
-    out = lincomp.linearize(model, spec)
+    out = linearize(model, spec)
     return model if out is None else out
 
 
@@ -47,14 +47,19 @@ def _seed_all(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ MiniLM
-def minilm_spec(window: int = 16, feature_dim: int = 32, combine: str = "shared"):
+def minilm_spec(window: int = 16, feature_dim: int = 32, combine: str = "shared", prefix: int = 1):
     """Non-causal hybrid for the encoder: a 1D window of ``window`` tokens each side + Hedgehog linear
-    attention over the rest (``combine``: "shared" = one normaliser as LoLCATs, "sum" = Lizard's sum)."""
+    attention over the rest (``combine``: "shared" = one normaliser as LoLCATs, "sum" = Lizard's sum).
+
+    ``prefix=1`` keeps the [CLS] token global (every query sees it, it sees every key): BERT heads park
+    much of their attention on [CLS] / [SEP], and a window that hides [CLS] from most queries costs more
+    fidelity than anything else (measured: window +-16 alone, 256 tokens: cosine 0.71 without, 0.89 with).
+    """
     from lincomp.spec import AttentionSpec, LinearBranch, Window1D
 
-    return AttentionSpec(window=Window1D(window, window), causal=False,
+    return AttentionSpec(window=Window1D(window, window), causal=False, prefix=prefix,
                          linear=LinearBranch("hedgehog", feature_dim, None, True, 64), combine=combine,
-                         name=f"minilm-w{window}x2-hh{feature_dim}-{combine}")
+                         name=f"minilm-w{window}x2-p{prefix}-hh{feature_dim}-{combine}")
 
 
 def load_minilm(device: str = "cpu"):
@@ -93,7 +98,7 @@ def _batches(blocks, batch_size: int, seed: int) -> list:
     return [blocks[order[i * batch_size:(i + 1) * batch_size]] for i in range(n)]
 
 
-def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: str = "shared",
+def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: str = "shared", prefix: int = 1,
                steps: int = 300, finetune_steps: int = 0, batch_size: int = 8, length: int = 256,
                eval_lengths: Sequence[int] = (128, 256), eval_blocks: int = 64, lr: float = 1e-2,
                finetune_lr: float = 1e-4, seed: int = 0, out_dir: Optional[str] = "out/distill/minilm",
@@ -109,7 +114,7 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
     from lincomp.presets import resolve
 
     t_start = time.perf_counter()
-    spec = resolve(spec) if spec is not None else minilm_spec(window, feature_dim, combine)
+    spec = resolve(spec) if spec is not None else minilm_spec(window, feature_dim, combine, prefix)
     if any(L <= _reach(spec) * 2 for L in eval_lengths):
         log(f"note: some eval lengths {list(eval_lengths)} are not well beyond the window reach {_reach(spec)}: "
             "the window alone covers most of each text there")
@@ -129,7 +134,8 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
     if baseline:
         from lincomp.spec import AttentionSpec
 
-        win_only = _linearize(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=spec.causal))
+        win_only = _linearize(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=spec.causal,
+                                                                      prefix=spec.prefix))
         for L, b in heldout.items():
             results["fidelity"].setdefault(str(L), {})["window_only"] = embedding_fidelity(win_only, teacher, b)
         del win_only
@@ -221,7 +227,7 @@ def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: i
     log(f"spec: {spec.summary()}  (window reach {_reach(spec)} tokens; eval windows of {seq_len} tokens)")
     ppl = {"teacher": clm.perplexity(teacher, windows)}
     if baseline:
-        swa = _linearize(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True))
+        swa = _linearize(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True, prefix=spec.prefix))
         ppl["window_only"] = clm.perplexity(swa, windows)
         del swa
     ppl["before"] = clm.perplexity(student, windows)
@@ -360,6 +366,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--feature-dim", type=int, default=32, help="Hedgehog E (features F = 2E; default 32)")
     s.add_argument("--combine", choices=["shared", "sum"], default="shared",
                    help="shared: one softmax normaliser (LoLCATs); sum: two branches added (Lizard)")
+    s.add_argument("--prefix", type=int, default=1,
+                   help="global tokens at the start ([CLS]) that every query sees (default 1; 0 for none)")
     d = m.add_argument_group("data")
     d.add_argument("--length", type=int, default=256, help="training sequence length in tokens (default 256)")
     d.add_argument("--eval-length", type=int, action="append", default=None,
@@ -397,7 +405,8 @@ def _device(name: Optional[str]) -> str:
 
 
 def _cmd_minilm(a) -> int:
-    run_minilm(spec=a.spec, window=a.window, feature_dim=a.feature_dim, combine=a.combine, steps=a.steps,
+    run_minilm(spec=a.spec, window=a.window, feature_dim=a.feature_dim, combine=a.combine, prefix=a.prefix,
+               steps=a.steps,
                finetune_steps=a.finetune_steps, batch_size=a.batch_size, length=a.length,
                eval_lengths=a.eval_length or (128, 256), eval_blocks=a.eval_blocks, lr=a.lr,
                finetune_lr=a.finetune_lr, seed=a.seed, out_dir=a.out or "out/distill/minilm",

@@ -21,11 +21,11 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
 import warnings
-from contextlib import nullcontext
 from typing import List, Optional
 
 import torch
@@ -102,7 +102,7 @@ def is_differentiable(kernel: Kernel, device: torch.device) -> bool:
         return True
     if hasattr(kernel, "kernel_for"):  # AutoKernel: the kernel it picks for this device decides
         return is_differentiable(kernel.kernel_for(device), device)
-    return bool(getattr(kernel, "differentiable", False))
+    return bool(getattr(kernel, "differentiable", kernel.target == "triton"))  # DESIGN: Triton kernels have a backward
 
 
 def _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha) -> dict:
@@ -110,20 +110,15 @@ def _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, a
     return {n: t for n, t in zip(WEIGHT_NAMES, values) if t is not None}
 
 
+@contextlib.contextmanager
 def _strict(fallback: str):
     """With fallback='error', a kernel's runtime fallback warning becomes an exception."""
     if fallback != "error":
-        return nullcontext()
-    ctx = warnings.catch_warnings()
-
-    class _Ctx:
-        def __enter__(self):
-            ctx.__enter__()
-            warnings.simplefilter("error", LincompFallbackWarning)
-
-        def __exit__(self, *exc):
-            return ctx.__exit__(*exc)
-    return _Ctx()
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LincompFallbackWarning)
+        yield
 
 
 def _run(kernel: Kernel, q, k, v, scale, tensors, key_padding_mask, fallback):
@@ -132,8 +127,8 @@ def _run(kernel: Kernel, q, k, v, scale, tensors, key_padding_mask, fallback):
         kw["key_padding_mask"] = key_padding_mask
     if scale is not None:
         kw["scale"] = scale
-    with _strict(fallback):
-        return kernel(q, k, v, **kw)
+    with _strict(fallback):   # compiled kernels want contiguous [B, H, L, D] (SDPA callers often pass views)
+        return kernel(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
 
 
 class _autograd_on:

@@ -92,14 +92,21 @@ class LinearPlan:
     chunk_size: int
 
     @classmethod
-    def from_spec(cls, spec) -> "LinearPlan":
+    def from_spec(cls, spec, allow_softmax_only: bool = False) -> "LinearPlan":
         spec = AttentionSpec.coerce(spec)
         lin = spec.linear
         if lin is None:
-            raise ValueError("compile_linear needs a spec with a linear branch (spec.linear); softmax-only "
-                             "specs go to lincomp.lower.triton.window")
+            if not allow_softmax_only:
+                raise ValueError("compile_linear needs a spec with a linear branch (spec.linear); softmax-only "
+                                 "specs go to lincomp.lower.triton.window")
+            # the decoder also serves window-only specs: a plan without linear terms
+            return cls(spec, 0, False, spec.causal, 0, spec.sinks, spec.prefix, "identity", 64)
         return cls(spec, _GATE_CODE[lin.gate], lin.normalize, spec.causal, _COMBINE_CODE[spec.combine],
                    spec.sinks, spec.prefix, lin.feature_map, lin.chunk_size)
+
+    @property
+    def has_linear(self) -> bool:
+        return self.spec.linear is not None
 
     @property
     def hedgehog(self) -> bool:
@@ -119,6 +126,8 @@ class LinearPlan:
             f"SINKS = tl.constexpr({self.sinks})",
             f"PREFIX = tl.constexpr({self.prefix})",
             f"HEDGEHOG = tl.constexpr({self.hedgehog})",
+            f"HAS_LINEAR = tl.constexpr({self.has_linear})",
+            f"HAS_SOFTMAX = tl.constexpr({self.spec.has_softmax})",
             f"LAGGED = tl.constexpr({self.combine == 2 and self.causal})  # \"shared\", causal: the state lags the window",
         ])
 
@@ -258,10 +267,11 @@ class LinearPlan:
         return "\n".join(lines)
 
     def docs(self) -> dict:
-        lin = self.spec.linear
         phi = {"identity": "phi(x) = x", "elu1": "phi(x) = elu(x) + 1", "relu": "phi(x) = relu(x)",
                "hedgehog": "phi(x) = [softmax(x W), softmax(-x W)] (F = 2E)",
-               "hedgehog_exp": "phi(x) = [exp(x W), exp(-x W)] (F = 2E)"}[lin.feature_map]
+               "hedgehog_exp": "phi(x) = [exp(x W), exp(-x W)] (F = 2E)"}[self.feature_map]
+        if not self.has_linear:
+            phi = "none (no linear branch)"
         gate = {0: "none (a_t = 1)", 1: "scalar, a_t = exp(g_t), g [B, H, L]",
                 2: "vector, a_t = exp(g_t), g [B, H, L, F]"}[self.gate]
         rule = "none (linear only)" if self.window is None else f"{self.window!r}, prefix={self.prefix}, " \

@@ -23,7 +23,7 @@ import math
 import os
 import string
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 
@@ -38,6 +38,7 @@ MAX_HEAD_DIM = 256
 POISON_ENV = "LINCOMP_POISON_OUTPUTS"         # "1": fill outputs with NaN before a kernel writes them
 
 # Fixed config of the interpreter (it cannot time anything): small tiles, many of them.
+LOG2E = 1.4426950408889634
 INTERPRETER_CONFIG = {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
 
 
@@ -180,18 +181,30 @@ def interpreting() -> bool:
 _MODULES: dict = {}
 
 
-def load_kernels(spec: AttentionSpec):
-    """The imported generated module for ``spec`` (one per interpreter / compiled mode)."""
+def load_kernels(spec: AttentionSpec, mode: Optional[str] = None):
+    """The imported generated module for ``spec``: ``mode`` "interp" (TRITON_INTERPRET) or "jit" (compiled);
+    default: whatever TRITON_INTERPRET says. One module per mode."""
     try:
         import triton  # noqa: F401
     except ImportError as e:
         raise Unsupported(f"triton is not installed ({e})") from None
     from lincomp.runtime.cache import load_generated_module
 
-    mode = "interp" if interpreting() else "jit"
+    mode = mode or ("interp" if interpreting() else "jit")
+    if mode not in ("interp", "jit"):
+        raise ValueError(f"mode must be 'interp' or 'jit', got {mode!r}")
     key = (spec, mode)
     if key not in _MODULES:
-        _MODULES[key] = load_generated_module(render_source(spec), f"window_{mode}", folder="triton")
+        # @triton.jit reads TRITON_INTERPRET when the module is imported
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if mode == "interp" else "0"
+        try:
+            _MODULES[key] = load_generated_module(render_source(spec), f"window_{mode}", folder="triton")
+        finally:
+            if saved is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
     return _MODULES[key]
 
 
@@ -243,7 +256,7 @@ def heuristic_config(kind: str, spec: AttentionSpec, D: int, Dv: int) -> dict:
         if isinstance(w, GridWindow):
             # Small radii waste less of each tile with 64-token tiles (8 x 8 in 2D).
             blk = 64 if (w.radius <= 8 or d > 128) else 128
-            cfg = {"block_m": blk, "block_n": blk, "num_warps": 4 if blk == 64 else 8, "num_stages": 2}
+            cfg = {"block_m": blk, "block_n": blk, "num_warps": 4 if (blk == 64 and d <= 64) else 8, "num_stages": 2}
         elif d <= 64:
             cfg = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
         elif d <= 128:
@@ -325,8 +338,8 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if L * max(t.stride(2), 1) >= 2 ** 31:
             raise Unsupported(f"{name}: L * row stride does not fit in int32 offsets")
-    if q.shape[0] * q.shape[1] >= 2 ** 31 or L >= 2 ** 24 * 16:
-        raise Unsupported("the launch grid is too large")
+    if -(-L // 16) > 65535:   # query tiles run on the launch grid's second axis
+        raise Unsupported(f"L = {L} needs more than 65535 query tiles")
 
 
 def _rows_contig(t: torch.Tensor) -> torch.Tensor:
@@ -341,13 +354,27 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 
 
 def _precision(dtype: torch.dtype, tf32: bool) -> str:
-    return "tf32" if (tf32 and dtype == torch.float32) else "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot input precision: exact fp32 ("ieee") unless tf32 is allowed; ignored for 16-bit operands."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if tf32 else "ieee"
 
 
-def window_forward(spec: AttentionSpec, q, k, v, sink_logits, key_padding_mask, scale: float, cfg: Mapping,
+class Launch(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, **kwargs)`` (also what ``aot.compile_launch`` compiles)."""
+
+    kernel: Any
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def forward_launch(mod, spec: AttentionSpec, q, k, v, sink_logits, key_padding_mask, scale: float, cfg: Mapping,
                    tf32: bool = False):
-    """Launch the forward kernel: (o [B, H, L, Dv] in q's dtype, lse [B, H, L] fp32, natural log)."""
-    mod = load_kernels(spec)
+    """(Launch of window_fwd, o [B, H, L, Dv], lse [B, H, L]); o and lse are allocated, not yet written."""
     q, k, v = _rows_contig(q), _rows_contig(k), _rows_contig(v)
     B, H, L, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -359,23 +386,31 @@ def window_forward(spec: AttentionSpec, q, k, v, sink_logits, key_padding_mask, 
     kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else q
     m = spec.sinks if sink_logits is not None else 0
     tt, th, tw = _tile3(spec, cfg)
-    mod.window_fwd[(B * H, plan.num_q_tiles)](
-        q, k, v, o, lse, sinks, kpm, *lists.tensors(),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        sinks.stride(0) if m else 0, kpm.stride(0) if key_padding_mask is not None else 0,
-        H, H // Hkv, L, float(scale) * 1.4426950408889634,
-        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv),
-        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], TILE_T=tt, TILE_H=th, TILE_W=tw,
-        NUM_SINKS=m, SINK_PAD=max(2, _pow2(m)), HAS_KPM=key_padding_mask is not None,
-        INPUT_PRECISION=_precision(q.dtype, tf32), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    args = (q, k, v, o, lse, sinks, kpm, *lists.tensors(),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            sinks.stride(0) if m else 0, kpm.stride(0) if key_padding_mask is not None else 0,
+            H, H // Hkv, L, float(scale) * LOG2E)
+    kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv),
+                  BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], TILE_T=tt, TILE_H=th, TILE_W=tw,
+                  NUM_SINKS=m, SINK_PAD=max(2, _pow2(m)), HAS_KPM=key_padding_mask is not None,
+                  INPUT_PRECISION=_precision(q.dtype, tf32), num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    return Launch(mod.window_fwd, (B * H, plan.num_q_tiles), args, kwargs), o, lse
+
+
+def window_forward(spec: AttentionSpec, q, k, v, sink_logits, key_padding_mask, scale: float, cfg: Mapping,
+                   tf32: bool = False):
+    """Run the forward kernel: (o [B, H, L, Dv] in q's dtype, lse [B, H, L] fp32, natural log)."""
+    launch, o, lse = forward_launch(load_kernels(spec), spec, q, k, v, sink_logits, key_padding_mask, scale, cfg,
+                                    tf32)
+    launch()
     return o, lse
 
 
-def window_backward(spec: AttentionSpec, do, q, k, v, o, lse, dlse, sink_logits, key_padding_mask, scale: float,
-                    cfg: Mapping, tf32: bool = False):
-    """Launch the backward kernels: (dq, dk, dv, d sink_logits or None)."""
-    mod = load_kernels(spec)
+def backward_launches(mod, spec: AttentionSpec, do, q, k, v, o, lse, dlse, key_padding_mask, scale: float,
+                      cfg: Mapping, tf32: bool = False):
+    """([Launch of delta, dq, dk/dv kernels], delta, dq, dk, dv), to be run in this order."""
     q, k, v, o, do = (_rows_contig(t) for t in (q, k, v, o, do))
     B, H, L, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -383,9 +418,10 @@ def window_backward(spec: AttentionSpec, do, q, k, v, o, lse, dlse, sink_logits,
     delta = _alloc((B, H, L), torch.float32, dev)
     dlse_t = dlse.contiguous() if dlse is not None else lse
     blk = 16 if interpreting() else 64
-    mod.window_bwd_delta[(B * H, triton_cdiv(L, blk))](
-        o, do, dlse_t, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, L, HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv), BLOCK=blk, HAS_DLSE=dlse is not None)
+    delta_launch = Launch(mod.window_bwd_delta, (B * H, -(-L // blk)),
+                          (o, do, dlse_t, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
+                           do.stride(2), H, L),
+                          dict(HEAD_DIM_V=Dv, BLOCK_DV=block_d(Dv), BLOCK=blk, HAS_DLSE=dlse is not None))
     plan = _plan(spec, L, cfg)
     fwd_lists, bwd_lists = tile_lists(plan, dev)
     kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else q
@@ -394,22 +430,34 @@ def window_backward(spec: AttentionSpec, do, q, k, v, o, lse, dlse, sink_logits,
     dk = _alloc((B, Hkv, L, D), k.dtype, dev)
     dv = _alloc((B, Hkv, L, Dv), v.dtype, dev)
     tt, th, tw = _tile3(spec, cfg)
-    qk_scale = float(scale) * 1.4426950408889634
+    qk_scale = float(scale) * LOG2E
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), BLOCK_M=cfg["block_m"],
                   BLOCK_N=cfg["block_n"], TILE_T=tt, TILE_H=th, TILE_W=tw, HAS_KPM=key_padding_mask is not None,
                   INPUT_PRECISION=_precision(q.dtype, tf32), num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])
-    mod.window_bwd_dq[(B * H, plan.num_q_tiles)](
-        q, k, v, do, lse, delta, dq, kpm, *fwd_lists.tensors(),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), stride_mb, H, H // Hkv, L, qk_scale, float(scale), **common)
-    mod.window_bwd_dkdv[(B * Hkv, plan.num_k_tiles)](
-        q, k, v, do, lse, delta, dk, dv, kpm, *bwd_lists.tensors(),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        stride_mb, H, Hkv, H // Hkv, L, qk_scale, float(scale), **common)
+    dq_launch = Launch(mod.window_bwd_dq, (B * H, plan.num_q_tiles),
+                       (q, k, v, do, lse, delta, dq, kpm, *fwd_lists.tensors(),
+                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                        dq.stride(0), dq.stride(1), dq.stride(2), stride_mb, H, H // Hkv, L, qk_scale, float(scale)),
+                       common)
+    dkdv_launch = Launch(mod.window_bwd_dkdv, (B * Hkv, plan.num_k_tiles),
+                         (q, k, v, do, lse, delta, dk, dv, kpm, *bwd_lists.tensors(),
+                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                          v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                          dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                          stride_mb, H, Hkv, H // Hkv, L, qk_scale, float(scale)),
+                         common)
+    return [delta_launch, dq_launch, dkdv_launch], delta, dq, dk, dv
+
+
+def window_backward(spec: AttentionSpec, do, q, k, v, o, lse, dlse, sink_logits, key_padding_mask, scale: float,
+                    cfg: Mapping, tf32: bool = False):
+    """Run the backward kernels: (dq, dk, dv, d sink_logits or None)."""
+    launches, delta, dq, dk, dv = backward_launches(load_kernels(spec), spec, do, q, k, v, o, lse, dlse,
+                                                    key_padding_mask, scale, cfg, tf32)
+    for launch in launches:
+        launch()
     dsink = None
     if sink_logits is not None:
         # d t_c = -sum_{b,i} p_ic * delta_i with p_ic = exp(t_c - lse_i) (sinks have value 0).
@@ -417,10 +465,6 @@ def window_backward(spec: AttentionSpec, do, q, k, v, o, lse, dlse, sink_logits,
         p_sink = torch.exp(sink_logits.float()[None, :, None, :] - lse_safe[..., None])     # [B, H, L, m]
         dsink = (-(p_sink * delta[..., None]).sum((0, 2))).to(sink_logits.dtype)
     return dq, dk, dv, dsink
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def token_map(spec: AttentionSpec, L: int, cfg: Mapping, device="cpu") -> torch.Tensor:

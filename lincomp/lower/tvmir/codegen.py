@@ -87,26 +87,32 @@ def emit_gemm_tile(s: Script, *, rows: int, mr: int, width: int, red, a, b, init
                    tag: str = "c") -> None:
     """Emit ``C[r, w] = init(r, w) + sum_{x < red} a(r, x) * b(x, w)`` for r < rows, w < width.
 
-    The micro-kernel of every template: ``mr`` rows at a time, ``w`` vectorised, the ``mr x width``
-    accumulator in a stack tile (registers). ``a(r, x)`` is a scalar (broadcast) expression, ``b(x, w)`` a
-    row of ``width`` contiguous values, ``init(r, w)`` an expression or None (zero), ``store(r, w, value)``
-    a statement; all take index-expression strings. ``red`` is the reduction extent: an expression, or
-    a function of the step's first row (a triangular product stops at that row block's end).
+    The micro-kernel of every template: ``mr`` rows at a time, ``w`` vectorised. Each row's accumulator
+    is its own ``width``-float stack buffer (TVM puts buffers under 1 KiB on the stack, where LLVM
+    promotes them to vector registers; one buffer per row keeps each under the limit and free of
+    aliasing with the workspace). ``a(r, x)`` is a scalar (broadcast) expression, ``b(x, w)`` a row of
+    ``width`` contiguous values, ``init(r, w)`` an expression or None (zero), ``store(r, w, value)`` a
+    statement; all take index-expression strings. ``red`` is the reduction extent: an expression, or a
+    function of the step's first row (a triangular product stops at that row block's end).
     """
     assert rows % mr == 0, (rows, mr)
-    ro, r, x, w = s.fresh("ro"), s.fresh("r"), s.fresh("x"), s.fresh("w")
-    row = f"{ro} * {mr} + {r}" if rows > mr else r
+    assert width * 4 < STACK_TILE_BYTES, width
+    ro, x, w = s.fresh("ro"), s.fresh("x"), s.fresh("w")
+    first = f"{ro} * {mr}" if rows > mr else "0"
+    row = [f"{first} + {r}" if rows > mr else str(r) for r in range(mr)]
+    acc = [f"{tag}{r}" for r in range(mr)]
     if callable(red):
-        red = red(f"{ro} * {mr}" if rows > mr else "0")
-    with s.block(f"for {ro} in range({rows // mr}):" if rows > mr else f"for {ro} in range(1):"):
-        s(f'{tag} = T.alloc_buffer(({mr}, {width}), "float32", scope="local")')
-        with s.block(f"for {r} in T.unroll({mr}):"):
-            with s.block(f"for {w} in T.vectorized({width}):"):
-                s(f"{tag}[{r}, {w}] = {init(row, w) if init else 'T.float32(0)'}")
+        red = red(first)
+    with s.block(f"for {ro} in range({rows // mr}):"):
+        for r in range(mr):
+            s(f'{acc[r]} = T.alloc_buffer(({width},), "float32", scope="local")')
+        with s.block(f"for {w} in T.vectorized({width}):"):
+            for r in range(mr):
+                s(f"{acc[r]}[{w}] = {init(row[r], w) if init else 'T.float32(0)'}")
         with s.block(f"for {x} in range({red}):"):
-            with s.block(f"for {r} in T.unroll({mr}):"):
-                with s.block(f"for {w} in T.vectorized({width}):"):
-                    s(f"{tag}[{r}, {w}] = {tag}[{r}, {w}] + {a(row, x)} * {b(x, w)}")
-        with s.block(f"for {r} in T.unroll({mr}):"):
             with s.block(f"for {w} in T.vectorized({width}):"):
-                s(store(row, w, f"{tag}[{r}, {w}]"))
+                for r in range(mr):
+                    s(f"{acc[r]}[{w}] = {acc[r]}[{w}] + {a(row[r], x)} * {b(x, w)}")
+        with s.block(f"for {w} in T.vectorized({width}):"):
+            for r in range(mr):
+                s(store(row[r], w, f"{acc[r]}[{w}]"))

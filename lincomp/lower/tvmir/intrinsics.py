@@ -43,7 +43,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    for attr, value in (("TCallEffectKind", 1), ("TVectorizable", True), ("TScriptPrinterName", "exp2"),
+    for attr, value in (("TCallEffectKind", 1), ("TVectorizable", True), ("TScriptPrinterName", "lincomp_exp2"),
                         ("TGlobalSymbol", "lincomp_exp2")):
         tvm.ir.register_op_attr(OP_NAME, attr, value)
     tirx.op.register_intrin_lowering(OP_NAME, "llvm", f=_lower_exp2, level=100)

@@ -134,7 +134,7 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
             Fg = F if gate == "vector" else 1
             for buf, shape in (("S", f"({F}, {Dv})"), ("z", f"({F},)"), ("qc", f"({C}, {F})"),
                                ("qT", f"({F}, {C})"), ("kc", f"({C}, {F})"), ("aT", f"({C}, {C})"),
-                               ("oc", f"({C}, {Dv})"), ("dc", f"({C},)"), ("GT", f"({Fg}, {C})"),
+                               ("oc", f"({C}, {Dv})"), ("dc", f"({C},)"), ("Gc", f"({C}, {Fg})"), ("GT", f"({Fg}, {C})"),
                                ("decay", f"({Fg},)")):
                 s(f'{buf} = T.alloc_buffer({shape}, "float32")')
             if gate == "vector":
@@ -192,23 +192,29 @@ def _emit_load_chunk(s, spec, C, F, inline, fk_head, keys_only) -> None:
 
 
 def _emit_gates(s, gate, C, F) -> None:
-    """GT[:, i] = cumulative log-gate from the chunk start to token i (0 past L; 0 without gates)."""
+    """Cumulative log-gate from the chunk start to token i (0 past L): Gc[i, f] and GT[f, i] = Gc^T."""
     if gate is None:
         return
     s("# cumulative log-gates inside the chunk (fp32 is exact enough over one chunk)")
     if gate == "scalar":
-        s("GT[0, 0] = g[b, h, c0]")
+        s("Gc[0, 0] = g[b, h, c0]")
         with s.block(f"for r in range(1, {C}):"):
-            s("GT[0, r] = GT[0, r - 1] + T.if_then_else(c0 + r < L, g[b, h, T.min(c0 + r, L - 1)], T.float32(0))")
-        s(f"decay[0] = {exp2(f'GT[0, {C - 1}] * {f32(LOG2E)}')}")
+            s("Gc[r, 0] = Gc[r - 1, 0] + T.if_then_else(c0 + r < L, g[b, h, T.min(c0 + r, L - 1)], T.float32(0))")
+        with s.block(f"for r in range({C}):"):
+            s("GT[0, r] = Gc[r, 0]")
+        s(f"decay[0] = {exp2(f'Gc[{C - 1}, 0] * {f32(LOG2E)}')}")
     else:
-        with s.block(f"for f in range({F}):"):
-            s("GT[f, 0] = g[b, h, c0, f]")
-            with s.block(f"for r in range(1, {C}):"):
-                s("GT[f, r] = GT[f, r - 1] + T.if_then_else(c0 + r < L, g[b, h, T.min(c0 + r, L - 1), f], "
-                  "T.float32(0))")
         with s.block(f"for f in T.vectorized({F}):"):
-            s(f"decay[f] = {exp2(f'GT[f, {C - 1}] * {f32(LOG2E)}')}")
+            s("Gc[0, f] = g[b, h, c0, f]")
+        with s.block(f"for r in range(1, {C}):"):
+            with s.block(f"for f in T.vectorized({F}):"):
+                s("Gc[r, f] = Gc[r - 1, f] + T.if_then_else(c0 + r < L, g[b, h, T.min(c0 + r, L - 1), f], "
+                  "T.float32(0))")
+        with s.block(f"for f in range({F}):"):
+            with s.block(f"for r in range({C}):"):
+                s("GT[f, r] = Gc[r, f]")
+        with s.block(f"for f in T.vectorized({F}):"):
+            s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {f32(LOG2E)}')}")
 
 
 def _emit_intra(s, gate, C, F, Dv, cs, mr) -> None:
@@ -216,33 +222,33 @@ def _emit_intra(s, gate, C, F, Dv, cs, mr) -> None:
     L2E = f32(LOG2E)
     if gate == "vector":
         s(f"# vector gate: sub-chunks of {cs}; pairs across sub-chunks factor through the boundary r0")
+        i0 = f"a * {cs}"   # first token of sub-chunk a (inlined: TVM 0.27 mis-flattens a bound loop bound)
         with s.block(f"for a in range({C // cs}):"):
-            s(f"i0 = a * {cs}")
             s("# queries of sub-chunk a decayed to the boundary, keys before it decayed from it")
             with s.block(f"for f in range({F}):"):
-                s("gref = T.if_then_else(a > 0, GT[f, T.max(i0 - 1, 0)], T.float32(0))")
+                s(f"gref = T.if_then_else(a > 0, GT[f, T.max({i0} - 1, 0)], T.float32(0))")
                 with s.block(f"for i in T.vectorized({cs}):"):
-                    s(f"qd[f, i0 + i] = qT[f, i0 + i] * {exp2(f'(GT[f, i0 + i] - gref) * {L2E}')}")
-                with s.block("for j in range(i0):"):
+                    s(f"qd[f, {i0} + i] = qT[f, {i0} + i] * {exp2(f'(GT[f, {i0} + i] - gref) * {L2E}')}")
+                with s.block(f"for j in range({i0}):"):
                     s(f"kd[j, f] = kc[j, f] * {exp2(f'(gref - GT[f, j]) * {L2E}')}")
-            with s.block("for j in range(i0):"):
+            with s.block(f"for j in range({i0}):"):
                 with s.block(f"for i in T.vectorized({cs}):"):
-                    s("aT[j, i0 + i] = T.float32(0)")
+                    s(f"aT[j, {i0} + i] = T.float32(0)")
                 with s.block(f"for f in range({F}):"):
                     with s.block(f"for i in T.vectorized({cs}):"):
-                        s("aT[j, i0 + i] = aT[j, i0 + i] + kd[j, f] * qd[f, i0 + i]")
+                        s(f"aT[j, {i0} + i] = aT[j, {i0} + i] + kd[j, f] * qd[f, {i0} + i]")
             s("# pairs inside the sub-chunk: one exponential per feature")
             with s.block(f"for j in range({cs}):"):
                 with s.block(f"for i in T.vectorized({cs}):"):
-                    s("aT[i0 + j, i0 + i] = T.float32(0)")
+                    s(f"aT[{i0} + j, {i0} + i] = T.float32(0)")
                 with s.block(f"for f in range({F}):"):
                     with s.block(f"for i in T.vectorized({cs}):"):
-                        dec = exp2(f"T.min(GT[f, i0 + i] - GT[f, i0 + j], T.float32(0)) * {L2E}")
-                        s(f"aT[i0 + j, i0 + i] = aT[i0 + j, i0 + i] + T.if_then_else(j <= i, "
-                          f"kc[i0 + j, f] * qT[f, i0 + i] * {dec}, T.float32(0))")
-            with s.block(f"for j in range(i0 + {cs}, {C}):"):
+                        dec = exp2(f"T.min(GT[f, {i0} + i] - GT[f, {i0} + j], T.float32(0)) * {L2E}")
+                        s(f"aT[{i0} + j, {i0} + i] = aT[{i0} + j, {i0} + i] + T.if_then_else(j <= i, "
+                          f"kc[{i0} + j, f] * qT[f, {i0} + i] * {dec}, T.float32(0))")
+            with s.block(f"for j in range({i0} + {cs}, {C}):"):
                 with s.block(f"for i in T.vectorized({cs}):"):
-                    s("aT[j, i0 + i] = T.float32(0)")
+                    s(f"aT[j, {i0} + i] = T.float32(0)")
     else:
         s("# aT = K_chunk @ qT, causal within the chunk" + (" and decayed" if gate else ""))
         emit_gemm_tile(s, rows=C, mr=mr, width=C, red=str(F),
@@ -320,7 +326,7 @@ def _emit_state_update(s, C, F, Dv, mr_f, gate) -> None:
     if gate is not None:
         with s.block(f"for j in range({C}):"):
             with s.block(f"for f in T.vectorized({F}):"):
-                gj, ge = ("GT[f, j]", f"GT[f, {C - 1}]") if gate == "vector" else ("GT[0, j]", f"GT[0, {C - 1}]")
+                gj, ge = ("Gc[j, f]", f"Gc[{C - 1}, f]") if gate == "vector" else ("Gc[j, 0]", f"Gc[{C - 1}, 0]")
                 s(f"kc[j, f] = kc[j, f] * {exp2(f'({ge} - {gj}) * {L2E}')}")
     dec = (lambda r: f"decay[{r}]") if gate == "vector" else (lambda r: "decay[0]")
     emit_gemm_tile(s, rows=F, mr=mr_f, width=Dv, red=str(C),

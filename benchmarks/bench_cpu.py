@@ -1,0 +1,341 @@
+"""CPU kernels side by side: lincomp's TVM kernels vs their peers, fp32, B=1, H=4, D=64, one process.
+
+    python benchmarks/bench_cpu.py [--quick] [--reps 10] [--only swa,clear,gla,lizard] [--out FILE]
+
+Cases (each row: median wall time over ``--reps`` runs after warm-up; peers built outside the timing):
+
+- ``swa``:    causal sliding window of 256 keys at L = 4096 and 16384
+              vs torch.compile(flex_attention) with the same block mask, and dense SDPA (is_causal).
+- ``clear``:  CLEAR circle r=8 on a 64x64 grid with 64 prefix tokens
+              vs compiled FlexAttention (row-major 128-token blocks, as the paper's code), dense SDPA.
+- ``gla``:    gated linear attention, scalar and vector gates, L = 4096, vs a torch.compile'd chunked
+              PyTorch implementation (chunk 64, written below).
+- ``lizard``: the Lizard hybrid (hedgehog_exp E=64, scalar gate, window 128 + 4 sinks) at L = 4096,
+              vs compiled FlexAttention (window, sinks via its LSE) + the compiled chunked GLA, summed.
+
+The fp32 FLOP floor of a case is useful FLOPs / the matmul peak measured in the same run (a 2048^3
+torch matmul). Writes a markdown table (default benchmarks/results/cpu_kernels.md) with the CPU model,
+the load average before and after, and whether each goal is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as Fn  # noqa: E402
+
+import lincomp  # noqa: E402
+from lincomp import presets  # noqa: E402
+from lincomp.reference import window_mask  # noqa: E402
+from lincomp.spec import AttentionSpec  # noqa: E402
+from lincomp.testing import random_inputs, rel_err  # noqa: E402
+
+B, H, D = 1, 4, 64
+
+
+# ------------------------------------------------------------------------------------------ timing
+def median_ms(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_peak(reps: int) -> float:
+    """fp32 GFLOP/s of a 2048^3 torch matmul (MKL / oneDNN, all cores)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    t = median_ms(lambda: a @ b, reps)
+    return 2 * 2048 ** 3 / (t * 1e-3) / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        from lincomp.tuning import device_name
+        return device_name("cpu")
+    except Exception:
+        return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------------------------------- peers
+def flex_peer(mask_mod, L: int, block: int = 128):
+    """torch.compile(flex_attention) with a block mask built once; returns (fn(q, k, v), build seconds)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    t0 = time.perf_counter()
+    bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device="cpu", BLOCK_SIZE=block)
+    built = time.perf_counter() - t0
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def run(q, k, v, return_lse=False):
+        return flex(q, k, v, block_mask=bm, return_lse=return_lse)
+    return run, built
+
+
+def sliding_mask_mod(window: int):
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (q - kv < window)
+    return mask_mod
+
+
+def clear_mask_mod(prefix: int, grid, radius: int):
+    Wg = grid[1]
+
+    def mask_mod(b, h, q, kv):
+        qi, ki = q - prefix, kv - prefix
+        dy = qi // Wg - ki // Wg
+        dx = qi % Wg - ki % Wg
+        return (q < prefix) | (kv < prefix) | (dy * dy + dx * dx < radius * radius)
+    return mask_mod
+
+
+def gla_chunked_torch(fq, fk, v, g, chunk: int = 64, normalize: bool = False, scale: float = 1.0):
+    """Chunked gated linear attention in plain PyTorch (the compiled peer).
+
+    fq, fk: [B, H, L, F] features; v: [B, H, L, Dv]; g: [B, H, L] or [B, H, L, F] log-gates.
+    Intra-chunk: (q e^G)(k e^-G)^T (the usual form); chunk states by a masked decay matrix (no loop).
+    """
+    Bq, Hq, L, F = fq.shape
+    Dv = v.shape[-1]
+    n = L // chunk
+    if g.dim() == 3:
+        g = g[..., None]
+    Fg = g.shape[-1]
+    q = fq.reshape(Bq, Hq, n, chunk, F)
+    k = fk.reshape(Bq, Hq, n, chunk, F)
+    vv = v.reshape(Bq, Hq, n, chunk, Dv)
+    G = g.reshape(Bq, Hq, n, chunk, Fg).cumsum(3)                    # inside each chunk
+    Gend = G[:, :, :, -1]                                            # [B, H, n, Fg]
+    qg, kg = q * G.exp(), k * (-G).exp()
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
+    A = (qg @ kg.transpose(-1, -2)).masked_fill(~causal, 0)          # [B, H, n, C, C]
+    o = A @ vv
+    den = A.sum(-1)
+    kend = k * (Gend[:, :, :, None] - G).exp()                       # keys decayed to their chunk end
+    U = kend.transpose(-1, -2) @ vv                                   # [B, H, n, F, Dv] per-chunk states
+    u = kend.sum(3)                                                   # [B, H, n, F]
+    Gc = Gend.cumsum(2)                                               # decay across chunks
+    # S_c (state after chunk c) = sum_{c' <= c} exp(Gc_c - Gc_c') U_c'; the state entering c is S_{c-1}.
+    mask = torch.ones(n, n, dtype=torch.bool, device=fq.device).tril(-1)   # c' < c
+    Gstart = Gc - Gend                   # cumulative gate before chunk c; decay c' -> c: Gstart_c - Gc_c'
+    dec = (Gstart[:, :, :, None, :] - Gc[:, :, None, :, :]).masked_fill(~mask[..., None], float("-inf")).exp()
+    Sin = torch.einsum("bhcdf,bhdfv->bhcfv", dec, U)                  # [B, H, n, F, Dv]
+    zin = torch.einsum("bhcdf,bhdf->bhcf", dec, u)
+    qd = q * G.exp()
+    o = o + qd @ Sin
+    if normalize:
+        den = den + (qd * zin[:, :, :, None, :]).sum(-1)
+        o = o / den[..., None]
+    else:
+        o = o * scale
+    return o.reshape(Bq, Hq, L, Dv)
+
+
+def hedgehog_exp(x, w):
+    p = torch.einsum("bhld,hde->bhle", x, w)
+    return torch.cat([p.exp(), (-p).exp()], -1)
+
+
+# ------------------------------------------------------------------------------------------- cases
+class Bench:
+    def __init__(self, reps: int, quick: bool):
+        self.reps, self.quick = reps, quick
+        self.rows = []
+        self.peak = None
+
+    def ours(self, spec, inputs):
+        kern = lincomp.compile(spec, target="tvm")
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = kern(**inputs)
+            first = time.perf_counter() - t0
+        return kern, out, first
+
+    def time(self, fn, reps=None):
+        with torch.no_grad():
+            return median_ms(fn, reps or self.reps)
+
+    def add(self, case, impl, ms, flops=None, note=""):
+        row = {"case": case, "impl": impl, "ms": ms, "note": note}
+        if flops is not None:
+            row["gflops"] = flops / (ms * 1e-3) / 1e9
+            row["x_floor"] = ms / (flops / (self.peak * 1e9) * 1e3)
+        self.rows.append(row)
+        print(f"  {case:28s} {impl:34s} {ms:9.2f} ms  {note}", flush=True)
+        return ms
+
+    # -- causal sliding window ------------------------------------------------------------------
+    def swa(self, L: int, window: int = 256):
+        spec = AttentionSpec(window={"kind": "1d", "left": window - 1, "right": 0}, causal=True)
+        x = random_inputs(spec, B=B, H=H, L=L, D=D, seed=1)
+        q, k, v = x["q"], x["k"], x["v"]
+        case = f"swa{window} L={L}"
+        pairs = window * L - window * (window - 1) // 2
+        flops = 4 * D * pairs * B * H
+        kern, out, first = self.ours(spec, x)
+        t_ours = self.add(case, "lincomp tvm", self.time(lambda: kern(**x)), flops,
+                          f"config {kern.config['window']}; first call {first:.1f}s")
+        flex, built = flex_peer(sliding_mask_mod(window), L)
+        with torch.no_grad():
+            o_flex = flex(q, k, v)
+        t_flex = self.add(case, "torch.compile(flex_attention)", self.time(lambda: flex(q, k, v)), flops,
+                          f"block mask {built:.1f}s; max|ours-flex| rel {rel_err(out, o_flex):.1e}")
+        t_sdpa = self.add(case, "SDPA dense (is_causal)",
+                          self.time(lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                    reps=max(3, self.reps // 2)), flops)
+        self.goal(case, t_ours, flops, [("flex", t_flex, 2.0)])
+
+    # -- CLEAR --------------------------------------------------------------------------------------
+    def clear(self, radius: int = 8, grid=(64, 64), prefix: int = 64):
+        spec = presets.clear(radius, grid, text_tokens=prefix)
+        L = spec.expected_length()
+        x = random_inputs(spec, B=B, H=H, D=D, seed=2)
+        q, k, v = x["q"], x["k"], x["v"]
+        case = f"clear r={radius} {grid[0]}x{grid[1]}+{prefix}"
+        pairs = int(window_mask(spec, L).sum())
+        flops = 4 * D * pairs * B * H
+        kern, out, first = self.ours(spec, x)
+        t_ours = self.add(case, "lincomp tvm", self.time(lambda: kern(**x)), flops,
+                          f"config {kern.config['window']}; first call {first:.1f}s")
+        flex, built = flex_peer(clear_mask_mod(prefix, grid, radius), L)
+        with torch.no_grad():
+            o_flex = flex(q, k, v)
+        t_flex = self.add(case, "torch.compile(flex_attention)", self.time(lambda: flex(q, k, v)), flops,
+                          f"block mask {built:.1f}s; rel diff vs ours {rel_err(out, o_flex):.1e}")
+        t_sdpa = self.add(case, "SDPA dense (all pairs)",
+                          self.time(lambda: Fn.scaled_dot_product_attention(q, k, v), reps=max(3, self.reps // 2)),
+                          flops)
+        self.goal(case, t_ours, flops, [("flex", t_flex, 2.0)])
+
+    # -- gated linear attention ---------------------------------------------------------------------
+    def gla(self, gate: str, L: int = 4096):
+        spec = presets.gla(gate)
+        x = random_inputs(spec, B=B, H=H, L=L, D=D, seed=3)
+        q, k, v, g = x["q"], x["k"], x["v"], x["g"]
+        case = f"gla {gate} gate L={L}"
+        kern, out, first = self.ours(spec, x)
+        t_ours = self.add(case, "lincomp tvm", self.time(lambda: kern(**x)), None,
+                          f"config {kern.config['linear']}; first call {first:.1f}s")
+        peer = torch.compile(gla_chunked_torch, dynamic=False)
+        scale = D ** -0.5
+        with torch.no_grad():
+            o_peer = peer(q, k, v, g, 64, False, scale)
+        t_peer = self.add(case, "torch.compile(chunked GLA, C=64)",
+                          self.time(lambda: peer(q, k, v, g, 64, False, scale)), None,
+                          f"rel diff vs ours {rel_err(out, o_peer):.1e}")
+        self.goal(case, t_ours, None, [("compiled chunked torch", t_peer, 3.0)])
+
+    # -- Lizard ---------------------------------------------------------------------------------------
+    def lizard(self, L: int = 4096, window: int = 128, sinks: int = 4, E: int = 64):
+        spec = presets.lizard(window=window, sinks=sinks, feature_dim=E)
+        x = random_inputs(spec, B=B, H=H, L=L, D=D, seed=4)
+        case = f"lizard w={window} m={sinks} L={L}"
+        kern, out, first = self.ours(spec, x)
+        t_ours = self.add(case, "lincomp tvm", self.time(lambda: kern(**x)), None,
+                          f"config {kern.config}; first call {first:.1f}s")
+        q, k, v, g = x["q"], x["k"], x["v"], x["g"]
+        wq, wk, sl, alpha = x["feature_weight_q"], x["feature_weight_k"], x["sink_logits"], x["alpha"]
+        flex, built = flex_peer(sliding_mask_mod(window), L)
+        gla = torch.compile(gla_chunked_torch, dynamic=False)
+        feats = torch.compile(hedgehog_exp, dynamic=False)
+
+        def window_branch():
+            o, lse = flex(q, k, v, return_lse=True)                     # lse: natural log, [B, H, L]
+            sink = torch.logsumexp(sl, -1)[None, :, None]
+            return o * torch.sigmoid(lse - sink)[..., None]             # softmax with sink logits
+
+        def linear_branch():
+            return gla(feats(q, wq), feats(k, wk), v, g, 64, True, 1.0)
+
+        with torch.no_grad():
+            peer_out = linear_branch() + alpha[None, :, None, None] * window_branch()
+        t_w = self.add(case, "flex window+sinks (peer part)", self.time(window_branch), None)
+        t_l = self.add(case, "compiled chunked GLA (peer part)", self.time(linear_branch), None,
+                       f"rel diff of the peer sum vs ours {rel_err(out, peer_out):.1e}")
+        self.add(case, "peers summed", t_w + t_l, None)
+        self.goal(case, t_ours, None, [("flex + chunked GLA", t_w + t_l, 1.0)])
+
+    # -- goals ----------------------------------------------------------------------------------------
+    def goal(self, case, t_ours, flops, peers):
+        notes = []
+        for name, t_peer, want in peers:
+            speed = t_peer / t_ours
+            ok = speed >= want
+            notes.append(f"{speed:.2f}x vs {name} (goal >= {want:g}x: {'met' if ok else 'NOT met'})")
+        if flops is not None:
+            floor = flops / (self.peak * 1e9) * 1e3
+            x = t_ours / floor
+            notes.append(f"{x:.2f}x the fp32 floor {floor:.2f} ms (goal <= 3x: {'met' if x <= 3 else 'NOT met'})")
+        self.rows.append({"case": case, "impl": "**goal**", "ms": None, "note": "; ".join(notes)})
+        print(f"  {case:28s} goal: {'; '.join(notes)}", flush=True)
+
+
+def write_table(bench: Bench, path: Path, meta: dict) -> None:
+    lines = ["# CPU kernels: lincomp TVM vs peers", "",
+             f"- CPU: **{meta['cpu']}** (LLVM mcpu `{meta['mcpu']}`), torch {torch.__version__}, "
+             f"threads {torch.get_num_threads()}",
+             f"- fp32 matmul peak measured in this run: **{bench.peak:.0f} GFLOP/s** (2048^3 torch matmul)",
+             f"- load average before / after: {meta['load_before']} / {meta['load_after']} "
+             "(the machine is shared; medians of the timed runs)",
+             f"- B={B}, H={H}, D={D}, fp32; times are medians of {bench.reps} runs after warm-up; "
+             "block masks and compiles happen outside the timing", "",
+             "| case | implementation | median ms | useful GFLOP/s | x fp32 floor | notes |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for r in bench.rows:
+        ms = "" if r["ms"] is None else f"{r['ms']:.2f}"
+        gf = f"{r['gflops']:.0f}" if "gflops" in r else ""
+        xf = f"{r['x_floor']:.2f}" if "x_floor" in r else ""
+        lines.append(f"| {r['case']} | {r['impl']} | {ms} | {gf} | {xf} | {r['note']} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="L=4096 only, fewer reps")
+    ap.add_argument("--only", default="swa,clear,gla,lizard")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_kernels.md"))
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    torch.manual_seed(0)
+    from lincomp.lower.tvmir.build import host_cpu, usable_cores
+    torch.set_num_threads(usable_cores())
+    reps = 3 if args.quick else args.reps
+    bench = Bench(reps, args.quick)
+    meta = {"cpu": cpu_model(), "mcpu": host_cpu(), "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    bench.peak = matmul_peak(max(5, reps))
+    print(f"CPU {meta['cpu']}; fp32 matmul peak {bench.peak:.0f} GFLOP/s; load {meta['load_before']}")
+    only = set(args.only.split(","))
+    if "swa" in only:
+        for L in ((4096,) if args.quick else (4096, 16384)):
+            bench.swa(L)
+    if "clear" in only:
+        bench.clear()
+    if "gla" in only:
+        bench.gla("scalar")
+        bench.gla("vector")
+    if "lizard" in only:
+        bench.lizard()
+    meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    write_table(bench, Path(args.out), meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

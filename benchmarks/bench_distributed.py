@@ -1,0 +1,193 @@
+"""Distributed attention on CPU: bytes each rank sends, and time with 1, 2, 4 processes.
+
+    .venv/bin/python benchmarks/bench_distributed.py            # writes benchmarks/results/distributed_cpu.md
+    .venv/bin/python benchmarks/bench_distributed.py --quick    # smaller shapes, fewer repeats
+
+Part 1 (no processes): bytes per rank in one forward, from the plan (``lincomp.distributed.plan.traffic``,
+which the tests check equals what ``Comm`` counts on real runs), for paper-sized shapes, against an
+all-gather of the full K/V (each rank sends its K/V to the R - 1 others).
+Part 2: wall time of forward and forward+backward with 1, 2, 4 gloo processes on this machine
+(1 process = the plain kernel, no communication).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import lincomp
+from lincomp.distributed import Layout, global_plan, run_local, shard
+from lincomp.distributed.layout import box_size
+from lincomp.distributed.plan import traffic
+
+OUT = Path(__file__).parent / "results" / "distributed_cpu.md"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# ------------------------------------------------------------------------------------ part 1
+def _bytes_rows(spec, L, worlds, *, H, Hkv, D, F, modes=("exact",)):
+    rows = []
+    for world in worlds:
+        layout = Layout.for_spec(spec, world, length=L)
+        plan = global_plan(spec, layout, True)
+        for mode in modes:
+            per_rank = [traffic(plan, r, B=1, H=H, Hkv=Hkv, D=D, F=F, itemsize=2, prefix_mode=mode)
+                        for r in range(world)]
+            worst = max(range(world), key=lambda r: sum(per_rank[r].values()))
+            t = per_rank[worst]
+            own = box_size(layout.box(worst))
+            allgather = (world - 1) * own * Hkv * 2 * D * 2
+            rows.append((spec.name + ("" if len(modes) == 1 else f" ({mode})"), L, world, "x".join(map(str, layout.mesh)),
+                         t["halo"], t["state"], t["prefix"], sum(t.values()), allgather))
+    return rows
+
+
+def bytes_table(quick: bool) -> str:
+    worlds = (2, 4, 8) if quick else (2, 4, 8, 16)
+    P = lincomp.presets
+    rows = []
+    for r in (8, 16, 32):         # FLUX 1024px: 64x64 latent tokens + 512 text tokens, 24 heads of 128
+        rows += _bytes_rows(P.clear(r, (64, 64), 512), None, worlds, H=24, Hkv=24, D=128, F=128,
+                            modes=("exact", "approximate"))
+    rows += _bytes_rows(P.clear(16, (128, 128), 512), None, worlds, H=24, Hkv=24, D=128, F=128,
+                        modes=("exact", "approximate"))
+    L = 32768 if quick else 131072   # Llama-3-8B shapes: 32 heads, 8 KV heads, 128 dims
+    rows += _bytes_rows(P.lizard(128, 4, 64), L, worlds, H=32, Hkv=8, D=128, F=128)
+    rows += _bytes_rows(P.lolcats(64, 64), L, worlds, H=32, Hkv=8, D=128, F=128)
+    rows += _bytes_rows(P.gla("vector"), L, worlds, H=32, Hkv=8, D=128, F=128)
+    head = ("| spec | L | ranks | mesh | halo | state scan | prefix | total / rank | all-gather K/V / rank | ratio |\n"
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    fmt = (lambda b: f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB" if b else "0")
+    body = "".join(f"| {name} | {L or '-'} | {w} | {mesh} | {fmt(h)} | {fmt(s)} | {fmt(p)} | {fmt(tot)} | {fmt(ag)} | "
+                   f"{ag / tot:.0f}x |\n" if tot else
+                   f"| {name} | {L or '-'} | {w} | {mesh} | 0 | 0 | 0 | 0 | {fmt(ag)} | - |\n"
+                   for name, L, w, mesh, h, s, p, tot, ag in rows)
+    return head + body
+
+
+# ------------------------------------------------------------------------------------ part 2
+def _time_worker(rank, world, spec_dict, L, H, D, iters, target):
+    import warnings
+    import torch.distributed as dist
+    from lincomp.distributed import attention
+    from lincomp.spec import AttentionSpec
+    from lincomp.testing import random_inputs
+    warnings.simplefilter("ignore")
+    spec = AttentionSpec.from_dict(spec_dict)
+    x = random_inputs(spec, B=1, H=H, L=L, D=D, seed=0)
+    layout = Layout.for_spec(spec, world, length=x["q"].shape[2])
+    loc = {k: shard(t, layout, rank) if k in ("q", "k", "v", "g") else t for k, t in x.items()}
+    times = {"fwd": [], "fwd+bwd": []}
+    for it in range(iters + 1):                          # the first round warms up
+        for kind in times:
+            leaves = {k: t.detach().requires_grad_(kind != "fwd" and k in "qkv") for k, t in loc.items()}
+            dist.barrier()
+            t0 = time.perf_counter()
+            o = attention(spec, **leaves, layout=layout, target=target)
+            if kind != "fwd":
+                o.square().mean().backward()
+            dt = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)   # a step ends when the slowest rank is done
+            if it:
+                times[kind].append(dt.item())
+    from lincomp.distributed.engine import _kernel
+    used = getattr(_kernel(spec, target), "_kernels", {})
+    backend = ",".join(sorted({k.target for k in used.values()})) or target
+    return {k: statistics.median(v) for k, v in times.items()} | {"backend": backend}
+
+
+def scaling_table(quick: bool, target: str) -> str:
+    P = lincomp.presets
+    side, L1 = (32, 1024) if quick else (48, 2048)
+    configs = [
+        (P.clear(8, (side, side), 64), None, "CLEAR r=8, %dx%d grid + 64 text" % (side, side)),
+        (P.lizard(128, 4, 32), L1, f"Lizard w=128 (hedgehog_exp E=32, scalar gate), L={L1}"),
+        (P.sliding_window(128), L1, f"causal sliding window 128, L={L1}"),
+    ]
+    iters = 2 if quick else 3
+    lines = ["| config | processes | torch threads / process | forward | forward + backward | speed-up (fwd+bwd) | backend |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for spec, L, label in configs:
+        base = None
+        for world in (1, 2, 4):
+            threads = max(1, 2 // world)
+            res = run_local(_time_worker, world, spec.to_dict(), L, 4, 64, iters, target, threads=threads,
+                            timeout_s=600)[0]
+            base = base or res["fwd+bwd"]
+            lines.append(f"| {label} | {world} | {threads} | {res['fwd'] * 1e3:.0f} ms | {res['fwd+bwd'] * 1e3:.0f} ms | "
+                         f"{base / res['fwd+bwd']:.2f}x | {res['backend']} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--target", default="auto", help="lincomp.compile target of the local kernels")
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args()
+    import os
+    cores = os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print("bytes per rank ...", flush=True)
+    bytes_md = bytes_table(a.quick)
+    print(bytes_md)
+    print("scaling ...", flush=True)
+    scaling_md = scaling_table(a.quick, a.target)
+    text = f"""# lincomp.distributed on CPU
+
+Measured {datetime.date.today()} on **{cpu_name()}** ({cores} cores), torch {torch.__version__}, gloo on 127.0.0.1.
+Command: `.venv/bin/python benchmarks/bench_distributed.py{' --quick' if a.quick else ''}`.
+
+## Bytes sent per rank in one forward (bf16 q/k/v, fp32 states), against an all-gather of the full K/V
+
+From the plan (`lincomp.distributed.plan.traffic`); `tests/distributed` checks that it equals the bytes
+`Comm` counts on real gloo runs. The worst rank of each layout is shown. *halo*: keys/values the
+windows reach (point-to-point); *state scan*: the all-gather of per-rank linear states (one or two
+states per rank: the state entering its slice, and for fused hybrids the one entering its border rows);
+*prefix*: the exact merge of the text rows over all ranks (a max and a sum all-reduce of
+`[B, H, text, D + 1]`, fp32), or in approximate mode one all-reduce of `[B, H, text, D]`. All-reduces count
+as a ring algorithm sends (`2 (R - 1) / R` of the buffer); the all-gather baseline sends `(R - 1)` times
+the rank's own K/V. The backward sends about the same again (halo gradients back to their owners; the
+all-reduces' adjoints; on gloo, which lacks reduce-scatter, the state all-gather's adjoint is an all-reduce).
+
+{bytes_md}
+CLEAR's exact mode costs more than the halo at 1024px: 512 text queries need sums over every image key,
+and that all-reduce does not shrink with R; the approximate mode halves it. At 2048px (128x128 tokens)
+the halo dominates and both stay well below an all-gather of K/V. For 1D models the halo is `reach`
+tokens of K/V from one neighbour and the state is `H x F x D` per rank: independent of the sequence length,
+so the saving grows with L.
+
+## Time with 1, 2, 4 processes (B=1, H=4, D=64, fp32)
+
+Median over {2 if a.quick else 3} runs after one warm-up; each step's time is the slowest rank's. One process runs
+the plain kernel (no communication). **This machine has {cores} cores, and other jobs were running
+(load average {load:.1f} at the start): 4 processes oversubscribe the cores 2x** (one torch thread each),
+so the 4-process row measures the algorithm's overheads more than its scaling. The local kernels are
+`lincomp.compile(..., target="{a.target}")`; the *backend* column says what actually ran. With the
+reference backend the local cost is quadratic in the local sub-sequence, so splitting it can gain more
+than linearly; with a block-sparse kernel it is linear in the local tokens (plus halo).
+
+{scaling_md}"""
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(text)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

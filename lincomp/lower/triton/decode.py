@@ -1,0 +1,219 @@
+"""Token-by-token decoding with a generated Triton step kernel (SEMANTICS.md section 4).
+
+:class:`TritonDecoder` has the interface of :class:`lincomp.reference.ReferenceDecoder`:
+``step(q, k, v, g=None) -> o`` with ``[B, H|Hkv, 1, D]`` inputs and ``[B, H, 1, Dv]`` output, and
+``cache_len``. Its state (:class:`DecodeState`) has a fixed size: the linear state ``(S, z)``, a ring
+buffer of the last ``reach + 1`` keys / values, the prefix tokens, and for ``combine="shared"`` with
+gates the log-decay of each ring key. Memory does not grow with the sequence. The step kernel is
+``templates/triton/linear_decode.py.tmpl`` after the shared linear helpers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from lincomp.lower.triton.linear import (LinearPlan, alloc, interpreting, load_module, next_pow2, render_common,
+                                         _template, _tl_dtype, _dummy)
+from lincomp.runtime.kernel import Unsupported
+from lincomp.spec import AttentionSpec
+
+
+@dataclass
+class DecodeState:
+    """What a decoder carries between steps (fp32 tensors on the inputs' device).
+
+    S [B, H, F, Dv], z [B, H, F] (linear state; "shared": keys that left the window);
+    ring_k [B, H, R, D], ring_v [B, H, R, Dv] (last R = reach + 1 non-prefix tokens, slot (p - prefix) % R);
+    ring_ld [B, H, R, 1 | BF] (log-decay of ring keys, "shared" with gates);
+    prefix_k [B, H, prefix, D], prefix_v [B, H, prefix, Dv]; t (tokens seen so far).
+    """
+
+    S: Optional[torch.Tensor]
+    z: Optional[torch.Tensor]
+    ring_k: Optional[torch.Tensor]
+    ring_v: Optional[torch.Tensor]
+    ring_ld: Optional[torch.Tensor]
+    prefix_k: Optional[torch.Tensor]
+    prefix_v: Optional[torch.Tensor]
+    t: int = 0
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).numel() * getattr(self, f.name).element_size()
+                   for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor))
+
+    def clone(self) -> "DecodeState":
+        return DecodeState(*(getattr(self, f.name).clone() if isinstance(getattr(self, f.name), torch.Tensor)
+                             else getattr(self, f.name) for f in fields(self)))
+
+
+def render_decode_source(plan: LinearPlan) -> str:
+    return render_common(plan, "linear_decode.py.tmpl") + _template("linear_decode").substitute()
+
+
+class TritonDecoder:
+    """Feed ``step(q_t, k_t, v_t, g_t)`` with ``[B, H|Hkv, 1, D]`` tensors; get ``o_t [B, H, 1, Dv]``.
+
+    Weights (``feature_weight_q/k``, ``sink_logits``, ``window_gamma``, ``alpha``) are given once;
+    ``initial_state`` is ``(S0, z0)`` or ``S0``; ``state`` resumes from a :class:`DecodeState`.
+    Works for every causal spec with a bounded window or a linear branch (a dense causal softmax has no
+    constant-size state: use a window). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    """
+
+    def __init__(self, spec, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
+                 initial_state=None, state: Optional[DecodeState] = None, **weights):
+        spec = AttentionSpec.coerce(spec)
+        if not spec.causal:
+            raise ValueError("decoding needs a causal spec (causal=true): a non-causal query sees future keys")
+        if spec.window is None and spec.linear is None:
+            raise ValueError("a dense causal softmax keeps every key (its cache grows with the sequence); "
+                             "give the spec a window or a linear branch to decode with constant memory")
+        self.spec = spec
+        self.plan = LinearPlan.from_spec(spec, allow_softmax_only=True)
+        self.scale, self.linear_scale = scale, linear_scale
+        known = ("feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
+        for name in weights:
+            if name not in known:
+                raise TypeError(f"unexpected keyword {name!r}; a decoder takes the weights {list(known)}")
+        self.weights = {k: v for k, v in weights.items() if v is not None}
+        self._check_weights()
+        self.reach = 0 if spec.window is None else spec.window.reach(True)
+        self.R = self.reach + 1 if spec.has_softmax else 1
+        self._initial_state = initial_state
+        self.state = state
+        self.source = render_decode_source(self.plan)
+        self._mod = None
+
+    def _check_weights(self) -> None:
+        spec, lin = self.spec, self.spec.linear
+        need = set()
+        if lin is not None and lin.has_weights:
+            need |= {"feature_weight_q", "feature_weight_k"}
+        if spec.sinks:
+            need.add("sink_logits")
+        if spec.combine == "shared":
+            need.add("window_gamma")
+        if spec.combine == "sum":
+            need.add("alpha")
+        for name in need - set(self.weights):
+            raise ValueError(f"{name} is required by this spec ({spec.summary()}); pass it to the decoder")
+        for name in set(self.weights) - need:
+            raise ValueError(f"{name} was given but the spec ({spec.summary()}) does not use it")
+
+    @property
+    def t(self) -> int:
+        return 0 if self.state is None else self.state.t
+
+    @property
+    def cache_len(self) -> int:
+        """Keys held for the window: prefix tokens seen + the last ``reach`` others (constant in t)."""
+        if not self.spec.has_softmax:
+            return 0
+        t, P = self.t, self.spec.prefix
+        return min(t, P) + max(0, min(self.reach, t - P))
+
+    def reset(self) -> None:
+        self.state = None
+
+    # -------------------------------------------------------------------------------------------
+    def _dims(self, q, k, v):
+        B, H, _, D = q.shape
+        Dv = v.shape[-1]
+        E = self.weights["feature_weight_q"].shape[-1] if self.plan.hedgehog else 1
+        F = 2 * E if self.plan.hedgehog else D
+        return B, H, k.shape[1], D, Dv, F, E
+
+    def _new_state(self, q, k, v) -> DecodeState:
+        B, H, HKV, D, Dv, F, E = self._dims(q, k, v)
+        dev, f32 = q.device, torch.float32
+        BF = 2 * max(16, next_pow2(E)) if self.plan.hedgehog else max(16, next_pow2(D))
+        S = z = ld = None
+        if self.plan.has_linear:
+            st = self._initial_state
+            if st is None:
+                S, z = torch.zeros(B, H, F, Dv, device=dev), torch.zeros(B, H, F, device=dev)
+            else:
+                S0, z0 = st if isinstance(st, (tuple, list)) else (st, None)
+                if list(S0.shape) != [B, H, F, Dv]:
+                    raise ValueError(f"initial_state S0 has shape {list(S0.shape)}, expected [B, H, F, Dv] = "
+                                     f"{[B, H, F, Dv]}")
+                S = S0.to(dev, f32).clone()
+                z = torch.zeros(B, H, F, device=dev) if z0 is None else z0.to(dev, f32).clone()
+            if self.spec.combine == "shared" and self.plan.gate:
+                ld = torch.zeros(B, H, self.R, BF if self.plan.gate == 2 else 1, device=dev)
+        rk = rv = pk = pv = None
+        if self.spec.has_softmax:
+            rk, rv = torch.zeros(B, H, self.R, D, device=dev), torch.zeros(B, H, self.R, Dv, device=dev)
+            P = self.spec.prefix
+            pk, pv = torch.zeros(B, H, P, D, device=dev), torch.zeros(B, H, P, Dv, device=dev)
+        return DecodeState(S, z, rk, rv, ld, pk, pv, 0)
+
+    def _check_step(self, q, k, v, g) -> None:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[2] != 1:
+                raise ValueError(f"{name} must be one token [B, H, 1, D], got "
+                                 f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        B, H = q.shape[:2]
+        if k.shape[1] != v.shape[1] or H % k.shape[1]:
+            raise ValueError(f"key/value heads ({k.shape[1]}, {v.shape[1]}) must match and divide query heads ({H})")
+        gate = self.plan.gate
+        if gate and g is None:
+            raise ValueError(f"g is required by this spec ({self.spec.summary()}): [B, H, 1] (scalar) or "
+                             "[B, H, 1, F] (vector)")
+        if not gate and g is not None:
+            raise ValueError(f"g was given but the spec ({self.spec.summary()}) has no gate; remove it")
+        dev = q.device
+        if dev.type == "cpu" and not interpreting():
+            raise Unsupported("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise Unsupported(f"dtype {q.dtype}")
+
+    def step(self, q, k, v, g=None) -> torch.Tensor:
+        """One token: q [B, H, 1, D], k / v [B, Hkv, 1, D|Dv], g [B, H, 1] or [B, H, 1, F] -> o [B, H, 1, Dv]."""
+        self._check_step(q, k, v, g)
+        if self.state is None:
+            self.state = self._new_state(q, k, v)
+        if self._mod is None:
+            self._mod = load_module(self.plan, self.source, stem="decode")
+        st, plan, spec = self.state, self.plan, self.spec
+        B, H, HKV, D, Dv, F, E = self._dims(q, k, v)
+        dev = q.device
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = alloc((B, H, 1, Dv), q.dtype, dev)
+        lin = spec.linear
+        scale = D ** -0.5 if self.scale is None else float(self.scale)
+        ls = self.linear_scale
+        if ls is None:
+            ls = D ** -0.5 if (lin is not None and lin.feature_map == "identity") else 1.0
+        coef = self.weights.get("window_gamma", self.weights.get("alpha"))
+        BE = max(16, next_pow2(E)) if plan.hedgehog else 16
+        BD = max(16, next_pow2(D))
+        BF = 2 * BE if plan.hedgehog else BD
+        gg = None if g is None else g.contiguous()
+        d = _dummy(dev)
+        w = lambda name: self.weights[name].contiguous() if name in self.weights else d  # noqa: E731
+        opt = lambda x: d if x is None else x  # noqa: E731
+        self._mod.linear_decode[(B * H,)](
+            q, k, v, opt(gg), w("feature_weight_q"), w("feature_weight_k"), w("sink_logits"), opt(coef),
+            opt(st.S), opt(st.z), opt(st.ring_k), opt(st.ring_v), opt(st.ring_ld), opt(st.prefix_k),
+            opt(st.prefix_v), o,
+            st.t, scale, float(ls), H, HKV, D, Dv, F, E, self.R,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            DT=_tl_dtype(q.dtype), BD=BD, BV=max(16, next_pow2(Dv)), BE=BE, BF=BF,
+            BR=max(16, next_pow2(self.R)), BP=max(16, next_pow2(spec.prefix)), BS=max(2, next_pow2(spec.sinks)),
+            BG=BF if plan.gate == 2 else 1, num_warps=4)
+        st.t += 1
+        return o
+
+    def prefill(self, q, k, v, g=None) -> torch.Tensor:
+        """Feed a whole prompt [B, H, L, D] token by token; returns o [B, H, L, Dv]."""
+        outs = []
+        for i in range(q.shape[2]):
+            gi = None if g is None else g[:, :, i:i + 1]
+            outs.append(self.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], gi))
+        return torch.cat(outs, 2)
+
+
+__all__ = ["TritonDecoder", "DecodeState", "render_decode_source"]
