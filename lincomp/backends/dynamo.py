@@ -328,12 +328,24 @@ def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, plan: dict, opts: Op
     graph.erase_node(node)
 
 
+_OP_ARG_INDEX = {"target": 12, "fallback": 13, "hints_json": 14}   # positions in lincomp::attention's schema
+
+
+def _set_op_arg(node: torch.fx.Node, name: str, value) -> None:
+    index = _OP_ARG_INDEX[name]
+    if len(node.args) > index:
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)
+
+
 def rewrite(gm: torch.fx.GraphModule, options) -> list:
     """Replace the graph's SDPA calls in place (no compilation). Returns one report dict per call site."""
     import lincomp.runtime.ops  # noqa: F401  (registers torch.ops.lincomp.*)
+    lincomp_ops = (torch.ops.lincomp.attention, torch.ops.lincomp.attention.default)
     opts = parse_options(options)
     report = []
-    routed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.lincomp.attention.default]
+    routed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in lincomp_ops]
     for index, node in _sites(gm):
         site = _call_site(index, node)
         spec = opts.chooser(site) if opts.chooser is not None else None
@@ -353,9 +365,8 @@ def rewrite(gm: torch.fx.GraphModule, options) -> list:
         report.append(entry)
     for node in routed:  # attention already routed through lincomp (linearised models)
         if opts.target is not None:
-            node.update_kwarg("target", opts.target)
-            node.update_kwarg("fallback", opts.fallback)
-            node.update_kwarg("hints_json", opts.hints_json)
+            for name, value in (("target", opts.target), ("fallback", opts.fallback), ("hints_json", opts.hints_json)):
+                _set_op_arg(node, name, value)
         report.append({"site": _module_name(node), "index": None, "action": "lincomp",
                        "spec": AttentionSpec.from_json(node.args[3]).key(), "reason": "already a lincomp op"})
     if opts.chooser is None and report and not routed:

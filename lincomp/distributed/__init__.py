@@ -14,7 +14,7 @@ Forward and backward are exact. ``run_local`` spawns N local processes (tests, b
 from lincomp.distributed.engine import PREFIX_MODES, attention
 from lincomp.distributed.layout import Layout, gather, shard, unshard
 from lincomp.distributed.launch import free_port, run_local
-from lincomp.distributed.plan import global_plan
+from lincomp.distributed.plan import global_plan, traffic
 
-__all__ = ["attention", "Layout", "shard", "unshard", "gather", "run_local", "free_port", "global_plan",
+__all__ = ["attention", "Layout", "shard", "unshard", "gather", "run_local", "free_port", "global_plan", "traffic",
            "PREFIX_MODES"]

@@ -62,6 +62,9 @@ def _token_shape(t: torch.Tensor, tokens: int) -> tuple:
     return tuple(shape)
 
 
+_NCCL_READY = set()     # groups whose NCCL communicator exists (a first P2P call needs every rank in it)
+
+
 class Comm:
     """The process group of one call, the backward chain, and bytes sent by this rank (``stats``)."""
 
@@ -72,6 +75,9 @@ class Comm:
         self.backend = str(dist.get_backend(group)).lower()
         self.stats = stats if stats is not None else Counter()
         self._last: Optional[torch.Tensor] = None
+        if self.backend == "nccl" and id(group) not in _NCCL_READY:
+            dist.all_reduce(torch.zeros(1, device="cuda"), group=group)   # once: every rank creates the communicator
+            _NCCL_READY.add(id(group))
 
     def anchor(self, tensors: Sequence[Optional[torch.Tensor]]) -> None:
         """Start the backward chain at an input that needs a gradient (so a rank that only receives

@@ -14,7 +14,6 @@ Local compute goes through ``lincomp.compile(sub_spec, target)`` kernels; the re
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from dataclasses import replace
 from typing import Optional
@@ -34,10 +33,27 @@ PREFIX_MODES = ("exact", "approximate")
 _WEIGHTS = ("feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
 
 
-@functools.lru_cache(maxsize=512)
-def _kernel(spec: AttentionSpec, target: str):
-    from lincomp.compiler import compile as compile_spec
-    return compile_spec(spec, target=target)
+_KERNELS: dict = {}     # (sub-spec, target) -> Kernel: one build per sub-spec (task shapes repeat every call)
+
+
+def _kernel(spec: AttentionSpec, target):
+    key = (spec, target)
+    if key not in _KERNELS:
+        if callable(target):
+            _KERNELS[key] = target(spec)
+        else:
+            from lincomp.compiler import compile as compile_spec
+            _KERNELS[key] = compile_spec(spec, target=target)
+    return _KERNELS[key]
+
+
+def kernel_targets() -> set:
+    """The targets of the local kernels built so far in this process ("auto" resolved per device)."""
+    out = set()
+    for kernel in _KERNELS.values():
+        inner = getattr(kernel, "_kernels", None)
+        out |= {k.target for k in inner.values()} if inner is not None else {kernel.target}
+    return out
 
 
 def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
@@ -97,7 +113,8 @@ def attention(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     all-gathered once). ``prefix_mode``: "exact" or "approximate" (CLEAR: prefix queries attend to the
     prefix and the local patch, outputs averaged over ranks; non-causal specs only differ).
     ``overlap``: compute interior rows while the halo is in flight. ``target``: the local kernels'
-    ``lincomp.compile`` target. ``sync_grads``: all-reduce the gradients of replicated inputs (set
+    ``lincomp.compile`` target, or a callable ``sub_spec -> kernel`` (any callable with the reference's
+    signature). ``sync_grads``: all-reduce the gradients of replicated inputs (set
     False if something else, e.g. DDP over the same group, sums them). ``stats``: a Counter that
     receives the bytes this rank sends, by kind.
 

@@ -126,8 +126,10 @@ class TeacherRunner:
 
     @contextmanager
     def _mode(self) -> Iterator[None]:
-        if not self.shared:
-            yield
+        from lincomp.models import LinearizedAttention
+
+        if not self.shared or not any(isinstance(m, LinearizedAttention) for m in self.model.modules()):
+            yield   # a separate teacher, or a stock model compared with itself
             return
         _, _, set_attention_mode = _models_api()
         lora = _lora_layers(self.model)
@@ -380,10 +382,12 @@ def _lora_layers(model: nn.Module) -> list:
 
 
 def qkv_module_names(model: nn.Module, targets: Optional[Sequence[str]] = None) -> List[str]:
-    """Names of the ``nn.Linear`` modules LoRA attaches to: those whose last name part is in ``targets``
-    (default: the q/k/v projections of Llama, BERT and diffusers attention)."""
+    """Names of the ``nn.Linear`` modules LoRA attaches to: those whose name ends with one of ``targets``
+    (whole dotted parts, e.g. "q_proj" or "to_out.0"; default: the q/k/v projections of Llama, BERT and
+    diffusers attention). CLEAR trains the output projections too: add "to_out.0", "to_add_out"."""
     targets = tuple(targets) if targets is not None else QKV_NAMES
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
     if not names:
         raise ValueError(f"no nn.Linear module named one of {list(targets)} in {type(model).__name__}; "
                          "pass lora_targets= the last name parts of its q/k/v projections")

@@ -33,11 +33,18 @@ def _log_default(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _linearize(model, spec):
+def _linearize(model, spec, target: Optional[str] = None):
     from lincomp.models import linearize
 
-    out = linearize(model, spec)
+    out = linearize(model, spec, target=target or _default_target(model))
     return model if out is None else out
+
+
+def _default_target(model) -> str:
+    """Triton on GPUs ("auto"); the reference on CPUs: training needs a backward, which TVM kernels lack
+    (lincomp's op would run the TVM forward and then recompute it with the reference anyway)."""
+    dev = next(model.parameters()).device
+    return "auto" if dev.type == "cuda" else "reference"
 
 
 def _seed_all(seed: int) -> None:
@@ -99,7 +106,7 @@ def _batches(blocks, batch_size: int, seed: int) -> list:
 
 
 def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: str = "shared", prefix: int = 1,
-               steps: int = 300, finetune_steps: int = 0, batch_size: int = 8, length: int = 256,
+               steps: int = 300, finetune_steps: int = 0, batch_size: int = 8, length: int = 128,
                eval_lengths: Sequence[int] = (128, 256), eval_blocks: int = 64, lr: float = 1e-2,
                finetune_lr: float = 1e-4, seed: int = 0, out_dir: Optional[str] = "out/distill/minilm",
                device: str = "cpu", progress: bool = True, baseline: bool = True, fresh: bool = False,
@@ -126,7 +133,7 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
     heldout = {L: minilm_blocks(tok, "heldout", L, eval_blocks) for L in eval_lengths}
     log(f"corpus: {train.shape[0]} train blocks of {length} tokens; held-out "
         + ", ".join(f"{b.shape[0]} x {L}" for L, b in heldout.items()))
-    results = {"recipe": "minilm", "model": MINILM, "spec": spec.to_dict(), "spec_summary": spec.summary(),
+    results = {"recipe": "minilm", "model": MINILM, "machine": _machine(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
                "corpus": {**corpus_info(), "kind": "stdlib docstrings", "train_blocks": int(train.shape[0]),
                           "train_length": length},
                "steps": steps, "finetune_steps": finetune_steps, "batch_size": batch_size, "lr": lr,
@@ -253,7 +260,7 @@ def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: i
                "teacher_kv_bytes": kv_cache_bytes(c.num_hidden_layers, c.num_key_value_heads, head_dim, n),
                "student_bytes": linear_decode_bytes(spec, c.num_hidden_layers, c.num_attention_heads, head_dim, n)}
               for n in memory_contexts]
-    results = {"recipe": "causal_lm", "spec": spec.to_dict(), "spec_summary": spec.summary(),
+    results = {"recipe": "causal_lm", "machine": _machine(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
                "teacher": {k: v for k, v in tinfo.items() if k != "history"},
                "corpus": {**corpus_info(), "kind": "stdlib source, bytes", "train_bytes": int(train_tokens.numel())},
                "seq_len": seq_len, "eval_windows": int(windows.shape[0]), "steps": steps,
@@ -281,6 +288,102 @@ def format_causal_lm(r: dict) -> str:
         mem.append((str(m["context"]), _bytes(m["teacher_kv_bytes"]), _bytes(m["student_bytes"])))
     return (f"held-out perplexity ({r['eval_windows']} windows of {r['seq_len']} bytes)\n" + _table(rows)
             + "\n\ndecode memory (fp32)\n" + _table(mem))
+
+
+# ------------------------------------------------------------------------------------------ results
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    from lincomp.tuning.device import cpu_name
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu_name(), "gpu": gpu, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def results_markdown(r: dict, command: str = "") -> str:
+    """A commit-ready markdown table of a recipe's results (either recipe)."""
+    m = r.get("machine") or _machine()
+    c = r["corpus"]
+    lines = [f"# Distillation: {'all-MiniLM-L6-v2 (window + Hedgehog)' if r['recipe'] == 'minilm' else 'byte-level Llama (Lizard-style)'}",
+             "", f"- machine: {m['cpu']}{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']} with "
+             f"{m['torch_threads']} thread(s); Python {m['python']}",
+             f"- spec: `{r['spec_summary']}` = `{json.dumps(r['spec'], sort_keys=True)}`",
+             f"- corpus: {c['kind']} of Python {c['python']} ({c['files']} files, {c['files_heldout']} held out by "
+             f"path hash, sha256 {c['sha256']})",
+             f"- steps: attention transfer {r['steps']} (lr {r['lr']}), fine-tuning {r['finetune_steps']}; batch "
+             f"{r['batch_size']}; seed {r['seed']}; device {r['device']}",
+             f"- wall time: {r['wall_s']:.0f} s in all; stages " + ", ".join(f"{k} {v:.0f} s" for k, v in r['stage_wall_s'].items())]
+    if command:
+        lines.append(f"- command: `{command}`")
+    lines.append("")
+    if r["recipe"] == "minilm":
+        reach = r["spec"]["window"]
+        lines += [f"Mean cosine similarity of sentence embeddings (mean-pooled last hidden state, as "
+                  f"sentence-transformers computes them) to the teacher's, on held-out docstrings. The window "
+                  f"sees {reach['left']} tokens each side (+{r['spec']['prefix']} global [CLS]); trained on "
+                  f"{c['train_length']}-token texts.", "",
+                  "| eval length | texts | window only | linearised, before | after distillation | after: min | after: 5th pct |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for L, f in r["fidelity"].items():
+            a = f["after"]
+            lines.append(f"| {L} | {a['n']} | {_f(f.get('window_only', {}).get('mean'))} | {_f(f['before']['mean'])} | "
+                         f"**{_f(a['mean'])}** | {_f(a['min'])} | {_f(a['p05'])} |")
+    else:
+        t = r["teacher"]
+        p = r["perplexity"]
+        lines += [f"Teacher: {t['config']['layers']} layers x {t['config']['hidden_size']} hidden, "
+                  f"{t['config']['heads']} heads, trained {t['config']['steps']} steps on {t['train_tokens']} bytes "
+                  f"({t['wall_s']:.0f} s). Held-out perplexity over {r['eval_windows']} windows of {r['seq_len']} "
+                  f"bytes (the window sees {r['spec']['window']['left'] + 1} keys).", "",
+                  "| model | perplexity | / teacher |", "| --- | --- | --- |"]
+        for k in ("teacher", "window_only", "before", "after_attention", "after_finetune"):
+            if k in p:
+                lines.append(f"| {k.replace('_', ' ')} | {p[k]:.4f} | {p[k] / p['teacher']:.4f} |")
+        lines += ["", f"**student / teacher: {r['ratio']:.4f}**", "",
+                  "Decode memory (fp32, all layers):", "", "| context | teacher KV cache | student state + window |",
+                  "| --- | --- | --- |"]
+        for mm in r["decode_memory"]:
+            meas = f" (measured {_bytes(mm['student_measured'])})" if mm.get("student_measured") else ""
+            lines.append(f"| {mm['context']} | {_bytes(mm['teacher_kv_bytes'])} | {_bytes(mm['student_bytes'])}{meas} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(r: dict, path, command: str = "") -> Path:
+    """Write :func:`results_markdown` to ``path`` atomically."""
+    path = Path(path)
+    atomic_write_text(path, results_markdown(r, command))
+    return path
+
+
+def benchmark_main(recipe: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``benchmarks/distill_<recipe>.py``: run the recipe with ``lincomp distill`` options plus
+    ``--threads N`` (torch CPU threads, default 1 or $LINCOMP_THREADS: the machine is shared) and
+    ``--results PATH``, then write ``benchmarks/results/distill_<recipe>_<cpu|gpu>.md``."""
+    import os
+
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--threads", type=int, default=int(os.environ.get("LINCOMP_THREADS", "1")))
+    pre.add_argument("--results", default=None)
+    ours, rest = pre.parse_known_args(argv)
+    torch.set_num_threads(ours.threads)
+    parser = argparse.ArgumentParser(prog=f"benchmarks/distill_{recipe}.py")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["distill", recipe.replace("_", "-"), *rest])
+    args.out = args.out or f"out/distill/{recipe}"
+    args.func(args)
+    r = json.loads((Path(args.out) / "results.json").read_text())
+    kind = "gpu" if r["device"].startswith("cuda") else "cpu"
+    root = Path(__file__).resolve().parents[2]
+    dest = ours.results or root / "benchmarks" / "results" / f"distill_{recipe}_{kind}.md"
+    cmd = f"python benchmarks/distill_{recipe}.py {' '.join(argv)}".strip()
+    print(f"wrote {write_results(r, dest, cmd)}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -369,7 +472,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--prefix", type=int, default=1,
                    help="global tokens at the start ([CLS]) that every query sees (default 1; 0 for none)")
     d = m.add_argument_group("data")
-    d.add_argument("--length", type=int, default=256, help="training sequence length in tokens (default 256)")
+    d.add_argument("--length", type=int, default=128, help="training sequence length in tokens (default 128)")
     d.add_argument("--eval-length", type=int, action="append", default=None,
                    help="held-out length to evaluate (repeatable; default 128 and 256)")
     d.add_argument("--eval-blocks", type=int, default=64, help="held-out texts per length (default 64)")

@@ -8,8 +8,9 @@ their attention through ``torch.ops.lincomp.attention``, through the libraries' 
   get the attention input hidden states through a forward pre-hook (a keyword argument). The spec sees q / k
   after the model's RoPE (as LoLCATs does).
 - diffusers Flux (``FluxTransformer2DModel``): a lincomp attention processor on every ``FluxAttention``.
-  Text tokens are the prefix; the image grid is ``joint_attention_kwargs={"lincomp_grid": (Hg, Wg)}`` when
-  given (Hg, Wg = image height, width / 16), else the square root of the image token count.
+  Text tokens are the prefix (their count is the double-stream layers' encoder length); the image grid is
+  ``joint_attention_kwargs={"lincomp_grid": (Hg, Wg)}`` when given (Hg, Wg = image height, width / 16),
+  else the square root of the image token count.
 
 Each attention module gets ``module.lincomp = LinearizedAttention(...)`` (the learned parameters);
 ``learned_parameters(model)`` yields exactly those; ``set_attention_mode(model, "teacher")`` switches back to
@@ -114,6 +115,7 @@ def linearize(model: nn.Module, spec, *, target: str = "auto", fallback: str = "
             raise ValueError(f"{name} is already linearised; linearize a fresh model (or remove module.lincomp)")
     if not flux:
         _check_teacher(model)
+    flux_shared = {}
     for name, m in sites:
         s = specs[name]
         if s is None:
@@ -129,7 +131,7 @@ def linearize(model: nn.Module, spec, *, target: str = "auto", fallback: str = "
                                         dtype=ref.dtype, device=ref.device)
         if flux:
             torch.compiler.assume_constant_result(_flux_spec_json)   # loads Dynamo: only when linearising Flux
-            m.set_processor(LincompFluxAttnProcessor(m.processor))
+            m.set_processor(LincompFluxAttnProcessor(m.processor, flux_shared))
         elif m.lincomp.needs_hidden_states:
             m.register_forward_pre_hook(_pass_hidden_states, with_kwargs=True)
     if not flux:
@@ -256,7 +258,10 @@ def _flux_spec_json_cached(base_json: str, prefix: int, grid: Optional[tuple]) -
 
 
 def _flux_layout(spec: AttentionSpec, L: int, text_len: Optional[int], grid) -> tuple:
-    """(prefix, grid) of one Flux attention call from its length, text length and the optional grid kwarg."""
+    """(prefix, grid) of one Flux attention call from its length, text length and the optional grid kwarg.
+
+    The text length is the double-stream layers' encoder length; failing that, L - prod(grid), or spec.prefix.
+    """
     if grid is not None:
         grid = tuple(int(g) for g in grid)
         if text_len is None:
@@ -287,8 +292,11 @@ class LincompFluxAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, original):
+    def __init__(self, original, shared: Optional[dict] = None):
         self.original = original
+        # Shared by a model's processors: double-stream layers record the text length for single-stream ones
+        # (which see [text; image] already concatenated).
+        self.shared = {} if shared is None else shared
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  lincomp_grid=None):
@@ -304,9 +312,9 @@ class LincompFluxAttnProcessor:
         query = attn.norm_q(query.unflatten(-1, (attn.heads, -1)))
         key = attn.norm_k(key.unflatten(-1, (attn.heads, -1)))
         value = value.unflatten(-1, (attn.heads, -1))
-        text_len = None
+        text_len = self.shared.get("text_len")
         if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
-            text_len = encoder_hidden_states.shape[1]
+            text_len = self.shared["text_len"] = encoder_hidden_states.shape[1]
             query = torch.cat([attn.norm_added_q(e_query.unflatten(-1, (attn.heads, -1))), query], dim=1)
             key = torch.cat([attn.norm_added_k(e_key.unflatten(-1, (attn.heads, -1))), key], dim=1)
             value = torch.cat([e_value.unflatten(-1, (attn.heads, -1)), value], dim=1)

@@ -10,9 +10,14 @@ import torch
 
 import lincomp
 from lincomp import presets
+from lincomp.backends import lincomp_backend, rewrite_report
 from lincomp.models import (attention_modules, capture_attention, learned_parameters, linearize,
                             set_attention_mode)
 from lincomp.models.modules import LinearizedAttention
+
+
+def learned_modules(model):
+    return [m for m in model.modules() if isinstance(m, LinearizedAttention)]
 from lincomp.reference import window_mask
 from lincomp.testing import rel_err
 
@@ -142,9 +147,18 @@ def test_llama_compiled_equals_eager_with_zero_graph_breaks(llama):
         explained = torch._dynamo.explain(model)(ids)
         assert explained.graph_break_count == 0
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="lincomp", options={"inductor": False})
-        assert rel_err(compiled(ids).logits, eager) < 1e-6
-    report = lincomp.backends.rewrite_report(clear=True)
+        for lin in learned_modules(model):
+            lin.target = "auto"
+        targets = []
+
+        def inspecting(gm, example_inputs):   # the backend's "target" option re-targets linearised layers
+            out = lincomp_backend(gm, example_inputs, {"target": "reference", "inductor": False})
+            targets.extend(n.args[12] if len(n.args) > 12 else n.kwargs["target"] for n in gm.graph.nodes
+                           if n.op == "call_function" and "lincomp" in str(n.target))
+            return out
+        assert rel_err(torch.compile(model, backend=inspecting)(ids).logits, eager) < 1e-6
+    assert targets == ["reference", "reference"]
+    report = rewrite_report(clear=True)
     assert [r["action"] for r in report] == ["lincomp", "lincomp"]
 
 

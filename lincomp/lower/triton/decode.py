@@ -63,7 +63,8 @@ class TritonDecoder:
     """
 
     def __init__(self, spec, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
-                 initial_state=None, state: Optional[DecodeState] = None, **weights):
+                 initial_state=None, state: Optional[DecodeState] = None, compute_dtype=None, **weights):
+        # compute_dtype: accepted for ReferenceDecoder parity; the kernel accumulates in fp32
         spec = AttentionSpec.coerce(spec)
         if not spec.causal:
             raise ValueError("decoding needs a causal spec (causal=true): a non-causal query sees future keys")

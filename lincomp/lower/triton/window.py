@@ -249,34 +249,56 @@ def normalize_config(spec: AttentionSpec, config: Mapping) -> dict:
 
 
 def heuristic_config(kind: str, spec: AttentionSpec, D: int, Dv: int) -> dict:
-    """A sensible GPU config without tuning (H100-class shared memory)."""
+    """A sensible GPU config without tuning (H100-class shared memory; no spills on sm_90)."""
     d = max(block_d(D), block_d(Dv))
     w = spec.window
-    if kind == "window_fwd":
-        if isinstance(w, GridWindow):
+    if isinstance(w, GridWindow):
+        if kind == "window_fwd":
             # Small radii waste less of each tile with 64-token tiles (8 x 8 in 2D).
             blk = 64 if (w.radius <= 8 or d > 128) else 128
-            cfg = {"block_m": blk, "block_n": blk, "num_warps": 4 if (blk == 64 and d <= 64) else 8, "num_stages": 2}
-        elif d <= 64:
-            cfg = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
-        elif d <= 128:
-            cfg = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+            if d > 128:
+                blk = 32 if len(w.grid) == 3 else 64
+            warps = 4 if (blk == 64 and d <= 64) else 8
+            cfg = {"block_m": blk, "block_n": blk, "num_warps": warps, "num_stages": 2}
         else:
-            cfg = {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
+            blk = 64 if d <= 128 else 32
+            cfg = {"block_m": blk, "block_n": blk, "num_warps": 4 if d <= 64 else 8, "num_stages": 2 if d <= 128 else 1}
     else:
-        blk = 64 if d <= 128 else 32
-        cfg = {"block_m": blk, "block_n": blk, "num_warps": 4 if d <= 64 else 8, "num_stages": 2 if d <= 128 else 1}
+        m, n, nw, ns = (FWD_SPACE_1D if kind == "window_fwd" else BWD_SPACE_1D)[_dim_class(d)][0]
+        cfg = {"block_m": m, "block_n": n, "num_warps": nw, "num_stages": ns}
     return normalize_config(spec, cfg)
+
+
+# (block_m, block_n, num_warps, num_stages) per padded head dim, checked with aot.compile_launch for
+# sm_90: every entry fits H100 shared memory and compiles without register spills (a 128-row tile
+# needs 8 warps at D >= 64; 128-wide backward tiles spill).
+FWD_SPACE_1D = {
+    64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 8, 3), (64, 32, 4, 4)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+}
+BWD_SPACE_1D = {
+    64: [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 32, 4, 2)],
+    128: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2)],
+    256: [(32, 32, 8, 1), (32, 32, 4, 1), (32, 32, 8, 2)],
+}
+
+
+def _dim_class(d: int) -> int:
+    return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
 def search_space(kind: str, spec: AttentionSpec, D: int, Dv: int) -> list:
     """Configs the autotuner times (JSON-native dicts), the heuristic first."""
-    d = max(block_d(D), block_d(Dv))
+    d = _dim_class(max(block_d(D), block_d(Dv)))
     w = spec.window
     space = [heuristic_config(kind, spec, D, Dv)]
     if isinstance(w, GridWindow):
-        blocks = [64, 128] if d <= 128 else [32, 64]
-        for blk in blocks:
+        if kind == "window_fwd":
+            blocks = {64: [(64, 4), (64, 8), (128, 8)], 128: [(64, 4), (64, 8), (128, 8)], 256: [(32, 4), (64, 8)]}[d]
+        else:
+            blocks = {64: [(64, 4), (64, 8), (32, 4)], 128: [(64, 8), (32, 4)], 256: [(32, 8), (32, 4)]}[d]
+        for blk, warps in blocks:
             tiles = [list(default_tile(w.grid, blk))]
             if len(w.grid) == 2:  # the same area, other aspect ratios
                 th, tw = tiles[0]
@@ -284,17 +306,11 @@ def search_space(kind: str, spec: AttentionSpec, D: int, Dv: int) -> list:
                     if alt[0] >= 1 and alt[1] >= 1 and alt[0] <= 2 * w.grid[0] and alt[1] <= 2 * w.grid[1]:
                         tiles.append(alt)
             for tile in tiles:
-                for warps in ([4, 8] if blk >= 64 else [4]):
-                    space.append({"block_m": blk, "block_n": blk, "tile": tile, "num_warps": warps,
-                                  "num_stages": 2 if kind == "window_fwd" or blk < 128 else 1})
-    elif kind == "window_fwd":
-        shapes = ([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
-                   (64, 32, 4, 4)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2)])
-        space += [{"block_m": m, "block_n": n, "num_warps": nw, "num_stages": ns} for m, n, nw, ns in shapes]
+                space.append({"block_m": blk, "block_n": blk, "tile": tile, "num_warps": warps,
+                              "num_stages": 2 if d < 256 or kind == "window_fwd" else 1})
     else:
-        shapes = ([(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
-                   (32, 32, 4, 2)] if d <= 128 else [(32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1)])
-        space += [{"block_m": m, "block_n": n, "num_warps": nw, "num_stages": ns} for m, n, nw, ns in shapes]
+        table = FWD_SPACE_1D if kind == "window_fwd" else BWD_SPACE_1D
+        space += [{"block_m": m, "block_n": n, "num_warps": nw, "num_stages": ns} for m, n, nw, ns in table[d]]
     out, seen = [], set()
     for cfg in space:
         cfg = normalize_config(spec, cfg)

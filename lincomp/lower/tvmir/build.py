@@ -77,6 +77,20 @@ def target() -> "tvm.target.Target":
     return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": usable_cores()})
 
 
+@lru_cache(maxsize=None)
+def vector_lanes() -> int:
+    """fp32 lanes of the widest vector register of the target (16 with AVX-512, 8 with AVX2)."""
+    try:
+        return max(4, int(tvm.target.codegen.llvm_get_vector_width(target())) // 32)
+    except Exception:  # pragma: no cover
+        return 8
+
+
+def vector_registers() -> int:
+    """Architectural vector registers (32 with AVX-512, 16 otherwise)."""
+    return 32 if vector_lanes() >= 16 else 16
+
+
 def target_key() -> str:
     return f"llvm-{host_cpu()}-{usable_cores()}c-tvm{tvm.__version__}-cg{CODEGEN_VERSION}"
 

