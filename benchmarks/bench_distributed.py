@@ -148,14 +148,16 @@ def scaling_table(quick: bool, target: str) -> str:
         for kernels in (target, "noop"):
             base = None
             for world in (1, 2, 4):
-                threads = max(1, 2 // world)
+                threads = 1 if kernels == "noop" else max(1, 2 // world)
                 per_rank = run_local(_time_worker, world, spec.to_dict(), L, 4, 64, iters, kernels, threads=threads,
                                      timeout_s=600)
                 res = per_rank[0]
                 sent = max(r["sent"] for r in per_rank)
                 base = base or (res["fwd"], res["fwd+bwd"])
+                speedup = ("-" if kernels == "noop" else
+                           f"{base[0] / res['fwd']:.2f}x / {base[1] / res['fwd+bwd']:.2f}x")
                 lines.append(f"| {label} | {kernels} | {world} | {threads} | {res['fwd'] * 1e3:.1f} ms | "
-                             f"{res['fwd+bwd'] * 1e3:.1f} ms | {base[0] / res['fwd']:.2f}x / {base[1] / res['fwd+bwd']:.2f}x | "
+                             f"{res['fwd+bwd'] * 1e3:.1f} ms | {speedup} | "
                              f"{sent / 2**10:.0f} KiB | {res['backend']['fwd']} / {res['backend']['fwd+bwd']} |")
                 print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
@@ -178,36 +180,44 @@ def main():
     text = f"""# lincomp.distributed on CPU
 
 Measured {datetime.date.today()} on **{cpu_name()}** ({cores} cores), torch {torch.__version__}, gloo on 127.0.0.1.
-Command: `.venv/bin/python benchmarks/bench_distributed.py{' --quick' if a.quick else ''}`.
+Command: `.venv/bin/python benchmarks/bench_distributed.py --target {a.target}{' --quick' if a.quick else ''}`.
 
 ## Bytes sent per rank in one forward (bf16 q/k/v, fp32 states), against an all-gather of the full K/V
 
 From the plan (`lincomp.distributed.plan.traffic`); `tests/distributed` checks that it equals the bytes
-`Comm` counts on real gloo runs. The worst rank of each layout is shown. *halo*: keys/values the
-windows reach (point-to-point); *state scan*: the all-gather of per-rank linear states (one or two
-states per rank: the state entering its slice, and for fused hybrids the one entering its border rows);
-*prefix*: the exact merge of the text rows over all ranks (a max and a sum all-reduce of
-`[B, H, text, D + 1]`, fp32), or in approximate mode one all-reduce of `[B, H, text, D]`. All-reduces count
-as a ring algorithm sends (`2 (R - 1) / R` of the buffer); the all-gather baseline sends `(R - 1)` times
-the rank's own K/V. The backward sends about the same again (halo gradients back to their owners; the
-all-reduces' adjoints; on gloo, which lacks reduce-scatter, the state all-gather's adjoint is an all-reduce).
+`Comm` counts on real gloo runs. The worst rank of each layout is shown. *halo*: the keys/values its
+windows reach (point-to-point, from the ranks that own them); *state scan*: the exclusive scan of
+linear states over ranks, a shift by one rank and then log2(R) point-to-point rounds (Kogge-Stone), one
+`(decay, S, z)` of `H x (F x D + F + 1)` fp32 per round, plus, for fused hybrids (Lizard without a prefix,
+LoLCATs), the state entering a neighbour's border rows; *prefix*: the text rows' exact merge over all
+ranks (a max all-reduce of `[B, H, text]` and a sum all-reduce of `[B, H, text, D + 1]`, fp32), or in
+approximate mode one all-reduce of `[B, H, text, D]`: the same bytes, one latency less. All-reduces count
+what a ring algorithm sends (`2 (R - 1) / R` of the buffer); the baseline, an all-gather of the full K/V,
+sends `(R - 1)` times the rank's own K/V. The backward sends about as much again (halo gradients back
+to their owners, the scan's messages in reverse, the all-reduces' adjoints).
 
 {bytes_md}
-CLEAR's exact mode costs more than the halo at 1024px: 512 text queries need sums over every image key,
-and that all-reduce does not shrink with R; the approximate mode halves it. At 2048px (128x128 tokens)
-the halo dominates and both stay well below an all-gather of K/V. For 1D models the halo is `reach`
-tokens of K/V from one neighbour and the state is `H x F x D` per rank: independent of the sequence length,
-so the saving grows with L.
+CLEAR at 1024px (64x64 latent tokens): with r=8 the halo (7 rows or columns of the neighbours) is a
+quarter of an all-gather, but the exact text merge costs as much again, since 512 text queries need sums
+over every image key and that all-reduce does not shrink with R. At r=32 the halo is most of the image
+(ratio about 1): patch parallelism saves little there, and CLEAR at r=32 is not the configuration that
+needs it. At 2048px (128x128 tokens, r=16) the saving is 3-4x. For 1D models the halo is `reach` tokens
+of K/V from one neighbour and the state is `H x F x D` per round: both independent of the sequence
+length, so at 128K tokens they are 40-125x below an all-gather of K/V, and the worst rank's scan traffic
+grows only as log2(R).
 
 ## Time with 1, 2, 4 processes (B=1, H=4, D=64, fp32)
 
 Median over {2 if a.quick else 3} runs after one warm-up; each step's time is the slowest rank's. One process runs
-the plain kernel (no communication). **This machine has {cores} cores, and other jobs were running
-(load average {load:.1f} at the start): 4 processes oversubscribe the cores 2x** (one torch thread each),
-so the 4-process row measures the algorithm's overheads more than its scaling. The local kernels are
-`lincomp.compile(..., target="{a.target}")`; the *backend* column says what actually ran. With the
-reference backend the local cost is quadratic in the local sub-sequence, so splitting it can gain more
-than linearly; with a block-sparse kernel it is linear in the local tokens (plus halo).
+the plain kernel (no communication). **This machine has {cores} cores and other jobs were running (load
+average {load:.1f} at the start): 4 processes oversubscribe the cores 2x** (one torch thread each), and
+every number here carries that noise. *reference* rows: the local kernels are
+`lincomp.compile(..., target="{a.target}")` (the last column says what ran). The reference kernel is
+quadratic in its (sub-)sequence, so splitting the sequence gains more than linearly: those speed-ups show
+the work removed by the local-window trick, not communication scaling. *noop* rows: the local kernels
+replaced by a no-op, so the time is the distributed layer's own (halo and scan messages over gloo, the
+text merge, feature maps and state contributions for the scan, index bookkeeping), one thread per
+process; with one process it is the no-op call alone.
 
 {scaling_md}"""
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

@@ -227,7 +227,10 @@ def _unrepeat(node):
     inner = src.args[0]
     if not (isinstance(inner, torch.fx.Node) and inner.target is operator.getitem):
         return None
-    base = inner.args[0]
+    base, index = inner.args
+    full = slice(None, None, None)
+    if not (isinstance(index, tuple) and index[:3] == (full, full, None) and all(i == full for i in index[3:])):
+        return None
     bv, iv, ev, ov = _val(base), _val(inner), _val(src), _val(node)
     if not all(isinstance(t, torch.Tensor) for t in (bv, iv, ev, ov)) or bv.dim() != 4 or iv.dim() != 5:
         return None

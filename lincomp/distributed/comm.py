@@ -6,8 +6,8 @@ rank; a *replicated output* (prefix rows, the final state) must receive the same
 on every rank (the same downstream computation runs everywhere). :meth:`Comm.replicate` marks the
 inputs (backward: all-reduce the partial gradients), :meth:`Comm.replicated_output` the outputs
 (backward: divide by the world size, since every rank pushes the same gradient through the group).
-Everything in between uses exact adjoints: all-reduce <-> all-reduce, all-gather <-> reduce-scatter,
-halo send <-> halo gradient send back.
+Everything in between uses exact adjoints: all-reduce <-> all-reduce, broadcast <-> sum onto the root,
+point-to-point (halo, state scan) <-> the gradients sent back the other way.
 
 Every collective must run in the same order on every rank, in backward too: each one's input is tied
 to the previous one's output (:meth:`Comm.tie`), so the backward visits them in exact reverse order,

@@ -3,8 +3,9 @@
 Per rank, for the tokens after the prefix:
 - window branch: halo exchange of the keys/values its windows reach (point-to-point, posted first),
   interior rows computed while the halo is in flight, border rows once it lands (plan.py);
-- causal linear branch: each rank's state contribution, one all-gather, a local exclusive scan
-  (decays as products of gates) gives the state entering any position; then local outputs;
+- causal linear branch: each rank's state contribution (decay = product of its gates), an exclusive
+  scan over ranks (a shift by one rank, then log2(R) point-to-point rounds) gives the state entering its
+  slice; then local outputs with that initial state;
 - non-causal linear branch: one all-reduce of (S, z);
 - prefix rows: causal -> computed locally (they see only the prefix); non-causal -> exact (an
   all-reduce of shifted softmax sums over every rank's keys) or CLEAR's approximate mode (each rank
@@ -121,6 +122,10 @@ def attention(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     Returns this rank's ``o [B, H, prefix + own_tokens, Dv]`` (prefix rows replicated), and with
     ``return_state`` the final ``(S, z)`` of the whole sequence, replicated. Every rank must call this
     (and run backward through its output) in the same order: it is a collective.
+
+    Gradients (Megatron's convention): own tokens get their slice of the single-process gradient;
+    replicated inputs (prefix tokens, weights, ``initial_state``) get the full gradient on every rank;
+    replicated outputs (prefix rows, final state) must receive the same upstream gradient on every rank.
     """
     spec = AttentionSpec.coerce(spec)
     if prefix_mode not in PREFIX_MODES:

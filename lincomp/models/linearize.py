@@ -323,7 +323,11 @@ class LincompFluxAttnProcessor:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         prefix, grid = _flux_layout(lin.spec, query.shape[1], text_len, lincomp_grid)
         spec_json = _flux_spec_json(lin.spec_json, prefix, grid)
-        out = lin(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), hidden_states=hidden_states,
+        x = None
+        if lin.needs_hidden_states:   # gates read the hidden states of every token, text first
+            x = hidden_states if text_len is None or encoder_hidden_states is None else \
+                torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        out = lin(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), hidden_states=x,
                   spec_json=spec_json)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:

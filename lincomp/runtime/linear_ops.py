@@ -11,7 +11,6 @@ The spec and the launch config travel as JSON strings (custom op arguments must 
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import List, Optional
 

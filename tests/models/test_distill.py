@@ -25,6 +25,15 @@ ENCODER_SPEC = AttentionSpec(window=Window1D(2, 2), prefix=1, linear=LinearBranc
 LIZARD = presets.lizard(window=4, sinks=2, feature_dim=8, chunk_size=8)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a busy shared machine (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():

@@ -276,3 +276,18 @@ def test_bad_inputs_give_clear_errors(llama, flux):
     del inputs["joint_attention_kwargs"]
     with pytest.raises(ValueError, match="lincomp_grid"):
         f(**inputs)
+
+
+@pytest.mark.slow
+def test_llama_inductor_training_matches_eager_gradients(llama):
+    """Inductor + AOTAutograd: the backward of torch.ops.lincomp.attention runs as its own opaque op."""
+    model = linearize(copy.deepcopy(llama), LOLCATS, target="reference")
+    model.train()
+    ids = torch.randint(0, 64, (2, 16))
+    learned = list(learned_parameters(model))
+    eager = model(ids).logits
+    want = torch.autograd.grad(eager.pow(2).mean(), learned)
+    out = torch.compile(model, backend="lincomp")(ids).logits
+    got = torch.autograd.grad(out.pow(2).mean(), learned)
+    assert rel_err(out, eager) < 1e-5
+    assert max(rel_err(a, b) for a, b in zip(got, want)) < 1e-4

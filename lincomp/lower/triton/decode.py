@@ -192,6 +192,9 @@ class TritonDecoder:
         BE = max(16, next_pow2(E)) if plan.hedgehog else 16
         BD = max(16, next_pow2(D))
         BF = 2 * BE if plan.hedgehog else BD
+        BV, BR = max(16, next_pow2(Dv)), max(16, next_pow2(self.R))
+        # the state [BF, BV] and the ring [BR, BD] live in registers: spread big ones over 8 warps
+        warps = 8 if max(BF * BV, BR * BD) >= 8192 else 4
         gg = None if g is None else g.contiguous()
         d = _dummy(dev)
         w = lambda name: self.weights[name].contiguous() if name in self.weights else d  # noqa: E731
@@ -202,9 +205,8 @@ class TritonDecoder:
             opt(st.prefix_v), o,
             st.t, scale, float(ls), H, HKV, D, Dv, F, E, self.R,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-            DT=_tl_dtype(q.dtype), BD=BD, BV=max(16, next_pow2(Dv)), BE=BE, BF=BF,
-            BR=max(16, next_pow2(self.R)), BP=max(16, next_pow2(spec.prefix)), BS=max(2, next_pow2(spec.sinks)),
-            BG=BF if plan.gate == 2 else 1, num_warps=4)
+            DT=_tl_dtype(q.dtype), BD=BD, BV=BV, BE=BE, BF=BF, BR=BR, BP=max(16, next_pow2(spec.prefix)),
+            BS=max(2, next_pow2(spec.sinks)), BG=BF if plan.gate == 2 else 1, num_warps=warps)
         st.t += 1
         return o
 

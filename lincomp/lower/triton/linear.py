@@ -13,7 +13,7 @@ normalisation and combine are module-level constexpr flags) followed by one temp
 
 The kernels return gradients with respect to the feature maps phi(q), phi(k) with the gates held
 fixed; the host finishes the chain rule (feature-map Jacobian, and for gates the identity
-dG_t = phi(q_t) * dphi(q_t) - phi(k_t) * dphi(k_t) summed from the end: see ``_finish_backward``).
+dG_t = phi(q_t) * dphi(q_t) - phi(k_t) * dphi(k_t) summed from the end: see ``run_backward``).
 
 Tensors: q [B, H, L, D], k / v [B, Hkv, L, D | Dv], g [B, H, L] or [B, H, L, F] (log gates <= 0),
 feature weights [H, D, E], states S [B, H, F, Dv], z [B, H, F] (returned in fp32).
@@ -21,7 +21,6 @@ feature weights [H, D, E], states S [B, H, F, Dv], z [B, H, F] (returned in fp32
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -348,10 +347,11 @@ def default_config(plan: LinearPlan, dims: Dims, device_type: str, chunk_size: O
 
 
 def _blocks(plan: LinearPlan, dims: Dims, config: dict) -> dict:
+    """Tile sizes: powers of two >= 16 (tl.dot's minimum), padded lanes masked."""
     BD = max(16, next_pow2(dims.D))
     BE = max(16, next_pow2(dims.E)) if plan.hedgehog else 16
-    return {"BT": int(config["BT"]), "BD": BD, "BE": BE, "BF": 2 * BE if plan.hedgehog else BD,
-            "BV": min(int(config["BV"]), max(16, next_pow2(dims.DV)))}
+    return {"BT": max(16, next_pow2(int(config["BT"]))), "BD": BD, "BE": BE, "BF": 2 * BE if plan.hedgehog else BD,
+            "BV": max(16, min(next_pow2(int(config["BV"])), next_pow2(dims.DV)))}
 
 
 def _launch_opts(config: dict) -> dict:

@@ -17,6 +17,7 @@ This module imports triton only when a kernel is loaded or launched (``kernel.so
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -195,17 +196,23 @@ def load_kernels(spec: AttentionSpec, mode: Optional[str] = None):
         raise ValueError(f"mode must be 'interp' or 'jit', got {mode!r}")
     key = (spec, mode)
     if key not in _MODULES:
-        # @triton.jit reads TRITON_INTERPRET when the module is imported
-        saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if mode == "interp" else "0"
-        try:
+        with interpreter_env(mode == "interp"):   # @triton.jit reads TRITON_INTERPRET at import
             _MODULES[key] = load_generated_module(render_source(spec), f"window_{mode}", folder="triton")
-        finally:
-            if saved is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
     return _MODULES[key]
+
+
+@contextlib.contextmanager
+def interpreter_env(on: bool):
+    """TRITON_INTERPRET set to ``on`` inside the block (restored after)."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 # ======================================================================================== configs
@@ -258,7 +265,7 @@ def heuristic_config(kind: str, spec: AttentionSpec, D: int, Dv: int) -> dict:
             blk = 64 if (w.radius <= 8 or d > 128) else 128
             if d > 128:
                 blk = 32 if len(w.grid) == 3 else 64
-            warps = 4 if (blk == 64 and d <= 64) else 8
+            warps = 4 if (blk == 64 and d <= 64) or blk == 32 else 8
             cfg = {"block_m": blk, "block_n": blk, "num_warps": warps, "num_stages": 2}
         else:
             blk = 64 if d <= 128 else 32
@@ -302,9 +309,13 @@ def search_space(kind: str, spec: AttentionSpec, D: int, Dv: int) -> list:
             tiles = [list(default_tile(w.grid, blk))]
             if len(w.grid) == 2:  # the same area, other aspect ratios
                 th, tw = tiles[0]
-                for alt in ([th * 2, tw // 2], [th // 2, tw * 2]):
-                    if alt[0] >= 1 and alt[1] >= 1 and alt[0] <= 2 * w.grid[0] and alt[1] <= 2 * w.grid[1]:
-                        tiles.append(alt)
+                alts = ([th * 2, tw // 2], [th // 2, tw * 2])
+            else:                 # fewer frames per tile, wider rectangles
+                tt, th, tw = tiles[0]
+                alts = ([tt // 2, th * 2, tw], [tt // 2, th, tw * 2])
+            for alt in alts:
+                if min(alt) >= 1 and all(a <= 2 * g for a, g in zip(alt, w.grid)):
+                    tiles.append(alt)
             for tile in tiles:
                 space.append({"block_m": blk, "block_n": blk, "tile": tile, "num_warps": warps,
                               "num_stages": 2 if d < 256 or kind == "window_fwd" else 1})
@@ -576,41 +587,46 @@ def bwd_runner(spec, do, q, k, v, o, lse, dlse, sink_logits, key_padding_mask, s
 
 def tune_window(spec, *, L: Optional[int] = None, B: int = 1, H: int = 16, Hkv: Optional[int] = None, D: int = 128,
                 dtype=torch.bfloat16, device="cuda", backward: bool = True, db=None, force: bool = False,
-                progress=None, seed: int = 0) -> dict:
+                progress=None, seed: int = 0, inputs: Optional[Mapping] = None,
+                max_configs: Optional[int] = None) -> dict:
     """Tune the forward (and backward) kernels of ``spec`` for one shape on ``device``; store in the db.
 
-    Returns {"window_fwd": TuneResult, "window_bwd": TuneResult}. A key already in the db does no work
-    (unless ``force``). Needs a CUDA device (the interpreter cannot time anything).
+    ``inputs`` ({"q", "k", "v", optional "sink_logits"} on the device) replaces the random inputs
+    (then B, H, Hkv, L, D, dtype come from q); ``max_configs`` keeps the first configs of each space
+    (the heuristic first). Returns {"window_fwd": TuneResult, "window_bwd": TuneResult}. A key already in
+    the db does no work (unless ``force``). Needs a CUDA device (the interpreter cannot time anything).
     """
     from lincomp.testing import random_inputs
     from lincomp.tuning import TuningDB, device_name, tune
 
     spec = AttentionSpec.coerce(spec)
-    device = torch.device(device)
-    if device.type != "cuda" or interpreting():
+    if inputs is None:
+        device = torch.device(device)
+        L = spec.expected_length() or L
+        if L is None:
+            raise ValueError("tune_window: give L for a spec without a grid window")
+        if device.type == "cuda" and not interpreting():
+            inputs = random_inputs(spec, B=B, H=H, L=L, D=D, Hkv=Hkv, dtype=dtype, device=device, seed=seed)
+    q = inputs["q"] if inputs is not None else None
+    if q is None or q.device.type != "cuda" or interpreting():
         raise ValueError("tune_window needs a CUDA device without TRITON_INTERPRET (the interpreter cannot time)")
-    L = spec.expected_length() or L
-    if L is None:
-        raise ValueError("tune_window: give L for a spec without a grid window")
-    inp = random_inputs(spec, B=B, H=H, L=L, D=D, Hkv=Hkv, dtype=dtype, device=device, seed=seed)
-    q, k, v, sink = inp["q"], inp["k"], inp["v"], inp.get("sink_logits")
+    k, v, sink = inputs["k"], inputs["v"], inputs.get("sink_logits")
+    D, Dv, dtype = q.shape[-1], v.shape[-1], q.dtype
     scale = D ** -0.5
     db = db if db is not None else TuningDB()
-    dev = device_name(device)
+    dev = device_name(q.device)
     dims = _dims(q, v)
-    out = {}
-    res = tune(search_space("window_fwd", spec, D, D), fwd_runner(spec, q, k, v, sink, None, scale),
-               backend="triton", kernel="window_fwd", spec=spec, dtype=dtype, dims=dims, db=db, device=dev,
-               force=force, progress=progress)
-    out["window_fwd"] = res
+    limit = (lambda space: space[:max_configs]) if max_configs else (lambda space: space)
+    out = {"window_fwd": tune(limit(search_space("window_fwd", spec, D, Dv)), fwd_runner(spec, q, k, v, sink, None, scale),
+                              backend="triton", kernel="window_fwd", spec=spec, dtype=dtype, dims=dims, db=db,
+                              device=dev, force=force, progress=progress)}
     if backward:
-        o, lse = window_forward(spec, q, k, v, sink, None, scale, normalize_config(spec, res.config))
+        o, lse = window_forward(spec, q, k, v, sink, None, scale, normalize_config(spec, out["window_fwd"].config))
         do = torch.randn_like(o)
-        res_b = tune(search_space("window_bwd", spec, D, D),
-                     bwd_runner(spec, do, q, k, v, o, lse, None, sink, None, scale),
-                     backend="triton", kernel="window_bwd", spec=spec, dtype=dtype, dims=dims, db=db, device=dev,
-                     force=force, progress=progress)
-        out["window_bwd"] = res_b
+        out["window_bwd"] = tune(limit(search_space("window_bwd", spec, D, Dv)),
+                                 bwd_runner(spec, do, q, k, v, o, lse, None, sink, None, scale),
+                                 backend="triton", kernel="window_bwd", spec=spec, dtype=dtype, dims=dims, db=db,
+                                 device=dev, force=force, progress=progress)
     for kernel, r in out.items():   # later calls in this process use the new result
         _CHOSEN[(kernel, spec, dev, str(dtype), _bucket(dims), False)] = normalize_config(spec, r.config)
     return out

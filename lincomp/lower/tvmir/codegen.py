@@ -44,6 +44,15 @@ class Script:
         finally:
             self.depth -= 1
 
+    @contextmanager
+    def block_if(self, header) -> Iterator[None]:
+        """``block(header)`` when a header is given, else no new block (same indentation)."""
+        if header:
+            with self.block(header):
+                yield
+        else:
+            yield
+
     def fresh(self, stem: str) -> str:
         """A new local name (``stem_3``) for generated let-bindings."""
         self._names += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lincomp.lower.tvmir.codegen import LOG2E, Script, divisor_at_most, emit_gemm_tile, exp2, f32
-from lincomp.lower.tvmir.linear import INLINE_MAPS, _phi
+from lincomp.lower.tvmir.linear import INLINE_MAPS, phi_expr
 
 ROWS = 32   # tokens per task
 
@@ -48,7 +48,7 @@ def feature_source(fmap: str, dims: FeatureDims, mr: int = 4, name: str = "featu
             if not hedge:
                 with s.block(f"for r in range(T.min({ROWS}, L - t0)):"):
                     with s.block(f"for d in T.vectorized({D}):"):
-                        s(f"out[b, h, t0 + r, d] = {_phi(fmap, 'x[b, hx, t0 + r, d]')}")
+                        s(f"out[b, h, t0 + r, d] = {phi_expr(fmap, 'x[b, hx, t0 + r, d]')}")
                 return s.text()
             s(f'p = T.alloc_buffer(({ROWS}, {E}), "float32")')
             s("# p = x_tile @ W[h]")

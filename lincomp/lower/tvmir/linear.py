@@ -74,7 +74,8 @@ def arg_names(spec: AttentionSpec, *, mode: str, initial_state: bool, return_sta
     return names + ["linear_scale"]
 
 
-def _phi(fmap: str, x: str) -> str:
+def phi_expr(fmap: str, x: str) -> str:
+    """phi(x) of an elementwise feature map as a TVMScript expression."""
     if fmap == "identity":
         return x
     if fmap == "relu":
@@ -93,14 +94,15 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
     C = cfg.chunk
     group = H // Hkv
     causal, gate, normalize = spec.causal, lin.gate, lin.normalize
-    den = normalize or mode == "numden" or return_state   # z and the denominators are needed
+    den = normalize or mode == "numden"           # the denominators phi(q) . z are needed
+    keep_z = den or return_state                  # z is carried
     inline = inline_features(spec)
     cs = divisor_at_most(C, cfg.sub_chunk)
     mr = divisor_at_most(C, cfg.mr)
     mr_f = divisor_at_most(F, cfg.mr)
     names = arg_names(spec, mode=mode, initial_state=initial_state, return_state=return_state)
     assert causal or (gate is None and not initial_state and not return_state)
-    k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, gate=gate, den=den, lanes=lanes)
+    k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, gate=gate, den=den, keep_z=keep_z, lanes=lanes)
 
     s = Script()
     s("@T.prim_func")
@@ -137,8 +139,10 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
             Fg = F if gate == "vector" else 1
             bufs = [("S", f"({F}, {Dv})"), ("qT", f"({F}, {C})"), ("kc", f"({C}, {F})"), ("aT", f"({C}, {C})"),
 ]
+            if keep_z:
+                bufs.append(("z", f"({F},)"))
             if den:
-                bufs += [("z", f"({F},)"), ("dc", f"({C},)")]
+                bufs.append(("dc", f"({C},)"))
             if gate is not None:
                 bufs += [("Gc", f"({C}, {Fg})"), ("GT", f"({Fg}, {C})"), ("decay", f"({Fg},)")]
             if gate == "vector":
@@ -149,7 +153,7 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
             with s.block(f"for f in range({F}):"):
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     s(f"S[f, d] = {'S0[b, h, f, d]' if initial_state else 'T.float32(0)'}")
-                if den:
+                if keep_z:
                     s(f"z[f] = {'z0[b, h, f]' if initial_state else 'T.float32(0)'}")
             nchunks = f"(L + {C - 1}) // {C}"
             if not causal:
@@ -187,6 +191,7 @@ class _Ctx:
     mr_f: int
     gate: Optional[str]
     den: bool
+    keep_z: bool
     lanes: int
 
 
@@ -197,15 +202,16 @@ def _emit_load_chunk(s, spec, k: _Ctx, inline, fk_head, keys_only) -> None:
     """phi(k) rows and phi(q)^T columns of the chunk; rows past L are zero."""
     C, F = k.C, k.F
     fmap = spec.linear.feature_map
-    src_q = (lambda r, f: _phi(fmap, f"q[b, h, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
+    src_q = (lambda r, f: phi_expr(fmap, f"q[b, h, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
         (lambda r, f: f"fq[b, h, T.min(c0 + {r}, L - 1), {f}]")
-    src_k = (lambda r, f: _phi(fmap, f"k[b, hk, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
+    src_k = (lambda r, f: phi_expr(fmap, f"k[b, hk, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
         (lambda r, f: f"fk[b, {fk_head}, T.min(c0 + {r}, L - 1), {f}]")
     with s.block(f"for r in range({C}):"):
         with s.block(f"for f in T.vectorized({F}):"):
             s(f"kc[r, f] = T.if_then_else(c0 + r < L, {src_k('r', 'f')}, T.float32(0))")
     if not keys_only:
         scale = "" if k.den else " * linear_scale"   # o is linear in phi(q): scale it once here
+        # (den: normalised or num / den out; the scale would cancel or is not applied)
         s("# phi(q) transposed (queries along the vector lanes)" + (", times linear_scale" if scale else ""))
         with s.block(f"if c0 + {C} <= L:"):
             with s.block(f"for f in range({F}):"):
@@ -244,35 +250,64 @@ def _emit_gates(s, k: _Ctx) -> None:
             s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {L2E}')}")
 
 
+# A chunk whose cumulative log-gate stays above this (per feature) factors exactly through its start:
+# 2^(-G_j log2 e) <= e^60 and 2^(G_i log2 e) >= e^-60 stay inside fp32's normal range.
+FACTOR_LIMIT = -60.0
+
+
 def _emit_scores(s, k: _Ctx) -> None:
     """aT[j, i] (keys x queries) = phi(k_j) . phi(q_i) d_ij for j <= i, 0 above the diagonal."""
-    C, F, cs, gate = k.C, k.F, k.cs, k.gate
-    if gate == "vector":
-        _emit_scores_vector(s, k)
-    else:
-        # Column blocks of one vector: block cb only needs keys j < (cb + 1) * lanes (causal); the
-        # outputs never read aT below those rows.
-        w = k.lanes if C % k.lanes == 0 else C
-        s("# aT = K_chunk @ qT, one block of queries at a time (keys past the block's last query are skipped),")
-        s("# then the causal mask" + (" and decay d_ij = 2^((G_i - G_j) log2 e)" if gate else ""))
-        for cb in range(C // w):
-            rows = (cb + 1) * w
-            emit_gemm_tile(s, rows=rows, mr=divisor_at_most(rows, 8), width=w, red=str(F),
-                           a=lambda r, x: f"kc[{r}, {x}]", b=lambda x, ww, cb=cb: f"qT[{x}, {cb * w} + {ww}]",
-                           store=lambda r, ww, val, cb=cb: f"aT[{r}, {cb * w} + {ww}] = {val}")
-            with s.block(f"for j in range({rows}):"):
-                with s.block(f"for i in T.vectorized({w}):"):
-                    col = f"{cb * w} + i" if cb else "i"
-                    if gate == "scalar":
-                        dec = exp2(f"T.min(GT[0, {col}] - GT[0, j], T.float32(0)) * {L2E}")
-                        s(f"aT[j, {col}] = T.if_then_else(j <= {col}, aT[j, {col}] * {dec}, T.float32(0))")
-                    else:
-                        s(f"aT[j, {col}] = T.if_then_else(j <= {col}, aT[j, {col}], T.float32(0))")
+    if k.gate != "vector":
+        _emit_block_scores(s, k, "kc", "qT", scalar_decay=k.gate == "scalar")
+        return
+    s("# vector gate: when every feature decays by less than e^60 inside the chunk, d_ij factors through")
+    s("# the chunk start: aT = (K e^-G) @ (Q e^G)^T, one matmul. Otherwise sub-chunks (exact for any gate).")
+    s('small = T.alloc_buffer((1,), "int32")')
+    s("small[0] = 1")
+    with s.block(f"for f in range({k.F}):"):
+        with s.block(f"if Gc[{k.C - 1}, f] < T.float32({FACTOR_LIMIT}):"):
+            s("small[0] = 0")
+    with s.block("if small[0] == 1:"):
+        s("# (q decayed from the chunk start is also what the state term needs: qT is replaced in place)")
+        with s.block(f"for j in range({k.C}):"):
+            with s.block(f"for f in T.vectorized({k.F}):"):
+                s(f"kd[j, f] = kc[j, f] * {exp2(f'-Gc[j, f] * {L2E}')}")
+        with s.block(f"for f in range({k.F}):"):
+            with s.block(f"for i in T.vectorized({k.C}):"):
+                s(f"qT[f, i] = qT[f, i] * {exp2(f'GT[f, i] * {L2E}')}")
+        _emit_block_scores(s, k, "kd", "qT", scalar_decay=False)
+    with s.block("else:"):
+        _emit_scores_subchunks(s, k)
 
 
-def _emit_scores_vector(s, k: _Ctx) -> None:
+def _emit_block_scores(s, k: _Ctx, kbuf: str, qbuf: str, scalar_decay: bool) -> None:
+    """aT = kbuf @ qbuf by column blocks of one vector, then the causal mask (and a scalar gate's decay).
+
+    Block cb of queries only needs keys j < (cb + 1) * lanes; the outputs never read aT below that.
+    """
+    C, F = k.C, k.F
+    w = k.lanes if C % k.lanes == 0 else C
+    s(f"# aT = {kbuf} @ {qbuf}, one block of queries at a time (keys past the block's last query skipped),")
+    s("# then the causal mask" + (" and decay d_ij = 2^((G_i - G_j) log2 e)" if scalar_decay else ""))
+    for cb in range(C // w):
+        rows = (cb + 1) * w
+        col = f"{cb * w} + i" if cb else "i"
+        emit_gemm_tile(s, rows=rows, mr=divisor_at_most(rows, 8), width=w, red=str(F),
+                       a=lambda r, x: f"{kbuf}[{r}, {x}]", b=lambda x, ww, cb=cb: f"{qbuf}[{x}, {cb * w} + {ww}]",
+                       store=lambda r, ww, val, cb=cb: f"aT[{r}, {cb * w} + {ww}] = {val}")
+        with s.block(f"for j in range({rows}):"):
+            with s.block(f"for i in T.vectorized({w}):"):
+                if scalar_decay:
+                    dec = exp2(f"T.min(GT[0, {col}] - GT[0, j], T.float32(0)) * {L2E}")
+                    s(f"aT[j, {col}] = T.if_then_else(j <= {col}, aT[j, {col}] * {dec}, T.float32(0))")
+                else:
+                    s(f"aT[j, {col}] = T.if_then_else(j <= {col}, aT[j, {col}], T.float32(0))")
+
+
+def _emit_scores_subchunks(s, k: _Ctx) -> None:
+    """Vector gate, any strength: pairs across sub-chunks factor through the boundary token between them
+    (both exponents <= 0); pairs inside a sub-chunk take one exponential per feature."""
     C, F, cs = k.C, k.F, k.cs
-    s(f"# vector gate: sub-chunks of {cs}; pairs across sub-chunks factor through the boundary token")
     i0 = f"a * {cs}"   # first token of sub-chunk a (inlined: TVM 0.27 mis-flattens a let used as a loop bound)
     with s.block(f"for a in range({C // cs}):"):
         s("# queries of sub-chunk a decayed to the boundary, keys before it decayed from it")
@@ -280,8 +315,10 @@ def _emit_scores_vector(s, k: _Ctx) -> None:
             s(f"gref = T.if_then_else(a > 0, GT[f, T.max({i0} - 1, 0)], T.float32(0))")
             with s.block(f"for i in T.vectorized({cs}):"):
                 s(f"qd[f, {i0} + i] = qT[f, {i0} + i] * {exp2(f'(GT[f, {i0} + i] - gref) * {L2E}')}")
-            with s.block(f"for j in range({i0}):"):
-                s(f"kd[j, f] = kc[j, f] * {exp2(f'(gref - GT[f, j]) * {L2E}')}")
+        with s.block(f"for j in range({i0}):"):
+            with s.block(f"for f in T.vectorized({F}):"):
+                gref = f"T.if_then_else(a > 0, Gc[T.max({i0} - 1, 0), f], T.float32(0))"
+                s(f"kd[j, f] = kc[j, f] * {exp2(f'({gref} - Gc[j, f]) * {L2E}')}")
         with s.block(f"for j in range({i0}):"):
             with s.block(f"for i in T.vectorized({cs}):"):
                 s(f"aT[j, {i0} + i] = T.float32(0)")
@@ -311,10 +348,11 @@ def _emit_outputs(s, k: _Ctx, intra: bool, mode: str, normalize: bool) -> None:
     C, F, Dv, gate, mr = k.C, k.F, k.Dv, k.gate, k.mr
     if intra and gate is not None:
         s("# phi(q) decayed from the chunk start (in place: the scores are done with it)")
-        with s.block(f"for f in range({F}):"):
-            with s.block(f"for i in T.vectorized({C}):"):
-                gi = "GT[f, i]" if gate == "vector" else "GT[0, i]"
-                s(f"qT[f, i] = qT[f, i] * {exp2(f'{gi} * {L2E}')}")
+        with s.block_if("if small[0] == 0:" if gate == "vector" else None):
+            with s.block(f"for f in range({F}):"):
+                with s.block(f"for i in T.vectorized({C}):"):
+                    gi = "GT[f, i]" if gate == "vector" else "GT[0, i]"
+                    s(f"qT[f, i] = qT[f, i] * {exp2(f'{gi} * {L2E}')}")
     if k.den:
         s("# denominators: sum_j aT[j, i] + phi(q_i) . z")
         with s.block(f"for i in T.vectorized({C}):"):
@@ -353,16 +391,22 @@ def _emit_state_update(s, k: _Ctx, gated: bool) -> None:
     C, F, Dv, gate = k.C, k.F, k.Dv, k.gate
     s("# state update" + (": keys decayed to the chunk end" if gated else ""))
     if gated:
-        with s.block(f"for j in range({C}):"):
-            with s.block(f"for f in T.vectorized({F}):"):
-                gj, ge = ("Gc[j, f]", f"Gc[{C - 1}, f]") if gate == "vector" else ("Gc[j, 0]", f"Gc[{C - 1}, 0]")
-                s(f"kc[j, f] = kc[j, f] * {exp2(f'({ge} - {gj}) * {L2E}')}")
+        if gate == "vector":
+            with s.block("if small[0] == 1:"):
+                with s.block(f"for j in range({C}):"):
+                    with s.block(f"for f in T.vectorized({F}):"):
+                        s("kc[j, f] = kd[j, f] * decay[f]")
+        with s.block_if("if small[0] == 0:" if gate == "vector" else None):
+            with s.block(f"for j in range({C}):"):
+                with s.block(f"for f in T.vectorized({F}):"):
+                    gj, ge = ("Gc[j, f]", f"Gc[{C - 1}, f]") if gate == "vector" else ("Gc[j, 0]", f"Gc[{C - 1}, 0]")
+                    s(f"kc[j, f] = kc[j, f] * {exp2(f'({ge} - {gj}) * {L2E}')}")
     dec = (lambda r: f"decay[{r}]") if gate == "vector" else (lambda r: "decay[0]")
     emit_gemm_tile(s, rows=F, mr=k.mr_f, width=Dv, red=str(C),
                    a=lambda r, x: f"kc[{x}, {r}]", b=lambda x, w: f"v[b, hk, T.min(c0 + {x}, L - 1), {w}]",
                    init=(lambda r, w: f"S[{r}, {w}] * {dec(r)}") if gated else (lambda r, w: f"S[{r}, {w}]"),
                    store=lambda r, w, val: f"S[{r}, {w}] = {val}")
-    if k.den:
+    if k.keep_z:
         if gated:
             with s.block(f"for f in T.vectorized({F}):"):
                 s(f"z[f] = z[f] * {dec('f')}")

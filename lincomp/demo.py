@@ -1,0 +1,452 @@
+"""``lincomp demo`` / ``make demo``: the main job end to end, with a report.
+
+spec -> tune -> compile -> linearise all-MiniLM-L6-v2 -> distil briefly -> measure:
+
+1. **spec**: a non-causal window + Hedgehog hybrid for the encoder (``distill_cli.minilm_spec``);
+2. **tune**: ``lincomp.tune`` on this device (TVM on a CPU, Triton on a GPU); a second run costs nothing;
+3. **compile**: ``lincomp.compile(spec, "auto")``, checked against the reference oracle;
+4. **linearize** + **distill**: the real all-MiniLM-L6-v2, a short layer-local attention transfer on
+   stdlib docstrings, embedding fidelity to the teacher on held-out text longer than the window;
+5. **speed**: the compiled kernel against dense SDPA and FlexAttention (the window part only, with a
+   block mask) across lengths; **flops**: attention FLOPs saved against dense attention;
+6. **report**: ``out/demo/report.md`` and ``out/demo/report.png``.
+
+A section whose backend is missing is skipped with the reason printed (and written to the report); the
+others still run. On a GPU the same command runs the Triton kernels and the model on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from lincomp._atomic import atomic_write_bytes, atomic_write_text
+
+
+class _Demo:
+    """Runs the sections in order, shares their results, records what was skipped and why."""
+
+    def __init__(self, args: argparse.Namespace):
+        import torch
+
+        self.args = args
+        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.gpu = self.device.startswith("cuda")
+        self.out = Path(args.out)
+        self.results: dict = {"sections": {}, "skipped": {}}
+        self.spec = None
+        self.kernel = None
+        self.teacher = self.student = self.tokenizer = None
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def section(self, name: str, title: str, fn: Callable[[], Optional[dict]]) -> None:
+        print(f"\n== {title} " + "=" * max(0, 72 - len(title)), flush=True)
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # fallback / dropout notes are summarised in the report
+                out = fn() or {}
+        except _Skip as why:
+            self._skip(name, str(why))
+            return
+        except Exception as e:  # a broken backend must not take the other sections down
+            self._skip(name, f"{type(e).__name__}: {e}".splitlines()[0][:300])
+            if self.args.verbose:
+                traceback.print_exc()
+            return
+        out["wall_s"] = time.perf_counter() - t0
+        self.results["sections"][name] = out
+        print(f"({name}: {out['wall_s']:.1f} s)", flush=True)
+
+    def _skip(self, name: str, why: str) -> None:
+        self.results["skipped"][name] = why
+        print(f"SKIPPED {name}: {why}", flush=True)
+
+    # -- sections ----------------------------------------------------------------------------------
+    def do_spec(self) -> dict:
+        from lincomp.models.distill_cli import minilm_spec
+
+        a = self.args
+        self.spec = minilm_spec(a.window, a.feature_dim, a.combine)
+        print(f"{self.spec.summary()}\n{self.spec.to_json()}")
+        print(f"window: {a.window} tokens each side + [CLS] global; Hedgehog linear attention (E = {a.feature_dim}) "
+              f"over every other token; combine = {a.combine!r}")
+        return {"spec": self.spec.to_dict(), "summary": self.spec.summary()}
+
+    def do_tune(self) -> dict:
+        import lincomp
+        from lincomp.tuning.autotune import format_rows
+
+        rows = lincomp.tune(self.spec, "auto", lengths=self.args.lengths, heads=12, head_dim=32,
+                            dtype="bfloat16" if self.gpu else "float32", device=self.device,
+                            progress=not self.args.no_progress)
+        print(format_rows(rows))
+        return {"rows": rows}
+
+    def do_compile(self) -> dict:
+        import torch
+
+        import lincomp
+        from lincomp.testing import random_inputs, rel_err
+
+        self.kernel = lincomp.compile(self.spec, "auto")
+        inputs = random_inputs(self.spec, B=1, H=12, L=min(self.args.lengths), D=32,
+                               feature_dim=self.args.feature_dim, device=self.device, seed=1)
+        out = self.kernel(**inputs)
+        ref = lincomp.reference(self.spec, **{k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                                                  else v) for k, v in inputs.items()})
+        err = rel_err(out, ref)
+        chosen = getattr(self.kernel, "kernel_for", lambda d: self.kernel)(torch.device(self.device))
+        print(f"target: {chosen.target}; relative error vs the fp64 reference at L={min(self.args.lengths)}: {err:.2e}")
+        if not err <= 1e-4 * (50 if self.gpu else 1):
+            raise RuntimeError(f"the compiled kernel disagrees with the reference (rel err {err:.2e})")
+        return {"target": chosen.target, "rel_err": err}
+
+    def do_linearize(self) -> dict:
+        from lincomp.models.distill_cli import _linearize, load_minilm
+
+        self.tokenizer, self.teacher = load_minilm(self.device)
+        self.student = _linearize(copy.deepcopy(self.teacher), self.spec)
+        from lincomp.models import learned_parameters
+
+        n = sum(p.numel() for p in learned_parameters(self.student))
+        lin = next(m.lincomp for m in self.student.modules() if hasattr(m, "lincomp"))
+        print(f"all-MiniLM-L6-v2: 6 layers x 12 heads linearised; {n} learned parameters added; "
+              f"attention runs through lincomp (target {lin.target!r})")
+        return {"learned_parameters": n, "target": lin.target}
+
+    def do_distill(self) -> dict:
+        from lincomp.models.distill import distill, embedding_fidelity, load_student
+        from lincomp.models.distill_cli import _batches, minilm_blocks
+
+        if self.student is None:
+            raise _Skip("the model was not linearised (see the linearize section)")
+        a = self.args
+        heldout = minilm_blocks(self.tokenizer, "heldout", a.eval_length, a.eval_blocks)
+        before = embedding_fidelity(self.student, self.teacher, heldout)
+        print(f"held-out: {heldout.shape[0]} docstring texts of {a.eval_length} tokens (the window sees "
+              f"{2 * a.window + 1} + 1)")
+        print(f"cosine similarity to the teacher before distillation: {before['mean']:.4f}")
+        hist, steps = [], a.steps
+        if a.student:
+            self.student = load_student(copy.deepcopy(self.teacher), a.student)
+            print(f"loaded a distilled student from {a.student} (no training here)")
+            steps = 0
+        elif steps:
+            train = minilm_blocks(self.tokenizer, "train", a.train_length, a.steps * a.batch_size)
+            res = distill(self.student, self.teacher, _batches(train, a.batch_size, 0), attention_steps=steps,
+                          lr=a.lr, seed=0, progress=not a.no_progress)
+            hist = res.history.get("attention", [])
+        after = embedding_fidelity(self.student, self.teacher, heldout)
+        print(f"cosine similarity to the teacher after {steps} steps: {after['mean']:.4f} (min {after['min']:.4f})")
+        if steps and after["mean"] < 0.99:
+            print("(a brief run; `lincomp distill minilm` trains longer: see benchmarks/results/distill_minilm_cpu.md)")
+        return {"before": before, "after": after, "steps": steps, "loss": [h["loss"] for h in hist],
+                "train_length": a.train_length, "eval_length": a.eval_length}
+
+    def do_speed(self) -> dict:
+        import torch
+
+        import lincomp
+        from lincomp.testing import random_inputs
+        from lincomp.tuning.search import median_time_ms
+
+        kernel = self.kernel or lincomp.compile(self.spec, "auto")
+        dtype = torch.bfloat16 if self.gpu else torch.float32
+        flex, flex_why = _flex(self.spec, self.device)
+        if flex is None:
+            print(f"FlexAttention column skipped: {flex_why}")
+        rows = []
+        for L in self.args.lengths:
+            inp = random_inputs(self.spec, B=1, H=12, L=L, D=32, feature_dim=self.args.feature_dim,
+                                dtype=dtype, device=self.device, seed=2)
+            q, k, v = inp["q"], inp["k"], inp["v"]
+            reps = 3 if L >= 4096 and not self.gpu else 10
+            with torch.no_grad():
+                row = {"L": L,
+                       "lincomp_ms": median_time_ms(lambda: kernel(**inp), warmup=2, reps=reps, device=self.device),
+                       "sdpa_ms": median_time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                                                 warmup=2, reps=reps, device=self.device)}
+                if flex is not None:
+                    try:
+                        fn = flex(L, q, k, v)
+                        row["flex_ms"] = median_time_ms(fn, warmup=1, reps=reps, device=self.device)
+                    except Exception as e:  # one length failing to compile must not lose the others
+                        row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            rows.append(row)
+            print(f"L={L:6d}  lincomp {row['lincomp_ms']:9.3f} ms   SDPA (dense) {row['sdpa_ms']:9.3f} ms   "
+                  f"Flex (window only) {_ms(row.get('flex_ms'))}   speed-up vs SDPA "
+                  f"{row['sdpa_ms'] / row['lincomp_ms']:.2f}x", flush=True)
+        target = getattr(kernel, "kernel_for", lambda d: kernel)(torch.device(self.device)).target
+        return {"rows": rows, "dtype": str(dtype).replace("torch.", ""), "target": target,
+                "flex_note": flex_why}
+
+    def do_flops(self) -> dict:
+        from lincomp.ir.cost import estimate
+
+        rows = []
+        for L in sorted(set(self.args.lengths) | {self.args.eval_length}):
+            e = estimate(self.spec, L, B=1, H=12, D=32, E=self.args.feature_dim)
+            rows.append({"L": L, "flops": e.flops, "dense_flops": e.dense_flops, "saved": e.flops_saved})
+            print(f"L={L:6d}  lincomp {e.flops / 1e6:10.1f} MFLOP   dense {e.dense_flops / 1e6:10.1f} MFLOP   "
+                  f"saved {100 * e.flops_saved:5.1f}%")
+        return {"rows": rows}
+
+    # -- report ------------------------------------------------------------------------------------
+    def report(self) -> None:
+        from lincomp.models.distill_cli import _machine
+
+        self.results["machine"] = _machine()
+        self.results["device"] = self.device
+        self.out.mkdir(parents=True, exist_ok=True)
+        md = _markdown(self.results, self.args)
+        png = _plot(self.results, self.out / "report.png")
+        if png:
+            md += f"\n![report]({png.name})\n"
+        atomic_write_text(self.out / "report.md", md)
+        atomic_write_text(self.out / "results.json", json.dumps(self.results, indent=2, default=str) + "\n")
+        print("\n" + _summary(self.results))
+        print(f"\nreport: {self.out / 'report.md'}" + (f" and {png}" if png else " (no plot: matplotlib missing)"))
+
+
+class _Skip(Exception):
+    """A section cannot run here; the message says why."""
+
+
+def _ms(x) -> str:
+    return f"{x:9.3f} ms" if x is not None else "        -   "
+
+
+def _flex(spec, device: str):
+    """``(make(L, q, k, v) -> fn, None)`` running the spec's window (+ prefix) with FlexAttention, or
+    ``(None, why)``. FlexAttention has no linear branch: its time is the window part alone."""
+    try:
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        return None, f"FlexAttention is not in this torch ({e})"
+    w = spec.window
+    if w is None or w.kind != "1d":
+        return None, "the demo's Flex mask covers 1D windows only"
+    left, right, prefix = w.left, w.right, spec.prefix
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def mask_mod(b, h, qi, ki):
+        body = (ki - qi <= right) & (qi - ki <= left)
+        return body | (qi < prefix) | (ki < prefix)
+
+    def make(L, q, k, v):
+        bm = create_block_mask(mask_mod, 1, 1, L, L, device=device)
+        return lambda: compiled(q, k, v, block_mask=bm)
+
+    return make, "FlexAttention computes the window (+ prefix) part only: it has no linear branch"
+
+
+def _summary(r: dict) -> str:
+    """The closing terminal table."""
+    s = r["sections"]
+    rows = [("result", "value")]
+    if "compile" in s:
+        rows.append(("kernel vs reference (rel err)", f"{s['compile']['rel_err']:.1e} ({s['compile']['target']})"))
+    if "distill" in s:
+        d = s["distill"]
+        rows.append((f"embedding cosine, {d['eval_length']} tokens", f"{d['before']['mean']:.4f} -> {d['after']['mean']:.4f} "
+                                                                   f"({d['steps']} steps)"))
+    if "speed" in s:
+        for row in s["speed"]["rows"]:
+            rows.append((f"speed-up vs SDPA, L={row['L']}", f"{row['sdpa_ms'] / row['lincomp_ms']:.2f}x"
+                         + (f" (vs Flex window-only {row['flex_ms'] / row['lincomp_ms']:.2f}x)" if 'flex_ms' in row else "")))
+    if "flops" in s:
+        for row in s["flops"]["rows"]:
+            rows.append((f"attention FLOPs saved, L={row['L']}", f"{100 * row['saved']:.1f}%"))
+    for name, why in r["skipped"].items():
+        rows.append((f"SKIPPED {name}", why[:100]))
+    widths = [max(len(x[i]) for x in rows) for i in range(2)]
+    fmt = lambda x: f"{x[0].ljust(widths[0])}  {x[1]}"  # noqa: E731
+    return "\n".join([fmt(rows[0]), fmt(("-" * widths[0], "-" * widths[1])), *map(fmt, rows[1:])])
+
+
+def _markdown(r: dict, args: argparse.Namespace) -> str:
+    s, m = r["sections"], r["machine"]
+    lines = ["# lincomp demo report", "",
+             f"- machine: {m['cpu']}{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']} "
+             f"({m['torch_threads']} threads); device {r['device']}",
+             f"- spec: `{s['spec']['summary']}`" if "spec" in s else "- spec: -",
+             f"- total wall time: {sum(x.get('wall_s', 0) for x in s.values()):.0f} s", ""]
+    if r["skipped"]:
+        lines += ["## Skipped", ""] + [f"- **{k}**: {v}" for k, v in r["skipped"].items()] + [""]
+    if "tune" in s:
+        lines += ["## Tuning", "", "| target | kernel | L | time ms | configs tried | cached |", "| --- | --- | --- | --- | --- | --- |"]
+        for row in s["tune"]["rows"]:
+            lines.append(f"| {row['target']} | {row['kernel']} | {row['L']} | {row['time_ms']:.3f} | "
+                         f"{row['candidates']} | {'yes' if row['cached'] else 'no'} |")
+        lines.append("")
+    if "compile" in s:
+        c = s["compile"]
+        lines += ["## Compile", "", f"Target `{c['target']}`; relative error against the fp64 reference: {c['rel_err']:.2e}.", ""]
+    if "distill" in s:
+        d = s["distill"]
+        lines += ["## Fidelity (all-MiniLM-L6-v2)", "",
+                  f"Mean cosine similarity of mean-pooled sentence embeddings to the teacher on held-out stdlib "
+                  f"docstrings of {d['eval_length']} tokens ({d['after']['n']} texts); the window sees "
+                  f"{2 * args.window + 1} tokens + [CLS]. Layer-local attention transfer, {d['steps']} steps of "
+                  f"{args.batch_size} x {d['train_length']} tokens.", "",
+                  "| | mean | min | 5th percentile |", "| --- | --- | --- | --- |",
+                  f"| before distillation | {d['before']['mean']:.4f} | {d['before']['min']:.4f} | {d['before']['p05']:.4f} |",
+                  f"| after distillation | **{d['after']['mean']:.4f}** | {d['after']['min']:.4f} | {d['after']['p05']:.4f} |", ""]
+    if "speed" in s:
+        sp = s["speed"]
+        lines += ["## Speed (B=1, H=12, D=32, " + sp["dtype"] + ")", "",
+                  f"lincomp target `{sp['target']}`. SDPA: dense attention (what the teacher runs). "
+                  f"FlexAttention: {sp['flex_note'] or 'window only'}.", "",
+                  "| L | lincomp ms | SDPA ms | Flex ms | vs SDPA | vs Flex |", "| --- | --- | --- | --- | --- | --- |"]
+        for row in sp["rows"]:
+            fl = row.get("flex_ms")
+            flex_ms = "-" if fl is None else f"{fl:.3f}"
+            vs_flex = "-" if fl is None else f"{fl / row['lincomp_ms']:.2f}x"
+            lines.append(f"| {row['L']} | {row['lincomp_ms']:.3f} | {row['sdpa_ms']:.3f} | {flex_ms} | "
+                         f"{row['sdpa_ms'] / row['lincomp_ms']:.2f}x | {vs_flex} |")
+        lines.append("")
+    if "flops" in s:
+        lines += ["## Attention FLOPs (B=1, H=12, D=32)", "", "| L | lincomp MFLOP | dense MFLOP | saved |",
+                  "| --- | --- | --- | --- |"]
+        for row in s["flops"]["rows"]:
+            lines.append(f"| {row['L']} | {row['flops'] / 1e6:.1f} | {row['dense_flops'] / 1e6:.1f} | {100 * row['saved']:.1f}% |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(r: dict, path: Path) -> Optional[Path]:
+    """report.png: time vs length (left), FLOPs saved (middle), distillation loss and fidelity (right)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    s = r["sections"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    if "speed" in s:
+        rows = s["speed"]["rows"]
+        Ls = [x["L"] for x in rows]
+        ax.plot(Ls, [x["lincomp_ms"] for x in rows], "o-", label=f"lincomp ({s['speed']['target']})")
+        ax.plot(Ls, [x["sdpa_ms"] for x in rows], "s--", label="SDPA (dense)")
+        fl = [(x["L"], x["flex_ms"]) for x in rows if "flex_ms" in x]
+        if fl:
+            ax.plot(*zip(*fl), "^:", label="FlexAttention (window only)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "speed: skipped", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("ms per call")
+    ax.set_title("attention time")
+    ax = axes[1]
+    if "flops" in s:
+        rows = s["flops"]["rows"]
+        ax.bar([str(x["L"]) for x in rows], [100 * x["saved"] for x in rows])
+        ax.set_ylim(0, 100)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("% of dense attention FLOPs saved")
+    ax.set_title("FLOPs saved")
+    ax = axes[2]
+    if "distill" in s:
+        d = s["distill"]
+        if d["loss"]:
+            ax.plot(range(1, len(d["loss"]) + 1), d["loss"], label="attention MSE")
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.legend(loc="upper right")
+        ax.set_title(f"distillation: cosine {d['before']['mean']:.3f} -> {d['after']['mean']:.3f}")
+    else:
+        ax.set_title("distillation: skipped")
+    fig.tight_layout()
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="out/demo", help="report folder (default out/demo)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="lengths for tuning and timing (default: 256 1024 4096 on CPU, 1024 4096 16384 on GPU)")
+    p.add_argument("--steps", type=int, default=40, help="distillation steps (default 40: a brief run)")
+    p.add_argument("--student", default=None, metavar="PATH",
+                   help="load a student saved by `lincomp distill minilm` instead of training")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--train-length", type=int, default=128, help="training text length in tokens (default 128)")
+    p.add_argument("--eval-length", type=int, default=256, help="held-out text length in tokens (default 256)")
+    p.add_argument("--eval-blocks", type=int, default=32, help="held-out texts (default 32)")
+    p.add_argument("--window", type=int, default=16, help="window tokens each side (default 16)")
+    p.add_argument("--feature-dim", type=int, default=32, help="Hedgehog E (default 32)")
+    p.add_argument("--combine", choices=["shared", "sum"], default="shared")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--skip", nargs="*", default=[], choices=list(SECTIONS), help="sections to leave out")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section (tests)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a skipped section")
+
+
+SECTIONS = {"spec": "spec", "tune": "tune on this device", "compile": "compile and check",
+            "linearize": "linearise all-MiniLM-L6-v2", "distill": "distil briefly and measure fidelity",
+            "speed": "speed vs SDPA and FlexAttention", "flops": "attention FLOPs"}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every section, then write the report; returns 0 (skipped sections are reported, not fatal)."""
+    import torch
+
+    if args.quick:
+        args.lengths = args.lengths or [128, 256]
+        args.steps, args.eval_blocks, args.eval_length, args.train_length = min(args.steps, 2), 4, 128, 64
+        args.batch_size = 2
+    if args.lengths is None:
+        args.lengths = [1024, 4096, 16384] if torch.cuda.is_available() and args.device != "cpu" else [256, 1024, 4096]
+    demo = _Demo(args)
+    print(f"lincomp demo on {demo.device}; report in {demo.out}/")
+    for name, title in SECTIONS.items():
+        if name in args.skip:
+            demo._skip(name, "left out with --skip")
+        elif name != "spec" and demo.spec is None:
+            demo._skip(name, "no spec")
+        else:
+            demo.section(name, title, getattr(demo, f"do_{name}"))
+    demo.report()
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``demo`` to the ``lincomp`` command's subparsers."""
+    p = subparsers.add_parser("demo", help="run the main job end to end and write a report",
+                              description=__doc__.split("\n\n")[0] + " Spec -> tune -> compile -> linearise "
+                              "all-MiniLM-L6-v2 -> distil briefly -> fidelity, speed and FLOPs, written to "
+                              "out/demo/report.md and report.png.")
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m lincomp.demo [options]``."""
+    parser = argparse.ArgumentParser(prog="lincomp demo", description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    return run(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

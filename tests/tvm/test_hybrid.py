@@ -1,0 +1,40 @@
+"""Hybrids: combine="sum" (Lizard: linear + alpha * window with sinks) and combine="shared" (LoLCATs: one
+normaliser; the window kernel removes the linear terms of keys inside the window), every window kind."""
+
+import pytest
+
+pytest.importorskip("tvm")
+
+from lincomp import presets  # noqa: E402
+from lincomp.spec import AttentionSpec  # noqa: E402
+
+WINDOWS = [{"kind": "1d", "left": 5, "right": 0}, {"kind": "terraced", "block": 4},
+           {"kind": "2d", "grid": [5, 6], "radius": 2, "shape": "circle"}]
+
+
+def test_lizard_preset(check):
+    check(presets.lizard(window=8, sinks=4, feature_dim=8), B=2, H=4, Hkv=2, L=53, initial_state=True,
+          return_state=True, seed=1)
+
+
+def test_lolcats_presets(check):
+    check(presets.lolcats(block=4, feature_dim=8), B=2, H=2, L=45, seed=2)
+    check(presets.lolcats(block=6, feature_dim=8, terraced=False), B=1, H=2, L=45, initial_state=True, seed=3)
+
+
+@pytest.mark.parametrize("combine", ["sum", "shared"])
+@pytest.mark.parametrize("window", range(len(WINDOWS)))
+@pytest.mark.parametrize("gate", [None, "scalar", "vector"])
+def test_hybrid_grid(check, combine, window, gate):
+    fmap = "elu1" if gate != "vector" else "hedgehog"
+    spec = AttentionSpec(window=WINDOWS[window], causal=True, prefix=2, sinks=2 if combine == "sum" else 0,
+                         linear={"feature_map": fmap, "feature_dim": 6 if fmap == "hedgehog" else None,
+                                 "gate": gate, "normalize": True}, combine=combine)
+    check(spec, B=1, H=2, L=40, seed=4)
+
+
+@pytest.mark.parametrize("combine", ["sum", "shared"])
+def test_non_causal_hybrids(check, combine):
+    spec = AttentionSpec(window={"kind": "2d", "grid": [6, 6], "radius": 2, "shape": "square"}, prefix=3,
+                         linear={"feature_map": "relu", "gate": None, "normalize": True}, combine=combine)
+    check(spec, H=2, seed=5)
