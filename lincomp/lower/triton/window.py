@@ -194,11 +194,21 @@ def load_kernels(spec: AttentionSpec, mode: Optional[str] = None):
     mode = mode or ("interp" if interpreting() else "jit")
     if mode not in ("interp", "jit"):
         raise ValueError(f"mode must be 'interp' or 'jit', got {mode!r}")
+    if mode == "interp" and not _triton_imported_interpreted():
+        raise Unsupported("TRITON_INTERPRET=1 was set after triton was imported (triton's own library is "
+                          "compiled-mode); set it before the first import of triton")
     key = (spec, mode)
     if key not in _MODULES:
         with interpreter_env(mode == "interp"):   # @triton.jit reads TRITON_INTERPRET at import
             _MODULES[key] = load_generated_module(render_source(spec), f"window_{mode}", folder="triton")
     return _MODULES[key]
+
+
+def _triton_imported_interpreted() -> bool:
+    """Whether triton's library functions (tl.zeros, tl.sum: @triton.jit) were made for the interpreter."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+    return not isinstance(tl.zeros, JITFunction)
 
 
 @contextlib.contextmanager
@@ -627,7 +637,9 @@ def tune_window(spec, *, L: Optional[int] = None, B: int = 1, H: int = 16, Hkv: 
                                  bwd_runner(spec, do, q, k, v, o, lse, None, sink, None, scale),
                                  backend="triton", kernel="window_bwd", spec=spec, dtype=dtype, dims=dims, db=db,
                                  device=dev, force=force, progress=progress)
-    for kernel, r in out.items():   # later calls in this process use the new result
+    for kernel, r in out.items():   # later calls in this process see the new result (other buckets: the db)
+        for key in [key for key in _CHOSEN if key[:3] == (kernel, spec, dev)]:
+            del _CHOSEN[key]
         _CHOSEN[(kernel, spec, dev, str(dtype), _bucket(dims), False)] = normalize_config(spec, r.config)
     return out
 

@@ -86,10 +86,11 @@ def default_config(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> dict
     if part == "window":
         if isinstance(spec.window, GridWindow):
             bm = 16 if len(spec.window.grid) == 2 else 32
-            cfg = _window.WindowConfig(block_m=bm, block_n=bm, tile=default_tile(spec.window.grid, bm))
+            cfg = _window.WindowConfig(block_m=bm, block_n=bm, tile=default_tile(spec.window.grid, bm), mr_qk=0,
+                                       mr_pv=0)
         else:
-            bm = 32 if L > 32 else 16
-            cfg = _window.WindowConfig(block_m=bm, block_n=bm)
+            bm = 64 if L >= 1024 else 32 if L > 32 else 16
+            cfg = _window.WindowConfig(block_m=bm, block_n=bm, mr_qk=0, mr_pv=0)
         return _fit_window(cfg, sizes).to_dict()
     return _linear.LinearConfig(chunk=64, sub_chunk=16, mr=4).to_dict()
 
@@ -118,15 +119,15 @@ def config_space(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> list:
                               if math.prod(t) == bm}
                 for tile in sorted(tiles):
                     for mr in (4, 8):
-                        out.append(_window.WindowConfig(bm, bm, tile, mr, 4))
+                        out.append(_window.WindowConfig(bm, bm, tile, mr, 0))
         else:
             for bm in (16, 32, 64):
                 for bn in (16, 32, 64, 128):
                     for mr in (4, 8):
-                        out.append(_window.WindowConfig(bm, bn, None, mr, 4))
+                        out.append(_window.WindowConfig(bm, bn, None, mr, 0))
         return [c.to_dict() for c in {_fit_window(c, sizes): None for c in out}]
-    for chunk in (32, 64, 128):
-        subs = (8, 16, 32) if spec.linear.gate == "vector" else (16,)
+    for chunk in (16, 32, 64):
+        subs = (8, 16) if spec.linear.gate == "vector" else (16,)
         for sub in subs:
             for mr in (4, 8):
                 if sub <= chunk:
@@ -396,11 +397,13 @@ class TVMKernel(Kernel):
         return o, state
 
     # -- tuning ---------------------------------------------------------------------------------
-    def tune(self, q, k, v, *, force: bool = False, progress=True, db=None, **tensors) -> list:
+    def tune(self, q, k, v, *, force: bool = False, progress=True, db=None, space: Optional[dict] = None,
+             reps: int = 7, **tensors) -> list:
         """Measure the config space of each part at these inputs' sizes; store the best per bucket.
 
         Returns one :class:`lincomp.tuning.TuneResult` per part. A key already in the database
         costs nothing (unless ``force``). Each config's output is checked against the default's.
+        ``space={"window": [...], "linear": [...]}`` replaces the built-in spaces (:func:`config_space`).
         """
         from lincomp.tuning import TuningDB, median_time_ms
         from lincomp.tuning import tune as run_tune
@@ -421,8 +424,8 @@ class TVMKernel(Kernel):
                     if not err <= 1e-4:
                         raise RuntimeError(f"config disagrees with the default config (rel err {err:.2e})")
                     return lambda: self._run(call, sizes, configs)
-                res = run_tune(config_space(part, self.spec, sizes, call.L), build,
-                               lambda fn: median_time_ms(fn, warmup=2, reps=7, device="cpu"),
+                configs = (space or {}).get(part) or config_space(part, self.spec, sizes, call.L)
+                res = run_tune(configs, build, lambda fn: median_time_ms(fn, warmup=2, reps=reps, device="cpu"),
                                backend=BACKEND, kernel=KERNEL_NAMES[part], spec=self.spec, dtype="float32",
                                dims=sizes.bucket(call.L, part), db=db, device="cpu", force=force,
                                progress=progress)
