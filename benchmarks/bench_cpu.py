@@ -73,17 +73,37 @@ def cpu_model() -> str:
 
 
 # ------------------------------------------------------------------------------------------- peers
-def flex_peer(mask_mod, L: int, block: int = 128):
+def flex_peer(mask_mod, L: int, block: int = 128, kv_len=None, score_mod=None):
     """torch.compile(flex_attention) with a block mask built once; returns (fn(q, k, v), build seconds)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     t0 = time.perf_counter()
-    bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device="cpu", BLOCK_SIZE=block)
+    bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=kv_len or L, device="cpu",
+                           BLOCK_SIZE=block)
     built = time.perf_counter() - t0
     flex = torch.compile(flex_attention, dynamic=False)
 
-    def run(q, k, v, return_lse=False):
-        return flex(q, k, v, block_mask=bm, return_lse=return_lse)
+    def run(q, k, v):
+        return flex(q, k, v, block_mask=bm, score_mod=score_mod)
     return run, built
+
+
+def flex_sinks_peer(window: int, L: int, sink_logits):
+    """Sliding window + sink logits in FlexAttention (CPU flex has no return_lse): the m sinks are extra
+    keys after the sequence with zero values, always visible, whose scores score_mod replaces."""
+    m = sink_logits.shape[-1]
+
+    def mask_mod(b, h, q, kv):
+        return (kv >= L) | ((kv <= q) & (q - kv < window))
+
+    def score_mod(score, b, h, q, kv):
+        return torch.where(kv >= L, sink_logits[h, (kv - L).clamp(0, m - 1)], score)
+
+    run, built = flex_peer(mask_mod, L, kv_len=L + m, score_mod=score_mod)
+
+    def run_sinks(q, k, v):
+        pad = q.new_zeros(q.shape[0], k.shape[1], m, q.shape[-1])
+        return run(q, torch.cat([k, pad], 2), torch.cat([v, pad[..., :v.shape[-1]]], 2))
+    return run_sinks, built
 
 
 def sliding_mask_mod(window: int):
@@ -249,14 +269,12 @@ class Bench:
                           f"config {kern.config}; first call {first:.1f}s")
         q, k, v, g = x["q"], x["k"], x["v"], x["g"]
         wq, wk, sl, alpha = x["feature_weight_q"], x["feature_weight_k"], x["sink_logits"], x["alpha"]
-        flex, built = flex_peer(sliding_mask_mod(window), L)
+        flex, built = flex_sinks_peer(window, L, sl)
         gla = torch.compile(gla_chunked_torch, dynamic=False)
         feats = torch.compile(hedgehog_exp, dynamic=False)
 
         def window_branch():
-            o, lse = flex(q, k, v, return_lse=True)                     # lse: natural log, [B, H, L]
-            sink = torch.logsumexp(sl, -1)[None, :, None]
-            return o * torch.sigmoid(lse - sink)[..., None]             # softmax with sink logits
+            return flex(q, k, v)
 
         def linear_branch():
             return gla(feats(q, wq), feats(k, wk), v, g, 64, True, 1.0)

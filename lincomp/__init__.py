@@ -15,6 +15,7 @@ _LAZY = {
     "compile": ("lincomp.compiler", "compile"),
     "Kernel": ("lincomp.runtime.kernel", "Kernel"),
     "tune": ("lincomp.tuning.autotune", "tune"),
+    "TritonDecoder": ("lincomp.lower.triton.decode", "TritonDecoder"),
     "TuningDB": ("lincomp.tuning", "TuningDB"),
 }
 

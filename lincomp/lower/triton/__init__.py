@@ -12,3 +12,6 @@ def compile_triton(spec, **hints):
         return compile_window(spec, **hints)
     from lincomp.lower.triton.linear import compile_linear
     return compile_linear(spec, **hints)
+
+
+from lincomp.lower.triton.decode import DecodeState, TritonDecoder  # noqa: E402,F401  (does not import triton)
