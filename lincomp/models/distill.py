@@ -2,17 +2,19 @@
 
 ``distill(student, teacher, data)`` runs two stages:
 
-1. **attention transfer**: every linearised layer's attention output (before the output projection,
-   recorded by ``lincomp.models.capture_attention``) is matched to the teacher's with an MSE; only
-   the parameters ``lincomp.linearize`` added train (feature maps, gates, sink logits, mixing weights);
+1. **attention transfer**: every linearised layer's attention output (before the output projection) is
+   matched to the softmax teacher's with an MSE; only the parameters ``lincomp.linearize`` added train
+   (feature maps, gates, sink logits, mixing weights). Layer-local by default (LoLCATs: each layer sees
+   the teacher's hidden states, one forward pass, no backward through the network), or end to end
+   (``capture_attention`` on student and teacher);
 2. **fine-tuning**: LoRA adapters (peft) on the q/k/v projections train with a task loss
    (next-token loss for causal LMs, embedding distillation for encoders, ``clear_loss`` for Flux, or
    any callable); the adapters are merged into the weights at the end.
 
 Training is deterministic for a seed (the RNG is re-seeded from (seed, stage, step) before every step,
-and the batch of step ``i`` is ``data[i % len(data)]``), so a run resumed from its checkpoint
-(``checkpoint_dir``: one safetensors file per stage, written atomically) ends with exactly the
-weights of an uninterrupted run. Works on CPU and GPU: batches follow the student's device.
+and the batch of step ``i`` is ``data[i % len(data)]`` or ``data(i)``), so a run resumed from its
+checkpoint (``checkpoint_dir``: one safetensors file per stage, written atomically) ends with exactly
+the weights of an uninterrupted run. Works on CPU and GPU: batches follow the student's device.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import torch.nn.functional as F
 
 from lincomp._atomic import atomic_write_bytes
 
-STAGES = ("attention", "finetune")
 TASK_LOSSES = ("auto", "lm", "embedding", "clear")
 TRANSFERS = ("local", "end_to_end")
 # q/k/v projection names per model family (Llama / BERT / diffusers attention incl. Flux's text stream).
@@ -44,31 +45,13 @@ CHECKPOINT_FORMAT = "lincomp-distill-1"
 LossOut = Union[torch.Tensor, Tuple[torch.Tensor, Mapping[str, float]]]
 
 
-# ------------------------------------------------------------------------------------ issue-6 API
-def _models_api():
-    """linearize's helpers (lincomp.models), imported on first use."""
-    try:
-        from lincomp.models import capture_attention, learned_parameters, set_attention_mode
-    except ImportError as e:  # pragma: no cover - only while lincomp.models is incomplete
-        raise ImportError(f"lincomp.distill needs lincomp.models (linearize, capture_attention, ...): {e}") from e
-    return capture_attention, learned_parameters, set_attention_mode
-
-
+# ------------------------------------------------------------------------------- linearize's parts
 def learned_named_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """``{name: parameter}`` of exactly the parameters ``lincomp.linearize`` added to ``model``."""
-    _, learned_parameters, _ = _models_api()
-    learned = learned_parameters(model)
-    if isinstance(learned, Mapping):
-        items = list(learned.values())
-    else:
-        items = list(learned)
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for p in items:
-        if id(p) not in by_id:
-            raise ValueError("learned_parameters(model) returned a tensor that is not a parameter of the model")
-        out[by_id[id(p)]] = p
-    return dict(sorted(out.items()))
+    """``{name: parameter}`` of exactly the parameters ``lincomp.linearize`` added to ``model``, sorted."""
+    from lincomp.models import learned_parameters
+
+    learned = {id(p) for p in learned_parameters(model)}
+    return dict(sorted((n, p) for n, p in model.named_parameters() if id(p) in learned))
 
 
 # ----------------------------------------------------------------------------------------- batches
@@ -126,27 +109,26 @@ class TeacherRunner:
 
     @contextmanager
     def _mode(self) -> Iterator[None]:
-        from lincomp.models import LinearizedAttention
+        from lincomp.models import LinearizedAttention, attention_mode
 
         if not self.shared or not any(isinstance(m, LinearizedAttention) for m in self.model.modules()):
             yield   # a separate teacher, or a stock model compared with itself
             return
-        _, _, set_attention_mode = _models_api()
         lora = _lora_layers(self.model)
-        set_attention_mode(self.model, "teacher")
         for m in lora:
             m.enable_adapters(False)
         try:
-            yield
+            with attention_mode(self.model, "teacher"):
+                yield
         finally:
             for m in lora:
                 m.enable_adapters(True)
-            set_attention_mode(self.model, "student")
 
     def __call__(self, batch: Any, capture: bool = False, forward: Optional[Callable] = None):
         """``(outputs, {layer: attention output} or None)``; ``forward(model, batch)`` defaults to run_model."""
+        from lincomp.models import capture_attention
+
         forward = forward or run_model
-        capture_attention, _, _ = _models_api()
         with torch.no_grad(), self._mode(), ExitStack() as stack:
             caps = stack.enter_context(capture_attention(self.model)) if capture else None
             out = forward(self.model, batch)
@@ -154,7 +136,8 @@ class TeacherRunner:
 
 
 def _forward_captured(model: nn.Module, batch: Any, forward: Optional[Callable] = None):
-    capture_attention, _, _ = _models_api()
+    from lincomp.models import capture_attention
+
     with capture_attention(model) as caps:
         out = (forward or run_model)(model, batch)
     return out, dict(caps)

@@ -203,11 +203,31 @@ def linear_decode_bytes(spec, layers: int, heads: int, head_dim: int, context: i
     return layers * (state + 2 * heads * head_dim * win) * dtype_bytes
 
 
+def measure_decode_memory(student, teacher, tokens, contexts: Sequence[int]) -> dict:
+    """Measured bytes held while decoding after ``n`` context tokens, for each ``n`` in ``contexts``:
+    ``{n: (teacher KV cache, student decoders)}`` (``lincomp.models.generate`` for the student, a transformers
+    ``DynamicCache`` for the teacher; batch 1)."""
+    import torch
+
+    from lincomp.models import generate
+
+    dev = next(student.parameters()).device
+    out = {}
+    for n in contexts:
+        ids = tokens[:n].reshape(1, -1).to(dev)
+        with torch.no_grad():
+            cache = teacher(input_ids=ids, use_cache=True).past_key_values
+        kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        out[n] = (int(kv), int(generate(student, ids, 1).cache_bytes[-1]))
+    return out
+
+
 def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: int = 32, teacher_steps: int = 1000,
                   steps: int = 300, finetune_steps: int = 100, batch_size: int = 8, seq_len: int = 512,
                   eval_windows_n: int = 64, lr: float = 1e-2, finetune_lr: float = 1e-3, seed: int = 0,
                   out_dir: Optional[str] = "out/distill/causal_lm", device: str = "cpu", progress: bool = True,
                   baseline: bool = True, fresh: bool = False, memory_contexts: Sequence[int] = (512, 2048, 8192, 32768),
+                  measure_contexts: Sequence[int] = (128, 512, 1024),
                   log: Callable[[str], None] = _log_default) -> dict:
     """Train (or load) the byte-level teacher, linearise it Lizard-style, distil, measure perplexity and
     decode memory. Returns a JSON-able dict (also ``out_dir/results.json``)."""
@@ -256,10 +276,12 @@ def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: i
     final = ppl.get("after_finetune", ppl["after_attention"])
     c = teacher.config
     head_dim = c.hidden_size // c.num_attention_heads
+    measured = measure_decode_memory(student, teacher, clm.corpus_tokens("heldout"), measure_contexts)
     memory = [{"context": n,
                "teacher_kv_bytes": kv_cache_bytes(c.num_hidden_layers, c.num_key_value_heads, head_dim, n),
-               "student_bytes": linear_decode_bytes(spec, c.num_hidden_layers, c.num_attention_heads, head_dim, n)}
-              for n in memory_contexts]
+               "student_bytes": linear_decode_bytes(spec, c.num_hidden_layers, c.num_attention_heads, head_dim, n),
+               **({"teacher_measured": measured[n][0], "student_measured": measured[n][1]} if n in measured else {})}
+              for n in sorted(set(memory_contexts) | set(measured))]
     results = {"recipe": "causal_lm", "machine": _machine(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
                "teacher": {k: v for k, v in tinfo.items() if k != "history"},
                "corpus": {**corpus_info(), "kind": "stdlib source, bytes", "train_bytes": int(train_tokens.numel())},
@@ -285,7 +307,8 @@ def format_causal_lm(r: dict) -> str:
             rows.append((k.replace("_", " "), f"{p[k]:.4f}", f"{p[k] / p['teacher']:.4f}"))
     mem = [("context", "teacher KV cache", "student state + window")]
     for m in r["decode_memory"]:
-        mem.append((str(m["context"]), _bytes(m["teacher_kv_bytes"]), _bytes(m["student_bytes"])))
+        mem.append((str(m["context"]), _bytes(m["teacher_kv_bytes"]) + _measured(m, "teacher"),
+                    _bytes(m["student_bytes"]) + _measured(m, "student")))
     return (f"held-out perplexity ({r['eval_windows']} windows of {r['seq_len']} bytes)\n" + _table(rows)
             + "\n\ndecode memory (fp32)\n" + _table(mem))
 
@@ -346,9 +369,17 @@ def results_markdown(r: dict, command: str = "") -> str:
                   "Decode memory (fp32, all layers):", "", "| context | teacher KV cache | student state + window |",
                   "| --- | --- | --- |"]
         for mm in r["decode_memory"]:
-            meas = f" (measured {_bytes(mm['student_measured'])})" if mm.get("student_measured") else ""
-            lines.append(f"| {mm['context']} | {_bytes(mm['teacher_kv_bytes'])} | {_bytes(mm['student_bytes'])}{meas} |")
+            lines.append(f"| {mm['context']} | {_bytes(mm['teacher_kv_bytes'])}{_measured(mm, 'teacher')} | "
+                         f"{_bytes(mm['student_bytes'])}{_measured(mm, 'student')} |")
+        lines += ["", "Computed from the shapes; \"measured\" sums the tensors actually held after prefilling that "
+                  "many tokens (the teacher's transformers DynamicCache; the student's lincomp decoders, via "
+                  "`lincomp.models.generate`)."]
     return "\n".join(lines) + "\n"
+
+
+def _measured(m: dict, who: str) -> str:
+    v = m.get(f"{who}_measured")
+    return "" if v is None else f" (measured {_bytes(v)})"
 
 
 def write_results(r: dict, path, command: str = "") -> Path:

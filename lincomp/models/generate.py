@@ -2,8 +2,9 @@
 
 A simple greedy loop rather than a transformers ``Cache``: transformers' Cache API hands attention the *whole*
 key/value history (``cache.update`` returns it), which is what a bounded-memory decoder must not keep. Instead,
-every linearised layer holds a decoder (``ReferenceDecoder``, or Triton's ``TritonDecoder`` on CUDA: same
-interface, ``step(q_t, k_t, v_t, g_t)``) carrying the linear state ``(S, z)`` plus the window's last keys; the
+every linearised layer holds a decoder of its target (``TritonDecoder`` on CUDA, ``TVMDecoder`` on the CPU,
+``ReferenceDecoder`` for target="reference"; one interface, ``step(q_t, k_t, v_t, g_t)``) carrying the
+linear state ``(S, z)`` plus the window's last keys; the
 model runs with ``use_cache=False`` and explicit ``position_ids``, so RoPE and the attention function see the
 true positions. The prompt is fed once (each layer steps its decoder through it token by token); every new
 token is one forward of length 1. The cache holds ``O(window + prefix)`` tokens per layer, whatever the context.
@@ -70,6 +71,8 @@ def _tensor_bytes(obj, seen) -> int:
         return sum(_tensor_bytes(x, seen) for x in obj)
     if isinstance(obj, dict):
         return sum(_tensor_bytes(x, seen) for x in obj.values())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):   # e.g. TritonDecoder's DecodeState
+        return sum(_tensor_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
     return 0
 
 
@@ -84,7 +87,7 @@ def cache_bytes(layers) -> int:
             total += int(dec.state_bytes())
             continue
         for name, value in vars(dec).items():
-            if name not in ("weights", "spec", "_initial_state"):
+            if name not in ("weights", "spec", "plan", "_initial_state"):
                 total += _tensor_bytes(value, seen)
     return total
 

@@ -164,11 +164,11 @@ class LinearizedAttention(nn.Module):
 
     # -- decoding (lincomp.models.generate) ---------------------------------------------------------
     def make_decoder(self, scale: Optional[float], device: torch.device):
-        """A fresh per-layer decoder (Triton's on CUDA when available, else the reference) with these weights."""
+        """A fresh decoder for this layer's target (see ``_decoder_class``) holding these weights."""
         if not self.spec.causal:
             raise ValueError("token-by-token decoding needs a causal spec (causal=True)")
         weights = {k: t.detach() for k, t in self.weights().items()}
-        return _decoder_class(device)(self.spec, scale=scale, **weights)
+        return _decoder_class(self.target, device)(self.spec, scale=scale, **weights)
 
     def _decode(self, q, k, v, g, scale):
         if self._decoder == "pending":
@@ -181,15 +181,22 @@ class LinearizedAttention(nn.Module):
         return f"spec={self.spec.summary()}, heads={self.num_heads}, head_dim={self.head_dim}, mode={self.mode!r}"
 
 
-def _decoder_class(device: torch.device):
-    """TritonDecoder (same interface as ReferenceDecoder) for CUDA tensors when it is installed."""
-    if device.type == "cuda":
-        try:
-            from lincomp.lower.triton import TritonDecoder
-            return TritonDecoder
-        except ImportError:
-            pass
+def _decoder_class(target: str, device: torch.device):
+    """The decoder of a layer's target ("auto": TritonDecoder on CUDA, TVMDecoder on the CPU), all with the
+    ``ReferenceDecoder`` interface; the reference, with a warning, when that backend is not installed."""
     from lincomp.reference import ReferenceDecoder
+    if target == "auto":
+        target = {"cuda": "triton", "cpu": "tvm"}.get(device.type, "reference")
+    try:
+        if target == "triton":
+            from lincomp.lower.triton.decode import TritonDecoder
+            return TritonDecoder
+        if target == "tvm":
+            from lincomp.lower.tvm import TVMDecoder
+            return TVMDecoder
+    except ImportError as e:
+        from lincomp.runtime.kernel import warn_fallback
+        warn_fallback(f"{target} decoder", f"{target} is not available: {e}")
     return ReferenceDecoder
 
 

@@ -301,3 +301,12 @@ def test_demo_quick_writes_a_report(tmp_path):
     import json
     r = json.loads((tmp_path / "results.json").read_text())
     assert set(r["sections"]) == {"spec", "linearize", "distill", "flops"}, r["skipped"]
+
+
+def test_measured_decode_memory_is_flat(llama):
+    from lincomp.models.distill_cli import measure_decode_memory
+    model, _ = llama
+    student = _student(model, LIZARD)
+    m = measure_decode_memory(student, model, torch.arange(64) % 256, (8, 16, 32))
+    assert m[8][1] == m[16][1] == m[32][1] > 0            # window + state: the same at every context
+    assert m[32][0] == 2 * m[16][0] == 4 * m[8][0]         # the teacher's KV cache grows with it

@@ -9,7 +9,6 @@ import torch
 from hypothesis import given
 
 from lincomp.reference import window_mask
-from lincomp.spec import AttentionSpec
 from lincomp.testing import spec_strategy
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,6 @@ runs one program at a time.
 """
 
 import json
-import warnings
 
 import pytest
 import torch

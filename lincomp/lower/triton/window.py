@@ -38,8 +38,8 @@ KERNELS = ("window_fwd", "window_bwd")          # tuning-db kernel names
 MAX_HEAD_DIM = 256
 POISON_ENV = "LINCOMP_POISON_OUTPUTS"         # "1": fill outputs with NaN before a kernel writes them
 
-# Fixed config of the interpreter (it cannot time anything): small tiles, many of them.
 LOG2E = 1.4426950408889634
+# Fixed config of the interpreter (it cannot time anything): small tiles, many of them.
 INTERPRETER_CONFIG = {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
 
 
@@ -680,14 +680,18 @@ class WindowKernel(Kernel):
     def forward(self, q, k, v, *, scale=None, **tensors):
         call = bind(self.spec, q, k, v, scale=scale, **tensors)
         check_supported(call.q, call.k, call.v)
-        if call.v.shape[-1] != call.q.shape[-1] and call.v.shape[-1] > MAX_HEAD_DIM:
-            raise Unsupported("value head dim too large")
         from lincomp.runtime.window_ops import window_attention
         o, _ = window_attention(call.q, call.k, call.v, call.sink_logits, call.key_padding_mask,
                                 self._spec_json, call.scale, self._options)
         if not torch.compiler.is_compiling():   # bookkeeping only; nothing for a traced graph
             self.config = last_configs(self.spec, call.q, call.v, self._options)
         return o
+
+    def tune(self, q, k, v, *, force: bool = False, progress=True, db=None, **tensors) -> list:
+        """Kernel-interface tuning (``lincomp.tune``): forward and backward configs for these inputs."""
+        inputs = {"q": q, "k": k, "v": v, "sink_logits": tensors.get("sink_logits")}
+        res = tune_window(self.spec, inputs=inputs, db=db, force=force, progress=progress)
+        return [res[kern] for kern in KERNELS if kern in res]
 
 
 def last_configs(spec, q, v, options: str) -> dict:

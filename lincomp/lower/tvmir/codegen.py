@@ -111,7 +111,7 @@ def emit_gemm_tile(s: Script, *, rows: int, mr: int, width: int, red=None, a=Non
     terms = terms or [(red, a, b)]
     ro, w = s.fresh("ro"), s.fresh("w")
     first = f"{ro} * {mr}" if rows > mr else "0"
-    row = [f"{first} + {r}" if rows > mr else str(r) for r in range(mr)]
+    row = [(f"{first} + {r}" if r else first) if rows > mr else str(r) for r in range(mr)]
     acc = [f"{tag}_{r}" for r in range(mr)]
     with s.block(f"for {ro} in range({rows // mr}):"):
         for r in range(mr):

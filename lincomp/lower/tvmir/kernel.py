@@ -115,16 +115,19 @@ def config_space(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> list:
             for bm in (16, 32, 64):
                 tiles = {default_tile(grid, bm)}
                 if len(grid) == 2:
-                    tiles |= {t for t in ((2, 8), (4, 4), (8, 2), (4, 8), (8, 4), (8, 8), (4, 16), (2, 16))
+                    tiles |= {t for t in ((2, 8), (4, 4), (8, 2), (4, 8), (8, 4), (8, 8), (4, 16))
                               if math.prod(t) == bm}
                 for tile in sorted(tiles):
-                    for mr in (4, 8):
-                        out.append(_window.WindowConfig(bm, bm, tile, mr, 0))
+                    for group in ((1, 4) if bm == 16 else (1,)):
+                        out.append(_window.WindowConfig(bm, bm, tile, 0, 0, group))
+                out.append(_window.WindowConfig(bm, bm, default_tile(grid, bm), 4, 4, 1))
         else:
             for bm in (16, 32, 64):
                 for bn in (16, 32, 64, 128):
-                    for mr in (4, 8):
-                        out.append(_window.WindowConfig(bm, bn, None, mr, 0))
+                    out.append(_window.WindowConfig(bm, bn, None, 0, 0, 1))
+                    if bn <= 32:
+                        out.append(_window.WindowConfig(bm, bn, None, 0, 0, 64 // bn))
+            out.append(_window.WindowConfig(64, 64, None, 4, 4, 1))
         return [c.to_dict() for c in {_fit_window(c, sizes): None for c in out}]
     for chunk in (16, 32, 64):
         subs = (8, 16) if spec.linear.gate == "vector" else (16,)

@@ -37,9 +37,11 @@ class WindowConfig:
     tile: Optional[Tuple[int, ...]] = None  # grid tile shape (prod == block_m); None: default_tile
     mr_qk: int = 4                       # key rows per QK micro-kernel step
     mr_pv: int = 4                       # query rows per PV micro-kernel step
+    kv_group: int = 1                    # key tiles per online-softmax step (longer PV reductions)
 
     def to_dict(self) -> dict:
-        d = {"block_m": self.block_m, "block_n": self.block_n, "mr_qk": self.mr_qk, "mr_pv": self.mr_pv}
+        d = {"block_m": self.block_m, "block_n": self.block_n, "mr_qk": self.mr_qk, "mr_pv": self.mr_pv,
+             "kv_group": self.kv_group}
         if self.tile is not None:
             d["tile"] = list(self.tile)
         return d
@@ -49,7 +51,7 @@ class WindowConfig:
         d = dict(d)
         if d.get("tile") is not None:
             d["tile"] = tuple(d["tile"])
-        return cls(**{k: d[k] for k in ("block_m", "block_n", "tile", "mr_qk", "mr_pv") if k in d})
+        return cls(**{k: d[k] for k in ("block_m", "block_n", "tile", "mr_qk", "mr_pv", "kv_group") if k in d})
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ def visibility(spec: AttentionSpec, pi: str, pj: str, qc=None, kc=None) -> str:
 def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name: str = "window_fwd") -> str:
     """TVMScript of the window kernel for ``spec`` (a PrimFunc named ``name``)."""
     H, Hkv, D, Dv = dims.H, dims.Hkv, dims.D, dims.Dv
-    BM, BN = cfg.block_m, cfg.block_n
+    BM, BN, G = cfg.block_m, cfg.block_n, max(1, cfg.kv_group)
+    GN = G * BN     # keys per online-softmax step
     grid = tiled(spec)
     if grid and BM != BN:
         raise ValueError(f"grid windows need block_m == block_n, got {BM}, {BN}")
@@ -137,7 +140,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
     shared, summed = spec.combine == "shared", spec.combine == "sum"
     gate = spec.linear.gate if shared else None
     F, HF = dims.F, dims.HF
-    mr_qk = divisor_at_most(BN, cfg.mr_qk)
+    mr_qk = divisor_at_most(GN, cfg.mr_qk)
     mr_pv = divisor_at_most(BM, cfg.mr_pv)
     names = arg_names(spec)
 
@@ -178,15 +181,15 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
               "t = task % (NT1 - 1)",
               f"hk = h // {group}" if group > 1 else "hk = h")
             fk_head = "h" if (shared and HF == H) else "hk"
-            for buf, shape, dt in (("qpos", f"({BM},)", "int32"), ("kpos", f"({BN},)", "int32"),
-                                   ("qT", f"({D}, {BM})", "float32"), ("sT", f"({BN}, {BM})", "float32"),
+            for buf, shape, dt in (("qpos", f"({BM},)", "int32"), ("kpos", f"({GN},)", "int32"),
+                                   ("qT", f"({D}, {BM})", "float32"), ("sT", f"({GN}, {BM})", "float32"),
                                    ("acc", f"({BM}, {Dv})", "float32"), ("m", f"({BM},)", "float32"),
                                    ("l", f"({BM},)", "float32"), ("mu", f"({BM},)", "float32"),
                                    ("corr", f"({BM},)", "float32")):
                 s(f'{buf} = T.alloc_buffer({shape}, "{dt}")')
             if shared:
                 s(f'fqT = T.alloc_buffer(({F}, {BM}), "float32")',
-                  f'aT = T.alloc_buffer(({BN}, {BM}), "float32")',
+                  f'aT = T.alloc_buffer(({GN}, {BM}), "float32")',
                   f'accl = T.alloc_buffer(({BM}, {Dv}), "float32")',
                   f'll = T.alloc_buffer(({BM},), "float32")')
             _emit_positions(s, spec, "qpos", "t", BM, grid)
@@ -199,27 +202,42 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                     with s.block(f"for f in range({F}):"):
                         s("fqT[f, i] = fq[b, h, T.max(qpos[i], 0), f]")
             _emit_init(s, spec, BM, Dv, shared)
-            with s.block("for e in range(kv_offsets[t], kv_offsets[t + 1]):"):
-                s("kt = kv_indices[e]")
-                _emit_positions(s, spec, "kpos", "kt", BN, grid)
-                s("# sT = K_tile @ qT: scores of BN keys (rows) x BM queries (vectorised)")
-                emit_gemm_tile(s, rows=BN, mr=mr_qk, width=BM, red=str(D),
+            vis = visibility(spec, "qpos[i]", "kpos[j]", *(_coord_fns(spec) if grid else ()))
+            loop = ("for e in range(kv_offsets[t], kv_offsets[t + 1]):" if G == 1 else
+                    f"for eg in range((kv_offsets[t + 1] - kv_offsets[t] + {G - 1}) // {G}):")
+            if G > 1:
+                s(f"# key tiles of the plan in groups of {G}: one online-softmax step per group")
+                s(f'full = T.alloc_buffer(({G},), "int32")')
+            with s.block(loop):
+                if G == 1:
+                    s("kt = kv_indices[e]")
+                    _emit_positions(s, spec, "kpos", "kt", BN, grid)
+                else:
+                    with s.block(f"for gi in range({G}):"):
+                        s(f"e = kv_offsets[t] + eg * {G} + gi",
+                          "kt = kv_indices[T.min(e, NNZ - 1)]",
+                          "full[gi] = T.if_then_else(e < kv_offsets[t + 1], kv_full[T.min(e, NNZ - 1)], 0)")
+                        _emit_positions(s, spec, "kpos", "kt", BN, grid, offset=f"gi * {BN}",
+                                        valid="e < kv_offsets[t + 1]")
+                s(f"# sT = K @ qT: scores of {GN} keys (rows) x {BM} queries (vectorised)")
+                emit_gemm_tile(s, rows=GN, mr=mr_qk, width=BM, red=str(D),
                                a=lambda r, x: f"k[b, hk, T.max(kpos[{r}], 0), {x}]",
                                b=lambda x, w: f"qT[{x}, {w}]", init=None,
                                store=lambda r, w, val: f"sT[{r}, {w}] = {val}")
-                vis = visibility(spec, "qpos[i]", "kpos[j]", *(_coord_fns(spec) if grid else ()))
-                s("# mask (unless the plan marks this tile pair full) and the running max")
+                s("# mask (unless the plan marks the tile pair full) and the running max")
                 with s.block(f"for i in T.vectorized({BM}):"):
                     s("mu[i] = m[i]")
-                with s.block("if kv_full[e] == 0:"):
-                    with s.block(f"for j in range({BN}):"):
-                        with s.block(f"for i in T.vectorized({BM}):"):
-                            s(f"sT[j, i] = T.if_then_else({vis}, sT[j, i], {NEG_INF})",
-                              "mu[i] = T.max(mu[i], sT[j, i])")
-                with s.block("else:"):
-                    with s.block(f"for j in range({BN}):"):
-                        with s.block(f"for i in T.vectorized({BM}):"):
-                            s("mu[i] = T.max(mu[i], sT[j, i])")
+                with s.block_if(f"for gi in range({G}):" if G > 1 else None):
+                    rows = f"range(gi * {BN}, gi * {BN} + {BN})" if G > 1 else f"range({BN})"
+                    with s.block("if kv_full[e] == 0:" if G == 1 else "if full[gi] == 0:"):
+                        with s.block(f"for j in {rows}:"):
+                            with s.block(f"for i in T.vectorized({BM}):"):
+                                s(f"sT[j, i] = T.if_then_else({vis}, sT[j, i], {NEG_INF})",
+                                  "mu[i] = T.max(mu[i], sT[j, i])")
+                    with s.block("else:"):
+                        with s.block(f"for j in {rows}:"):
+                            with s.block(f"for i in T.vectorized({BM}):"):
+                                s("mu[i] = T.max(mu[i], sT[j, i])")
                 s("# new max m, rescale factor corr = 2^(m_old - m_new); a row with no key yet shifts by 0")
                 with s.block(f"for i in T.vectorized({BM}):"):
                     s(f"corr[i] = {exp2(f'm[i] - T.if_then_else(mu[i] == {NEG_INF}, T.float32(0), mu[i])')}",
@@ -227,18 +245,18 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                       f"mu[i] = T.if_then_else(m[i] == {NEG_INF}, T.float32(0), m[i])",
                       "l[i] = l[i] * corr[i]")
                 s("# p = 2^(s - m) in place; l += row sums")
-                with s.block(f"for j in range({BN}):"):
+                with s.block(f"for j in range({GN}):"):
                     with s.block(f"for i in T.vectorized({BM}):"):
                         s(f"sT[j, i] = {exp2('sT[j, i] - mu[i]')}",
                           "l[i] = l[i] + sT[j, i]")
-                s("# acc = corr * acc + P @ V_tile (MR query rows x Dv, vectorised)")
-                emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(BN),
+                s("# acc = corr * acc + P @ V (MR query rows x Dv, vectorised)")
+                emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(GN),
                                a=lambda r, x: f"sT[{x}, {r}]",
                                b=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]",
                                init=lambda r, w: f"acc[{r}, {w}] * corr[{r}]",
                                store=lambda r, w, val: f"acc[{r}, {w}] = {val}")
                 if shared:
-                    _emit_shared_inwindow(s, spec, BM, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
+                    _emit_shared_inwindow(s, spec, BM, GN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
             _emit_epilogue(s, spec, BM, Dv, shared, summed)
     return s.text()
 
@@ -250,13 +268,14 @@ def _coord_fns(spec: AttentionSpec):
     return (lambda a: _coord("qpos[i]", n, *axes[a]), lambda a: _coord("kpos[j]", n, *axes[a]))
 
 
-def _emit_positions(s: Script, spec: AttentionSpec, buf: str, tile: str, size: int, grid: bool) -> None:
-    """Token position of each slot of a tile (-1: a padding slot)."""
+def _emit_positions(s: Script, spec: AttentionSpec, buf: str, tile: str, size: int, grid: bool,
+                    offset: str = "", valid: str = "") -> None:
+    """Token position of each slot of a tile (-1: a padding slot, or a tile past the list when ``valid``
+    is false); written to ``buf[offset + i]``."""
+    at = f"{offset} + i" if offset else "i"
     with s.block(f"for i in T.vectorized({size}):" if not grid else f"for i in range({size}):"):
-        if grid:
-            s(f"{buf}[i] = tokens[{tile}, i]")
-        else:
-            s(f"{buf}[i] = T.if_then_else({tile} * {size} + i < L, {tile} * {size} + i, -1)")
+        pos = f"tokens[{tile}, i]" if grid else f"T.if_then_else({tile} * {size} + i < L, {tile} * {size} + i, -1)"
+        s(f"{buf}[{at}] = T.if_then_else({valid}, {pos}, -1)" if valid else f"{buf}[{at}] = {pos}")
 
 
 def _emit_init(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool) -> None:
