@@ -15,12 +15,13 @@ _LAZY = {
     "compile": ("lincomp.compiler", "compile"),
     "Kernel": ("lincomp.runtime.kernel", "Kernel"),
     "tune": ("lincomp.tuning.autotune", "tune"),
+    "linearize": ("lincomp.models", "linearize"),
     "TritonDecoder": ("lincomp.lower.triton.decode", "TritonDecoder"),
     "TuningDB": ("lincomp.tuning", "TuningDB"),
 }
 
 
-_SUBMODULES = ("distributed", "models", "tuning", "ir", "reference", "testing")
+_SUBMODULES = ("distributed", "models", "backends", "tuning", "ir", "reference", "testing", "presets")
 
 
 def __getattr__(name):

@@ -210,12 +210,14 @@ def _key_padding(mask, causal: bool):
 def _teacher_attention(module, query, key, value, mask, lin: LinearizedAttention, **kwargs):
     """The model's original attention; a lincomp [B, L] padding mask becomes the 4D mask it expects."""
     impl = getattr(lin, "teacher_impl", "sdpa")
-    if mask is not None and mask.dim() == 2:
-        L, Lk = query.shape[2], mask.shape[-1]
-        allowed = torch.ones(L, Lk, dtype=torch.bool, device=mask.device)
-        if getattr(module, "is_causal", False):
+    causal = getattr(module, "is_causal", False)
+    # eager attention takes causality from the mask only; SDPA uses is_causal when there is no mask.
+    if (mask is not None and mask.dim() == 2) or (mask is None and impl == "eager" and causal):
+        L, Lk = query.shape[2], key.shape[2]
+        allowed = torch.ones(L, Lk, dtype=torch.bool, device=query.device)
+        if causal:
             allowed = allowed.tril(Lk - L)
-        mask = allowed[None, None] & mask[:, None, None, :]
+        mask = allowed[None, None] if mask is None else allowed[None, None] & mask[:, None, None, :]
     if impl == "eager":
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(

@@ -24,6 +24,7 @@ class Kernel:
     """Base class: subclasses set ``target``, ``source``, ``config`` and implement ``forward``."""
 
     target = "abstract"
+    differentiable = False   # True when autograd flows through forward() (Triton, the reference)
 
     def __init__(self, spec, source: str = "", config: Optional[dict] = None):
         self.spec = AttentionSpec.coerce(spec)
@@ -61,6 +62,7 @@ class ReferenceKernel(Kernel):
     """The oracle behind the Kernel interface (any device, any dtype; differentiable)."""
 
     target = "reference"
+    differentiable = True
 
     def __init__(self, spec, **hints):
         super().__init__(spec, source="# plain PyTorch: lincomp.reference.oracle", config={})

@@ -102,7 +102,7 @@ def is_differentiable(kernel: Kernel, device: torch.device) -> bool:
         return True
     if hasattr(kernel, "kernel_for"):  # AutoKernel: the kernel it picks for this device decides
         return is_differentiable(kernel.kernel_for(device), device)
-    return bool(getattr(kernel, "differentiable", kernel.target == "triton"))  # DESIGN: Triton kernels have a backward
+    return bool(kernel.differentiable)
 
 
 def _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha) -> dict:

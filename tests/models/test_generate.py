@@ -71,3 +71,17 @@ def test_eos_stops_generation(llama):
     first = generate(model, prompt, 1).sequences[0, -1].item()
     out = generate(model, prompt, 10, eos_token_id=first)
     assert out.sequences.shape == (1, 6)
+
+
+@pytest.mark.parametrize("target", ["auto", "triton"])
+def test_generate_with_the_compiled_decoders(llama, target):
+    """target="auto" decodes with TVMDecoder on the CPU; "triton" with TritonDecoder (the interpreter here)."""
+    if target == "triton":
+        pytest.importorskip("triton")
+    model = linearize(copy.deepcopy(llama), presets.lizard(window=6, sinks=2, feature_dim=8), target=target)
+    prompt = torch.randint(0, 64, (2, 7))
+    out = generate(model, prompt, 5, output_logits=True)
+    with torch.no_grad():
+        full = model(out.sequences).logits
+    assert rel_err(out.logits, full) < 1e-4
+    assert len(set(out.cache_bytes[-4:])) == 1

@@ -137,6 +137,11 @@ def test_llama_teacher_mode_is_the_stock_model(llama):
         assert all(rel_err(t_caps[n], s_caps[n]) < 1e-6 for n in s_caps)
         set_attention_mode(model, "student")
         assert rel_err(model(ids).logits, llama(ids).logits) > 1e-3
+        eager = copy.deepcopy(llama)               # an eager teacher takes causality from its mask only
+        eager.set_attn_implementation("eager")
+        student = set_attention_mode(linearize(copy.deepcopy(eager), LOLCATS, target="reference"), "teacher")
+        for mask in (None, pad):
+            assert rel_err(student(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits) < 1e-6
 
 
 def test_llama_compiled_equals_eager_with_zero_graph_breaks(llama):

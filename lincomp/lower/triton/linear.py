@@ -609,6 +609,7 @@ class LinearKernel(Kernel):
     """
 
     target = "triton"
+    differentiable = True
 
     def __init__(self, spec, **hints):
         self.plan = LinearPlan.from_spec(spec)

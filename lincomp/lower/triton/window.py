@@ -659,6 +659,7 @@ class WindowKernel(Kernel):
     """
 
     target = "triton"
+    differentiable = True
 
     def __init__(self, spec, *, config: Optional[Mapping] = None, autotune: bool = False, allow_tf32: bool = False):
         spec = AttentionSpec.coerce(spec)
