@@ -93,10 +93,15 @@ def main(argv=None) -> int:
 
     mod = tvm.IRModule({"scores": plain_func()})
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as work:
-        db = ms.tune_tir(mod, tgt, work, max_trials_global=args.trials, num_trials_per_iter=min(16, args.trials))
+    with tempfile.TemporaryDirectory(prefix="lincomp-ms-") as work:
+        # generous timeouts: on a shared 2-core machine a candidate build can take longer than the 30 s default
+        db = ms.tune_tir(mod, tgt, work, max_trials_global=args.trials, num_trials_per_iter=min(16, args.trials),
+                         builder=ms.builder.LocalBuilder(timeout_sec=300),
+                         runner=ms.runner.LocalRunner(timeout_sec=300))
         sch = ms.tir_integration.compile_tir(db, mod, tgt)
     tune_s = time.perf_counter() - t0
+    if sch is None:
+        raise SystemExit(f"MetaSchedule found no valid schedule in {args.trials} trials ({tune_s:.0f} s)")
     ex = tvm.compile(sch.mod, target=tgt)
     c = torch.empty(N, M, M)
     ex["scores"](a, b, c)

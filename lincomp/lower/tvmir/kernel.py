@@ -24,7 +24,7 @@ import math
 import os
 import threading
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
@@ -158,7 +158,7 @@ class TVMKernel(Kernel):
         self._built: Dict[str, "_build.Built"] = {}
         self._mods: Dict[tuple, dict] = {}
         self._warned = set()
-        self.copies = []          # (tensor name, reason) of every copy made, for inspection
+        self.copies = Counter()   # (tensor name, reason) -> how many times it was copied
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -203,9 +203,7 @@ class TVMKernel(Kernel):
         o, state = self._run(call, sizes, configs)
         self.config = {p: dict(c) for p, c in configs.items()}
         if out_dtype != torch.float32:
-            o = o.to(out_dtype)
-            if state is not None:
-                state = tuple(t.to(out_dtype) for t in state)
+            o = o.to(out_dtype)        # the state stays float32, as the reference returns it
         return (o, state) if return_state else o
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -237,7 +235,7 @@ class TVMKernel(Kernel):
         if not reasons:
             return t
         why = ", ".join(reasons)
-        self.copies.append((name, why))
+        self.copies[(name, why)] += 1
         if (name, why) not in self._warned and not why.startswith("dtype"):
             self._warned.add((name, why))
             warnings.warn(f"lincomp tvm: copying {name} before the kernel: {why}; pass contiguous tensors "

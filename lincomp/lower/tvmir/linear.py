@@ -193,6 +193,7 @@ class _Ctx:
     den: bool
     keep_z: bool
     lanes: int
+    mr_scores: int = 8
 
 
 L2E = f32(LOG2E)
@@ -292,9 +293,10 @@ def _emit_block_scores(s, k: _Ctx, kbuf: str, qbuf: str, scalar_decay: bool) -> 
     for cb in range(C // w):
         rows = (cb + 1) * w
         col = f"{cb * w} + i" if cb else "i"
-        emit_gemm_tile(s, rows=rows, mr=divisor_at_most(rows, 8), width=w, red=str(F),
-                       a=lambda r, x: f"{kbuf}[{r}, {x}]", b=lambda x, ww, cb=cb: f"{qbuf}[{x}, {cb * w} + {ww}]",
-                       store=lambda r, ww, val, cb=cb: f"aT[{r}, {cb * w} + {ww}] = {val}")
+        at = (lambda ww, cb=cb: f"{cb * w} + {ww}" if cb else ww)
+        emit_gemm_tile(s, rows=rows, mr=divisor_at_most(rows, k.mr_scores), width=w, red=str(F),
+                       a=lambda r, x: f"{kbuf}[{r}, {x}]", b=lambda x, ww, at=at: f"{qbuf}[{x}, {at(ww)}]",
+                       store=lambda r, ww, val, at=at: f"aT[{r}, {at(ww)}] = {val}")
         with s.block(f"for j in range({rows}):"):
             with s.block(f"for i in T.vectorized({w}):"):
                 if scalar_decay:
