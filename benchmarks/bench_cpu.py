@@ -221,7 +221,7 @@ class Bench:
         with torch.no_grad():
             o_flex = flex(q, k, v)
         t_flex = self.add(case, "torch.compile(flex_attention)", self.time(lambda: flex(q, k, v)), flops,
-                          f"block mask {built:.1f}s; max|ours-flex| rel {rel_err(out, o_flex):.1e}")
+                          f"block mask {built:.1f}s; rel diff vs ours {rel_err(out, o_flex):.1e}")
         t_sdpa = self.add(case, "SDPA dense (is_causal)",
                           self.time(lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True),
                                     reps=max(3, self.reps // 2)), flops)
@@ -321,7 +321,11 @@ def write_table(bench: Bench, path: Path, meta: dict) -> None:
              f"- load average before / after: {meta['load_before']} / {meta['load_after']} "
              "(the machine is shared; medians of the timed runs)",
              f"- B={B}, H={H}, D={D}, fp32; times are medians of {bench.reps} runs after warm-up; "
-             "block masks and compiles happen outside the timing", "",
+             "block masks and compiles happen outside the timing",
+             f"- lincomp configs come from the tuning database (`benchmarks/tune_cpu.py`) when it has this CPU, "
+             f"else the defaults; TVM threads {meta['tvm_threads']}",
+             "- fp32 only: bf16 inputs are accepted but widened to fp32 (the kernels are compute-bound in fp32 "
+             "FMAs; a bf16 path would need AVX512-BF16 dot-product intrinsics and a looser accuracy contract)", "",
              "| case | implementation | median ms | useful GFLOP/s | x fp32 floor | notes |",
              "| --- | --- | ---: | ---: | ---: | --- |"]
     for r in bench.rows:
@@ -362,6 +366,8 @@ def main(argv=None) -> int:
     if "lizard" in only:
         bench.lizard()
     meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    import tvm
+    meta["tvm_threads"] = tvm.runtime.num_threads()
     write_table(bench, Path(args.out), meta)
     return 0
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from lincomp._atomic import atomic_write_bytes, atomic_write_text
 
@@ -81,10 +80,26 @@ class _Demo:
               f"over every other token; combine = {a.combine!r}")
         return {"spec": self.spec.to_dict(), "summary": self.spec.summary()}
 
+    def _compiled(self):
+        """The kernel ``lincomp.compile(spec, "auto")`` picks for this device; _Skip when only the reference is left."""
+        import torch
+
+        import lincomp
+        from lincomp.runtime.kernel import ReferenceKernel
+
+        if self.kernel is None:
+            self.kernel = lincomp.compile(self.spec, "auto")
+        chosen = getattr(self.kernel, "kernel_for", lambda d: self.kernel)(torch.device(self.device))
+        if isinstance(chosen, ReferenceKernel):
+            raise _Skip(f"no compiled backend for {self.device} here ({'Triton' if self.gpu else 'TVM'} is not "
+                        "installed or failed to load); only the plain-PyTorch reference is available")
+        return chosen
+
     def do_tune(self) -> dict:
         import lincomp
         from lincomp.tuning.autotune import format_rows
 
+        self._compiled()
         rows = lincomp.tune(self.spec, "auto", lengths=self.args.lengths, heads=12, head_dim=32,
                             dtype="bfloat16" if self.gpu else "float32", device=self.device,
                             progress=not self.args.no_progress)
@@ -97,14 +112,13 @@ class _Demo:
         import lincomp
         from lincomp.testing import random_inputs, rel_err
 
-        self.kernel = lincomp.compile(self.spec, "auto")
+        chosen = self._compiled()
         inputs = random_inputs(self.spec, B=1, H=12, L=min(self.args.lengths), D=32,
                                feature_dim=self.args.feature_dim, device=self.device, seed=1)
         out = self.kernel(**inputs)
         ref = lincomp.reference(self.spec, **{k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point()
                                                   else v) for k, v in inputs.items()})
         err = rel_err(out, ref)
-        chosen = getattr(self.kernel, "kernel_for", lambda d: self.kernel)(torch.device(self.device))
         print(f"target: {chosen.target}; relative error vs the fp64 reference at L={min(self.args.lengths)}: {err:.2e}")
         if not err <= 1e-4 * (50 if self.gpu else 1):
             raise RuntimeError(f"the compiled kernel disagrees with the reference (rel err {err:.2e})")
@@ -155,11 +169,10 @@ class _Demo:
     def do_speed(self) -> dict:
         import torch
 
-        import lincomp
         from lincomp.testing import random_inputs
         from lincomp.tuning.search import median_time_ms
 
-        kernel = self.kernel or lincomp.compile(self.spec, "auto")
+        kernel = self._compiled()
         dtype = torch.bfloat16 if self.gpu else torch.float32
         flex, flex_why = _flex(self.spec, self.device)
         if flex is None:
@@ -185,8 +198,7 @@ class _Demo:
             print(f"L={L:6d}  lincomp {row['lincomp_ms']:9.3f} ms   SDPA (dense) {row['sdpa_ms']:9.3f} ms   "
                   f"Flex (window only) {_ms(row.get('flex_ms'))}   speed-up vs SDPA "
                   f"{row['sdpa_ms'] / row['lincomp_ms']:.2f}x", flush=True)
-        target = getattr(kernel, "kernel_for", lambda d: kernel)(torch.device(self.device)).target
-        return {"rows": rows, "dtype": str(dtype).replace("torch.", ""), "target": target,
+        return {"rows": rows, "dtype": str(dtype).replace("torch.", ""), "target": kernel.target,
                 "flex_note": flex_why}
 
     def do_flops(self) -> dict:

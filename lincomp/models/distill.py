@@ -442,7 +442,7 @@ def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], opt: torch.
             if isinstance(v, torch.Tensor):
                 tensors[f"optim/{n}/{k}"] = v.detach().cpu().contiguous().clone()
     meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "fingerprint": fingerprint,
-            "history": json.dumps(history), **dict(extra or {})}
+            "history": json.dumps(history), **{k: str(v) for k, v in dict(extra or {}).items()}}
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
@@ -468,7 +468,7 @@ def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], opt: torch.
             state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
             if state:
                 opt.state[p] = {k: (v.to(p.device) if k != "step" else v) for k, v in state.items()}
-        return int(meta["step"]), json.loads(meta.get("history", "[]"))
+        return int(meta["step"]), json.loads(meta.get("history", "[]")), float(meta.get("elapsed_s", 0.0))
 
 
 def train_steps(params: Mapping[str, nn.Parameter], loss_at: Callable[[int], LossOut], *, steps: int,
@@ -478,6 +478,8 @@ def train_steps(params: Mapping[str, nn.Parameter], loss_at: Callable[[int], Los
                 progress: bool = True, log_every: int = 1) -> Tuple[List[dict], int]:
     """AdamW over ``params`` for ``steps`` steps of ``loss_at(step)``; returns ``(history, resumed_from)``.
 
+    ``history`` rows: step, loss, lr, ``elapsed_s`` (training seconds so far, earlier sessions included)
+    and the loss's named parts.
     Before each step the torch RNG is seeded from (seed, name, step). With ``checkpoint`` (a .safetensors
     path) the parameters, optimizer state and history are saved atomically every ``checkpoint_every`` steps
     and at the end, and a run finds its checkpoint and continues from it; ``settings`` (JSON-able) must
@@ -495,9 +497,10 @@ def train_steps(params: Mapping[str, nn.Parameter], loss_at: Callable[[int], Los
                        "weight_decay": weight_decay, "clip": clip,
                        "params": {n: list(p.shape) for n, p in params.items()}, "settings": settings or {}})
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    start, history = 0, []
+    start, history, before = 0, [], 0.0   # before: seconds spent by earlier (interrupted) sessions
     if ckpt is not None and ckpt.exists():
-        start, history = _load_checkpoint(ckpt, params, opt, fp)
+        start, history, before = _load_checkpoint(ckpt, params, opt, fp)
+    t0 = time.perf_counter()
     resumed_from = start
     bar = None
     if progress and start < steps:
@@ -521,14 +524,15 @@ def train_steps(params: Mapping[str, nn.Parameter], loss_at: Callable[[int], Los
             if clip:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
             opt.step()
+            elapsed = before + time.perf_counter() - t0
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 history.append({"step": step + 1, "loss": float(loss.item()), "lr": opt.param_groups[0]["lr"],
-                                **{k: float(v) for k, v in parts.items()}})
+                                "elapsed_s": elapsed, **{k: float(v) for k, v in parts.items()}})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss.item():.4g}")
             if ckpt is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                _save_checkpoint(ckpt, params, opt, step + 1, fp, history)
+                _save_checkpoint(ckpt, params, opt, step + 1, fp, history, {"elapsed_s": elapsed})
     finally:
         if bar is not None:
             bar.close()

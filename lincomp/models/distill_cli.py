@@ -53,6 +53,33 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# --------------------------------------------------------------------------------- shared recipe part
+def _distill_and_measure(student, teacher, data, *, measure: Callable[[str], None], steps: int, finetune_steps: int,
+                         lr: float, finetune_lr: float, task_loss: str, seed: int, out_dir: Optional[str],
+                         fresh: bool, progress: bool) -> dict:
+    """Stage 1, ``measure("after_attention")``, stage 2, ``measure("after_finetune")``; checkpoints in
+    ``out_dir/checkpoints``. Returns the timing / history fields of a recipe's results."""
+    from lincomp.models.distill import distill
+
+    ckdir = _checkpoints(out_dir, fresh)
+    common = {"seed": seed, "checkpoint_dir": ckdir, "progress": progress}
+    t0 = time.perf_counter()
+    res = distill(student, teacher, data, attention_steps=steps, lr=lr, **common)
+    wall = {"attention": time.perf_counter() - t0}
+    measure("after_attention")
+    if finetune_steps:
+        t0 = time.perf_counter()
+        res2 = distill(student, teacher, data, attention_steps=0, finetune_steps=finetune_steps,
+                       finetune_lr=finetune_lr, task_loss=task_loss, **common)
+        wall["finetune"] = time.perf_counter() - t0
+        res.history.update(res2.history)
+        res.resumed_from.update(res2.resumed_from)
+        measure("after_finetune")
+    train_s = {k: res.last(k)["elapsed_s"] for k in res.history if res.last(k)}
+    return {"stage_wall_s": wall, "train_s": train_s, "resumed_from": res.resumed_from,
+            "final_loss": {k: res.last(k) for k in res.history}}
+
+
 # ------------------------------------------------------------------------------------------ MiniLM
 def minilm_spec(window: int = 16, feature_dim: int = 32, combine: str = "shared", prefix: int = 1):
     """Non-causal hybrid for the encoder: a 1D window of ``window`` tokens each side + Hedgehog linear
@@ -106,9 +133,9 @@ def _batches(blocks, batch_size: int, seed: int) -> list:
 
 
 def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: str = "shared", prefix: int = 1,
-               steps: int = 300, finetune_steps: int = 0, batch_size: int = 8, length: int = 128,
+               steps: int = 300, finetune_steps: int = 150, batch_size: int = 8, length: int = 128,
                eval_lengths: Sequence[int] = (128, 256), eval_blocks: int = 64, lr: float = 1e-2,
-               finetune_lr: float = 1e-4, seed: int = 0, out_dir: Optional[str] = "out/distill/minilm",
+               finetune_lr: float = 1e-3, seed: int = 0, out_dir: Optional[str] = "out/distill/minilm",
                device: str = "cpu", progress: bool = True, baseline: bool = True, fresh: bool = False,
                log: Callable[[str], None] = _log_default) -> dict:
     """Linearise all-MiniLM-L6-v2, distil it, and measure embedding fidelity before / after.
@@ -117,7 +144,7 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
     ``out_dir/student.safetensors``).
     """
     from lincomp.models.corpus import corpus_info
-    from lincomp.models.distill import distill, embedding_fidelity, save_student
+    from lincomp.models.distill import embedding_fidelity, save_student
     from lincomp.presets import resolve
 
     t_start = time.perf_counter()
@@ -137,7 +164,7 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
                "corpus": {**corpus_info(), "kind": "stdlib docstrings", "train_blocks": int(train.shape[0]),
                           "train_length": length},
                "steps": steps, "finetune_steps": finetune_steps, "batch_size": batch_size, "lr": lr,
-               "seed": seed, "device": device, "fidelity": {}}
+               "finetune_lr": finetune_lr, "seed": seed, "device": device, "fidelity": {}}
     if baseline:
         from lincomp.spec import AttentionSpec
 
@@ -146,19 +173,17 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
         for L, b in heldout.items():
             results["fidelity"].setdefault(str(L), {})["window_only"] = embedding_fidelity(win_only, teacher, b)
         del win_only
-    for L, b in heldout.items():
-        results["fidelity"].setdefault(str(L), {})["before"] = embedding_fidelity(student, teacher, b)
-    ckdir = _checkpoints(out_dir, fresh)
-    t0 = time.perf_counter()
-    res = distill(student, teacher, _batches(train, batch_size, seed), attention_steps=steps,
-                  finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="embedding",
-                  checkpoint_dir=ckdir, seed=seed, progress=progress)
-    results["distill_wall_s"] = time.perf_counter() - t0
-    results["stage_wall_s"] = res.wall_s
-    results["resumed_from"] = res.resumed_from
-    results["final_loss"] = {k: res.last(k) for k in res.history}
-    for L, b in heldout.items():
-        results["fidelity"][str(L)]["after"] = embedding_fidelity(student, teacher, b)
+    def measure(stage: str) -> None:
+        for L, b in heldout.items():
+            results["fidelity"].setdefault(str(L), {})[stage] = embedding_fidelity(student, teacher, b)
+
+    measure("before")
+    results.update(_distill_and_measure(
+        student, teacher, _batches(train, batch_size, seed), measure=measure, steps=steps,
+        finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="embedding", seed=seed,
+        out_dir=out_dir, fresh=fresh, progress=progress))
+    for f in results["fidelity"].values():
+        f["after"] = f.get("after_finetune", f["after_attention"])
     results["wall_s"] = time.perf_counter() - t_start
     if out_dir:
         save_student(student, Path(out_dir) / "student.safetensors", spec, extra={"recipe": "minilm"})
@@ -169,10 +194,11 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
 
 def format_minilm(r: dict) -> str:
     """A terminal table of :func:`run_minilm`'s fidelity numbers."""
-    rows = [("eval length", "window only", "before", "after", "after min")]
+    rows = [("eval length", "window only", "before", "after stage 1", "after stage 2", "final min")]
     for L, f in r["fidelity"].items():
-        rows.append((f"{L} tokens", _f(f.get("window_only", {}).get("mean")), _f(f.get("before", {}).get("mean")),
-                     _f(f.get("after", {}).get("mean")), _f(f.get("after", {}).get("min"))))
+        get = lambda k, q="mean": _f(f.get(k, {}).get(q))  # noqa: E731
+        rows.append((f"{L} tokens", get("window_only"), get("before"), get("after_attention"), get("after_finetune"),
+                     get("after", "min")))
     return "mean cosine similarity of sentence embeddings to the teacher (held-out docstrings)\n" + _table(rows)
 
 
@@ -233,7 +259,7 @@ def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: i
     decode memory. Returns a JSON-able dict (also ``out_dir/results.json``)."""
     from lincomp.models import causal_lm as clm
     from lincomp.models.corpus import corpus_info
-    from lincomp.models.distill import distill, save_student
+    from lincomp.models.distill import save_student
     from lincomp.presets import resolve
     from lincomp.spec import AttentionSpec
 
@@ -259,20 +285,10 @@ def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: i
         del swa
     ppl["before"] = clm.perplexity(student, windows)
     data = clm.window_batches(train_tokens, seq_len, batch_size, seed + 1)
-    ckdir = _checkpoints(out_dir, fresh)
-    t0 = time.perf_counter()
-    res = distill(student, teacher, data, attention_steps=steps, finetune_steps=0, lr=lr, seed=seed,
-                  checkpoint_dir=ckdir, progress=progress)
-    wall = {"attention": time.perf_counter() - t0}
-    ppl["after_attention"] = clm.perplexity(student, windows)
-    if finetune_steps:
-        t0 = time.perf_counter()
-        res2 = distill(student, teacher, data, attention_steps=0, finetune_steps=finetune_steps,
-                       finetune_lr=finetune_lr, task_loss="lm", seed=seed, checkpoint_dir=ckdir, progress=progress)
-        wall["finetune"] = time.perf_counter() - t0
-        res.history.update(res2.history)
-        res.resumed_from.update(res2.resumed_from)
-        ppl["after_finetune"] = clm.perplexity(student, windows)
+    stages = _distill_and_measure(
+        student, teacher, data, measure=lambda stage: ppl.__setitem__(stage, clm.perplexity(student, windows)),
+        steps=steps, finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="lm", seed=seed,
+        out_dir=out_dir, fresh=fresh, progress=progress)
     final = ppl.get("after_finetune", ppl["after_attention"])
     c = teacher.config
     head_dim = c.hidden_size // c.num_attention_heads
@@ -288,9 +304,7 @@ def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: i
                "seq_len": seq_len, "eval_windows": int(windows.shape[0]), "steps": steps,
                "finetune_steps": finetune_steps, "batch_size": batch_size, "lr": lr, "finetune_lr": finetune_lr,
                "seed": seed, "device": device, "perplexity": ppl, "ratio": final / ppl["teacher"],
-               "stage_wall_s": wall, "resumed_from": res.resumed_from,
-               "final_loss": {k: res.last(k) for k in res.history}, "decode_memory": memory,
-               "wall_s": time.perf_counter() - t_start}
+               **stages, "decode_memory": memory, "wall_s": time.perf_counter() - t_start}
     if out:
         save_student(student, out / "student.safetensors", spec, extra={"recipe": "causal_lm"})
         _write_json(out / "results.json", results)
@@ -336,9 +350,12 @@ def results_markdown(r: dict, command: str = "") -> str:
              f"- spec: `{r['spec_summary']}` = `{json.dumps(r['spec'], sort_keys=True)}`",
              f"- corpus: {c['kind']} of Python {c['python']} ({c['files']} files, {c['files_heldout']} held out by "
              f"path hash, sha256 {c['sha256']})",
-             f"- steps: attention transfer {r['steps']} (lr {r['lr']}), fine-tuning {r['finetune_steps']}; batch "
+             f"- steps: stage 1 attention transfer {r['steps']} (lr {r['lr']}), stage 2 LoRA fine-tuning "
+             f"{r['finetune_steps']} (lr {r.get('finetune_lr', '-')}); batch "
              f"{r['batch_size']}; seed {r['seed']}; device {r['device']}",
-             f"- wall time: {r['wall_s']:.0f} s in all; stages " + ", ".join(f"{k} {v:.0f} s" for k, v in r['stage_wall_s'].items())]
+             f"- wall time: {r['wall_s']:.0f} s for the run that wrote this; training " +
+             ", ".join(f"{k} {v:.0f} s" for k, v in r.get('train_s', r['stage_wall_s']).items()) +
+             " (earlier sessions of a resumed run included)"]
     if command:
         lines.append(f"- command: `{command}`")
     lines.append("")
@@ -348,12 +365,15 @@ def results_markdown(r: dict, command: str = "") -> str:
                   f"sentence-transformers computes them) to the teacher's, on held-out docstrings. The window "
                   f"sees {reach['left']} tokens each side (+{r['spec']['prefix']} global [CLS]); trained on "
                   f"{c['train_length']}-token texts.", "",
-                  "| eval length | texts | window only | linearised, before | after distillation | after: min | after: 5th pct |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| eval length | texts | window only | linearised, before | after stage 1 | after stage 2 | final: min | final: 5th pct |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for L, f in r["fidelity"].items():
             a = f["after"]
-            lines.append(f"| {L} | {a['n']} | {_f(f.get('window_only', {}).get('mean'))} | {_f(f['before']['mean'])} | "
-                         f"**{_f(a['mean'])}** | {_f(a['min'])} | {_f(a['p05'])} |")
+            get = lambda k: _f(f.get(k, {}).get("mean"))  # noqa: E731
+            lines.append(f"| {L} | {a['n']} | {get('window_only')} | {get('before')} | {get('after_attention')} | "
+                         f"{get('after_finetune')} | {_f(a['min'])} | {_f(a['p05'])} |")
+        lines += ["", f"**final mean cosine: " + ", ".join(f"{_f(f['after']['mean'])} at {L} tokens"
+                                                          for L, f in r["fidelity"].items()) + "**"]
     else:
         t = r["teacher"]
         p = r["perplexity"]
@@ -507,7 +527,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--eval-length", type=int, action="append", default=None,
                    help="held-out length to evaluate (repeatable; default 128 and 256)")
     d.add_argument("--eval-blocks", type=int, default=64, help="held-out texts per length (default 64)")
-    _common(m, steps=300, lr=1e-2, finetune_steps=0, finetune_lr=1e-4)
+    _common(m, steps=300, lr=1e-2, finetune_steps=150, finetune_lr=1e-3)
     m.set_defaults(func=_cmd_minilm)
 
     c = sub.add_parser("causal-lm", help="a small byte-level Llama: Lizard-style, perplexity and decode memory",

@@ -72,6 +72,28 @@ def host_cpu() -> str:
         return "generic"
 
 
+_threads_set = False
+
+
+def ensure_threads() -> None:
+    """Run TVM's thread pool on every usable core (once, before the first kernel).
+
+    TVM's default is hardware_concurrency / 2 (it assumes two hyper-threads per core): one thread on a
+    2-vCPU machine. ``TVM_NUM_THREADS`` set by the user wins.
+    """
+    global _threads_set
+    if _threads_set:
+        return
+    _threads_set = True
+    if os.environ.get("TVM_NUM_THREADS"):
+        return
+    n = usable_cores()
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if config is not None and tvm.runtime.num_threads() != n:
+        config(1, n)   # 1 = kBig (no pinning to "little" cores); n workers
+
+
 @lru_cache(maxsize=None)
 def target() -> "tvm.target.Target":
     return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": usable_cores()})
@@ -114,6 +136,7 @@ def parse(funcs: List[str]):
 
 def build(funcs: List[str], tag: str) -> Built:
     """Compile (or load from the disk cache) the module of ``funcs``. Thread-safe, memoised."""
+    ensure_threads()
     source = full_source(funcs)
     key = hashlib.sha256((target_key() + "\n" + source).encode()).hexdigest()[:20]
     with _lock:

@@ -98,7 +98,8 @@ def decode_source(spec: AttentionSpec, H: int, Hkv: int, D: int, Dv: int, F: Opt
                     s("# everything in the state decays by a_t = exp(g_t) before token t joins")
                     ge = (lambda f: f"g[b, h, {f}]") if gate == "vector" else (lambda f: "g[b, h]")
                     with s.block(f"for f in range({F}):"):
-                        s(f"a_f = {exp2(f'{ge(chr(102))} * {L2E}')}")
+                        arg = ge("f") + f" * {L2E}"
+                        s(f"a_f = {exp2(arg)}")
                         with s.block(f"for d in T.vectorized({Dv}):"):
                             s("S[b, h, f, d] = S[b, h, f, d] * a_f")
                         s("z[b, h, f] = z[b, h, f] * a_f")
@@ -188,14 +189,14 @@ def _emit_window(s: Script, spec: AttentionSpec, D: int, Dv: int) -> None:
         with s.block(f"for d in T.vectorized({Dv}):"):
             s("acc[d] = acc[d] + sc[3] * vc[b, hk, c, d]")
     if shared:
-        s(f"vis_w = T.alloc_buffer((NC,), \"int32\")")
+        s('vis_w = T.alloc_buffer((NC,), "int32")')
         with s.block("for c in range(NC):"):
             s(f"vis_w[c] = T.if_then_else({vis}, 1, 0)")
 
 
 def _emit_shared(s: Script, F: int, Fg: int, Dv: int) -> None:
     s("# shared normaliser: gamma * window terms + linear terms of cached keys outside the window + the state")
-    s('num = T.alloc_buffer(({},), "float32")'.format(Dv))
+    s(f'num = T.alloc_buffer(({Dv},), "float32")')
     with s.block(f"for d in T.vectorized({Dv}):"):
         s("num[d] = window_gamma[h] * acc[d]")
     s("sc[1] = window_gamma[h] * sc[1]")
@@ -204,7 +205,8 @@ def _emit_shared(s: Script, F: int, Fg: int, Dv: int) -> None:
         with s.block("if pos[c] >= 0 and pos[c] <= t and vis_w[c] == 0:"):
             s("sc[3] = T.float32(0)")
             with s.block(f"for f in range({F}):"):
-                s(f"sc[3] = sc[3] + fq[f] * fkc[b, h, c, f] * {exp2(f'{ldf(chr(102))} * {L2E}')}")
+                arg = ldf("f") + f" * {L2E}"
+                s(f"sc[3] = sc[3] + fq[f] * fkc[b, h, c, f] * {exp2(arg)}")
             s("sc[1] = sc[1] + sc[3]")
             with s.block(f"for d in T.vectorized({Dv}):"):
                 s("num[d] = num[d] + sc[3] * vc[b, hk, c, d]")
@@ -218,7 +220,8 @@ def _emit_shared(s: Script, F: int, Fg: int, Dv: int) -> None:
     ldv = (lambda f: "ld[b, h, evict, f]") if Fg > 1 else (lambda f: "ld[b, h, evict, 0]")
     with s.block("if evict >= 0:"):
         with s.block(f"for f in range({F}):"):
-            s(f"a_f = fkc[b, h, evict, f] * {exp2(f'{ldv(chr(102))} * {L2E}')}")
+            arg = ldv("f") + f" * {L2E}"
+            s(f"a_f = fkc[b, h, evict, f] * {exp2(arg)}")
             with s.block(f"for d in T.vectorized({Dv}):"):
                 s("S[b, h, f, d] = S[b, h, f, d] + a_f * vc[b, hk, evict, d]")
             s("z[b, h, f] = z[b, h, f] + a_f")

@@ -98,8 +98,10 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
     keep_z = den or return_state                  # z is carried
     inline = inline_features(spec)
     cs = divisor_at_most(C, cfg.sub_chunk)
-    mr = divisor_at_most(C, cfg.mr)
-    mr_f = divisor_at_most(F, cfg.mr)
+    regs = 32 if lanes >= 16 else 16                      # vector registers (AVX-512: 32)
+    rows_fit = max(1, (regs - 6) // -(-Dv // lanes))      # accumulator rows of width Dv that fit
+    mr = divisor_at_most(C, min(cfg.mr, rows_fit))
+    mr_f = divisor_at_most(F, min(cfg.mr, rows_fit))
     names = arg_names(spec, mode=mode, initial_state=initial_state, return_state=return_state)
     assert causal or (gate is None and not initial_state and not return_state)
     k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, gate=gate, den=den, keep_z=keep_z, lanes=lanes)

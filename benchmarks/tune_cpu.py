@@ -1,0 +1,68 @@
+"""Tune the TVM kernels of the CPU benchmark's specs on this machine and store the results.
+
+    python benchmarks/tune_cpu.py [--db tuning_db] [--force] [--only swa,clear,gla,lizard]
+
+Each spec / length bucket is searched over the hand-written config space (lincomp.lower.tvmir.kernel.
+config_space) by measurement; the best config lands in ``--db`` (default: the repository's shipped
+``tuning_db/``), keyed by this CPU's model name, the spec, fp32 and the length bucket. A key already
+there is skipped (no work) unless ``--force``. ``lincomp tune`` does the same for any preset or spec file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import lincomp  # noqa: E402
+from lincomp import presets  # noqa: E402
+from lincomp.spec import AttentionSpec  # noqa: E402
+from lincomp.testing import random_inputs  # noqa: E402
+
+B, H, D = 1, 4, 64
+
+
+def cases(only):
+    swa = AttentionSpec(window={"kind": "1d", "left": 255, "right": 0}, causal=True)
+    out = []
+    if "swa" in only:
+        out += [(swa, 4096), (swa, 16384)]
+    if "clear" in only:
+        out.append((presets.clear(8, (64, 64), text_tokens=64), None))
+    if "gla" in only:
+        out += [(presets.gla("scalar"), 4096), (presets.gla("vector"), 4096)]
+    if "lizard" in only:
+        out.append((presets.lizard(window=128, sinks=4, feature_dim=64), 4096))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--db", default=str(ROOT / "tuning_db"))
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--only", default="swa,clear,gla,lizard")
+    args = ap.parse_args(argv)
+    from lincomp.tuning import TuningDB, device_name
+    db = TuningDB(args.db, shipped=None)
+    print(f"device {device_name('cpu')!r} -> {db.file_for('cpu')}")
+    for spec, L in cases(set(args.only.split(","))):
+        x = random_inputs(spec, B=B, H=H, L=L, D=D, seed=0)
+        kern = lincomp.compile(spec, target="tvm", db=db)
+        t0 = time.perf_counter()
+        q, k, v = x.pop("q"), x.pop("k"), x.pop("v")
+        results = kern.tune(q, k, v, force=args.force, progress=False, **x)
+        for part, res in zip(kern._parts(), results):
+            print(f"{spec.summary():40s} L={q.shape[2]:6d} {part:6s} {res.time_ms:8.2f} ms "
+                  f"{'(stored)' if res.cached else f'({len(res.candidates)} configs)'} {res.config}")
+        print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
