@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lincomp-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all test-fast bench gpu-check lock clean
+.PHONY: demo test test-all bench bench-models bench-distributed gpu-check lock clean
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py
+
+bench-models: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_models.py
+
+bench-distributed: $(STAMP)
+	$(PY) benchmarks/bench_distributed.py
 
 # On a GPU machine with torch + triton preinstalled (no venv, no internet): PYTHONPATH=. python3 ...
 gpu-check:

@@ -21,7 +21,6 @@ the load average before and after, and whether each goal is met.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -222,7 +221,7 @@ class Bench:
             o_flex = flex(q, k, v)
         t_flex = self.add(case, "torch.compile(flex_attention)", self.time(lambda: flex(q, k, v)), flops,
                           f"block mask {built:.1f}s; rel diff vs ours {rel_err(out, o_flex):.1e}")
-        t_sdpa = self.add(case, "SDPA dense (is_causal)",
+        self.add(case, "SDPA dense (is_causal)",
                           self.time(lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True),
                                     reps=max(3, self.reps // 2)), flops)
         self.goal(case, t_ours, flops, [("flex", t_flex, 2.0)])
@@ -245,7 +244,7 @@ class Bench:
             o_flex = flex(q, k, v)
         t_flex = self.add(case, "torch.compile(flex_attention)", self.time(lambda: flex(q, k, v)), flops,
                           f"block mask {built:.1f}s; rel diff vs ours {rel_err(out, o_flex):.1e}")
-        t_sdpa = self.add(case, "SDPA dense (all pairs)",
+        self.add(case, "SDPA dense (all pairs)",
                           self.time(lambda: Fn.scaled_dot_product_attention(q, k, v), reps=max(3, self.reps // 2)),
                           flops)
         self.goal(case, t_ours, flops, [("flex", t_flex, 2.0)])

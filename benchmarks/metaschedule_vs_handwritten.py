@@ -18,7 +18,6 @@ benchmarks/results/metaschedule.md.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys

@@ -125,10 +125,10 @@ class _Demo:
         return {"target": chosen.target, "rel_err": err}
 
     def do_linearize(self) -> dict:
-        from lincomp.models.distill_cli import _linearize, load_minilm
+        from lincomp.models.distill_cli import linearize_student, load_minilm
 
         self.tokenizer, self.teacher = load_minilm(self.device)
-        self.student = _linearize(copy.deepcopy(self.teacher), self.spec)
+        self.student = linearize_student(copy.deepcopy(self.teacher), self.spec)
         from lincomp.models import learned_parameters
 
         n = sum(p.numel() for p in learned_parameters(self.student))
@@ -139,7 +139,7 @@ class _Demo:
 
     def do_distill(self) -> dict:
         from lincomp.models.distill import distill, embedding_fidelity, load_student
-        from lincomp.models.distill_cli import _batches, minilm_blocks
+        from lincomp.models.distill_cli import shuffled_batches, minilm_blocks
 
         if self.student is None:
             raise _Skip("the model was not linearised (see the linearize section)")
@@ -151,12 +151,14 @@ class _Demo:
         print(f"cosine similarity to the teacher before distillation: {before['mean']:.4f}")
         hist, steps = [], a.steps
         if a.student:
-            self.student = load_student(copy.deepcopy(self.teacher), a.student)
+            from lincomp.models.distill_cli import training_target
+
+            self.student = load_student(copy.deepcopy(self.teacher), a.student, target=training_target(self.teacher))
             print(f"loaded a distilled student from {a.student} (no training here)")
             steps = 0
         elif steps:
             train = minilm_blocks(self.tokenizer, "train", a.train_length, a.steps * a.batch_size)
-            res = distill(self.student, self.teacher, _batches(train, a.batch_size, 0), attention_steps=steps,
+            res = distill(self.student, self.teacher, shuffled_batches(train, a.batch_size, 0), attention_steps=steps,
                           lr=a.lr, seed=0, progress=not a.no_progress)
             hist = res.history.get("attention", [])
         after = embedding_fidelity(self.student, self.teacher, heldout)
@@ -214,9 +216,9 @@ class _Demo:
 
     # -- report ------------------------------------------------------------------------------------
     def report(self) -> None:
-        from lincomp.models.distill_cli import _machine
+        from lincomp.models.distill_cli import machine_info
 
-        self.results["machine"] = _machine()
+        self.results["machine"] = machine_info()
         self.results["device"] = self.device
         self.out.mkdir(parents=True, exist_ok=True)
         md = _markdown(self.results, self.args)

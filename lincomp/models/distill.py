@@ -683,9 +683,9 @@ def save_student(student: nn.Module, path: Union[str, Path], spec, *, extra: Opt
     return path
 
 
-def load_student(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+def load_student(model: nn.Module, path: Union[str, Path], **linearize_kwargs) -> nn.Module:
     """Linearise ``model`` (a fresh copy of the teacher) with the spec stored in ``path`` and load the saved
-    tensors into it; returns the student."""
+    tensors into it; returns the student. ``linearize_kwargs`` (e.g. ``target="reference"``) go to linearize."""
     from safetensors import safe_open
 
     from lincomp.spec import AttentionSpec
@@ -697,7 +697,7 @@ def load_student(model: nn.Module, path: Union[str, Path]) -> nn.Module:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     from lincomp.models import linearize
 
-    student = linearize(model, AttentionSpec.from_json(meta["spec"])) or model
+    student = linearize(model, AttentionSpec.from_json(meta["spec"]), **linearize_kwargs) or model
     params = dict(student.named_parameters())
     missing = [k for k in tensors if k not in params]
     if missing:
@@ -707,3 +707,9 @@ def load_student(model: nn.Module, path: Union[str, Path]) -> nn.Module:
         for k, t in tensors.items():
             params[k].copy_(t.to(params[k].device, params[k].dtype))
     return student
+
+
+__all__ = ["distill", "DistillResult", "train_steps", "lr_at", "TeacherRunner", "run_model", "LayerLocalTransfer",
+           "layer_local_loss", "attention_transfer_loss", "attention_mse", "softmax_attention", "lm_loss",
+           "embedding_loss", "mean_pool", "clear_loss", "ClearWeights", "add_lora", "merge_lora", "qkv_module_names",
+           "embedding_fidelity", "save_student", "load_student", "learned_named_parameters"]

@@ -33,14 +33,15 @@ def _log_default(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _linearize(model, spec, target: Optional[str] = None):
+def linearize_student(model, spec, target: Optional[str] = None):
+    """``lincomp.linearize(model, spec)`` in place with the target training needs (see :func:`training_target`)."""
     from lincomp.models import linearize
 
-    out = linearize(model, spec, target=target or _default_target(model))
+    out = linearize(model, spec, target=target or training_target(model))
     return model if out is None else out
 
 
-def _default_target(model) -> str:
+def training_target(model) -> str:
     """Triton on GPUs ("auto"); the reference on CPUs: training needs a backward, which TVM kernels lack
     (lincomp's op would run the TVM forward and then recompute it with the reference anyway)."""
     dev = next(model.parameters()).device
@@ -120,7 +121,7 @@ def minilm_blocks(tokenizer, split: str, length: int, max_blocks: Optional[int] 
     return token_blocks(docstring_passages(split), tokenizer, length, max_blocks=max_blocks)
 
 
-def _batches(blocks, batch_size: int, seed: int) -> list:
+def shuffled_batches(blocks, batch_size: int, seed: int) -> list:
     """A fixed shuffle of ``blocks`` cut into ``[batch_size, L]`` batches (drops the remainder)."""
     import torch
 
@@ -154,13 +155,13 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
             "the window alone covers most of each text there")
     tok, teacher = load_minilm(device)
     _seed_all(seed)
-    student = _linearize(copy.deepcopy(teacher), spec)
+    student = linearize_student(copy.deepcopy(teacher), spec)
     log(f"spec: {spec.summary()}  (window reach {_reach(spec)} tokens each side; eval at {list(eval_lengths)} tokens)")
     train = minilm_blocks(tok, "train", length)
     heldout = {L: minilm_blocks(tok, "heldout", L, eval_blocks) for L in eval_lengths}
     log(f"corpus: {train.shape[0]} train blocks of {length} tokens; held-out "
         + ", ".join(f"{b.shape[0]} x {L}" for L, b in heldout.items()))
-    results = {"recipe": "minilm", "model": MINILM, "machine": _machine(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
+    results = {"recipe": "minilm", "model": MINILM, "machine": machine_info(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
                "corpus": {**corpus_info(), "kind": "stdlib docstrings", "train_blocks": int(train.shape[0]),
                           "train_length": length},
                "steps": steps, "finetune_steps": finetune_steps, "batch_size": batch_size, "lr": lr,
@@ -168,7 +169,7 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
     if baseline:
         from lincomp.spec import AttentionSpec
 
-        win_only = _linearize(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=spec.causal,
+        win_only = linearize_student(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=spec.causal,
                                                                       prefix=spec.prefix))
         for L, b in heldout.items():
             results["fidelity"].setdefault(str(L), {})["window_only"] = embedding_fidelity(win_only, teacher, b)
@@ -179,7 +180,7 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
 
     measure("before")
     results.update(_distill_and_measure(
-        student, teacher, _batches(train, batch_size, seed), measure=measure, steps=steps,
+        student, teacher, shuffled_batches(train, batch_size, seed), measure=measure, steps=steps,
         finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="embedding", seed=seed,
         out_dir=out_dir, fresh=fresh, progress=progress))
     for f in results["fidelity"].values():
@@ -276,11 +277,11 @@ def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: i
     train_tokens = clm.corpus_tokens("train")
     windows = clm.eval_windows(clm.corpus_tokens("heldout"), seq_len, eval_windows_n)
     _seed_all(seed)
-    student = _linearize(copy.deepcopy(teacher), spec)
+    student = linearize_student(copy.deepcopy(teacher), spec)
     log(f"spec: {spec.summary()}  (window reach {_reach(spec)} tokens; eval windows of {seq_len} tokens)")
     ppl = {"teacher": clm.perplexity(teacher, windows)}
     if baseline:
-        swa = _linearize(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True, prefix=spec.prefix))
+        swa = linearize_student(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True, prefix=spec.prefix))
         ppl["window_only"] = clm.perplexity(swa, windows)
         del swa
     ppl["before"] = clm.perplexity(student, windows)
@@ -298,7 +299,7 @@ def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: i
                "student_bytes": linear_decode_bytes(spec, c.num_hidden_layers, c.num_attention_heads, head_dim, n),
                **({"teacher_measured": measured[n][0], "student_measured": measured[n][1]} if n in measured else {})}
               for n in sorted(set(memory_contexts) | set(measured))]
-    results = {"recipe": "causal_lm", "machine": _machine(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
+    results = {"recipe": "causal_lm", "machine": machine_info(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
                "teacher": {k: v for k, v in tinfo.items() if k != "history"},
                "corpus": {**corpus_info(), "kind": "stdlib source, bytes", "train_bytes": int(train_tokens.numel())},
                "seq_len": seq_len, "eval_windows": int(windows.shape[0]), "steps": steps,
@@ -328,7 +329,8 @@ def format_causal_lm(r: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ results
-def _machine() -> dict:
+def machine_info() -> dict:
+    """CPU name, GPU name, torch version and threads: what a result table must say it was measured on."""
     import platform
 
     import torch
@@ -342,7 +344,7 @@ def _machine() -> dict:
 
 def results_markdown(r: dict, command: str = "") -> str:
     """A commit-ready markdown table of a recipe's results (either recipe)."""
-    m = r.get("machine") or _machine()
+    m = r.get("machine") or machine_info()
     c = r["corpus"]
     lines = [f"# Distillation: {'all-MiniLM-L6-v2 (window + Hedgehog)' if r['recipe'] == 'minilm' else 'byte-level Llama (Lizard-style)'}",
              "", f"- machine: {m['cpu']}{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']} with "

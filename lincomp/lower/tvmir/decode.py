@@ -105,10 +105,12 @@ def decode_source(spec: AttentionSpec, H: int, Hkv: int, D: int, Dv: int, F: Opt
                         s("z[b, h, f] = z[b, h, f] * a_f")
             if shared:
                 s("# cached keys age by g_t; the current key joins with phi(k) and no decay")
-                with s.block("for c in range(NC):"):
-                    with s.block("if pos[c] >= 0 and c != slot:"):
-                        with s.block(f"for f in range({Fg}):"):
-                            s(f"ld[b, h, c, f] = ld[b, h, c, f] + {'g[b, h, f]' if gate == 'vector' else ('g[b, h]' if gate else 'T.float32(0)')}")
+                if gate is not None:
+                    g_t = "g[b, h, f]" if gate == "vector" else "g[b, h]"
+                    with s.block("for c in range(NC):"):
+                        with s.block("if pos[c] >= 0 and c != slot:"):
+                            with s.block(f"for f in range({Fg}):"):
+                                s(f"ld[b, h, c, f] = ld[b, h, c, f] + {g_t}")
                 with s.block(f"for f in range({F}):"):
                     s("fkc[b, h, slot, f] = fk[f]")
                 with s.block(f"for f in range({Fg}):"):

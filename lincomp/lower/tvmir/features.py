@@ -59,14 +59,14 @@ def feature_source(fmap: str, dims: FeatureDims, mr: int = 4, name: str = "featu
             with s.block(f"for r in range(T.min({ROWS}, L - t0)):"):
                 if fmap == "hedgehog":
                     s("# softmax(p) and softmax(-p) over the E entries (shifted by max p and min p)")
-                    s(f'mx = T.alloc_buffer((2,), "float32")')
+                    s('mx = T.alloc_buffer((2,), "float32")')
                     s("mx[0] = p[r, 0]", "mx[1] = p[r, 0]")
                     with s.block(f"for e in range(1, {E}):"):
                         s("mx[0] = T.max(mx[0], p[r, e])", "mx[1] = T.min(mx[1], p[r, e])")
                     with s.block(f"for e in T.vectorized({E}):"):
                         s(f"out[b, h, t0 + r, e] = {exp2(f'(p[r, e] - mx[0]) * {L2E}')}",
                           f"out[b, h, t0 + r, {E} + e] = {exp2(f'(mx[1] - p[r, e]) * {L2E}')}")
-                    s(f'sm = T.alloc_buffer((2,), "float32")')
+                    s('sm = T.alloc_buffer((2,), "float32")')
                     s("sm[0] = T.float32(0)", "sm[1] = T.float32(0)")
                     with s.block(f"for e in range({E}):"):
                         s("sm[0] = sm[0] + out[b, h, t0 + r, e]", f"sm[1] = sm[1] + out[b, h, t0 + r, {E} + e]")
