@@ -13,8 +13,9 @@ Cases (each row: median wall time over ``--reps`` runs after warm-up; peers buil
 - ``lizard``: the Lizard hybrid (hedgehog_exp E=64, scalar gate, window 128 + 4 sinks) at L = 4096,
               vs compiled FlexAttention (window, sinks via its LSE) + the compiled chunked GLA, summed.
 
-The fp32 FLOP floor of a case is useful FLOPs / the matmul peak measured in the same run (a 2048^3
-torch matmul). Writes a markdown table (default benchmarks/results/cpu_kernels.md) with the CPU model,
+The fp32 FLOP floor of a case is useful FLOPs / the matmul peak (a 2048^3 torch matmul timed interleaved
+with the case's implementations). All implementations of a case are timed round-robin, one call each per
+round, so load spikes on a shared machine hit them alike. Writes a markdown table (default benchmarks/results/cpu_kernels.md) with the CPU model,
 the load average before and after, and whether each goal is met.
 """
 
@@ -31,6 +32,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Two thread pools share the cores here: torch's OpenMP and TVM's. With OpenMP's default wait policy its
+# idle workers spin after every torch op and take the cores from the TVM kernel that runs next (measured:
+# 15 -> 21 ms for the sliding window at L=4096 on 2 cores). PASSIVE workers sleep instead; torch's own ops
+# are not slower for it. Set before torch loads; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as Fn  # noqa: E402
@@ -45,24 +51,6 @@ B, H, D = 1, 4, 64
 
 
 # ------------------------------------------------------------------------------------------ timing
-def median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def matmul_peak(reps: int) -> float:
-    """fp32 GFLOP/s of a 2048^3 torch matmul (MKL / oneDNN, all cores)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    t = median_ms(lambda: a @ b, reps)
-    return 2 * 2048 ** 3 / (t * 1e-3) / 1e9
-
-
 def cpu_model() -> str:
     try:
         from lincomp.tuning import device_name
@@ -171,10 +159,13 @@ def hedgehog_exp(x, w):
 
 # ------------------------------------------------------------------------------------------- cases
 class Bench:
+    """Runs the cases. All implementations of a case (and, for windowed cases, the matmul that sets the
+    FLOP floor) are timed interleaved -- one call of each per round -- so a load spike on the shared
+    machine hits them alike; each reports its median."""
+
     def __init__(self, reps: int, quick: bool):
         self.reps, self.quick = reps, quick
         self.rows = []
-        self.peak = None
         self.peaks = []
 
     def ours(self, spec, inputs):
@@ -185,46 +176,59 @@ class Bench:
             first = time.perf_counter() - t0
         return kern, out, first
 
-    def time(self, fn, reps=None):
+    def interleaved(self, fns: dict, slow=()) -> dict:
+        """{name: median ms}; ``slow`` names run in every other round only (e.g. dense SDPA at 16K)."""
+        times = {name: [] for name in fns}
         with torch.no_grad():
-            return median_ms(fn, reps or self.reps)
+            for fn in fns.values():       # warm-up
+                fn()
+            for r in range(self.reps):
+                for name, fn in fns.items():
+                    if name in slow and r % 2:
+                        continue
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        return {name: statistics.median(t) for name, t in times.items()}
 
-    def measure_peak(self):
-        """The matmul peak right before a case (the shared machine's load drifts between cases)."""
-        self.peak = matmul_peak(max(3, self.reps // 2))
-        self.peaks.append(self.peak)
-        print(f"  (fp32 matmul peak now {self.peak:.0f} GFLOP/s)", flush=True)
-
-    def add(self, case, impl, ms, flops=None, note=""):
+    def add(self, case, impl, ms, flops=None, peak=None, note=""):
         row = {"case": case, "impl": impl, "ms": ms, "note": note}
         if flops is not None:
             row["gflops"] = flops / (ms * 1e-3) / 1e9
-            row["x_floor"] = ms / (flops / (self.peak * 1e9) * 1e3)
+            row["x_floor"] = ms / (flops / (peak * 1e9) * 1e3)
         self.rows.append(row)
         print(f"  {case:28s} {impl:34s} {ms:9.2f} ms  {note}", flush=True)
         return ms
+
+    def windowed(self, case, spec, x, flops, peers: dict, notes: dict, slow=()):
+        """A softmax-window case: ours, the peers and the matmul peak, interleaved."""
+        kern, out, first = self.ours(spec, x)
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        fns = {"lincomp tvm": lambda: kern(**x), **peers, "matmul": lambda: a @ b}
+        t = self.interleaved(fns, slow=slow)
+        peak = 2 * 2048 ** 3 / (t.pop("matmul") * 1e-3) / 1e9
+        self.peaks.append(peak)
+        notes = dict(notes, **{"lincomp tvm": f"config {kern.config['window']}; first call {first:.1f}s"})
+        for name, ms in t.items():
+            self.add(case, name, ms, flops, peak, notes.get(name, ""))
+        self.goal(case, t["lincomp tvm"], flops, peak, [("flex", t["torch.compile(flex_attention)"], 2.0)])
+        return kern, out
 
     # -- causal sliding window ------------------------------------------------------------------
     def swa(self, L: int, window: int = 256):
         spec = AttentionSpec(window={"kind": "1d", "left": window - 1, "right": 0}, causal=True)
         x = random_inputs(spec, B=B, H=H, L=L, D=D, seed=1)
         q, k, v = x["q"], x["k"], x["v"]
-        case = f"swa{window} L={L}"
-        self.measure_peak()
         pairs = window * L - window * (window - 1) // 2
-        flops = 4 * D * pairs * B * H
-        kern, out, first = self.ours(spec, x)
-        t_ours = self.add(case, "lincomp tvm", self.time(lambda: kern(**x)), flops,
-                          f"config {kern.config['window']}; first call {first:.1f}s")
         flex, built = flex_peer(sliding_mask_mod(window), L)
         with torch.no_grad():
             o_flex = flex(q, k, v)
-        t_flex = self.add(case, "torch.compile(flex_attention)", self.time(lambda: flex(q, k, v)), flops,
-                          f"block mask {built:.1f}s; rel diff vs ours {rel_err(out, o_flex):.1e}")
-        self.add(case, "SDPA dense (is_causal)",
-                          self.time(lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True),
-                                    reps=max(3, self.reps // 2)), flops)
-        self.goal(case, t_ours, flops, [("flex", t_flex, 2.0)])
+            o_ours = lincomp.compile(spec, target="tvm")(**x)
+        peers = {"torch.compile(flex_attention)": lambda: flex(q, k, v),
+                 "SDPA dense (is_causal)": lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        notes = {"torch.compile(flex_attention)": f"block mask {built:.1f}s; rel diff vs ours {rel_err(o_ours, o_flex):.1e}"}
+        self.windowed(f"swa{window} L={L}", spec, x, 4 * D * pairs * B * H, peers, notes,
+                      slow={"SDPA dense (is_causal)"})
 
     # -- CLEAR --------------------------------------------------------------------------------------
     def clear(self, radius: int = 8, grid=(64, 64), prefix: int = 64):
@@ -232,22 +236,17 @@ class Bench:
         L = spec.expected_length()
         x = random_inputs(spec, B=B, H=H, D=D, seed=2)
         q, k, v = x["q"], x["k"], x["v"]
-        case = f"clear r={radius} {grid[0]}x{grid[1]}+{prefix}"
-        self.measure_peak()
         pairs = int(window_mask(spec, L).sum())
-        flops = 4 * D * pairs * B * H
-        kern, out, first = self.ours(spec, x)
-        t_ours = self.add(case, "lincomp tvm", self.time(lambda: kern(**x)), flops,
-                          f"config {kern.config['window']}; first call {first:.1f}s")
         flex, built = flex_peer(clear_mask_mod(prefix, grid, radius), L)
         with torch.no_grad():
             o_flex = flex(q, k, v)
-        t_flex = self.add(case, "torch.compile(flex_attention)", self.time(lambda: flex(q, k, v)), flops,
-                          f"block mask {built:.1f}s; rel diff vs ours {rel_err(out, o_flex):.1e}")
-        self.add(case, "SDPA dense (all pairs)",
-                          self.time(lambda: Fn.scaled_dot_product_attention(q, k, v), reps=max(3, self.reps // 2)),
-                          flops)
-        self.goal(case, t_ours, flops, [("flex", t_flex, 2.0)])
+            o_ours = lincomp.compile(spec, target="tvm")(**x)
+        peers = {"torch.compile(flex_attention)": lambda: flex(q, k, v),
+                 "SDPA dense (all pairs)": lambda: Fn.scaled_dot_product_attention(q, k, v)}
+        notes = {"torch.compile(flex_attention)": f"row-major 128-blocks; block mask {built:.1f}s; "
+                                                  f"rel diff vs ours {rel_err(o_ours, o_flex):.1e}"}
+        self.windowed(f"clear r={radius} {grid[0]}x{grid[1]}+{prefix}", spec, x, 4 * D * pairs * B * H, peers,
+                      notes, slow={"SDPA dense (all pairs)"})
 
     # -- gated linear attention ---------------------------------------------------------------------
     def gla(self, gate: str, L: int = 4096):
@@ -256,16 +255,17 @@ class Bench:
         q, k, v, g = x["q"], x["k"], x["v"], x["g"]
         case = f"gla {gate} gate L={L}"
         kern, out, first = self.ours(spec, x)
-        t_ours = self.add(case, "lincomp tvm", self.time(lambda: kern(**x)), None,
-                          f"config {kern.config['linear']}; first call {first:.1f}s")
         peer = torch.compile(gla_chunked_torch, dynamic=False)
         scale = D ** -0.5
         with torch.no_grad():
             o_peer = peer(q, k, v, g, 64, False, scale)
-        t_peer = self.add(case, "torch.compile(chunked GLA, C=64)",
-                          self.time(lambda: peer(q, k, v, g, 64, False, scale)), None,
-                          f"rel diff vs ours {rel_err(out, o_peer):.1e}")
-        self.goal(case, t_ours, None, [("compiled chunked torch", t_peer, 3.0)])
+        t = self.interleaved({"lincomp tvm": lambda: kern(**x),
+                              "torch.compile(chunked GLA, C=64)": lambda: peer(q, k, v, g, 64, False, scale)})
+        self.add(case, "lincomp tvm", t["lincomp tvm"], note=f"config {kern.config['linear']}; first call {first:.1f}s")
+        self.add(case, "torch.compile(chunked GLA, C=64)", t["torch.compile(chunked GLA, C=64)"],
+                 note=f"rel diff vs ours {rel_err(out, o_peer):.1e}")
+        self.goal(case, t["lincomp tvm"], None, None,
+                  [("compiled chunked torch", t["torch.compile(chunked GLA, C=64)"], 3.0)])
 
     # -- Lizard ---------------------------------------------------------------------------------------
     def lizard(self, L: int = 4096, window: int = 128, sinks: int = 4, E: int = 64):
@@ -273,8 +273,6 @@ class Bench:
         x = random_inputs(spec, B=B, H=H, L=L, D=D, seed=4)
         case = f"lizard w={window} m={sinks} L={L}"
         kern, out, first = self.ours(spec, x)
-        t_ours = self.add(case, "lincomp tvm", self.time(lambda: kern(**x)), None,
-                          f"config {kern.config}; first call {first:.1f}s")
         q, k, v, g = x["q"], x["k"], x["v"], x["g"]
         wq, wk, sl, alpha = x["feature_weight_q"], x["feature_weight_k"], x["sink_logits"], x["alpha"]
         flex, built = flex_sinks_peer(window, L, sl)
@@ -289,23 +287,27 @@ class Bench:
 
         with torch.no_grad():
             peer_out = linear_branch() + alpha[None, :, None, None] * window_branch()
-        t_w = self.add(case, "flex window+sinks (peer part)", self.time(window_branch), None)
-        t_l = self.add(case, "compiled chunked GLA (peer part)", self.time(linear_branch), None,
-                       f"rel diff of the peer sum vs ours {rel_err(out, peer_out):.1e}")
-        self.add(case, "peers summed", t_w + t_l, None)
-        self.goal(case, t_ours, None, [("flex + chunked GLA", t_w + t_l, 1.0)])
+        t = self.interleaved({"lincomp tvm": lambda: kern(**x), "flex window+sinks (peer part)": window_branch,
+                              "compiled chunked GLA (peer part)": linear_branch})
+        self.add(case, "lincomp tvm", t["lincomp tvm"], note=f"config {kern.config}; first call {first:.1f}s")
+        t_w = self.add(case, "flex window+sinks (peer part)", t["flex window+sinks (peer part)"],
+                       note=f"sinks as {sinks} zero-value keys with score_mod; block mask {built:.1f}s")
+        t_l = self.add(case, "compiled chunked GLA (peer part)", t["compiled chunked GLA (peer part)"],
+                       note=f"rel diff of the peer sum vs ours {rel_err(out, peer_out):.1e}")
+        self.add(case, "peers summed", t_w + t_l)
+        self.goal(case, t["lincomp tvm"], None, None, [("flex + chunked GLA", t_w + t_l, 1.0)])
 
     # -- goals ----------------------------------------------------------------------------------------
-    def goal(self, case, t_ours, flops, peers):
+    def goal(self, case, t_ours, flops, peak, peers):
         notes = []
         for name, t_peer, want in peers:
             speed = t_peer / t_ours
             ok = speed >= want
             notes.append(f"{speed:.2f}x vs {name} (goal >= {want:g}x: {'met' if ok else 'NOT met'})")
         if flops is not None:
-            floor = flops / (self.peak * 1e9) * 1e3
+            floor = flops / (peak * 1e9) * 1e3
             x = t_ours / floor
-            notes.append(f"{x:.2f}x the fp32 floor {floor:.2f} ms at {self.peak:.0f} GFLOP/s "
+            notes.append(f"{x:.2f}x the fp32 floor {floor:.2f} ms at {peak:.0f} GFLOP/s "
                          f"(goal <= 3x: {'met' if x <= 3 else 'NOT met'})")
         self.rows.append({"case": case, "impl": "**goal**", "ms": None, "note": "; ".join(notes)})
         print(f"  {case:28s} goal: {'; '.join(notes)}", flush=True)
@@ -315,14 +317,17 @@ def write_table(bench: Bench, path: Path, meta: dict) -> None:
     lines = ["# CPU kernels: lincomp TVM vs peers", "",
              f"- CPU: **{meta['cpu']}** (LLVM mcpu `{meta['mcpu']}`), torch {torch.__version__}, "
              f"threads {torch.get_num_threads()}",
-             f"- fp32 matmul peak (2048^3 torch matmul) measured before each windowed case: "
-             f"**{min(bench.peaks):.0f}-{max(bench.peaks):.0f} GFLOP/s**; each case's floor uses its own",
+             (f"- fp32 matmul peak (2048^3 torch matmul, timed interleaved with each windowed case): "
+              f"**{min(bench.peaks):.0f}-{max(bench.peaks):.0f} GFLOP/s**; each case's floor uses its own"
+              if bench.peaks else "- no windowed case ran (no FLOP floor)"),
              f"- load average before / after: {meta['load_before']} / {meta['load_after']} "
              "(the machine is shared; medians of the timed runs)",
-             f"- B={B}, H={H}, D={D}, fp32; times are medians of {bench.reps} runs after warm-up; "
-             "block masks and compiles happen outside the timing",
+             f"- B={B}, H={H}, D={D}, fp32; medians of {bench.reps} rounds after warm-up, implementations "
+             "interleaved within each round (dense SDPA every other round); block masks and compiles happen "
+             "outside the timing",
              f"- lincomp configs come from the tuning database (`benchmarks/tune_cpu.py`) when it has this CPU, "
-             f"else the defaults; TVM threads {meta['tvm_threads']}",
+             f"else the defaults; TVM threads {meta['tvm_threads']}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+             "(torch's idle OpenMP workers otherwise spin on the cores the next TVM kernel needs)",
              "- fp32 only: bf16 inputs are accepted but widened to fp32 (the kernels are compute-bound in fp32 "
              "FMAs; a bf16 path would need AVX512-BF16 dot-product intrinsics and a looser accuracy contract)", "",
              "| case | implementation | median ms | useful GFLOP/s | x fp32 floor | notes |",
@@ -351,7 +356,6 @@ def main(argv=None) -> int:
     reps = 3 if args.quick else args.reps
     bench = Bench(reps, args.quick)
     meta = {"cpu": cpu_model(), "mcpu": host_cpu(), "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-    bench.measure_peak()
     print(f"CPU {meta['cpu']}; load {meta['load_before']}")
     only = set(args.only.split(","))
     if "swa" in only:

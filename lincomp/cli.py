@@ -40,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_standalone(name: str, register, argv=None, implied=None) -> int:
+    """Run one subcommand module as ``python -m`` would: ``argv`` without the leading ``name`` is fine.
+
+    ``implied``: first words that mean the subcommand name was left out (default: any but ``name``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] != name and (implied is None or argv[0] in implied)):
+        argv.insert(0, name)
+    parser = argparse.ArgumentParser(prog="lincomp")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
 def _unavailable(name: str, error: Exception) -> int:
     print(f"lincomp {name}: unavailable here ({error}); install the missing package and retry", file=sys.stderr)
     return 2

@@ -160,13 +160,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``explain`` standalone; returns the exit code (a leading "explain" may be left out)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "explain":
-        argv.insert(0, "explain")
-    parser = argparse.ArgumentParser(prog="lincomp")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from lincomp.cli import run_standalone
+    return run_standalone("explain", register, argv)
 
 
 if __name__ == "__main__":

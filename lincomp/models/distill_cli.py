@@ -583,13 +583,8 @@ def _cmd_causal_lm(a) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m lincomp.models.distill_cli minilm ...`` (the leading "distill" may be left out)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "distill":
-        argv.insert(0, "distill")
-    parser = argparse.ArgumentParser(prog="lincomp")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from lincomp.cli import run_standalone
+    return run_standalone("distill", register, argv)
 
 
 if __name__ == "__main__":

@@ -97,13 +97,8 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``db show|validate`` standalone; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("show", "validate"):
-        argv.insert(0, "db")
-    parser = argparse.ArgumentParser(prog="lincomp")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from lincomp.cli import run_standalone
+    return run_standalone("db", register, argv, implied=("show", "validate"))
 
 
 if __name__ == "__main__":

@@ -28,16 +28,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture(scope="module")
-def llama():
-    """A tiny random Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   attn_implementation="sdpa")
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def _masked_logits(model, ids, spec, padding=None):
     """The stock model with the spec's visibility (and padding) given as an explicit 4D SDPA mask."""
     mask = window_mask(spec, ids.shape[1])[None, None]

@@ -13,15 +13,6 @@ from lincomp.testing import rel_err
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   attn_implementation="sdpa")
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():

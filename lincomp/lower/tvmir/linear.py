@@ -25,6 +25,9 @@ from lincomp.lower.tvmir.codegen import LOG2E, Script, divisor_at_most, emit_gem
 from lincomp.spec import AttentionSpec
 
 INLINE_MAPS = ("identity", "elu1", "relu")
+# A chunk whose cumulative log-gate stays above this (every feature) factors exactly through its start:
+# 2^(-G_j log2 e) <= e^60 and 2^(G_i log2 e) >= e^-60 stay inside fp32's normal range.
+FACTOR_LIMIT = -60.0
 
 
 @dataclass(frozen=True)
@@ -146,11 +149,14 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
             if den:
                 bufs.append(("dc", f"({C},)"))
             if gate is not None:
-                bufs += [("Gc", f"({C}, {Fg})"), ("GT", f"({Fg}, {C})"), ("decay", f"({Fg},)")]
+                bufs += [("Gc", f"({C}, {Fg})"), ("GT", f"({Fg}, {C})"), ("decay", f"({Fg},)"),
+                         ("eq", f"({Fg}, {C})"), ("kd", f"({C}, {F})")]
             if gate == "vector":
-                bufs += [("kd", f"({C}, {F})"), ("qd", f"({F}, {C})")]
+                bufs.append(("qd", f"({F}, {C})"))
             for buf, shape in bufs:
                 s(f'{buf} = T.alloc_buffer({shape}, "float32")')
+            if gate is not None:
+                s('small = T.alloc_buffer((1,), "int32")')
             s("# the state entering the sequence")
             with s.block(f"for f in range({F}):"):
                 with s.block(f"for d in T.vectorized({Dv}):"):
@@ -168,10 +174,17 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
                       "state update" if causal else "pass 2: o_i = phi(q_i) S (/ phi(q_i) . z)"))
             with s.block(f"for c in range({nchunks}):"):
                 s(f"c0 = c * {C}")
-                _emit_load_chunk(s, spec, k, inline, fk_head, keys_only=False)
-                if causal:
+                _emit_load_chunk(s, spec, k, inline, fk_head, keys_only=True)
+                if not causal or gate is None:
+                    _emit_load_queries(s, spec, k, inline)
+                    if causal:
+                        _emit_block_scores(s, k, "kc", "qT", scalar_decay=False)
+                else:
                     _emit_gates(s, k)
-                    _emit_scores(s, k)
+                    with s.block("if small[0] == 1:"):
+                        _emit_factored_scores(s, spec, k, inline)
+                    with s.block("else:"):
+                        _emit_exact_scores(s, spec, k, inline)
                 _emit_outputs(s, k, causal, mode, normalize)
                 if causal:
                     _emit_state_update(s, k, gated=gate is not None)
@@ -201,86 +214,96 @@ class _Ctx:
 L2E = f32(LOG2E)
 
 
-def _emit_load_chunk(s, spec, k: _Ctx, inline, fk_head, keys_only) -> None:
-    """phi(k) rows and phi(q)^T columns of the chunk; rows past L are zero."""
+def _emit_load_chunk(s, spec, k: _Ctx, inline, fk_head, keys_only=True) -> None:
+    """phi(k) rows of the chunk; rows past L are zero."""
     C, F = k.C, k.F
     fmap = spec.linear.feature_map
-    src_q = (lambda r, f: phi_expr(fmap, f"q[b, h, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
-        (lambda r, f: f"fq[b, h, T.min(c0 + {r}, L - 1), {f}]")
     src_k = (lambda r, f: phi_expr(fmap, f"k[b, hk, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
         (lambda r, f: f"fk[b, {fk_head}, T.min(c0 + {r}, L - 1), {f}]")
     with s.block(f"for r in range({C}):"):
         with s.block(f"for f in T.vectorized({F}):"):
             s(f"kc[r, f] = T.if_then_else(c0 + r < L, {src_k('r', 'f')}, T.float32(0))")
-    if not keys_only:
-        scale = "" if k.den else " * linear_scale"   # o is linear in phi(q): scale it once here
-        # (den: normalised or num / den out; the scale would cancel or is not applied)
-        s("# phi(q) transposed (queries along the vector lanes)" + (", times linear_scale" if scale else ""))
-        with s.block(f"if c0 + {C} <= L:"):
+
+
+def _emit_load_queries(s, spec, k: _Ctx, inline: bool, decay: bool = False) -> None:
+    """qT[f, r] = phi(q_r)_f (times linear_scale when the output is not normalised; times the decay
+    from the chunk start, 2^(Gc[r] log2 e), with ``decay``); rows past L are zero."""
+    C, F = k.C, k.F
+    fmap = spec.linear.feature_map
+    src_q = (lambda r, f: phi_expr(fmap, f"q[b, h, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
+        (lambda r, f: f"fq[b, h, T.min(c0 + {r}, L - 1), {f}]")
+    scale = "" if k.den else " * linear_scale"   # o is linear in phi(q): scale it once here
+    if decay:
+        scale += " * eq[f, r]" if k.gate == "vector" else " * eq[0, r]"
+    s("# phi(q) transposed (queries along the vector lanes)" + (", times linear_scale" if not k.den else "")
+      + (", decayed from the chunk start" if decay else ""))
+    with s.block(f"if c0 + {C} <= L:"):
+        with s.block(f"for f in range({F}):"):
+            with s.block(f"for r in T.vectorized({C}):"):
+                s(f"qT[f, r] = {src_q('r', 'f').replace('T.min(c0 + r, L - 1)', 'c0 + r')}{scale}")
+    with s.block("else:"):
+        with s.block(f"for r in range({C}):"):
             with s.block(f"for f in range({F}):"):
-                with s.block(f"for r in T.vectorized({C}):"):
-                    s(f"qT[f, r] = {src_q('r', 'f').replace(f'T.min(c0 + r, L - 1)', 'c0 + r')}{scale}")
-        with s.block("else:"):
-            with s.block(f"for r in range({C}):"):
-                with s.block(f"for f in range({F}):"):
-                    s(f"qT[f, r] = T.if_then_else(c0 + r < L, {src_q('r', 'f')}{scale}, T.float32(0))")
+                s(f"qT[f, r] = T.if_then_else(c0 + r < L, {src_q('r', 'f')}{scale}, T.float32(0))")
 
 
 def _emit_gates(s, k: _Ctx) -> None:
-    """Cumulative log-gate from the chunk start to token i (0 past L): Gc[i, f] and GT[f, i] = Gc^T."""
+    """Gc[r, :] = cumulative log-gate from the chunk start to token r (0 past L); decay = 2^(Gc_end log2 e);
+    small[0] = 1 when every feature decays by less than e^60 inside the chunk (the factored path is exact)."""
     C, F, gate = k.C, k.F, k.gate
-    if gate is None:
-        return
+    Fg = F if gate == "vector" else 1
+    gt = (lambda r: f"g[b, h, {r}, f]") if gate == "vector" else (lambda r: f"g[b, h, {r}]")
     s("# cumulative log-gates inside the chunk (fp32 is exact enough over one chunk)")
-    if gate == "scalar":
-        s("Gc[0, 0] = g[b, h, c0]")
-        with s.block(f"for r in range(1, {C}):"):
-            s("Gc[r, 0] = Gc[r - 1, 0] + T.if_then_else(c0 + r < L, g[b, h, T.min(c0 + r, L - 1)], T.float32(0))")
-        with s.block(f"for r in range({C}):"):
-            s("GT[0, r] = Gc[r, 0]")
-        s(f"decay[0] = {exp2(f'Gc[{C - 1}, 0] * {L2E}')}")
-    else:
-        with s.block(f"for f in T.vectorized({F}):"):
-            s("Gc[0, f] = g[b, h, c0, f]")
-        with s.block(f"for r in range(1, {C}):"):
-            with s.block(f"for f in T.vectorized({F}):"):
-                s("Gc[r, f] = Gc[r - 1, f] + T.if_then_else(c0 + r < L, g[b, h, T.min(c0 + r, L - 1), f], "
-                  "T.float32(0))")
-        with s.block(f"for f in range({F}):"):
-            with s.block(f"for r in range({C}):"):
-                s("GT[f, r] = Gc[r, f]")
-        with s.block(f"for f in T.vectorized({F}):"):
-            s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {L2E}')}")
-
-
-# A chunk whose cumulative log-gate stays above this (per feature) factors exactly through its start:
-# 2^(-G_j log2 e) <= e^60 and 2^(G_i log2 e) >= e^-60 stay inside fp32's normal range.
-FACTOR_LIMIT = -60.0
-
-
-def _emit_scores(s, k: _Ctx) -> None:
-    """aT[j, i] (keys x queries) = phi(k_j) . phi(q_i) d_ij for j <= i, 0 above the diagonal."""
-    if k.gate != "vector":
-        _emit_block_scores(s, k, "kc", "qT", scalar_decay=k.gate == "scalar")
-        return
-    s("# vector gate: when every feature decays by less than e^60 inside the chunk, d_ij factors through")
-    s("# the chunk start: aT = (K e^-G) @ (Q e^G)^T, one matmul. Otherwise sub-chunks (exact for any gate).")
-    s('small = T.alloc_buffer((1,), "int32")')
+    with s.block(f"for f in T.vectorized({Fg}):"):
+        s(f"Gc[0, f] = {gt('c0')}")
+    with s.block(f"for r in range(1, {C}):"):
+        with s.block(f"for f in T.vectorized({Fg}):"):
+            s(f"Gc[r, f] = Gc[r - 1, f] + T.if_then_else(c0 + r < L, {gt('T.min(c0 + r, L - 1)')}, T.float32(0))")
+    with s.block(f"for f in T.vectorized({Fg}):"):
+        s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {L2E}')}")
     s("small[0] = 1")
-    with s.block(f"for f in range({k.F}):"):
-        with s.block(f"if Gc[{k.C - 1}, f] < T.float32({FACTOR_LIMIT}):"):
+    with s.block(f"for f in range({Fg}):"):
+        with s.block(f"if Gc[{C - 1}, f] < T.float32({FACTOR_LIMIT}):"):
             s("small[0] = 0")
-    with s.block("if small[0] == 1:"):
-        s("# (q decayed from the chunk start is also what the state term needs: qT is replaced in place)")
-        with s.block(f"for j in range({k.C}):"):
-            with s.block(f"for f in T.vectorized({k.F}):"):
-                s(f"kd[j, f] = kc[j, f] * {exp2(f'-Gc[j, f] * {L2E}')}")
-        with s.block(f"for f in range({k.F}):"):
-            with s.block(f"for i in T.vectorized({k.C}):"):
-                s(f"qT[f, i] = qT[f, i] * {exp2(f'GT[f, i] * {L2E}')}")
-        _emit_block_scores(s, k, "kd", "qT", scalar_decay=False)
-    with s.block("else:"):
+
+
+def _emit_factored_scores(s, spec, k: _Ctx, inline: bool) -> None:
+    """The decay factors through the chunk start: d_ij = 2^(Gc_i log2 e) 2^(-Gc_j log2 e). Queries are
+    decayed as they load (the state term needs exactly that), keys by one exponential per entry, and
+    the scores are one matmul plus the causal mask; the state update reuses the decayed keys."""
+    C, F, gate = k.C, k.F, k.gate
+    Fg = F if gate == "vector" else 1
+    s("# decay factors through the chunk start: aT = (K e^-G) @ (Q e^G)^T, then the causal mask")
+    with s.block(f"for r in range({C}):"):
+        with s.block(f"for f in T.vectorized({Fg}):"):
+            s(f"eq[f, r] = {exp2(f'Gc[r, f] * {L2E}')}")
+    _emit_load_queries(s, spec, k, inline, decay=True)
+    gk = "Gc[j, f]" if gate == "vector" else "Gc[j, 0]"
+    with s.block(f"for j in range({C}):"):
+        with s.block(f"for f in T.vectorized({F}):"):
+            s(f"kd[j, f] = kc[j, f] * {exp2(f'-{gk} * {L2E}')}")
+    _emit_block_scores(s, k, "kd", "qT", scalar_decay=False)
+
+
+def _emit_exact_scores(s, spec, k: _Ctx, inline: bool) -> None:
+    """Any gate strength: every exponent <= 0. Scalar gate: one exponential per pair; vector gate:
+    sub-chunks. Then the queries are decayed from the chunk start for the state term."""
+    C, F, gate = k.C, k.F, k.gate
+    Fg = F if gate == "vector" else 1
+    s("# strong decay: exact scores with every exponent <= 0")
+    _emit_load_queries(s, spec, k, inline)
+    with s.block(f"for f in range({Fg}):"):
+        with s.block(f"for r in range({C}):"):
+            s("GT[f, r] = Gc[r, f]")
+    if gate == "vector":
         _emit_scores_subchunks(s, k)
+    else:
+        _emit_block_scores(s, k, "kc", "qT", scalar_decay=True)
+    s("# phi(q) decayed from the chunk start (in place: the scores are done with it)")
+    with s.block(f"for f in range({F}):"):
+        with s.block(f"for i in T.vectorized({C}):"):
+            gi = "GT[f, i]" if gate == "vector" else "GT[0, i]"
+            s(f"qT[f, i] = qT[f, i] * {exp2(f'{gi} * {L2E}')}")
 
 
 def _emit_block_scores(s, k: _Ctx, kbuf: str, qbuf: str, scalar_decay: bool) -> None:
@@ -349,14 +372,7 @@ def _emit_outputs(s, k: _Ctx, intra: bool, mode: str, normalize: bool) -> None:
     The denominators dc (sum of the same weights, with 1 and z) are formed first, so a normalised
     output divides as it is stored.
     """
-    C, F, Dv, gate, mr = k.C, k.F, k.Dv, k.gate, k.mr
-    if intra and gate is not None:
-        s("# phi(q) decayed from the chunk start (in place: the scores are done with it)")
-        with s.block_if("if small[0] == 0:" if gate == "vector" else None):
-            with s.block(f"for f in range({F}):"):
-                with s.block(f"for i in T.vectorized({C}):"):
-                    gi = "GT[f, i]" if gate == "vector" else "GT[0, i]"
-                    s(f"qT[f, i] = qT[f, i] * {exp2(f'{gi} * {L2E}')}")
+    C, F, Dv, mr = k.C, k.F, k.Dv, k.mr
     if k.den:
         s("# denominators: sum_j aT[j, i] + phi(q_i) . z")
         with s.block(f"for i in T.vectorized({C}):"):
@@ -395,12 +411,11 @@ def _emit_state_update(s, k: _Ctx, gated: bool) -> None:
     C, F, Dv, gate = k.C, k.F, k.Dv, k.gate
     s("# state update" + (": keys decayed to the chunk end" if gated else ""))
     if gated:
-        if gate == "vector":
-            with s.block("if small[0] == 1:"):
-                with s.block(f"for j in range({C}):"):
-                    with s.block(f"for f in T.vectorized({F}):"):
-                        s("kc[j, f] = kd[j, f] * decay[f]")
-        with s.block_if("if small[0] == 0:" if gate == "vector" else None):
+        with s.block("if small[0] == 1:"):
+            with s.block(f"for j in range({C}):"):
+                with s.block(f"for f in T.vectorized({F}):"):
+                    s(f"kc[j, f] = kd[j, f] * decay[{'f' if gate == 'vector' else 0}]")
+        with s.block("else:"):
             with s.block(f"for j in range({C}):"):
                 with s.block(f"for f in T.vectorized({F}):"):
                     gj, ge = ("Gc[j, f]", f"Gc[{C - 1}, f]") if gate == "vector" else ("Gc[j, 0]", f"Gc[{C - 1}, 0]")
