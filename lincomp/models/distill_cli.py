@@ -176,7 +176,8 @@ def run_minilm(*, spec=None, window: int = 16, feature_dim: int = 32, combine: s
         del win_only
     def measure(stage: str) -> None:
         for L, b in heldout.items():
-            results["fidelity"].setdefault(str(L), {})[stage] = embedding_fidelity(student, teacher, b)
+            f = results["fidelity"].setdefault(str(L), {})[stage] = embedding_fidelity(student, teacher, b)
+            log(f"{stage}: mean cosine {f['mean']:.4f} at {L} tokens")
 
     measure("before")
     results.update(_distill_and_measure(
@@ -284,10 +285,15 @@ def run_causal_lm(*, spec=None, window: int = 64, sinks: int = 4, feature_dim: i
         swa = linearize_student(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True, prefix=spec.prefix))
         ppl["window_only"] = clm.perplexity(swa, windows)
         del swa
-    ppl["before"] = clm.perplexity(student, windows)
     data = clm.window_batches(train_tokens, seq_len, batch_size, seed + 1)
+
+    def measure(stage: str) -> None:
+        ppl[stage] = clm.perplexity(student, windows)
+        log(f"{stage}: perplexity {ppl[stage]:.4f} (teacher {ppl['teacher']:.4f}, ratio {ppl[stage] / ppl['teacher']:.4f})")
+
+    measure("before")
     stages = _distill_and_measure(
-        student, teacher, data, measure=lambda stage: ppl.__setitem__(stage, clm.perplexity(student, windows)),
+        student, teacher, data, measure=measure,
         steps=steps, finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="lm", seed=seed,
         out_dir=out_dir, fresh=fresh, progress=progress)
     final = ppl.get("after_finetune", ppl["after_attention"])

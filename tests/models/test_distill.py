@@ -310,3 +310,16 @@ def test_measured_decode_memory_is_flat(llama):
     m = measure_decode_memory(student, model, torch.arange(64) % 256, (8, 16, 32))
     assert m[8][1] == m[16][1] == m[32][1] > 0            # window + state: the same at every context
     assert m[32][0] == 2 * m[16][0] == 4 * m[8][0]         # the teacher's KV cache grows with it
+
+
+def test_causal_lm_recipe_end_to_end(tmp_path):
+    from lincomp.models.distill_cli import results_markdown, run_causal_lm
+    r = run_causal_lm(window=8, sinks=2, feature_dim=8, teacher_steps=2, steps=2, finetune_steps=1, batch_size=2,
+                      seq_len=64, eval_windows_n=2, out_dir=str(tmp_path), progress=False, memory_contexts=(64,),
+                      measure_contexts=(32,), log=lambda msg: None)
+    p = r["perplexity"]
+    assert {"teacher", "window_only", "before", "after_attention", "after_finetune"} <= set(p)
+    assert r["ratio"] == pytest.approx(p["after_finetune"] / p["teacher"])
+    assert (tmp_path / "student.safetensors").exists() and (tmp_path / "results.json").exists()
+    md = results_markdown(r)
+    assert "student / teacher" in md and "measured" in md

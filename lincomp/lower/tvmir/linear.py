@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from lincomp.lower.tvmir.codegen import LOG2E, Script, divisor_at_most, emit_gemm_tile, exp2, f32
+from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, divisor_at_most, emit_gemm_tile, exp2, f32
 from lincomp.spec import AttentionSpec
 
 INLINE_MAPS = ("identity", "elu1", "relu")
@@ -68,7 +68,7 @@ def arg_names(spec: AttentionSpec, *, mode: str, initial_state: bool, return_sta
     names = ["q", "k"] if inline_features(spec) else ["fq", "fk"]
     names.append("v")
     if spec.linear.gate is not None:
-        names.append("g")
+        names += ["g", "gcheck"]
     if initial_state:
         names += ["S0", "z0"]
     names += ["num", "den"] if mode == "numden" else ["o"]
@@ -137,6 +137,8 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
         if return_state:
             s(f'S_out = T.match_buffer(S_out_h, (B, {H}, {F}, {Dv}), "float32")',
               f'z_out = T.match_buffer(z_out_h, (B, {H}, {F}), "float32")')
+        if gate is not None:
+            s(f'gcheck = T.match_buffer(gcheck_h, (B * {H},), "float32")')
         s("# one task per (batch, head); its chunks run in order")
         with s.block(f"for task in T.parallel(B * {H}):"):
             s(f"b = task // {H}", f"h = task % {H}", f"hk = h // {group}" if group > 1 else "hk = h")
@@ -150,13 +152,15 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
                 bufs.append(("dc", f"({C},)"))
             if gate is not None:
                 bufs += [("Gc", f"({C}, {Fg})"), ("GT", f"({Fg}, {C})"), ("decay", f"({Fg},)"),
-                         ("eq", f"({Fg}, {C})"), ("kd", f"({C}, {F})")]
+                         ("eq", f"({C}, {Fg})"), ("kd", f"({C}, {F})")]
             if gate == "vector":
                 bufs.append(("qd", f"({F}, {C})"))
             for buf, shape in bufs:
                 s(f'{buf} = T.alloc_buffer({shape}, "float32")')
             if gate is not None:
-                s('small = T.alloc_buffer((1,), "int32")')
+                s('small = T.alloc_buffer((1,), "int32")', f'gm = T.alloc_buffer(({Fg},), "float32")')
+                with s.block(f"for f in T.vectorized({Fg}):"):
+                    s(f"gm[f] = {NEG_INF}")
             s("# the state entering the sequence")
             with s.block(f"for f in range({F}):"):
                 with s.block(f"for d in T.vectorized({Dv}):"):
@@ -193,6 +197,11 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
                     with s.block(f"for d in T.vectorized({Dv}):"):
                         s("S_out[b, h, f, d] = S[f, d]")
                     s("z_out[b, h, f] = z[f]")
+            if gate is not None:
+                s("# the largest log-gate seen (+inf for NaN / Inf): the caller rejects g > 0 after the call")
+                s("gcheck[task] = gm[0]")
+                with s.block(f"for f in range(1, {Fg}):"):
+                    s("gcheck[task] = T.max(gcheck[task], gm[f])")
     return s.text()
 
 
@@ -208,7 +217,7 @@ class _Ctx:
     den: bool
     keep_z: bool
     lanes: int
-    mr_scores: int = 8
+    mr_scores: int = 16
 
 
 L2E = f32(LOG2E)
@@ -234,7 +243,7 @@ def _emit_load_queries(s, spec, k: _Ctx, inline: bool, decay: bool = False) -> N
         (lambda r, f: f"fq[b, h, T.min(c0 + {r}, L - 1), {f}]")
     scale = "" if k.den else " * linear_scale"   # o is linear in phi(q): scale it once here
     if decay:
-        scale += " * eq[f, r]" if k.gate == "vector" else " * eq[0, r]"
+        scale += " * eq[r, f]" if k.gate == "vector" else " * eq[r, 0]"
     s("# phi(q) transposed (queries along the vector lanes)" + (", times linear_scale" if not k.den else "")
       + (", decayed from the chunk start" if decay else ""))
     with s.block(f"if c0 + {C} <= L:"):
@@ -261,6 +270,11 @@ def _emit_gates(s, k: _Ctx) -> None:
             s(f"Gc[r, f] = Gc[r - 1, f] + T.if_then_else(c0 + r < L, {gt('T.min(c0 + r, L - 1)')}, T.float32(0))")
     with s.block(f"for f in T.vectorized({Fg}):"):
         s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {L2E}')}")
+    with s.block(f"for r in range(T.min({C}, L - c0)):"):
+        with s.block(f"for f in T.vectorized({Fg}):"):
+            x = gt("c0 + r")
+            s(f"gm[f] = T.max(gm[f], T.if_then_else({x} > {NEG_INF} and {x} < T.float32(math.inf), {x}, "
+              "T.float32(math.inf)))")
     s("small[0] = 1")
     with s.block(f"for f in range({Fg}):"):
         with s.block(f"if Gc[{C - 1}, f] < T.float32({FACTOR_LIMIT}):"):
@@ -276,7 +290,7 @@ def _emit_factored_scores(s, spec, k: _Ctx, inline: bool) -> None:
     s("# decay factors through the chunk start: aT = (K e^-G) @ (Q e^G)^T, then the causal mask")
     with s.block(f"for r in range({C}):"):
         with s.block(f"for f in T.vectorized({Fg}):"):
-            s(f"eq[f, r] = {exp2(f'Gc[r, f] * {L2E}')}")
+            s(f"eq[r, f] = {exp2(f'Gc[r, f] * {L2E}')}")
     _emit_load_queries(s, spec, k, inline, decay=True)
     gk = "Gc[j, f]" if gate == "vector" else "Gc[j, 0]"
     with s.block(f"for j in range({C}):"):
