@@ -17,6 +17,7 @@ _LAZY = {
     "tune": ("lincomp.tuning.autotune", "tune"),
     "linearize": ("lincomp.models", "linearize"),
     "TritonDecoder": ("lincomp.lower.triton.decode", "TritonDecoder"),
+    "TVMDecoder": ("lincomp.lower.tvm", "TVMDecoder"),
     "TuningDB": ("lincomp.tuning", "TuningDB"),
 }
 
