@@ -76,7 +76,8 @@ def _distill_and_measure(student, teacher, data, *, measure: Callable[[str], Non
         res.history.update(res2.history)
         res.resumed_from.update(res2.resumed_from)
         measure("after_finetune")
-    train_s = {k: res.last(k)["elapsed_s"] for k in res.history if res.last(k)}
+    # Training seconds per stage, earlier sessions of a resumed run included (absent for old checkpoints).
+    train_s = {k: res.last(k)["elapsed_s"] for k in res.history if res.last(k) and "elapsed_s" in res.last(k)}
     return {"stage_wall_s": wall, "train_s": train_s, "resumed_from": res.resumed_from,
             "final_loss": {k: res.last(k) for k in res.history}}
 
@@ -362,7 +363,7 @@ def results_markdown(r: dict, command: str = "") -> str:
              f"{r['finetune_steps']} (lr {r.get('finetune_lr', '-')}); batch "
              f"{r['batch_size']}; seed {r['seed']}; device {r['device']}",
              f"- wall time: {r['wall_s']:.0f} s for the run that wrote this; training " +
-             ", ".join(f"{k} {v:.0f} s" for k, v in r.get('train_s', r['stage_wall_s']).items()) +
+             (", ".join(f"{k} {v:.0f} s" for k, v in r["train_s"].items()) if r.get("train_s") else "-") +
              " (earlier sessions of a resumed run included)"]
     if command:
         lines.append(f"- command: `{command}`")
@@ -410,17 +411,39 @@ def _measured(m: dict, who: str) -> str:
     return "" if v is None else f" (measured {_bytes(v)})"
 
 
-def write_results(r: dict, path, command: str = "") -> Path:
-    """Write :func:`results_markdown` to ``path`` atomically."""
-    path = Path(path)
-    atomic_write_text(path, results_markdown(r, command))
-    return path
+def _train_s(r: dict) -> str:
+    t = r.get("train_s") or {}
+    return f"{sum(t.values()):.0f}" if t and set(t) == set(r["final_loss"]) else "-"
+
+
+def sweep_markdown(runs: Sequence[dict]) -> str:
+    """A markdown table comparing recipe results that differ in their window (or any spec field)."""
+    if runs[0]["recipe"] == "minilm":
+        lengths = list(runs[0]["fidelity"])
+        head = ["spec"] + [f"{k} @ {L}" for L in lengths for k in ("window only", "final")] + ["training s"]
+        rows = [[f"`{r['spec_summary']}`"] + [_f(r["fidelity"][L].get(k, {}).get("mean")) for L in lengths
+                                              for k in ("window_only", "after")]
+                + [_train_s(r)] for r in runs]
+        title = "Mean cosine similarity to the teacher by spec"
+    else:
+        head = ["spec", "window keys", "window only / teacher", "after stage 1", "after stage 2", "training s"]
+        rows = []
+        for r in runs:
+            p, t = r["perplexity"], r["perplexity"]["teacher"]
+            rows.append([f"`{r['spec_summary']}`", str(r["spec"]["window"]["left"] + 1),
+                         _f(p.get("window_only", float("nan")) / t), _f(p["after_attention"] / t),
+                         _f(p["after_finetune"] / t) if "after_finetune" in p else "-",
+                         _train_s(r)])
+        title = "Perplexity / teacher by window (the smaller the window, the more the linear branch must carry)"
+    return "\n".join([f"## {title}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
+                      *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
 
 
 def benchmark_main(recipe: str, argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``benchmarks/distill_<recipe>.py``: run the recipe with ``lincomp distill`` options plus
-    ``--threads N`` (torch CPU threads, default 1 or $LINCOMP_THREADS: the machine is shared) and
-    ``--results PATH``, then write ``benchmarks/results/distill_<recipe>_<cpu|gpu>.md``."""
+    ``--threads N`` (torch CPU threads, default 1 or $LINCOMP_THREADS: the machine is shared),
+    ``--sweep-window W [W ...]`` (one run per window, each in ``<out>_w<W>``; the table details the first and
+    compares all) and ``--results PATH``; writes ``benchmarks/results/distill_<recipe>_<cpu|gpu>.md``."""
     import os
 
     import torch
@@ -429,19 +452,28 @@ def benchmark_main(recipe: str, argv: Optional[Sequence[str]] = None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--threads", type=int, default=int(os.environ.get("LINCOMP_THREADS", "1")))
     pre.add_argument("--results", default=None)
+    pre.add_argument("--sweep-window", type=int, nargs="+", default=None)
+    pre.add_argument("--out", default=f"out/distill/{recipe}")
     ours, rest = pre.parse_known_args(argv)
     torch.set_num_threads(ours.threads)
     parser = argparse.ArgumentParser(prog=f"benchmarks/distill_{recipe}.py")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["distill", recipe.replace("_", "-"), *rest])
-    args.out = args.out or f"out/distill/{recipe}"
-    args.func(args)
-    r = json.loads((Path(args.out) / "results.json").read_text())
-    kind = "gpu" if r["device"].startswith("cuda") else "cpu"
+    runs = []
+    for w in ours.sweep_window or [None]:
+        extra = [] if w is None else ["--window", str(w)]
+        out = ours.out if w is None else f"{ours.out}_w{w}"
+        args = parser.parse_args(["distill", recipe.replace("_", "-"), *rest, *extra, "--out", out])
+        args.func(args)
+        runs.append(json.loads((Path(out) / "results.json").read_text()))
+    kind = "gpu" if runs[0]["device"].startswith("cuda") else "cpu"
     root = Path(__file__).resolve().parents[2]
-    dest = ours.results or root / "benchmarks" / "results" / f"distill_{recipe}_{kind}.md"
+    dest = Path(ours.results or root / "benchmarks" / "results" / f"distill_{recipe}_{kind}.md")
     cmd = f"python benchmarks/distill_{recipe}.py {' '.join(argv)}".strip()
-    print(f"wrote {write_results(r, dest, cmd)}")
+    md = results_markdown(runs[0], cmd)
+    if len(runs) > 1:
+        md += "\n" + sweep_markdown(runs)
+    atomic_write_text(dest, md)
+    print(f"wrote {dest}")
     return 0
 
 
