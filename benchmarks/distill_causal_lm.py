@@ -1,11 +1,13 @@
 """Train a small byte-level Llama, linearise it Lizard-style, distil; record perplexity and decode memory.
 
-    .venv/bin/python benchmarks/distill_causal_lm.py                 # the committed table (about 1 h on 1 CPU thread, teacher included)
-    .venv/bin/python benchmarks/distill_causal_lm.py --steps 20      # a quick look
-    .venv/bin/python benchmarks/distill_causal_lm.py --threads 2     # use more cores (default 1: shared machine)
+    .venv/bin/python benchmarks/distill_causal_lm.py --sweep-window 8 16 64   # the committed table
+    .venv/bin/python benchmarks/distill_causal_lm.py --steps 20 --finetune-steps 5 --out out/quick
 
-Writes benchmarks/results/distill_causal_lm_cpu.md (_gpu.md on a GPU) and out/distill/causal_lm/. An interrupted run
-resumes from its checkpoints. Every `lincomp distill causal-lm` option works here (see its --help).
+The teacher trains once (about 15 min at 1 thread on a quiet machine; cached in <out>/teacher); each window
+then takes about 30 min at 1 thread. Writes benchmarks/results/distill_causal_lm_cpu.md (_gpu.md on a GPU)
+and out/distill/causal_lm[_w<W>]/. An interrupted run resumes from its checkpoints; a finished one only
+re-measures. Every `lincomp distill causal-lm` option works here (see its --help), plus --threads N
+(default 1: the machine is shared), --results PATH, --sweep-window W... and --compare DIR...
 """
 
 import sys

@@ -1,11 +1,15 @@
 """Distil all-MiniLM-L6-v2 into a window + Hedgehog hybrid; record embedding fidelity to the teacher.
 
-    .venv/bin/python benchmarks/distill_minilm.py                 # the committed table (about 30-40 min on 1 CPU thread)
-    .venv/bin/python benchmarks/distill_minilm.py --steps 20      # a quick look
-    .venv/bin/python benchmarks/distill_minilm.py --threads 2     # use more cores (default 1: shared machine)
+    .venv/bin/python benchmarks/distill_minilm.py               # the committed table (about 35 min, 1 CPU thread)
+    .venv/bin/python benchmarks/distill_minilm.py --steps 20 --finetune-steps 0 --out out/quick   # a quick look
+    .venv/bin/python benchmarks/distill_minilm.py --window 16 --feature-dim 32 --finetune-steps 150 \
+        --out out/distill/minilm_w16e32                         # the smaller-window comparison row
+    .venv/bin/python benchmarks/distill_minilm.py --compare out/distill/minilm_w16e32   # both in one table
 
-Writes benchmarks/results/distill_minilm_cpu.md (_gpu.md on a GPU) and out/distill/minilm/. An interrupted run
-resumes from its checkpoints. Every `lincomp distill minilm` option works here (see its --help).
+Writes benchmarks/results/distill_minilm_cpu.md (_gpu.md on a GPU) and out/distill/minilm/. An interrupted
+run resumes from its checkpoints; a finished one only re-measures. Every `lincomp distill minilm` option
+works here (see its --help), plus --threads N (default 1: the machine is shared), --results PATH,
+--sweep-window W... and --compare DIR...
 """
 
 import sys
