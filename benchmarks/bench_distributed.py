@@ -29,14 +29,7 @@ from lincomp.distributed.plan import traffic
 OUT = Path(__file__).parent / "results" / "distributed_cpu.md"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from lincomp.tuning.device import cpu_name  # noqa: E402  (one definition of the CPU name)
 
 
 # ------------------------------------------------------------------------------------ part 1

@@ -49,14 +49,7 @@ LLAMA_SWA = presets.sliding_window(256)
 LLAMA_LIZARD = presets.lizard(window=128, sinks=4, feature_dim=32)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from lincomp.tuning.device import cpu_name  # noqa: E402  (one definition of the CPU name)
 
 
 def _run(fn, reps: int) -> dict:

@@ -29,6 +29,8 @@ FAMILIES = {"window": "gpu_window", "linear": "gpu_linear", "models": "gpu_model
 
 def _environment() -> dict:
     import torch
+    if not torch.cuda.is_available():  # CPU smoke run: the interpreter must be on before triton loads
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     env = {"python": platform.python_version(), "torch": torch.__version__}
     try:
         import triton

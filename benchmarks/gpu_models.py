@@ -192,28 +192,8 @@ def _table(rows: list) -> str:
 
 def check_and_time(out_dir: str, quick: bool = False) -> list:
     """Correctness first, then end-to-end timings (CUDA only). Returns the table rows."""
-    t0 = time.time()
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("TRITON_INTERPRET", "1")   # before lincomp generates and imports kernels
-    device = torch.device("cuda" if cuda else "cpu")
-    rows = check(device, quick)
-    if cuda:
-        try:
-            rows += time_all(device, quick)
-        except Exception as e:
-            rows.append({"section": "timing", "case": "all", "error": f"{type(e).__name__}: {e}"[:300]})
-            traceback.print_exc()
-    else:
-        rows.append({"section": "timing", "case": "skipped", "note": "no CUDA device: correctness ran on a tiny "
-                     "stack in the Triton interpreter only"})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name(0) if cuda else "cpu (interpreter)"
-    (out / "models.md").write_text(f"# lincomp models (Flux-shaped stack) on {gpu} ({time.time() - t0:.0f} s)\n\n"
-                                   + _table(rows) + "\n")
-    (out / "models.json").write_text(json.dumps({"device": gpu, "rows": rows}, indent=1, default=str))
-    return rows
+    from _gpu_family import run_family
+    return run_family("models", "lincomp models (Flux-shaped stack)", check, time_all, out_dir, quick, _table)
 
 
 if __name__ == "__main__":
