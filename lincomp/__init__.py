@@ -16,6 +16,7 @@ _LAZY = {
     "Kernel": ("lincomp.runtime.kernel", "Kernel"),
     "tune": ("lincomp.tuning.autotune", "tune"),
     "linearize": ("lincomp.models", "linearize"),
+    "distill": ("lincomp.models.distill", "distill"),
     "TritonDecoder": ("lincomp.lower.triton.decode", "TritonDecoder"),
     "TVMDecoder": ("lincomp.lower.tvm", "TVMDecoder"),
     "TuningDB": ("lincomp.tuning", "TuningDB"),
