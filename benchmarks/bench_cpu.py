@@ -14,8 +14,9 @@ Cases (each row: median wall time over ``--reps`` runs after warm-up; peers buil
               vs compiled FlexAttention (window, sinks via its LSE) + the compiled chunked GLA, summed.
 
 The fp32 FLOP floor of a case is useful FLOPs / the matmul peak (a 2048^3 torch matmul timed interleaved
-with the case's implementations). All implementations of a case are timed round-robin, one call each per
-round, so load spikes on a shared machine hit them alike. Writes a markdown table (default benchmarks/results/cpu_kernels.md) with the CPU model,
+with the case's implementations). All implementations of a case are timed round-robin, one timed call each per
+round (right after an untimed call of the same one, so each runs with warm caches), so load spikes on a
+shared machine hit them alike. Writes a markdown table (default benchmarks/results/cpu_kernels.md) with the CPU model,
 the load average before and after, and whether each goal is met.
 """
 
@@ -37,6 +38,26 @@ sys.path.insert(0, str(ROOT))
 # 15 -> 21 ms for the sliding window at L=4096 on 2 cores). PASSIVE workers sleep instead; torch's own ops
 # are not slower for it. Set before torch loads; an explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _keep_freed_memory() -> bool:
+    """Ask glibc to serve and keep large blocks on its heap instead of mmap / munmap each one.
+
+    torch's CPU allocator frees every temporary back to malloc; by default glibc unmaps blocks above a
+    (moving) threshold, and the next call page-faults all of them in again: the compiled peers, whose
+    chunked forms make tens of MB of temporaries a call, then time bimodally (measured: 8.4 or 16 ms for
+    the same GLA call). Keeping freed memory gives every implementation its best, steady time."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+KEEP_FREED = _keep_freed_memory()
 
 import torch  # noqa: E402
 import torch.nn.functional as Fn  # noqa: E402
@@ -177,7 +198,13 @@ class Bench:
         return kern, out, first
 
     def interleaved(self, fns: dict, slow=()) -> dict:
-        """{name: median ms}; ``slow`` names run in every other round only (e.g. dense SDPA at 16K)."""
+        """{name: median ms}; ``slow`` names run in every other round only (e.g. dense SDPA at 16K).
+
+        Each timed call directly follows an untimed call of the same implementation (not for ``slow``
+        ones): every implementation is timed with its inputs and workspace warm in the caches, as inside
+        a model. Timing each right after a different implementation would favour whichever runs after the
+        one with the smaller memory footprint (it finds the shared inputs still in L3, 32 MB here).
+        """
         times = {name: [] for name in fns}
         with torch.no_grad():
             for fn in fns.values():       # warm-up
@@ -186,6 +213,8 @@ class Bench:
                 for name, fn in fns.items():
                     if name in slow and r % 2:
                         continue
+                    if name not in slow:
+                        fn()
                     t0 = time.perf_counter()
                     fn()
                     times[name].append((time.perf_counter() - t0) * 1e3)
@@ -323,7 +352,8 @@ def write_table(bench: Bench, path: Path, meta: dict) -> None:
              f"- load average before / after: {meta['load_before']} / {meta['load_after']} "
              "(the machine is shared; medians of the timed runs)",
              f"- B={B}, H={H}, D={D}, fp32; medians of {bench.reps} rounds after warm-up, implementations "
-             "interleaved within each round (dense SDPA every other round); block masks and compiles happen "
+             "interleaved within each round, each timed call right after an untimed one of the same implementation "
+             "(warm caches; dense SDPA every other round, without the untimed call); block masks and compiles happen "
              "outside the timing",
              f"- lincomp configs come from the tuning database (`benchmarks/tune_cpu.py`) when it has this CPU, "
              f"else the defaults; TVM threads {meta['tvm_threads']}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "

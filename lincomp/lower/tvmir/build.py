@@ -73,6 +73,7 @@ def host_cpu() -> str:
 
 
 _threads_set = False
+SPIN_COUNT = 2000
 
 
 def ensure_threads() -> None:
@@ -85,6 +86,11 @@ def ensure_threads() -> None:
     if _threads_set:
         return
     _threads_set = True
+    # TVM's idle workers spin (sched_yield) 300000 times before they sleep: ~0.1 s after every kernel in
+    # which they take the cores from the torch ops that follow it (measured: a compiled chunked GLA after
+    # a lincomp kernel ran at 13-16 ms instead of 7). A short spin keeps back-to-back kernels cheap to
+    # launch and leaves the cores to torch soon after. Read when the pool starts; a user's setting wins.
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
     if os.environ.get("TVM_NUM_THREADS"):
         return
     n = usable_cores()

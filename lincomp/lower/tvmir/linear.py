@@ -153,13 +153,16 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
             if gate is not None:
                 bufs += [("Gc", f"({C}, {Fg})"), ("GT", f"({Fg}, {C})"), ("decay", f"({Fg},)"),
                          ("eq", f"({C}, {Fg})"), ("kd", f"({C}, {F})")]
+                if gate == "scalar":
+                    bufs.append(("ek", f"({C},)"))
             if gate == "vector":
                 bufs.append(("qd", f"({F}, {C})"))
             for buf, shape in bufs:
                 s(f'{buf} = T.alloc_buffer({shape}, "float32")')
             if gate is not None:
-                s('small = T.alloc_buffer((1,), "int32")', f'gm = T.alloc_buffer(({Fg},), "float32")')
-                with s.block(f"for f in T.vectorized({Fg}):"):
+                Gm = _gm_lanes(k)
+                s('small = T.alloc_buffer((1,), "int32")', f'gm = T.alloc_buffer(({Gm},), "float32")')
+                with s.block(f"for f in T.vectorized({Gm}):"):
                     s(f"gm[f] = {NEG_INF}")
             s("# the state entering the sequence")
             with s.block(f"for f in range({F}):"):
@@ -200,7 +203,7 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
             if gate is not None:
                 s("# the largest log-gate seen (+inf for NaN / Inf): the caller rejects g > 0 after the call")
                 s("gcheck[task] = gm[0]")
-                with s.block(f"for f in range(1, {Fg}):"):
+                with s.block(f"for f in range(1, {Gm}):"):
                     s("gcheck[task] = T.max(gcheck[task], gm[f])")
     return s.text()
 
@@ -241,9 +244,9 @@ def _emit_load_queries(s, spec, k: _Ctx, inline: bool, decay: bool = False) -> N
     fmap = spec.linear.feature_map
     src_q = (lambda r, f: phi_expr(fmap, f"q[b, h, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
         (lambda r, f: f"fq[b, h, T.min(c0 + {r}, L - 1), {f}]")
-    scale = "" if k.den else " * linear_scale"   # o is linear in phi(q): scale it once here
-    if decay:
-        scale += " * eq[r, f]" if k.gate == "vector" else " * eq[r, 0]"
+    factors = ([] if k.den else ["linear_scale"]) + ([("eq[r, f]" if k.gate == "vector" else "eq[r, 0]")] if decay else [])
+    # o is linear in phi(q): scale it once here (one product per row: LLVM does not reassociate floats)
+    scale = f" * ({' * '.join(factors)})" if len(factors) > 1 else "".join(f" * {x}" for x in factors)
     s("# phi(q) transposed (queries along the vector lanes)" + (", times linear_scale" if not k.den else "")
       + (", decayed from the chunk start" if decay else ""))
     with s.block(f"if c0 + {C} <= L:"):
@@ -254,6 +257,11 @@ def _emit_load_queries(s, spec, k: _Ctx, inline: bool, decay: bool = False) -> N
         with s.block(f"for r in range({C}):"):
             with s.block(f"for f in range({F}):"):
                 s(f"qT[f, r] = T.if_then_else(c0 + r < L, {src_q('r', 'f')}{scale}, T.float32(0))")
+
+
+def _gm_lanes(k: _Ctx) -> int:
+    """Lanes of the running gate maximum: features (vector gate) or the chunk's tokens (scalar gate)."""
+    return k.F if k.gate == "vector" else k.C
 
 
 def _emit_gates(s, k: _Ctx) -> None:
@@ -270,11 +278,15 @@ def _emit_gates(s, k: _Ctx) -> None:
             s(f"Gc[r, f] = Gc[r - 1, f] + T.if_then_else(c0 + r < L, {gt('T.min(c0 + r, L - 1)')}, T.float32(0))")
     with s.block(f"for f in T.vectorized({Fg}):"):
         s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {L2E}')}")
-    with s.block(f"for r in range(T.min({C}, L - c0)):"):
-        with s.block(f"for f in T.vectorized({Fg}):"):
-            x = gt("c0 + r")
-            s(f"gm[f] = T.max(gm[f], T.if_then_else({x} > {NEG_INF} and {x} < T.float32(math.inf), {x}, "
-              "T.float32(math.inf)))")
+    s("# the largest log-gate (+inf for NaN / Inf); rows past L repeat row L - 1")
+    sane = lambda x: f"T.if_then_else({x} > {NEG_INF} and {x} < T.float32(math.inf), {x}, T.float32(math.inf))"  # noqa: E731
+    if gate == "scalar":      # one lane per token
+        with s.block(f"for r in T.vectorized({C}):"):
+            s(f"gm[r] = T.max(gm[r], {sane(gt('T.min(c0 + r, L - 1)'))})")
+    else:
+        with s.block(f"for r in range(T.min({C}, L - c0)):"):
+            with s.block(f"for f in T.vectorized({Fg}):"):
+                s(f"gm[f] = T.max(gm[f], {sane(gt('c0 + r'))})")
     s("small[0] = 1")
     with s.block(f"for f in range({Fg}):"):
         with s.block(f"if Gc[{C - 1}, f] < T.float32({FACTOR_LIMIT}):"):
@@ -288,14 +300,23 @@ def _emit_factored_scores(s, spec, k: _Ctx, inline: bool) -> None:
     C, F, gate = k.C, k.F, k.gate
     Fg = F if gate == "vector" else 1
     s("# decay factors through the chunk start: aT = (K e^-G) @ (Q e^G)^T, then the causal mask")
-    with s.block(f"for r in range({C}):"):
-        with s.block(f"for f in T.vectorized({Fg}):"):
-            s(f"eq[r, f] = {exp2(f'Gc[r, f] * {L2E}')}")
-    _emit_load_queries(s, spec, k, inline, decay=True)
-    gk = "Gc[j, f]" if gate == "vector" else "Gc[j, 0]"
-    with s.block(f"for j in range({C}):"):
-        with s.block(f"for f in T.vectorized({F}):"):
-            s(f"kd[j, f] = kc[j, f] * {exp2(f'-{gk} * {L2E}')}")
+    if gate == "vector":
+        with s.block(f"for r in range({C}):"):
+            with s.block(f"for f in T.vectorized({F}):"):
+                s(f"eq[r, f] = {exp2(f'Gc[r, f] * {L2E}')}")
+        _emit_load_queries(s, spec, k, inline, decay=True)
+        s("# keys decayed from the chunk start (scores) and, in place, to its end (the state update)")
+        with s.block(f"for j in range({C}):"):
+            with s.block(f"for f in T.vectorized({F}):"):
+                s(f"kd[j, f] = kc[j, f] * {exp2(f'-Gc[j, f] * {L2E}')}", "kc[j, f] = kd[j, f] * decay[f]")
+    else:   # one factor per token each way, exponentials vectorised over the chunk's tokens
+        with s.block(f"for r in T.vectorized({C}):"):
+            s(f"eq[r, 0] = {exp2(f'Gc[r, 0] * {L2E}')}", f"ek[r] = {exp2(f'-Gc[r, 0] * {L2E}')}")
+        _emit_load_queries(s, spec, k, inline, decay=True)
+        s("# keys decayed from the chunk start (scores) and, in place, to its end (the state update)")
+        with s.block(f"for j in range({C}):"):
+            with s.block(f"for f in T.vectorized({F}):"):
+                s("kd[j, f] = kc[j, f] * ek[j]", "kc[j, f] = kd[j, f] * decay[0]")
     _emit_block_scores(s, k, "kd", "qT", scalar_decay=False)
 
 
@@ -423,13 +444,9 @@ def _emit_outputs(s, k: _Ctx, intra: bool, mode: str, normalize: bool) -> None:
 def _emit_state_update(s, k: _Ctx, gated: bool) -> None:
     """S = decay * S + kend^T V_chunk, z alike (kend: the chunk's keys decayed to its end)."""
     C, F, Dv, gate = k.C, k.F, k.Dv, k.gate
-    s("# state update" + (": keys decayed to the chunk end" if gated else ""))
+    s("# state update" + (": keys decayed to the chunk end (the factored path did it already)" if gated else ""))
     if gated:
-        with s.block("if small[0] == 1:"):
-            with s.block(f"for j in range({C}):"):
-                with s.block(f"for f in T.vectorized({F}):"):
-                    s(f"kc[j, f] = kd[j, f] * decay[{'f' if gate == 'vector' else 0}]")
-        with s.block("else:"):
+        with s.block("if small[0] == 0:"):
             with s.block(f"for j in range({C}):"):
                 with s.block(f"for f in T.vectorized({F}):"):
                     gj, ge = ("Gc[j, f]", f"Gc[{C - 1}, f]") if gate == "vector" else ("Gc[j, 0]", f"Gc[{C - 1}, 0]")
