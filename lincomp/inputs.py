@@ -76,11 +76,29 @@ def _shape_error(name, got, want, fix=""):
 def _check_tensor(name, t, device, ndim_options):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device != device:
+    if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}; move it with .to(q.device)")
     if t.dim() not in ndim_options:
         raise ValueError(f"{name} must have {' or '.join(map(str, ndim_options))} dims, got shape {list(t.shape)}")
     return t
+
+
+def unpack_initial_state(st, B: int, H: int, F: int, Dv: int, device=None) -> tuple:
+    """``initial_state`` (``S0`` or ``(S0, z0)``) as ``(S0 [B, H, F, Dv], z0 [B, H, F])``, checked; z0 defaults
+    to zeros. The tensors come back as given (decoders cast and copy them); ``device``: where they must be."""
+    if isinstance(st, (tuple, list)):
+        if len(st) != 2:
+            raise ValueError("initial_state must be S0 or a pair (S0, z0)")
+        S0, z0 = st
+    else:
+        S0, z0 = st, None
+    S0 = _check_tensor("initial_state S0", S0, device, (4,))
+    if list(S0.shape) != [B, H, F, Dv]:
+        raise _shape_error("initial_state S0", S0.shape, f"[B, H, F, Dv] = {[B, H, F, Dv]}")
+    z0 = _check_tensor("initial_state z0", S0.new_zeros(B, H, F) if z0 is None else z0, device, (3,))
+    if list(z0.shape) != [B, H, F]:
+        raise _shape_error("initial_state z0", z0.shape, f"[B, H, F] = {[B, H, F]}")
+    return S0, z0
 
 
 def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
@@ -197,21 +215,7 @@ def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_
             setattr(call, name, t)
     st = tensors.get("initial_state")
     if st is not None:
-        if isinstance(st, (tuple, list)):
-            if len(st) != 2:
-                raise ValueError("initial_state must be S0 or a pair (S0, z0)")
-            S0, z0 = st
-        else:
-            S0, z0 = st, None
-        S0 = _check_tensor("initial_state S0", S0, dev, (4,))
-        if list(S0.shape) != [B, H, F, v.shape[3]]:
-            raise _shape_error("initial_state S0", S0.shape, f"[B, H, F, D] = {[B, H, F, v.shape[3]]}")
-        if z0 is None:
-            z0 = S0.new_zeros(B, H, F)
-        z0 = _check_tensor("initial_state z0", z0, dev, (3,))
-        if list(z0.shape) != [B, H, F]:
-            raise _shape_error("initial_state z0", z0.shape, f"[B, H, F] = {[B, H, F]}")
-        call.S0, call.z0 = S0, z0
+        call.S0, call.z0 = unpack_initial_state(st, B, H, F, v.shape[3], device=dev)
     kpm = tensors.get("key_padding_mask")
     if kpm is not None:
         kpm = _check_tensor("key_padding_mask", kpm, dev, (2,))

@@ -128,4 +128,16 @@ def length_for(spec: AttentionSpec, free_length: int) -> int:
     return fixed if fixed is not None else free_length
 
 
-__all__ = ["rel_err", "random_inputs", "poison_like", "spec_strategy", "length_for", "GridWindow"]
+def examples(n: int):
+    """Hypothesis ``settings`` for a slow property: ``n`` examples under the default ``ci`` profile, the
+    profile's own count under any other (``HYPOTHESIS_PROFILE=dev``); no deadline, no health checks."""
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
+        return settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck))
+    return settings(deadline=None, suppress_health_check=list(HealthCheck))
+
+
+__all__ = ["rel_err", "random_inputs", "poison_like", "spec_strategy", "length_for", "examples", "GridWindow"]

@@ -14,6 +14,7 @@ import torch
 
 from lincomp.reference.features import feature_map
 from lincomp.reference.masks import visible
+from lincomp.inputs import unpack_initial_state
 from lincomp.spec import AttentionSpec
 
 
@@ -63,9 +64,8 @@ class ReferenceDecoder:
                 if st is None:
                     self.S, self.z = fk.new_zeros(B, H, Fdim, Dv), fk.new_zeros(B, H, Fdim)
                 else:
-                    S0, z0 = st if isinstance(st, (tuple, list)) else (st, None)
-                    self.S = S0.to(dt)
-                    self.z = z0.to(dt) if z0 is not None else fk.new_zeros(B, H, Fdim)
+                    S0, z0 = unpack_initial_state(st, B, H, Fdim, Dv)
+                    self.S, self.z = S0.to(dt), z0.to(dt)
             gt = (g[:, :, 0].to(dt) if g is not None else fk.new_zeros(B, H))
             gt = gt[..., None] if gt.dim() == 2 else gt        # [B, H, Fg]
             # Everything already in the state or the cache decays by a_t before token t joins.

@@ -9,29 +9,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import given, strategies as st  # noqa: E402
 
 from lincomp import presets  # noqa: E402
 from lincomp.lower.triton.decode import DecodeState, TritonDecoder  # noqa: E402
 from lincomp.lower.triton.linear import compile_linear  # noqa: E402
 from lincomp.reference import ReferenceDecoder, reference  # noqa: E402
 from lincomp.spec import AttentionSpec  # noqa: E402
-from lincomp.testing import random_inputs, rel_err, spec_strategy  # noqa: E402
+from lincomp.testing import examples, random_inputs, rel_err, spec_strategy  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.interpreter] if DEV == "cpu" else [pytest.mark.gpu]
 STEP_KEYS = ("q", "k", "v", "g", "initial_state")
 
 
-def _examples(n: int) -> settings:
-    if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
-        return settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck))
-    return settings(deadline=None, suppress_health_check=list(HealthCheck))
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("LINCOMP_POISON_OUTPUTS", "1")
 
 
 def _to(x, dtype=None):
@@ -61,7 +52,7 @@ def _causal_specs():
         lambda s: s.causal and (s.window is not None or s.linear is not None))
 
 
-@_examples(8)
+@examples(8)
 @given(spec=_causal_specs(), data=st.data())
 def test_decode_matches_reference(spec, data):
     """Any causal spec (linear, hybrids, window-only): step by step == the fp64 reference of the sequence."""

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import given, strategies as st  # noqa: E402
 
 from lincomp import presets  # noqa: E402
 from lincomp.lower.triton.linear import (LinearKernel, compile_linear, default_config,  # noqa: E402
@@ -27,22 +27,12 @@ from lincomp.lower.triton.linear import (LinearKernel, compile_linear, default_c
 from lincomp.reference import reference  # noqa: E402
 from lincomp.runtime.kernel import LincompFallbackWarning  # noqa: E402
 from lincomp.spec import AttentionSpec  # noqa: E402
-from lincomp.testing import random_inputs, rel_err, spec_strategy  # noqa: E402
+from lincomp.testing import examples, random_inputs, rel_err, spec_strategy  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.interpreter] if DEV == "cpu" else [pytest.mark.gpu]
 
 
-def _examples(n: int) -> settings:
-    """n examples under the default CI profile; other profiles (dev) keep their own count."""
-    if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
-        return settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck))
-    return settings(deadline=None, suppress_health_check=list(HealthCheck))
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("LINCOMP_POISON_OUTPUTS", "1")
 
 
 def _cast(x, dtype, grad):
@@ -133,7 +123,7 @@ def _linear_specs(**kw):
     return spec_strategy(max_prefix=4, max_grid=5, **kw).filter(lambda s: s.linear is not None)
 
 
-@_examples(16)
+@examples(16)
 @given(spec=_linear_specs(), data=st.data())
 def test_forward_matches_reference(spec, data):
     """Every linear / hybrid spec: forward (and the final state when defined) vs the fp64 reference."""
@@ -147,7 +137,7 @@ def test_forward_matches_reference(spec, data):
                             initial_state=stateful, return_state=stateful, seed=data.draw(st.integers(0, 99)))
 
 
-@_examples(10)
+@examples(10)
 @given(spec=_linear_specs(), data=st.data())
 def test_gradients_match_reference(spec, data):
     """Gradients of q, k, v, g, feature weights, sinks, gamma, alpha, initial state vs autograd of the reference."""

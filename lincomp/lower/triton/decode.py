@@ -17,6 +17,7 @@ import torch
 
 from lincomp.lower.triton.linear import (LinearPlan, alloc, interpreting, load_module, next_pow2, render_common,
                                          _template, _tl_dtype, _dummy)
+from lincomp.inputs import unpack_initial_state
 from lincomp.runtime.kernel import Unsupported
 from lincomp.spec import AttentionSpec
 
@@ -136,12 +137,8 @@ class TritonDecoder:
             if st is None:
                 S, z = torch.zeros(B, H, F, Dv, device=dev), torch.zeros(B, H, F, device=dev)
             else:
-                S0, z0 = st if isinstance(st, (tuple, list)) else (st, None)
-                if list(S0.shape) != [B, H, F, Dv]:
-                    raise ValueError(f"initial_state S0 has shape {list(S0.shape)}, expected [B, H, F, Dv] = "
-                                     f"{[B, H, F, Dv]}")
-                S = S0.to(dev, f32).clone()
-                z = torch.zeros(B, H, F, device=dev) if z0 is None else z0.to(dev, f32).clone()
+                S0, z0 = unpack_initial_state(st, B, H, F, Dv)
+                S, z = S0.to(dev, f32).clone(), z0.to(dev, f32).clone()
             if self.spec.combine == "shared" and self.plan.gate:
                 ld = torch.zeros(B, H, self.R, BF if self.plan.gate == 2 else 1, device=dev)
         rk = rv = pk = pv = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import tvm
 from tvm.script import ir as I
 from tvm.script import tirx as T
 
+from lincomp._atomic import atomic_path
 from lincomp.lower.tvmir import intrinsics
 from lincomp.lower.tvmir.codegen import HEADER
 from lincomp.runtime.cache import cache_dir
@@ -180,17 +180,8 @@ def build(funcs: List[str], tag: str) -> Built:
 
 def _export(ex, path: Path) -> None:
     """``export_library`` to a temp name in the same folder, then rename (readers never see half a file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        ex.export_library(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path, suffix=".so") as tmp:
+        ex.export_library(str(tmp))
 
 
 def _slug(text: str) -> str:

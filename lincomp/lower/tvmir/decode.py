@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from lincomp.inputs import unpack_initial_state
 from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, exp2, f32
 from lincomp.lower.tvmir.linear import INLINE_MAPS, phi_expr
@@ -317,9 +318,8 @@ class TVMDecoder:
             if st is None:
                 self._S, self._z = torch.zeros(B, H, F, Dv), torch.zeros(B, H, F)
             else:
-                S0, z0 = st if isinstance(st, (tuple, list)) else (st, None)
-                self._S = _f32(S0).clone()
-                self._z = _f32(z0).clone() if z0 is not None else torch.zeros(B, H, F)
+                S0, z0 = unpack_initial_state(st, B, H, F, Dv)
+                self._S, self._z = _f32(S0).clone(), _f32(z0).clone()
         self._ready = True
 
     def _alloc_cache(self, nc: int) -> None:

@@ -381,24 +381,24 @@ def _emit_scores_subchunks(s, k: _Ctx) -> None:
             with s.block(f"for f in T.vectorized({F}):"):
                 gref = f"T.if_then_else(a > 0, Gc[T.max({i0} - 1, 0), f], T.float32(0))"
                 s(f"kd[j, f] = kc[j, f] * {exp2(f'({gref} - Gc[j, f]) * {L2E}')}")
-        with s.block(f"for j in range({i0}):"):
-            with s.block(f"for i in T.vectorized({cs}):"):
-                s(f"aT[j, {i0} + i] = T.float32(0)")
-            with s.block(f"for f in range({F}):"):
-                with s.block(f"for i in T.vectorized({cs}):"):
-                    s(f"aT[j, {i0} + i] = aT[j, {i0} + i] + kd[j, f] * qd[f, {i0} + i]")
+        _emit_feature_sum(s, k, rows=i0, cell=f"aT[j, {i0} + i]", term=f"kd[j, f] * qd[f, {i0} + i]")
         s("# pairs inside the sub-chunk: one exponential per feature")
-        with s.block(f"for j in range({cs}):"):
-            with s.block(f"for i in T.vectorized({cs}):"):
-                s(f"aT[{i0} + j, {i0} + i] = T.float32(0)")
-            with s.block(f"for f in range({F}):"):
-                with s.block(f"for i in T.vectorized({cs}):"):
-                    dec = exp2(f"T.min(GT[f, {i0} + i] - GT[f, {i0} + j], T.float32(0)) * {L2E}")
-                    s(f"aT[{i0} + j, {i0} + i] = aT[{i0} + j, {i0} + i] + T.if_then_else(j <= i, "
-                      f"kc[{i0} + j, f] * qT[f, {i0} + i] * {dec}, T.float32(0))")
+        dec = exp2(f"T.min(GT[f, {i0} + i] - GT[f, {i0} + j], T.float32(0)) * {L2E}")
+        _emit_feature_sum(s, k, rows=cs, cell=f"aT[{i0} + j, {i0} + i]",
+                          term=f"T.if_then_else(j <= i, kc[{i0} + j, f] * qT[f, {i0} + i] * {dec}, T.float32(0))")
         with s.block(f"for j in range({i0} + {cs}, {C}):"):
             with s.block(f"for i in T.vectorized({cs}):"):
                 s(f"aT[j, {i0} + i] = T.float32(0)")
+
+
+def _emit_feature_sum(s, k: _Ctx, *, rows, cell: str, term: str) -> None:
+    """``cell = sum_f term`` for key rows j < ``rows`` and one sub-chunk of queries i (vectorised)."""
+    with s.block(f"for j in range({rows}):"):
+        with s.block(f"for i in T.vectorized({k.cs}):"):
+            s(f"{cell} = T.float32(0)")
+        with s.block(f"for f in range({k.F}):"):
+            with s.block(f"for i in T.vectorized({k.cs}):"):
+                s(f"{cell} = {cell} + {term}")
 
 
 def _emit_outputs(s, k: _Ctx, intra: bool, mode: str, normalize: bool) -> None:
