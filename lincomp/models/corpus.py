@@ -138,8 +138,9 @@ def corpus_info(root: Optional[str] = None, heldout_percent: int = 10) -> dict:
         h.update(p.relative_to(base).as_posix().encode())
         h.update(hashlib.sha256(p.read_bytes()).digest())
     counts = {s: len(_files_of(s, root, heldout_percent)) for s in SPLITS}
-    return {"python": sys.version.split()[0], "stdlib": str(base), "files": len(files), **{f"files_{s}": n for s, n in counts.items()},
-            "heldout_percent": heldout_percent, "sha256": h.hexdigest()[:16]}
+    return {"python": sys.version.split()[0], "stdlib": str(base), "files": len(files),
+            **{f"files_{s}": n for s, n in counts.items()}, "heldout_percent": heldout_percent,
+            "sha256": h.hexdigest()[:16]}
 
 
 def token_blocks(texts: Sequence[str], tokenizer, length: int, *, max_blocks: Optional[int] = None):
@@ -158,7 +159,7 @@ def token_blocks(texts: Sequence[str], tokenizer, length: int, *, max_blocks: Op
     body = length - 2
     blocks, run = [], []
     for text in texts:
-        run.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        run.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # long texts are cut here
         while len(run) >= body:
             blocks.append([cls] + run[:body] + [sep])
             run = run[body:]

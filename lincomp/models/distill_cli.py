@@ -35,9 +35,13 @@ def _log_default(msg: str) -> None:
 
 def linearize_student(model, spec, target: Optional[str] = None):
     """``lincomp.linearize(model, spec)`` in place with the target training needs (see :func:`training_target`)."""
+    import warnings
+
     from lincomp.models import linearize
 
-    out = linearize(model, spec, target=target or training_target(model))
+    with warnings.catch_warnings():   # training and evaluation run in eval mode: dropout is off for both
+        warnings.filterwarnings("ignore", message=".*attention dropout.*")
+        out = linearize(model, spec, target=target or training_target(model))
     return model if out is None else out
 
 
@@ -168,7 +172,8 @@ def run_minilm(*, spec=None, window: int = 32, feature_dim: int = 64, combine: s
     heldout = {L: minilm_blocks(tok, "heldout", L, eval_blocks) for L in eval_lengths}
     log(f"corpus: {train.shape[0]} train blocks of {length} tokens; held-out "
         + ", ".join(f"{b.shape[0]} x {L}" for L, b in heldout.items()))
-    results = {"recipe": "minilm", "model": MINILM, "machine": machine_info(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
+    results = {"recipe": "minilm", "model": MINILM, "machine": machine_info(), "spec": spec.to_dict(),
+               "spec_summary": spec.summary(),
                "corpus": {**corpus_info(), "kind": "stdlib docstrings", "train_blocks": int(train.shape[0]),
                           "train_length": length},
                "steps": steps, "finetune_steps": finetune_steps, "batch_size": batch_size, "lr": lr,
@@ -293,14 +298,16 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
     log(f"spec: {spec.summary()}  (window reach {_reach(spec)} tokens; eval windows of {seq_len} tokens)")
     ppl = {"teacher": clm.perplexity(teacher, windows)}
     if baseline:
-        swa = linearize_student(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True, prefix=spec.prefix))
+        swa = linearize_student(copy.deepcopy(teacher),
+                                AttentionSpec(window=spec.window, causal=True, prefix=spec.prefix))
         ppl["window_only"] = clm.perplexity(swa, windows)
         del swa
     data = clm.window_batches(train_tokens, seq_len, batch_size, seed + 1)
 
     def measure(stage: str) -> None:
         ppl[stage] = clm.perplexity(student, windows)
-        log(f"{stage}: perplexity {ppl[stage]:.4f} (teacher {ppl['teacher']:.4f}, ratio {ppl[stage] / ppl['teacher']:.4f})")
+        log(f"{stage}: perplexity {ppl[stage]:.4f} (teacher {ppl['teacher']:.4f}, "
+            f"ratio {ppl[stage] / ppl['teacher']:.4f})")
 
     measure("before")
     stages = _distill_and_measure(
@@ -355,15 +362,16 @@ def machine_info() -> dict:
     from lincomp.tuning.device import cpu_name
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu_name(), "gpu": gpu, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__}
+    return {"cpu": cpu_name(), "gpu": gpu, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__}
 
 
 def results_markdown(r: dict, command: str = "") -> str:
     """A commit-ready markdown table of a recipe's results (either recipe)."""
     m = r.get("machine") or machine_info()
     c = r["corpus"]
-    lines = [f"# Distillation: {'all-MiniLM-L6-v2 (window + Hedgehog)' if r['recipe'] == 'minilm' else 'byte-level Llama (Lizard-style)'}",
+    what = "all-MiniLM-L6-v2 (window + Hedgehog)" if r["recipe"] == "minilm" else "byte-level Llama (Lizard-style)"
+    lines = [f"# Distillation: {what}",
              "", f"- machine: {m['cpu']}{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']} with "
              f"{m['torch_threads']} thread(s); Python {m['python']}",
              f"- spec: `{r['spec_summary']}` = `{json.dumps(r['spec'], sort_keys=True)}`",
@@ -385,7 +393,8 @@ def results_markdown(r: dict, command: str = "") -> str:
                   f"sees {reach['left']} tokens each side (+{r['spec']['prefix']} global [CLS]); stage 1 trained on "
                   f"{c['train_length']}-token texts, stage 2 on {c.get('finetune_length', c['train_length'])}-token "
                   "texts.", "",
-                  "| eval length | texts | window only | linearised, before | after stage 1 | after stage 2 | final: min | final: 5th pct |",
+                  "| eval length | texts | window only | linearised, before | after stage 1 | after stage 2 "
+                  "| final: min | final: 5th pct |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for L, f in r["fidelity"].items():
             a = f["after"]
@@ -537,7 +546,8 @@ def _common(p: argparse.ArgumentParser, steps: int, lr: float, finetune_steps: i
     g.add_argument("--lr", type=float, default=lr, help=f"stage 1 learning rate (default {lr})")
     g.add_argument("--finetune-steps", type=int, default=finetune_steps,
                    help=f"stage 2 steps: LoRA on q/k/v with the task loss; 0 skips it (default {finetune_steps})")
-    g.add_argument("--finetune-lr", type=float, default=finetune_lr, help=f"stage 2 learning rate (default {finetune_lr})")
+    g.add_argument("--finetune-lr", type=float, default=finetune_lr,
+                   help=f"stage 2 learning rate (default {finetune_lr})")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     g.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same student (default 0)")
     g.add_argument("--spec", default=None, metavar="SPEC",

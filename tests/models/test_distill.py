@@ -216,7 +216,8 @@ def test_clear_loss_on_tiny_flux():
     student = linearize(copy.deepcopy(flux), spec, target="reference")
     g = torch.Generator().manual_seed(1)
     ar = [torch.zeros(1), torch.arange(Hg).float(), torch.arange(Wg).float()]
-    batch = dict(latents=torch.randn(2, Hg * Wg, 8, generator=g), encoder_hidden_states=torch.randn(2, T, 16, generator=g),
+    batch = dict(latents=torch.randn(2, Hg * Wg, 8, generator=g),
+                 encoder_hidden_states=torch.randn(2, T, 16, generator=g),
                  pooled_projections=torch.randn(2, 8, generator=g),
                  img_ids=torch.stack(torch.meshgrid(*ar, indexing="ij"), -1).reshape(-1, 3), txt_ids=torch.zeros(T, 3))
     runner = D.TeacherRunner(flux, student)
