@@ -74,8 +74,12 @@ def tune(space: Sequence[Mapping], build: Callable[[dict], Callable[[], Any]],
          bench: Optional[Callable[[Callable[[], Any]], float]] = None, *,
          backend: str, kernel: str, spec: Any, dtype: Any, dims: Union[Mapping[str, int], str],
          db: Optional[TuningDB] = None, device: Any = None, force: bool = False,
-         progress: Union[None, bool, ProgressFn] = None) -> TuneResult:
+         progress: Union[None, bool, ProgressFn] = None, runoff: int = 3, rounds: int = 3) -> TuneResult:
     """Time every config of ``space`` and keep the fastest.
+
+    A run-off decides between the ``runoff`` fastest configs of the first pass: they are timed again in
+    ``rounds`` interleaved rounds and ranked by their median (a load spike during one config's single
+    measurement cannot pick the winner; the first pass's times stay in ``candidates``).
 
     ``build(config)`` returns a zero-argument callable running the kernel (raise to reject the config);
     ``bench(fn)`` returns its median time in ms (default: ``median_time_ms``). The key
@@ -95,10 +99,10 @@ def tune(space: Sequence[Mapping], build: Callable[[dict], Callable[[], Any]],
         raise ValueError(f"the search space for {backend}/{kernel} is empty; give at least one config")
     bench = bench if bench is not None else median_time_ms
     bar, report = _progress(progress, len(configs), f"{backend}/{kernel}")
-    candidates = []
+    candidates, runners = [], {}
     try:
         for i, config in enumerate(configs):
-            time_ms, error = _measure(config, build, bench)
+            time_ms, error, runners[i] = _measure(config, build, bench)
             candidates.append({"config": config, "error": error} if error else {"config": config, "time_ms": time_ms})
             if report is not None:
                 report(i, len(configs), config, time_ms, error)
@@ -110,29 +114,54 @@ def tune(space: Sequence[Mapping], build: Callable[[dict], Callable[[], Any]],
         if bar is not None:
             bar.close()
 
-    ok = [c for c in candidates if "time_ms" in c]
+    ok = [(c, runners[i]) for i, c in enumerate(candidates) if "time_ms" in c]
     if not ok:
         reasons = "\n".join(f"  {json.dumps(c['config'], sort_keys=True)}: {c['error']}" for c in candidates)
         raise TuningError(f"no config of {backend}/{kernel} built and ran:\n{reasons}")
-    best = min(ok, key=lambda c: c["time_ms"])  # first of equal times: the space's order breaks ties
+    best = _run_off(sorted(ok, key=lambda cr: cr[0]["time_ms"])[:max(1, runoff)], bench, rounds)
     entry = None
     if db is not None:
         try:
-            entry = db.record(backend, kernel, spec, dtype, dims, best["config"], best["time_ms"],
+            entry = db.record(backend, kernel, spec, dtype, dims, best["config"], best.get("runoff_ms", best["time_ms"]),
                               candidates=candidates, device=device)
         except (OSError, TuningDBError) as e:  # a read-only or foreign db must not lose the result
             warnings.warn(f"lincomp tuning: could not store the result for {backend}/{kernel}: {e}",
                           TuningDBWarning, stacklevel=2)
-    return TuneResult(config=best["config"], time_ms=best["time_ms"], cached=False,
+    return TuneResult(config=best["config"], time_ms=best.get("runoff_ms", best["time_ms"]), cached=False,
                       candidates=candidates, entry=entry)
 
 
+def _run_off(finalists: list, bench: Callable, rounds: int) -> dict:
+    """Of ``[(candidate, runner)]``, the candidate with the lowest median over ``rounds`` interleaved
+    re-timings (its entry gains ``runoff_ms``); one that fails now drops out. Ties keep the given order."""
+    if len(finalists) < 2 or rounds < 1:
+        return finalists[0][0]
+    times = {i: [] for i in range(len(finalists))}
+    for _ in range(rounds):
+        for i, (_, fn) in enumerate(finalists):
+            t, error = _time(fn, bench)
+            if error is None:
+                times[i].append(t)
+    ranked = [(statistics.median(ts), i) for i, ts in times.items() if len(ts) == rounds]
+    if not ranked:
+        return finalists[0][0]
+    for t, i in ranked:
+        finalists[i][0]["runoff_ms"] = t
+    return finalists[min(ranked)[1]][0]
+
+
 def _measure(config: dict, build: Callable, bench: Callable) -> tuple:
-    """(time_ms, None) or (None, why it failed)."""
+    """(time_ms, None, runner) or (None, why it failed, None)."""
     try:
         fn = build(dict(config))  # a copy: build may not edit the stored config
     except Exception as e:  # any failure rejects this config only
-        return None, f"build: {type(e).__name__}: {_short(e)}"
+        return None, f"build: {type(e).__name__}: {_short(e)}", None
+    t, error = _time(fn, bench)
+    return t, error, (fn if error is None else None)
+
+
+def _time(fn: Callable, bench: Callable) -> tuple:
+    """(time_ms, None) or (None, why it failed)."""
     try:
         t = float(bench(fn))
     except Exception as e:
