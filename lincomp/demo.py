@@ -433,10 +433,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "exists and has the same spec (default: out/distill/minilm/student.safetensors)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--train-length", type=int, default=128, help="training text length in tokens (default 128)")
+    p.add_argument("--train-length", type=int, default=256, help="training text length in tokens (default 256)")
     p.add_argument("--eval-length", type=int, default=256, help="held-out text length in tokens (default 256)")
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out texts (default 32)")
-    p.add_argument("--window", type=int, default=32, help="window tokens each side (default 32)")
+    p.add_argument("--window", type=int, default=64,
+                   help="window tokens each side (default 64, as `lincomp distill minilm`)")
     p.add_argument("--feature-dim", type=int, default=64, help="Hedgehog E (default 64)")
     p.add_argument("--combine", choices=["shared", "sum"], default="shared")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
