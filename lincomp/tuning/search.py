@@ -122,7 +122,8 @@ def tune(space: Sequence[Mapping], build: Callable[[dict], Callable[[], Any]],
     entry = None
     if db is not None:
         try:
-            entry = db.record(backend, kernel, spec, dtype, dims, best["config"], best.get("runoff_ms", best["time_ms"]),
+            entry = db.record(backend, kernel, spec, dtype, dims, best["config"],
+                              best.get("runoff_ms", best["time_ms"]),
                               candidates=candidates, device=device)
         except (OSError, TuningDBError) as e:  # a read-only or foreign db must not lose the result
             warnings.warn(f"lincomp tuning: could not store the result for {backend}/{kernel}: {e}",

@@ -244,7 +244,9 @@ def _emit_load_queries(s, spec, k: _Ctx, inline: bool, decay: bool = False) -> N
     fmap = spec.linear.feature_map
     src_q = (lambda r, f: phi_expr(fmap, f"q[b, h, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
         (lambda r, f: f"fq[b, h, T.min(c0 + {r}, L - 1), {f}]")
-    factors = ([] if k.den else ["linear_scale"]) + ([("eq[r, f]" if k.gate == "vector" else "eq[r, 0]")] if decay else [])
+    factors = [] if k.den else ["linear_scale"]
+    if decay:
+        factors.append("eq[r, f]" if k.gate == "vector" else "eq[r, 0]")
     # o is linear in phi(q): scale it once here (one product per row: LLVM does not reassociate floats)
     scale = f" * ({' * '.join(factors)})" if len(factors) > 1 else "".join(f" * {x}" for x in factors)
     s("# phi(q) transposed (queries along the vector lanes)" + (", times linear_scale" if not k.den else "")
@@ -279,7 +281,8 @@ def _emit_gates(s, k: _Ctx) -> None:
     with s.block(f"for f in T.vectorized({Fg}):"):
         s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {L2E}')}")
     s("# the largest log-gate (+inf for NaN / Inf); rows past L repeat row L - 1")
-    sane = lambda x: f"T.if_then_else({x} > {NEG_INF} and {x} < T.float32(math.inf), {x}, T.float32(math.inf))"  # noqa: E731
+    inf = "T.float32(math.inf)"
+    sane = lambda x: f"T.if_then_else({x} > {NEG_INF} and {x} < {inf}, {x}, {inf})"  # noqa: E731
     if gate == "scalar":      # one lane per token
         with s.block(f"for r in T.vectorized({C}):"):
             s(f"gm[r] = T.max(gm[r], {sane(gt('T.min(c0 + r, L - 1)'))})")
