@@ -382,7 +382,7 @@ def results_markdown(r: dict, command: str = "") -> str:
              f"{m['torch_threads']} thread(s); Python {m['python']}",
              f"- spec: `{r['spec_summary']}` = `{json.dumps(r['spec'], sort_keys=True)}`",
              f"- corpus: {c['kind']} of Python {c['python']} ({c['files']} files, {c['files_heldout']} held out by "
-             f"path hash, sha256 {c['sha256']})",
+             f"path hash, sha256 {c['sha256']})" + _extra_text_md(c),
              f"- steps: stage 1 attention transfer {r['steps']} (lr {r['lr']}), stage 2 LoRA fine-tuning "
              f"{r['finetune_steps']} (lr {r.get('finetune_lr', '-')}); batch "
              f"{r['batch_size']}; seed {r['seed']}; device {r['device']}",
@@ -442,15 +442,33 @@ def _train_s(r: dict) -> str:
     return f"{sum(t.values()):.0f}" if t and set(t) == set(r["final_loss"]) else "-"
 
 
+def _extra_text_md(c: dict) -> str:
+    pk = (c.get("extra_text") or {}).get("packages")
+    if not pk:
+        return "; training text: the stdlib's docstrings only"
+    return ("; extra training text: the docstrings of " + ", ".join(f"{n} {v['version']}" for n, v in pk.items())
+            + f" ({sum(v['files'] for v in pk.values())} files, sha256 {c['extra_text']['sha256']}); "
+            f"{c['train_blocks']} training blocks in all")
+
+
+def _training_md(r: dict) -> str:
+    c = r["corpus"]
+    text = "stdlib + packages" if (c.get("extra_text") or {}).get("packages") else "stdlib"
+    return (f"{r['steps']} x {c['train_length']} tok + {r['finetune_steps']} x "
+            f"{c.get('finetune_length', c['train_length'])} tok; {text}")
+
+
 def sweep_markdown(runs: Sequence[dict]) -> str:
     """A markdown table comparing recipe results that differ in their window (or any spec field)."""
     if runs[0]["recipe"] == "minilm":
         lengths = list(runs[0]["fidelity"])
-        head = ["spec"] + [f"{k} @ {L}" for L in lengths for k in ("window only", "final")] + ["training s"]
-        rows = [[f"`{r['spec_summary']}`"] + [_f(r["fidelity"].get(L, {}).get(k, {}).get("mean")) for L in lengths
-                                              for k in ("window_only", "after")]
+        head = (["spec", "stage 1 + stage 2 steps; training text"]
+                + [f"{k} @ {L}" for L in lengths for k in ("window only", "final")] + ["training s"])
+        rows = [[f"`{r['spec_summary']}`", _training_md(r)]
+                + [_f(r["fidelity"].get(L, {}).get(k, {}).get("mean")) for L in lengths
+                   for k in ("window_only", "after")]
                 + [_train_s(r)] for r in runs]
-        title = "Mean cosine similarity to the teacher by spec"
+        title = "Mean cosine similarity to the teacher by spec and training"
     else:
         head = ["spec", "window keys", "window only / teacher", "after stage 1", "after stage 2", "training s"]
         rows = []
