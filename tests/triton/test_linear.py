@@ -112,7 +112,10 @@ def check_against_reference(spec, *, L=24, B=1, H=2, Hkv=None, D=16, chunk=16, s
             continue
         assert x is not None, f"{spec.summary()}: no gradient for {name}"
         e, e32 = rel_err(x, y), rel_err(y32, y)
-        allowed = max(tol_grad, 10 * e32)
+        # Where fp32 itself cannot resolve a gradient (window_gamma, strong gates: the true value is a small
+        # difference of large terms) the kernel may be as far off as the fp32 reference, within 3x (the
+        # suite passes at 1.5x; it was 10x before, which a wrong gradient of the right size could pass).
+        allowed = max(tol_grad, 3 * e32)
         assert e <= allowed, f"{spec.summary()}: grad {name} rel err {e:.3g} > {allowed:.3g} (fp32 reference {e32:.3g})"
         errs["d" + name] = e
     return errs
