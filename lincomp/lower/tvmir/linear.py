@@ -143,7 +143,7 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
         with s.block(f"for task in T.parallel(B * {H}):"):
             s(f"b = task // {H}", f"h = task % {H}", f"hk = h // {group}" if group > 1 else "hk = h")
             fk_head = "h" if HF == H else "hk"
-            Fg = F if gate == "vector" else 1
+            Fg = k.Fg
             bufs = [("S", f"({F}, {Dv})"), ("qT", f"({F}, {C})"), ("kc", f"({C}, {F})"), ("aT", f"({C}, {C})"),
 ]
             if keep_z:
@@ -160,7 +160,7 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
             for buf, shape in bufs:
                 s(f'{buf} = T.alloc_buffer({shape}, "float32")')
             if gate is not None:
-                Gm = _gm_lanes(k)
+                Gm = k.Gm
                 s('small = T.alloc_buffer((1,), "int32")', f'gm = T.alloc_buffer(({Gm},), "float32")')
                 with s.block(f"for f in T.vectorized({Gm}):"):
                     s(f"gm[f] = {NEG_INF}")
@@ -175,13 +175,13 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
                 s("# pass 1: S = sum_j phi(k_j)^T v_j (z = sum_j phi(k_j)) over the whole sequence")
                 with s.block(f"for c in range({nchunks}):"):
                     s(f"c0 = c * {C}")
-                    _emit_load_chunk(s, spec, k, inline, fk_head, keys_only=True)
+                    _emit_load_chunk(s, spec, k, inline, fk_head)
                     _emit_state_update(s, k, gated=False)
             s("# " + ("chunks in order: outputs (intra-chunk pairs + the state entering the chunk), then the "
                       "state update" if causal else "pass 2: o_i = phi(q_i) S (/ phi(q_i) . z)"))
             with s.block(f"for c in range({nchunks}):"):
                 s(f"c0 = c * {C}")
-                _emit_load_chunk(s, spec, k, inline, fk_head, keys_only=True)
+                _emit_load_chunk(s, spec, k, inline, fk_head)
                 if not causal or gate is None:
                     _emit_load_queries(s, spec, k, inline)
                     if causal:
@@ -222,11 +222,21 @@ class _Ctx:
     lanes: int
     mr_scores: int = 16
 
+    @property
+    def Fg(self) -> int:
+        """Gate lanes per token: F for a vector gate, 1 for a scalar one."""
+        return self.F if self.gate == "vector" else 1
+
+    @property
+    def Gm(self) -> int:
+        """Lanes of the running gate maximum: features (vector gate) or the chunk's tokens (scalar gate)."""
+        return self.F if self.gate == "vector" else self.C
+
 
 L2E = f32(LOG2E)
 
 
-def _emit_load_chunk(s, spec, k: _Ctx, inline, fk_head, keys_only=True) -> None:
+def _emit_load_chunk(s, spec, k: _Ctx, inline, fk_head) -> None:
     """phi(k) rows of the chunk; rows past L are zero."""
     C, F = k.C, k.F
     fmap = spec.linear.feature_map
@@ -261,16 +271,10 @@ def _emit_load_queries(s, spec, k: _Ctx, inline: bool, decay: bool = False) -> N
                 s(f"qT[f, r] = T.if_then_else(c0 + r < L, {src_q('r', 'f')}{scale}, T.float32(0))")
 
 
-def _gm_lanes(k: _Ctx) -> int:
-    """Lanes of the running gate maximum: features (vector gate) or the chunk's tokens (scalar gate)."""
-    return k.F if k.gate == "vector" else k.C
-
-
 def _emit_gates(s, k: _Ctx) -> None:
     """Gc[r, :] = cumulative log-gate from the chunk start to token r (0 past L); decay = 2^(Gc_end log2 e);
     small[0] = 1 when every feature decays by less than e^60 inside the chunk (the factored path is exact)."""
-    C, F, gate = k.C, k.F, k.gate
-    Fg = F if gate == "vector" else 1
+    C, gate, Fg = k.C, k.gate, k.Fg
     gt = (lambda r: f"g[b, h, {r}, f]") if gate == "vector" else (lambda r: f"g[b, h, {r}]")
     s("# cumulative log-gates inside the chunk (fp32 is exact enough over one chunk)")
     with s.block(f"for f in T.vectorized({Fg}):"):
@@ -301,33 +305,28 @@ def _emit_factored_scores(s, spec, k: _Ctx, inline: bool) -> None:
     decayed as they load (the state term needs exactly that), keys by one exponential per entry, and
     the scores are one matmul plus the causal mask; the state update reuses the decayed keys."""
     C, F, gate = k.C, k.F, k.gate
-    Fg = F if gate == "vector" else 1
     s("# decay factors through the chunk start: aT = (K e^-G) @ (Q e^G)^T, then the causal mask")
     if gate == "vector":
         with s.block(f"for r in range({C}):"):
             with s.block(f"for f in T.vectorized({F}):"):
                 s(f"eq[r, f] = {exp2(f'Gc[r, f] * {L2E}')}")
-        _emit_load_queries(s, spec, k, inline, decay=True)
-        s("# keys decayed from the chunk start (scores) and, in place, to its end (the state update)")
-        with s.block(f"for j in range({C}):"):
-            with s.block(f"for f in T.vectorized({F}):"):
-                s(f"kd[j, f] = kc[j, f] * {exp2(f'-Gc[j, f] * {L2E}')}", "kc[j, f] = kd[j, f] * decay[f]")
+        key_factor, end_decay = exp2(f"-Gc[j, f] * {L2E}"), "decay[f]"
     else:   # one factor per token each way, exponentials vectorised over the chunk's tokens
         with s.block(f"for r in T.vectorized({C}):"):
             s(f"eq[r, 0] = {exp2(f'Gc[r, 0] * {L2E}')}", f"ek[r] = {exp2(f'-Gc[r, 0] * {L2E}')}")
-        _emit_load_queries(s, spec, k, inline, decay=True)
-        s("# keys decayed from the chunk start (scores) and, in place, to its end (the state update)")
-        with s.block(f"for j in range({C}):"):
-            with s.block(f"for f in T.vectorized({F}):"):
-                s("kd[j, f] = kc[j, f] * ek[j]", "kc[j, f] = kd[j, f] * decay[0]")
+        key_factor, end_decay = "ek[j]", "decay[0]"
+    _emit_load_queries(s, spec, k, inline, decay=True)
+    s("# keys decayed from the chunk start (scores) and, in place, to its end (the state update)")
+    with s.block(f"for j in range({C}):"):
+        with s.block(f"for f in T.vectorized({F}):"):
+            s(f"kd[j, f] = kc[j, f] * {key_factor}", f"kc[j, f] = kd[j, f] * {end_decay}")
     _emit_block_scores(s, k, "kd", "qT", scalar_decay=False)
 
 
 def _emit_exact_scores(s, spec, k: _Ctx, inline: bool) -> None:
     """Any gate strength: every exponent <= 0. Scalar gate: one exponential per pair; vector gate:
     sub-chunks. Then the queries are decayed from the chunk start for the state term."""
-    C, F, gate = k.C, k.F, k.gate
-    Fg = F if gate == "vector" else 1
+    C, F, gate, Fg = k.C, k.F, k.gate, k.Fg
     s("# strong decay: exact scores with every exponent <= 0")
     _emit_load_queries(s, spec, k, inline)
     with s.block(f"for f in range({Fg}):"):
