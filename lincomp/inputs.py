@@ -101,6 +101,23 @@ def unpack_initial_state(st, B: int, H: int, F: int, Dv: int, device=None) -> tu
     return S0, z0
 
 
+def check_log_gate(lo: float, hi: float) -> None:
+    """Raise for a log forget gate whose smallest / largest entries are ``lo`` / ``hi`` (NaN or Inf
+    anywhere makes one of them non-finite) unless both are finite and ``hi <= 0``."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("g (log forget gate) has NaN or Inf entries; use a large negative finite value "
+                         "(e.g. -30) for a full reset")
+    if hi > 0:
+        raise ValueError(f"g is the log of a forget gate and must be <= 0, but its max is {hi:.4g}; "
+                         "pass F.logsigmoid(x) or -softplus(x)")
+
+
+def check_window_gamma(gamma: torch.Tensor) -> None:
+    """Raise unless every entry of ``window_gamma`` lies in (0, 1]."""
+    if not bool(((gamma > 0) & (gamma <= 1)).all()):
+        raise ValueError("window_gamma must lie in (0, 1] (pass sigmoid(factor) as LoLCATs does)")
+
+
 def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
          return_state: bool = False, check_values: bool = True, **tensors) -> Call:
     """Check a call and return its :class:`Call`. Raises ValueError / TypeError naming the field."""
@@ -192,13 +209,7 @@ def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_
         if not g.is_floating_point():
             raise TypeError(f"g must be a float tensor, got {g.dtype}")
         if check_values:  # one pass over g: min and max tell NaN / Inf and positive entries apart
-            lo, hi = (float(x) for x in torch.aminmax(g.detach()))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError("g (log forget gate) has NaN or Inf entries; use a large negative finite value "
-                                 "(e.g. -30) for a full reset")
-            if hi > 0:
-                raise ValueError(f"g is the log of a forget gate and must be <= 0, but its max is {hi:.4g}; "
-                                 "pass F.logsigmoid(x) or -softplus(x)")
+            check_log_gate(*(float(x) for x in torch.aminmax(g.detach())))
         call.g = g
     if spec.sinks:
         t = _check_tensor("sink_logits", tensors["sink_logits"], dev, (2,))
@@ -210,8 +221,8 @@ def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_
             t = _check_tensor(name, tensors[name], dev, (1,))
             if list(t.shape) != [H]:
                 raise _shape_error(name, t.shape, f"[H] = [{H}]", "one value per query head")
-            if name == "window_gamma" and check_values and not bool(((t > 0) & (t <= 1)).all()):
-                raise ValueError("window_gamma must lie in (0, 1] (pass sigmoid(factor) as LoLCATs does)")
+            if name == "window_gamma" and check_values:
+                check_window_gamma(t)
             setattr(call, name, t)
     st = tensors.get("initial_state")
     if st is not None:

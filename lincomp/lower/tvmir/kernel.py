@@ -30,7 +30,7 @@ from typing import Dict, Optional
 
 import torch
 
-from lincomp.inputs import Call, bind
+from lincomp.inputs import Call, bind, check_log_gate, check_window_gamma
 from lincomp.ir.blocks import block_plan, default_tile
 from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
@@ -452,19 +452,13 @@ def check_values(call: Call) -> None:
     kernel. The linear kernel reads every gate anyway and reports the largest (+inf for NaN / Inf):
     :func:`check_gate` raises the same errors from it before anything else runs.
     """
-    gam = call.window_gamma
-    if gam is not None and not bool(((gam > 0) & (gam <= 1)).all()):
-        raise ValueError("window_gamma must lie in (0, 1] (pass sigmoid(factor) as LoLCATs does)")
+    if call.window_gamma is not None:
+        check_window_gamma(call.window_gamma)
 
 
 def check_gate(worst: float) -> None:
     """Raise bind's errors for the largest log-gate a kernel saw (+inf: NaN or Inf entries)."""
-    if math.isinf(worst) or math.isnan(worst):
-        raise ValueError("g (log forget gate) has NaN or Inf entries; use a large negative finite value "
-                         "(e.g. -30) for a full reset")
-    if worst > 0:
-        raise ValueError(f"g is the log of a forget gate and must be <= 0, but its max is {worst:.4g}; "
-                         "pass F.logsigmoid(x) or -softplus(x)")
+    check_log_gate(worst, worst)
 
 
 def _bucket(sizes: Sizes, L: int, part: str) -> str:
