@@ -43,6 +43,11 @@ def stdlib_files(root: Optional[str] = None) -> Tuple[Path, ...]:
     base = Path(root) if root is not None else stdlib_root()
     if not base.is_dir():
         raise FileNotFoundError(f"no Python standard library at {base}; pass root= the folder holding os.py")
+    return _py_files(base)
+
+
+def _py_files(base: Path) -> Tuple[Path, ...]:
+    """The ``.py`` files below ``base`` outside test / vendored folders, sorted by relative path."""
     files = [p for p in base.rglob("*.py")
              if not (set(p.relative_to(base).parts[:-1]) & _SKIP_PARTS) and p.is_file()]
     return tuple(sorted(files, key=lambda p: p.relative_to(base).as_posix()))
@@ -130,9 +135,7 @@ def package_files(name: str) -> Tuple[Path, ...]:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         return ()
-    base = Path(list(spec.submodule_search_locations)[0])
-    files = [p for p in base.rglob("*.py") if not (set(p.relative_to(base).parts[:-1]) & _SKIP_PARTS) and p.is_file()]
-    return tuple(sorted(files, key=lambda p: p.relative_to(base).as_posix()))
+    return _py_files(Path(list(spec.submodule_search_locations)[0]))
 
 
 def package_docstring_passages(packages: Sequence[str] = EXTRA_PACKAGES, *, words: int = 200,
