@@ -119,16 +119,16 @@ def tune(space: Sequence[Mapping], build: Callable[[dict], Callable[[], Any]],
         reasons = "\n".join(f"  {json.dumps(c['config'], sort_keys=True)}: {c['error']}" for c in candidates)
         raise TuningError(f"no config of {backend}/{kernel} built and ran:\n{reasons}")
     best = _run_off(sorted(ok, key=lambda cr: cr[0]["time_ms"])[:max(1, runoff)], bench, rounds)
+    best_ms = best.get("runoff_ms", best["time_ms"])
     entry = None
     if db is not None:
         try:
-            entry = db.record(backend, kernel, spec, dtype, dims, best["config"],
-                              best.get("runoff_ms", best["time_ms"]),
+            entry = db.record(backend, kernel, spec, dtype, dims, best["config"], best_ms,
                               candidates=candidates, device=device)
         except (OSError, TuningDBError) as e:  # a read-only or foreign db must not lose the result
             warnings.warn(f"lincomp tuning: could not store the result for {backend}/{kernel}: {e}",
                           TuningDBWarning, stacklevel=2)
-    return TuneResult(config=best["config"], time_ms=best.get("runoff_ms", best["time_ms"]), cached=False,
+    return TuneResult(config=best["config"], time_ms=best_ms, cached=False,
                       candidates=candidates, entry=entry)
 
 
