@@ -90,7 +90,7 @@ def _distill_and_measure(student, teacher, data, *, measure: Callable[[str], Non
 
 
 # ------------------------------------------------------------------------------------------ MiniLM
-def minilm_spec(window: int = 32, feature_dim: int = 64, combine: str = "shared", prefix: int = 1):
+def minilm_spec(window: int = 64, feature_dim: int = 64, combine: str = "shared", prefix: int = 1):
     """Non-causal hybrid for the encoder: a 1D window of ``window`` tokens each side + Hedgehog linear
     attention over the rest (``combine``: "shared" = one normaliser as LoLCATs, "sum" = Lizard's sum).
 
