@@ -428,6 +428,27 @@ def lr_at(step: int, steps: int, lr: float, warmup: float = 0.1, final: float = 
     return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+def _spec_summaries(model: nn.Module) -> List[str]:
+    """The distinct specs of a linearised model's layers: a checkpoint trained for one window must not resume
+    under another (the learned parameters have the same shapes)."""
+    from lincomp.models import LinearizedAttention
+
+    return sorted({m.spec_json for m in model.modules() if isinstance(m, LinearizedAttention)})
+
+
+def _data_digest(data: Union[Sequence, Callable[[int], Any]]) -> Union[str, list]:
+    """What identifies the training data in a checkpoint: its length plus a hash of its first and last batch
+    (a callable's output is not hashed: resuming one is the caller's responsibility)."""
+    if not isinstance(data, Sequence):
+        return "callable"
+    h = hashlib.sha256()
+    for b in (data[0], data[-1]) if len(data) else ():
+        for t in (b.values() if isinstance(b, Mapping) else [b]):
+            is_tensor = isinstance(t, torch.Tensor)
+            h.update(t.detach().cpu().contiguous().numpy().tobytes() if is_tensor else repr(t).encode())
+    return [len(data), h.hexdigest()[:16]]
+
+
 def _fingerprint(d: Mapping) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -599,7 +620,7 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: Union[Sequen
     def batch(step: int):
         return _to_device(_batch_at(data, step), device)
 
-    settings = {"data": len(data) if isinstance(data, Sequence) else "callable", "student": type(student).__name__}
+    settings = {"data": _data_digest(data), "student": type(student).__name__, "specs": _spec_summaries(student)}
     if attention_steps:
         if not learned:
             warnings.warn("stage 1 (attention transfer) skipped: linearize added no learnable parameters to this "

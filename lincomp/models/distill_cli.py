@@ -487,7 +487,8 @@ def benchmark_main(recipe: str, argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``benchmarks/distill_<recipe>.py``: run the recipe with ``lincomp distill`` options plus
     ``--threads N`` (torch CPU threads, default 1 or $LINCOMP_THREADS: the machine is shared),
     ``--sweep-window W [W ...]`` (one run per window, each in ``<out>_w<W>``; the table details the first and
-    compares all), ``--compare DIR ...`` (earlier runs to add to the comparison) and ``--results PATH``;
+    compares all), ``--compare DIR ...`` (earlier runs to add to the comparison), ``--table-only`` (finished
+    runs' results.json only, no training) and ``--results PATH``;
     writes ``benchmarks/results/distill_<recipe>_<cpu|gpu>.md``."""
     import os
 
@@ -501,6 +502,8 @@ def benchmark_main(recipe: str, argv: Optional[Sequence[str]] = None) -> int:
     pre.add_argument("--out", default=f"out/distill/{recipe}")
     pre.add_argument("--compare", nargs="+", default=[], metavar="DIR",
                      help="earlier runs' output folders to add to the comparison table")
+    pre.add_argument("--table-only", action="store_true",
+                     help="rebuild the table from the results.json of finished runs, training nothing")
     ours, rest = pre.parse_known_args(argv)
     torch.set_num_threads(ours.threads)
     parser = argparse.ArgumentParser(prog=f"benchmarks/distill_{recipe}.py")
@@ -511,8 +514,11 @@ def benchmark_main(recipe: str, argv: Optional[Sequence[str]] = None) -> int:
         if w is not None and recipe == "causal_lm" and "--teacher-dir" not in rest:
             extra += ["--teacher-dir", f"{ours.out}/teacher"]   # one teacher for the whole sweep
         out = ours.out if w is None else f"{ours.out}_w{w}"
-        args = parser.parse_args(["distill", recipe.replace("_", "-"), *rest, *extra, "--out", out])
-        args.func(args)
+        if not ours.table_only:
+            args = parser.parse_args(["distill", recipe.replace("_", "-"), *rest, *extra, "--out", out])
+            args.func(args)
+        elif not (Path(out) / "results.json").exists():
+            raise SystemExit(f"--table-only: {out}/results.json does not exist; run without --table-only first")
         runs.append(json.loads((Path(out) / "results.json").read_text()))
     runs += [json.loads((Path(d) / "results.json").read_text()) for d in ours.compare]
     kind = "gpu" if runs[0]["device"].startswith("cuda") else "cpu"

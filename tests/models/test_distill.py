@@ -182,6 +182,21 @@ def test_distill_resumes_from_checkpoint(bert, tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_checkpoint_is_tied_to_the_spec_and_the_data(bert, tmp_path):
+    # Another window or other batches give learned parameters of the same shapes: resuming must refuse.
+    data = _ids()
+    D.distill(_student(bert, ENCODER_SPEC), bert, data, attention_steps=2, checkpoint_dir=tmp_path, progress=False)
+    wider = AttentionSpec(window=Window1D(3, 3), prefix=1, linear=ENCODER_SPEC.linear, combine="shared")
+    with pytest.raises(ValueError, match="other settings"):
+        D.distill(_student(bert, wider), bert, data, attention_steps=2, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        D.distill(_student(bert, ENCODER_SPEC), bert, _ids(seed=1), attention_steps=2, checkpoint_dir=tmp_path,
+                  progress=False)
+    res = D.distill(_student(bert, ENCODER_SPEC), bert, data, attention_steps=2, checkpoint_dir=tmp_path,
+                    progress=False)
+    assert res.resumed_from["attention"] == 2     # the same settings: the finished stage is reused
+
+
 # ------------------------------------------------------------------------------------------ stage 2
 def test_stage2_lora_lm_loss_merges_into_qkv(llama, tmp_path):
     model, _ = llama
@@ -336,3 +351,14 @@ def test_causal_lm_recipe_end_to_end(tmp_path):
     assert (tmp_path / "student.safetensors").exists() and (tmp_path / "results.json").exists()
     md = results_markdown(r)
     assert "student / teacher" in md and "measured" in md
+    # The benchmark's --table-only rebuilds the committed table from results.json without training again.
+    from lincomp.models.distill_cli import benchmark_main
+    before = (tmp_path / "results.json").stat().st_mtime_ns
+    table = tmp_path / "table.md"
+    assert benchmark_main("causal_lm", ["--table-only", "--out", str(tmp_path), "--compare", str(tmp_path),
+                                        "--results", str(table)]) == 0
+    text = table.read_text()
+    assert f"**student / teacher: {r['ratio']:.4f}**" in text and "## Perplexity / teacher by window" in text
+    assert (tmp_path / "results.json").stat().st_mtime_ns == before
+    with pytest.raises(SystemExit, match="does not exist"):
+        benchmark_main("causal_lm", ["--table-only", "--out", str(tmp_path / "missing")])
