@@ -1,6 +1,6 @@
 """Distil all-MiniLM-L6-v2 into a window + Hedgehog hybrid; record embedding fidelity to the teacher.
 
-    .venv/bin/python benchmarks/distill_minilm.py               # the committed table (about 35 min, 1 CPU thread)
+    .venv/bin/python benchmarks/distill_minilm.py               # the committed table (about 45 min with --threads 2)
     .venv/bin/python benchmarks/distill_minilm.py --steps 20 --finetune-steps 0 --out out/quick   # a quick look
     .venv/bin/python benchmarks/distill_minilm.py --window 16 --feature-dim 32 --finetune-steps 150 \
         --out out/distill/minilm_w16e32                         # the smaller-window comparison row

@@ -424,6 +424,8 @@ def _plot(r: dict, path: Path) -> Optional[Path]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from lincomp.models.distill_cli import MINILM_WINDOW
+
     p.add_argument("--out", default="out/demo", help="report folder (default out/demo)")
     p.add_argument("--lengths", type=int, nargs="+", default=None,
                    help="lengths for tuning and timing (default: 256 1024 4096 on CPU, 1024 4096 16384 on GPU)")
@@ -436,8 +438,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-length", type=int, default=256, help="training text length in tokens (default 256)")
     p.add_argument("--eval-length", type=int, default=256, help="held-out text length in tokens (default 256)")
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out texts (default 32)")
-    p.add_argument("--window", type=int, default=64,
-                   help="window tokens each side (default 64, as `lincomp distill minilm`)")
+    p.add_argument("--window", type=int, default=MINILM_WINDOW,
+                   help=f"window tokens each side (default {MINILM_WINDOW}, as `lincomp distill minilm`)")
     p.add_argument("--feature-dim", type=int, default=64, help="Hedgehog E (default 64)")
     p.add_argument("--combine", choices=["shared", "sum"], default="shared")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -359,6 +359,7 @@ def test_causal_lm_recipe_end_to_end(tmp_path):
                                         "--results", str(table)]) == 0
     text = table.read_text()
     assert f"**student / teacher: {r['ratio']:.4f}**" in text and "## Perplexity / teacher by window" in text
+    assert "rebuilt from the finished runs" in text
     assert (tmp_path / "results.json").stat().st_mtime_ns == before
     with pytest.raises(SystemExit, match="does not exist"):
         benchmark_main("causal_lm", ["--table-only", "--out", str(tmp_path / "missing")])
