@@ -476,8 +476,9 @@ def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], opt: torch.
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a lincomp distillation checkpoint (format {meta.get('format')!r})")
         if meta.get("fingerprint") != fingerprint:
-            raise ValueError(f"{path} was written by a run with other settings (steps, lr, seed, trained "
-                             "parameters or data); delete it or choose another checkpoint_dir to start afresh")
+            raise ValueError(f"{path} was written by a run with other settings (spec, steps, lr, seed, trained "
+                             "parameters or data); delete it or choose another checkpoint_dir to start afresh "
+                             "(`lincomp distill`: --fresh, or another --out)")
         keys = set(f.keys())
         with torch.no_grad():
             for n, p in params.items():
