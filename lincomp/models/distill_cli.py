@@ -28,8 +28,8 @@ from lincomp._atomic import atomic_write_text
 from lincomp.models.corpus import EXTRA_PACKAGES as EXTRA_TEXT
 
 MINILM = "all-MiniLM-L6-v2"
-# The recipe's window, tokens each side. +-96 is the narrowest that reaches the 0.99 cosine goal at 256 tokens
-# (+-64: 0.9875, +-32: 0.979; benchmarks/results/distill_minilm_cpu.md).
+# The recipe's window, tokens each side: the narrowest tried that reaches the 0.99 cosine goal at 256 tokens
+# (+-96: 0.9904, +-64: 0.9875, +-32: 0.979; benchmarks/results/distill_minilm_cpu.md).
 MINILM_WINDOW = 96
 
 
@@ -146,8 +146,8 @@ def shuffled_batches(blocks, batch_size: int, seed: int) -> list:
     return [blocks[order[i * batch_size:(i + 1) * batch_size]] for i in range(n)]
 
 
-def run_minilm(*, spec=None, window: int = MINILM_WINDOW, feature_dim: int = 64, combine: str = "shared", prefix: int = 1,
-               steps: int = 300, finetune_steps: int = 600, batch_size: int = 8, length: int = 256,
+def run_minilm(*, spec=None, window: int = MINILM_WINDOW, feature_dim: int = 64, combine: str = "shared",
+               prefix: int = 1, steps: int = 300, finetune_steps: int = 600, batch_size: int = 8, length: int = 256,
                finetune_length: int = 256, extra_text: Sequence[str] = EXTRA_TEXT,
                eval_lengths: Sequence[int] = (256, 512), eval_blocks: int = 64, lr: float = 1e-2,
                finetune_lr: float = 2e-3, seed: int = 0, out_dir: Optional[str] = "out/distill/minilm",
