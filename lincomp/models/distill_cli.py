@@ -457,8 +457,9 @@ def _extra_text_md(c: dict) -> str:
 def _training_md(r: dict) -> str:
     c = r["corpus"]
     text = "stdlib + packages" if (c.get("extra_text") or {}).get("packages") else "stdlib"
+    seed = f"; seed {r['seed']}" if r.get("seed") else ""
     return (f"{r['steps']} x {c['train_length']} tok + {r['finetune_steps']} x "
-            f"{c.get('finetune_length', c['train_length'])} tok; {text}")
+            f"{c.get('finetune_length', c['train_length'])} tok; {text}{seed}")
 
 
 def sweep_markdown(runs: Sequence[dict]) -> str:
