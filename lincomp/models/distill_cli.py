@@ -375,8 +375,9 @@ def machine_info() -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
-def results_markdown(r: dict, command: str = "") -> str:
-    """A commit-ready markdown table of a recipe's results (either recipe)."""
+def results_markdown(r: dict, command: str = "", rebuilt: bool = False) -> str:
+    """A commit-ready markdown table of a recipe's results (either recipe); ``rebuilt``: the table comes from a
+    finished run's results.json (``--table-only``), not from a run of ``command``."""
     m = r.get("machine") or machine_info()
     c = r["corpus"]
     what = "all-MiniLM-L6-v2 (window + Hedgehog)" if r["recipe"] == "minilm" else "byte-level Llama (Lizard-style)"
@@ -394,6 +395,9 @@ def results_markdown(r: dict, command: str = "") -> str:
              " (earlier sessions of a resumed run included)"]
     if command:
         lines.append(f"- command: `{command}`")
+    if rebuilt:
+        lines.append("- this table was rebuilt from the finished runs' results.json; the same command without "
+                     "`--table-only` trains them")
     lines.append("")
     if r["recipe"] == "minilm":
         reach = r["spec"]["window"]
@@ -529,11 +533,7 @@ def benchmark_main(recipe: str, argv: Optional[Sequence[str]] = None) -> int:
     root = Path(__file__).resolve().parents[2]
     dest = Path(ours.results or root / "benchmarks" / "results" / f"distill_{recipe}_{kind}.md")
     cmd = f"python benchmarks/distill_{recipe}.py {' '.join(argv)}".strip()
-    md = results_markdown(runs[0], cmd)
-    if ours.table_only:
-        line = f"- command: `{cmd}`\n"
-        md = md.replace(line, line + "- this table was rebuilt from the finished runs' results.json; the same command "
-                                     "without `--table-only` trains them\n")
+    md = results_markdown(runs[0], cmd, rebuilt=ours.table_only)
     if len(runs) > 1:
         md += "\n" + sweep_markdown(runs)
     atomic_write_text(dest, md)
@@ -577,22 +577,33 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _common(p: argparse.ArgumentParser, steps: int, lr: float, finetune_steps: int, finetune_lr: float) -> None:
+def _defaults(recipe: Callable) -> dict:
+    """A recipe function's keyword defaults: the CLI's defaults, written once (in the signature)."""
+    import inspect
+
+    return {n: q.default for n, q in inspect.signature(recipe).parameters.items()
+            if q.default is not inspect.Parameter.empty}
+
+
+def _common(p: argparse.ArgumentParser, d: dict) -> None:
+    """The training and output options both recipes share; ``d``: the recipe's :func:`_defaults`."""
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=steps,
-                   help=f"stage 1 steps: attention transfer, trains only what linearize added (default {steps})")
-    g.add_argument("--lr", type=float, default=lr, help=f"stage 1 learning rate (default {lr})")
-    g.add_argument("--finetune-steps", type=int, default=finetune_steps,
-                   help=f"stage 2 steps: LoRA on q/k/v with the task loss; 0 skips it (default {finetune_steps})")
-    g.add_argument("--finetune-lr", type=float, default=finetune_lr,
-                   help=f"stage 2 learning rate (default {finetune_lr})")
-    g.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    g.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same student (default 0)")
+    g.add_argument("--steps", type=int, default=d["steps"],
+                   help=f"stage 1 steps: attention transfer, trains only what linearize added (default {d['steps']})")
+    g.add_argument("--lr", type=float, default=d["lr"], help=f"stage 1 learning rate (default {d['lr']})")
+    g.add_argument("--finetune-steps", type=int, default=d["finetune_steps"],
+                   help=f"stage 2 steps: LoRA on q/k/v with the task loss; 0 skips it (default {d['finetune_steps']})")
+    g.add_argument("--finetune-lr", type=float, default=d["finetune_lr"],
+                   help=f"stage 2 learning rate (default {d['finetune_lr']})")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help=f"sequences per step (default {d['batch_size']})")
+    g.add_argument("--seed", type=int, default=d["seed"],
+                   help=f"seed: the same seed gives the same student (default {d['seed']})")
     g.add_argument("--spec", default=None, metavar="SPEC",
                    help="override the recipe's spec: a preset name (lizard, lolcats, ...) or a spec JSON file/string")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=None, metavar="DIR",
-                   help="where results.json, student.safetensors and checkpoints go (default out/distill/<recipe>)")
+    o.add_argument("--out", default=d["out_dir"], metavar="DIR",
+                   help=f"where results.json, student.safetensors and checkpoints go (default {d['out_dir']})")
     o.add_argument("--fresh", action="store_true",
                    help="delete the checkpoints in --out and start over (default: resume an interrupted run)")
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -620,24 +631,31 @@ def register(subparsers) -> argparse.ArgumentParser:
                        description="Distil the pretrained all-MiniLM-L6-v2 into a non-causal window + Hedgehog "
                                    "linear-attention hybrid and report the cosine similarity of its sentence "
                                    "embeddings (mean-pooled) to the original on held-out stdlib docstrings.")
+    df = _defaults(run_minilm)
     s = m.add_argument_group("spec")
-    s.add_argument("--window", type=int, default=MINILM_WINDOW,
-                   help=f"window keys on each side of a query (default {MINILM_WINDOW})")
-    s.add_argument("--feature-dim", type=int, default=64, help="Hedgehog E (features F = 2E; default 64)")
-    s.add_argument("--combine", choices=["shared", "sum"], default="shared",
+    s.add_argument("--window", type=int, default=df["window"],
+                   help=f"window keys on each side of a query (default {df['window']})")
+    s.add_argument("--feature-dim", type=int, default=df["feature_dim"],
+                   help=f"Hedgehog E (features F = 2E; default {df['feature_dim']})")
+    s.add_argument("--combine", choices=["shared", "sum"], default=df["combine"],
                    help="shared: one softmax normaliser (LoLCATs); sum: two branches added (Lizard)")
-    s.add_argument("--prefix", type=int, default=1,
-                   help="global tokens at the start ([CLS]) that every query sees (default 1; 0 for none)")
+    s.add_argument("--prefix", type=int, default=df["prefix"],
+                   help=f"global tokens at the start ([CLS]) that every query sees (default {df['prefix']}; 0 for "
+                        "none)")
     d = m.add_argument_group("data")
-    d.add_argument("--length", type=int, default=256, help="stage 1 text length in tokens (default 256)")
-    d.add_argument("--finetune-length", type=int, default=256, help="stage 2 text length in tokens (default 256)")
+    d.add_argument("--length", type=int, default=df["length"],
+                   help=f"stage 1 text length in tokens (default {df['length']})")
+    d.add_argument("--finetune-length", type=int, default=df["finetune_length"],
+                   help=f"stage 2 text length in tokens (default {df['finetune_length']})")
     d.add_argument("--eval-length", type=int, action="append", default=None,
-                   help="held-out length to evaluate (repeatable; default 256, MiniLM's usual limit, and 512)")
-    d.add_argument("--extra-text", nargs="*", default=list(EXTRA_TEXT), metavar="PKG",
+                   help="held-out length to evaluate (repeatable; default "
+                        + " and ".join(map(str, df["eval_lengths"])) + "; 256 is MiniLM's usual limit)")
+    d.add_argument("--extra-text", nargs="*", default=list(df["extra_text"]), metavar="PKG",
                    help="installed packages whose docstrings join the training text (default: "
-                        f"{' '.join(EXTRA_TEXT)}; none: stdlib only). Held-out text is always the stdlib's")
-    d.add_argument("--eval-blocks", type=int, default=64, help="held-out texts per length (default 64)")
-    _common(m, steps=300, lr=1e-2, finetune_steps=600, finetune_lr=2e-3)
+                        f"{' '.join(df['extra_text'])}; none: stdlib only). Held-out text is always the stdlib's")
+    d.add_argument("--eval-blocks", type=int, default=df["eval_blocks"],
+                   help=f"held-out texts per length (default {df['eval_blocks']})")
+    _common(m, df)
     m.set_defaults(func=_cmd_minilm)
 
     c = sub.add_parser("causal-lm", help="a small byte-level Llama: Lizard-style, perplexity and decode memory",
@@ -645,19 +663,24 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    "run), linearise it Lizard-style (gated Hedgehog linear attention + sliding "
                                    "window with sinks), distil it, and report held-out perplexity student / "
                                    "teacher and decode memory against context length.")
+    dc = _defaults(run_causal_lm)
     s = c.add_argument_group("spec")
-    s.add_argument("--window", type=int, default=16,
-                   help="sliding-window keys, the query included (default 16: this small teacher uses little "
-                        "context beyond 64 bytes, so a 64-key window alone is within 1%% of it)")
-    s.add_argument("--sinks", type=int, default=4, help="sink logits per head (default 4)")
-    s.add_argument("--feature-dim", type=int, default=32, help="Hedgehog E (default 32)")
+    s.add_argument("--window", type=int, default=dc["window"],
+                   help=f"sliding-window keys, the query included (default {dc['window']}: this small teacher uses "
+                        "little context beyond 64 bytes, so a 64-key window alone is within 1%% of it)")
+    s.add_argument("--sinks", type=int, default=dc["sinks"], help=f"sink logits per head (default {dc['sinks']})")
+    s.add_argument("--feature-dim", type=int, default=dc["feature_dim"],
+                   help=f"Hedgehog E (default {dc['feature_dim']})")
     d = c.add_argument_group("data")
-    d.add_argument("--seq-len", type=int, default=512, help="training and evaluation length in bytes (default 512)")
-    d.add_argument("--teacher-steps", type=int, default=1000, help="teacher training steps (default 1000)")
-    d.add_argument("--eval-windows", type=int, default=64, help="held-out windows (default 64)")
+    d.add_argument("--seq-len", type=int, default=dc["seq_len"],
+                   help=f"training and evaluation length in bytes (default {dc['seq_len']})")
+    d.add_argument("--teacher-steps", type=int, default=dc["teacher_steps"],
+                   help=f"teacher training steps (default {dc['teacher_steps']})")
+    d.add_argument("--eval-windows", type=int, default=dc["eval_windows_n"],
+                   help=f"held-out windows (default {dc['eval_windows_n']})")
     d.add_argument("--teacher-dir", default=None, metavar="DIR",
                    help="where the trained teacher is cached (default <out>/teacher)")
-    _common(c, steps=300, lr=1e-2, finetune_steps=100, finetune_lr=1e-3)
+    _common(c, dc)
     c.set_defaults(func=_cmd_causal_lm)
     return p
 
@@ -677,9 +700,8 @@ def _cmd_minilm(a) -> int:
                steps=a.steps,
                finetune_steps=a.finetune_steps, batch_size=a.batch_size, length=a.length,
                finetune_length=a.finetune_length,
-               extra_text=tuple(a.extra_text), eval_lengths=a.eval_length or (256, 512), eval_blocks=a.eval_blocks,
-               lr=a.lr,
-               finetune_lr=a.finetune_lr, seed=a.seed, out_dir=a.out or "out/distill/minilm",
+               extra_text=tuple(a.extra_text), eval_lengths=a.eval_length or _defaults(run_minilm)["eval_lengths"],
+               eval_blocks=a.eval_blocks, lr=a.lr, finetune_lr=a.finetune_lr, seed=a.seed, out_dir=a.out,
                device=_device(a.device), progress=not a.no_progress, baseline=not a.no_baseline,
                fresh=a.fresh)
     return 0
@@ -689,7 +711,7 @@ def _cmd_causal_lm(a) -> int:
     run_causal_lm(spec=a.spec, window=a.window, sinks=a.sinks, feature_dim=a.feature_dim,
                   teacher_steps=a.teacher_steps, steps=a.steps, finetune_steps=a.finetune_steps,
                   batch_size=a.batch_size, seq_len=a.seq_len, eval_windows_n=a.eval_windows, lr=a.lr,
-                  finetune_lr=a.finetune_lr, seed=a.seed, out_dir=a.out or "out/distill/causal_lm",
+                  finetune_lr=a.finetune_lr, seed=a.seed, out_dir=a.out,
                   device=_device(a.device), progress=not a.no_progress, baseline=not a.no_baseline,
                   fresh=a.fresh, teacher_dir=a.teacher_dir)
     return 0
