@@ -444,8 +444,11 @@ def _data_digest(data: Union[Sequence, Callable[[int], Any]]) -> Union[str, list
     h = hashlib.sha256()
     for b in (data[0], data[-1]) if len(data) else ():
         for t in (b.values() if isinstance(b, Mapping) else [b]):
-            is_tensor = isinstance(t, torch.Tensor)
-            h.update(t.detach().cpu().contiguous().numpy().tobytes() if is_tensor else repr(t).encode())
+            if isinstance(t, torch.Tensor):   # raw bytes: numpy has no bfloat16
+                h.update(str(t.dtype).encode())
+                h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(t).encode())
     return [len(data), h.hexdigest()[:16]]
 
 

@@ -197,6 +197,13 @@ def test_checkpoint_is_tied_to_the_spec_and_the_data(bert, tmp_path):
     assert res.resumed_from["attention"] == 2     # the same settings: the finished stage is reused
 
 
+def test_data_digest_reads_every_dtype():
+    # Diffusion batches are dicts of bf16 latents: their digest must work and tell values apart.
+    batch = lambda x: [{"latents": torch.full((2, 3), x, dtype=torch.bfloat16), "step": 1}]  # noqa: E731
+    assert D._data_digest(batch(1.0)) == D._data_digest(batch(1.0)) != D._data_digest(batch(2.0))
+    assert D._data_digest(lambda step: None) == "callable"
+
+
 # ------------------------------------------------------------------------------------------ stage 2
 def test_stage2_lora_lm_loss_merges_into_qkv(llama, tmp_path):
     model, _ = llama
