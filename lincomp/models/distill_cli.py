@@ -585,20 +585,22 @@ def _defaults(recipe: Callable) -> dict:
             if q.default is not inspect.Parameter.empty}
 
 
+def _option(group, flag: str, defaults: dict, help: str, *, key: str = "", type=int, note: str = "") -> None:
+    """``--flag`` with the recipe's default (``defaults[key]``, key: the flag's name by default), shown in its
+    help as "(default X<note>)"."""
+    value = defaults[key or flag.lstrip("-").replace("-", "_")]
+    group.add_argument(flag, type=type, default=value, help=f"{help} (default {value}{note})")
+
+
 def _common(p: argparse.ArgumentParser, d: dict) -> None:
     """The training and output options both recipes share; ``d``: the recipe's :func:`_defaults`."""
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=d["steps"],
-                   help=f"stage 1 steps: attention transfer, trains only what linearize added (default {d['steps']})")
-    g.add_argument("--lr", type=float, default=d["lr"], help=f"stage 1 learning rate (default {d['lr']})")
-    g.add_argument("--finetune-steps", type=int, default=d["finetune_steps"],
-                   help=f"stage 2 steps: LoRA on q/k/v with the task loss; 0 skips it (default {d['finetune_steps']})")
-    g.add_argument("--finetune-lr", type=float, default=d["finetune_lr"],
-                   help=f"stage 2 learning rate (default {d['finetune_lr']})")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"],
-                   help=f"sequences per step (default {d['batch_size']})")
-    g.add_argument("--seed", type=int, default=d["seed"],
-                   help=f"seed: the same seed gives the same student (default {d['seed']})")
+    _option(g, "--steps", d, "stage 1 steps: attention transfer, trains only what linearize added")
+    _option(g, "--lr", d, "stage 1 learning rate", type=float)
+    _option(g, "--finetune-steps", d, "stage 2 steps: LoRA on q/k/v with the task loss; 0 skips it")
+    _option(g, "--finetune-lr", d, "stage 2 learning rate", type=float)
+    _option(g, "--batch-size", d, "sequences per step")
+    _option(g, "--seed", d, "seed: the same seed gives the same student")
     g.add_argument("--spec", default=None, metavar="SPEC",
                    help="override the recipe's spec: a preset name (lizard, lolcats, ...) or a spec JSON file/string")
     o = p.add_argument_group("output")
@@ -633,28 +635,21 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    "embeddings (mean-pooled) to the original on held-out stdlib docstrings.")
     df = _defaults(run_minilm)
     s = m.add_argument_group("spec")
-    s.add_argument("--window", type=int, default=df["window"],
-                   help=f"window keys on each side of a query (default {df['window']})")
-    s.add_argument("--feature-dim", type=int, default=df["feature_dim"],
-                   help=f"Hedgehog E (features F = 2E; default {df['feature_dim']})")
+    _option(s, "--window", df, "window keys on each side of a query")
+    _option(s, "--feature-dim", df, "Hedgehog E, features F = 2E")
     s.add_argument("--combine", choices=["shared", "sum"], default=df["combine"],
                    help="shared: one softmax normaliser (LoLCATs); sum: two branches added (Lizard)")
-    s.add_argument("--prefix", type=int, default=df["prefix"],
-                   help=f"global tokens at the start ([CLS]) that every query sees (default {df['prefix']}; 0 for "
-                        "none)")
+    _option(s, "--prefix", df, "global tokens at the start ([CLS]) that every query sees", note="; 0 for none")
     d = m.add_argument_group("data")
-    d.add_argument("--length", type=int, default=df["length"],
-                   help=f"stage 1 text length in tokens (default {df['length']})")
-    d.add_argument("--finetune-length", type=int, default=df["finetune_length"],
-                   help=f"stage 2 text length in tokens (default {df['finetune_length']})")
+    _option(d, "--length", df, "stage 1 text length in tokens")
+    _option(d, "--finetune-length", df, "stage 2 text length in tokens")
     d.add_argument("--eval-length", type=int, action="append", default=None,
                    help="held-out length to evaluate (repeatable; default "
                         + " and ".join(map(str, df["eval_lengths"])) + "; 256 is MiniLM's usual limit)")
     d.add_argument("--extra-text", nargs="*", default=list(df["extra_text"]), metavar="PKG",
                    help="installed packages whose docstrings join the training text (default: "
                         f"{' '.join(df['extra_text'])}; none: stdlib only). Held-out text is always the stdlib's")
-    d.add_argument("--eval-blocks", type=int, default=df["eval_blocks"],
-                   help=f"held-out texts per length (default {df['eval_blocks']})")
+    _option(d, "--eval-blocks", df, "held-out texts per length")
     _common(m, df)
     m.set_defaults(func=_cmd_minilm)
 
@@ -665,19 +660,15 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    "teacher and decode memory against context length.")
     dc = _defaults(run_causal_lm)
     s = c.add_argument_group("spec")
-    s.add_argument("--window", type=int, default=dc["window"],
-                   help=f"sliding-window keys, the query included (default {dc['window']}: this small teacher uses "
-                        "little context beyond 64 bytes, so a 64-key window alone is within 1%% of it)")
-    s.add_argument("--sinks", type=int, default=dc["sinks"], help=f"sink logits per head (default {dc['sinks']})")
-    s.add_argument("--feature-dim", type=int, default=dc["feature_dim"],
-                   help=f"Hedgehog E (default {dc['feature_dim']})")
+    _option(s, "--window", dc, "sliding-window keys, the query included",
+            note=": this small teacher uses little context beyond 64 bytes, so a 64-key window alone is within 1%% "
+                 "of it")
+    _option(s, "--sinks", dc, "sink logits per head")
+    _option(s, "--feature-dim", dc, "Hedgehog E")
     d = c.add_argument_group("data")
-    d.add_argument("--seq-len", type=int, default=dc["seq_len"],
-                   help=f"training and evaluation length in bytes (default {dc['seq_len']})")
-    d.add_argument("--teacher-steps", type=int, default=dc["teacher_steps"],
-                   help=f"teacher training steps (default {dc['teacher_steps']})")
-    d.add_argument("--eval-windows", type=int, default=dc["eval_windows_n"],
-                   help=f"held-out windows (default {dc['eval_windows_n']})")
+    _option(d, "--seq-len", dc, "training and evaluation length in bytes")
+    _option(d, "--teacher-steps", dc, "teacher training steps")
+    _option(d, "--eval-windows", dc, "held-out windows", key="eval_windows_n")
     d.add_argument("--teacher-dir", default=None, metavar="DIR",
                    help="where the trained teacher is cached (default <out>/teacher)")
     _common(c, dc)
