@@ -1,6 +1,8 @@
 # lincomp: two commands do everything on a fresh machine.
 #   make demo   runs the main job (spec -> tune -> compile -> linearise MiniLM -> distil -> report)
-#   make test   runs the test suite (CPU; Triton under TRITON_INTERPRET=1, TVM on LLVM)
+#   make test   checks the import layering (lint-imports) and runs the test suite (CPU; Triton under
+#               TRITON_INTERPRET=1, TVM on LLVM)
+#   make wheel-check  builds the wheel, installs it into a fresh venv and runs a shipped tuning entry
 # Both create .venv with the pinned toolchain (requirements/lock.txt) on first use.
 
 PYTHON ?= python3
@@ -9,7 +11,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lincomp-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench bench-models bench-distributed gpu-check lock clean
+.PHONY: demo test test-all lint-imports wheel-check bench bench-models bench-distributed gpu-check lock clean
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +22,15 @@ $(STAMP): requirements/lock.txt pyproject.toml
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lincomp demo
 
-test: $(STAMP)
+test: $(STAMP) lint-imports
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" --timeout=900 $(PYTEST_ARGS)
+
+# One-way layering (the contracts in pyproject.toml [tool.importlinter]): no cycles, no upward imports.
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports
+
+wheel-check: $(STAMP)
+	bash .ci/wheel_check.sh $(PY)
 
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 HYPOTHESIS_PROFILE=dev $(PY) -m pytest -q --timeout=3600 $(PYTEST_ARGS)

@@ -237,7 +237,7 @@ class Bench:
         t = self.interleaved(fns, slow=slow)
         peak = 2 * 2048 ** 3 / (t.pop("matmul") * 1e-3) / 1e9
         self.peaks.append(peak)
-        notes = dict(notes, **{"lincomp tvm": f"config {kern.config['window']}; first call {first:.1f}s"})
+        notes = dict(notes, **{"lincomp tvm": f"config {kern.config['window_fwd']['params']}; first call {first:.1f}s"})
         for name, ms in t.items():
             self.add(case, name, ms, flops, peak, notes.get(name, ""))
         self.goal(case, t["lincomp tvm"], flops, peak, [("flex", t["torch.compile(flex_attention)"], 2.0)])
@@ -290,7 +290,8 @@ class Bench:
             o_peer = peer(q, k, v, g, 64, False, scale)
         t = self.interleaved({"lincomp tvm": lambda: kern(**x),
                               "torch.compile(chunked GLA, C=64)": lambda: peer(q, k, v, g, 64, False, scale)})
-        self.add(case, "lincomp tvm", t["lincomp tvm"], note=f"config {kern.config['linear']}; first call {first:.1f}s")
+        self.add(case, "lincomp tvm", t["lincomp tvm"],
+                 note=f"config {kern.config['linear_fwd']['params']}; first call {first:.1f}s")
         self.add(case, "torch.compile(chunked GLA, C=64)", t["torch.compile(chunked GLA, C=64)"],
                  note=f"rel diff vs ours {rel_err(out, o_peer):.1e}")
         self.goal(case, t["lincomp tvm"], None, None,

@@ -128,7 +128,7 @@ CHECK_SPECS = {
 
 
 def _check_one(name, spec, dev, dtype, B, H, Hkv, L, D) -> dict:
-    from lincomp.lower.triton.linear import compile_linear
+    from lincomp.lower.triton.linear_kernel import compile_linear
     from lincomp.reference import reference
     kern = compile_linear(spec, autotune=False)
     inp = _inputs(spec, B, H, L, D, dtype, dev, Hkv=Hkv, grad=True)
@@ -166,7 +166,7 @@ def _check_one(name, spec, dev, dtype, B, H, Hkv, L, D) -> dict:
 
 def _check_decode(dev) -> dict:
     from lincomp.lower.triton.decode import TritonDecoder
-    from lincomp.lower.triton.linear import compile_linear
+    from lincomp.lower.triton.linear_kernel import compile_linear
     spec = presets.lizard(window=16, sinks=2, feature_dim=16)
     L = 40 if dev.type == "cuda" else 12
     inp = _inputs(spec, 1, 2, L, 32, torch.float32, dev)
@@ -232,7 +232,7 @@ def _speedup_row(rows, name, L, ours, theirs, goal):
 
 
 def time_all(dev, quick: bool) -> list:
-    from lincomp.lower.triton.linear import compile_linear
+    from lincomp.lower.triton.linear_kernel import compile_linear
     import torch.nn.functional as F
 
     rows = []

@@ -4,7 +4,7 @@
 
 1. correctness: a small Flux stack (FLUX.1 widths: 24 heads of 128, hidden 3072; 32x32 latent grid, 64 text
    tokens, bf16) linearised with CLEAR r=8; lincomp's Triton kernels against the same model on the reference
-   (model outputs, relative error; SEMANTICS.md allows 1e-2 in bf16), and the compiled model (torch.compile,
+   (model outputs, relative error; docs/semantics.md allows 1e-2 in bf16), and the compiled model (torch.compile,
    backend="lincomp") against eager;
 2. timing, bf16, B = 1, 512 text tokens, a stack of FLUX.1-shaped blocks (1 double-stream + 2 single-stream;
    ``quick``: 1 + 1) with random weights, at the token counts of 2048^2, 4096^2 and 8192^2 images (latent grids

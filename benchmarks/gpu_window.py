@@ -96,7 +96,7 @@ def body_pairs(spec: AttentionSpec, Lb: int) -> int:
 
 
 def useful_pairs(spec: AttentionSpec, L: int) -> int:
-    """|{(i, j) : j in W(i)}| of SEMANTICS.md section 1, in O(window) time (no L x L mask)."""
+    """|{(i, j) : j in W(i)}| of docs/semantics.md section 1, in O(window) time (no L x L mask)."""
     spec = AttentionSpec.coerce(spec)
     n = min(spec.prefix, L)
     Lb = L - n
@@ -263,7 +263,7 @@ def correctness_checks(device="cuda") -> list:
 def _case_rows(kind, name, spec, B, H, L, D, peers, sdpa_cache, tune_left, quick, tuned_specs):
     """Time one case (forward, forward+backward) for lincomp and its peers; rows for both passes."""
     import lincomp
-    from lincomp.lower.triton import window as W
+    from lincomp.lower.triton import window_launch as W
     from lincomp.tuning import device_name
     dev = torch.device("cuda")
     dtype = torch.bfloat16

@@ -14,7 +14,7 @@ _LAZY = {
     "ReferenceDecoder": ("lincomp.reference", "ReferenceDecoder"),
     "compile": ("lincomp.compiler", "compile"),
     "Kernel": ("lincomp.runtime.kernel", "Kernel"),
-    "tune": ("lincomp.tuning.autotune", "tune"),
+    "tune": ("lincomp.autotune", "tune"),
     "linearize": ("lincomp.models", "linearize"),
     "distill": ("lincomp.models.distill", "distill"),
     "TritonDecoder": ("lincomp.lower.triton.decode", "TritonDecoder"),

@@ -10,10 +10,12 @@ import argparse
 import importlib
 import sys
 
+from lincomp._cliutil import run_standalone  # noqa: F401  (subcommand modules' `python -m` entry)
+
 # name -> (module with register(subparsers), one-line help)
 _SUBCOMMANDS = {
     "explain": ("lincomp.ir.explain", "print a spec's IR, plan, FLOPs and bytes against dense attention"),
-    "tune": ("lincomp.tuning.tune_cli", "autotune a spec's kernels on this device into the tuning database"),
+    "tune": ("lincomp.autotune", "autotune a spec's kernels on this device into the tuning database"),
     "db": ("lincomp.tuning.cli", "show or validate the tuning database"),
     "distill": ("lincomp.models.distill_cli", "linearise a model and distil it against the original"),
     "demo": ("lincomp.demo", "run the main job end to end and write a report"),
@@ -38,20 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name in sub.choices and not sub.choices[name].description:
             sub.choices[name].description = help_text
     return parser
-
-
-def run_standalone(name: str, register, argv=None, implied=None) -> int:
-    """Run one subcommand module as ``python -m`` would: ``argv`` without the leading ``name`` is fine.
-
-    ``implied``: first words that mean the subcommand name was left out (default: any but ``name``).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] != name and (implied is None or argv[0] in implied)):
-        argv.insert(0, name)
-    parser = argparse.ArgumentParser(prog="lincomp")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
 
 
 def _unavailable(name: str, error: Exception) -> int:

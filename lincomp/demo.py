@@ -97,7 +97,7 @@ class _Demo:
 
     def do_tune(self) -> dict:
         import lincomp
-        from lincomp.tuning.autotune import format_rows
+        from lincomp.autotune import format_rows
 
         self._compiled()
         rows = lincomp.tune(self.spec, "auto", lengths=self.args.lengths, heads=12, head_dim=32,

@@ -1,7 +1,7 @@
 """Validate the tensors of one attention call against a spec (shared by every backend).
 
 ``bind(spec, q, k, v, **tensors)`` returns a :class:`Call` with the checked tensors and the sizes
-``B, H, Hkv, L, D, Dv, F``. Names and shapes are those of SEMANTICS.md.
+``B, H, Hkv, L, D, Dv, F``. Names and shapes are those of docs/semantics.md.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_
     for name in needed:
         if tensors.get(name) is None:
             raise ValueError(f"{name} is required by this spec ({spec.summary()}) and was not given; "
-                             f"see SEMANTICS.md for its shape")
+                             f"see docs/semantics.md for its shape")
     for name, t in tensors.items():
         if t is not None and name not in needed and name not in optional:
             why = ("initial_state needs a causal linear branch" if name == "initial_state"

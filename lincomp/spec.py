@@ -1,4 +1,4 @@
-"""Attention specs: what a user declares (SEMANTICS.md defines the math of every field).
+"""Attention specs: what a user declares (docs/semantics.md defines the math of every field).
 
 A spec is frozen, hashable, round-trips through a plain dict / JSON, and has a stable ``key()``
 used by the tuning database and the kernel cache. Every invalid combination raises ``ValueError`` or
@@ -222,7 +222,7 @@ class LinearBranch:
 # ------------------------------------------------------------------------------------------- spec
 @dataclass(frozen=True)
 class AttentionSpec:
-    """One attention variant. Fields and their math: SEMANTICS.md. Build from dicts or the presets."""
+    """One attention variant. Fields and their math: docs/semantics.md. Build from dicts or the presets."""
 
     window: Optional[Window] = None
     causal: bool = False
@@ -251,7 +251,7 @@ class AttentionSpec:
             raise ValueError("sinks enter a softmax denominator, and this spec has only a linear branch; "
                              "set sinks to 0 or add a window with combine='sum'")
         if self.sinks and self.combine == "shared":
-            raise ValueError("sinks are not part of combine='shared' (SEMANTICS.md section 3); "
+            raise ValueError("sinks are not part of combine='shared' (docs/semantics.md section 3); "
                              "set sinks to 0 or use combine='sum'")
         if lin is not None and lin.gate is not None and not self.causal:
             raise ValueError(f"linear.gate={lin.gate!r} needs causal=true (a decay from j to i only exists for j <= i); "

@@ -1,7 +1,7 @@
 """Helpers for testing any backend against the reference: random inputs, error metric, spec strategies.
 
 ``random_inputs(spec, ...)`` draws q, k, v and every extra tensor the spec needs (valid values: gates
-<= 0, gamma in (0, 1]); ``rel_err`` is SEMANTICS.md's metric; ``spec_strategy()`` draws random specs
+<= 0, gamma in (0, 1]); ``rel_err`` is docs/semantics.md's metric; ``spec_strategy()`` draws random specs
 for hypothesis (imported lazily: hypothesis is a test dependency only).
 """
 

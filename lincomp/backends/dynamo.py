@@ -311,7 +311,7 @@ def _needs(spec: AttentionSpec, name: str) -> bool:
 
 
 def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, plan: dict, opts: Options) -> None:
-    from lincomp.runtime.ops import spec_to_json
+    from lincomp.backends.ops import spec_to_json
     graph = gm.graph
     spec = plan["spec"]
     with graph.inserting_before(node):
@@ -343,7 +343,7 @@ def _set_op_arg(node: torch.fx.Node, name: str, value) -> None:
 
 def rewrite(gm: torch.fx.GraphModule, options) -> list:
     """Replace the graph's SDPA calls in place (no compilation). Returns one report dict per call site."""
-    import lincomp.runtime.ops  # noqa: F401  (registers torch.ops.lincomp.*)
+    import lincomp.backends.ops  # noqa: F401  (registers torch.ops.lincomp.*)
     lincomp_ops = (torch.ops.lincomp.attention, torch.ops.lincomp.attention.default)
     opts = parse_options(options)
     report = []

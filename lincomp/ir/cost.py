@@ -1,6 +1,6 @@
 """Exact work counts and cost estimates of a spec at a length, without any L x L mask.
 
-- :func:`count_visible_pairs`: the number of (query, key) pairs of the window set W (SEMANTICS.md
+- :func:`count_visible_pairs`: the number of (query, key) pairs of the window set W (docs/semantics.md
   section 1), exact: closed forms for 1D / terraced windows, a sum over window offsets for grids.
 - :func:`attention_flops` / :func:`dense_flops`: useful FLOPs. Convention (FlashAttention's, and CLEAR's
   "attention FLOPs"): GEMM work only, a multiply-add is 2 FLOPs; exp, max, gates and divisions are

@@ -160,7 +160,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``explain`` standalone; returns the exit code (a leading "explain" may be left out)."""
-    from lincomp.cli import run_standalone
+    from lincomp._cliutil import run_standalone
     return run_standalone("explain", register, argv)
 
 

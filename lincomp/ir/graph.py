@@ -46,7 +46,7 @@ def _t(*shape, dtype: str = "in") -> TensorType:
     return TensorType(tuple(shape), dtype)
 
 
-# Shapes of the tensors of SEMANTICS.md, by keyword name.
+# Shapes of the tensors of docs/semantics.md, by keyword name.
 _QKV = {"q": _t("B", "H", "L", "D"), "k": _t("B", "Hkv", "L", "D"), "v": _t("B", "Hkv", "L", "Dv")}
 
 
@@ -132,7 +132,7 @@ def build_graph(spec, L: int, *, initial_state: bool = False, return_state: bool
         raise ValueError("initial_state / return_state need a causal linear branch; this spec "
                          f"({spec.summary()}) has none")
     if return_state and spec.combine == "shared":
-        raise ValueError("return_state is not defined for combine='shared' (SEMANTICS.md section 3)")
+        raise ValueError("return_state is not defined for combine='shared' (docs/semantics.md section 3)")
 
     g = nx.DiGraph(source_spec=spec, L=int(L), sizes=derive_sizes(spec, L, sizes), rewrites=[])
     g.graph["relations"] = {} if lin is None else {"F": "2*E" if lin.has_weights else "D"}
@@ -367,7 +367,7 @@ def copy_graph(graph: nx.DiGraph) -> nx.DiGraph:
 
 
 def required_tensors(spec: AttentionSpec) -> Iterable[str]:
-    """Keyword tensors (SEMANTICS.md names) a call of ``spec`` must pass."""
+    """Keyword tensors (docs/semantics.md names) a call of ``spec`` must pass."""
     lin = spec.linear
     if lin is not None and lin.gate is not None:
         yield "g"

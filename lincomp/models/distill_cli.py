@@ -710,7 +710,7 @@ def _cmd_causal_lm(a) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m lincomp.models.distill_cli minilm ...`` (the leading "distill" may be left out)."""
-    from lincomp.cli import run_standalone
+    from lincomp._cliutil import run_standalone
     return run_standalone("distill", register, argv)
 
 

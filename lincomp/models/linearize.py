@@ -99,7 +99,7 @@ def linearize(model: nn.Module, spec, *, target: str = "auto", fallback: str = "
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    import lincomp.runtime.ops  # noqa: F401  (registers torch.ops.lincomp.*)
+    import lincomp.backends.ops  # noqa: F401  (registers torch.ops.lincomp.*)
     flux = _is_flux(model)
     sites = attention_modules(model)
     if not sites:

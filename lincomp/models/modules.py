@@ -42,7 +42,7 @@ def _gla_init(linear: nn.Linear) -> None:
 class HedgehogFeatureMap(nn.Module):
     """The learned projection of a Hedgehog map: ``weight [H, D, E]``, identity-like at init.
 
-    phi itself (softmax or exp of ``x W`` and ``-x W``) is applied by the kernel (SEMANTICS.md section 2).
+    phi itself (softmax or exp of ``x W`` and ``-x W``) is applied by the kernel (docs/semantics.md section 2).
     """
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int, *, dtype=None, device=None):
@@ -96,7 +96,7 @@ class LinearizedAttention(nn.Module):
     def __init__(self, spec, num_heads: int, head_dim: int, *, hidden_size: Optional[int] = None,
                  target: str = "auto", fallback: str = "warn", dtype=None, device=None):
         super().__init__()
-        from lincomp.runtime.ops import FALLBACKS, TARGETS, spec_to_json
+        from lincomp.backends.ops import FALLBACKS, TARGETS, spec_to_json
         spec = AttentionSpec.coerce(spec)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
@@ -143,7 +143,7 @@ class LinearizedAttention(nn.Module):
         return out if dtype is None else {k: t.to(dtype) for k, t in out.items()}
 
     def tensors(self, hidden_states: Optional[torch.Tensor] = None, dtype=None) -> dict:
-        """Every SEMANTICS.md tensor of this spec for one call (``g`` is computed from ``hidden_states``)."""
+        """Every docs/semantics.md tensor of this spec for one call (``g`` is computed from ``hidden_states``)."""
         out = self.weights(dtype)
         if self.gate is not None:
             if hidden_states is None:

@@ -1,4 +1,4 @@
-"""The reference oracle: the exact math of SEMANTICS.md in plain PyTorch (any dtype, fp64 too).
+"""The reference oracle: the exact math of docs/semantics.md in plain PyTorch (any dtype, fp64 too).
 
 ``lincomp.reference(spec, q, k, v, **tensors)`` calls :func:`reference` here: this package is
 callable, so the public name works whether Python resolves it to the package or the function.

@@ -1,4 +1,4 @@
-"""Token-by-token decoding (SEMANTICS.md section 4), the reference form.
+"""Token-by-token decoding (docs/semantics.md section 4), the reference form.
 
 The state is the linear branch's ``(S, z)`` plus a cache of the prefix tokens and the last
 ``reach`` tokens (the window's reach). Memory does not grow with the sequence for any bounded window.

@@ -1,4 +1,4 @@
-"""Feature maps phi of the linear branch (SEMANTICS.md section 2), plain PyTorch."""
+"""Feature maps phi of the linear branch (docs/semantics.md section 2), plain PyTorch."""
 
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def linear_recurrent(fq, fk, v, g, S0=None, z0=None, want_state=False) -> Terms:
 
 
 def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den[..., None], 0 where den == 0 (SEMANTICS.md: no eps, never NaN); grad-safe."""
+    """num / den[..., None], 0 where den == 0 (docs/semantics.md: no eps, never NaN); grad-safe."""
     den = den[..., None]
     zero = den == 0
     return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))

@@ -1,4 +1,4 @@
-"""Which keys each query sees (SEMANTICS.md section 1), as an elementwise predicate on index tensors.
+"""Which keys each query sees (docs/semantics.md section 1), as an elementwise predicate on index tensors.
 
 This is the ground truth the block-sparse planner and every kernel are tested against.
 """

@@ -1,4 +1,4 @@
-"""``lincomp.reference``: the plain-PyTorch oracle of SEMANTICS.md, every variant, any dtype.
+"""``lincomp.reference``: the plain-PyTorch oracle of docs/semantics.md, every variant, any dtype.
 
 The window branch and the hybrids are computed in quadratic (masked) form; the linear branch in the
 quadratic, chunked or recurrent form (``form=``), which must agree. Autograd flows through all of it:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
+from lincomp.reference import reference
 from lincomp.spec import AttentionSpec
 
 
@@ -46,8 +47,32 @@ class Kernel:
             return self.forward(q, k, v, **kwargs)
         except Unsupported as why:
             warn_fallback(self.target, why)
-            from lincomp.reference import reference
             return reference(self.spec, q, k, v, **kwargs)
+
+    # -- training: the forward saves what the backward needs, so it runs once ------------------------
+    def forward_saved(self, q, k, v, **kwargs) -> tuple:
+        """(o, saved): the output and the tensors :meth:`backward_saved` needs, or ``saved=None`` when
+        this kernel has no backward of its own (or fell back to the reference for this call): the
+        gradient then comes from the reference. Subclasses override :meth:`forward_and_save`."""
+        try:
+            return self.forward_and_save(q, k, v, **kwargs)
+        except Unsupported as why:
+            warn_fallback(self.target, why)
+            return reference(self.spec, q, k, v, **kwargs), None
+
+    def forward_and_save(self, q, k, v, **kwargs) -> tuple:
+        """(o, saved list) for kernels with a backward; default: (o, None)."""
+        return self.forward(q, k, v, **kwargs), None
+
+    def saved_like(self, q, k, v, **kwargs) -> list:
+        """Empty tensors shaped like ``forward_and_save``'s saved list (shape arithmetic only: fake
+        implementations call it with fake tensors). Default: nothing saved."""
+        return []
+
+    def backward_saved(self, grad_o, o, saved: list, q, k, v, **kwargs) -> dict:
+        """{input name: gradient} (q, k, v and the float tensors in ``kwargs``; None where zero) of
+        ``sum(grad_o * o)``, from the forward's ``saved`` list; no forward is run again."""
+        raise NotImplementedError(f"{type(self).__name__} saves nothing; its gradient comes from the reference")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target={self.target!r}, spec={self.spec!r}, config={self.config})"
@@ -68,5 +93,4 @@ class ReferenceKernel(Kernel):
         super().__init__(spec, source="# plain PyTorch: lincomp.reference.oracle", config={})
 
     def forward(self, q, k, v, **kwargs):
-        from lincomp.reference import reference
         return reference(self.spec, q, k, v, **kwargs)

@@ -97,7 +97,7 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``db show|validate`` standalone; returns the exit code."""
-    from lincomp.cli import run_standalone
+    from lincomp._cliutil import run_standalone
     return run_standalone("db", register, argv, implied=("show", "validate"))
 
 

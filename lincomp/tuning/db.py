@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 from lincomp._atomic import atomic_write_text
+from lincomp._files import shipped_path
 from lincomp.tuning.device import device_slug, library_versions, resolve_device_name
 
 try:  # POSIX; without it writes stay atomic but concurrent writers may lose each other's entries
@@ -44,7 +45,8 @@ except ImportError:  # pragma: no cover - Windows
 FORMAT = "lincomp-tuning-db"
 VERSION = 1
 ENV_VAR = "LINCOMP_TUNING_DB"
-SHIPPED_DB = Path(__file__).resolve().parents[2] / "tuning_db"
+# Shipped configs: the wheel's package data (lincomp/_data/tuning_db) or the checkout's tuning_db/.
+SHIPPED_DB = shipped_path("tuning_db")
 # Sequence-length dims: bucketed to the next power of two and matched by nearness. Others are exact.
 LENGTH_DIMS = frozenset({"L", "Lq", "Lk"})
 

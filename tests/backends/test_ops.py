@@ -7,7 +7,7 @@ import torch
 
 import lincomp
 from lincomp import presets
-from lincomp.runtime import ops
+from lincomp.backends import ops
 from lincomp.runtime.kernel import LincompFallbackWarning
 from lincomp.testing import random_inputs, rel_err
 

@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 from lincomp import presets  # noqa: E402
 from lincomp.lower.triton.decode import DecodeState, TritonDecoder  # noqa: E402
-from lincomp.lower.triton.linear import compile_linear  # noqa: E402
+from lincomp.lower.triton.linear_kernel import compile_linear  # noqa: E402
 from lincomp.reference import ReferenceDecoder, reference  # noqa: E402
 from lincomp.spec import AttentionSpec  # noqa: E402
 from lincomp.testing import examples, random_inputs, rel_err, spec_strategy  # noqa: E402

@@ -4,7 +4,7 @@ Runs on CUDA when present, else on CPU tensors through the Triton interpreter (T
 set below before any kernel module is generated). Shapes stay tiny: the interpreter runs one program
 at a time in numpy. Outputs are NaN-poisoned before the kernels write them.
 
-Tolerances (SEMANTICS.md section 5): fp32 forward 1e-4, gradients 1e-3, each relaxed to 10x the
+Tolerances (docs/semantics.md section 5): fp32 forward 1e-4, gradients 1e-3, each relaxed to 10x the
 error of the same math run through the reference in fp32 where that is larger (gradients that are
 ill-conditioned in fp32, e.g. a gate whose true gradient underflows).
 """
@@ -22,8 +22,9 @@ import pytest  # noqa: E402
 from hypothesis import given, strategies as st  # noqa: E402
 
 from lincomp import presets  # noqa: E402
-from lincomp.lower.triton.linear import (LinearKernel, compile_linear, default_config,  # noqa: E402
-                                         render_source)
+from lincomp.lower.triton.linear import render_source  # noqa: E402
+from lincomp.lower.triton.linear_kernel import LinearKernel, _op_inputs, compile_linear  # noqa: E402
+from lincomp.lower.triton.linear_launch import Dims, default_config, tune_linear  # noqa: E402
 from lincomp.reference import reference  # noqa: E402
 from lincomp.runtime.kernel import LincompFallbackWarning  # noqa: E402
 from lincomp.spec import AttentionSpec  # noqa: E402
@@ -223,7 +224,7 @@ def test_value_blocks_split_over_programs():
     cfg = {"BT": 16, "BV": 16, "num_warps": 4, "num_stages": 1}
     kern = compile_linear(spec, config=cfg)
     check_against_reference(spec, L=21, D=32, kernel=kern)
-    assert kern.config["forward"]["BV"] == 16
+    assert kern.config["linear_fwd"]["params"]["BV"] == 16
 
 
 def test_strided_inputs_and_fp16():
@@ -280,7 +281,6 @@ def test_generated_source_is_the_spec():
 
 
 def _dims():
-    from lincomp.lower.triton.linear import Dims
     return Dims(1, 2, 2, 64, 16, 16, 16, 1)
 
 
@@ -310,7 +310,7 @@ def test_opcheck_schema_fake_and_autograd_registration():
                       "bwd": {"BT": 16, "BV": 16, "num_warps": 4, "num_stages": 1}})
     args = [inp["q"].to(DEV).requires_grad_(), inp["k"].to(DEV), inp["v"].to(DEV), inp["g"].to(DEV), None, None,
             None, None, None, None, spec.canonical_json(), cfg, 0.35, 0.35, False, True]
-    import lincomp.runtime.linear_ops  # noqa: F401  (registers the ops)
+    import lincomp.lower.triton.linear_op  # noqa: F401  (registers the ops)
     torch.library.opcheck(torch.ops.lincomp.linear_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -318,7 +318,6 @@ def test_opcheck_schema_fake_and_autograd_registration():
 def test_tuning_stores_results_and_reuses_them(tmp_path):
     """The measured search stores forward and backward configs; the same key then costs no work."""
     from lincomp.inputs import bind
-    from lincomp.lower.triton.linear import Dims, _op_inputs, tune_linear
     from lincomp.tuning import TuningDB
     spec = presets.gla("scalar")
     kern = compile_linear(spec)

@@ -23,7 +23,11 @@ from lincomp.testing import random_inputs, rel_err, spec_strategy  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
-W = pytest.importorskip("lincomp.lower.triton.window")
+W = pytest.importorskip("lincomp.lower.triton.window_launch")
+from lincomp.lower.triton.window import render_source  # noqa: E402
+from lincomp.lower.triton.window_kernel import WindowKernel, compile_window  # noqa: E402
+from lincomp.lower.triton.window_op import window_attention  # noqa: E402
+from lincomp.runtime.buffers import POISON_ENV  # noqa: E402
 from lincomp.lower.triton.window_plan import tile_lists  # noqa: E402
 
 GRAD_NAMES = ("q", "k", "v", "sink_logits")
@@ -35,7 +39,7 @@ def _interpreter():
     with pytest.MonkeyPatch.context() as mp:
         if DEVICE == "cpu":
             mp.setenv("TRITON_INTERPRET", "1")
-        mp.setenv(W.POISON_ENV, "1")      # NaN in every output element a kernel forgets to write
+        mp.setenv(POISON_ENV, "1")      # NaN in every output element a kernel forgets to write
         yield
 
 
@@ -63,7 +67,7 @@ def _draw_case(data, spec, max_L=40, max_bh=2):
 
 def _run(spec, inputs, cfg=None, grads=False, do_seed=0):
     """Kernel output (and grads of GRAD_NAMES) vs the fp64 reference's."""
-    kern = W.compile_window(spec, config=cfg)
+    kern = compile_window(spec, config=cfg)
     leaves = {n: t.detach().clone().requires_grad_(grads and n in GRAD_NAMES) if torch.is_tensor(t) else t
               for n, t in inputs.items()}
     ref_in = {n: t.detach().double().requires_grad_(grads and n in GRAD_NAMES) if torch.is_tensor(t) and
@@ -193,7 +197,6 @@ def test_value_head_dim_differs_and_strided_inputs():
 
 
 def test_lse_and_its_gradient():
-    from lincomp.runtime.window_ops import window_attention
     spec = AttentionSpec(window={"kind": "1d", "left": 5, "right": 1}, prefix=2, sinks=2)
     inp = _inputs(spec, B=1, H=2, L=18, D=8, seed=3)
     leaves = [inp[n].clone().requires_grad_(True) for n in ("q", "k", "v", "sink_logits")]
@@ -257,24 +260,26 @@ def test_source_and_config_are_exposed():
     spec = AttentionSpec(window={"kind": "2d", "grid": [4, 4], "radius": 3, "shape": "circle"}, prefix=1)
     import lincomp
     kern = lincomp.compile(spec, target="triton")
-    assert isinstance(kern, W.WindowKernel) and kern.target == "triton"
+    assert isinstance(kern, WindowKernel) and kern.target == "triton"
     for text in ("def window_fwd", "def window_bwd_dq", "def window_bwd_dkdv", "dy * dy + dx * dx < 9",
                  "(qi, TRANSPOSED) < 1", "tile_tokens"):
         assert text in kern.source, text
     compile(kern.source, "<generated>", "exec")   # valid Python
     kern(**_inputs(spec, B=1, H=1, D=4, seed=0))
     if DEVICE == "cpu":
-        assert kern.config["window_fwd"]["block_m"] == W.INTERPRETER_CONFIG["block_m"]
+        assert kern.config["window_fwd"]["params"]["block_m"] == W.INTERPRETER_CONFIG["block_m"]
+        assert kern.config["window_fwd"]["source"] == "default"
     else:   # the tuning db's choice or the heuristic
-        assert kern.config["window_fwd"]["block_m"] >= 16
-    src = W.render_source(AttentionSpec(window={"kind": "3d", "grid": [2, 3, 4], "radius": 1, "shape": "square"},
+        assert kern.config["window_fwd"]["params"]["block_m"] >= 16
+        assert kern.config["window_fwd"]["source"] in ("db", "nearest", "default")
+    src = render_source(AttentionSpec(window={"kind": "3d", "grid": [2, 3, 4], "radius": 1, "shape": "square"},
                                         causal=True))
     assert "tl.abs(df) <= 1" in src and "<= _rows(qi, TRANSPOSED)" in src
 
 
 def test_bad_inputs_raise_or_fall_back(monkeypatch):
     spec = AttentionSpec(window={"kind": "1d", "left": 2, "right": 0}, causal=True, sinks=1)
-    kern = W.compile_window(spec)
+    kern = compile_window(spec)
     inp = _inputs(spec, B=1, H=2, L=9, D=8, seed=0)
     with pytest.raises(ValueError, match="sink_logits"):
         kern(inp["q"], inp["k"], inp["v"])
@@ -288,12 +293,12 @@ def test_bad_inputs_raise_or_fall_back(monkeypatch):
     with pytest.raises(TypeError):
         kern(inp["q"], inp["k"].half(), inp["v"], sink_logits=inp["sink_logits"])
     with pytest.raises(ValueError, match="block_m"):
-        W.compile_window(spec, config={"block_m": 24})
+        compile_window(spec, config={"block_m": 24})
     with pytest.raises(ValueError, match="block_m == block_n"):
-        W.compile_window(AttentionSpec(window={"kind": "2d", "grid": [4, 4], "radius": 1}),
+        compile_window(AttentionSpec(window={"kind": "2d", "grid": [4, 4], "radius": 1}),
                          config={"block_m": 32, "block_n": 16})
     with pytest.raises(ValueError, match="linear"):
-        W.compile_window({"window": None, "causal": True, "linear": {"feature_map": "elu1"}})
+        compile_window({"window": None, "causal": True, "linear": {"feature_map": "elu1"}})
     # fp64: not a kernel dtype -> the reference, with a warning
     inp64 = {n: t.double() for n, t in inp.items()}
     with pytest.warns(LincompFallbackWarning, match="float64"):
@@ -306,12 +311,11 @@ def test_bad_inputs_raise_or_fall_back(monkeypatch):
 
 
 def test_custom_op_checks_and_torch_compile_without_graph_breaks():
-    from lincomp.runtime.window_ops import window_attention
     spec = AttentionSpec(window={"kind": "1d", "left": 3, "right": 1}, causal=True, sinks=2)
     inp = _inputs(spec, B=1, H=2, Hkv=1, L=12, D=8, seed=3)
     args = (inp["q"], inp["k"], inp["v"], inp["sink_logits"], None, spec.canonical_json(), 0.3, "")
     torch.library.opcheck(window_attention, args)
-    kern = W.compile_window(spec)
+    kern = compile_window(spec)
     leaves = {n: t.clone().requires_grad_(True) for n, t in inp.items()}
 
     def f(q, k, v, s):
@@ -356,7 +360,7 @@ def test_search_spaces_are_valid(spec, D):
 def test_interpreter_uses_a_fixed_config():
     spec = AttentionSpec(window={"kind": "1d", "left": 3, "right": 0}, causal=True)
     q = torch.randn(1, 1, 8, 8)
-    assert W.choose_config("window_fwd", spec, q, q, autotune=True, runner=None) == \
+    assert W.choose_config("window_fwd", spec, q, q, autotune=True, runner=None).params == \
         W.normalize_config(spec, W.INTERPRETER_CONFIG)
     with pytest.raises(ValueError, match="CUDA"):
         W.tune_window(spec, L=64, device="cpu")
@@ -365,7 +369,7 @@ def test_interpreter_uses_a_fixed_config():
 def test_import_lincomp_does_not_import_triton():
     import subprocess
     import sys
-    code = ("import sys, lincomp; lincomp.AttentionSpec; import lincomp.runtime.window_ops; "
+    code = ("import sys, lincomp; lincomp.AttentionSpec; import lincomp.lower.triton; "
             "from lincomp.lower.triton.window import render_source; "
             "render_source(lincomp.presets.clear(8)); assert 'triton' not in sys.modules, 'triton imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from lincomp.lower.triton import window as W  # noqa: E402
+from lincomp.lower.triton import window_launch as W  # noqa: E402
 from lincomp.lower.triton.aot import compile_cases  # noqa: E402
 from lincomp.presets import clear, sliding_window  # noqa: E402
 from lincomp.spec import AttentionSpec, GridWindow  # noqa: E402

@@ -73,7 +73,7 @@ def test_grid_tilings(config):
 
 
 def test_tuning_is_stored_and_reused(tmp_path):
-    from lincomp.lower.triton.window import tune_window
+    from lincomp.lower.triton.window_launch import tune_window
     from lincomp.tuning import TuningDB
     spec = AttentionSpec(window=Window1D(255, 0), causal=True)
     db = TuningDB(tmp_path, shipped=None)

@@ -144,7 +144,9 @@ def test_source_config_and_preview():
     for needle in ("@T.prim_func", "def features_q", "def linear_fwd", "def window_fwd", "exp2(", "kv_offsets",
                    "T.parallel"):
         assert needle in src, needle
-    assert set(kern.config) == {"window", "linear"} and kern.config["window"]["block_m"] > 0
+    assert set(kern.config) == {"window_fwd", "linear_fwd"} and kern.config["window_fwd"]["params"]["block_m"] > 0
+    assert {c["source"] for c in kern.config.values()} <= {"db", "nearest", "default"}
+    assert kern.config["linear_fwd"]["key"]["kernel"] == "linear_fwd"
 
 
 def test_tuning_stores_and_reuses(tmp_path):
@@ -163,7 +165,8 @@ def test_tuning_stores_and_reuses(tmp_path):
     y = random_inputs(spec, H=2, L=250, D=16, seed=8)
     with torch.no_grad():
         fresh(**y)
-    assert {k: fresh.config["window"][k] for k in ("block_m", "block_n")} == \
+    assert fresh.config["window_fwd"]["source"] == "db"
+    assert {k: fresh.config["window_fwd"]["params"][k] for k in ("block_m", "block_n")} == \
         {k: first[0].config[k] for k in ("block_m", "block_n")}
     stored = json.loads(next((tmp_path / "db").glob("*.json")).read_text())
     assert any(e["backend"] == "tvm" and e["kernel"] == "window_fwd" for e in stored["entries"].values())

@@ -72,7 +72,7 @@ def case_launches(case: dict) -> list:
     ("bfloat16"), "config" (default: the heuristic), "sinks", "kpm" (bool), "L" (1024), "H" (4), "Hkv" (2)}."""
     import torch
 
-    from lincomp.lower.triton import window as W
+    from lincomp.lower.triton import window_launch as W
     from lincomp.spec import AttentionSpec
 
     spec = AttentionSpec.coerce(case["spec"])

@@ -1,4 +1,4 @@
-"""Token-by-token decoding with a generated Triton step kernel (SEMANTICS.md section 4).
+"""Token-by-token decoding with a generated Triton step kernel (docs/semantics.md section 4).
 
 :class:`TritonDecoder` has the interface of :class:`lincomp.reference.ReferenceDecoder`:
 ``step(q, k, v, g=None) -> o`` with ``[B, H|Hkv, 1, D]`` inputs and ``[B, H, 1, Dv]`` output, and
@@ -15,8 +15,10 @@ from typing import Optional
 
 import torch
 
-from lincomp.lower.triton.linear import (LinearPlan, alloc, interpreting, load_module, next_pow2, render_common,
-                                         _template, _tl_dtype, _dummy)
+from lincomp.lower.triton.common import alloc, interpreting, next_pow2, template
+from lincomp.lower.triton.linear import LinearPlan, load_module, render_common
+from lincomp.lower.triton.linear_kernel import compile_linear
+from lincomp.lower.triton.linear_launch import _dummy, _tl_dtype
 from lincomp.inputs import unpack_initial_state
 from lincomp.runtime.kernel import Unsupported
 from lincomp.spec import AttentionSpec
@@ -51,7 +53,7 @@ class DecodeState:
 
 
 def render_decode_source(plan: LinearPlan) -> str:
-    return render_common(plan, "linear_decode.py.tmpl") + _template("linear_decode").substitute()
+    return render_common(plan, "linear_decode.py.tmpl") + template("linear_decode.py.tmpl").substitute()
 
 
 class TritonDecoder:
@@ -223,7 +225,6 @@ class TritonDecoder:
         return torch.cat(outs, 2)
 
     def _prefill_chunked(self, q, k, v, g):
-        from lincomp.lower.triton.linear import compile_linear
         spec = self.spec
         self._check_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None if g is None else g[:, :, :1])
         tensors = dict(self.weights)

@@ -1,4 +1,4 @@
-"""Decoding one token at a time (SEMANTICS.md section 4) as one generated TVM kernel per step.
+"""Decoding one token at a time (docs/semantics.md section 4) as one generated TVM kernel per step.
 
 ``TVMDecoder`` has the interface of :class:`lincomp.reference.ReferenceDecoder`: ``step(q, k, v, g)`` with
 ``[B, H|Hkv, 1, D]`` tensors returns ``o [B, H, 1, Dv]``. Its state lives in preallocated buffers the
@@ -27,6 +27,7 @@ from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, exp2, f32
 from lincomp.lower.tvmir.linear import INLINE_MAPS, phi_expr
 from lincomp.lower.tvmir.window import _coord, _grid_axes, visibility
+from lincomp.runtime.buffers import alloc_output
 from lincomp.spec import AttentionSpec, GridWindow
 
 L2E = f32(LOG2E)
@@ -375,7 +376,7 @@ class TVMDecoder:
                 args += [self._fkc, self._ld]
         if lin is not None:
             args += [self._S, self._z]
-        o = torch.empty(self.B, self.H, self.Dv)
+        o = alloc_output((self.B, self.H, self.Dv))   # NaN under the poison switch
         D = q.shape[-1]
         scale = D ** -0.5 if self.scale is None else float(self.scale)
         ls = self.linear_scale

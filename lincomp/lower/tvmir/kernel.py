@@ -7,9 +7,11 @@ A call runs up to three compiled parts (each its own module, cached in memory an
 - ``window``:   block-sparse softmax over the plan (window.py), with the hybrid combine fused in.
 
 Sizes ``B`` and ``L`` are symbolic in every PrimFunc: a new length re-plans the window (a few
-vectorised numpy ops, cached) but never recompiles. Configs come from, in order: ``config=`` given
-to ``lincomp.compile``, the tuning database (``tuning_db/``, nearest length bucket of this CPU),
-the defaults below. ``kernel.tune(q, k, v, ...)`` measures the config space and stores the best.
+vectorised numpy ops, cached) but never recompiles. Configs come from the one chooser
+(``lincomp.tuning.choose``), in order: ``config=`` given to ``lincomp.compile``, the tuning database
+(exact bucket of this CPU, then the nearest length bucket), the defaults below; after a call,
+``kernel.config["window_fwd" | "linear_fwd"]`` says which ({"source", "params", "key"}).
+``kernel.tune(q, k, v, ...)`` measures the config space and stores the best.
 
 Inference only: a call whose inputs require grad (with grad mode on) runs the reference instead, with
 a warning -- the reference is differentiable, so training still works, just not at kernel speed.
@@ -21,7 +23,6 @@ misaligned (not 64-byte) tensors are copied, with a one-time warning naming the 
 from __future__ import annotations
 
 import math
-import os
 import threading
 import warnings
 from collections import Counter, OrderedDict
@@ -36,14 +37,16 @@ from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
 from lincomp.lower.tvmir import linear as _linear
 from lincomp.lower.tvmir import window as _window
+from lincomp.runtime.buffers import alloc_output
 from lincomp.runtime.kernel import Kernel, Unsupported
 from lincomp.spec import AttentionSpec, GridWindow
+from lincomp.tuning import TuningDB, median_time_ms, shape_bucket
+from lincomp.tuning import tune as run_tune
+from lincomp.tuning.choose import Choice, choose
 
 PARTS = ("window", "linear")
 BACKEND = "tvm"
 KERNEL_NAMES = {"window": "window_fwd", "linear": "linear_fwd"}
-# Tests set this (or LINCOMP_POISON=1): outputs start as NaN, so an element a kernel forgets shows up.
-POISON = os.environ.get("LINCOMP_POISON") == "1"
 
 
 class TVMCopyWarning(UserWarning):
@@ -156,7 +159,7 @@ class TVMKernel(Kernel):
             raise ValueError(f"config keys must be among {list(PARTS)} (one dict per kernel part), got {sorted(unknown)}")
         self._db = db
         self._lock = threading.Lock()
-        self._configs: Dict[tuple, dict] = {}
+        self._configs: Dict[tuple, Choice] = {}
         self._plans: "OrderedDict[tuple, tuple]" = OrderedDict()
         self._built: Dict[str, "_build.Built"] = {}
         self._mods: Dict[tuple, dict] = {}
@@ -202,9 +205,9 @@ class TVMKernel(Kernel):
         out_dtype = q.dtype
         self._prepare(call)
         sizes = Sizes.of(call)
-        configs = self._configs_for(sizes, call.L)
-        o, state = self._run(call, sizes, configs)
-        self.config = {p: dict(c) for p, c in configs.items()}
+        choices = self._choices_for(sizes, call.L)
+        o, state = self._run(call, sizes, {p: c.params for p, c in choices.items()})
+        self.config = {KERNEL_NAMES[p]: c.as_dict() for p, c in choices.items()}
         if out_dtype != torch.float32:
             o = o.to(out_dtype)        # the state stays float32, as the reference returns it
         return (o, state) if return_state else o
@@ -257,22 +260,22 @@ class TVMKernel(Kernel):
             parts.append("window")
         return tuple(parts)
 
-    def _configs_for(self, sizes: Sizes, L: int) -> dict:
-        """Config per part for this length bucket: fixed > tuning db (nearest bucket) > default."""
-        from lincomp.tuning.db import shape_bucket
+    def _choices_for(self, sizes: Sizes, L: int) -> dict:
+        """{part: Choice} for this length bucket: fixed > tuning db (exact, nearest bucket) > default."""
         out = {}
         for part in self._parts():
-            bucket = shape_bucket(**sizes.bucket(L, part))
-            key = (part, sizes, bucket)
+            key = (part, sizes, _bucket(sizes, L, part))
             if key not in self._configs:
-                cfg = self._fixed.get(part)
-                if cfg is None:
-                    cfg = self._db_config(part, sizes, L)
-                if cfg is None:
-                    cfg = default_config(part, self.spec, sizes, L)
-                self._configs[key] = self._normalise(part, cfg, sizes)
+                self._configs[key] = choose(
+                    BACKEND, KERNEL_NAMES[part], self.spec, "float32", sizes.bucket(L, part), device="cpu",
+                    default=lambda part=part: default_config(part, self.spec, sizes, L), fixed=self._fixed.get(part),
+                    normalize=lambda cfg, part=part: self._normalise(part, cfg, sizes), db=self._db)
             out[part] = self._configs[key]
         return out
+
+    def _configs_for(self, sizes: Sizes, L: int) -> dict:
+        """Launch params per part for this length bucket (see ``_choices_for``)."""
+        return {part: c.params for part, c in self._choices_for(sizes, L).items()}
 
     def _normalise(self, part: str, cfg: dict, sizes: Sizes) -> dict:
         if part == "window":
@@ -283,18 +286,6 @@ class TVMKernel(Kernel):
                 c = replace(c, tile=None)
             return _fit_window(c, sizes).to_dict()
         return _linear.LinearConfig.from_dict(cfg).to_dict()
-
-    def _db_config(self, part: str, sizes: Sizes, L: int) -> Optional[dict]:
-        try:
-            from lincomp.tuning.db import TuningDB
-            db = self._db if self._db is not None else TuningDB()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                hit = db.lookup(BACKEND, KERNEL_NAMES[part], self.spec, "float32", sizes.bucket(L, part),
-                                device="cpu")
-            return None if hit is None else hit.config
-        except Exception:  # a missing or unreadable database never stops a call
-            return None
 
     def _part_sources(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool) -> dict:
         """{part: [PrimFunc texts]} for this call's variant."""
@@ -413,9 +404,6 @@ class TVMKernel(Kernel):
         costs nothing (unless ``force``). Each config's output is checked against the default's.
         ``space={"window": [...], "linear": [...]}`` replaces the built-in spaces (:func:`config_space`).
         """
-        from lincomp.tuning import TuningDB, median_time_ms
-        from lincomp.tuning import tune as run_tune
-
         db = db if db is not None else (self._db if self._db is not None else TuningDB())
         with torch.no_grad():
             call = bind(self.spec, q, k, v, **tensors)
@@ -438,8 +426,9 @@ class TVMKernel(Kernel):
                                dims=sizes.bucket(call.L, part), db=db, device="cpu", force=force,
                                progress=progress)
                 bucket_key = (part, sizes, _bucket(sizes, call.L, part))
-                self._configs[bucket_key] = self._normalise(part, res.config, sizes)
-                base = dict(base, **{part: self._configs[bucket_key]})
+                choice = self._configs[bucket_key]
+                self._configs[bucket_key] = Choice("tuned", self._normalise(part, res.config, sizes), choice.key)
+                base = dict(base, **{part: self._configs[bucket_key].params})
                 results.append(res)
         return results
 
@@ -462,7 +451,6 @@ def check_gate(worst: float) -> None:
 
 
 def _bucket(sizes: Sizes, L: int, part: str) -> str:
-    from lincomp.tuning.db import shape_bucket
     return shape_bucket(**sizes.bucket(L, part))
 
 
@@ -471,9 +459,7 @@ def _frozen(cfg: dict) -> tuple:
 
 
 def _empty(shape) -> torch.Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=torch.float32)
-    return torch.empty(shape, dtype=torch.float32)
+    return alloc_output(shape, torch.float32)   # NaN under LINCOMP_POISON_OUTPUTS=1 (the one poison switch)
 
 
 def compile_tvm(spec, **hints) -> TVMKernel:

@@ -1,7 +1,7 @@
 """The linear-branch template: chunked (gated) linear attention with the state carried between chunks.
 
 One generated PrimFunc ``linear_fwd`` per variant; ``B`` and ``L`` are symbolic. One task per
-(batch, head) runs its chunks in order (SEMANTICS.md section 2, the form of reference/linear.py)::
+(batch, head) runs its chunks in order (docs/semantics.md section 2, the form of reference/linear.py)::
 
     per chunk of C tokens (features phi(q), phi(k) loaded once; elementwise maps applied on load):
         Gc      = cumulative log-gate inside the chunk (<= 0)

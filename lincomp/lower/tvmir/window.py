@@ -100,7 +100,7 @@ def _coord(pos: str, n: int, size: int, stride: int) -> str:
 
 
 def visibility(spec: AttentionSpec, pi: str, pj: str, qc=None, kc=None) -> str:
-    """The generated predicate "query at position pi sees key at position pj" (SEMANTICS.md section 1).
+    """The generated predicate "query at position pi sees key at position pj" (docs/semantics.md section 1).
 
     ``pj < 0`` marks a padding key slot. ``qc(a)`` / ``kc(a)`` give grid coordinates along axis a.
     """

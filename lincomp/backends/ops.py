@@ -10,9 +10,11 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
   runs a cached ``lincomp.compile(spec, target, **hints)`` kernel. ``fallback="warn"`` runs the reference
   with a ``LincompFallbackWarning`` when the target is not installed or cannot run a call;
   ``fallback="error"`` raises instead.
-- Backward (``register_autograd``) recomputes the forward under autograd and differentiates it: through the
-  kernel itself when it is differentiable (Triton, the reference), else through the reference oracle.
-  It is its own op, ``torch.ops.lincomp.attention_backward``, so compiled training graphs keep it opaque.
+- Training: ``lincomp::attention`` is ``lincomp::attention_forward(...)[0]``; that op also returns what
+  the kernel's backward needs (the window kernels' log-sum-exp, the linear kernels' states), and its
+  backward, ``torch.ops.lincomp.attention_backward`` (its own op, so compiled training graphs keep it
+  opaque), runs only backward kernels: each forward runs once. Kernels without a backward of their own
+  (TVM, the reference) save nothing; their gradient is the reference's (``torch.func.vjp``).
 - ``torch.ops.lincomp.key_padding_mask(mask, causal, check) -> [B, Lk] bool`` turns a
   scaled_dot_product_attention ``attn_mask`` (bool, or additive float) into the key-padding mask lincomp
   takes; with ``check`` it raises when the mask is anything else (a bias, a packed-sequence mask, a causal
@@ -31,12 +33,14 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from lincomp.compiler import compile as lincomp_compile
+from lincomp.reference import reference
 from lincomp.runtime.kernel import Kernel, LincompFallbackWarning, ReferenceKernel
 from lincomp.spec import AttentionSpec
 
 TARGETS = ("auto", "triton", "tvm", "reference")
 FALLBACKS = ("warn", "error")
-# The optional float tensors of a call, in the op's argument order (SEMANTICS.md names).
+# The optional float tensors of a call, in the op's argument order (docs/semantics.md names).
 WEIGHT_NAMES = ("g", "feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
 
 _lock = threading.Lock()
@@ -74,7 +78,6 @@ def get_kernel(spec_json: str, target: str = "auto", fallback: str = "warn", hin
     with _lock:
         kernel = _kernels.get(key)
         if kernel is None:
-            from lincomp.compiler import compile as lincomp_compile
             hints = json.loads(hints_json) if hints_json else {}
             spec = spec_from_json(spec_json)
             try:
@@ -121,104 +124,153 @@ def _strict(fallback: str):
         yield
 
 
-def _run(kernel: Kernel, q, k, v, scale, tensors, key_padding_mask, fallback):
+def _concrete(kernel: Kernel, device: torch.device) -> Kernel:
+    """The kernel that runs on ``device`` (an AutoKernel picks one per device)."""
+    return kernel.kernel_for(device) if hasattr(kernel, "kernel_for") else kernel
+
+
+def _kwargs(scale, tensors: dict, key_padding_mask) -> dict:
     kw = dict(tensors)
     if key_padding_mask is not None:
         kw["key_padding_mask"] = key_padding_mask
     if scale is not None:
         kw["scale"] = scale
-    with _strict(fallback):   # compiled kernels want contiguous [B, H, L, D] (SDPA callers often pass views)
-        return kernel(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
-
-
-class _autograd_on:
-    """Re-enable autograd inside a custom op's implementation (which runs below the Autograd key)."""
-
-    def __enter__(self):
-        exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
-        self._guard = torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
-        self._grad = torch.enable_grad()
-        self._guard.__enter__()
-        self._grad.__enter__()
-
-    def __exit__(self, *exc):
-        self._grad.__exit__(*exc)
-        self._guard.__exit__(*exc)
+    return kw
 
 
 # ----------------------------------------------------------------------------------- attention
-@torch.library.custom_op("lincomp::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Optional[float] = None,
-              g: Optional[Tensor] = None, feature_weight_q: Optional[Tensor] = None,
-              feature_weight_k: Optional[Tensor] = None, sink_logits: Optional[Tensor] = None,
-              window_gamma: Optional[Tensor] = None, alpha: Optional[Tensor] = None,
-              key_padding_mask: Optional[Tensor] = None, target: str = "auto", fallback: str = "warn",
-              hints_json: str = "") -> Tensor:
+# ``lincomp::attention`` is what graphs and linearised models call. It is CompositeImplicitAutograd: it
+# is ``lincomp::attention_forward(...)[0]``, and autograd (eager or AOTAutograd) differentiates that op,
+# whose extra outputs are what the kernel's backward needs (the window kernels' log-sum-exp, the linear
+# kernels' states and normalisers). Training runs each forward once; the backward op runs only the
+# backward kernels. Kernels without a backward of their own (TVM, the reference, or a call that fell back)
+# save nothing, and their gradient is the reference's (torch.func.vjp), which evaluates the reference
+# once more inside the backward.
+torch.library.define(
+    "lincomp::attention",
+    "(Tensor q, Tensor k, Tensor v, str spec_json, float? scale=None, Tensor? g=None, Tensor? feature_weight_q=None, "
+    "Tensor? feature_weight_k=None, Tensor? sink_logits=None, Tensor? window_gamma=None, Tensor? alpha=None, "
+    "Tensor? key_padding_mask=None, str target='auto', str fallback='warn', str hints_json='') -> Tensor")
+
+
+@torch.library.impl("lincomp::attention", "CompositeImplicitAutograd")
+def _attention(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, feature_weight_k=None, sink_logits=None,
+               window_gamma=None, alpha=None, key_padding_mask=None, target="auto", fallback="warn", hints_json=""):
     """o [B, H, L, Dv] = the spec's attention of q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv]."""
-    kernel = get_kernel(spec_json, target, fallback, hints_json)
+    return torch.ops.lincomp.attention_forward(q, k, v, spec_json, scale, g, feature_weight_q, feature_weight_k,
+                                               sink_logits, window_gamma, alpha, key_padding_mask, target, fallback,
+                                               hints_json)[0]
+
+
+attention = torch.ops.lincomp.attention
+
+
+@torch.library.custom_op("lincomp::attention_forward", mutates_args=())
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Optional[float] = None,
+                      g: Optional[Tensor] = None, feature_weight_q: Optional[Tensor] = None,
+                      feature_weight_k: Optional[Tensor] = None, sink_logits: Optional[Tensor] = None,
+                      window_gamma: Optional[Tensor] = None, alpha: Optional[Tensor] = None,
+                      key_padding_mask: Optional[Tensor] = None, target: str = "auto", fallback: str = "warn",
+                      hints_json: str = "") -> List[Tensor]:
+    """[o [B, H, L, Dv], own_backward (int32 [], 1: ``saved`` is the kernel's), *saved].
+
+    ``saved`` is ``Kernel.forward_saved``'s list (shapes from ``Kernel.saved_like``)."""
+    kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
-    o = _run(kernel, q, k, v, scale, tensors, key_padding_mask, fallback)
+    # compiled kernels want contiguous [B, H, L, D] (SDPA callers often pass views)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    kw = _kwargs(scale, tensors, key_padding_mask)
+    like = kernel.saved_like(q, k, v, **kw)
+    with _strict(fallback):
+        o, saved = kernel.forward_saved(q, k, v, **kw)
+    own = saved is not None
+    if not own:   # the reference ran: the saved slots stay as promised, unused
+        saved = [torch.empty_like(t) for t in like]
     # Contiguous, as the fake implementation promises; a custom op's output may not alias an input.
     o = o.contiguous()
-    return o.clone() if o is q or o is k or o is v else o
+    o = o.clone() if o is q or o is k or o is v else o
+    return [o, torch.tensor(int(own), dtype=torch.int32), *[t.contiguous() for t in saved]]
 
 
-@attention.register_fake
-def _attention_fake(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, feature_weight_k=None,
-                    sink_logits=None, window_gamma=None, alpha=None, key_padding_mask=None, target="auto",
-                    fallback="warn", hints_json=""):
+@attention_forward.register_fake
+def _attention_forward_fake(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, feature_weight_k=None,
+                            sink_logits=None, window_gamma=None, alpha=None, key_padding_mask=None, target="auto",
+                            fallback="warn", hints_json=""):
     # Shape arithmetic only: symbolic B / L stay symbolic (no recompile for a new length).
-    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+    kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
+    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
+    saved = kernel.saved_like(q, k, v, **_kwargs(scale, tensors, key_padding_mask))
+    o = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+    return [o, torch.empty((), dtype=torch.int32, device="cpu"), *[t.new_empty(t.shape) for t in saved]]
 
 
 @torch.library.custom_op("lincomp::attention_backward", mutates_args=())
-def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, spec_json: str,
-                       scale: Optional[float] = None, g: Optional[Tensor] = None,
+def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved: List[Tensor], q: Tensor, k: Tensor,
+                       v: Tensor, spec_json: str, scale: Optional[float] = None, g: Optional[Tensor] = None,
                        feature_weight_q: Optional[Tensor] = None, feature_weight_k: Optional[Tensor] = None,
                        sink_logits: Optional[Tensor] = None, window_gamma: Optional[Tensor] = None,
                        alpha: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                        target: str = "auto", fallback: str = "warn", hints_json: str = "") -> List[Tensor]:
     """[dq, dk, dv] + the gradient of each given float tensor (order of WEIGHT_NAMES, absent ones skipped)."""
-    kernel = get_kernel(spec_json, target, fallback, hints_json)
-    if not is_differentiable(kernel, q.device):
-        kernel = ReferenceKernel(spec_from_json(spec_json))
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v, *tensors.values())]
-    with _autograd_on():
-        lq, lk, lv, *rest = leaves
-        o = _run(kernel, lq, lk, lv, scale, dict(zip(tensors, rest)), key_padding_mask, fallback)
-        grads = torch.autograd.grad(o, leaves, grad_out, allow_unused=True)
-    return [x.new_zeros(x.shape) if d is None else d.to(x.dtype).contiguous() for x, d in zip(leaves, grads)]
+    names = ("q", "k", "v", *tensors)
+    inputs = (q, k, v, *tensors.values())
+    if int(own_backward) == 1:
+        kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
+        grads = kernel.backward_saved(grad_out, o, list(saved), q, k, v, **_kwargs(scale, tensors, key_padding_mask))
+        grads = [grads.get(n) for n in names]
+    else:
+        spec = spec_from_json(spec_json)
+
+        def run(q, k, v, *weights):
+            return reference(spec, q, k, v, **_kwargs(scale, dict(zip(tensors, weights)), key_padding_mask))
+        _, vjp = torch.func.vjp(run, *inputs)
+        grads = vjp(grad_out.to(o.dtype))
+    return [x.new_zeros(x.shape) if d is None else d.to(x.dtype).contiguous() for x, d in zip(inputs, grads)]
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad_out, q, k, v, spec_json, scale=None, g=None, feature_weight_q=None,
-                             feature_weight_k=None, sink_logits=None, window_gamma=None, alpha=None,
-                             key_padding_mask=None, target="auto", fallback="warn", hints_json=""):
+def _attention_backward_fake(grad_out, o, own_backward, saved, q, k, v, spec_json, scale=None, g=None,
+                             feature_weight_q=None, feature_weight_k=None, sink_logits=None, window_gamma=None,
+                             alpha=None, key_padding_mask=None, target="auto", fallback="warn", hints_json=""):
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
     return [t.new_empty(t.shape) for t in (q, k, v, *tensors.values())]   # contiguous, like the real one
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target, fallback, hints_json) = inputs
-    ctx.save_for_backward(q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm)
+    o, own, *saved = output
+    ctx.n_saved = len(saved)
+    ctx.save_for_backward(q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, o, own, *saved)
     ctx.args = (spec_json, scale, target, fallback, hints_json)
 
 
-def _backward(ctx, grad_out):
-    q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm = ctx.saved_tensors
+def _backward(ctx, grads):
+    grad_out = grads[0]
+    q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, o, own, *saved = ctx.saved_tensors
     spec_json, scale, target, fallback, hints_json = ctx.args
-    grads = torch.ops.lincomp.attention_backward(
-        grad_out.contiguous(), q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target,
-        fallback, hints_json)
-    dq, dk, dv, *rest = grads
+    if grad_out is None:
+        grad_out = torch.zeros_like(o)
+    out = torch.ops.lincomp.attention_backward(
+        grad_out.contiguous(), o, own, saved, q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm,
+        target, fallback, hints_json)
+    dq, dk, dv, *rest = out
     weights = (g, fwq, fwk, sinks, gamma, alpha)
     it = iter(rest)
     dweights = [None if w is None else next(it) for w in weights]
-    return (dq, dk, dv, None, None, *dweights, None, None, None, None)
+    out = (dq, dk, dv, None, None, *dweights, None, None, None, None)
+    # one gradient per argument actually passed: the dispatcher drops trailing arguments left at their default
+    return out[:len(ctx.needs_input_grad)]
 
 
-attention.register_autograd(_backward, setup_context=_setup_context)
+def _backward_wrapper(ctx, *grads):
+    # grads arrive as one list (the op returns List[Tensor]) or as separate tensors, by torch version
+    if len(grads) == 1 and isinstance(grads[0], (list, tuple)):
+        grads = tuple(grads[0])
+    return _backward(ctx, grads)
+
+
+attention_forward.register_autograd(_backward_wrapper, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------- key padding mask
@@ -272,5 +324,6 @@ def _key_padding_mask_fake(mask, causal, check=True):
     return mask.new_empty((mask.shape[0], mask.shape[-1]), dtype=torch.bool)
 
 
-__all__ = ["attention", "attention_backward", "key_padding_mask", "get_kernel", "spec_to_json", "spec_from_json",
+__all__ = ["attention", "attention_forward", "attention_backward", "key_padding_mask", "get_kernel", "spec_to_json",
+           "spec_from_json",
            "clear_kernel_cache", "is_differentiable", "TARGETS", "FALLBACKS", "WEIGHT_NAMES"]

@@ -1,4 +1,8 @@
-"""``lincomp.tune``: autotune a spec's kernels on this device for a set of shapes."""
+"""``lincomp.tune`` and ``lincomp tune SPEC``: autotune a spec's kernels on this device for a set of shapes.
+
+It compiles kernels, so it sits above ``lincomp.compiler``; ``lincomp.tuning`` (the database, the
+search and the config chooser the kernels read) stays below the lowerings.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ from typing import Iterable, Optional
 
 import torch
 
+from lincomp.compiler import compile as compile_kernel
 from lincomp.spec import AttentionSpec
+from lincomp.testing import random_inputs
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -28,9 +34,6 @@ def tune(spec, target: str = "auto", *, lengths: Iterable[int] = (4096,), batch:
     ``target="auto"``: Triton on a CUDA device, TVM on the CPU. A key already in the database costs no
     tuning work (``force=True`` re-tunes). Returns summary rows (dicts) for printing.
     """
-    from lincomp.compiler import compile as compile_kernel
-    from lincomp.testing import random_inputs
-
     spec = AttentionSpec.coerce(spec)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     kernel = compile_kernel(spec, target)
@@ -64,3 +67,46 @@ def format_rows(rows: list) -> str:
         lines.append(f"{r['target']:8} {r['kernel']:16} {r['L']:>7} {t:>9} {r['candidates']:>5} "
                      f"{'yes' if r['cached'] else 'no':>6}  {cfg}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ lincomp tune SPEC
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tune", help="autotune a spec's kernels on this device into the tuning database",
+        description="Time each kernel's config space for SPEC on this device and store the fastest in the "
+                    "tuning database (keyed by device name, spec, dtype and length bucket). A key already "
+                    "stored costs no work; --force re-tunes.")
+    p.add_argument("spec", help="a preset name (clear-r8, lizard, lolcats, gla-vector, ...) or a spec JSON file")
+    p.add_argument("--length", "-L", type=int, action="append", help="sequence length (repeatable; default 4096)")
+    p.add_argument("--target", default="auto", choices=["auto", "triton", "tvm"])
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--dim", type=int, default=64, help="head dim D")
+    p.add_argument("--force", action="store_true", help="re-tune even when the database has the key")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import torch
+
+    from lincomp.presets import resolve
+
+    spec = resolve(args.spec)
+    gpu = torch.cuda.is_available() and args.target != "tvm"
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    rows = tune(spec, args.target, lengths=args.length or [4096], batch=args.batch, heads=args.heads,
+                kv_heads=args.kv_heads, head_dim=args.dim, dtype=dtype, force=args.force,
+                device="cuda" if gpu else "cpu")
+    print(format_rows(rows))
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="lincomp")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["tune", *(argv or [])])
+    return args.func(args)

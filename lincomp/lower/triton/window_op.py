@@ -2,8 +2,9 @@
 
 The ops are opaque to torch.compile (fake implementations give the output shapes; autograd is
 registered), so a model calling them compiles without graph breaks. Their implementations launch
-the generated Triton kernels of ``lincomp.lower.triton.window`` (compiled on CUDA, or the interpreter
-with TRITON_INTERPRET=1; ``wrap_triton`` does not accept interpreted kernels, a custom op does).
+the generated Triton kernels through ``lincomp.lower.triton.window_launch`` (compiled on CUDA, or the
+interpreter with TRITON_INTERPRET=1; ``wrap_triton`` does not accept interpreted kernels, a custom op
+does). The op layer of the window family: it sits above the launchers and below ``window_kernel``.
 
 Arguments besides tensors are strings / floats so the schema stays simple: ``spec`` is the spec's
 canonical JSON, ``options`` a JSON dict {"autotune": bool, "tf32": bool, optional fixed
@@ -19,12 +20,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lincomp.lower.triton import window_launch as W
+from lincomp.spec import AttentionSpec
+
 DEFAULT_OPTIONS = ""   # "": no autotuning, no tf32, configs from the tuning db or the heuristic
 
 
 @functools.lru_cache(maxsize=256)
 def _spec(spec_json: str):
-    from lincomp.spec import AttentionSpec
     return AttentionSpec.from_json(spec_json)
 
 
@@ -42,14 +45,12 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, sink_logits: Optional[Tens
     q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv]; sink_logits [H, m]; key_padding_mask [B, L] bool.
     Inputs are assumed validated (``lincomp.inputs.bind``).
     """
-    from lincomp.lower.triton import window as W
-
     sp, opts = _spec(spec), _options(options)
     tf32 = bool(opts.get("tf32"))
     cfg = opts.get("window_fwd")
     if cfg is None:
         cfg = W.choose_config("window_fwd", sp, q, v, autotune=bool(opts.get("autotune")),
-                              runner=W.fwd_runner(sp, q, k, v, sink_logits, key_padding_mask, scale, tf32))
+                              runner=W.fwd_runner(sp, q, k, v, sink_logits, key_padding_mask, scale, tf32)).params
     return W.window_forward(sp, q, k, v, sink_logits, key_padding_mask, scale, cfg, tf32)
 
 
@@ -65,15 +66,13 @@ def window_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Te
                               key_padding_mask: Optional[Tensor], spec: str, scale: float,
                               options: str = DEFAULT_OPTIONS) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d sink_logits) — the last is an empty tensor when the spec has no sinks."""
-    from lincomp.lower.triton import window as W
-
     sp, opts = _spec(spec), _options(options)
     tf32 = bool(opts.get("tf32"))
     cfg = opts.get("window_bwd")
     if cfg is None:
         cfg = W.choose_config("window_bwd", sp, q, v, autotune=bool(opts.get("autotune")),
                               runner=W.bwd_runner(sp, do, q, k, v, o, lse, dlse, sink_logits, key_padding_mask,
-                                                  scale, tf32))
+                                                  scale, tf32)).params
     dq, dk, dv, dsink = W.window_backward(sp, do, q, k, v, o, lse, dlse, sink_logits, key_padding_mask, scale,
                                           cfg, tf32)
     return dq, dk, dv, (dsink if dsink is not None else q.new_empty(0))

@@ -1,7 +1,7 @@
 """Torch custom ops for the generated linear / hybrid Triton kernels (fake + autograd).
 
 ``lincomp::linear_fwd`` and ``lincomp::linear_bwd`` are ``torch.library.custom_op``s whose
-implementations launch the generated kernels (``lincomp.lower.triton.linear``): they work on CUDA
+implementations launch the generated kernels (``lincomp.lower.triton.linear_launch``): they work on CUDA
 tensors and, under TRITON_INTERPRET=1, on CPU tensors (``wrap_triton`` / ``triton_op`` do not accept
 interpreted kernels). Fake implementations give torch.compile the output shapes; the forward is
 differentiable through ``register_autograd``.
@@ -17,14 +17,16 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from lincomp.lower.triton.linear import LinearPlan
+from lincomp.lower.triton.linear_launch import run_backward, run_forward
+from lincomp.spec import AttentionSpec
+
 _SPECS: dict = {}
 
 
 def _plan(spec_json: str):
     plan = _SPECS.get(spec_json)
     if plan is None:
-        from lincomp.lower.triton.linear import LinearPlan
-        from lincomp.spec import AttentionSpec
         plan = LinearPlan.from_spec(AttentionSpec.from_dict(json.loads(spec_json)))
         _SPECS[spec_json] = plan
     return plan
@@ -44,7 +46,6 @@ def linear_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], wq: Optiona
                spec: str, config: str, scale: float, linear_scale: float, want_state: bool,
                want_aux: bool) -> List[Tensor]:
     """[o, S_L, z_L, den, shift, o_window, argmax] (empty tensors where absent); see run_forward."""
-    from lincomp.lower.triton.linear import run_forward
     cfg = json.loads(config)["fwd"]
     return run_forward(_plan(spec), cfg, q, k, v, g, wq, wk, sinks, coef, S0, z0, scale, linear_scale,
                        want_state, want_aux)
@@ -77,7 +78,6 @@ def linear_bwd(do: Tensor, dSL: Optional[Tensor], dzL: Optional[Tensor], q: Tens
                ow: Optional[Tensor], argm: Optional[Tensor], spec: str, config: str, scale: float,
                linear_scale: float) -> List[Tensor]:
     """[dq, dk, dv, dg, dwq, dwk, dsinks, dcoef, dS0, dz0] (empty tensors where absent)."""
-    from lincomp.lower.triton.linear import run_backward
     cfg = json.loads(config)["bwd"]
     grads = run_backward(_plan(spec), cfg, do, dSL, dzL, q, k, v, g, wq, wk, sinks, coef, S0, z0, o, SL, zL,
                          den, shift, ow, argm, scale, linear_scale)
@@ -138,10 +138,11 @@ torch.library.register_autograd("lincomp::linear_fwd", _backward_wrapper, setup_
 
 
 def linear_attention(q, k, v, g, wq, wk, sinks, coef, S0, z0, *, spec: str, config: str, scale: float,
-                     linear_scale: float, want_state: bool = False) -> List[Tensor]:
-    """Call the forward op, keeping what the backward needs when a gradient can flow."""
+                     linear_scale: float, want_state: bool = False, want_aux: Optional[bool] = None) -> List[Tensor]:
+    """Call the forward op, keeping what the backward needs (``want_aux``; default: when a gradient can flow)."""
     tensors = (q, k, v, g, wq, wk, sinks, coef, S0, z0)
-    want_aux = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if want_aux is None:
+        want_aux = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return torch.ops.lincomp.linear_fwd(q, k, v, g, wq, wk, sinks, coef, S0, z0, spec, config, float(scale),
                                         float(linear_scale), bool(want_state), bool(want_aux))
 

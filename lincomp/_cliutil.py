@@ -1,0 +1,24 @@
+"""Running one ``lincomp`` subcommand module on its own (``python -m lincomp.ir.explain ...``).
+
+A bottom-layer helper, so subcommand modules in any layer can use it without importing ``lincomp.cli``
+(which imports every subcommand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def run_standalone(name: str, register, argv=None, implied=None) -> int:
+    """Run one subcommand module as ``python -m`` would: ``argv`` without the leading ``name`` is fine.
+
+    ``implied``: first words that mean the subcommand name was left out (default: any but ``name``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] != name and (implied is None or argv[0] in implied)):
+        argv.insert(0, name)
+    parser = argparse.ArgumentParser(prog="lincomp")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
