@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lincomp.models.distill_cli import benchmark_main  # noqa: E402
+from _distill_report import benchmark_main  # noqa: E402  (benchmarks/_distill_report.py)
 
 if __name__ == "__main__":
     sys.exit(benchmark_main("causal_lm"))

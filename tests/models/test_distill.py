@@ -348,7 +348,9 @@ def test_measured_decode_memory_is_flat(llama):
 
 
 def test_causal_lm_recipe_end_to_end(tmp_path):
-    from lincomp.models.distill_cli import results_markdown, run_causal_lm
+    from lincomp.models.distill_cli import run_causal_lm
+    report = _distill_report()
+    results_markdown, benchmark_main = report.results_markdown, report.benchmark_main
     r = run_causal_lm(window=8, sinks=2, feature_dim=8, teacher_steps=2, steps=2, finetune_steps=1, batch_size=2,
                       seq_len=64, eval_windows_n=2, out_dir=str(tmp_path), progress=False, memory_contexts=(64,),
                       measure_contexts=(32,), log=lambda msg: None)
@@ -359,7 +361,6 @@ def test_causal_lm_recipe_end_to_end(tmp_path):
     md = results_markdown(r)
     assert "student / teacher" in md and "measured" in md
     # The benchmark's --table-only rebuilds the committed table from results.json without training again.
-    from lincomp.models.distill_cli import benchmark_main
     before = (tmp_path / "results.json").stat().st_mtime_ns
     table = tmp_path / "table.md"
     assert benchmark_main("causal_lm", ["--table-only", "--out", str(tmp_path), "--compare", str(tmp_path),
@@ -370,3 +371,14 @@ def test_causal_lm_recipe_end_to_end(tmp_path):
     assert (tmp_path / "results.json").stat().st_mtime_ns == before
     with pytest.raises(SystemExit, match="does not exist"):
         benchmark_main("causal_lm", ["--table-only", "--out", str(tmp_path / "missing")])
+
+
+def _distill_report():
+    """benchmarks/_distill_report.py (the recipes' table writers live with the benchmarks, not the package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "_distill_report.py"
+    spec = importlib.util.spec_from_file_location("lincomp_distill_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
