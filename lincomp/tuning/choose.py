@@ -25,6 +25,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from lincomp.tuning.db import TuningDB, dtype_name, shape_bucket
+from lincomp.tuning.device import resolve_device_name
+
 SOURCES = ("fixed", "db", "nearest", "tuned", "default")
 
 
@@ -54,9 +57,6 @@ def choose(backend: str, kernel: str, spec: Any, dtype: Any, dims: Mapping[str, 
     check / complete params (ValueError: reject); ``tune()``: measure and store, returning the best params
     (only called when the database has nothing); ``db``: a TuningDB (default: the user's + the shipped one).
     """
-    from lincomp.tuning.db import TuningDB, dtype_name, shape_bucket
-    from lincomp.tuning.device import resolve_device_name
-
     dev = resolve_device_name(device)
     key = {"backend": backend, "kernel": kernel, "device": dev, "dtype": dtype_name(dtype),
            "bucket": shape_bucket(**dims)}

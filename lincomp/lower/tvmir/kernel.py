@@ -206,6 +206,10 @@ class TVMKernel(Kernel):
         self._prepare(call)
         sizes = Sizes.of(call)
         choices = self._choices_for(sizes, call.L)
+        if self.hints.get("autotune") and any(c.source == "default" for c in choices.values()):
+            # on-first-use tuning (hint autotune=True): only where the database had nothing for this bucket
+            self.tune(q, k, v, progress=False, **tensors)
+            choices = self._choices_for(sizes, call.L)
         o, state = self._run(call, sizes, {p: c.params for p, c in choices.items()})
         self.config = {KERNEL_NAMES[p]: c.as_dict() for p, c in choices.items()}
         if out_dtype != torch.float32:
@@ -463,5 +467,6 @@ def _empty(shape) -> torch.Tensor:
 
 
 def compile_tvm(spec, **hints) -> TVMKernel:
-    """``lincomp.compile(spec, target="tvm")``: hints ``config={"window": {...}, "linear": {...}}``, ``db``."""
+    """``lincomp.compile(spec, target="tvm")``: hints ``config={"window": {...}, "linear": {...}}``, ``db``,
+    ``autotune`` (default False; True: a bucket the database has nothing for is tuned at its first call)."""
     return TVMKernel(AttentionSpec.coerce(spec), **hints)
