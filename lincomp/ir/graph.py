@@ -18,7 +18,7 @@ into a spec by :func:`graph_to_spec`, and printed by :func:`format_ir`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import networkx as nx
 
@@ -366,17 +366,3 @@ def copy_graph(graph: nx.DiGraph) -> nx.DiGraph:
     return h
 
 
-def required_tensors(spec: AttentionSpec) -> Iterable[str]:
-    """Keyword tensors (SEMANTICS.md names) a call of ``spec`` must pass."""
-    lin = spec.linear
-    if lin is not None and lin.gate is not None:
-        yield "g"
-    if lin is not None and lin.has_weights:
-        yield "feature_weight_q"
-        yield "feature_weight_k"
-    if spec.sinks:
-        yield "sink_logits"
-    if spec.combine == "shared":
-        yield "window_gamma"
-    if spec.combine == "sum":
-        yield "alpha"

@@ -15,7 +15,8 @@ import networkx as nx
 from lincomp.ir import cost as _cost
 from lincomp.ir.blocks import BlockPlan, block_plan
 from lincomp.ir.graph import (OPS, build_graph, connect, copy_graph, derive_sizes, format_ir, graph_to_spec,
-                              in_wires, nodes_by_op, required_tensors, topo_order)
+                              in_wires, nodes_by_op, topo_order)
+from lincomp.ir.tensors import required_tensors
 from lincomp.spec import FEATURE_MAPS, HEDGEHOG_MAPS, AttentionSpec, GridWindow, Window1D
 
 WINDOW_ALGORITHMS = ("decode", "quadratic", "flash", "block_sparse")
