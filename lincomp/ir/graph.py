@@ -296,7 +296,9 @@ def _fmt_param(value) -> str:
     if isinstance(value, TerracedWindow):
         return f"terraced(block={value.block})"
     if isinstance(value, GridWindow):
-        return f"{value.kind}({'x'.join(map(str, value.grid))}, {value.shape} r={value.radius})"
+        shape = (f"tile {'x'.join(map(str, value.tile))} kernel {'x'.join(map(str, value.kernel))}"
+                 if value.shape == "tile" else f"{value.shape} r={value.radius}")
+        return f"{value.kind}({'x'.join(map(str, value.grid))}, {shape})"
     if isinstance(value, LinearBranch):
         return (f"{value.feature_map}{'' if value.feature_dim is None else f'/{value.feature_dim}'}"
                 f"{', gate=' + value.gate if value.gate else ''}{', normalize' if value.normalize else ''}")

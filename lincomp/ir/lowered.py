@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from lincomp.ir import rule as _rule
 from lincomp.ir.blocks import BlockPlan, block_plan
 from lincomp.ir.tensors import optional_tensors, required_tensors
-from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
+from lincomp.spec import AttentionSpec, TerracedWindow, Window1D
 
 HYBRID_ALGORITHMS = ("fused", "separate")
 TARGETS = ("triton", "tvm")

@@ -17,18 +17,24 @@ which never imports this module, and its interval test in ``lincomp.ir.blocks``)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Tuple
 
 from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
 
-# op -> (arity, python/triton infix, TVMScript infix or function)
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "mod": "%", "lt": "<", "le": "<=", "eq": "==",
-          "and": "&", "or": "|"}
-_TVM = {"floordiv": "T.floordiv", "mod": "T.floormod", "min": "T.min", "max": "T.max", "abs": "T.abs",
-        "and": " and ", "or": " or "}
-_BOOL_OPS = ("lt", "le", "eq", "and", "or")
+# Infix spelling, and precedence (higher binds tighter) in Python / Triton, where comparisons bind looser
+# than & and |, and in TVMScript, where "and" / "or" bind looser than comparisons.
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "mod": "%", "lt": "<", "le": "<=", "ge": ">=",
+          "eq": "==", "and": "&", "or": "|"}
+_PREC_PY = {"lt": 1, "le": 1, "ge": 1, "eq": 1, "or": 2, "and": 3, "add": 4, "sub": 4, "mul": 5, "floordiv": 5,
+            "mod": 5}
+_CALLS_TVM = {"floordiv": "T.floordiv", "mod": "T.floormod", "min": "T.min", "max": "T.max", "abs": "T.abs"}
+_PREC_TVM = {**{k: v for k, v in _PREC_PY.items() if k not in _CALLS_TVM}, "or": 0, "and": 0.5}
+_SPELL_TVM = {**_INFIX, "and": "and", "or": "or"}
+_CALLS_TRITON = {"min": "tl.minimum", "max": "tl.maximum", "abs": "tl.abs"}
+_COMPARE = ("lt", "le", "ge", "eq")
+_ASSOCIATIVE = ("and", "or", "add", "mul")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class Expr:
 
     op: str
     args: tuple
+    label: str = field(default="", compare=False)   # a name for generated code (e.g. "dy"); not part of the math
 
     # -- building (ints on either side become constants) -----------------------------------------
     def _bin(self, op, other, swap=False):
@@ -52,8 +59,7 @@ class Expr:
     def __mod__(self, o): return self._bin("mod", o)
     def __lt__(self, o): return self._bin("lt", o)
     def __le__(self, o): return self._bin("le", o)
-    def __gt__(self, o): return self._bin("lt", o, True)
-    def __ge__(self, o): return self._bin("le", o, True)
+    def __ge__(self, o): return self._bin("ge", o)
     def __and__(self, o): return self._bin("and", o)
     def __or__(self, o): return self._bin("or", o)
 
@@ -71,6 +77,11 @@ class Expr:
         if self.op == "const":
             return frozenset()
         return frozenset().union(*(a.sides() for a in self.args))
+
+
+def named(e: Expr, label: str) -> Expr:
+    """``e`` with a name the text printers give its line when it gets one."""
+    return replace(e, label=label) if e.op not in ("var", "const") else e
 
 
 def var(name: str) -> Expr:
@@ -97,6 +108,9 @@ def node(op: str, *args: Expr) -> Expr:
                 return b
     if op in ("floordiv", "mul") and vals[1] == 1:
         return args[0]
+    if op == "floordiv" and args[0].op == "floordiv" and args[0].args[1].op == "const" and vals[1] is not None \
+            and vals[1] > 0 and args[0].args[1].value > 0:   # (x // a) // b == x // (a b)
+        return node("floordiv", args[0].args[0], const(args[0].args[1].value * vals[1]))
     if op in ("add", "sub") and vals[1] == 0:
         return args[0]
     return Expr(op, tuple(args))
@@ -136,6 +150,9 @@ I, J = var("i"), var("j")   # query / key token index (original order, prefix in
 
 
 # ================================================================================= window rules
+AXES = ("f", "y", "x")   # names of the grid axes in generated code (frames, rows, cols)
+
+
 def grid_coord(p: Expr, grid: Tuple[int, ...], axis: int) -> Expr:
     """Coordinate of (body) position ``p`` along ``axis`` of a row-major grid."""
     stride = math.prod(grid[axis + 1:])
@@ -144,7 +161,7 @@ def grid_coord(p: Expr, grid: Tuple[int, ...], axis: int) -> Expr:
 
 
 def _rule_1d(w: Window1D, causal: bool, prefix: int) -> Tuple[Expr, bool]:
-    d = I - J   # i - j; the prefix shift cancels
+    d = named(I - J, "d")   # i - j; the prefix shift cancels
     lower = -w.right
     if causal and not prefix:   # causal is d >= 0 itself: one test fewer per pair
         return (d <= w.left) & (d >= max(lower, 0)), True
@@ -153,22 +170,24 @@ def _rule_1d(w: Window1D, causal: bool, prefix: int) -> Tuple[Expr, bool]:
 
 def _rule_terraced(w: TerracedWindow, ip: Expr, jp: Expr, prefix: int) -> Tuple[Expr, bool]:
     b = w.block
-    rule = (jp <= ip) & ((ip // b - jp // b) <= 1)   # with j <= i, block(j) <= block(i)
+    dblock = named(named(ip // b, "qb") - named(jp // b, "kb"), "dblock")
+    rule = (jp <= ip) & (dblock <= 1)   # with j <= i, block(j) <= block(i)
     return rule, not prefix   # j <= i is part of the rule: causal adds nothing without a prefix
 
 
 def _rule_grid(w: GridWindow, ip: Expr, jp: Expr) -> Expr:
     nd = len(w.grid)
-    qc = [grid_coord(ip, w.grid, a) for a in range(nd)]
-    kc = [grid_coord(jp, w.grid, a) for a in range(nd)]
+    axes = AXES[-nd:]
+    qc = [named(grid_coord(ip, w.grid, a), "q" + axes[a]) for a in range(nd)]
+    kc = [named(grid_coord(jp, w.grid, a), "k" + axes[a]) for a in range(nd)]
     if w.shape == "circle":
-        d = [a - b for a, b in zip(qc, kc)]
+        d = [named(a - b, "d" + x) for a, b, x in zip(qc, kc, axes)]
         total = d[0] * d[0]
         for x in d[1:]:
             total = total + x * x
         return total < w.radius * w.radius
     if w.shape == "square":
-        return all_of([absolute(a - b) <= w.radius for a, b in zip(qc, kc)])
+        return all_of([absolute(named(a - b, "d" + x)) <= w.radius for a, b, x in zip(qc, kc, axes)])
     if w.shape == "tile":
         terms = []
         for a, (t, k, g) in enumerate(zip(w.tile, w.kernel, w.grid)):
@@ -176,7 +195,8 @@ def _rule_grid(w: GridWindow, ip: Expr, jp: Expr) -> Expr:
             centre = qc[a] // t
             if h:   # the query's window shifts inside at borders (a kernel of 1 needs no clamp)
                 centre = clamp(centre, h, n_tiles - 1 - h)
-            terms.append(absolute(centre - kc[a] // t) <= h)
+            centre, key_tile = named(centre, "c" + axes[a]), named(kc[a] // t, "t" + axes[a])
+            terms.append(absolute(named(centre - key_tile, "d" + axes[a])) <= h if h else centre.eq(key_tile))
         return all_of(terms)
     raise ValueError(f"window.shape {w.shape!r} has no rule")
 
@@ -184,7 +204,7 @@ def _rule_grid(w: GridWindow, ip: Expr, jp: Expr) -> Expr:
 def window_rule(spec: AttentionSpec) -> Tuple[Optional[Expr], bool]:
     """(the window's own rule on I, J or None for no window, whether it already implies causality)."""
     w, n = spec.window, spec.prefix
-    ip, jp = I - n, J - n
+    ip, jp = named(I - n, "qp"), named(J - n, "kp")   # positions after the prefix
     if w is None:
         return None, False
     if isinstance(w, Window1D):
@@ -202,7 +222,7 @@ def visibility(spec: AttentionSpec) -> Expr:
     rule, implies_causal = window_rule(spec)
     vis = const(True) if rule is None else rule
     if rule is not None and spec.prefix:
-        vis = vis | (I < spec.prefix) | (J < spec.prefix)
+        vis = vis | named(I < spec.prefix, "qpre") | named(J < spec.prefix, "kpre")
     if spec.causal and not implies_causal:
         vis = vis & (J <= I)
     return vis
@@ -252,7 +272,7 @@ def evaluate(expr: Expr, env: Dict[str, object]):
             return a[0].clamp(max=a[1]) if e.op == "min" else a[0].clamp(min=a[1])
         x, y = a
         return {"add": lambda: x + y, "sub": lambda: x - y, "mul": lambda: x * y, "floordiv": lambda: x // y,
-                "mod": lambda: x % y, "lt": lambda: x < y, "le": lambda: x <= y, "eq": lambda: x == y,
+                "mod": lambda: x % y, "lt": lambda: x < y, "le": lambda: x <= y, "ge": lambda: x >= y, "eq": lambda: x == y,
                 "and": lambda: x & y, "or": lambda: x | y}[e.op]()
 
     return ev(expr)
@@ -282,42 +302,18 @@ def mask_mod(spec: AttentionSpec) -> Callable:
 
 
 # ================================================================================ text printers
-def _wrap(text: str) -> str:
-    """``text`` as one operand: names, numbers, calls and subscripts stay as they are, the rest gets
-    parentheses."""
-    head = text
-    for k, ch in enumerate(text):
-        if ch in "([":
-            head = text[:k]
-            break
-    atomic_head = head != "" and not head[0].isdigit() and all(c.isalnum() or c in "_." for c in head)
-    if head == text:
-        return text if text.lstrip("-").replace("_", "").replace(".", "").isalnum() and \
-            not text.startswith("-") else f"({text})"
-    if (atomic_head or head == "") and _balanced(text[len(head):]):
-        return text
-    return f"({text})"
-
-
-def _balanced(text: str) -> bool:
-    """True when ``text`` is a chain of bracket groups, e.g. ``(a, b)``, ``[i]`` or ``[i](x)``."""
-    depth = 0
-    for k, ch in enumerate(text):
-        depth += ch in "(["
-        depth -= ch in ")]"
-        if depth == 0 and k < len(text) - 1 and text[k + 1] not in "([":
-            return False
-    return depth == 0 and text[:1] in ("(", "[")
-
-
-_ASSOCIATIVE = ("and", "or", "add", "mul")
-
-
-def _operand(parent: Expr, child: Expr, text: str) -> str:
-    """``text`` of ``child`` inside ``parent``'s infix: a chain of one associative op needs no parentheses."""
-    if parent.op in _ASSOCIATIVE and child.op == parent.op and child is parent.args[0]:
-        return text
-    return _wrap(text)
+def _infix(e: Expr, texts: List[str], prec: Dict[str, float], spell: Dict[str, str] = _INFIX) -> str:
+    """``a op b`` with the parentheses ``prec`` needs (no chained comparisons; ``a - (b - c)`` kept)."""
+    p = prec[e.op]
+    out = []
+    for k, (child, text) in enumerate(zip(e.args, texts)):
+        cp = prec.get(child.op, 9)   # names, numbers and calls bind tightest
+        if child.op == "const" and str(text).startswith("-"):
+            cp = 6
+        tight = cp > p or (cp == p and ((k == 0 and e.op not in _COMPARE) or
+                                        (e.op == child.op and e.op in _ASSOCIATIVE)))
+        out.append(text if tight else f"({text})")
+    return f"{out[0]} {spell[e.op]} {out[1]}"
 
 
 def tvm_expr(expr: Expr, env: Dict[str, str]) -> str:
@@ -328,16 +324,18 @@ def tvm_expr(expr: Expr, env: Dict[str, str]) -> str:
         if e.op == "const":
             return str(e.args[0])
         a = [pr(x) for x in e.args]
-        if e.op == "abs":
-            return f"T.abs({a[0]})"
-        if e.op in ("floordiv", "mod", "min", "max"):
-            return f"{_TVM[e.op]}({a[0]}, {a[1]})"
-        x, y = _operand(e, e.args[0], a[0]), _wrap(a[1])
-        if e.op in ("and", "or"):
-            return f"{x}{_TVM[e.op]}{y}"
-        return f"{x} {_INFIX[e.op]} {y}"
+        if e.op in _CALLS_TVM:
+            return f"{_CALLS_TVM[e.op]}({', '.join(a)})"
+        return _infix(e, a, _PREC_TVM, _SPELL_TVM)
 
-    return pr(expr)
+    return pr(_unlabel(expr))
+
+
+def _unlabel(e: Expr) -> Expr:
+    """The same tree without labels (one-expression printers inline every subexpression)."""
+    if e.op in ("var", "const"):
+        return e
+    return Expr(e.op, tuple(_unlabel(a) for a in e.args))
 
 
 def triton_lines(expr: Expr, env: Dict[str, str], broadcast: Optional[Dict[str, str]] = None,
@@ -347,7 +345,8 @@ def triton_lines(expr: Expr, env: Dict[str, str], broadcast: Optional[Dict[str, 
     ``env`` maps "i" / "j" to vector names. With ``broadcast`` (e.g. {"i": "_rows({})", "j": "_cols({})"})
     the two sides are vectors: a subexpression of one side is computed on its vector, and wrapped by the
     side's format where it meets the other side. Without it, the names are already broadcast tensors.
-    A subexpression used twice, or a one-sided one meeting the other side, gets its own line.
+    A subexpression used twice, a one-sided one meeting the other side, or a labelled tile term gets its
+    own line (named by its label, else q0, k0, t0, ...).
     """
     uses: Dict[Expr, int] = {}
 
@@ -360,20 +359,20 @@ def triton_lines(expr: Expr, env: Dict[str, str], broadcast: Optional[Dict[str, 
     count(expr)
     lines: List[str] = []
     names: Dict[Expr, str] = {}
-    counter = {"q": 0, "k": 0, "t": 0}
+    taken = set(env.values()) | {out}
     side_tag = {frozenset({"i"}): "q", frozenset({"j"}): "k"}
 
-    def fresh(e: Expr) -> str:
-        tag = side_tag.get(e.sides(), "t")
-        counter[tag] += 1
-        return f"{tag}{counter[tag] - 1}"
-
-    def lift(e: Expr, text: str, parent_sides: frozenset) -> str:
-        """``text`` of one-sided ``e`` as the tile axis of its side, where the parent mixes sides."""
-        s = e.sides()
-        if broadcast is None or len(s) != 1 or len(parent_sides) < 2:
-            return text
-        return broadcast[next(iter(s))].format(text)
+    def assign(e: Expr, text: str) -> str:
+        name = e.label
+        if not name or name in taken:
+            tag, n = side_tag.get(e.sides(), "t"), 0
+            while f"{tag}{n}" in taken:
+                n += 1
+            name = f"{tag}{n}"
+        taken.add(name)
+        lines.append(f"{name} = {text}")
+        names[e] = name
+        return name
 
     def pr(e: Expr) -> str:
         if e in names:
@@ -383,35 +382,30 @@ def triton_lines(expr: Expr, env: Dict[str, str], broadcast: Optional[Dict[str, 
         if e.op == "const":
             return str(e.args[0])
         sides = e.sides()
-        parts = []
+        parts, kids = [], []
         for a in e.args:
             t = pr(a)
-            if broadcast is not None and len(a.sides()) == 1 and len(sides) == 2 and a.op not in ("var", "const") \
-                    and a not in names:
-                name = fresh(a)   # computed once on the vector, then broadcast
-                lines.append(f"{name} = {t}")
-                names[a] = name
-                t = name
-            parts.append(lift(a, t, sides))
-        if e.op == "abs":
-            text = f"tl.abs({parts[0]})"
-        elif e.op in ("min", "max"):
-            text = f"tl.{e.op}imum({parts[0]}, {parts[1]})"
+            meets = broadcast is not None and len(a.sides()) == 1 and len(sides) == 2
+            if meets and a.op not in ("var", "const") and a not in names:
+                t = assign(a, t)   # computed once on the vector, then broadcast
+            if meets:
+                t = broadcast[next(iter(a.sides()))].format(t)
+            parts.append(t)
+            kids.append(a if not (meets or a in names) else Expr("var", ("_",)))   # names print as atoms
+        if e.op in _CALLS_TRITON:
+            text = f"{_CALLS_TRITON[e.op]}({', '.join(parts)})"
         else:
-            text = f"{_operand(e, e.args[0], parts[0])} {_INFIX[e.op]} {_wrap(parts[1])}"
-        if uses.get(e, 0) > 1 and e is not expr:
-            name = fresh(e)
-            lines.append(f"{name} = {text}")
-            names[e] = name
-            return name
+            text = _infix(Expr(e.op, tuple(kids)), parts, _PREC_PY)
+        named_tile = broadcast is not None and e.label and len(sides) == 2   # e.g. dy: one line per tile term
+        if (uses.get(e, 0) > 1 or named_tile) and e is not expr:
+            return assign(e, text)
         return text
 
     if expr.op == "const":   # no window, not causal: a tile of one value
         i, j = (env[s] if broadcast is None else broadcast[s].format(env[s]) for s in ("i", "j"))
         lines.append(f"{out} = ({i} >= 0) | ({j} >= 0)" if expr.value else f"{out} = ({i} < 0) & ({j} < 0)")
         return lines
-    text = pr(expr)
     if broadcast is not None and len(expr.sides()) < 2:
         raise ValueError("a tile mask must depend on both the query and the key")
-    lines.append(f"{out} = {text}")
+    lines.append(f"{out} = {pr(expr)}")
     return lines
