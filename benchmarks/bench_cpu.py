@@ -64,6 +64,7 @@ import torch.nn.functional as Fn  # noqa: E402
 
 import lincomp  # noqa: E402
 from lincomp import presets  # noqa: E402
+from lincomp.ir import lower  # noqa: E402
 from lincomp.reference import window_mask  # noqa: E402
 from lincomp.spec import AttentionSpec  # noqa: E402
 from lincomp.testing import random_inputs, rel_err  # noqa: E402
@@ -100,8 +101,10 @@ def flex_sinks_peer(window: int, L: int, sink_logits):
     keys after the sequence with zero values, always visible, whose scores score_mod replaces."""
     m = sink_logits.shape[-1]
 
+    window_mod = lower(presets.sliding_window(window)).mask_mod()
+
     def mask_mod(b, h, q, kv):
-        return (kv >= L) | ((kv <= q) & (q - kv < window))
+        return (kv >= L) | window_mod(b, h, q, kv)
 
     def score_mod(score, b, h, q, kv):
         return torch.where(kv >= L, sink_logits[h, (kv - L).clamp(0, m - 1)], score)
@@ -112,23 +115,6 @@ def flex_sinks_peer(window: int, L: int, sink_logits):
         pad = q.new_zeros(q.shape[0], k.shape[1], m, q.shape[-1])
         return run(q, torch.cat([k, pad], 2), torch.cat([v, pad[..., :v.shape[-1]]], 2))
     return run_sinks, built
-
-
-def sliding_mask_mod(window: int):
-    def mask_mod(b, h, q, kv):
-        return (kv <= q) & (q - kv < window)
-    return mask_mod
-
-
-def clear_mask_mod(prefix: int, grid, radius: int):
-    Wg = grid[1]
-
-    def mask_mod(b, h, q, kv):
-        qi, ki = q - prefix, kv - prefix
-        dy = qi // Wg - ki // Wg
-        dx = qi % Wg - ki % Wg
-        return (q < prefix) | (kv < prefix) | (dy * dy + dx * dx < radius * radius)
-    return mask_mod
 
 
 def gla_chunked_torch(fq, fk, v, g, chunk: int = 64, normalize: bool = False, scale: float = 1.0):
@@ -250,7 +236,7 @@ class Bench:
         q, k, v = x["q"], x["k"], x["v"]
         pairs = window * L - window * (window - 1) // 2
         ours = self.ours(spec, x)
-        flex, built = flex_peer(sliding_mask_mod(window), L)
+        flex, built = flex_peer(lower(spec).mask_mod(), L)
         with torch.no_grad():
             o_flex = flex(q, k, v)
         peers = {"torch.compile(flex_attention)": lambda: flex(q, k, v),
@@ -267,7 +253,7 @@ class Bench:
         q, k, v = x["q"], x["k"], x["v"]
         pairs = int(window_mask(spec, L).sum())
         ours = self.ours(spec, x)
-        flex, built = flex_peer(clear_mask_mod(prefix, grid, radius), L)
+        flex, built = flex_peer(lower(spec).mask_mod(), L)
         with torch.no_grad():
             o_flex = flex(q, k, v)
         peers = {"torch.compile(flex_attention)": lambda: flex(q, k, v),

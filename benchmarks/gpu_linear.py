@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lincomp import presets  # noqa: E402
+from lincomp.ir import lower  # noqa: E402
 from lincomp.spec import AttentionSpec  # noqa: E402
 
 B_FULL, H_FULL, D_HEAD = 16, 32, 128
@@ -207,9 +208,7 @@ def _flex_window(B, H, L, w, dev):
     """(flex_attention compiled, block mask) for a causal sliding window of w keys."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    def sliding(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
-
+    sliding = lower(presets.sliding_window(w)).mask_mod()
     mask = create_block_mask(sliding, B=None, H=None, Q_LEN=L, KV_LEN=L, device=dev)
     return torch.compile(flex_attention, dynamic=False), mask
 

@@ -29,7 +29,9 @@ from typing import Callable, Optional
 
 import torch
 
-from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
+from lincomp.ir import lower
+from lincomp.ir.cost import count_visible_pairs
+from lincomp.spec import AttentionSpec, GridWindow, Window1D
 
 D_HEAD = 128
 # Per window the middle length first: it is the one tuned; the other lengths read its db entry.
@@ -43,68 +45,9 @@ BWD_FACTOR = 2.5   # backward = 2.5 x forward FLOPs (5 matmuls vs 2)
 
 
 # ======================================================================= analytic pair counting
-def _axis_counts(g: int, dmin: int, dmax: int):
-    """{d: positions p with p and p + d both in [0, g)} for d in [dmin, dmax]."""
-    return {d: max(0, g - abs(d)) for d in range(dmin, dmax + 1)}
-
-
-def body_pairs(spec: AttentionSpec, Lb: int) -> int:
-    """Visible (query, key) pairs among the ``Lb`` tokens after the prefix (window rule + causal)."""
-    w, causal = spec.window, spec.causal
-    if w is None:
-        return Lb * (Lb + 1) // 2 if causal else Lb * Lb
-    if isinstance(w, Window1D):
-        # d = i - j in [-right, left] (and d >= 0 when causal); Lb - |d| queries have a key at distance d
-        lo = 0 if causal else -w.right
-        lo = max(lo, -(Lb - 1))
-        hi = min(w.left, Lb - 1)
-        return sum(Lb - abs(d) for d in range(lo, hi + 1)) if hi >= lo else 0
-    if isinstance(w, TerracedWindow):
-        # query p sees keys from the start of the previous block up to p (causal is implied)
-        b = w.block
-        total = 0
-        for start in range(0, Lb, b):   # per block: rows start .. start+b-1
-            end = min(start + b, Lb)
-            first = max(0, start - b)
-            n = end - start
-            total += n * (start - first) + n * (n + 1) // 2
-        return total
-    assert isinstance(w, GridWindow)
-    r = w.radius
-    reach = r if w.shape == "square" else r - 1
-    nd = len(w.grid)
-    strides = [math.prod(w.grid[a + 1:]) for a in range(nd)]
-    per_axis = [_axis_counts(g, -min(reach, g - 1), min(reach, g - 1)) for g in w.grid]
-    total = 0
-
-    def rec(a, offs, prod):
-        nonlocal total
-        if prod == 0:
-            return
-        if a == nd:
-            if w.shape == "circle" and sum(d * d for d in offs) >= r * r:
-                return
-            if causal and sum(d * s for d, s in zip(offs, strides)) > 0:   # key after the query
-                return
-            total += prod
-            return
-        for d, c in per_axis[a].items():
-            rec(a + 1, offs + [d], prod * c)
-
-    rec(0, [], 1)
-    return total
-
-
 def useful_pairs(spec: AttentionSpec, L: int) -> int:
-    """|{(i, j) : j in W(i)}| of docs/semantics.md section 1, in O(window) time (no L x L mask)."""
-    spec = AttentionSpec.coerce(spec)
-    n = min(spec.prefix, L)
-    Lb = L - n
-    if spec.causal:
-        prefix = n * (n + 1) // 2 + Lb * n          # prefix rows: j <= i; body rows: every prefix key
-    else:
-        prefix = n * L + Lb * n                      # prefix rows: every key; body rows: prefix keys
-    return prefix + body_pairs(spec, Lb)
+    """|{(i, j) : j in W(i)}| in O(window) time (no L x L mask): the IR's exact count."""
+    return count_visible_pairs(spec, L)
 
 
 def flops(pairs: int, B: int, H: int, D: int, backward: bool) -> float:
@@ -187,24 +130,6 @@ def swa_spec(w: int) -> AttentionSpec:
 
 def clear_spec(r: int, g: int, prefix: int = 512) -> AttentionSpec:
     return AttentionSpec(window=GridWindow((g, g), r, "circle"), prefix=prefix, name=f"clear-r{r}")
-
-
-def _flex_masks():
-    """mask_mods reading window parameters from captured tensors (one compiled kernel per shape, not per
-    window size)."""
-    def swa(w_t):
-        def mask_mod(b, h, q, kv):
-            return (kv <= q) & (q - kv < w_t)
-        return mask_mod
-
-    def clear(n_t, wg_t, r2_t):
-        def mask_mod(b, h, q, kv):
-            qp, kp = q - n_t, kv - n_t
-            dy = qp // wg_t - kp // wg_t
-            dx = qp % wg_t - kp % wg_t
-            return (q < n_t) | (kv < n_t) | (dy * dy + dx * dx < r2_t)
-        return mask_mod
-    return swa, clear
 
 
 def _time_ms(fn: Callable, budget_s: float = 1.5, max_reps: int = 20) -> float:
@@ -384,16 +309,8 @@ def _peers() -> dict:
     peers = {}
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        swa, clear = _flex_masks()
-        dev = "cuda"
-
-        def mask_for(spec):
-            if isinstance(spec.window, Window1D):
-                return swa(torch.tensor(spec.window.left + 1, device=dev))
-            g = spec.window.grid
-            return clear(torch.tensor(spec.prefix, device=dev), torch.tensor(g[1], device=dev),
-                         torch.tensor(spec.window.radius ** 2, device=dev))
-        peers.update(flex=torch.compile(flex_attention), create_block_mask=create_block_mask, mask_for=mask_for)
+        peers.update(flex=torch.compile(flex_attention), create_block_mask=create_block_mask,
+                     mask_for=lambda spec: lower(spec).mask_mod())
     except Exception as e:  # an older torch: no FlexAttention
         peers["flex"] = None
         peers["flex_error"] = f"{type(e).__name__}: {e}"

@@ -1,9 +1,10 @@
-"""``lincomp.compile(spec, target)``: pick a backend, lower the spec, return a Kernel."""
+"""``lincomp.compile(spec, target)``: spec -> ``lincomp.ir.lower`` -> a backend -> a Kernel."""
 
 from __future__ import annotations
 
 import importlib
 
+from lincomp.ir.lowered import lower
 from lincomp.runtime.kernel import Kernel, ReferenceKernel, warn_fallback
 from lincomp.spec import AttentionSpec
 
@@ -58,6 +59,7 @@ def compile(spec, target: str = "auto", **hints) -> Kernel:
     "reference" (plain PyTorch), or "auto" (chosen per call from the tensors' device).
     """
     spec = AttentionSpec.coerce(spec)
+    lower(spec)   # the IR every backend below reads (rule, reach, algorithm): built once per spec key, cached
     if target not in TARGETS:
         raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
     if target == "auto":

@@ -266,15 +266,11 @@ def _flex(spec, device: str):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
         return None, f"FlexAttention is not in this torch ({e})"
-    w = spec.window
-    if w is None or w.kind != "1d":
-        return None, "the demo's Flex mask covers 1D windows only"
-    left, right, prefix = w.left, w.right, spec.prefix
+    from lincomp.ir import lower
+    if spec.window is None:
+        return None, "the spec has no window for FlexAttention to compute"
     compiled = torch.compile(flex_attention, dynamic=False)
-
-    def mask_mod(b, h, qi, ki):
-        body = (ki - qi <= right) & (qi - ki <= left)
-        return body | (qi < prefix) | (ki < prefix)
+    mask_mod = lower(spec).mask_mod()   # the IR's rule, the one every lincomp kernel prints
 
     def make(L, q, k, v):
         bm = create_block_mask(mask_mod, 1, 1, L, L, device=device)

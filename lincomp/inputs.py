@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from lincomp.ir.tensors import optional_tensors, required_tensors
 from lincomp.spec import AttentionSpec, GridWindow
 
 TENSOR_NAMES = ("g", "feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha",
@@ -163,21 +164,8 @@ def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_
     if linear_scale is None:
         linear_scale = D ** -0.5 if (lin is not None and lin.feature_map == "identity") else 1.0
 
-    needed = set()
-    if lin is not None:
-        if lin.gate is not None:
-            needed.add("g")
-        if lin.has_weights:
-            needed |= {"feature_weight_q", "feature_weight_k"}
-    if spec.sinks:
-        needed.add("sink_logits")
-    if spec.combine == "shared":
-        needed.add("window_gamma")
-    if spec.combine == "sum":
-        needed.add("alpha")
-    optional = {"key_padding_mask"}
-    if lin is not None and spec.causal:
-        optional.add("initial_state")
+    needed = set(required_tensors(spec))
+    optional = set(optional_tensors(spec))
     for name in needed:
         if tensors.get(name) is None:
             raise ValueError(f"{name} is required by this spec ({spec.summary()}) and was not given; "

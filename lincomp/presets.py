@@ -43,6 +43,22 @@ def sliding_window(window: int = 128, sinks: int = 0) -> AttentionSpec:
     return AttentionSpec(window=Window1D(window - 1, 0), causal=True, sinks=sinks, name=f"swa-{window}")
 
 
+def sta(grid=(8, 16, 16), tile=(2, 4, 4), kernel=(3, 3, 3), text_tokens: int = 0) -> AttentionSpec:
+    """Sliding Tile Attention (STA, arXiv 2502.04507) on a video latent grid (frames, rows, cols): each
+    query sees the ``kernel`` tiles around its own tile (shifted inside at borders); every tile pair is
+    all-visible or all-hidden, so a block plan aligned to the tiles has no partly visible block."""
+    return AttentionSpec(window=GridWindow(tuple(grid), shape="tile", tile=tuple(tile), kernel=tuple(kernel)),
+                         prefix=text_tokens, name="sta-" + "x".join(map(str, grid)))
+
+
+def natten(grid=(32, 32), kernel: int = 7) -> AttentionSpec:
+    """NATTEN neighbourhood attention (arXiv 2204.07143): a ``kernel`` x ``kernel`` token neighbourhood
+    that shifts inside at borders (sliding tiles of one token)."""
+    nd = len(grid)
+    return AttentionSpec(window=GridWindow(tuple(grid), shape="tile", tile=(1,) * nd, kernel=(kernel,) * nd),
+                         name=f"natten-k{kernel}")
+
+
 PAPER_SPECS = {
     "clear-r8": lambda: clear(8),
     "clear-r16": lambda: clear(16),
@@ -52,6 +68,8 @@ PAPER_SPECS = {
     "gla-vector": lambda: gla("vector"),
     "gla-scalar": lambda: gla("scalar"),
     "swa-128": lambda: sliding_window(128),
+    "sta-video": sta,
+    "natten-7": natten,
 }
 
 

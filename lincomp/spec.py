@@ -19,7 +19,7 @@ FEATURE_MAPS = ("identity", "elu1", "relu", "hedgehog", "hedgehog_exp")
 HEDGEHOG_MAPS = ("hedgehog", "hedgehog_exp")
 GATES = (None, "scalar", "vector")
 COMBINES = (None, "shared", "sum")
-SHAPES = ("circle", "square")
+SHAPES = ("circle", "square", "tile")
 
 _TOP_KEYS = ("window", "causal", "prefix", "sinks", "linear", "combine")
 _LINEAR_KEYS = ("feature_map", "feature_dim", "gate", "normalize", "chunk_size")
@@ -104,11 +104,17 @@ class TerracedWindow:
 
 @dataclass(frozen=True)
 class GridWindow:
-    """2D (rows, cols) or 3D (frames, rows, cols) neighbourhood on a row-major token grid."""
+    """2D (rows, cols) or 3D (frames, rows, cols) neighbourhood on a row-major token grid.
+
+    ``circle`` / ``square`` use ``radius``; ``tile`` (sliding tiles, STA; NATTEN when every tile is 1)
+    uses ``tile`` (tokens per tile on each axis) and ``kernel`` (odd number of tiles seen on each axis).
+    """
 
     grid: tuple
-    radius: int
+    radius: Optional[int] = None
     shape: str = "circle"
+    tile: Optional[tuple] = None
+    kernel: Optional[tuple] = None
 
     def __post_init__(self):
         if isinstance(self.grid, (str, bytes)) or not hasattr(self.grid, "__iter__"):
@@ -120,9 +126,43 @@ class GridWindow:
             _int(g, f"window.grid[{n}]", 1, "grid sizes are token counts per axis")
         object.__setattr__(self, "grid", grid)
         _choice(self.shape, "window.shape", SHAPES)
+        if self.shape == "tile":
+            self._check_tiles()
+            return
+        for name in ("tile", "kernel"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"window.{name} is only for shape 'tile'; remove it or set shape to 'tile'")
+        if self.radius is None:
+            raise ValueError(f"window.radius is required for a {self.shape} window, e.g. 8")
         # A circle of radius 0 is empty (dy^2 + dx^2 < 0 never holds): no query would see itself.
         _int(self.radius, "window.radius", 1 if self.shape == "circle" else 0,
              "a circle needs radius >= 1 (strict inequality), a square radius >= 0")
+
+    def _check_tiles(self) -> None:
+        nd = len(self.grid)
+        if self.radius is not None:
+            raise ValueError("window.radius is not used by shape 'tile' (the window is `kernel` tiles per axis); "
+                             "remove radius")
+        for name in ("tile", "kernel"):
+            v = getattr(self, name)
+            if v is None:
+                raise ValueError(f"window.{name} is required for shape 'tile', e.g. "
+                                 "{'kind': '3d', 'grid': [8, 16, 16], 'shape': 'tile', 'tile': [2, 4, 4], "
+                                 "'kernel': [3, 3, 3]}")
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or len(tuple(v)) != nd:
+                raise TypeError(f"window.{name} must be a list of {nd} ints (one per grid axis), got {v!r}")
+            object.__setattr__(self, name, tuple(v))
+        for a, (g, t, k) in enumerate(zip(self.grid, self.tile, self.kernel)):
+            _int(t, f"window.tile[{a}]", 1, "tokens per tile along that axis")
+            if g % t:
+                raise ValueError(f"window.tile[{a}]={t} does not divide window.grid[{a}]={g}; use a divisor of {g}")
+            _int(k, f"window.kernel[{a}]", 1, "the number of tiles a query sees along that axis (odd)")
+            if k % 2 == 0:
+                raise ValueError(f"window.kernel[{a}]={k} must be odd (the query's tile sits in the middle); "
+                                 f"use {k - 1} or {k + 1}")
+            if k > g // t:
+                raise ValueError(f"window.kernel[{a}]={k} is wider than the {g // t} tiles on axis {a} "
+                                 f"(grid {g} / tile {t}); use at most {g // t}")
 
     @property
     def kind(self) -> str:
@@ -133,15 +173,28 @@ class GridWindow:
         return math.prod(self.grid)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "grid": list(self.grid), "radius": self.radius, "shape": self.shape}
+        d = {"kind": self.kind, "grid": list(self.grid), "shape": self.shape}
+        if self.shape == "tile":
+            d.update(tile=list(self.tile), kernel=list(self.kernel))
+        else:
+            d["radius"] = self.radius
+        return d
+
+    def axis_reach(self) -> tuple:
+        """Per axis, the largest |y_a(i) - y_a(j)| of a visible pair (grid coordinate units)."""
+        if self.shape == "tile":   # at a border the window shifts inside: kernel * tile - 1 on one side
+            return tuple(min(k * t - 1, g - 1) for g, t, k in zip(self.grid, self.tile, self.kernel))
+        r = self.radius if self.shape == "square" else self.radius - 1
+        return tuple(min(r, g - 1) for g in self.grid)
 
     def reach(self, causal: bool) -> int:
         # Largest flat backward distance i - j of a visible pair in row-major order.
-        r = self.radius if self.shape == "square" else self.radius - 1
         strides = [math.prod(self.grid[a + 1:]) for a in range(len(self.grid))]
-        return sum(min(r, g - 1) * s for g, s in zip(self.grid, strides))
+        return sum(r * s for r, s in zip(self.axis_reach(), strides))
 
     def __repr__(self) -> str:
+        if self.shape == "tile":
+            return f"GridWindow(grid={self.grid}, shape='tile', tile={self.tile}, kernel={self.kernel})"
         return f"GridWindow(grid={self.grid}, radius={self.radius}, shape={self.shape!r})"
 
 
@@ -165,13 +218,16 @@ def window_from_dict(d: Optional[Mapping]) -> Optional[Window]:
             raise ValueError("window.block is required for a terraced window, e.g. {'kind': 'terraced', 'block': 64}")
         return TerracedWindow(d["block"])
     if kind in ("2d", "3d"):
-        _check_keys(d, ("kind", "grid", "radius", "shape"), "window")
-        for req in ("grid", "radius"):
+        _check_keys(d, ("kind", "grid", "radius", "shape", "tile", "kernel"), "window")
+        shape = d.get("shape", "circle")
+        for req in ("grid",) + (("tile", "kernel") if shape == "tile" else ("radius",)):
             if req not in d:
-                raise ValueError(f"window.{req} is required for a {kind} window, e.g. "
-                                 "{'kind': '2d', 'grid': [64, 64], 'radius': 8, 'shape': 'circle'}")
-        w = GridWindow(tuple(d["grid"]) if isinstance(d["grid"], (list, tuple)) else d["grid"],
-                       d["radius"], d.get("shape", "circle"))
+                raise ValueError(f"window.{req} is required for a {kind} {shape} window, e.g. "
+                                 + ("{'kind': '3d', 'grid': [8, 16, 16], 'shape': 'tile', 'tile': [2, 4, 4], "
+                                    "'kernel': [3, 3, 3]}" if shape == "tile" else
+                                    "{'kind': '2d', 'grid': [64, 64], 'radius': 8, 'shape': 'circle'}"))
+        seq = lambda x: tuple(x) if isinstance(x, (list, tuple)) else x   # noqa: E731
+        w = GridWindow(seq(d["grid"]), d.get("radius"), shape, seq(d.get("tile")), seq(d.get("kernel")))
         if w.kind != kind:
             raise ValueError(f"window.kind is {kind!r} but window.grid has {len(w.grid)} entries; "
                              f"use kind {w.kind!r} or give {kind[0]} grid sizes")
@@ -323,6 +379,9 @@ class AttentionSpec:
             parts.append(f"w1d{w.left}.{w.right}")
         elif isinstance(w, TerracedWindow):
             parts.append(f"terr{w.block}")
+        elif w.shape == "tile":
+            parts.append(f"{w.kind}{'x'.join(map(str, w.grid))}t{'.'.join(map(str, w.tile))}"
+                         f"k{'.'.join(map(str, w.kernel))}")
         else:
             parts.append(f"{w.kind}{'x'.join(map(str, w.grid))}{w.shape[0]}{w.radius}")
         if self.causal:
@@ -356,7 +415,7 @@ class AttentionSpec:
         if not isinstance(self.window, GridWindow):
             raise ValueError("with_grid needs a 2d/3d window")
         from dataclasses import replace
-        return replace(self, window=GridWindow(tuple(grid), self.window.radius, self.window.shape))
+        return replace(self, window=replace(self.window, grid=tuple(grid)))
 
     def __repr__(self) -> str:
         fields = [f"window={self.window!r}"] if self.window is not None else []

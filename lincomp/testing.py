@@ -95,10 +95,17 @@ def spec_strategy(*, windows=("1d", "terraced", "2d", "3d", None), linear=True, 
             window = {"kind": "terraced", "block": draw(st.integers(1, 8))}
         elif kind in ("2d", "3d"):
             n = 2 if kind == "2d" else 3
-            grid = [draw(st.integers(1, max_grid if n == 2 else 3)) for _ in range(n)]
-            shape = draw(st.sampled_from(["circle", "square"]))
-            window = {"kind": kind, "grid": grid, "shape": shape,
-                      "radius": draw(st.integers(1 if shape == "circle" else 0, 4))}
+            most = max_grid if n == 2 else 3
+            shape = draw(st.sampled_from(["circle", "square", "tile"]))
+            if shape == "tile":   # tiles dividing the grid, an odd kernel of at most the number of tiles
+                tile = [draw(st.integers(1, min(3, most))) for _ in range(n)]
+                count = [draw(st.integers(1, max(1, most // t))) for t in tile]
+                window = {"kind": kind, "grid": [t * c for t, c in zip(tile, count)], "shape": shape, "tile": tile,
+                          "kernel": [draw(st.sampled_from([k for k in (1, 3, 5) if k <= c])) for c in count]}
+            else:
+                grid = [draw(st.integers(1, most)) for _ in range(n)]
+                window = {"kind": kind, "grid": grid, "shape": shape,
+                          "radius": draw(st.integers(1 if shape == "circle" else 0, 4))}
         prefix = draw(st.integers(0, max_prefix))
         lin = None
         combine = None

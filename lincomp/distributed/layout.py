@@ -134,13 +134,13 @@ class Layout:
 
         A causal linear branch on a grid needs row-major contiguous patches: only axis 0 is split then.
         """
+        from lincomp.ir.lowered import lower
         from lincomp.spec import AttentionSpec, GridWindow
         spec = AttentionSpec.coerce(spec)
         w = spec.window
         if isinstance(w, GridWindow):
-            r = w.radius if w.shape == "square" else w.radius - 1
             contiguous = spec.linear is not None and spec.causal
-            kwargs.setdefault("reach", (r,) * len(w.grid))
+            kwargs.setdefault("reach", lower(spec).axis_reach)
             kwargs.setdefault("contiguous", contiguous)
             return cls.grid(w.grid, world_size, prefix=spec.prefix, **kwargs)
         if length is None:

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from lincomp.distributed.layout import Box, Layout, box_shape, box_size, contiguous_range, flat_index
+from lincomp.ir.lowered import lower
 from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
 
 
@@ -33,7 +34,7 @@ def _axis_keys(spec: AttentionSpec, shape: tuple, axis: int, lo: int, hi: int) -
     if isinstance(w, TerracedWindow):
         return max(0, (lo // w.block - 1) * w.block), hi      # block aligned; j <= i always
     if isinstance(w, GridWindow):
-        r = w.radius if w.shape == "square" else w.radius - 1   # circle: dy^2 < r^2 -> |dy| <= r - 1
+        r = lower(spec).axis_reach[axis]
         return max(0, lo - r), min(n, hi + (0 if spec.causal and axis == 0 else r))
     return 0, (hi if spec.causal else n)                       # dense softmax: every earlier key
 

@@ -1,5 +1,7 @@
-"""The lincomp IR: spec -> op graph -> passes (verify, canonicalise, plan) -> a Plan for the backends.
+"""The lincomp IR: ``lower(spec) -> Lowered``, the one description every backend and tool reads.
 
+- :mod:`lincomp.ir.lowered`: ``lower``, ``Lowered`` (rule + printers, reach, tensors, algorithm, block plan).
+- :mod:`lincomp.ir.rule`: the window rule as an expression tree; torch / FlexAttention / Triton / TVM printers.
 - :mod:`lincomp.ir.graph`: the op graph (networkx DAG), ``build_graph``, ``format_ir``, ``graph_to_spec``.
 - :mod:`lincomp.ir.passes`: ``verify``, ``canonicalise``, ``plan``, ``lower_to_plan(spec, L, **hints) -> Plan``.
 - :mod:`lincomp.ir.cost`: exact visible-pair counts, FLOP / byte estimates, block-plan efficiency.
@@ -12,6 +14,7 @@ Names load on first use, so ``from lincomp.ir.blocks import block_plan`` does no
 import importlib
 
 _LAZY = {
+    "lower": "lowered", "Lowered": "lowered", "choose_algorithm": "lowered", "required_tensors": "tensors",
     "build_graph": "graph", "format_ir": "graph", "graph_to_spec": "graph", "TensorType": "graph",
     "verify": "passes", "canonicalise": "passes", "plan": "passes", "lower_to_plan": "passes",
     "Plan": "passes", "Rewrite": "passes", "PLAN_HINTS": "passes",

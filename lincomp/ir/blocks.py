@@ -14,6 +14,7 @@ The plan is computed from tile bounding boxes, vectorised over candidate pairs, 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -46,6 +47,36 @@ def default_tile(grid: Tuple[int, ...], block: int) -> Tuple[int, ...]:
             remaining //= 2
         axis = (axis - 1) % n
     return tuple(tile)
+
+
+def window_tile(window: GridWindow, block: int) -> Tuple[int, ...]:
+    """The grid tile shape of ``block`` tokens for ``window``: for sliding-tile windows one that fits inside
+    a window tile on every axis when one exists (then no tile pair is partly visible), else
+    :func:`default_tile`."""
+    if window.shape == "tile":
+        divisors = [[d for d in (1 << e for e in range(t.bit_length())) if t % d == 0] for t in window.tile]
+        best = None
+        for combo in itertools.product(*divisors):
+            # prefer the widest last axis, then the next (coalesced rows), like default_tile
+            if math.prod(combo) == block and (best is None or combo[::-1] > best[::-1]):
+                best = combo
+        if best is not None:
+            return tuple(best)
+    return default_tile(window.grid, block)
+
+
+def aligned_block(window: GridWindow, lo: int = 16, hi: int = 128) -> Optional[int]:
+    """The largest power-of-two block in [lo, hi] whose :func:`window_tile` fits inside the window's tiles
+    (sliding-tile windows), else None."""
+    if window.shape != "tile":
+        return None
+    b = hi
+    while b >= lo:
+        t = window_tile(window, b)
+        if all(w % x == 0 for w, x in zip(window.tile, t)) and math.prod(t) == b:
+            return b
+        b //= 2
+    return None
 
 
 @dataclass
@@ -216,7 +247,9 @@ def _pairs_any_full(spec: AttentionSpec, qt: _Tiles, kt: _Tiles, qi: np.ndarray,
         ql, qh, kl, kh = qt.box_lo[qi], qt.box_hi[qi], kt.box_lo[ki], kt.box_hi[ki]
         dmin = np.maximum(0, np.maximum(kl - qh, ql - kh))
         dmax = np.maximum(qh - kl, kh - ql)
-        if w.shape == "circle":
+        if w.shape == "tile":
+            any_w, all_w = _tile_pairs(w, ql, qh, kl, kh)
+        elif w.shape == "circle":
             r2 = w.radius ** 2
             any_w = (dmin ** 2).sum(-1) < r2
             all_w = (dmax ** 2).sum(-1) < r2
@@ -235,6 +268,18 @@ def _pairs_any_full(spec: AttentionSpec, qt: _Tiles, kt: _Tiles, qi: np.ndarray,
     return any_, full
 
 
+def _tile_pairs(w: GridWindow, ql, qh, kl, kh):
+    """(any, all) of the sliding-tile rule for query / key coordinate boxes [..., nd] (exact per axis: the
+    query's window centre clamp(y // tile, h, n - 1 - h) is monotone in y)."""
+    t, k = np.array(w.tile), np.array(w.kernel)
+    h, n = k // 2, np.array(w.grid) // t
+    ca, cb = np.clip(ql // t, h, n - 1 - h), np.clip(qh // t, h, n - 1 - h)
+    ka, kb = kl // t, kh // t
+    dmin = np.maximum(0, np.maximum(ka - cb, ca - kb))
+    dmax = np.maximum(cb - ka, kb - ca)
+    return np.all(dmin <= h, -1), np.all(dmax <= h, -1)
+
+
 def _candidates(spec: AttentionSpec, L: int, qt: _Tiles, kt: _Tiles, block_n: int, tile):
     """Candidate (q tile, k tile) pairs: every pair that could be visible, without L x L work."""
     Tq, Tk = len(qt.lo), len(kt.lo)
@@ -250,9 +295,9 @@ def _candidates(spec: AttentionSpec, L: int, qt: _Tiles, kt: _Tiles, block_n: in
     if w is None:
         pairs.append((np.repeat(body_q, Tk), np.tile(np.arange(Tk), len(body_q))))
     elif isinstance(w, GridWindow) and tile is not None:
-        # Neighbouring tiles within the radius (in tile units), plus one for partial overlap.
+        # Neighbouring tiles within the window's reach per axis (in tile units, rounded up).
         tile = np.array(tile)
-        reach = np.ceil(w.radius / tile).astype(int)
+        reach = -(-np.array(w.axis_reach()) // tile)
         tgrid = kt.coord.max(0) + 1
         ranges = [np.arange(-r, r + 1) for r in reach]
         offsets = np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, len(tile))
@@ -326,7 +371,7 @@ def _block_plan(spec, L, block_m, block_n, tile, order) -> BlockPlan:
     if tiled:
         if block_m != block_n:
             raise ValueError(f"grid tiling needs equal query and key tiles, got block_m={block_m}, block_n={block_n}")
-        tile = tile or default_tile(w.grid, block_m)
+        tile = tile or window_tile(w, block_m)
         if math.prod(tile) != block_m or len(tile) != len(w.grid):
             raise ValueError(f"tile {tile} must have {len(w.grid)} axes and prod == block_m ({block_m})")
         qt = kt = _grid_tiles(spec, block_m, tile)

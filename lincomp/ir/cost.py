@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -75,6 +76,21 @@ def _grid_pairs(w: GridWindow) -> int:
     return int((weight * last * ok).sum())
 
 
+def _tile_window_pairs(w: GridWindow, causal: bool) -> int:
+    """Pairs of a sliding-tile window: every query sees prod(kernel * tile) keys; with causality, per query
+    the keys of its window box that are <= it in row-major order (first differing axis smaller)."""
+    if not causal:
+        return w.tokens * math.prod(k * t for k, t in zip(w.kernel, w.tile))
+    y = np.stack(np.unravel_index(np.arange(w.tokens), w.grid), 1)                  # [N, nd] query coords
+    t, k, g = (np.array(v, dtype=np.int64) for v in (w.tile, w.kernel, w.grid))
+    h = k // 2
+    lo = (np.clip(y // t, h, g // t - 1 - h) - h) * t                                  # window box per axis
+    size = k * t
+    inner = np.concatenate([np.cumprod(size[::-1])[::-1][1:], [1]])                   # points per step of axis a
+    below = np.clip(y - lo, 0, None) * inner                                          # first differing axis a
+    return int(w.tokens + below.sum())   # + the query itself (always inside its own window)
+
+
 def body_pairs(spec: AttentionSpec, N: int) -> int:
     """Visible pairs among the N tokens after the prefix (window rule, then causality)."""
     w, causal = spec.window, spec.causal
@@ -87,6 +103,8 @@ def body_pairs(spec: AttentionSpec, N: int) -> int:
     if isinstance(w, GridWindow):
         if N != w.tokens:
             raise ValueError(f"the grid {list(w.grid)} has {w.tokens} tokens but {N} follow the prefix")
+        if w.shape == "tile":
+            return _tile_window_pairs(w, causal)
         total = _grid_pairs(w)
         # The window is symmetric in d -> -d and so is prod(g - |d|); for in-bound offsets the row-major
         # flat offset is < 0 iff the first nonzero d_a is < 0, so causality keeps half of the nonzero
@@ -130,6 +148,8 @@ def window_covers(spec, L: int) -> bool:
     if isinstance(w, TerracedWindow):
         return spec.causal and N <= 2 * w.block
     if isinstance(w, GridWindow):
+        if w.shape == "tile":
+            return all(k * t == g for g, t, k in zip(w.grid, w.tile, w.kernel))
         if w.shape == "circle":
             return sum((g - 1) ** 2 for g in w.grid) < w.radius ** 2
         return max(w.grid) - 1 <= w.radius

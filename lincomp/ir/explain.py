@@ -76,14 +76,25 @@ def _cases(spec: AttentionSpec, lengths: List[int], grids: List[tuple]) -> List[
     return [(spec, L) for L in lengths]
 
 
-def explain(spec, L: int, *, block: int = 64, heads: int = 1, dim: int = 64, batch: int = 1,
+def default_block(spec: AttentionSpec) -> int:
+    """The tile size explain plans with: 64 tokens, or for sliding-tile windows the largest block inside
+    one window tile (what the kernels pick, so no tile pair is partly visible)."""
+    from lincomp.ir.blocks import aligned_block
+    w = spec.window
+    return (aligned_block(w, 16, 64) if isinstance(w, GridWindow) else None) or 64
+
+
+def explain(spec, L: int, *, block: Optional[int] = None, heads: int = 1, dim: int = 64, batch: int = 1,
             kv_heads: Optional[int] = None, dtype_bytes: int = 2, ir: bool = True) -> dict:
     """Plan ``spec`` at ``L`` and return ``{"text": ..., numbers...}`` (what the command prints)."""
     from lincomp.ir import cost
     from lincomp.ir.blocks import block_plan
+    from lincomp.ir.lowered import lower
     from lincomp.ir.passes import lower_to_plan, savings_text, window_part
 
     spec = AttentionSpec.coerce(spec)
+    lowered = lower(spec)
+    block = block or default_block(spec)
     t0 = time.perf_counter()
     plan = lower_to_plan(spec, L, block=block, B=batch, H=heads, Hkv=kv_heads, D=dim, dtype_bytes=dtype_bytes)
     plan_s = time.perf_counter() - t0
@@ -92,7 +103,9 @@ def explain(spec, L: int, *, block: int = 64, heads: int = 1, dim: int = 64, bat
     if isinstance(spec.window, GridWindow):
         head += f" ({spec.prefix} prefix + {'x'.join(map(str, spec.window.grid))} grid)"
     notes = []
-    info = {"spec": spec.to_dict(), "L": L, "plan_seconds": plan_s, "algorithms": dict(plan.algorithms),
+    kernels = {t: lowered.kernels(t) for t in ("triton", "tvm")}
+    info = {"spec": spec.to_dict(), "L": L, "plan_seconds": plan_s, "algorithm": lowered.algorithm,
+            "kernels": kernels, "tensors": list(lowered.tensors), "algorithms": dict(plan.algorithms),
             "rewrites": [str(r) for r in plan.rewrites], "flops": plan.cost.flops,
             "dense_flops": plan.cost.dense_flops, "flops_saved_pct": 100 * plan.cost.flops_saved,
             "bytes": plan.cost.bytes, "dense_bytes": plan.cost.dense_bytes,
@@ -108,7 +121,10 @@ def explain(spec, L: int, *, block: int = 64, heads: int = 1, dim: int = 64, bat
         notes.append(f"vs row-major {FLEX_BLOCK} (FlexAttention-style): {eff_flex:.1%} visited-pair efficiency, "
                      f"{flex.nnz} of {flex.num_q_tiles * flex.num_k_tiles} blocks ({flex.density:.2%}); "
                      f"lincomp {tiled}: {plan.pair_efficiency:.1%}")
-    lines = [head + " ==", plan.format(ir=ir, plan_notes=tuple(notes)),
+    launches = [f"kernels ({t}): forward {' -> '.join(k['forward'])}"
+                + (f"; backward {' -> '.join(k['backward'])}" if k["backward"] else "; inference only")
+                for t, k in kernels.items()]
+    lines = [head + " ==", lowered.summary(), *launches, plan.format(ir=ir, plan_notes=tuple(notes)),
              f"summary: {savings_text(plan.cost)} (planned in {plan_s:.3f} s)"]
     info["text"] = "\n".join(lines)
     return info
@@ -126,7 +142,8 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     p.add_argument("--grid", type=parse_grid, action="append", default=[], metavar="HxW",
                    help="grid for a 2d / 3d spec, e.g. 512x512 (FLUX at 8192^2 px); repeat for several")
     p.add_argument("--prefix", type=int, help="override the spec's prefix (text) tokens")
-    p.add_argument("--block", type=int, default=64, help="tile size in tokens (default 64)")
+    p.add_argument("--block", type=int, default=None,
+                   help="tile size in tokens (default 64; sliding tiles: the largest block inside a tile)")
     p.add_argument("--heads", type=int, default=1, help="query heads H for FLOPs / bytes (default 1)")
     p.add_argument("--kv-heads", type=int, help="key/value heads (default: H)")
     p.add_argument("--dim", type=int, default=64, help="head dim D (default 64)")

@@ -18,7 +18,7 @@ into a spec by :func:`graph_to_spec`, and printed by :func:`format_ir`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import networkx as nx
 
@@ -296,7 +296,9 @@ def _fmt_param(value) -> str:
     if isinstance(value, TerracedWindow):
         return f"terraced(block={value.block})"
     if isinstance(value, GridWindow):
-        return f"{value.kind}({'x'.join(map(str, value.grid))}, {value.shape} r={value.radius})"
+        shape = (f"tile {'x'.join(map(str, value.tile))} kernel {'x'.join(map(str, value.kernel))}"
+                 if value.shape == "tile" else f"{value.shape} r={value.radius}")
+        return f"{value.kind}({'x'.join(map(str, value.grid))}, {shape})"
     if isinstance(value, LinearBranch):
         return (f"{value.feature_map}{'' if value.feature_dim is None else f'/{value.feature_dim}'}"
                 f"{', gate=' + value.gate if value.gate else ''}{', normalize' if value.normalize else ''}")
@@ -366,17 +368,3 @@ def copy_graph(graph: nx.DiGraph) -> nx.DiGraph:
     return h
 
 
-def required_tensors(spec: AttentionSpec) -> Iterable[str]:
-    """Keyword tensors (docs/semantics.md names) a call of ``spec`` must pass."""
-    lin = spec.linear
-    if lin is not None and lin.gate is not None:
-        yield "g"
-    if lin is not None and lin.has_weights:
-        yield "feature_weight_q"
-        yield "feature_weight_k"
-    if spec.sinks:
-        yield "sink_logits"
-    if spec.combine == "shared":
-        yield "window_gamma"
-    if spec.combine == "sum":
-        yield "alpha"

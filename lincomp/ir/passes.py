@@ -15,18 +15,16 @@ import networkx as nx
 from lincomp.ir import cost as _cost
 from lincomp.ir.blocks import BlockPlan, block_plan
 from lincomp.ir.graph import (OPS, build_graph, connect, copy_graph, derive_sizes, format_ir, graph_to_spec,
-                              in_wires, nodes_by_op, required_tensors, topo_order)
-from lincomp.spec import FEATURE_MAPS, HEDGEHOG_MAPS, AttentionSpec, GridWindow, Window1D
+                              in_wires, nodes_by_op, topo_order)
+from lincomp.ir.lowered import HYBRID_ALGORITHMS, choose_algorithm
+from lincomp.ir.tensors import required_tensors
+from lincomp.spec import FEATURE_MAPS, HEDGEHOG_MAPS, AttentionSpec, Window1D
 
 WINDOW_ALGORITHMS = ("decode", "quadratic", "flash", "block_sparse")
-HYBRID_ALGORITHMS = ("fused", "separate")
 # Hints lower_to_plan understands (backends: filter yours down to these).
 PLAN_HINTS = ("B", "H", "Hkv", "D", "Dv", "E", "dtype_bytes", "block", "block_m", "block_n", "tile", "order",
-              "decode", "fuse", "linear_algorithm", "initial_state", "return_state")
+              "decode", "linear_algorithm", "initial_state", "return_state")
 DEFAULT_BLOCK = 64
-# A fused hybrid kernel revisits the keys of the window for each chunk of queries; beyond a few chunks of
-# reach, a separate block-sparse window kernel + chunked scan does less redundant work.
-FUSE_MAX_REACH_CHUNKS = 4
 
 
 @dataclass(frozen=True)
@@ -407,9 +405,9 @@ def plan(graph: nx.DiGraph, **hints) -> Plan:
 
     Window: ``decode`` (L == 1 or ``decode=True``), ``quadratic`` (one tile: L <= block), ``flash`` (a dense
     window: every tile pair, the upper triangle skipped when causal), ``block_sparse`` (flash over the
-    block plan's tile pairs). Linear: :func:`lincomp.ir.cost.default_linear_algorithm`. Hybrid: ``fused``
-    when causal and the window's reach is within a few chunks (1D / terraced), else ``separate``.
-    Hints: ``PLAN_HINTS`` (sizes for the cost, block sizes, tile, order, decode, fuse, ...).
+    block plan's tile pairs). Linear: :func:`lincomp.ir.cost.default_linear_algorithm`. Hybrid:
+    :func:`lincomp.ir.lowered.choose_algorithm` (what the backends build).
+    Hints: ``PLAN_HINTS`` (sizes for the cost, block sizes, tile, order, decode, ...).
     """
     unknown = sorted(set(hints) - set(PLAN_HINTS))
     if unknown:
@@ -471,7 +469,7 @@ def plan(graph: nx.DiGraph, **hints) -> Plan:
         g.nodes[scan_nodes[0]]["algorithm"] = linear_algo
     combines = nodes_by_op(g, "combine")
     if combines:
-        algo, why = _choose_fusion(spec, decode, hints.get("fuse"))
+        algo, why = _choose_fusion(spec, decode)
         algorithms["hybrid"], reasons["hybrid"] = algo, why
         g.nodes[combines[0]]["algorithm"] = algo
     out = nodes_by_op(g, "output")[0]
@@ -490,21 +488,10 @@ def plan(graph: nx.DiGraph, **hints) -> Plan:
                 pair_efficiency=eff, cost_sizes=cost_sizes, dropped_inputs=dropped, hints=dict(hints))
 
 
-def _choose_fusion(spec: AttentionSpec, decode: bool, fuse: Optional[bool]) -> Tuple[str, str]:
+def _choose_fusion(spec: AttentionSpec, decode: bool) -> Tuple[str, str]:
     if decode:
         return "fused", "decoding: one step updates the state and reads the window cache"
-    if fuse is False:
-        return "separate", "fuse=False hint"
-    if not spec.causal:
-        return "separate", "non-causal: the linear branch is two GEMMs over the whole sequence"
-    w = spec.window
-    if w is None or isinstance(w, GridWindow):
-        return "separate", "the window's reach is not bounded by a few chunks"
-    reach, chunk = w.reach(True), spec.linear.chunk_size
-    if fuse or reach <= FUSE_MAX_REACH_CHUNKS * chunk:
-        return "fused", (f"window reach {reach} within {-(-reach // chunk)} chunks of {chunk}: one kernel per "
-                         "query chunk does the window tiles and the state")
-    return "separate", f"window reach {reach} > {FUSE_MAX_REACH_CHUNKS} chunks of {chunk}"
+    return choose_algorithm(spec)   # the decision both backends build (lincomp.ir.lowered)
 
 
 def lower_to_plan(spec, L: int, **hints) -> Plan:
@@ -512,7 +499,7 @@ def lower_to_plan(spec, L: int, **hints) -> Plan:
 
     Hints (``PLAN_HINTS``): sizes ``B, H, Hkv, D, Dv, E`` (cost estimates; B=1, H=1, D=64 otherwise),
     ``dtype_bytes``, ``block`` / ``block_m`` / ``block_n`` / ``tile`` / ``order`` for the block plan,
-    ``decode``, ``fuse``, ``linear_algorithm`` to override a choice, ``initial_state`` / ``return_state``.
+    ``decode``, ``linear_algorithm`` to override a choice, ``initial_state`` / ``return_state``.
     """
     spec = AttentionSpec.coerce(spec)
     unknown = sorted(set(hints) - set(PLAN_HINTS))

@@ -31,6 +31,13 @@ def window_rule(window, ip: torch.Tensor, jp: torch.Tensor) -> torch.Tensor:
         return (jp <= ip) & ((bj == bi) | (bj == bi - 1))
     if isinstance(window, GridWindow):
         ci, cj = _grid_coords(ip, window.grid), _grid_coords(jp, window.grid)
+        if window.shape == "tile":
+            vis = torch.ones(torch.broadcast_shapes(ip.shape, jp.shape), dtype=torch.bool, device=ip.device)
+            for yi, yj, g, t, k in zip(ci, cj, window.grid, window.tile, window.kernel):
+                h, n_tiles = k // 2, g // t
+                centre = (yi // t).clamp(h, n_tiles - 1 - h)   # the window shifts inside at borders
+                vis = vis & ((centre - yj // t).abs() <= h)
+            return vis
         if window.shape == "circle":
             d2 = sum((a - b) ** 2 for a, b in zip(ci, cj))
             return d2 < window.radius ** 2

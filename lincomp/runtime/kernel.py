@@ -1,7 +1,8 @@
 """The ``Kernel`` every backend returns from ``lincomp.compile`` (DESIGN.md public contract).
 
 ``kernel(q, k, v, **tensors) -> o``; ``kernel(..., initial_state=s, return_state=True) -> (o, state)``;
-``kernel.source`` is the generated code and ``kernel.config`` the tuned choice.
+``kernel.source`` is the generated code, ``kernel.config`` the tuned choice and ``kernel.lowered`` the IR
+(:func:`lincomp.ir.lower`) it was generated from.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import warnings
 from typing import Optional
 
 from lincomp.reference import reference
+from lincomp.ir.lowered import Lowered, lower
 from lincomp.spec import AttentionSpec
 
 
@@ -31,6 +33,11 @@ class Kernel:
         self.spec = AttentionSpec.coerce(spec)
         self.source = source
         self.config = dict(config or {})
+
+    @property
+    def lowered(self) -> Lowered:
+        """The IR this kernel was built from (rule, reach, tensors, algorithm; ``lincomp.ir.lower``)."""
+        return lower(self.spec)
 
     def forward(self, q, k, v, **kwargs):
         raise NotImplementedError

@@ -17,6 +17,8 @@ WINDOWS = {
     "3d-circle": {"kind": "3d", "grid": [2, 3, 5], "radius": 2, "shape": "circle"},
     "3d-square": {"kind": "3d", "grid": [3, 2, 4], "radius": 1, "shape": "square"},
     "dense": None,
+    "2d-tile": {"kind": "2d", "grid": [6, 8], "shape": "tile", "tile": [2, 2], "kernel": [1, 3]},
+    "3d-tile-natten": {"kind": "3d", "grid": [2, 4, 5], "shape": "tile", "tile": [1, 1, 1], "kernel": [1, 3, 3]},
 }
 
 
@@ -62,3 +64,13 @@ def test_clear_preset_shape(check):
 
 def test_head_dim_not_multiple_of_lanes(check):
     check(AttentionSpec(window={"kind": "1d", "left": 5, "right": 5}, sinks=3), L=29, D=12, seed=6)
+
+
+@pytest.mark.parametrize("config", [None, {"window": {"block_m": 16, "tile": [2, 8]}},
+                                    {"window": {"block_m": 32, "tile": [4, 8]}}])
+def test_sliding_tiles(check, config):
+    """STA on a small grid with text tokens, sinks and GQA; the default config's blocks sit inside the
+    window's tiles (no partly visible tile pair), the others straddle them."""
+    spec = presets.sta(grid=(8, 16), tile=(2, 8), kernel=(3, 1), text_tokens=5)
+    spec = AttentionSpec.from_dict({**spec.to_dict(), "sinks": 2})
+    check(spec, B=1, H=4, Hkv=2, config=config, seed=6)

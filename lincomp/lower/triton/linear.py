@@ -26,15 +26,15 @@ feature weights [H, D, E], states S [B, H, F, Dv], z [B, H, F] (returned in fp32
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Optional
 
 from lincomp.lower.triton.common import interpreting, template
+from lincomp.ir.lowered import lower
 from lincomp.runtime.cache import load_generated_module
-from lincomp.runtime.kernel import Unsupported
-from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
+
+from lincomp.spec import AttentionSpec, TerracedWindow
 
 ALGORITHMS = ("linear_fwd", "linear_bwd_dq", "linear_bwd_dkv", "linear_reduce")
 _GATE_CODE = {None: 0, "scalar": 1, "vector": 2}
@@ -132,66 +132,21 @@ class LinearPlan:
         lines.append(f"    return tl.reshape(tl.join(a, c), {shape})")
         return "\n".join(lines)
 
-    def _rule(self) -> list:
-        """Lines computing `rule` from ip, jp (positions after the prefix)."""
-        w = self.window
-        if w is None:
-            return ["    rule = (ip >= 0) | (ip < 0)"]
-        if isinstance(w, Window1D):
-            return [f"    rule = (jp >= ip - {w.left}) & (jp <= ip + {w.right})"]
-        if isinstance(w, TerracedWindow):
-            return [f"    bi = ip // {w.block}",
-                    f"    bj = jp // {w.block}",
-                    "    rule = (jp <= ip) & ((bj == bi) | (bj == bi - 1))"]
-        if isinstance(w, GridWindow):
-            grid = w.grid
-            strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
-            lines, terms = [], []
-            for a, (size, stride) in enumerate(zip(grid, strides)):
-                lines.append(f"    d{a} = ((ip // {stride}) % {size}) - ((jp // {stride}) % {size})")
-                terms.append(f"d{a}")
-            if w.shape == "circle":
-                lines.append(f"    rule = ({' + '.join(t + ' * ' + t for t in terms)}) < {w.radius * w.radius}")
-            else:
-                mx = f"tl.abs({terms[0]})"
-                for t in terms[1:]:
-                    mx = f"tl.maximum({mx}, tl.abs({t}))"
-                lines.append(f"    rule = {mx} <= {w.radius}")
-            return lines
-        raise Unsupported(f"window {w!r}")
-
     def visible_body(self) -> str:
-        lines = ["    ip = i - PREFIX", "    jp = j - PREFIX"] + self._rule()
-        if self.prefix:
-            lines.append("    vis = (i < PREFIX) | (j < PREFIX) | rule")
-        else:
-            lines.append("    vis = rule")
-        if self.causal:
-            lines.append("    vis = vis & (j <= i)")
-        lines.append("    return vis")
-        return "\n".join(lines)
-
-    def _reach_fwd(self) -> int:
-        """Largest forward distance j - i of a visible pair after the prefix (non-causal windows)."""
-        w = self.window
-        if isinstance(w, Window1D):
-            return w.right
-        if isinstance(w, TerracedWindow):
-            return 0
-        return w.reach(False)
+        """The IR's visibility rule on the broadcast token indices i, j (prefix and causality included)."""
+        return "\n".join("    " + ln for ln in lower(self.spec).triton_lines({"i": "i", "j": "j"}) + ["return vis"])
 
     def key_chunks_body(self) -> str:
         """Key positions [lo_pos, hi_pos] visible to rows i0..i1 -> chunk indices."""
         w = self.window
         lines = ["    i0 = n * BT", "    i1 = tl.minimum(i0 + BT, L) - 1", "    npre = (PREFIX + BT - 1) // BT"]
+        reach = lower(self.spec)
         if w is None:
             lines += ["    lo_pos = i0", "    hi_pos = i1"]
-        elif isinstance(w, Window1D):
-            lines += [f"    lo_pos = i0 - {w.left}", f"    hi_pos = i1 + {w.right}"]
-        elif isinstance(w, TerracedWindow):
+        elif isinstance(w, TerracedWindow):   # block-aligned: tighter than the reach
             lines += [f"    lo_pos = PREFIX + ((i0 - PREFIX) // {w.block} - 1) * {w.block}", "    hi_pos = i1"]
         else:
-            lines += [f"    lo_pos = i0 - {w.reach(self.causal)}", f"    hi_pos = i1 + {self._reach_fwd()}"]
+            lines += [f"    lo_pos = i0 - {reach.reach_back}", f"    hi_pos = i1 + {reach.reach_forward}"]
         lines.append("    lo_pos = tl.maximum(lo_pos, PREFIX)")
         last = "i1" if self.causal else "L - 1"
         if self.prefix:  # a chunk with prefix rows: those rows see every (allowed) key
@@ -210,16 +165,13 @@ class LinearPlan:
         lines = ["    j0 = m * BT", "    j1 = tl.minimum(j0 + BT, L) - 1"]
         # Prefix rows see every key: only without causality can they see keys after the prefix.
         lines.append("    npre = 0" if self.causal else "    npre = (PREFIX + BT - 1) // BT")
-        back = 0 if self.causal else None
+        reach = lower(self.spec)
         if w is None:
             lines += ["    lo_pos = j0", "    hi_pos = j1"]
-        elif isinstance(w, Window1D):
-            lines += [f"    lo_pos = j0 - {w.right if back is None else 0}", f"    hi_pos = j1 + {w.left}"]
-        elif isinstance(w, TerracedWindow):
+        elif isinstance(w, TerracedWindow):   # block-aligned: tighter than the reach
             lines += ["    lo_pos = j0", f"    hi_pos = PREFIX + ((j1 - PREFIX) // {w.block} + 2) * {w.block} - 1"]
         else:
-            lines += [f"    lo_pos = j0 - {self._reach_fwd() if back is None else 0}",
-                      f"    hi_pos = j1 + {w.reach(self.causal)}"]
+            lines += [f"    lo_pos = j0 - {reach.reach_forward}", f"    hi_pos = j1 + {reach.reach_back}"]
         lines.append("    lo_pos = tl.maximum(lo_pos, PREFIX)")
         if self.prefix:  # a chunk with prefix keys: every (allowed) row sees them
             lines += ["    pre_keys = j0 < PREFIX",

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from lincomp.inputs import bind
+from lincomp.ir.lowered import lower, require
 from lincomp.lower.triton.common import interpreting
 from lincomp.lower.triton.linear import LinearPlan, load_module, render_source
 from lincomp.lower.triton.linear_launch import (MAX_HEAD_DIM, Dims, _triton_failure, config_string,
@@ -45,6 +46,8 @@ class LinearKernel(Kernel):
 
     def __init__(self, spec, **hints):
         self.plan = LinearPlan.from_spec(spec)
+        if self.plan.spec.window is not None:   # the hybrid template fuses the window into the linear kernel
+            require(lower(self.plan.spec), "fused", "the Triton hybrid kernel")
         super().__init__(self.plan.spec, source=render_source(self.plan), config={})
         self.hints = hints
         self._configs: dict = {}

@@ -24,70 +24,21 @@ import functools
 import math
 from typing import Optional
 
+from lincomp.ir.lowered import lower
 from lincomp.lower.triton.common import interpreter_env, interpreting, template, triton_imported_interpreted
 from lincomp.runtime.cache import load_generated_module
 from lincomp.runtime.kernel import Unsupported
-from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
+from lincomp.spec import AttentionSpec, GridWindow
 
 
 # ======================================================================================== codegen
 def _mask_body(spec: AttentionSpec) -> tuple:
-    """(lines of window_mask, one-line description) for ``spec``: the window rule as an expression."""
-    n, w = spec.prefix, spec.window
-    R, C = "_rows({}, TRANSPOSED)".format, "_cols({}, TRANSPOSED)".format
-    lines = []
-    if w is None:
-        doc = "no window: every key" + (" j <= i" if spec.causal else "")
-        lines.append(f"vis = {C('kj')} <= {R('qi')}   # causal" if spec.causal else
-                     f"vis = ({R('qi')} >= -1) & ({C('kj')} >= -1)   # dense: every pair")
-        return lines, doc
-    if n:
-        lines += [f"qp = qi - {n}   # positions after the {n} prefix tokens", f"kp = kj - {n}"]
-        qp, kp = "qp", "kp"
-    else:
-        qp, kp = "qi", "kj"
-    if isinstance(w, Window1D):
-        doc = f"1D: i - {w.left} <= j <= i + {w.right}"
-        lines.append(f"d = {R(qp)} - {C(kp)}   # i - j")
-        if spec.causal and not n:   # causal is d >= 0 itself: one test fewer per pair
-            doc += "; causal: j <= i"
-            lines.append(f"vis = (d <= {w.left}) & (d >= 0)")
-            return lines, doc
-        lines.append(f"rule = (d <= {w.left}) & (d >= {-w.right})")
-    elif isinstance(w, TerracedWindow):
-        b = w.block
-        doc = f"terraced blocks of {b}: j <= i and block(j) in {{block(i) - 1, block(i)}}"
-        lines.append(f"d = {R(qp)} - {C(kp)}   # i - j")
-        lines.append(f"dblock = {R(f'{qp} // {b}')} - {C(f'{kp} // {b}')}")
-        lines.append("rule = (d >= 0) & (dblock <= 1)")
-    else:
-        names = ("f", "y", "x")[-len(w.grid):]
-        strides = [math.prod(w.grid[a + 1:]) for a in range(len(w.grid))]
-        for side, p in (("q", qp), ("k", kp)):
-            for a, (name, g, st) in enumerate(zip(names, w.grid, strides)):
-                expr = p if st == 1 else f"{p} // {st}"
-                if a > 0:
-                    expr = f"{expr} % {g}" if st == 1 else f"({expr}) % {g}"
-                lines.append(f"{side}{name} = {expr}")
-        for name in names:
-            lines.append(f"d{name} = {R('q' + name)} - {C('k' + name)}")
-        r = w.radius
-        if w.shape == "circle":
-            doc = f"{w.kind} circle on grid {list(w.grid)}: " + " + ".join(f"d{x}^2" for x in names) + f" < {r}^2"
-            lines.append("rule = " + " + ".join(f"d{x} * d{x}" for x in names) + f" < {r * r}")
-        else:
-            doc = f"{w.kind} square on grid {list(w.grid)}: max |d| <= {r}"
-            lines.append("rule = " + " & ".join(f"(tl.abs(d{x}) <= {r})" for x in names))
-    if n:
-        doc += f"; prefix {n}: rows and keys < {n} see / are seen by all"
-        lines.append(f"vis = rule | ({R('qi')} < {n}) | ({C('kj')} < {n})")
-    else:
-        lines.append("vis = rule")
-    if spec.causal:
-        doc += "; causal: j <= i"
-        if n or not isinstance(w, TerracedWindow):   # the terraced rule has j <= i already
-            lines.append(f"vis = vis & ({C('kj')} <= {R('qi')})")
-    return lines, doc
+    """(lines of window_mask, one-line description) for ``spec``: the IR's rule printed for Triton, per-side
+    terms on the query / key vectors, broadcast to the tile where they meet."""
+    lowered = lower(spec)
+    lines = lowered.triton_lines({"i": "qi", "j": "kj"},
+                                 {"i": "_rows({}, TRANSPOSED)", "j": "_cols({}, TRANSPOSED)"})
+    return lines, lowered.rule_doc
 
 
 def _tokens_body(spec: AttentionSpec) -> tuple:

@@ -16,7 +16,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 
-from lincomp.ir.blocks import block_plan, default_tile
+from lincomp.ir.blocks import aligned_block, block_plan, window_tile
 from lincomp.lower.triton.common import alloc, interpreting
 from lincomp.lower.triton.window import load_kernels
 from lincomp.lower.triton.window_plan import tile_lists
@@ -65,7 +65,7 @@ def normalize_config(spec: AttentionSpec, config: Mapping) -> dict:
     if isinstance(w, GridWindow):
         if cfg["block_m"] != cfg["block_n"]:
             raise ValueError(f"window config: a {w.kind} window needs block_m == block_n, got {cfg}")
-        tile = cfg.get("tile") or default_tile(w.grid, cfg["block_m"])
+        tile = cfg.get("tile") or window_tile(w, cfg["block_m"])
         tile = [int(x) for x in tile]
         if len(tile) != len(w.grid) or math.prod(tile) != cfg["block_m"]:
             raise ValueError(f"window config: tile {tile} must have {len(w.grid)} axes and product block_m")
@@ -82,13 +82,15 @@ def heuristic_config(kind: str, spec: AttentionSpec, D: int, Dv: int) -> dict:
     if isinstance(w, GridWindow):
         if kind == "window_fwd":
             # Small radii waste less of each tile with 64-token tiles (8 x 8 in 2D).
-            blk = 64 if (w.radius <= 8 or d > 128) else 128
+            blk = 64 if (w.shape == "tile" or w.radius <= 8 or d > 128) else 128
             if d > 128:
                 blk = 32 if len(w.grid) == 3 else 64
+            blk = aligned_block(w, 16, blk) or blk   # sliding tiles: blocks inside a tile, none partly visible
             warps = 4 if (blk == 64 and d <= 64) or blk == 32 else 8
             cfg = {"block_m": blk, "block_n": blk, "num_warps": warps, "num_stages": 2}
         else:
             blk = 64 if d <= 128 else 32
+            blk = aligned_block(w, 16, blk) or blk
             cfg = {"block_m": blk, "block_n": blk, "num_warps": 4 if d <= 64 else 8, "num_stages": 2 if d <= 128 else 1}
     else:
         m, n, nw, ns = (FWD_SPACE_1D if kind == "window_fwd" else BWD_SPACE_1D)[_dim_class(d)][0]
@@ -126,7 +128,7 @@ def search_space(kind: str, spec: AttentionSpec, D: int, Dv: int) -> list:
         else:
             blocks = {64: [(64, 4), (64, 8), (32, 4)], 128: [(64, 8), (32, 4)], 256: [(32, 8), (32, 4)]}[d]
         for blk, warps in blocks:
-            tiles = [list(default_tile(w.grid, blk))]
+            tiles = [list(window_tile(w, blk))]
             if len(w.grid) == 2:  # the same area, other aspect ratios
                 th, tw = tiles[0]
                 alts = ([th * 2, tw // 2], [th // 2, tw * 2])

@@ -26,9 +26,9 @@ from lincomp.inputs import unpack_initial_state
 from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, exp2, f32
 from lincomp.lower.tvmir.linear import INLINE_MAPS, phi_expr
-from lincomp.lower.tvmir.window import _coord, _grid_axes, visibility
+from lincomp.lower.tvmir.window import visibility
 from lincomp.runtime.buffers import alloc_output
-from lincomp.spec import AttentionSpec, GridWindow
+from lincomp.spec import AttentionSpec
 
 L2E = f32(LOG2E)
 
@@ -160,13 +160,7 @@ def _emit_features(s: Script, fmap: str, D: int, E: Optional[int], F: int) -> No
 
 def _emit_window(s: Script, spec: AttentionSpec, D: int, Dv: int) -> None:
     """Softmax over the visible cache slots: sc[0] = max (base 2), sc[1] = sum, acc = sum p v."""
-    if isinstance(spec.window, GridWindow):
-        axes = _grid_axes(spec.window)
-        qc = lambda a: _coord("t", spec.prefix, *axes[a])           # noqa: E731
-        kc_ = lambda a: _coord("pos[c]", spec.prefix, *axes[a])     # noqa: E731
-        vis = visibility(spec, "t", "pos[c]", qc, kc_)
-    else:
-        vis = visibility(spec, "t", "pos[c]")
+    vis = visibility(spec, "t", "pos[c]")
     s("# window softmax over the visible cache slots (base 2); logits kept in lg")
     s('lg = T.alloc_buffer((NC,), "float32")')
     with s.block("for c in range(NC):"):

@@ -32,7 +32,7 @@ from typing import Dict, Optional
 import torch
 
 from lincomp.inputs import Call, bind, check_log_gate, check_window_gamma
-from lincomp.ir.blocks import block_plan, default_tile
+from lincomp.ir.blocks import aligned_block, block_plan, window_tile
 from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
 from lincomp.lower.tvmir import linear as _linear
@@ -89,7 +89,8 @@ def default_config(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> dict
     if part == "window":
         if isinstance(spec.window, GridWindow):
             bm = 16 if len(spec.window.grid) == 2 else 32
-            cfg = _window.WindowConfig(block_m=bm, block_n=bm, tile=default_tile(spec.window.grid, bm), mr_qk=0,
+            bm = aligned_block(spec.window, 16, bm) or bm   # sliding tiles: blocks inside a tile
+            cfg = _window.WindowConfig(block_m=bm, block_n=bm, tile=window_tile(spec.window, bm), mr_qk=0,
                                        mr_pv=0)
         else:
             bm = 64 if L >= 1024 else 32 if L > 32 else 16
@@ -119,14 +120,14 @@ def config_space(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> list:
         if isinstance(spec.window, GridWindow):
             grid = spec.window.grid
             for bm in (16, 32, 64):
-                tiles = {default_tile(grid, bm)}
+                tiles = {window_tile(spec.window, bm)}
                 if len(grid) == 2:
                     tiles |= {t for t in ((2, 8), (4, 4), (8, 2), (4, 8), (8, 4), (8, 8), (4, 16))
                               if math.prod(t) == bm}
                 for tile in sorted(tiles):
                     for group in ((1, 4) if bm == 16 else (1,)):
                         out.append(_window.WindowConfig(bm, bm, tile, 0, 0, group))
-                out.append(_window.WindowConfig(bm, bm, default_tile(grid, bm), 4, 4, 1))
+                out.append(_window.WindowConfig(bm, bm, window_tile(spec.window, bm), 4, 4, 1))
         else:
             for bm in (16, 32, 64):
                 for bn in (16, 32, 64, 128):
@@ -285,7 +286,7 @@ class TVMKernel(Kernel):
         if part == "window":
             c = _window.WindowConfig.from_dict({**{"mr_qk": 0, "mr_pv": 0}, **cfg})
             if isinstance(self.spec.window, GridWindow):
-                c = replace(c, block_n=c.block_m, tile=c.tile or default_tile(self.spec.window.grid, c.block_m))
+                c = replace(c, block_n=c.block_m, tile=c.tile or window_tile(self.spec.window, c.block_m))
             else:
                 c = replace(c, tile=None)
             return _fit_window(c, sizes).to_dict()

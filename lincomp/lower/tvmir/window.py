@@ -20,12 +20,12 @@ over the BM queries of the tile.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, divisor_at_most, emit_gemm_tile, exp2, f32
-from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
+from lincomp.ir.lowered import lower
+from lincomp.spec import AttentionSpec, GridWindow
 
 
 @dataclass(frozen=True)
@@ -88,43 +88,13 @@ def arg_names(spec: AttentionSpec) -> list:
 
 
 # ------------------------------------------------------------------------------------ visibility
-def _grid_axes(w: GridWindow):
-    strides = [math.prod(w.grid[a + 1:]) for a in range(len(w.grid))]
-    return list(zip(w.grid, strides))
-
-
-def _coord(pos: str, n: int, size: int, stride: int) -> str:
-    body = f"({pos} - {n})" if n else pos
-    inner = f"T.floordiv({body}, {stride})" if stride > 1 else body
-    return f"T.floormod({inner}, {size})"
-
-
-def visibility(spec: AttentionSpec, pi: str, pj: str, qc=None, kc=None) -> str:
-    """The generated predicate "query at position pi sees key at position pj" (docs/semantics.md section 1).
-
-    ``pj < 0`` marks a padding key slot. ``qc(a)`` / ``kc(a)`` give grid coordinates along axis a.
-    """
-    w, n = spec.window, spec.prefix
-    if w is None:
-        rule = None
-    elif isinstance(w, Window1D):
-        rule = f"{pj} - {pi} <= {w.right} and {pi} - {pj} <= {w.left}"
-    elif isinstance(w, TerracedWindow):
-        bi = f"T.floordiv({pi} - {n}, {w.block})" if n else f"T.floordiv({pi}, {w.block})"
-        bj = f"T.floordiv({pj} - {n}, {w.block})" if n else f"T.floordiv({pj}, {w.block})"
-        rule = f"{pj} <= {pi} and {bj} >= {bi} - 1"
-    else:
-        d = [f"({qc(a)} - {kc(a)})" for a in range(len(w.grid))]
-        if w.shape == "circle":
-            rule = " + ".join(f"{x} * {x}" for x in d) + f" < {w.radius * w.radius}"
-        else:
-            rule = " and ".join(f"T.abs{x} <= {w.radius}" for x in d)
-    terms = [f"{pj} >= 0"]
-    if rule is not None:
-        terms.append(f"({pi} < {n} or {pj} < {n} or ({rule}))" if n else f"({rule})")
-    if spec.causal:
-        terms.append(f"{pj} <= {pi}")
-    return " and ".join(terms)
+def visibility(spec: AttentionSpec, pi: str, pj: str) -> str:
+    """The generated predicate "query at position pi sees key at position pj": the IR's rule printed as
+    TVMScript, after ``pj >= 0`` (a negative position marks a padding key slot)."""
+    lowered = lower(spec)
+    if lowered.rule.op == "const":   # no window, not causal: every real key
+        return f"{pj} >= 0" if lowered.rule.value else "False"
+    return f"{pj} >= 0 and ({lowered.tvm_expr(pi, pj)})"
 
 
 # ---------------------------------------------------------------------------------------- template
@@ -202,7 +172,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                     with s.block(f"for f in range({F}):"):
                         s("fqT[f, i] = fq[b, h, T.max(qpos[i], 0), f]")
             _emit_init(s, spec, BM, Dv, shared)
-            vis = visibility(spec, "qpos[i]", "kpos[j]", *(_coord_fns(spec) if grid else ()))
+            vis = visibility(spec, "qpos[i]", "kpos[j]")
             loop = ("for e in range(kv_offsets[t], kv_offsets[t + 1]):" if G == 1 else
                     f"for eg in range((kv_offsets[t + 1] - kv_offsets[t] + {G - 1}) // {G}):")
             if G > 1:
@@ -259,13 +229,6 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                     _emit_shared_inwindow(s, spec, BM, GN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
             _emit_epilogue(s, spec, BM, Dv, shared, summed)
     return s.text()
-
-
-def _coord_fns(spec: AttentionSpec):
-    """Grid coordinates of query slot i / key slot j along each axis (from their positions)."""
-    axes = _grid_axes(spec.window)
-    n = spec.prefix
-    return (lambda a: _coord("qpos[i]", n, *axes[a]), lambda a: _coord("kpos[j]", n, *axes[a]))
 
 
 def _emit_positions(s: Script, spec: AttentionSpec, buf: str, tile: str, size: int, grid: bool,
