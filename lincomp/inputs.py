@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -83,6 +84,16 @@ def _check_tensor(name, t, device, ndim_options):
     return t
 
 
+def _finite(x, name: str, what: str) -> float:
+    """``x`` as a float; a NaN / Inf scale would make every output NaN or silently finite garbage."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) and not (isinstance(x, torch.Tensor) and x.numel() == 1):
+        raise TypeError(f"{name} must be a number ({what}), got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite ({what}), got {x}")
+    return x
+
+
 def unpack_initial_state(st, B: int, H: int, F: int, Dv: int, device=None) -> tuple:
     """``initial_state`` (``S0`` or ``(S0, z0)``) as ``(S0 [B, H, F, Dv], z0 [B, H, F])``, checked; z0 defaults
     to zeros. The tensors come back as given (decoders cast and copy them); ``device``: where they must be."""
@@ -152,16 +163,21 @@ def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_
         raise ValueError(f"key/value heads ({Hkv}) must divide query heads ({H}) (grouped-query attention)")
     if L < 1:
         raise ValueError("the sequence is empty (L = 0)")
+    if D < 1 or v.shape[3] < 1:
+        raise ValueError(f"head dims must be >= 1, got q/k D={D}, v Dv={v.shape[3]}; q, k, v are [B, H, L, D]")
+    if B < 1 or H < 1:
+        raise ValueError(f"batch and heads must be >= 1, got B={B}, H={H}")
     expected = spec.expected_length()
     if expected is not None and expected != L:
         w = spec.window
         raise ValueError(f"sequence length L={L} does not match window.grid {list(w.grid)} with prefix "
                          f"{spec.prefix}: expected prefix + {'*'.join(map(str, w.grid))} = {expected}; build the spec "
                          f"for this input with spec.with_grid(...) or fix the prefix")
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D ** -0.5 if scale is None else _finite(scale, "scale", "the softmax scale; default D ** -0.5")
     lin = spec.linear
     if linear_scale is None:
         linear_scale = D ** -0.5 if (lin is not None and lin.feature_map == "identity") else 1.0
+    linear_scale = _finite(linear_scale, "linear_scale", "the linear branch's output scale")
 
     needed = set()
     if lin is not None:

@@ -217,12 +217,12 @@ def _pairs_any_full(spec: AttentionSpec, qt: _Tiles, kt: _Tiles, qi: np.ndarray,
         dmin = np.maximum(0, np.maximum(kl - qh, ql - kh))
         dmax = np.maximum(qh - kl, kh - ql)
         if w.shape == "circle":
-            r2 = w.radius ** 2
+            r2 = w.grid_radius ** 2
             any_w = (dmin ** 2).sum(-1) < r2
             all_w = (dmax ** 2).sum(-1) < r2
         else:
-            any_w = dmin.max(-1) <= w.radius
-            all_w = dmax.max(-1) <= w.radius
+            any_w = dmin.max(-1) <= w.grid_radius
+            all_w = dmax.max(-1) <= w.grid_radius
     # Prefix rows see every key; every row sees prefix keys.
     body_q, body_k = q_pref == 0, k_pref == 0
     pure_prefix = (q_pref == 1) | (k_pref == 1)
@@ -252,7 +252,7 @@ def _candidates(spec: AttentionSpec, L: int, qt: _Tiles, kt: _Tiles, block_n: in
     elif isinstance(w, GridWindow) and tile is not None:
         # Neighbouring tiles within the radius (in tile units), plus one for partial overlap.
         tile = np.array(tile)
-        reach = np.ceil(w.radius / tile).astype(int)
+        reach = np.ceil(w.grid_radius / tile).astype(int)
         tgrid = kt.coord.max(0) + 1
         ranges = [np.arange(-r, r + 1) for r in reach]
         offsets = np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, len(tile))

@@ -181,12 +181,12 @@ class LinearPlan:
                 lines.append(f"    d{a} = ((ip // {stride}) % {size}) - ((jp // {stride}) % {size})")
                 terms.append(f"d{a}")
             if w.shape == "circle":
-                lines.append(f"    rule = ({' + '.join(t + ' * ' + t for t in terms)}) < {w.radius * w.radius}")
+                lines.append(f"    rule = ({' + '.join(t + ' * ' + t for t in terms)}) < {w.grid_radius ** 2}")
             else:
                 mx = f"tl.abs({terms[0]})"
                 for t in terms[1:]:
                     mx = f"tl.maximum({mx}, tl.abs({t}))"
-                lines.append(f"    rule = {mx} <= {w.radius}")
+                lines.append(f"    rule = {mx} <= {w.grid_radius}")
             return lines
         raise Unsupported(f"window {w!r}")
 

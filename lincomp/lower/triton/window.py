@@ -97,7 +97,7 @@ def _mask_body(spec: AttentionSpec) -> tuple:
                 lines.append(f"{side}{name} = {expr}")
         for name in names:
             lines.append(f"d{name} = {R('q' + name)} - {C('k' + name)}")
-        r = w.radius
+        r = w.grid_radius
         if w.shape == "circle":
             doc = f"{w.kind} circle on grid {list(w.grid)}: " + " + ".join(f"d{x}^2" for x in names) + f" < {r}^2"
             lines.append("rule = " + " + ".join(f"d{x} * d{x}" for x in names) + f" < {r * r}")

@@ -116,9 +116,9 @@ def visibility(spec: AttentionSpec, pi: str, pj: str, qc=None, kc=None) -> str:
     else:
         d = [f"({qc(a)} - {kc(a)})" for a in range(len(w.grid))]
         if w.shape == "circle":
-            rule = " + ".join(f"{x} * {x}" for x in d) + f" < {w.radius * w.radius}"
+            rule = " + ".join(f"{x} * {x}" for x in d) + f" < {w.grid_radius ** 2}"
         else:
-            rule = " and ".join(f"T.abs{x} <= {w.radius}" for x in d)
+            rule = " and ".join(f"T.abs{x} <= {w.grid_radius}" for x in d)
     terms = [f"{pj} >= 0"]
     if rule is not None:
         terms.append(f"({pi} < {n} or {pj} < {n} or ({rule}))" if n else f"({rule})")
