@@ -129,6 +129,45 @@ def check_window_gamma(gamma: torch.Tensor) -> None:
         raise ValueError("window_gamma must lie in (0, 1] (pass sigmoid(factor) as LoLCATs does)")
 
 
+def check_step(spec: AttentionSpec, q, k, v, g=None) -> None:
+    """Check one decoding step (every decoder calls this): ``q [B, H, 1, D]``, ``k [B, Hkv, 1, D]``,
+    ``v [B, Hkv, 1, Dv]``, ``g [B, H, 1]`` (scalar gate) or ``[B, H, 1, F]`` (vector gate), with the same
+    rules as :func:`bind` (a missing or extra gate, a gate > 0 or with NaN / Inf raises)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[2] != 1:
+            raise ValueError(f"{name} must be one token [B, H, 1, D] (a decoder takes a step at a time; feed a "
+                             f"sequence token by token or use the full kernel), got shape {list(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; use float16, bfloat16, float32 or float64")
+    B, H, _, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"k head dim {k.shape[3]} != q head dim {D}")
+    if k.shape[1] != v.shape[1] or k.shape[1] < 1 or H % k.shape[1]:
+        raise ValueError(f"key/value heads ({k.shape[1]}, {v.shape[1]}) must match and divide query heads ({H})")
+    if min(B, H, D, v.shape[3]) < 1:
+        raise ValueError(f"sizes must be >= 1, got q {list(q.shape)}, v {list(v.shape)}")
+    lin = spec.linear
+    gate = None if lin is None else lin.gate
+    if gate is None:
+        if g is not None:
+            raise ValueError(f"g was given but the spec ({spec.summary()}) has no gate; remove it")
+        return
+    if g is None:
+        raise ValueError(f"g is required by this spec's {gate} gate ({spec.summary()}): "
+                         f"{'[B, H, 1]' if gate == 'scalar' else '[B, H, 1, F]'}")
+    g = _check_tensor("g", g, q.device, (3,) if gate == "scalar" else (4,))
+    if list(g.shape[:3]) != [B, H, 1]:
+        raise _shape_error("g", g.shape, "[B, H, 1]" if gate == "scalar" else "[B, H, 1, F]",
+                           f"one log gate per {'head' if gate == 'scalar' else 'feature'} for this token")
+    if not g.is_floating_point():
+        raise TypeError(f"g must be a float tensor, got {g.dtype}")
+    check_log_gate(*(float(x) for x in torch.aminmax(g.detach())))
+
+
 def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
          return_state: bool = False, check_values: bool = True, **tensors) -> Call:
     """Check a call and return its :class:`Call`. Raises ValueError / TypeError naming the field."""

@@ -36,6 +36,7 @@ from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
 from lincomp.lower.tvmir import linear as _linear
 from lincomp.lower.tvmir import window as _window
+from lincomp.lower.tvmir.codegen import base2
 from lincomp.runtime.kernel import Kernel, Unsupported
 from lincomp.spec import AttentionSpec, GridWindow
 
@@ -399,7 +400,7 @@ class TVMKernel(Kernel):
         if spec.has_softmax:
             args = [call.q, call.k, call.v, *self._plan(L, configs["window"])]
             if spec.sinks:
-                args.append(call.sink_logits)
+                args.append(base2(call.sink_logits))
             args += lin_args or []
             mods["window"].fn("window_fwd")(*args, o, call.scale)
         return o, state

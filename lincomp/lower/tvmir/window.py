@@ -285,9 +285,12 @@ def _emit_init(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool) -
         mx = logits[0]
         for x in logits[1:]:
             mx = f"T.max({mx}, {x})"
-        s("# sinks: extra logits in the denominator only")
-        s(f"sink_max = {mx} * {f32(LOG2E)}")
-        s("sink_sum = " + " + ".join(exp2(f"{x} * {f32(LOG2E)} - sink_max") for x in logits))
+        s("# sinks: extra logits in the denominator only; the caller passes them times log2(e) (a product")
+        s("# here would fuse into an fma with the max subtracted from it: wrong by an ulp of a huge logit).")
+        s("# Sinks all at -inf (switched off) add nothing: shift by 0, as a row with no key yet does.")
+        s(f"sink_max = {mx}")
+        s(f"sink_shift = T.if_then_else(sink_max == {NEG_INF}, T.float32(0), sink_max)")
+        s("sink_sum = " + " + ".join(exp2(f"{x} - sink_shift") for x in logits))
         m0, l0 = "sink_max", "sink_sum"
     else:
         m0, l0 = NEG_INF, "T.float32(0)"
@@ -348,7 +351,7 @@ def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: boo
                     s("o[b, h, p, d] = T.if_then_else(den == T.float32(0), T.float32(0), "
                       "(gam * acc[i, d] + lin_num[b, h, p, d] - accl[i, d]) / den)")
             else:
-                s("inv = T.if_then_else(l[i] > T.float32(0), T.float32(1) / l[i], T.float32(0))")
+                s("inv = T.if_then_else(l[i] == T.float32(0), T.float32(0), T.float32(1) / l[i])   # NaN stays NaN")
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     if summed:
                         s("o[b, h, p, d] = lin_o[b, h, p, d] + alpha[h] * acc[i, d] * inv")
