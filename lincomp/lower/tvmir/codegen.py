@@ -84,6 +84,16 @@ def exp2(arg: str) -> str:
     return f"exp2({arg})"
 
 
+def check_config_int(value, name: str, lo: int, hi: int, pow2: bool = False) -> None:
+    """Raise ValueError / TypeError unless ``value`` is an int in [lo, hi] (a power of two if ``pow2``):
+    a config from a user or the tuning database never reaches the code generator out of range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"config {name} must be an int, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi or (pow2 and value & (value - 1)):
+        raise ValueError(f"config {name} must be {'a power of two ' if pow2 else 'an int '}in [{lo}, {hi}], "
+                         f"got {value}")
+
+
 def divisor_at_most(n: int, cap: int) -> int:
     """The largest divisor of ``n`` that is <= cap (micro-kernel rows must tile the rows exactly)."""
     for m in range(min(n, max(1, cap)), 0, -1):

@@ -267,11 +267,13 @@ class TVMKernel(Kernel):
             key = (part, sizes, bucket)
             if key not in self._configs:
                 cfg = self._fixed.get(part)
-                if cfg is None:
+                if cfg is not None:
+                    cfg = self._normalise(part, cfg, sizes)     # a user's bad config raises here
+                else:
                     cfg = self._db_config(part, sizes, L)
                 if cfg is None:
-                    cfg = default_config(part, self.spec, sizes, L)
-                self._configs[key] = self._normalise(part, cfg, sizes)
+                    cfg = self._normalise(part, default_config(part, self.spec, sizes, L), sizes)
+                self._configs[key] = cfg
             out[part] = self._configs[key]
         return out
 
@@ -286,15 +288,25 @@ class TVMKernel(Kernel):
         return _linear.LinearConfig.from_dict(cfg).to_dict()
 
     def _db_config(self, part: str, sizes: Sizes, L: int) -> Optional[dict]:
+        """The database's config for this part, normalised; None when there is none or it is out of range."""
+        from lincomp.tuning.db import TuningDB, TuningDBWarning
         try:
-            from lincomp.tuning.db import TuningDB
             db = self._db if self._db is not None else TuningDB()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 hit = db.lookup(BACKEND, KERNEL_NAMES[part], self.spec, "float32", sizes.bucket(L, part),
                                 device="cpu")
-            return None if hit is None else hit.config
         except Exception:  # a missing or unreadable database never stops a call
+            return None
+        if hit is None:
+            return None
+        try:
+            return self._normalise(part, hit.config, sizes)
+        except (ValueError, TypeError) as e:   # parses but out of range: the default runs instead
+            if (part, hit.key) not in self._warned:
+                self._warned.add((part, hit.key))
+                warnings.warn(f"lincomp tuning db: entry {hit.key} in {hit.source}: {e}; ignored (using the "
+                              "default config; see `lincomp db validate`)", TuningDBWarning, stacklevel=5)
             return None
 
     def _part_sources(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool) -> dict:

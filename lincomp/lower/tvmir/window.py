@@ -24,7 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, divisor_at_most, emit_gemm_tile, exp2, f32
+from lincomp.lower.tvmir.codegen import (LOG2E, NEG_INF, Script, check_config_int, divisor_at_most, emit_gemm_tile,
+                                         exp2, f32)
 from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
 
 
@@ -38,6 +39,20 @@ class WindowConfig:
     mr_qk: int = 4                       # key rows per QK micro-kernel step
     mr_pv: int = 4                       # query rows per PV micro-kernel step
     kv_group: int = 1                    # key tiles per online-softmax step (longer PV reductions)
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            check_config_int(getattr(self, name), f"window.{name}", 1, 256, pow2=True)
+        for name in ("mr_qk", "mr_pv"):
+            check_config_int(getattr(self, name), f"window.{name}", 0, 64)   # 0: as many as fit
+        check_config_int(self.kv_group, "window.kv_group", 1, 64)
+        if self.tile is not None:
+            if not isinstance(self.tile, (tuple, list)) or not 2 <= len(self.tile) <= 3:
+                raise ValueError(f"config window.tile must be a list of 2 or 3 ints, got {self.tile!r}")
+            for n, t in enumerate(self.tile):
+                check_config_int(t, f"window.tile[{n}]", 1, 256)
+            if math.prod(self.tile) != self.block_m:
+                raise ValueError(f"config window.tile {list(self.tile)} must have product block_m={self.block_m}")
 
     def to_dict(self) -> dict:
         d = {"block_m": self.block_m, "block_n": self.block_n, "mr_qk": self.mr_qk, "mr_pv": self.mr_pv,
