@@ -20,6 +20,23 @@ _SUBCOMMANDS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (sizes: --dim, --heads, --length, ...); else a usage error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def user_error(command: str, error: Exception) -> int:
+    """Report a user's mistake (a bad spec, size or option) in one line on stderr; exit status 2."""
+    print(f"lincomp {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lincomp",

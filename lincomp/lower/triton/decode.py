@@ -17,7 +17,7 @@ import torch
 
 from lincomp.lower.triton.linear import (LinearPlan, alloc, interpreting, load_module, next_pow2, render_common,
                                          _template, _tl_dtype, _dummy)
-from lincomp.inputs import unpack_initial_state
+from lincomp.inputs import check_step, unpack_initial_state
 from lincomp.runtime.kernel import Unsupported
 from lincomp.spec import AttentionSpec
 

@@ -99,6 +99,7 @@ def arg_names(spec: AttentionSpec) -> list:
         names += ["lin_num", "lin_den", "window_gamma", "fq", "fk"]
         if spec.linear.gate is not None:
             names.append("G")
+        names.append("cond")
     return names + ["o", "scale"]
 
 
@@ -188,6 +189,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                 s(f'G = T.match_buffer(G_h, (B, {H}, L), "float64")')
             elif gate == "vector":
                 s(f'G = T.match_buffer(G_h, (B, {H}, L, {F}), "float64")')
+            s('cond = T.match_buffer(cond_h, (B, {H}, L), "float32")'.replace("{H}", str(H)))
         s(f'o = T.match_buffer(o_h, (B, {H}, L, {Dv}), "float32")')
         s("# one task per (batch, head, query tile)")
         with s.block(f"for task in T.parallel(B * {H} * (NT1 - 1)):"):
@@ -361,7 +363,11 @@ def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: boo
             s("p = qpos[i]")
             if shared:
                 s("gam = window_gamma[h]",
-                  "den = gam * l[i] + lin_den[b, h, p] - ll[i]")
+                  "den = gam * l[i] + lin_den[b, h, p] - ll[i]",
+                  "# the out-of-window linear part is the full scan minus the in-window terms: its rounding",
+                  "# error is ~2^-24 (|lin_den| + |ll|); cond = that over |den| (the caller checks it)",
+                  "cond[b, h, p] = T.if_then_else(den == T.float32(0), T.float32(math.inf), "
+                  "(T.abs(lin_den[b, h, p]) + T.abs(ll[i])) / T.abs(den))")
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     s("o[b, h, p, d] = T.if_then_else(den == T.float32(0), T.float32(0), "
                       "(gam * acc[i, d] + lin_num[b, h, p, d] - accl[i, d]) / den)")
