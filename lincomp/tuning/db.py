@@ -235,23 +235,21 @@ class Entry:
                    spec_dict=d.get("spec_dict"), shape=d.get("shape"), device=device, source=source)
 
 
-def _check_config(value: Any, name: str) -> None:
-    """A config holds names -> ints, finite floats, bools, strings, null or lists of them (a NaN or a nested
-    object would reach a code generator; each backend then checks the ranges of its own keys)."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{name} keys must be strings, got {k!r}")
-            _check_config(v, f"{name}.{k}")
-    elif isinstance(value, list):
-        for n, v in enumerate(value):
-            if isinstance(v, (dict, list)):
-                raise ValueError(f"{name}[{n}] must be a number, string, bool or null, got {v!r}")
-            _check_config(v, f"{name}[{n}]")
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    elif not (value is None or isinstance(value, (bool, int, float, str))):
-        raise ValueError(f"{name} must be a number, string, bool or null (or a list of them), got {value!r}")
+def _check_config(config: dict, name: str) -> None:
+    """A config maps names to ints, finite floats, bools, strings, null or flat lists of them (a NaN or a
+    nested object would reach a code generator; each backend then checks the ranges of its own keys)."""
+    def scalar(v: Any, where: str) -> None:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where} must be finite, got {v!r}")
+        if not (v is None or isinstance(v, (bool, int, float, str))):
+            raise ValueError(f"{where} must be a number, string, bool or null, got {v!r}")
+
+    for k, v in config.items():
+        if isinstance(v, list):
+            for n, x in enumerate(v):
+                scalar(x, f"{name}.{k}[{n}]")
+        else:
+            scalar(v, f"{name}.{k}")
 
 
 def _check_time(value: Any, name: str) -> None:
