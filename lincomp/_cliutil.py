@@ -22,3 +22,20 @@ def run_standalone(name: str, register, argv=None, implied=None) -> int:
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (sizes: --dim, --heads, --length, ...); else a usage error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def user_error(command: str, error: Exception) -> int:
+    """Report a user's mistake (a bad spec, size or option) in one line on stderr; exit status 2."""
+    print(f"lincomp {command}: error: {error}", file=sys.stderr)
+    return 2

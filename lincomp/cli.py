@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from lincomp._cliutil import run_standalone  # noqa: F401  (subcommand modules' `python -m` entry)
+from lincomp._cliutil import positive_int, run_standalone, user_error  # noqa: F401  (shared by subcommand modules)
 
 # name -> (module with register(subparsers), one-line help)
 _SUBCOMMANDS = {

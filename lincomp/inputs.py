@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,6 +85,16 @@ def _check_tensor(name, t, device, ndim_options):
     return t
 
 
+def _finite(x, name: str, what: str) -> float:
+    """``x`` as a float; a NaN / Inf scale would make every output NaN or silently finite garbage."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) and not (isinstance(x, torch.Tensor) and x.numel() == 1):
+        raise TypeError(f"{name} must be a number ({what}), got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite ({what}), got {x}")
+    return x
+
+
 def unpack_initial_state(st, B: int, H: int, F: int, Dv: int, device=None) -> tuple:
     """``initial_state`` (``S0`` or ``(S0, z0)``) as ``(S0 [B, H, F, Dv], z0 [B, H, F])``, checked; z0 defaults
     to zeros. The tensors come back as given (decoders cast and copy them); ``device``: where they must be."""
@@ -117,6 +128,45 @@ def check_window_gamma(gamma: torch.Tensor) -> None:
     """Raise unless every entry of ``window_gamma`` lies in (0, 1]."""
     if not bool(((gamma > 0) & (gamma <= 1)).all()):
         raise ValueError("window_gamma must lie in (0, 1] (pass sigmoid(factor) as LoLCATs does)")
+
+
+def check_step(spec: AttentionSpec, q, k, v, g=None) -> None:
+    """Check one decoding step (every decoder calls this): ``q [B, H, 1, D]``, ``k [B, Hkv, 1, D]``,
+    ``v [B, Hkv, 1, Dv]``, ``g [B, H, 1]`` (scalar gate) or ``[B, H, 1, F]`` (vector gate), with the same
+    rules as :func:`bind` (a missing or extra gate, a gate > 0 or with NaN / Inf raises)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[2] != 1:
+            raise ValueError(f"{name} must be one token [B, H, 1, D] (a decoder takes a step at a time; feed a "
+                             f"sequence token by token or use the full kernel), got shape {list(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; use float16, bfloat16, float32 or float64")
+    B, H, _, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"k head dim {k.shape[3]} != q head dim {D}")
+    if k.shape[1] != v.shape[1] or k.shape[1] < 1 or H % k.shape[1]:
+        raise ValueError(f"key/value heads ({k.shape[1]}, {v.shape[1]}) must match and divide query heads ({H})")
+    if min(B, H, D, v.shape[3]) < 1:
+        raise ValueError(f"sizes must be >= 1, got q {list(q.shape)}, v {list(v.shape)}")
+    lin = spec.linear
+    gate = None if lin is None else lin.gate
+    if gate is None:
+        if g is not None:
+            raise ValueError(f"g was given but the spec ({spec.summary()}) has no gate; remove it")
+        return
+    if g is None:
+        raise ValueError(f"g is required by this spec's {gate} gate ({spec.summary()}): "
+                         f"{'[B, H, 1]' if gate == 'scalar' else '[B, H, 1, F]'}")
+    g = _check_tensor("g", g, q.device, (3,) if gate == "scalar" else (4,))
+    if list(g.shape[:3]) != [B, H, 1]:
+        raise _shape_error("g", g.shape, "[B, H, 1]" if gate == "scalar" else "[B, H, 1, F]",
+                           f"one log gate per {'head' if gate == 'scalar' else 'feature'} for this token")
+    if not g.is_floating_point():
+        raise TypeError(f"g must be a float tensor, got {g.dtype}")
+    check_log_gate(*(float(x) for x in torch.aminmax(g.detach())))
 
 
 def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
@@ -153,16 +203,21 @@ def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_
         raise ValueError(f"key/value heads ({Hkv}) must divide query heads ({H}) (grouped-query attention)")
     if L < 1:
         raise ValueError("the sequence is empty (L = 0)")
+    if D < 1 or v.shape[3] < 1:
+        raise ValueError(f"head dims must be >= 1, got q/k D={D}, v Dv={v.shape[3]}; q, k, v are [B, H, L, D]")
+    if B < 1 or H < 1:
+        raise ValueError(f"batch and heads must be >= 1, got B={B}, H={H}")
     expected = spec.expected_length()
     if expected is not None and expected != L:
         w = spec.window
         raise ValueError(f"sequence length L={L} does not match window.grid {list(w.grid)} with prefix "
                          f"{spec.prefix}: expected prefix + {'*'.join(map(str, w.grid))} = {expected}; build the spec "
                          f"for this input with spec.with_grid(...) or fix the prefix")
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D ** -0.5 if scale is None else _finite(scale, "scale", "the softmax scale; default D ** -0.5")
     lin = spec.linear
     if linear_scale is None:
         linear_scale = D ** -0.5 if (lin is not None and lin.feature_map == "identity") else 1.0
+    linear_scale = _finite(linear_scale, "linear_scale", "the linear branch's output scale")
 
     needed = set(required_tensors(spec))
     optional = set(optional_tensors(spec))

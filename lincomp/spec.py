@@ -20,11 +20,16 @@ HEDGEHOG_MAPS = ("hedgehog", "hedgehog_exp")
 GATES = (None, "scalar", "vector")
 COMBINES = (None, "shared", "sum")
 SHAPES = ("circle", "square", "tile")
+# Longest reach a 1D / terraced window keeps (tokens). A window reaching past the sequence is the same as
+# one reaching to its edge, and every kernel indexes tokens with int32: a larger value (2^31, 2^63) is
+# clamped to this, which changes no visible pair of any sequence a kernel can hold.
+MAX_REACH = 2 ** 30
 
 _TOP_KEYS = ("window", "causal", "prefix", "sinks", "linear", "combine")
 _LINEAR_KEYS = ("feature_map", "feature_dim", "gate", "normalize", "chunk_size")
-# Optional keys a dict may carry for humans; ignored by the math.
-_OPTIONAL_KEYS = ("name", "description", "version", "paper")
+# Keys a dict may carry for humans; ignored by the math. Any other unknown key raises: a spec written
+# for a newer lincomp (or for another library) must never run as a different attention.
+_OPTIONAL_KEYS = ("name", "description", "paper")
 
 
 def _int(value: Any, name: str, minimum: int, fix: str) -> int:
@@ -53,9 +58,26 @@ def _check_keys(d: Mapping, known: tuple, where: str) -> None:
     for key in d:
         if key in known or key in _OPTIONAL_KEYS:
             continue
-        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
-        if close:  # a typo would otherwise be silently ignored
-            raise ValueError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}?")
+        if not isinstance(key, str):
+            raise TypeError(f"{where}: keys must be strings, got {type(key).__name__} {key!r}")
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]!r}?" if close else f"the keys of {where} are {list(known)}"
+        hint += f" (plus {list(_OPTIONAL_KEYS)} for humans)"
+        raise ValueError(f"{where}: unknown key {key!r}; {hint}. Unknown keys are rejected so a spec never "
+                         "silently runs as a different attention")
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """``json.loads`` with every failure (syntax, nesting too deep to parse) as a ValueError naming ``where``."""
+    try:
+        d = json.loads(text.lstrip("\ufeff"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} does not parse ({e}); give a JSON object") from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a spec; give a JSON object") from None
+    if not isinstance(d, dict):
+        raise TypeError(f"{where} must hold a JSON object (a dict), got {type(d).__name__}")
+    return d
 
 
 # ----------------------------------------------------------------------------------------- windows
@@ -70,6 +92,8 @@ class Window1D:
     def __post_init__(self):
         _int(self.left, "window.left", 0, "give how many keys before the query it sees")
         _int(self.right, "window.right", 0, "use right=0 for a causal sliding window")
+        object.__setattr__(self, "left", min(self.left, MAX_REACH))
+        object.__setattr__(self, "right", min(self.right, MAX_REACH))
 
     def to_dict(self) -> dict:
         return {"kind": "1d", "left": self.left, "right": self.right}
@@ -91,6 +115,7 @@ class TerracedWindow:
 
     def __post_init__(self):
         _int(self.block, "window.block", 1, "use the block size in tokens, e.g. 64")
+        object.__setattr__(self, "block", min(self.block, MAX_REACH))
 
     def to_dict(self) -> dict:
         return {"kind": "terraced", "block": self.block}
@@ -172,6 +197,15 @@ class GridWindow:
     def tokens(self) -> int:
         return math.prod(self.grid)
 
+    @property
+    def grid_radius(self) -> int:
+        """The radius clamped to the grid: the smallest radius with the same visible pairs when ``radius``
+        reaches past the grid's edge (every consumer computes with this: no overflow, no memory blow-up)."""
+        if self.shape == "square":
+            return min(self.radius, max(self.grid) - 1)
+        # circle: sum d^2 < r^2; the largest sum on the grid is sum (g - 1)^2
+        return min(self.radius, math.isqrt(sum((g - 1) ** 2 for g in self.grid)) + 1)
+
     def to_dict(self) -> dict:
         d = {"kind": self.kind, "grid": list(self.grid), "shape": self.shape}
         if self.shape == "tile":
@@ -184,7 +218,7 @@ class GridWindow:
         """Per axis, the largest |y_a(i) - y_a(j)| of a visible pair (grid coordinate units)."""
         if self.shape == "tile":   # at a border the window shifts inside: kernel * tile - 1 on one side
             return tuple(min(k * t - 1, g - 1) for g, t, k in zip(self.grid, self.tile, self.kernel))
-        r = self.radius if self.shape == "square" else self.radius - 1
+        r = self.grid_radius if self.shape == "square" else self.grid_radius - 1
         return tuple(min(r, g - 1) for g in self.grid)
 
     def reach(self, causal: bool) -> int:
@@ -327,8 +361,11 @@ class AttentionSpec:
         if isinstance(d, AttentionSpec):
             return d
         _check_keys(d, _TOP_KEYS, "spec")
+        name = d.get("name")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"spec name must be a string or null, got {type(name).__name__}")
         kwargs = {k: d[k] for k in _TOP_KEYS if k in d}
-        return cls(name=d.get("name"), **kwargs)
+        return cls(name=name, **kwargs)
 
     def to_json(self, path: Optional[Union[str, Path]] = None, indent: int = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent, sort_keys=True)
@@ -339,15 +376,29 @@ class AttentionSpec:
 
     @classmethod
     def from_json(cls, text_or_path: Union[str, Path]) -> "AttentionSpec":
-        p = Path(text_or_path)
+        """A spec from JSON text (starting with ``{``) or the path of a JSON file (UTF-8, a BOM is fine)."""
         text = str(text_or_path)
-        if not text.lstrip().startswith("{") and p.exists():
-            text = p.read_text()
+        if not isinstance(text_or_path, Path) and text.lstrip("\ufeff \t\r\n").startswith("{"):
+            return cls.from_dict(_parse_json(text, "spec JSON"))
+        p = Path(text_or_path)
+        where = f"spec file {str(p)!r}"
+        if not text.strip():
+            raise ValueError("spec path is empty; give a JSON object or the path of a .json file")
+        if not p.exists():
+            raise ValueError(f"{where} does not exist (and the text is not a JSON object); give a JSON object "
+                             "or the path of an existing .json file")
+        if not p.is_file():
+            raise ValueError(f"{where} is not a regular file (a directory?); give the path of a .json file")
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"spec JSON does not parse ({e}); give a JSON object or a path to one") from None
-        return cls.from_dict(d)
+            raw = p.read_bytes()
+        except OSError as e:
+            raise ValueError(f"{where} cannot be read ({e.strerror or e})") from None
+        try:
+            text = raw.decode("utf-8-sig")   # a UTF-8 byte-order mark (some Windows editors add one) is fine
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                             "save the spec as a UTF-8 JSON file") from None
+        return cls.from_dict(_parse_json(text, where))
 
     @classmethod
     def coerce(cls, spec: Union["AttentionSpec", Mapping, str, Path]) -> "AttentionSpec":

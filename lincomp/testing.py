@@ -129,6 +129,57 @@ def spec_strategy(*, windows=("1d", "terraced", "2d", "3d", None), linear=True, 
     return _spec()
 
 
+# Extreme but valid values (what trained checkpoints and adversarial users pass): sinks switched off (-inf)
+# or dominating, full resets of the gate, a window weight near 0, near one-hot softmaxes.
+EXTREME_SINKS = (float("-inf"), -1e10, -1e4, -30.0, 0.0, 5.0, 30.0, 1e4)
+EXTREME_GATES = (-1e4, -100.0, -30.0, -1.0, -1e-3, 0.0)
+EXTREME_GAMMAS = (1e-8, 1e-6, 1e-4, 1e-2, 0.5, 1.0)
+EXTREME_SCORES = (1.0, 30.0, 1e3, 1e4)      # largest |score| the softmax scale is set to reach
+
+
+def extreme_case(*, head_dims=(8, 16, 24, 256, 512), max_len: int = 24, windows=("1d", "terraced", "2d", None),
+                 gammas=EXTREME_GAMMAS):
+    """A hypothesis strategy of ``(spec, inputs)`` with extreme but valid values: sink logits from -inf to
+    +1e4, log gates from -1e4 to 0, window_gamma down to 1e-8, softmax scores up to 1e4 (through
+    ``scale``), head dims up to 512. ``inputs`` are keyword arguments of ``kernel(**inputs)`` (fp32)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def _case(draw):
+        spec = draw(spec_strategy(windows=windows, max_prefix=3, max_grid=4))
+        D = draw(st.sampled_from(list(head_dims)), label="D")
+        H = draw(st.sampled_from([1, 2]), label="H")
+        L = spec.expected_length() or draw(st.integers(1, max_len), label="L")
+        x = random_inputs(spec, B=1, H=H, L=L, D=D, seed=draw(st.integers(0, 99), label="seed"), feature_dim=4)
+        lin = spec.linear
+        if spec.sinks:
+            x["sink_logits"] = torch.tensor([[draw(st.sampled_from(EXTREME_SINKS), label="sink")
+                                              for _ in range(spec.sinks)] for _ in range(H)])
+        if lin is not None and lin.gate is not None:
+            picks = torch.tensor(draw(st.lists(st.sampled_from(EXTREME_GATES), min_size=4, max_size=4), label="g"))
+            choice = torch.randint(0, 4, x["g"].shape, generator=torch.Generator().manual_seed(L))
+            x["g"] = torch.where(choice == 0, x["g"], picks[choice])   # mixed with ordinary gates
+        if spec.combine == "shared":
+            x["window_gamma"] = torch.tensor([draw(st.sampled_from(list(gammas)), label="gamma") for _ in range(H)])
+        if spec.has_softmax:
+            top = draw(st.sampled_from(EXTREME_SCORES), label="max_score")
+            raw = (x["q"].double() @ x["k"].double().transpose(-1, -2)).abs().max().item()
+            x["scale"] = top / max(raw, 1e-6)
+        return spec, x
+
+    return _case()
+
+
+def case_tolerance(spec: AttentionSpec, inputs: dict) -> float:
+    """SEMANTICS' fp32 bound (1e-4), widened only by the conditioning of fp32 scores: a logit of size S is
+    rounded by about S * 2^-24, which moves a softmax weight by that much relative (1e4: 6e-4)."""
+    scale = inputs.get("scale")
+    if scale is None or not spec.has_softmax:
+        return 1e-4
+    top = (inputs["q"].double() @ inputs["k"].double().transpose(-1, -2)).abs().max().item() * abs(scale)
+    return max(1e-4, 4 * top * 2.0 ** -24 * inputs["q"].shape[-1] ** 0.5)
+
+
 def length_for(spec: AttentionSpec, free_length: int) -> int:
     """The sequence length to test ``spec`` at: fixed by a grid window, else ``free_length``."""
     fixed = spec.expected_length()
@@ -147,4 +198,5 @@ def examples(n: int):
     return settings(deadline=None, suppress_health_check=list(HealthCheck))
 
 
-__all__ = ["rel_err", "random_inputs", "poison_like", "spec_strategy", "length_for", "examples", "GridWindow"]
+__all__ = ["rel_err", "random_inputs", "poison_like", "spec_strategy", "length_for", "examples", "GridWindow",
+           "extreme_case", "case_tolerance"]

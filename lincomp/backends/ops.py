@@ -274,24 +274,37 @@ attention_forward.register_autograd(_backward_wrapper, setup_context=_setup_cont
 
 
 # ---------------------------------------------------------------------------- key padding mask
+# An additive mask entry at or below this removes its key exactly: exp(-1e4 + score) is 0 even in fp64
+# (exp underflows below -745), so old-style -1e4 padding masks (BERT) are padding, not a bias.
+MASKED_LOGIT = -1.0e4
+
+
 def _attend(mask: Tensor) -> Tensor:
-    """Which entries of an SDPA attn_mask let a key through (bool: True; float: 0, not a large negative)."""
+    """Which entries of an SDPA attn_mask let a key through (bool: True; float: above ``MASKED_LOGIT``)."""
     if mask.dtype == torch.bool:
         return mask
-    return mask > torch.finfo(mask.dtype).min / 2
+    return mask > MASKED_LOGIT
+
+
+def _as_4d(mask: Tensor) -> Tensor:
+    """An SDPA ``attn_mask`` of 2 to 4 dims as ``[B|1, H|1, Lq, Lk]`` (SDPA broadcasts from the right)."""
+    if not 2 <= mask.dim() <= 4:
+        raise ValueError(f"attn_mask must be [Lq, Lk], [H, Lq, Lk] or [B, H, Lq, Lk] (broadcastable), got shape "
+                         f"{list(mask.shape)}")
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
 @torch.library.custom_op("lincomp::key_padding_mask", mutates_args=())
 def key_padding_mask(mask: Tensor, causal: bool, check: bool = True) -> Tensor:
-    """[B|1, H|1, Lq|1, Lk] SDPA ``attn_mask`` -> [B, Lk] bool key-padding mask (True = attend).
+    """[B|1, H|1, Lq|1, Lk] SDPA ``attn_mask`` (or [Lq, Lk], [H, Lq, Lk]) -> [B|1, Lk] bool key-padding mask
+    (True = attend). Float entries <= -1e4 (``MASKED_LOGIT``) remove their key.
 
     A key counts as present when some query row lets it through. With ``check`` the mask must equal
     ``(causal ? tril : all) & kpm`` (rows of padded queries, which see no key under that rule, may hold
     anything), and a float mask must be exactly 0 where it lets a key through; otherwise ValueError: such a
     mask (an attention bias, a packed-sequence or sliding-window mask) cannot be combined with a spec.
     """
-    if mask.dim() != 4:
-        raise ValueError(f"attn_mask must be 4D [B, H, Lq, Lk] (broadcastable), got shape {list(mask.shape)}")
+    mask = _as_4d(mask)
     attend = _attend(mask)
     kpm = attend.any(dim=2).all(dim=1)                                    # [B, Lk]
     if check:
@@ -321,6 +334,7 @@ def _check_key_padding(mask: Tensor, attend: Tensor, kpm: Tensor, causal: bool) 
 
 @key_padding_mask.register_fake
 def _key_padding_mask_fake(mask, causal, check=True):
+    mask = _as_4d(mask)
     return mask.new_empty((mask.shape[0], mask.shape[-1]), dtype=torch.bool)
 
 

@@ -250,12 +250,12 @@ def _pairs_any_full(spec: AttentionSpec, qt: _Tiles, kt: _Tiles, qi: np.ndarray,
         if w.shape == "tile":
             any_w, all_w = _tile_pairs(w, ql, qh, kl, kh)
         elif w.shape == "circle":
-            r2 = w.radius ** 2
+            r2 = w.grid_radius ** 2
             any_w = (dmin ** 2).sum(-1) < r2
             all_w = (dmax ** 2).sum(-1) < r2
         else:
-            any_w = dmin.max(-1) <= w.radius
-            all_w = dmax.max(-1) <= w.radius
+            any_w = dmin.max(-1) <= w.grid_radius
+            all_w = dmax.max(-1) <= w.grid_radius
     # Prefix rows see every key; every row sees prefix keys.
     body_q, body_k = q_pref == 0, k_pref == 0
     pure_prefix = (q_pref == 1) | (k_pref == 1)

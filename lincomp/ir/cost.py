@@ -58,7 +58,7 @@ def _grid_pairs(w: GridWindow) -> int:
     The outer axes' offsets are enumerated (<= (2r+1)^(n-1) of them); the last axis is summed in closed
     form: offsets |dx| <= X contribute sum (g - |dx|) = g (2X + 1) - X (X + 1).
     """
-    grid, r = w.grid, w.radius
+    grid, r = w.grid, w.grid_radius
     outer = [np.arange(-min(r, g - 1), min(r, g - 1) + 1, dtype=np.int64) for g in grid[:-1]]
     mesh = np.meshgrid(*outer, indexing="ij")
     d = np.stack([m.reshape(-1) for m in mesh], 1)                     # [O, n-1]

@@ -24,6 +24,7 @@ import time
 from typing import List, Optional, Sequence
 
 from lincomp import presets
+from lincomp._cliutil import positive_int
 from lincomp.spec import AttentionSpec, GridWindow
 
 FLEX_BLOCK = 128   # FlexAttention's default block size (row-major tokens)
@@ -137,18 +138,18 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", metavar="SPEC", help="a JSON file, a JSON string, or a preset: "
                    + ", ".join([*presets.PAPER_SPECS, "clear-rN"]))
-    p.add_argument("--length", "-L", type=int, action="append", default=[], metavar="L",
+    p.add_argument("--length", "-L", type=positive_int, action="append", default=[], metavar="L",
                    help="sequence length (repeat for several); grid specs fix it")
     p.add_argument("--grid", type=parse_grid, action="append", default=[], metavar="HxW",
                    help="grid for a 2d / 3d spec, e.g. 512x512 (FLUX at 8192^2 px); repeat for several")
     p.add_argument("--prefix", type=int, help="override the spec's prefix (text) tokens")
-    p.add_argument("--block", type=int, default=None,
+    p.add_argument("--block", type=positive_int, default=None,
                    help="tile size in tokens (default 64; sliding tiles: the largest block inside a tile)")
-    p.add_argument("--heads", type=int, default=1, help="query heads H for FLOPs / bytes (default 1)")
-    p.add_argument("--kv-heads", type=int, help="key/value heads (default: H)")
-    p.add_argument("--dim", type=int, default=64, help="head dim D (default 64)")
-    p.add_argument("--batch", type=int, default=1, help="batch B (default 1)")
-    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (default 2: bf16 / fp16)")
+    p.add_argument("--heads", type=positive_int, default=1, help="query heads H for FLOPs / bytes (default 1)")
+    p.add_argument("--kv-heads", type=positive_int, help="key/value heads (default: H)")
+    p.add_argument("--dim", type=positive_int, default=64, help="head dim D (default 64)")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch B (default 1)")
+    p.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per element (default 2: bf16 / fp16)")
     p.add_argument("--no-ir", action="store_true", help="leave out the IR dump")
     p.add_argument("--json", action="store_true", help="print JSON (numbers only) instead of text")
     p.set_defaults(func=cmd_explain)

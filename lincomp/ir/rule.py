@@ -185,9 +185,9 @@ def _rule_grid(w: GridWindow, ip: Expr, jp: Expr) -> Expr:
         total = d[0] * d[0]
         for x in d[1:]:
             total = total + x * x
-        return total < w.radius * w.radius
+        return total < w.grid_radius * w.grid_radius
     if w.shape == "square":
-        return all_of([absolute(named(a - b, "d" + x)) <= w.radius for a, b, x in zip(qc, kc, axes)])
+        return all_of([absolute(named(a - b, "d" + x)) <= w.grid_radius for a, b, x in zip(qc, kc, axes)])
     if w.shape == "tile":
         terms = []
         for a, (t, k, g) in enumerate(zip(w.tile, w.kernel, w.grid)):

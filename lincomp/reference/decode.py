@@ -14,7 +14,7 @@ import torch
 
 from lincomp.reference.features import feature_map
 from lincomp.reference.masks import visible
-from lincomp.inputs import unpack_initial_state
+from lincomp.inputs import check_step, unpack_initial_state
 from lincomp.spec import AttentionSpec
 
 
@@ -48,6 +48,7 @@ class ReferenceDecoder:
 
     def step(self, q, k, v, g=None) -> torch.Tensor:
         spec, lin, dt = self.spec, self.spec.linear, self.dtype
+        check_step(spec, q, k, v, g)
         B, H, _, D = q.shape
         rep = H // k.shape[1]
         q1 = q[:, :, 0].to(dt)

@@ -40,9 +40,9 @@ def window_rule(window, ip: torch.Tensor, jp: torch.Tensor) -> torch.Tensor:
             return vis
         if window.shape == "circle":
             d2 = sum((a - b) ** 2 for a, b in zip(ci, cj))
-            return d2 < window.radius ** 2
+            return d2 < window.grid_radius ** 2
         dmax = torch.stack([(a - b).abs() for a, b in zip(ci, cj)]).amax(0)
-        return dmax <= window.radius
+        return dmax <= window.grid_radius
     raise TypeError(f"unknown window {window!r}")
 
 

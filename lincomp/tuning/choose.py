@@ -47,6 +47,18 @@ class Choice:
         return out
 
 
+_WARNED: set = set()
+
+
+def _warn_rejected(hit, why: Exception) -> None:
+    """One warning per rejected database entry (the call goes on with the next source)."""
+    from lincomp.tuning.db import TuningDBWarning
+    if hit.key not in _WARNED:
+        _WARNED.add(hit.key)
+        warnings.warn(f"lincomp tuning db: entry {hit.key} in {hit.source}: {why}; ignored (see "
+                      "`lincomp db validate`)", TuningDBWarning, stacklevel=4)
+
+
 def choose(backend: str, kernel: str, spec: Any, dtype: Any, dims: Mapping[str, int], *, device: Any,
            default: Callable[[], Mapping], fixed: Optional[Mapping] = None,
            normalize: Callable[[Mapping], Mapping] = dict, tune: Optional[Callable[[], Mapping]] = None,
@@ -74,8 +86,8 @@ def choose(backend: str, kernel: str, spec: Any, dtype: Any, dims: Mapping[str, 
         try:
             return Choice("db" if hit.exact else "nearest", dict(normalize(hit.config)), key,
                           None if hit.source is None else str(hit.source))
-        except ValueError:
-            pass
+        except (ValueError, TypeError) as e:   # parses but out of range: the default runs instead
+            _warn_rejected(hit, e)
     if tune is not None:
         return Choice("tuned", dict(normalize(tune())), key)
     return Choice("default", dict(normalize(default())), key)

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -211,6 +212,7 @@ class Entry:
             if not isinstance(d.get(name), typ):
                 raise ValueError(f"field {name!r} must be a {typ.__name__}, got {d.get(name)!r}")
         _check_time(d.get("time_ms"), "time_ms")
+        _check_config(d["config"], "config")
         parse_bucket(d["bucket"])
         expected = entry_key(d["backend"], d["kernel"], d["spec"], d["dtype"], d["bucket"])
         if key != expected:
@@ -233,6 +235,23 @@ class Entry:
                    bucket=d["bucket"], config=d["config"], time_ms=float(d["time_ms"]),
                    candidates=candidates, versions=d.get("versions") or {}, timestamp=d.get("timestamp") or "",
                    spec_dict=d.get("spec_dict"), shape=d.get("shape"), device=device, source=source)
+
+
+def _check_config(config: dict, name: str) -> None:
+    """A config maps names to ints, finite floats, bools, strings, null or flat lists of them (a NaN or a
+    nested object would reach a code generator; each backend then checks the ranges of its own keys)."""
+    def scalar(v: Any, where: str) -> None:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where} must be finite, got {v!r}")
+        if not (v is None or isinstance(v, (bool, int, float, str))):
+            raise ValueError(f"{where} must be a number, string, bool or null, got {v!r}")
+
+    for k, v in config.items():
+        if isinstance(v, list):
+            for n, x in enumerate(v):
+                scalar(x, f"{name}.{k}[{n}]")
+        else:
+            scalar(v, f"{name}.{k}")
 
 
 def _check_time(value: Any, name: str) -> None:
@@ -456,7 +475,8 @@ class TuningDB:
         message = loaded.problems[0].message if loaded.problems else "unusable"
         if message.startswith(("foreign", "unsupported")):
             raise TuningDBError(f"{path}: {message}; not overwritten")
-        aside = path.with_name(f"{path.name}.corrupt-{_now().replace(':', '')}")
+        # pid + nanoseconds: two writers (or two in one second) never overwrite each other's backup
+        aside = path.with_name(f"{path.name}.corrupt-{_now().replace(':', '')}-{os.getpid()}-{time.time_ns()}")
         os.replace(path, aside)  # keep the damaged bytes for a human, start a fresh file
         warnings.warn(f"lincomp tuning db: {path} was {message}; moved it to {aside.name} and started anew",
                       TuningDBWarning, stacklevel=4)

@@ -19,7 +19,7 @@ from lincomp.lower.triton.common import alloc, interpreting, next_pow2, template
 from lincomp.lower.triton.linear import LinearPlan, load_module, render_common
 from lincomp.lower.triton.linear_kernel import compile_linear
 from lincomp.lower.triton.linear_launch import _dummy, _tl_dtype
-from lincomp.inputs import unpack_initial_state
+from lincomp.inputs import check_step, unpack_initial_state
 from lincomp.runtime.kernel import Unsupported
 from lincomp.spec import AttentionSpec
 
@@ -151,19 +151,7 @@ class TritonDecoder:
         return DecodeState(S, z, rk, rv, ld, pk, pv, 0)
 
     def _check_step(self, q, k, v, g) -> None:
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[2] != 1:
-                raise ValueError(f"{name} must be one token [B, H, 1, D], got "
-                                 f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        B, H = q.shape[:2]
-        if k.shape[1] != v.shape[1] or H % k.shape[1]:
-            raise ValueError(f"key/value heads ({k.shape[1]}, {v.shape[1]}) must match and divide query heads ({H})")
-        gate = self.plan.gate
-        if gate and g is None:
-            raise ValueError(f"g is required by this spec ({self.spec.summary()}): [B, H, 1] (scalar) or "
-                             "[B, H, 1, F] (vector)")
-        if not gate and g is not None:
-            raise ValueError(f"g was given but the spec ({self.spec.summary()}) has no gate; remove it")
+        check_step(self.spec, q, k, v, g)
         dev = q.device
         if dev.type == "cpu" and not interpreting():
             raise Unsupported("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")

@@ -3,7 +3,10 @@
 ``build(funcs, tag)`` wraps PrimFunc texts into one ``@I.ir_module``, and returns a :class:`Built` (the
 loaded runtime module plus the full source). The cache key is a hash of the source, the LLVM target and
 the TVM version: a second process finds ``<cache>/tvm/<tag>-<hash>.so`` and loads it (milliseconds)
-instead of parsing and compiling (a second or more). Files are written atomically (temp + rename).
+instead of parsing and compiling (a second or more). Files are written atomically (temp + fsync +
+rename) with a signature ``<file>.so.sig`` (cache key + sha256 of the bytes) checked before every load:
+a truncated file (which would kill the process with SIGBUS when loaded), a foreign module copied under
+the name, or a file without signature is rebuilt, never loaded.
 
 Target: ``{"kind": "llvm", "mcpu": <host cpu>, "num-cores": <usable cores>}``; a plain "llvm" target
 would emit generic x86-64 code. ``LINCOMP_TVM_MCPU`` overrides the CPU name (e.g. "sapphirerapids").
@@ -25,16 +28,16 @@ import tvm
 from tvm.script import ir as I
 from tvm.script import tirx as T
 
-from lincomp._atomic import atomic_path
+from lincomp._atomic import atomic_path, atomic_write_text
 from lincomp.lower.tvmir import intrinsics
 from lincomp.lower.tvmir.codegen import HEADER
 from lincomp.runtime.cache import cache_dir
 
 # Bump when the generated code's meaning changes without its text changing (e.g. the exp2 lowering).
-CODEGEN_VERSION = "1"
+CODEGEN_VERSION = "2"   # 2: exp2 passes NaN through
 _lock = threading.Lock()
 _memo: Dict[str, "Built"] = {}
-STATS = {"compiled": 0, "loaded": 0, "memo": 0, "compile_s": 0.0, "load_s": 0.0}
+STATS = {"compiled": 0, "loaded": 0, "memo": 0, "rejected": 0, "compile_s": 0.0, "load_s": 0.0}
 
 
 @dataclass
@@ -156,18 +159,21 @@ def build(funcs: List[str], tag: str) -> Built:
         if path.exists():
             t0 = time.perf_counter()
             try:
+                if not _verified(path, key):   # truncated, foreign or unsigned: never dlopen it (SIGBUS)
+                    raise OSError("content hash does not match")
                 intrinsics.register()
                 module = tvm.runtime.load_module(str(path))
                 built = Built(module, source, path, "loaded", time.perf_counter() - t0)
                 STATS["loaded"] += 1
                 STATS["load_s"] += built.seconds
-            except Exception:  # a truncated or foreign file: rebuild it
+            except Exception:  # a damaged or foreign file: rebuild it (the rename below replaces it)
                 built = None
+                STATS["rejected"] += 1
         if built is None:
             t0 = time.perf_counter()
             ex = tvm.compile(parse(funcs), target=target())
             try:
-                _export(ex, path)
+                _export(ex, path, key)
                 module = tvm.runtime.load_module(str(path))
             except Exception:  # no C toolchain to link a .so: keep the in-memory module
                 module, path = ex.mod, None
@@ -178,10 +184,35 @@ def build(funcs: List[str], tag: str) -> Built:
         return built
 
 
-def _export(ex, path: Path) -> None:
-    """``export_library`` to a temp name in the same folder, then rename (readers never see half a file)."""
+def _export(ex, path: Path, key: str) -> None:
+    """``export_library`` to a temp name in the same folder, fsync, rename (readers never see half a file);
+    then the signature ``<file>.sig``: the module's cache key and the sha256 of its bytes."""
     with atomic_path(path, suffix=".so") as tmp:
         ex.export_library(str(tmp))
+        digest = _sha256(tmp)
+    atomic_write_text(_sig_path(path), f"{key} {digest}\n")
+
+
+def _sig_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sig")
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified(path: Path, key: str) -> bool:
+    """True when ``path``'s signature names this cache key and its bytes hash to the signed digest: a
+    truncated file (a crash mid-write), another spec's module copied over it, or any edit fails."""
+    try:
+        signed_key, digest = _sig_path(path).read_text().split()
+    except (OSError, ValueError):
+        return False
+    return signed_key == key and _sha256(path) == digest
 
 
 def _slug(text: str) -> str:

@@ -72,9 +72,26 @@ def f32(x: float) -> str:
 NEG_INF = "T.float32(-math.inf)"
 
 
+def base2(logits):
+    """Sink logits (a float tensor) times log2(e), as float32: what the kernels take. Scaling on the host
+    keeps ``t * log2(e) - max`` out of the kernel, where LLVM fuses it into an fma whose unrounded
+    product differs from the rounded max by an ulp of a huge logit (exp2 of garbage at -1e10)."""
+    return (logits.double() * LOG2E).float().contiguous()
+
+
 def exp2(arg: str) -> str:
     """``2 ** arg`` in generated code: the vectorisable intrinsic of :mod:`.intrinsics` (exact 0 at -inf)."""
     return f"exp2({arg})"
+
+
+def check_config_int(value, name: str, lo: int, hi: int, pow2: bool = False) -> None:
+    """Raise ValueError / TypeError unless ``value`` is an int in [lo, hi] (a power of two if ``pow2``):
+    a config from a user or the tuning database never reaches the code generator out of range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"config {name} must be an int, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi or (pow2 and value & (value - 1)):
+        raise ValueError(f"config {name} must be {'a power of two ' if pow2 else 'an int '}in [{lo}, {hi}], "
+                         f"got {value}")
 
 
 def divisor_at_most(n: int, cap: int) -> int:
@@ -107,8 +124,23 @@ def emit_gemm_tile(s: Script, *, rows: int, mr: int, width: int, red=None, a=Non
     ``guard(r)``: a condition under which row r is stored (e.g. "the row is inside the sequence").
     """
     assert rows % mr == 0, (rows, mr)
-    assert width * 4 < STACK_TILE_BYTES, width
     terms = terms or [(red, a, b)]
+    if width * 4 >= STACK_TILE_BYTES:
+        # A row's accumulator must stay a small stack buffer: tile a wide C (head dims >= 256) into column
+        # blocks of <= 128 that divide it, each a full micro-kernel pass of its own.
+        wc = divisor_at_most(width, STACK_TILE_BYTES // 8)
+        wo = s.fresh("wo")
+
+        def col(f):
+            return None if f is None else (lambda i, w, f=f: f(i, f"{wo} * {wc} + {w}"))
+
+        def col_store(r, w, val):
+            return store(r, f"{wo} * {wc} + {w}", val)
+
+        with s.block(f"for {wo} in range({width // wc}):"):
+            emit_gemm_tile(s, rows=rows, mr=mr, width=wc, init=col(init), store=col_store,
+                           terms=[(r, a_t, col(b_t)) for r, a_t, b_t in terms], guard=guard, tag=tag)
+        return
     ro, w = s.fresh("ro"), s.fresh("w")
     first = f"{ro} * {mr}" if rows > mr else "0"
     row = [(f"{first} + {r}" if r else first) if rows > mr else str(r) for r in range(mr)]

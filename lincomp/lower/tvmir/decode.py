@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 
-from lincomp.inputs import unpack_initial_state
+from lincomp.inputs import check_step, unpack_initial_state
 from lincomp.lower.tvmir import build as _build
-from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, exp2, f32
+from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, base2, exp2, f32
 from lincomp.lower.tvmir.linear import INLINE_MAPS, phi_expr
 from lincomp.lower.tvmir.window import visibility
 from lincomp.runtime.buffers import alloc_output
@@ -125,7 +125,7 @@ def decode_source(spec: AttentionSpec, H: int, Hkv: int, D: int, Dv: int, F: Opt
                 _emit_linear(s, lin, F, Dv, summed)
             else:
                 with s.block(f"for d in T.vectorized({Dv}):"):
-                    s("o[b, h, d] = T.if_then_else(sc[1] > T.float32(0), acc[d] / sc[1], T.float32(0))")
+                    s("o[b, h, d] = T.if_then_else(sc[1] == T.float32(0), T.float32(0), acc[d] / sc[1])")
     return s.text()
 
 
@@ -174,11 +174,11 @@ def _emit_window(s: Script, spec: AttentionSpec, D: int, Dv: int) -> None:
         s("sc[0] = T.max(sc[0], lg[c])")
     if spec.sinks:
         for c in range(spec.sinks):
-            s(f"sc[0] = T.max(sc[0], sink_logits[h, {c}] * {L2E})")
+            s(f"sc[0] = T.max(sc[0], sink_logits[h, {c}])   # already times log2(e)")
     s(f"sc[0] = T.if_then_else(sc[0] == {NEG_INF}, T.float32(0), sc[0])")
     s("sc[1] = T.float32(0)")
     for c in range(spec.sinks):
-        s(f"sc[1] = sc[1] + {exp2(f'sink_logits[h, {c}] * {L2E} - sc[0]')}")
+        s(f"sc[1] = sc[1] + {exp2(f'sink_logits[h, {c}] - sc[0]')}")
     with s.block(f"for d in T.vectorized({Dv}):"):
         s("acc[d] = T.float32(0)")
     with s.block("for c in range(NC):"):
@@ -243,8 +243,8 @@ def _emit_linear(s: Script, lin, F: int, Dv: int, summed: bool) -> None:
         s("sc[3] = linear_scale")
     with s.block(f"for d in T.vectorized({Dv}):"):
         if summed:
-            s("o[b, h, d] = num[d] * sc[3] + alpha[h] * T.if_then_else(sc[1] > T.float32(0), acc[d] / sc[1], "
-              "T.float32(0))")
+            s("o[b, h, d] = num[d] * sc[3] + alpha[h] * T.if_then_else(sc[1] == T.float32(0), T.float32(0), "
+              "acc[d] / sc[1])")
         else:
             s("o[b, h, d] = num[d] * sc[3]")
 
@@ -266,6 +266,8 @@ class TVMDecoder:
             raise TypeError(f"unexpected weight(s) {sorted(unknown)} for TVMDecoder")
         self.spec, self.scale, self.linear_scale = spec, scale, linear_scale
         self.weights = {k: _f32(w) for k, w in weights.items() if w is not None}
+        if "sink_logits" in self.weights:   # the kernel takes them in base 2 (see codegen.base2)
+            self.weights["sink_logits"] = _f32(base2(weights["sink_logits"]))
         self.reach = None if spec.window is None else spec.window.reach(True)
         self._initial_state = initial_state
         self.t = 0
@@ -342,14 +344,13 @@ class TVMDecoder:
     def step(self, q, k, v, g=None) -> torch.Tensor:
         """One token: ``q [B, H, 1, D]``, ``k``, ``v [B, Hkv, 1, D]``, ``g [B, H, 1]`` or ``[B, H, 1, F]``."""
         spec, lin = self.spec, self.spec.linear
+        check_step(spec, q, k, v, g)
         out_dtype = q.dtype
         if not self._ready:
             self._setup(q, k, v)
         t = self.t
         args = [_f32(q[:, :, 0]), _f32(k[:, :, 0]), _f32(v[:, :, 0])]
         if lin is not None and lin.gate is not None:
-            if g is None:
-                raise ValueError("g is required by this spec's gated linear branch")
             args.append(_f32(g[:, :, 0]))
         if lin is not None and lin.has_weights:
             args += [self.weights["feature_weight_q"], self.weights["feature_weight_k"]]

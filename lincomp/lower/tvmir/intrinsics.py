@@ -7,7 +7,8 @@ vectoriser widens like any pure op and that lowers (after vectorisation) to::
     x = clamp(x, -127, 127);  n = round(x);  f = x - n            # f in [-0.5, 0.5]
     2**x = poly5(f) * bits_as_float((int(n) + 127) << 23)           # max relative error 2.2e-7
 
-It returns exactly 0 for x <= -127 (also -inf), so masked scores add nothing, and never overflows.
+It returns exactly 0 for x <= -127 (also -inf), so masked scores add nothing, never overflows, and
+returns NaN for NaN (a NaN or Inf in the inputs reaches the output, as in the reference).
 Registering it is idempotent and touches no TVM op but its own.
 """
 
@@ -35,7 +36,12 @@ def _lower_exp2(call):
     bits = tirx.shift_left(tirx.Cast(idt, n) + tirx.const(127, idt), tirx.const(23, idt))
     body = poly * tirx.reinterpret(dt, bits)
     clamped = tirx.max(tirx.min(x, tirx.const(127.0, dt)), tirx.const(-127.0, dt))
-    return tirx.Let(xv, clamped, tirx.Let(fv, xv - n, body))
+    # The clamp (LLVM minnum / maxnum) would turn NaN into 2^127: pass NaN through, so a NaN or Inf input
+    # (inf - inf) makes the output NaN as in the reference, never finite garbage.
+    value = tirx.Let(xv, clamped, tirx.Let(fv, xv - n, body))
+    # NaN test on the bits (|x| > inf): TVM's simplifier folds ``x != x`` to false.
+    magnitude = tirx.bitwise_and(tirx.reinterpret(idt, x), tirx.const(0x7FFFFFFF, idt))
+    return tirx.Select(magnitude > tirx.const(0x7F800000, idt), x, value)
 
 
 def register() -> None:

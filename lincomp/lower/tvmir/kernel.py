@@ -37,6 +37,7 @@ from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
 from lincomp.lower.tvmir import linear as _linear
 from lincomp.lower.tvmir import window as _window
+from lincomp.lower.tvmir.codegen import base2
 from lincomp.runtime.buffers import alloc_output
 from lincomp.runtime.kernel import Kernel, Unsupported
 from lincomp.spec import AttentionSpec, GridWindow
@@ -390,14 +391,18 @@ class TVMKernel(Kernel):
                 lin_args = [num, den, call.window_gamma, fq, fk]
                 if lin.gate is not None:
                     lin_args.append(call.g.double().cumsum(2).contiguous())
+                cond = torch.zeros(B, H, L, dtype=torch.float32)
+                lin_args.append(cond)
             elif spec.combine == "sum":
                 lin_args = [lin_o, call.alpha]
         if spec.has_softmax:
             args = [call.q, call.k, call.v, *self._plan(L, configs["window"])]
             if spec.sinks:
-                args.append(call.sink_logits)
+                args.append(base2(call.sink_logits))
             args += lin_args or []
             mods["window"].fn("window_fwd")(*args, o, call.scale)
+            if spec.combine == "shared":
+                check_shared_precision(cond)
         return o, state
 
     # -- tuning ---------------------------------------------------------------------------------
@@ -448,6 +453,22 @@ def check_values(call: Call) -> None:
     """
     if call.window_gamma is not None:
         check_window_gamma(call.window_gamma)
+
+
+# combine="shared" gets the out-of-window linear terms as (full scan) - (in-window terms): in fp32 that
+# difference carries an error of ~2^-24 (|full| + |in-window|), large against a denominator that a small
+# window_gamma or large features leave small (issue 19: rel err 0.78 at gamma 1e-8). The window kernel
+# reports cond = (|full| + |in-window|) / |den| per row; past this bound the call runs on the reference.
+SHARED_COND_LIMIT = 1e-4 * 2 ** 24
+
+
+def check_shared_precision(cond: torch.Tensor) -> None:
+    """Raise Unsupported (-> the reference, with a warning) when a row's cancellation loses precision."""
+    worst = float(cond.max()) if cond.numel() else 0.0
+    if worst > SHARED_COND_LIMIT:     # NaN (from NaN inputs) compares false: the NaN output stands
+        raise Unsupported(f"combine='shared': the TVM kernel subtracts the in-window linear terms from the full "
+                          f"scan, and here that cancels ({worst * 2.0 ** -24:.1e} estimated relative error: a small "
+                          "window_gamma or large features); the Triton kernel does not have this limit")
 
 
 def check_gate(worst: float) -> None:

@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, divisor_at_most, emit_gemm_tile, exp2, f32
+from lincomp.lower.tvmir.codegen import (LOG2E, NEG_INF, Script, check_config_int, divisor_at_most, emit_gemm_tile,
+                                         exp2, f32)
 from lincomp.spec import AttentionSpec
 
 INLINE_MAPS = ("identity", "elu1", "relu")
@@ -37,6 +38,11 @@ class LinearConfig:
     chunk: int = 64          # tokens per chunk (the math does not depend on it)
     sub_chunk: int = 16      # vector gates: pairs inside a sub-chunk use per-feature exponentials
     mr: int = 4              # rows per micro-kernel step
+
+    def __post_init__(self):
+        check_config_int(self.chunk, "linear.chunk", 1, 512, pow2=True)
+        check_config_int(self.sub_chunk, "linear.sub_chunk", 1, 512, pow2=True)
+        check_config_int(self.mr, "linear.mr", 1, 64)
 
     def to_dict(self) -> dict:
         return {"chunk": self.chunk, "sub_chunk": self.sub_chunk, "mr": self.mr}

@@ -20,10 +20,11 @@ over the BM queries of the tile.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, divisor_at_most, emit_gemm_tile, exp2, f32
+from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, check_config_int, divisor_at_most, emit_gemm_tile, exp2, f32
 from lincomp.ir.lowered import lower
 from lincomp.spec import AttentionSpec, GridWindow
 
@@ -38,6 +39,20 @@ class WindowConfig:
     mr_qk: int = 4                       # key rows per QK micro-kernel step
     mr_pv: int = 4                       # query rows per PV micro-kernel step
     kv_group: int = 1                    # key tiles per online-softmax step (longer PV reductions)
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            check_config_int(getattr(self, name), f"window.{name}", 1, 256, pow2=True)
+        for name in ("mr_qk", "mr_pv"):
+            check_config_int(getattr(self, name), f"window.{name}", 0, 64)   # 0: as many as fit
+        check_config_int(self.kv_group, "window.kv_group", 1, 64)
+        if self.tile is not None:
+            if not isinstance(self.tile, (tuple, list)) or not 2 <= len(self.tile) <= 3:
+                raise ValueError(f"config window.tile must be a list of 2 or 3 ints, got {self.tile!r}")
+            for n, t in enumerate(self.tile):
+                check_config_int(t, f"window.tile[{n}]", 1, 256)
+            if math.prod(self.tile) != self.block_m:
+                raise ValueError(f"config window.tile {list(self.tile)} must have product block_m={self.block_m}")
 
     def to_dict(self) -> dict:
         d = {"block_m": self.block_m, "block_n": self.block_n, "mr_qk": self.mr_qk, "mr_pv": self.mr_pv,
@@ -84,6 +99,7 @@ def arg_names(spec: AttentionSpec) -> list:
         names += ["lin_num", "lin_den", "window_gamma", "fq", "fk"]
         if spec.linear.gate is not None:
             names.append("G")
+        names.append("cond")
     return names + ["o", "scale"]
 
 
@@ -143,6 +159,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                 s(f'G = T.match_buffer(G_h, (B, {H}, L), "float64")')
             elif gate == "vector":
                 s(f'G = T.match_buffer(G_h, (B, {H}, L, {F}), "float64")')
+            s('cond = T.match_buffer(cond_h, (B, {H}, L), "float32")'.replace("{H}", str(H)))
         s(f'o = T.match_buffer(o_h, (B, {H}, L, {Dv}), "float32")')
         s("# one task per (batch, head, query tile)")
         with s.block(f"for task in T.parallel(B * {H} * (NT1 - 1)):"):
@@ -248,9 +265,12 @@ def _emit_init(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool) -
         mx = logits[0]
         for x in logits[1:]:
             mx = f"T.max({mx}, {x})"
-        s("# sinks: extra logits in the denominator only")
-        s(f"sink_max = {mx} * {f32(LOG2E)}")
-        s("sink_sum = " + " + ".join(exp2(f"{x} * {f32(LOG2E)} - sink_max") for x in logits))
+        s("# sinks: extra logits in the denominator only; the caller passes them times log2(e) (a product")
+        s("# here would fuse into an fma with the max subtracted from it: wrong by an ulp of a huge logit).")
+        s("# Sinks all at -inf (switched off) add nothing: shift by 0, as a row with no key yet does.")
+        s(f"sink_max = {mx}")
+        s(f"sink_shift = T.if_then_else(sink_max == {NEG_INF}, T.float32(0), sink_max)")
+        s("sink_sum = " + " + ".join(exp2(f"{x} - sink_shift") for x in logits))
         m0, l0 = "sink_max", "sink_sum"
     else:
         m0, l0 = NEG_INF, "T.float32(0)"
@@ -306,12 +326,16 @@ def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: boo
             s("p = qpos[i]")
             if shared:
                 s("gam = window_gamma[h]",
-                  "den = gam * l[i] + lin_den[b, h, p] - ll[i]")
+                  "den = gam * l[i] + lin_den[b, h, p] - ll[i]",
+                  "# the out-of-window linear part is the full scan minus the in-window terms: its rounding",
+                  "# error is ~2^-24 (|lin_den| + |ll|); cond = that over |den| (the caller checks it)",
+                  "cond[b, h, p] = T.if_then_else(den == T.float32(0), T.float32(math.inf), "
+                  "(T.abs(lin_den[b, h, p]) + T.abs(ll[i])) / T.abs(den))")
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     s("o[b, h, p, d] = T.if_then_else(den == T.float32(0), T.float32(0), "
                       "(gam * acc[i, d] + lin_num[b, h, p, d] - accl[i, d]) / den)")
             else:
-                s("inv = T.if_then_else(l[i] > T.float32(0), T.float32(1) / l[i], T.float32(0))")
+                s("inv = T.if_then_else(l[i] == T.float32(0), T.float32(0), T.float32(1) / l[i])   # NaN stays NaN")
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     if summed:
                         s("o[b, h, p, d] = lin_o[b, h, p, d] + alpha[h] * acc[i, d] * inv")
