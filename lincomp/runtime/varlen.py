@@ -1,0 +1,68 @@
+"""Packed sequences (``cu_seqlens``) on every compiled kernel: documents of equal length run as one batch.
+
+``Kernel.__call__`` sends a call with ``cu_seqlens`` here. The packed row ``[1, H, L, D]`` is cut into its
+documents; documents of the same length are stacked on the batch axis and run as one dense call of the
+kernel (so N short documents cost a few batched launches, not N, and no token is padded); the outputs are
+put back in document order. Gradients flow through the cuts (``torch.cat`` / ``narrow``) into whatever the
+dense call supports (the Triton kernels' backward, the reference's autograd).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+from lincomp.documents import TOKEN_AXIS, cat_states, check_cu_seqlens, document_tensors, split_initial_state
+
+_CUT = tuple(TOKEN_AXIS)   # tensors cut per document and stacked; the rest are shared weights
+
+
+def _stack(pieces: List[torch.Tensor]) -> torch.Tensor:
+    """[1, ...] pieces -> [m, ...], always a fresh contiguous (and allocator-aligned) tensor, as kernels want."""
+    return torch.cat(pieces, 0)
+
+
+def length_groups(cu: List[int]) -> Dict[int, List[int]]:
+    """Document indices by length, in order of first appearance."""
+    groups: Dict[int, List[int]] = {}
+    for d in range(len(cu) - 1):
+        groups.setdefault(cu[d + 1] - cu[d], []).append(d)
+    return groups
+
+
+def run_packed(dense: Callable, spec, q, k, v, cu_seqlens, *, return_state: bool = False, **kwargs):
+    """o ``[1, H, L, Dv]`` (and ``(S [N, H, F, Dv], z [N, H, F])`` with ``return_state``) of a packed row.
+
+    ``dense(q, k, v, return_state=..., **kwargs)`` runs one unpacked call (``[m, H, n, D]``: m documents of
+    n tokens each). ``initial_state`` has a leading axis N (one row per document).
+    """
+    cu = check_cu_seqlens(cu_seqlens, q, spec)
+    N = len(cu) - 1
+    if N == 1:   # one document: the plain call (an initial_state's N axis is its batch axis)
+        return dense(q, k, v, **kwargs, **({"return_state": True} if return_state else {}))
+    st = kwargs.pop("initial_state", None)
+    S0, z0 = (None, None) if st is None else split_initial_state(st, N)
+    whole = {"q": q, "k": k, "v": v, **{n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}}
+    scalars = {n: t for n, t in kwargs.items() if n not in whole}
+    if return_state:
+        scalars["return_state"] = True
+    outs: List = [None] * N
+    states: List = [None] * N
+    for n, docs in length_groups(cu).items():
+        per_doc = [document_tensors(whole, cu[d], cu[d] + n) for d in docs]
+        batch = {name: _stack([p[name] for p in per_doc]) if name in _CUT else t for name, t in whole.items()}
+        if S0 is not None:
+            idx = torch.tensor(docs, device=S0.device)
+            batch["initial_state"] = S0[idx] if z0 is None else (S0[idx], z0[idx])
+        r = dense(**batch, **scalars)
+        o, s = r if return_state else (r, None)
+        for j, d in enumerate(docs):
+            outs[d] = o[j:j + 1]
+            if s is not None:
+                states[d] = (s[0][j:j + 1], s[1][j:j + 1])
+    o = torch.cat(outs, dim=2)
+    return (o, cat_states(states)) if return_state else o
+
+
+__all__ = ["run_packed", "length_groups"]
