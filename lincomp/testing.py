@@ -140,4 +140,30 @@ def examples(n: int):
     return settings(deadline=None, suppress_health_check=list(HealthCheck))
 
 
-__all__ = ["rel_err", "random_inputs", "poison_like", "spec_strategy", "length_for", "examples", "GridWindow"]
+def packed_inputs(spec: AttentionSpec, lengths, *, H: int = 2, Hkv: Optional[int] = None, D: int = 8,
+                  dtype=torch.float32, seed: int = 0, feature_dim: Optional[int] = None,
+                  gate_strength: float = 1.0, initial_state: bool = False) -> dict:
+    """``random_inputs`` for one packed row of documents of these ``lengths`` (q ``[1, H, sum, D]``), with
+    ``cu_seqlens`` and, when asked, an ``initial_state`` with one row per document. A grid window fixes
+    every document's length (prefix + prod(grid)); ``lengths`` then only gives their number."""
+    from lincomp.documents import cu_seqlens_of
+
+    spec = AttentionSpec.coerce(spec)
+    N, fixed = len(lengths), spec.expected_length()
+    kw = dict(H=H, Hkv=Hkv, D=D, dtype=dtype, feature_dim=feature_dim, gate_strength=gate_strength)
+    if fixed is not None:   # N grid documents drawn as a batch, then laid end to end
+        lengths = [fixed] * N
+        x = random_inputs(spec, B=N, seed=seed, **kw)
+        for name in ("q", "k", "v", "g"):
+            if name in x:
+                t = x[name]
+                x[name] = t.transpose(0, 1).reshape(1, t.shape[1], -1, *t.shape[3:]).contiguous()
+    else:
+        x = random_inputs(spec, B=1, L=sum(lengths), seed=seed, **kw)
+    if initial_state and spec.linear is not None and spec.causal:
+        x["initial_state"] = random_inputs(spec, B=N, L=1, seed=seed + 1, initial_state=True, **kw)["initial_state"]
+    x["cu_seqlens"] = cu_seqlens_of(lengths)
+    return x
+
+
+__all__ = ["rel_err", "random_inputs", "packed_inputs", "poison_like", "spec_strategy", "length_for", "examples", "GridWindow"]
