@@ -6,10 +6,11 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
 
 - ``torch.ops.lincomp.attention(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None,
   feature_weight_k=None, sink_logits=None, window_gamma=None, alpha=None, key_padding_mask=None,
-  target="auto", fallback="warn", hints_json="") -> o [B, H, L, Dv]``
+  target="auto", fallback="warn", hints_json="", cu_seqlens=None) -> o [B, H, L, Dv]``
   runs a cached ``lincomp.compile(spec, target, **hints)`` kernel. ``fallback="warn"`` runs the reference
   with a ``LincompFallbackWarning`` when the target is not installed or cannot run a call;
-  ``fallback="error"`` raises instead.
+  ``fallback="error"`` raises instead. ``cu_seqlens`` (int ``[N + 1]``, B = 1): a packed row of N documents,
+  each attended on its own (lincomp.runtime.varlen).
 - Backward (``register_autograd``) recomputes the forward under autograd and differentiates it: through the
   kernel itself when it is differentiable (Triton, the reference), else through the reference oracle.
   It is its own op, ``torch.ops.lincomp.attention_backward``, so compiled training graphs keep it opaque.
@@ -121,10 +122,12 @@ def _strict(fallback: str):
         yield
 
 
-def _run(kernel: Kernel, q, k, v, scale, tensors, key_padding_mask, fallback):
+def _run(kernel: Kernel, q, k, v, scale, tensors, key_padding_mask, fallback, cu_seqlens=None):
     kw = dict(tensors)
     if key_padding_mask is not None:
         kw["key_padding_mask"] = key_padding_mask
+    if cu_seqlens is not None:
+        kw["cu_seqlens"] = cu_seqlens
     if scale is not None:
         kw["scale"] = scale
     with _strict(fallback):   # compiled kernels want contiguous [B, H, L, D] (SDPA callers often pass views)
@@ -153,11 +156,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Optional[f
               feature_weight_k: Optional[Tensor] = None, sink_logits: Optional[Tensor] = None,
               window_gamma: Optional[Tensor] = None, alpha: Optional[Tensor] = None,
               key_padding_mask: Optional[Tensor] = None, target: str = "auto", fallback: str = "warn",
-              hints_json: str = "") -> Tensor:
+              hints_json: str = "", cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """o [B, H, L, Dv] = the spec's attention of q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv]."""
     kernel = get_kernel(spec_json, target, fallback, hints_json)
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
-    o = _run(kernel, q, k, v, scale, tensors, key_padding_mask, fallback)
+    o = _run(kernel, q, k, v, scale, tensors, key_padding_mask, fallback, cu_seqlens)
     # Contiguous, as the fake implementation promises; a custom op's output may not alias an input.
     o = o.contiguous()
     return o.clone() if o is q or o is k or o is v else o
@@ -166,7 +169,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Optional[f
 @attention.register_fake
 def _attention_fake(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, feature_weight_k=None,
                     sink_logits=None, window_gamma=None, alpha=None, key_padding_mask=None, target="auto",
-                    fallback="warn", hints_json=""):
+                    fallback="warn", hints_json="", cu_seqlens=None):
     # Shape arithmetic only: symbolic B / L stay symbolic (no recompile for a new length).
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
@@ -177,7 +180,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, spec_j
                        feature_weight_q: Optional[Tensor] = None, feature_weight_k: Optional[Tensor] = None,
                        sink_logits: Optional[Tensor] = None, window_gamma: Optional[Tensor] = None,
                        alpha: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                       target: str = "auto", fallback: str = "warn", hints_json: str = "") -> List[Tensor]:
+                       target: str = "auto", fallback: str = "warn", hints_json: str = "",
+                       cu_seqlens: Optional[Tensor] = None) -> List[Tensor]:
     """[dq, dk, dv] + the gradient of each given float tensor (order of WEIGHT_NAMES, absent ones skipped)."""
     kernel = get_kernel(spec_json, target, fallback, hints_json)
     if not is_differentiable(kernel, q.device):
@@ -186,7 +190,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, spec_j
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v, *tensors.values())]
     with _autograd_on():
         lq, lk, lv, *rest = leaves
-        o = _run(kernel, lq, lk, lv, scale, dict(zip(tensors, rest)), key_padding_mask, fallback)
+        o = _run(kernel, lq, lk, lv, scale, dict(zip(tensors, rest)), key_padding_mask, fallback, cu_seqlens)
         grads = torch.autograd.grad(o, leaves, grad_out, allow_unused=True)
     return [x.new_zeros(x.shape) if d is None else d.to(x.dtype).contiguous() for x, d in zip(leaves, grads)]
 
@@ -194,28 +198,28 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, spec_j
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, spec_json, scale=None, g=None, feature_weight_q=None,
                              feature_weight_k=None, sink_logits=None, window_gamma=None, alpha=None,
-                             key_padding_mask=None, target="auto", fallback="warn", hints_json=""):
+                             key_padding_mask=None, target="auto", fallback="warn", hints_json="", cu_seqlens=None):
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
     return [t.new_empty(t.shape) for t in (q, k, v, *tensors.values())]   # contiguous, like the real one
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target, fallback, hints_json) = inputs
-    ctx.save_for_backward(q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm)
+    (q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target, fallback, hints_json, cu) = inputs
+    ctx.save_for_backward(q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, cu)
     ctx.args = (spec_json, scale, target, fallback, hints_json)
 
 
 def _backward(ctx, grad_out):
-    q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm = ctx.saved_tensors
+    q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, cu = ctx.saved_tensors
     spec_json, scale, target, fallback, hints_json = ctx.args
     grads = torch.ops.lincomp.attention_backward(
         grad_out.contiguous(), q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target,
-        fallback, hints_json)
+        fallback, hints_json, cu)
     dq, dk, dv, *rest = grads
     weights = (g, fwq, fwk, sinks, gamma, alpha)
     it = iter(rest)
     dweights = [None if w is None else next(it) for w in weights]
-    return (dq, dk, dv, None, None, *dweights, None, None, None, None)
+    return (dq, dk, dv, None, None, *dweights, None, None, None, None, None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
