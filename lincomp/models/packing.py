@@ -5,7 +5,8 @@ attention function in one of two forms: the flash-attention kwargs ``cu_seq_lens
 (``return_flash_attn_kwargs=True``), or ``position_ids`` restarting at every document (a new document starts
 wherever the position does not grow by exactly 1, transformers' own rule); for SDPA-style implementations
 transformers then also builds a block-diagonal 4D mask. lincomp turns either into ``cu_seqlens`` and checks
-that such a mask is exactly the documents' block-diagonal pattern (anything else raises).
+that such a mask is exactly the documents' block-diagonal pattern (anything else raises). Under torch.compile
+only ``cu_seq_lens_q/k`` are read (no data-dependent control flow in the graph).
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> Optional[torch.T
 
 def packed_cu_seqlens(batch_size: int, kwargs: dict) -> Optional[torch.Tensor]:
     """``cu_seqlens`` of a transformers attention call (from its kwargs), or None when it is not packed."""
+    compiling = torch.compiler.is_compiling()
     cq, ck = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cq is not None or ck is not None:
-        if cq is None or ck is None or cq.shape != ck.shape or not bool((cq == ck).all()):
+        if cq is None or ck is None or cq.shape != ck.shape or (not compiling and not bool((cq == ck).all())):
             raise ValueError("lincomp attention got cu_seq_lens_q != cu_seq_lens_k; packed self-attention needs the "
                              "same document boundaries for queries and keys (pass the same cu_seqlens for both)")
         return cq.to(torch.int32)
     pos = kwargs.get("position_ids")
-    if pos is None or batch_size != 1 or pos.shape[-1] < 2:
+    # Under torch.compile the boundaries' count is data-dependent (a graph break on every call, packed or
+    # not): compiled models pass cu_seq_lens_q/k instead. A packed row then still cannot pass silently: its
+    # block-diagonal mask fails the key-padding check of torch.ops.lincomp.key_padding_mask.
+    if pos is None or batch_size != 1 or pos.shape[-1] < 2 or compiling:
         return None
     return cu_seqlens_from_position_ids(pos[:1])
 
@@ -42,7 +47,7 @@ def packed_cu_seqlens(batch_size: int, kwargs: dict) -> Optional[torch.Tensor]:
 def check_packed_mask(mask: Optional[torch.Tensor], cu_seqlens: torch.Tensor, causal: bool) -> None:
     """Raise unless ``mask`` (None, a ``[1, L]`` padding mask, or an SDPA ``[1, H|1, L, L]`` mask) says no more than
     "each document attends to itself" (causally for a causal spec): a packed row has no padding or bias."""
-    if mask is None:
+    if mask is None or torch.compiler.is_compiling():   # data-dependent; checked in eager runs
         return
     from lincomp.runtime.ops import _attend
     attend = _attend(mask)
