@@ -86,6 +86,12 @@ def cat_states(states: list) -> tuple:
     return torch.cat([s for s, _ in states], 0), torch.cat([z for _, z in states], 0)
 
 
+def document_ids(cu_seqlens: torch.Tensor, L: int, device=None) -> torch.Tensor:
+    """[L] long: the document of every token (for masks that compare documents)."""
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device).long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=L)
+
+
 def cu_seqlens_of(lengths, device=None) -> torch.Tensor:
     """``cu_seqlens`` (int32) for documents of these lengths."""
     cu = [0]
@@ -94,4 +100,4 @@ def cu_seqlens_of(lengths, device=None) -> torch.Tensor:
     return torch.tensor(cu, dtype=torch.int32, device=device)
 
 
-__all__ = ["check_cu_seqlens", "split_initial_state", "document_tensors", "cat_states", "cu_seqlens_of"]
+__all__ = ["check_cu_seqlens", "split_initial_state", "document_tensors", "cat_states", "document_ids", "cu_seqlens_of"]

@@ -11,7 +11,7 @@ only ``cu_seq_lens_q/k`` are read (no data-dependent control flow in the graph).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -56,9 +56,9 @@ def check_packed_mask(mask: Optional[torch.Tensor], cu_seqlens: torch.Tensor, ca
             raise ValueError("a packed row (cu_seqlens / restarting position_ids) cannot also have padding: "
                              "drop the padded tokens from the row, or do not pack")
         return
+    from lincomp.documents import document_ids
     L = mask.shape[-1]
-    doc = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=mask.device),
-                                  (cu_seqlens[1:] - cu_seqlens[:-1]).to(mask.device).long(), output_size=L)
+    doc = document_ids(cu_seqlens, L, mask.device)
     want = doc[:, None] == doc[None, :]
     if causal:
         want = want & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
@@ -68,4 +68,31 @@ def check_packed_mask(mask: Optional[torch.Tensor], cu_seqlens: torch.Tensor, ca
                          "so only that mask (or none) can be combined with cu_seqlens / restarting position_ids")
 
 
-__all__ = ["cu_seqlens_from_position_ids", "packed_cu_seqlens", "check_packed_mask"]
+def pack_documents(documents: Sequence[torch.Tensor], length: int) -> List[dict]:
+    """Token-id documents (1-D tensors) packed greedily, in order, into rows of at most ``length`` tokens, as
+    batches for a causal LM (``lincomp.distill``, or any training loop): ``input_ids`` ``[1, n]``, ``position_ids``
+    restarting at every document (linearize turns them into ``cu_seqlens``) and ``labels`` with -100 at each
+    document's first token (it is not predicted from the previous document). A document longer than
+    ``length`` is cut into pieces of ``length``, each a document of its own. No padding."""
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    pieces = [d[i:i + length] for d in documents for i in range(0, d.numel(), length) if d.numel()]
+    rows, row = [], []
+    for p in pieces:
+        if row and sum(x.numel() for x in row) + p.numel() > length:
+            rows.append(row)
+            row = []
+        row.append(p)
+    if row:
+        rows.append(row)
+    out = []
+    for row in rows:
+        ids = torch.cat(row)
+        pos = torch.cat([torch.arange(p.numel()) for p in row])
+        labels = ids.clone()
+        labels[pos == 0] = -100
+        out.append({"input_ids": ids[None], "position_ids": pos[None], "labels": labels[None]})
+    return out
+
+
+__all__ = ["cu_seqlens_from_position_ids", "packed_cu_seqlens", "check_packed_mask", "pack_documents"]

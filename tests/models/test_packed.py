@@ -3,6 +3,7 @@ flash-attention kwargs ``cu_seq_lens_q/k``, reach the kernels as ``cu_seqlens`` 
 own), the same as running the documents one by one; a mask that is not the block-diagonal pattern raises."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -108,3 +109,33 @@ def test_compiled_packed_row_with_flash_kwargs(llama):
     assert rel_err(compiled, eager) <= 1e-5
     alone = torch.cat([model(d, use_cache=False).logits for d in docs], 1)
     assert rel_err(compiled, alone) <= 1e-4
+
+
+def test_pack_documents_rows_positions_and_labels():
+    from lincomp.models.packing import pack_documents
+    docs = [torch.arange(1, 4), torch.arange(10, 12), torch.arange(20, 29), torch.arange(30, 31)]
+    rows = pack_documents(docs, 6)
+    assert [r["input_ids"].shape[1] for r in rows] == [5, 6, 4]   # 3+2 | 6 (cut) | 3 (rest) + 1
+    assert rows[0]["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert rows[0]["labels"].tolist() == [[-100, 2, 3, -100, 11]]
+    assert rows[2]["position_ids"].tolist() == [[0, 1, 2, 0]]
+    assert torch.equal(torch.cat([r["input_ids"][0] for r in rows]), torch.cat(docs))
+
+
+def test_distill_on_packed_rows(llama):
+    """Layer-local transfer: the softmax target of a packed row is block-diagonal (the student then runs
+    exactly the teacher, document by document); both stages train on packed rows."""
+    from lincomp.models import distill as D
+    from lincomp.models.packing import pack_documents
+    student = linearize(copy.deepcopy(llama), SPECS["lizard"], target="reference")
+    docs = [d[0] for d in _docs(student.config.vocab_size)]
+    rows = pack_documents(docs, 12)
+    assert len(rows) == 3 and rows[0]["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0]]
+    batch = rows[0]
+    with torch.no_grad(), D.LayerLocalTransfer(student) as t:
+        out = student(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    alone = torch.cat([llama(d[None], use_cache=False).logits for d in docs[:2]], 1)
+    assert len(t.losses) == 2 and rel_err(out, alone) <= 1e-5
+    res = D.distill(student, llama, rows, attention_steps=2, finetune_steps=2, task_loss="lm", progress=False)
+    assert all(math.isfinite(v) for log in (res.last("attention"), res.last("finetune")) for v in log.values()
+               if isinstance(v, float))
