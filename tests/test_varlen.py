@@ -10,7 +10,7 @@ from lincomp import presets
 from lincomp.documents import cu_seqlens_of
 from lincomp.reference.masks import window_mask
 from lincomp.runtime.varlen import length_groups
-from lincomp.testing import examples, packed_inputs, random_inputs, rel_err, spec_strategy
+from lincomp.testing import check_varlen_decoder, examples, packed_inputs, random_inputs, rel_err, spec_strategy
 
 # Boundaries that matter: documents of length 1, ones ending on a chunk / tile border (4, 8, 16), one, many.
 lengths_strategy = st.lists(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 16, 17]), min_size=1, max_size=6)
@@ -163,3 +163,11 @@ def test_single_document_is_the_plain_call():
     a = lincomp.reference(spec, **x, cu_seqlens=cu, return_state=True)
     b = lincomp.reference(spec, **x, return_state=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1][0], b[1][0])
+
+
+@pytest.mark.parametrize("spec", [presets.sliding_window(3, sinks=1), presets.gla("vector", 4),
+                                  presets.lizard(window=3, sinks=2, feature_dim=4, chunk_size=4),
+                                  presets.lolcats(block=3, feature_dim=4, chunk_size=4)], ids=lambda s: s.name)
+def test_reference_decoders_serve_sequences_of_different_lengths(spec):
+    from lincomp.reference import ReferenceDecoder
+    check_varlen_decoder(ReferenceDecoder, spec)

@@ -65,4 +65,50 @@ def run_packed(dense: Callable, spec, q, k, v, cu_seqlens, *, return_state: bool
     return (o, cat_states(states)) if return_state else o
 
 
-__all__ = ["run_packed", "length_groups"]
+
+class VarlenDecoder:
+    """Decodes N sequences of different lengths with no padding work: one decoder per sequence, each at
+    its own position (the decoders share one ``t`` across their batch, so sequences of different lengths
+    cannot share one).
+
+    ``make()`` returns a fresh single-sequence decoder (``ReferenceDecoder``, ``TVMDecoder``,
+    ``TritonDecoder``: anything with ``step(q, k, v, g)``; ``prefill`` is used where it exists).
+    ``prefill(q, k, v, cu_seqlens, g=None)``: the N prompts packed in one row ``[1, H, L, D]`` -> o ``[1, H, L, Dv]``.
+    ``step(q, k, v, g=None, active=None)``: one token for each sequence in ``active`` (default: all N, in
+    order), q ``[len(active), H, 1, D]`` -> o ``[len(active), H, 1, Dv]``; finished sequences simply drop out.
+    Costs one small launch per sequence and step (no batching across positions).
+    """
+
+    def __init__(self, make: Callable, spec=None):
+        self.make, self.spec = make, spec
+        self.decoders: list = []
+
+    def prefill(self, q, k, v, cu_seqlens, g=None):
+        cu = check_cu_seqlens(cu_seqlens, q, self.spec)
+        self.decoders = [self.make() for _ in range(len(cu) - 1)]
+        outs = []
+        for dec, a, b in zip(self.decoders, cu, cu[1:]):
+            cut = document_tensors({"q": q, "k": k, "v": v, "g": g}, a, b)
+            if hasattr(dec, "prefill"):
+                outs.append(dec.prefill(cut["q"], cut["k"], cut["v"], cut["g"]))
+            else:
+                outs.append(torch.cat([dec.step(*(None if t is None else t[:, :, i:i + 1] for t in
+                                                  (cut["q"], cut["k"], cut["v"], cut["g"])))
+                                       for i in range(b - a)], 2))
+        return torch.cat(outs, 2)
+
+    def step(self, q, k, v, g=None, active=None):
+        active = range(len(self.decoders)) if active is None else list(active)
+        if q.shape[0] != len(active):
+            raise ValueError(f"step got {q.shape[0]} tokens (q's batch axis) for {len(active)} active sequences; "
+                             "pass one token per active sequence, in the order of active")
+        return torch.cat([self.decoders[d].step(q[i:i + 1], k[i:i + 1], v[i:i + 1], None if g is None else g[i:i + 1])
+                          for i, d in enumerate(active)], 0)
+
+    @property
+    def positions(self) -> list:
+        """Tokens seen so far by each sequence."""
+        return [int(d.t) for d in self.decoders]
+
+
+__all__ = ["run_packed", "length_groups", "VarlenDecoder"]

@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 import lincomp  # noqa: E402
 from lincomp import presets  # noqa: E402
-from lincomp.testing import examples, packed_inputs, rel_err, spec_strategy  # noqa: E402
+from lincomp.testing import check_varlen_decoder, examples, packed_inputs, rel_err, spec_strategy  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 lengths_strategy = st.lists(st.sampled_from([1, 2, 3, 4, 5, 8, 9, 16]), min_size=1, max_size=5)
@@ -71,3 +71,11 @@ def test_families_on_chunk_borders(spec):
 def test_grid_documents():
     spec = lincomp.AttentionSpec(window=lincomp.GridWindow((2, 3), 1, "square"), prefix=1)
     check_packed_grads(spec, [0, 0], seed=4)   # two documents of prefix + 2*3 tokens each
+
+
+@pytest.mark.parametrize("spec", [presets.sliding_window(3, sinks=1), presets.gla("vector", 4),
+                                  presets.lizard(window=3, sinks=2, feature_dim=4, chunk_size=4)],
+                         ids=lambda s: s.name)
+def test_decoders_serve_sequences_of_different_lengths(spec):
+    from lincomp.lower.triton.decode import TritonDecoder
+    check_varlen_decoder(TritonDecoder, spec, device=DEVICE)

@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 import lincomp  # noqa: E402
 from lincomp import presets  # noqa: E402
-from lincomp.testing import examples, packed_inputs, rel_err, spec_strategy  # noqa: E402
+from lincomp.testing import check_varlen_decoder, examples, packed_inputs, rel_err, spec_strategy  # noqa: E402
 
 # Documents of length 1, ending on a chunk border (4, 8, 16), one document, many.
 lengths_strategy = st.lists(st.sampled_from([1, 2, 3, 4, 5, 8, 9, 16, 23]), min_size=1, max_size=6)
@@ -62,3 +62,11 @@ def test_no_copy_warning_for_packed_views(recwarn):
     with torch.no_grad():
         lincomp.compile(spec, target="tvm")(**x)
     assert not [w for w in recwarn if "copying" in str(w.message)]
+
+
+@pytest.mark.parametrize("spec", [presets.sliding_window(3, sinks=1), presets.gla("vector", 4),
+                                  presets.lizard(window=3, sinks=2, feature_dim=4, chunk_size=4),
+                                  presets.lolcats(block=3, feature_dim=4, chunk_size=4)], ids=lambda s: s.name)
+def test_decoders_serve_sequences_of_different_lengths(spec):
+    from lincomp.lower.tvm import TVMDecoder
+    check_varlen_decoder(TVMDecoder, spec)
