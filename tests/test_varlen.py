@@ -171,3 +171,13 @@ def test_single_document_is_the_plain_call():
 def test_reference_decoders_serve_sequences_of_different_lengths(spec):
     from lincomp.reference import ReferenceDecoder
     check_varlen_decoder(ReferenceDecoder, spec)
+
+
+def test_one_call_path_only_where_it_is_exact():
+    from lincomp.runtime.varlen import restarts_by_gate
+    gla, g = presets.gla("vector", 4), torch.zeros(1, 2, 5, 8)
+    assert restarts_by_gate(gla, {"g": g}, False)
+    assert not restarts_by_gate(gla, {"g": g}, True)                                  # per-document states
+    assert not restarts_by_gate(gla, {"g": g, "initial_state": torch.zeros(2, 2, 8, 8)}, False)
+    assert not restarts_by_gate(presets.lizard(window=4, feature_dim=4), {"g": g}, False)   # a window too
+    assert not restarts_by_gate(lincomp.AttentionSpec(causal=True, linear={"feature_map": "elu1"}), {}, False)

@@ -1,9 +1,10 @@
 """Packed sequences (``cu_seqlens``) on every compiled kernel: documents of equal length run as one batch.
 
-``Kernel.__call__`` sends a call with ``cu_seqlens`` here. The packed row ``[1, H, L, D]`` is cut into its
-documents; documents of the same length are stacked on the batch axis and run as one dense call of the
-kernel (so N short documents cost a few batched launches, not N, and no token is padded); the outputs are
-put back in document order. Gradients flow through the cuts (``torch.cat`` / ``narrow``) into whatever the
+``Kernel.__call__`` sends a call with ``cu_seqlens`` here. A causal gated linear spec (GLA and the like) runs
+as one call over the whole row with the gate shut on each document's first token (the state restarts there;
+chunks that straddle a border stay exact). Every other call is cut into its documents; documents of the
+same length are stacked on the batch axis and run as one dense call of the kernel (so N short documents cost
+a few batched launches, not N, and no token is padded); the outputs are put back in document order. Gradients flow through the cuts (``torch.cat`` / ``narrow``) into whatever the
 dense call supports (the Triton kernels' backward, the reference's autograd).
 """
 
@@ -31,6 +32,29 @@ def length_groups(cu: List[int]) -> Dict[int, List[int]]:
     return groups
 
 
+# The log gate put on every document's first token by the one-call path: exp(-64) = 1.6e-28 erases the state
+# entering the document below fp32 / fp64 rounding of anything a document computes, while the kernels'
+# in-chunk cumulative gates stay small enough (|G| ~ 64) to keep their decays accurate in fp32.
+GATE_RESET = -64.0
+
+
+def restarts_by_gate(spec, kwargs: dict, return_state: bool) -> bool:
+    """True when one call over the whole row, with the gate shut at document starts, is the packed call: a
+    causal gated linear branch alone, no per-document initial / final states, no padding mask."""
+    lin = spec.linear
+    return (lin is not None and lin.gate is not None and spec.causal and not spec.has_softmax and not spec.prefix
+            and spec.combine is None and not return_state and kwargs.get("initial_state") is None
+            and kwargs.get("key_padding_mask") is None and torch.is_tensor(kwargs.get("g")))
+
+
+def shut_gate(g: torch.Tensor, cu: List[int]) -> torch.Tensor:
+    """``g`` ``[1, H, L(, F)]`` with GATE_RESET on the first token of every document but the first (differentiable:
+    those entries get no gradient, as the state they would decay is zero)."""
+    out = g.clone()   # a copy and N - 1 writes (cheaper than a masked select over the whole gate)
+    out[:, :, cu[1:-1]] = GATE_RESET
+    return out
+
+
 def run_packed(dense: Callable, spec, q, k, v, cu_seqlens, *, return_state: bool = False, **kwargs):
     """o ``[1, H, L, Dv]`` (and ``(S [N, H, F, Dv], z [N, H, F])`` with ``return_state``) of a packed row.
 
@@ -41,6 +65,8 @@ def run_packed(dense: Callable, spec, q, k, v, cu_seqlens, *, return_state: bool
     N = len(cu) - 1
     if N == 1:   # one document: the plain call (an initial_state's N axis is its batch axis)
         return dense(q, k, v, **kwargs, **({"return_state": True} if return_state else {}))
+    if restarts_by_gate(spec, kwargs, return_state):   # the chunked scan restarts at document starts itself
+        return dense(q, k, v, **{**kwargs, "g": shut_gate(kwargs["g"], cu)})
     st = kwargs.pop("initial_state", None)
     S0, z0 = (None, None) if st is None else split_initial_state(st, N)
     whole = {"q": q, "k": k, "v": v, **{n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}}

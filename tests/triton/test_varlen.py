@@ -79,3 +79,9 @@ def test_grid_documents():
 def test_decoders_serve_sequences_of_different_lengths(spec):
     from lincomp.lower.triton.decode import TritonDecoder
     check_varlen_decoder(TritonDecoder, spec, device=DEVICE)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_gated_linear_one_call_path(gate):
+    """GLA without states runs as one call with the gate shut at document starts (chunks straddle borders)."""
+    check_packed_grads(presets.gla(gate, chunk_size=4), [4, 1, 8, 3, 6, 13], seed=6)

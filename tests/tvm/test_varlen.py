@@ -70,3 +70,15 @@ def test_no_copy_warning_for_packed_views(recwarn):
 def test_decoders_serve_sequences_of_different_lengths(spec):
     from lincomp.lower.tvm import TVMDecoder
     check_varlen_decoder(TVMDecoder, spec)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_gated_linear_one_call_path_with_strong_gates(gate):
+    """GLA without states: one call with the gate shut at document starts, also under strong gates."""
+    spec = presets.gla(gate, chunk_size=8)
+    for strength in (0.1, 8.0):
+        x = packed_inputs(spec, [8, 1, 5, 16, 11, 7], H=2, D=8, seed=2, gate_strength=strength)
+        with torch.no_grad():
+            o = lincomp.compile(spec, target="tvm")(**x)
+        ref = lincomp.reference(spec, **{k: (v.double() if v.is_floating_point() else v) for k, v in x.items()})
+        assert rel_err(o, ref) <= 1e-4, strength
