@@ -4,7 +4,8 @@
 
 TVM kernels, fp32, H=4, D=64, ten documents of 128 .. 1024 tokens (8x spread, 4096 tokens in all):
 
-- ``packed``:     ``kernel(q, k, v, cu_seqlens=cu)`` on one ``[1, H, 4096, D]`` row;
+- ``packed``:     ``kernel(q, k, v, cu_seqlens=cu)`` on one ``[1, H, 4096, D]`` row (documents of one length
+                  batched; GLA as one call with its gate shut at document starts);
 - ``one by one``: ``kernel`` on each document's own contiguous ``[1, H, n, D]`` tensors, in a Python loop;
 - ``padded``:     the documents right-padded to 1024 as one ``[10, H, 1024, D]`` batch, no mask (for a causal
                   spec right padding changes no real token's output, so this is the cheapest padded form;
@@ -33,7 +34,8 @@ import torch  # noqa: E402
 
 import lincomp  # noqa: E402
 from lincomp import presets  # noqa: E402
-from lincomp.documents import TOKEN_AXIS  # noqa: E402
+from lincomp.documents import TOKEN_AXIS, cu_seqlens_of  # noqa: E402
+from lincomp.runtime.varlen import length_groups  # noqa: E402
 from lincomp.testing import packed_inputs, rel_err  # noqa: E402
 
 H, D = 4, 64
@@ -117,6 +119,7 @@ def main(argv=None) -> int:
              ("lizard", presets.lizard())]
     rows = [r for name, spec in cases for r in run_case(bench, name, spec)]
     load_after = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    n_groups = len(length_groups(cu_seqlens_of(LENGTHS).tolist()))
     lines = ["# Packed rows (cu_seqlens) on the CPU: lincomp TVM", "",
              f"- CPU: **{bench_cpu.cpu_model()}** (LLVM mcpu `{host_cpu()}`), torch {torch.__version__}, "
              f"threads {torch.get_num_threads()}; load average before / after: {load_before} / {load_after}",
@@ -124,8 +127,9 @@ def main(argv=None) -> int:
              f"the padded batch holds {len(LENGTHS) * max(LENGTHS)})",
              f"- medians of {args.reps} rounds after warm-up, the three implementations interleaved in each round, "
              "each timed call right after an untimed one of the same implementation",
-             "- packed: documents of equal length are stacked into one batched kernel call (7 calls here); one by one: "
-             "10 calls on each document's own tensors; padded: one call on the right-padded batch without a mask",
+             f"- packed: documents of equal length stacked into one batched kernel call ({n_groups} calls here); GLA "
+             "(a gated linear branch alone): one call over the row with the gate shut at document starts; one by one: "
+             f"{len(LENGTHS)} calls on each document's own tensors; padded: one call on the right-padded batch, no mask",
              "", "| case | implementation | median ms | notes |", "| --- | --- | ---: | --- |"]
     lines += [f"| {c} | {i} | {'' if ms is None else f'{ms:.2f}'} | {n} |" for c, i, ms, n in rows]
     out = Path(args.out)
