@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from lincomp.documents import cu_seqlens_of
 from lincomp.spec import AttentionSpec, GridWindow
 
 
@@ -198,5 +199,69 @@ def examples(n: int):
     return settings(deadline=None, suppress_health_check=list(HealthCheck))
 
 
-__all__ = ["rel_err", "random_inputs", "poison_like", "spec_strategy", "length_for", "examples", "GridWindow",
-           "extreme_case", "case_tolerance"]
+def packed_inputs(spec: AttentionSpec, lengths, *, H: int = 2, Hkv: Optional[int] = None, D: int = 8,
+                  dtype=torch.float32, seed: int = 0, feature_dim: Optional[int] = None,
+                  gate_strength: float = 1.0, initial_state: bool = False) -> dict:
+    """``random_inputs`` for one packed row of documents of these ``lengths`` (q ``[1, H, sum, D]``), with
+    ``cu_seqlens`` and, when asked, an ``initial_state`` with one row per document. A grid window fixes
+    every document's length (prefix + prod(grid)); ``lengths`` then only gives their number."""
+    spec = AttentionSpec.coerce(spec)
+    N, fixed = len(lengths), spec.expected_length()
+    kw = dict(H=H, Hkv=Hkv, D=D, dtype=dtype, feature_dim=feature_dim, gate_strength=gate_strength)
+    if fixed is not None:   # N grid documents drawn as a batch, then laid end to end
+        lengths = [fixed] * N
+        x = random_inputs(spec, B=N, seed=seed, **kw)
+        for name in ("q", "k", "v", "g"):
+            if name in x:
+                t = x[name]
+                x[name] = t.transpose(0, 1).reshape(1, t.shape[1], -1, *t.shape[3:]).contiguous()
+    else:
+        x = random_inputs(spec, B=1, L=sum(lengths), seed=seed, **kw)
+    if initial_state and spec.linear is not None and spec.causal:
+        x["initial_state"] = random_inputs(spec, B=N, L=1, seed=seed + 1, initial_state=True, **kw)["initial_state"]
+    x["cu_seqlens"] = cu_seqlens_of(lengths)
+    return x
+
+
+def check_varlen_decoder(make, spec: AttentionSpec, prompts=(3, 1, 6), steps: int = 3, tol: float = 1e-4,
+                         device="cpu") -> float:
+    """Decode N sequences of different lengths with ``lincomp.runtime.varlen.VarlenDecoder`` (``make(spec,
+    **weights)`` builds one sequence's decoder): the packed prompts, then ``steps`` tokens each (the first
+    sequence drops out of the last step). Asserts every output against the fp64 packed reference; returns the
+    worst rel err."""
+    from lincomp.reference import reference
+    from lincomp.runtime.varlen import VarlenDecoder
+
+    spec = AttentionSpec.coerce(spec)
+    lengths = [p + steps for p in prompts]
+    x = packed_inputs(spec, lengths, H=2, D=8, feature_dim=4, seed=3)
+    ref = reference(spec, **{k: (t.double() if t.is_floating_point() else t) for k, t in x.items()})
+    x = {k: t.to(device) for k, t in x.items()}
+    weights = {k: x[k] for k in ("feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
+               if k in x}
+    per_token = [n for n in ("q", "k", "v", "g") if n in x]
+    starts = x["cu_seqlens"].tolist()[:-1]
+
+    def rows(pos):   # {name: [len(pos), ...]} the tokens at packed positions pos
+        return {n: torch.cat([x[n][:, :, p:p + 1] for p in pos], 0) for n in per_token}
+
+    dec = VarlenDecoder(lambda: make(spec, **weights), spec)
+    prompt_pos = [a + i for a, p in zip(starts, prompts) for i in range(p)]
+    packed = {n: x[n][:, :, prompt_pos] for n in per_token}
+    with torch.no_grad():
+        o = dec.prefill(packed["q"], packed["k"], packed["v"], cu_seqlens_of(prompts), packed.get("g"))
+    errs = [rel_err(o, ref[:, :, prompt_pos])]
+    for s in range(steps):
+        active = list(range(len(prompts))) if s < steps - 1 else list(range(1, len(prompts)))
+        pos = [starts[d] + prompts[d] + s for d in active]
+        t = rows(pos)
+        with torch.no_grad():
+            o = dec.step(t["q"], t["k"], t["v"], t.get("g"), active=active)
+        errs.append(rel_err(o, torch.cat([ref[:, :, p:p + 1] for p in pos], 0)))
+    assert dec.positions == [lengths[0] - 1] + lengths[1:], dec.positions
+    assert max(errs) <= tol, f"{spec.summary()}: decoder rel errs {errs}"
+    return max(errs)
+
+
+__all__ = ["rel_err", "random_inputs", "packed_inputs", "check_varlen_decoder", "poison_like", "spec_strategy",
+           "length_for", "examples", "GridWindow", "extreme_case", "case_tolerance"]

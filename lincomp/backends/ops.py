@@ -6,10 +6,11 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
 
 - ``torch.ops.lincomp.attention(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None,
   feature_weight_k=None, sink_logits=None, window_gamma=None, alpha=None, key_padding_mask=None,
-  target="auto", fallback="warn", hints_json="") -> o [B, H, L, Dv]``
+  target="auto", fallback="warn", hints_json="", cu_seqlens=None) -> o [B, H, L, Dv]``
   runs a cached ``lincomp.compile(spec, target, **hints)`` kernel. ``fallback="warn"`` runs the reference
   with a ``LincompFallbackWarning`` when the target is not installed or cannot run a call;
-  ``fallback="error"`` raises instead.
+  ``fallback="error"`` raises instead. ``cu_seqlens`` (int ``[N + 1]``, B = 1): a packed row of N documents,
+  each attended on its own (lincomp.runtime.varlen).
 - Training: ``lincomp::attention`` is ``lincomp::attention_forward(...)[0]``; that op also returns what
   the kernel's backward needs (the window kernels' log-sum-exp, the linear kernels' states), and its
   backward, ``torch.ops.lincomp.attention_backward`` (its own op, so compiled training graphs keep it
@@ -129,13 +130,20 @@ def _concrete(kernel: Kernel, device: torch.device) -> Kernel:
     return kernel.kernel_for(device) if hasattr(kernel, "kernel_for") else kernel
 
 
-def _kwargs(scale, tensors: dict, key_padding_mask) -> dict:
+def _kwargs(scale, tensors: dict, key_padding_mask, cu_seqlens=None) -> dict:
     kw = dict(tensors)
     if key_padding_mask is not None:
         kw["key_padding_mask"] = key_padding_mask
+    if cu_seqlens is not None:
+        kw["cu_seqlens"] = cu_seqlens
     if scale is not None:
         kw["scale"] = scale
     return kw
+
+
+def _saved_like(kernel: Kernel, q, k, v, kw: dict) -> list:
+    """What ``attention_forward`` saves for this call (nothing for a packed row: see its forward)."""
+    return [] if kw.get("cu_seqlens") is not None else kernel.saved_like(q, k, v, **kw)
 
 
 # ----------------------------------------------------------------------------------- attention
@@ -150,16 +158,18 @@ torch.library.define(
     "lincomp::attention",
     "(Tensor q, Tensor k, Tensor v, str spec_json, float? scale=None, Tensor? g=None, Tensor? feature_weight_q=None, "
     "Tensor? feature_weight_k=None, Tensor? sink_logits=None, Tensor? window_gamma=None, Tensor? alpha=None, "
-    "Tensor? key_padding_mask=None, str target='auto', str fallback='warn', str hints_json='') -> Tensor")
+    "Tensor? key_padding_mask=None, str target='auto', str fallback='warn', str hints_json='', "
+    "Tensor? cu_seqlens=None) -> Tensor")
 
 
 @torch.library.impl("lincomp::attention", "CompositeImplicitAutograd")
 def _attention(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, feature_weight_k=None, sink_logits=None,
-               window_gamma=None, alpha=None, key_padding_mask=None, target="auto", fallback="warn", hints_json=""):
+               window_gamma=None, alpha=None, key_padding_mask=None, target="auto", fallback="warn", hints_json="",
+               cu_seqlens=None):
     """o [B, H, L, Dv] = the spec's attention of q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv]."""
     return torch.ops.lincomp.attention_forward(q, k, v, spec_json, scale, g, feature_weight_q, feature_weight_k,
                                                sink_logits, window_gamma, alpha, key_padding_mask, target, fallback,
-                                               hints_json)[0]
+                                               hints_json, cu_seqlens)[0]
 
 
 attention = torch.ops.lincomp.attention
@@ -171,7 +181,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Op
                       feature_weight_k: Optional[Tensor] = None, sink_logits: Optional[Tensor] = None,
                       window_gamma: Optional[Tensor] = None, alpha: Optional[Tensor] = None,
                       key_padding_mask: Optional[Tensor] = None, target: str = "auto", fallback: str = "warn",
-                      hints_json: str = "") -> List[Tensor]:
+                      hints_json: str = "", cu_seqlens: Optional[Tensor] = None) -> List[Tensor]:
     """[o [B, H, L, Dv], own_backward (int32 [], 1: ``saved`` is the kernel's), *saved].
 
     ``saved`` is ``Kernel.forward_saved``'s list (shapes from ``Kernel.saved_like``)."""
@@ -179,10 +189,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Op
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
     # compiled kernels want contiguous [B, H, L, D] (SDPA callers often pass views)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    kw = _kwargs(scale, tensors, key_padding_mask)
-    like = kernel.saved_like(q, k, v, **kw)
-    with _strict(fallback):
-        o, saved = kernel.forward_saved(q, k, v, **kw)
+    kw = _kwargs(scale, tensors, key_padding_mask, cu_seqlens)
+    like = _saved_like(kernel, q, k, v, kw)
+    with _strict(fallback):   # a packed row runs document by document: its gradient is the reference's
+        o, saved = kernel.forward_saved(q, k, v, **kw) if cu_seqlens is None else (kernel(q, k, v, **kw), None)
     own = saved is not None
     if not own:   # the reference ran: the saved slots stay as promised, unused
         saved = [torch.empty_like(t) for t in like]
@@ -195,11 +205,11 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Op
 @attention_forward.register_fake
 def _attention_forward_fake(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, feature_weight_k=None,
                             sink_logits=None, window_gamma=None, alpha=None, key_padding_mask=None, target="auto",
-                            fallback="warn", hints_json=""):
+                            fallback="warn", hints_json="", cu_seqlens=None):
     # Shape arithmetic only: symbolic B / L stay symbolic (no recompile for a new length).
     kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
-    saved = kernel.saved_like(q, k, v, **_kwargs(scale, tensors, key_padding_mask))
+    saved = _saved_like(kernel, q, k, v, _kwargs(scale, tensors, key_padding_mask, cu_seqlens))
     o = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
     return [o, torch.empty((), dtype=torch.int32, device="cpu"), *[t.new_empty(t.shape) for t in saved]]
 
@@ -210,7 +220,8 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
                        feature_weight_q: Optional[Tensor] = None, feature_weight_k: Optional[Tensor] = None,
                        sink_logits: Optional[Tensor] = None, window_gamma: Optional[Tensor] = None,
                        alpha: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                       target: str = "auto", fallback: str = "warn", hints_json: str = "") -> List[Tensor]:
+                       target: str = "auto", fallback: str = "warn", hints_json: str = "",
+                       cu_seqlens: Optional[Tensor] = None) -> List[Tensor]:
     """[dq, dk, dv] + the gradient of each given float tensor (order of WEIGHT_NAMES, absent ones skipped)."""
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
     names = ("q", "k", "v", *tensors)
@@ -223,7 +234,8 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
         spec = spec_from_json(spec_json)
 
         def run(q, k, v, *weights):
-            return reference(spec, q, k, v, **_kwargs(scale, dict(zip(tensors, weights)), key_padding_mask))
+            return reference(spec, q, k, v, **_kwargs(scale, dict(zip(tensors, weights)), key_padding_mask,
+                                                      cu_seqlens))
         _, vjp = torch.func.vjp(run, *inputs)
         grads = vjp(grad_out.to(o.dtype))
     return [x.new_zeros(x.shape) if d is None else d.to(x.dtype).contiguous() for x, d in zip(inputs, grads)]
@@ -232,33 +244,34 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, o, own_backward, saved, q, k, v, spec_json, scale=None, g=None,
                              feature_weight_q=None, feature_weight_k=None, sink_logits=None, window_gamma=None,
-                             alpha=None, key_padding_mask=None, target="auto", fallback="warn", hints_json=""):
+                             alpha=None, key_padding_mask=None, target="auto", fallback="warn", hints_json="",
+                             cu_seqlens=None):
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
     return [t.new_empty(t.shape) for t in (q, k, v, *tensors.values())]   # contiguous, like the real one
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target, fallback, hints_json) = inputs
+    (q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target, fallback, hints_json, *cu) = inputs
     o, own, *saved = output
     ctx.n_saved = len(saved)
-    ctx.save_for_backward(q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, o, own, *saved)
+    ctx.save_for_backward(q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, cu[0] if cu else None, o, own, *saved)
     ctx.args = (spec_json, scale, target, fallback, hints_json)
 
 
 def _backward(ctx, grads):
     grad_out = grads[0]
-    q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, o, own, *saved = ctx.saved_tensors
+    q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, cu, o, own, *saved = ctx.saved_tensors
     spec_json, scale, target, fallback, hints_json = ctx.args
     if grad_out is None:
         grad_out = torch.zeros_like(o)
     out = torch.ops.lincomp.attention_backward(
         grad_out.contiguous(), o, own, saved, q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm,
-        target, fallback, hints_json)
+        target, fallback, hints_json, cu)
     dq, dk, dv, *rest = out
     weights = (g, fwq, fwk, sinks, gamma, alpha)
     it = iter(rest)
     dweights = [None if w is None else next(it) for w in weights]
-    out = (dq, dk, dv, None, None, *dweights, None, None, None, None)
+    out = (dq, dk, dv, None, None, *dweights, None, None, None, None, None)
     # one gradient per argument actually passed: the dispatcher drops trailing arguments left at their default
     return out[:len(ctx.needs_input_grad)]
 

@@ -110,6 +110,8 @@ def attention(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     ``q, k, v``: this rank's ``[B, H|Hkv, prefix + own_tokens, D]`` (``layout.shard`` makes them): the
     prefix tokens (replicated, identical on every rank) then the rank's slice or patch, row-major.
     Per-token tensors (``g``) are sharded the same way; weights and ``initial_state`` are replicated.
+    ``cu_seqlens`` (the whole row's document boundaries, on every rank; 1D, no prefix): each rank runs its own
+    documents, so every rank border must be a document border (``lincomp.distributed.varlen``).
     ``layout``: a :class:`Layout` (default: ``Layout.for_spec``; for 1D specs the local lengths are
     all-gathered once). ``prefix_mode``: "exact" or "approximate" (CLEAR: prefix queries attend to the
     prefix and the local patch, outputs averaged over ranks; non-causal specs only differ).
@@ -141,6 +143,11 @@ def attention(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
                                      **tensors)
     comm = Comm(group, stats)
     layout = _resolve_layout(spec, layout, comm, q)
+    if tensors.get("cu_seqlens") is not None:   # a packed row: each rank runs its own whole documents
+        from lincomp.distributed.varlen import packed_attention
+        return packed_attention(spec, q, k, v, kernel=_kernel(spec, target), layout=layout, comm=comm,
+                                sync_grads=sync_grads, scale=scale, linear_scale=linear_scale,
+                                return_state=return_state, **tensors)
     local_spec = spec.with_grid(box_shape(layout.box(comm.rank))) if isinstance(spec.window, GridWindow) else spec
     call = bind(local_spec, q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state, **tensors)
     plan = global_plan(spec, layout, bool(overlap))

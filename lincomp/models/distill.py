@@ -183,15 +183,23 @@ def attention_transfer_loss(student: nn.Module, teacher: TeacherRunner, batch: A
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                      key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+                      key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                      cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Plain softmax attention, the teacher of a linearised layer: q ``[B, H, L, D]``, k / v ``[B, Hkv, L, D]``
-    (grouped-query heads repeated), ``key_padding_mask [B, L]`` (True = attend) -> ``[B, H, L, Dv]``."""
+    (grouped-query heads repeated), ``key_padding_mask [B, L]`` (True = attend), ``cu_seqlens [N + 1]`` (a packed
+    row: no query sees another document) -> ``[B, H, L, Dv]``."""
     H = q.shape[1]
     if k.shape[1] != H:
         k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
     mask = None
     if key_padding_mask is not None:
         mask = key_padding_mask[:, None, None, :].to(torch.bool)
+    if cu_seqlens is not None:
+        from lincomp.documents import document_ids
+        doc = document_ids(cu_seqlens, q.shape[2], q.device)
+        same = (doc[:, None] == doc[None, :])[None, None]
+        mask = same if mask is None else mask & same
+    if mask is not None:
         if causal:
             L = q.shape[2]
             mask = mask & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
@@ -224,7 +232,8 @@ class LayerLocalTransfer:
         q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
         with torch.no_grad():
             target = softmax_attention(q, k, v, causal=module.spec.causal, scale=kwargs.get("scale"),
-                                       key_padding_mask=kwargs.get("key_padding_mask"))
+                                       key_padding_mask=kwargs.get("key_padding_mask"),
+                                       cu_seqlens=kwargs.get("cu_seqlens"))
         self.losses.append(F.mse_loss(out.float(), target.float()))
         return target.to(out.dtype)
 

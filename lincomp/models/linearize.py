@@ -239,8 +239,14 @@ def lincomp_attention_forward(module, query, key, value, attention_mask, scaling
     if query.shape[2] != key.shape[2]:
         raise ValueError(f"lincomp attention got {query.shape[2]} queries and {key.shape[2]} keys (a KV cache?); "
                          "call the model with use_cache=False, and generate with lincomp.models.generate")
-    kpm = _key_padding(attention_mask, lin.spec.causal)
-    o = lin(query, key, value, hidden_states=hidden, key_padding_mask=kpm, scale=scaling)
+    from lincomp.models.packing import check_packed_mask, packed_cu_seqlens
+    cu = packed_cu_seqlens(query.shape[0], kwargs)   # packed training: each document on its own
+    if cu is not None:
+        check_packed_mask(attention_mask, cu, lin.spec.causal)
+        kpm = None
+    else:
+        kpm = _key_padding(attention_mask, lin.spec.causal)
+    o = lin(query, key, value, hidden_states=hidden, key_padding_mask=kpm, scale=scaling, cu_seqlens=cu)
     return o.transpose(1, 2).contiguous(), None
 
 

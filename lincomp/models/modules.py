@@ -89,7 +89,7 @@ class LinearizedAttention(nn.Module):
 
     ``forward(q, k, v, hidden_states=None, key_padding_mask=None, scale=None, spec_json=None) -> o``
     with q ``[B, H, L, D]``, k / v ``[B, Hkv, L, D]``, hidden_states ``[B, L, hidden]`` (needed by gated specs),
-    key_padding_mask ``[B, L]`` bool; o ``[B, H, L, D]``. ``mode`` is "student" (lincomp) or "teacher" (the
+    key_padding_mask ``[B, L]`` bool, cu_seqlens int ``[N + 1]`` (a packed row, B = 1); o ``[B, H, L, D]``. ``mode`` is "student" (lincomp) or "teacher" (the
     model's original softmax attention; see ``lincomp.models.set_attention_mode``).
     """
 
@@ -153,14 +153,15 @@ class LinearizedAttention(nn.Module):
             out["g"] = g if dtype is None else g.to(dtype)
         return out
 
-    def forward(self, q, k, v, *, hidden_states=None, key_padding_mask=None, scale=None, spec_json=None):
+    def forward(self, q, k, v, *, hidden_states=None, key_padding_mask=None, scale=None, spec_json=None,
+                cu_seqlens=None):
         t = self.tensors(hidden_states, q.dtype)
         if self._decoder is not None:
             return self._decode(q, k, v, t.get("g"), scale)
         return torch.ops.lincomp.attention(
             q, k, v, spec_json or self.spec_json, scale, t.get("g"), t.get("feature_weight_q"),
             t.get("feature_weight_k"), t.get("sink_logits"), t.get("window_gamma"), t.get("alpha"),
-            key_padding_mask, self.target, self.fallback, "")
+            key_padding_mask, self.target, self.fallback, "", cu_seqlens)
 
     # -- decoding (lincomp.models.generate) ---------------------------------------------------------
     def make_decoder(self, scale: Optional[float], device: torch.device):

@@ -31,11 +31,16 @@ def _cast(t, dtype):
 
 def reference(spec, q, k, v, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
               return_state: bool = False, form: str = "quadratic", compute_dtype: Optional[torch.dtype] = None,
-              **tensors):
+              cu_seqlens: Optional[torch.Tensor] = None, **tensors):
     """o [B, H, L, Dv] in q's dtype (and ``(S_L, z_L)`` with ``return_state``).
 
-    Accumulates in fp32, or fp64 when q is fp64 (or ``compute_dtype`` says so).
+    Accumulates in fp32, or fp64 when q is fp64 (or ``compute_dtype`` says so). ``cu_seqlens`` [N + 1]
+    (B = 1): a packed row of N documents, each attended on its own; states then have a leading axis N.
     """
+    if cu_seqlens is not None:
+        from lincomp.reference.varlen import reference_packed
+        return reference_packed(reference, spec, q, k, v, cu_seqlens, scale=scale, linear_scale=linear_scale,
+                                return_state=return_state, form=form, compute_dtype=compute_dtype, **tensors)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     call = bind(spec, q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state, **tensors)

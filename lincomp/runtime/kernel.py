@@ -1,6 +1,7 @@
 """The ``Kernel`` every backend returns from ``lincomp.compile`` (DESIGN.md public contract).
 
 ``kernel(q, k, v, **tensors) -> o``; ``kernel(..., initial_state=s, return_state=True) -> (o, state)``;
+``kernel(..., cu_seqlens=c)`` runs a packed row of documents (see :mod:`lincomp.runtime.varlen`);
 ``kernel.source`` is the generated code, ``kernel.config`` the tuned choice and ``kernel.lowered`` the IR
 (:func:`lincomp.ir.lower`) it was generated from.
 """
@@ -49,7 +50,14 @@ class Kernel:
         """
         return []
 
-    def __call__(self, q, k, v, **kwargs):
+    def __call__(self, q, k, v, *, cu_seqlens=None, **kwargs):
+        if cu_seqlens is not None:   # a packed row: its documents, grouped by length, through _call
+            from lincomp.runtime.varlen import run_packed
+            return run_packed(self._call, self.spec, q, k, v, cu_seqlens, **kwargs)
+        return self._call(q, k, v, **kwargs)
+
+    def _call(self, q, k, v, **kwargs):
+        """One unpacked call: ``forward``, or the reference (with a warning) when it is Unsupported."""
         try:
             return self.forward(q, k, v, **kwargs)
         except Unsupported as why:
