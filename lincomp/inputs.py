@@ -15,7 +15,7 @@ import torch
 from lincomp.spec import AttentionSpec, GridWindow
 
 TENSOR_NAMES = ("g", "feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha",
-                "initial_state", "key_padding_mask")
+                "initial_state", "key_padding_mask", "pool_weight")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -36,6 +36,7 @@ class Call:
     S0: Optional[torch.Tensor] = None  # [B, H, F, Dv]
     z0: Optional[torch.Tensor] = None  # [B, H, F]
     key_padding_mask: Optional[torch.Tensor] = None  # [B, L] bool, True = attend
+    pool_weight: Optional[torch.Tensor] = None       # [f_1, f_2(, f_3)] = window.pool
     return_state: bool = False
 
     @property
@@ -118,6 +119,17 @@ def check_window_gamma(gamma: torch.Tensor) -> None:
         raise ValueError("window_gamma must lie in (0, 1] (pass sigmoid(factor) as LoLCATs does)")
 
 
+def _check_pool_weight(spec: AttentionSpec, t, device, dtype) -> torch.Tensor:
+    """``pool_weight``: a float tensor shaped like ``window.pool`` (one weight per offset in a pooled cell)."""
+    t = _check_tensor("pool_weight", t, device, (len(spec.pool),))
+    if tuple(t.shape) != spec.pool:
+        raise _shape_error("pool_weight", t.shape, f"window.pool = {list(spec.pool)}",
+                           "one weight per token offset in a pooled cell (CLEAR starts at 1 / (f_1 f_2))")
+    if not t.is_floating_point():
+        raise TypeError(f"pool_weight must be a float tensor, got {t.dtype}")
+    return t
+
+
 def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
          return_state: bool = False, check_values: bool = True, **tensors) -> Call:
     """Check a call and return its :class:`Call`. Raises ValueError / TypeError naming the field."""
@@ -175,6 +187,8 @@ def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_
         needed.add("window_gamma")
     if spec.combine == "sum":
         needed.add("alpha")
+    if spec.pool is not None:
+        needed.add("pool_weight")
     optional = {"key_padding_mask"}
     if lin is not None and spec.causal:
         optional.add("initial_state")
@@ -216,6 +230,11 @@ def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_
         if list(t.shape) != [H, spec.sinks]:
             raise _shape_error("sink_logits", t.shape, f"[H, sinks] = {[H, spec.sinks]}")
         call.sink_logits = t
+    if spec.pool is not None:
+        call.pool_weight = _check_pool_weight(spec, tensors["pool_weight"], dev, q.dtype)
+        if tensors.get("key_padding_mask") is not None:
+            raise ValueError("key_padding_mask cannot be combined with window.pool (a pooled key mixes present "
+                             "and padded tokens); drop the mask or remove pool from the spec")
     for name in ("window_gamma", "alpha"):
         if name in needed:
             t = _check_tensor(name, tensors[name], dev, (1,))

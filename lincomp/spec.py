@@ -109,6 +109,7 @@ class GridWindow:
     grid: tuple
     radius: int
     shape: str = "circle"
+    pool: Optional[tuple] = None   # CLEAR's pooled keys/values: a factor per axis (SEMANTICS: window.pool)
 
     def __post_init__(self):
         if isinstance(self.grid, (str, bytes)) or not hasattr(self.grid, "__iter__"):
@@ -123,6 +124,8 @@ class GridWindow:
         # A circle of radius 0 is empty (dy^2 + dx^2 < 0 never holds): no query would see itself.
         _int(self.radius, "window.radius", 1 if self.shape == "circle" else 0,
              "a circle needs radius >= 1 (strict inequality), a square radius >= 0")
+        if self.pool is not None:
+            object.__setattr__(self, "pool", _pool_factors(self.pool, grid))
 
     @property
     def kind(self) -> str:
@@ -132,8 +135,18 @@ class GridWindow:
     def tokens(self) -> int:
         return math.prod(self.grid)
 
+    @property
+    def pooled_tokens(self) -> int:
+        """P, the number of pooled keys after the L tokens (0 without ``pool``)."""
+        if self.pool is None:
+            return 0
+        return math.prod(g // f for g, f in zip(self.grid, self.pool))
+
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "grid": list(self.grid), "radius": self.radius, "shape": self.shape}
+        d = {"kind": self.kind, "grid": list(self.grid), "radius": self.radius, "shape": self.shape}
+        if self.pool is not None:   # absent when unset: unpooled specs keep their keys
+            d["pool"] = list(self.pool)
+        return d
 
     def reach(self, causal: bool) -> int:
         # Largest flat backward distance i - j of a visible pair in row-major order.
@@ -142,7 +155,24 @@ class GridWindow:
         return sum(min(r, g - 1) * s for g, s in zip(self.grid, strides))
 
     def __repr__(self) -> str:
-        return f"GridWindow(grid={self.grid}, radius={self.radius}, shape={self.shape!r})"
+        pool = "" if self.pool is None else f", pool={self.pool}"
+        return f"GridWindow(grid={self.grid}, radius={self.radius}, shape={self.shape!r}{pool})"
+
+
+def _pool_factors(pool: Any, grid: tuple) -> tuple:
+    """``window.pool`` as one factor per grid axis, each dividing its axis."""
+    if isinstance(pool, bool) or not isinstance(pool, (int, list, tuple)):
+        raise TypeError(f"window.pool must be an int or a list of ints (one per grid axis), got {pool!r}")
+    factors = (pool,) * len(grid) if isinstance(pool, int) else tuple(pool)
+    if len(factors) != len(grid):
+        raise ValueError(f"window.pool has {len(factors)} entries but window.grid {list(grid)} has {len(grid)}; "
+                         "give one factor per axis or a single int")
+    for a, (f, g) in enumerate(zip(factors, grid)):
+        _int(f, f"window.pool[{a}]", 1, "a pooling factor is tokens per pooled cell along the axis, e.g. 4")
+        if g % f:
+            raise ValueError(f"window.pool[{a}] = {f} does not divide window.grid[{a}] = {g}; "
+                             f"use a factor that divides the grid (e.g. one of {[d for d in range(1, g + 1) if g % d == 0][:8]})")
+    return factors
 
 
 Window = Union[Window1D, TerracedWindow, GridWindow]
@@ -154,6 +184,9 @@ def window_from_dict(d: Optional[Mapping]) -> Optional[Window]:
     if isinstance(d, (Window1D, TerracedWindow, GridWindow)):
         return d
     kind = d.get("kind") if isinstance(d, Mapping) else None
+    if isinstance(d, Mapping) and "pool" in d and kind not in ("2d", "3d"):
+        raise ValueError(f"window.pool needs a 2d or 3d grid window (the pooled keys are grid blocks), but "
+                         f"window.kind is {kind!r}; remove pool or use a grid window")
     if kind == "1d":
         _check_keys(d, ("kind", "left", "right"), "window")
         if "left" not in d:
@@ -165,13 +198,13 @@ def window_from_dict(d: Optional[Mapping]) -> Optional[Window]:
             raise ValueError("window.block is required for a terraced window, e.g. {'kind': 'terraced', 'block': 64}")
         return TerracedWindow(d["block"])
     if kind in ("2d", "3d"):
-        _check_keys(d, ("kind", "grid", "radius", "shape"), "window")
+        _check_keys(d, ("kind", "grid", "radius", "shape", "pool"), "window")
         for req in ("grid", "radius"):
             if req not in d:
                 raise ValueError(f"window.{req} is required for a {kind} window, e.g. "
                                  "{'kind': '2d', 'grid': [64, 64], 'radius': 8, 'shape': 'circle'}")
         w = GridWindow(tuple(d["grid"]) if isinstance(d["grid"], (list, tuple)) else d["grid"],
-                       d["radius"], d.get("shape", "circle"))
+                       d["radius"], d.get("shape", "circle"), d.get("pool"))
         if w.kind != kind:
             raise ValueError(f"window.kind is {kind!r} but window.grid has {len(w.grid)} entries; "
                              f"use kind {w.kind!r} or give {kind[0]} grid sizes")
@@ -253,6 +286,12 @@ class AttentionSpec:
         if self.sinks and self.combine == "shared":
             raise ValueError("sinks are not part of combine='shared' (SEMANTICS.md section 3); "
                              "set sinks to 0 or use combine='sum'")
+        if self.pool is not None and self.causal:
+            raise ValueError("window.pool needs causal=false (every grid query sees all pooled keys, also those "
+                             "pooling later tokens); set causal to false or remove pool")
+        if self.pool is not None and lin is not None:
+            raise ValueError("window.pool cannot be combined with a linear branch (the pooled keys join the window's "
+                             "softmax only); set linear to null or remove pool")
         if lin is not None and lin.gate is not None and not self.causal:
             raise ValueError(f"linear.gate={lin.gate!r} needs causal=true (a decay from j to i only exists for j <= i); "
                              "set causal to true or gate to null")
@@ -325,6 +364,8 @@ class AttentionSpec:
             parts.append(f"terr{w.block}")
         else:
             parts.append(f"{w.kind}{'x'.join(map(str, w.grid))}{w.shape[0]}{w.radius}")
+            if w.pool is not None:
+                parts.append(f"pool{'x'.join(map(str, w.pool))}")
         if self.causal:
             parts.append("c")
         if self.prefix:
@@ -345,6 +386,11 @@ class AttentionSpec:
         """True when a softmax (window or dense) branch exists."""
         return self.linear is None or self.window is not None
 
+    @property
+    def pool(self) -> Optional[tuple]:
+        """The window's pooling factors (one per grid axis), or None: the shape of ``pool_weight``."""
+        return getattr(self.window, "pool", None)
+
     def expected_length(self) -> Optional[int]:
         """The sequence length a grid window fixes (prefix + prod(grid)), else None."""
         if isinstance(self.window, GridWindow):
@@ -356,7 +402,7 @@ class AttentionSpec:
         if not isinstance(self.window, GridWindow):
             raise ValueError("with_grid needs a 2d/3d window")
         from dataclasses import replace
-        return replace(self, window=GridWindow(tuple(grid), self.window.radius, self.window.shape))
+        return replace(self, window=replace(self.window, grid=tuple(grid)))
 
     def __repr__(self) -> str:
         fields = [f"window={self.window!r}"] if self.window is not None else []

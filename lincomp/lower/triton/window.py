@@ -32,6 +32,7 @@ from lincomp.inputs import bind
 from lincomp.ir.blocks import block_plan, default_tile
 from lincomp.lower.triton.window_plan import tile_lists
 from lincomp.runtime.kernel import Kernel, Unsupported
+from lincomp.runtime.pool import window_only
 from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
 
 KERNELS = ("window_fwd", "window_bwd")          # tuning-db kernel names
@@ -676,14 +677,18 @@ class WindowKernel(Kernel):
         self.fixed = fixed
         self.config = dict(fixed)
         self._options = json.dumps({"autotune": self.autotune, "tf32": self.allow_tf32, **fixed}, sort_keys=True)
-        self._spec_json = spec.canonical_json()
+        self._spec_json = window_only(spec).canonical_json()   # pooled keys: merged after the window op
 
     def forward(self, q, k, v, *, scale=None, **tensors):
         call = bind(self.spec, q, k, v, scale=scale, **tensors)
         check_supported(call.q, call.k, call.v)
         from lincomp.runtime.window_ops import window_attention
-        o, _ = window_attention(call.q, call.k, call.v, call.sink_logits, call.key_padding_mask,
-                                self._spec_json, call.scale, self._options)
+        o, lse = window_attention(call.q, call.k, call.v, call.sink_logits, call.key_padding_mask,
+                                  self._spec_json, call.scale, self._options)
+        if call.pool_weight is not None:   # CLEAR's pooled keys: pooled once, merged by the rows' lse
+            from lincomp.runtime.pool import merge_pooled, pooled_kv
+            kp, vp = pooled_kv(self.spec, call.k, call.v, call.pool_weight)
+            o = merge_pooled(o, lse, call.q, kp, vp, self.spec.prefix, call.scale)
         if not torch.compiler.is_compiling():   # bookkeeping only; nothing for a traced graph
             self.config = last_configs(self.spec, call.q, call.v, self._options)
         return o
