@@ -400,6 +400,8 @@ class TVMKernel(Kernel):
             args = [call.q, call.k, call.v, *self._plan(L, configs["window"])]
             if spec.sinks:
                 args.append(call.sink_logits)
+            if spec.pool is not None:
+                args += _pooled_args(call, configs["window"])
             args += lin_args or []
             mods["window"].fn("window_fwd")(*args, o, call.scale)
         return o, state
@@ -442,6 +444,19 @@ class TVMKernel(Kernel):
                 base = dict(base, **{part: self._configs[bucket_key]})
                 results.append(res)
         return results
+
+
+def _pooled_args(call: Call, cfg: dict) -> list:
+    """[kp, vp]: the pooled keys / values (computed once per call), zero-padded to whole kernel steps."""
+    from lincomp.runtime.pool import pooled_kv
+    kp, vp = pooled_kv(call.spec, call.k, call.v, call.pool_weight)
+    rows = _window.pooled_rows(call.spec, cfg["block_n"] * max(1, cfg.get("kv_group", 1)))
+    out = []
+    for x in (kp, vp):
+        buf = torch.zeros(x.shape[0], x.shape[1], rows, x.shape[3], dtype=torch.float32)
+        buf[:, :, :x.shape[2]] = x
+        out.append(buf)
+    return out
 
 
 def check_values(call: Call) -> None:
