@@ -139,6 +139,9 @@ def attention(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
                              "call torch.distributed.init_process_group first")
         return _kernel(spec, target)(q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state,
                                      **tensors)
+    if spec.pool is not None:
+        raise ValueError("window.pool (CLEAR's pooled keys) is not supported by lincomp.distributed across ranks yet; "
+                         "run the pooled spec single-process (world size 1) or remove pool")
     comm = Comm(group, stats)
     layout = _resolve_layout(spec, layout, comm, q)
     local_spec = spec.with_grid(box_shape(layout.box(comm.rank))) if isinstance(spec.window, GridWindow) else spec

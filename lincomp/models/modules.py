@@ -124,6 +124,9 @@ class LinearizedAttention(nn.Module):
         self.window_factor = (nn.Parameter(torch.full((num_heads,), math.log(WINDOW_GAMMA_INIT / (1 - WINDOW_GAMMA_INIT)), **kw))
                               if spec.combine == "shared" else None)
         self.alpha = nn.Parameter(torch.ones(num_heads, **kw)) if spec.combine == "sum" else None
+        # CLEAR's pooling weight (window.pool), shared by all heads; starts as the average, as CLEAR does.
+        self.pool_weight = (nn.Parameter(torch.full(spec.pool, 1.0 / math.prod(spec.pool), **kw))
+                            if spec.pool is not None else None)
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -140,6 +143,8 @@ class LinearizedAttention(nn.Module):
             out["window_gamma"] = torch.sigmoid(self.window_factor)
         if self.alpha is not None:
             out["alpha"] = self.alpha
+        if self.pool_weight is not None:
+            out["pool_weight"] = self.pool_weight
         return out if dtype is None else {k: t.to(dtype) for k, t in out.items()}
 
     def tensors(self, hidden_states: Optional[torch.Tensor] = None, dtype=None) -> dict:
@@ -160,7 +165,7 @@ class LinearizedAttention(nn.Module):
         return torch.ops.lincomp.attention(
             q, k, v, spec_json or self.spec_json, scale, t.get("g"), t.get("feature_weight_q"),
             t.get("feature_weight_k"), t.get("sink_logits"), t.get("window_gamma"), t.get("alpha"),
-            key_padding_mask, self.target, self.fallback, "")
+            key_padding_mask, self.target, self.fallback, "", t.get("pool_weight"))
 
     # -- decoding (lincomp.models.generate) ---------------------------------------------------------
     def make_decoder(self, scale: Optional[float], device: torch.device):

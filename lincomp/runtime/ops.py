@@ -6,7 +6,7 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
 
 - ``torch.ops.lincomp.attention(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None,
   feature_weight_k=None, sink_logits=None, window_gamma=None, alpha=None, key_padding_mask=None,
-  target="auto", fallback="warn", hints_json="") -> o [B, H, L, Dv]``
+  target="auto", fallback="warn", hints_json="", pool_weight=None) -> o [B, H, L, Dv]``
   runs a cached ``lincomp.compile(spec, target, **hints)`` kernel. ``fallback="warn"`` runs the reference
   with a ``LincompFallbackWarning`` when the target is not installed or cannot run a call;
   ``fallback="error"`` raises instead.
@@ -37,7 +37,7 @@ from lincomp.spec import AttentionSpec
 TARGETS = ("auto", "triton", "tvm", "reference")
 FALLBACKS = ("warn", "error")
 # The optional float tensors of a call, in the op's argument order (SEMANTICS.md names).
-WEIGHT_NAMES = ("g", "feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
+WEIGHT_NAMES = ("g", "feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha", "pool_weight")
 
 _lock = threading.Lock()
 _kernels: dict = {}
@@ -105,8 +105,8 @@ def is_differentiable(kernel: Kernel, device: torch.device) -> bool:
     return bool(kernel.differentiable)
 
 
-def _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha) -> dict:
-    values = (g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
+def _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight) -> dict:
+    values = (g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     return {n: t for n, t in zip(WEIGHT_NAMES, values) if t is not None}
 
 
@@ -153,10 +153,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Optional[f
               feature_weight_k: Optional[Tensor] = None, sink_logits: Optional[Tensor] = None,
               window_gamma: Optional[Tensor] = None, alpha: Optional[Tensor] = None,
               key_padding_mask: Optional[Tensor] = None, target: str = "auto", fallback: str = "warn",
-              hints_json: str = "") -> Tensor:
+              hints_json: str = "", pool_weight: Optional[Tensor] = None) -> Tensor:
     """o [B, H, L, Dv] = the spec's attention of q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv]."""
     kernel = get_kernel(spec_json, target, fallback, hints_json)
-    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
+    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     o = _run(kernel, q, k, v, scale, tensors, key_padding_mask, fallback)
     # Contiguous, as the fake implementation promises; a custom op's output may not alias an input.
     o = o.contiguous()
@@ -166,7 +166,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Optional[f
 @attention.register_fake
 def _attention_fake(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, feature_weight_k=None,
                     sink_logits=None, window_gamma=None, alpha=None, key_padding_mask=None, target="auto",
-                    fallback="warn", hints_json=""):
+                    fallback="warn", hints_json="", pool_weight=None):
     # Shape arithmetic only: symbolic B / L stay symbolic (no recompile for a new length).
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
@@ -177,12 +177,13 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, spec_j
                        feature_weight_q: Optional[Tensor] = None, feature_weight_k: Optional[Tensor] = None,
                        sink_logits: Optional[Tensor] = None, window_gamma: Optional[Tensor] = None,
                        alpha: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                       target: str = "auto", fallback: str = "warn", hints_json: str = "") -> List[Tensor]:
+                       target: str = "auto", fallback: str = "warn", hints_json: str = "",
+                       pool_weight: Optional[Tensor] = None) -> List[Tensor]:
     """[dq, dk, dv] + the gradient of each given float tensor (order of WEIGHT_NAMES, absent ones skipped)."""
     kernel = get_kernel(spec_json, target, fallback, hints_json)
     if not is_differentiable(kernel, q.device):
         kernel = ReferenceKernel(spec_from_json(spec_json))
-    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
+    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v, *tensors.values())]
     with _autograd_on():
         lq, lk, lv, *rest = leaves
@@ -194,28 +195,28 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, spec_j
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, spec_json, scale=None, g=None, feature_weight_q=None,
                              feature_weight_k=None, sink_logits=None, window_gamma=None, alpha=None,
-                             key_padding_mask=None, target="auto", fallback="warn", hints_json=""):
-    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
+                             key_padding_mask=None, target="auto", fallback="warn", hints_json="", pool_weight=None):
+    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     return [t.new_empty(t.shape) for t in (q, k, v, *tensors.values())]   # contiguous, like the real one
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target, fallback, hints_json) = inputs
-    ctx.save_for_backward(q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm)
+    (q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target, fallback, hints_json, pool) = inputs
+    ctx.save_for_backward(q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, pool)
     ctx.args = (spec_json, scale, target, fallback, hints_json)
 
 
 def _backward(ctx, grad_out):
-    q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm = ctx.saved_tensors
+    q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, pool = ctx.saved_tensors
     spec_json, scale, target, fallback, hints_json = ctx.args
     grads = torch.ops.lincomp.attention_backward(
         grad_out.contiguous(), q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target,
-        fallback, hints_json)
+        fallback, hints_json, pool)
     dq, dk, dv, *rest = grads
-    weights = (g, fwq, fwk, sinks, gamma, alpha)
+    weights = (g, fwq, fwk, sinks, gamma, alpha, pool)
     it = iter(rest)
     dweights = [None if w is None else next(it) for w in weights]
-    return (dq, dk, dv, None, None, *dweights, None, None, None, None)
+    return (dq, dk, dv, None, None, *dweights[:6], None, None, None, None, dweights[6])
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
