@@ -11,6 +11,7 @@ computes attention through ``torch.ops.lincomp.attention``:
 | sinks (Lizard meta memory) | ``sink_logits`` | ``[H, m]`` | 0 |
 | combine="shared" (LoLCATs) | ``window_factor`` | ``[H]`` | logit(0.1): window_gamma = sigmoid(factor) starts at 0.1 |
 | combine="sum" (Lizard) | ``alpha`` | ``[H]`` | 1 |
+| window.pool (CLEAR pooled keys) | ``pool_weight`` | the pool factors, e.g. ``[4, 4]`` | ``1 / prod(factors)`` (CLEAR's average) |
 
 Gates are computed from the attention module's input hidden states ``x [B, L, hidden]``:
 scalar ``g = logsigmoid(x W + b)`` ``[B, H, L]``; vector ``g = logsigmoid(x W1 W2 + b) / 16`` ``[B, H, L, F]``.

@@ -288,11 +288,16 @@ class TVMKernel(Kernel):
         try:
             from lincomp.tuning.db import TuningDB
             db = self._db if self._db is not None else TuningDB()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                hit = db.lookup(BACKEND, KERNEL_NAMES[part], self.spec, "float32", sizes.bucket(L, part),
-                                device="cpu")
-            return None if hit is None else hit.config
+            from lincomp.runtime.pool import window_only
+            # A pooled spec untuned so far uses its window's tuned schedule (the pooled steps are fixed).
+            for spec in dict.fromkeys((self.spec, window_only(self.spec))):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    hit = db.lookup(BACKEND, KERNEL_NAMES[part], spec, "float32", sizes.bucket(L, part),
+                                    device="cpu")
+                if hit is not None:
+                    return hit.config
+            return None
         except Exception:  # a missing or unreadable database never stops a call
             return None
 

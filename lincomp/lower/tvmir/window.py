@@ -188,7 +188,8 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
               f"hk = h // {group}" if group > 1 else "hk = h")
             fk_head = "h" if (shared and HF == H) else "hk"
             for buf, shape, dt in (("qpos", f"({BM},)", "int32"), ("kpos", f"({GN},)", "int32"),
-                                   ("qT", f"({D}, {BM})", "float32"), ("sT", f"({GN}, {BM})", "float32"),
+                                   ("qT", f"({D}, {BM})", "float32"),
+                                   ("sT", f"({max(GN, pooled_step(spec, GN)) if spec.pool else GN}, {BM})", "float32"),
                                    ("acc", f"({BM}, {Dv})", "float32"), ("m", f"({BM},)", "float32"),
                                    ("l", f"({BM},)", "float32"), ("mu", f"({BM},)", "float32"),
                                    ("corr", f"({BM},)", "float32")):
@@ -247,10 +248,16 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
     return s.text()
 
 
+def pooled_step(spec: AttentionSpec, GN: int) -> int:
+    """Pooled keys per online-softmax step: a multiple of GN near 64 (the pooled keys are dense, so longer
+    steps only save rescales of the accumulator), GN when there are few."""
+    return GN if spec.window.pooled_tokens <= GN else GN * max(1, 64 // GN)
+
+
 def pooled_rows(spec: AttentionSpec, GN: int) -> int:
-    """Rows of the pooled key / value buffers: P rounded up to whole steps of ``GN`` keys (zero padding)."""
-    P = spec.window.pooled_tokens
-    return -(-P // GN) * GN
+    """Rows of the pooled key / value buffers: P rounded up to whole pooled steps (zero padding)."""
+    step = pooled_step(spec, GN)
+    return -(-spec.window.pooled_tokens // step) * step
 
 
 def _emit_row_max(s: Script, rows: str, BM: int) -> None:
@@ -292,7 +299,9 @@ def _emit_pooled(s: Script, spec: AttentionSpec, GN: int, BM: int, D: int, Dv: i
     pooled keys ``kp`` / ``vp`` (pooled once per call, outside) in the same online softmax. Tiles of
     prefix queries (every slot < n) skip them; padding slots compute rows nobody writes."""
     P, n = spec.window.pooled_tokens, spec.prefix
-    steps = pooled_rows(spec, GN) // GN
+    rows = pooled_rows(spec, GN)
+    GN = pooled_step(spec, GN)            # keys per pooled step from here on
+    steps = rows // GN
     s(f"# pooled keys: {P} of them, {steps} steps of {GN}; only tiles holding grid queries")
     s('qmax = T.alloc_buffer((1,), "int32")')
     s("qmax[0] = -1")
