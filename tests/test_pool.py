@@ -151,15 +151,20 @@ def test_torch_op_takes_pool_weight_and_differentiates_it():
     assert leaves["pool_weight"].grad is not None and leaves["pool_weight"].grad.abs().sum() > 0
 
 
-def test_distributed_rejects_pool_across_ranks_and_runs_single_process(monkeypatch):
-    from lincomp.distributed import engine
-    spec = _spec(grid=(4, 4), pool=2)
+def test_distributed_single_process_and_pooled_cells_per_rank():
+    """(The multi-rank forward / backward runs in tests/distributed via selfcheck's pooled cases.)"""
+    from lincomp.distributed import Layout, engine
+    from lincomp.distributed.pool import cell_indices
+    spec = _spec(grid=(8, 8), pool=2)
     x = random_inputs(spec, H=1, D=4)
     assert rel_err(engine.attention(spec, target="reference", **x), reference(spec, **x)) == 0
-    monkeypatch.setattr(engine.dist, "is_initialized", lambda: True)     # pretend a 2-rank group
-    monkeypatch.setattr(engine.dist, "get_world_size", lambda group=None: 2)
-    with pytest.raises(ValueError, match="window.pool .* not supported by lincomp.distributed"):
-        engine.attention(spec, target="reference", **x)
+    for world in (2, 4):
+        layout = Layout.for_spec(spec, world)
+        cells = torch.cat([cell_indices(spec, layout, r) for r in range(world)])
+        assert sorted(cells.tolist()) == list(range(spec.window.pooled_tokens))   # each cell on one rank
+    bad = _spec(grid=(6, 8), pool=2)
+    with pytest.raises(ValueError, match=r"window.pool\[0\] = 2 does not divide: every rank must own whole"):
+        cell_indices(bad, Layout.for_spec(bad, 2, mesh=[2, 1]), 0)
 
 
 def test_dynamo_rejects_pooled_spec_on_a_stock_model():
