@@ -186,3 +186,11 @@ def test_cost_counts_pooled_pairs():
 def test_grid_window_keeps_positional_construction():
     assert GridWindow((4, 4), 2, "circle", 2).pool == (2, 2)
     assert GridWindow((4, 4), 2).pool is None
+
+
+def test_explain_shows_the_pooled_input_and_counts_its_flops():
+    from lincomp.ir.explain import explain
+    spec = presets.clear_pool(radius=3, factor=4, grid=(16, 16), text_tokens=8)
+    out = explain(spec, spec.expected_length())
+    assert "%pool_weight = input : in[4,4]" in out["text"] and "pool 4x4" in out["text"]
+    assert "pooling" in out["text"]
