@@ -1,6 +1,6 @@
 """CLEAR with pooled keys/values (``window.pool``) on the CPU: lincomp TVM vs compiled FlexAttention.
 
-    python benchmarks/bench_pool.py [--reps 10] [--out benchmarks/results/pool_cpu.md]
+    python benchmarks/bench_pool.py [--reps 10] [--unpooled] [--out benchmarks/results/pool_cpu.md]
 
 Case: CLEAR r=8 circle on a 64x64 grid + 64 prefix tokens, pooling factor 4 (CLEAR's df=4 checkpoints),
 B=1, H=4, D=64, fp32. The peer is torch.compile(flex_attention) on the same mask with the P = 256 pooled
@@ -61,6 +61,7 @@ def clear_pool(bench: bc.Bench, radius: int = 8, grid=(64, 64), prefix: int = 64
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--unpooled", action="store_true", help="also time unpooled CLEAR r=8 (bench_cpu.py's case)")
     ap.add_argument("--out", default=str(bc.ROOT / "benchmarks" / "results" / "pool_cpu.md"))
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(usable_cores())
     bench = bc.Bench(args.reps, False)
     meta = {"cpu": bc.cpu_model(), "mcpu": host_cpu(), "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    if args.unpooled:   # the same machine state for the unpooled case (bench_cpu.py's CLEAR row)
+        bench.clear()
     clear_pool(bench)
     meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     import tvm
