@@ -343,8 +343,8 @@ class Bench:
         print(f"  {case:28s} goal: {'; '.join(notes)}", flush=True)
 
 
-def write_table(bench: Bench, path: Path, meta: dict) -> None:
-    lines = ["# CPU kernels: lincomp TVM vs peers", "",
+def write_table(bench: Bench, path: Path, meta: dict, title: str = "CPU kernels: lincomp TVM vs peers") -> None:
+    lines = [f"# {title}", "",
              f"- CPU: **{meta['cpu']}** (LLVM mcpu `{meta['mcpu']}`), torch {torch.__version__}, "
              f"threads {torch.get_num_threads()}",
              (f"- fp32 matmul peak (2048^3 torch matmul, timed interleaved with each windowed case): "

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     import tvm
     meta["tvm_threads"] = tvm.runtime.num_threads()
-    bc.write_table(bench, Path(args.out), meta)
+    bc.write_table(bench, Path(args.out), meta, title="CLEAR with pooled keys/values (window.pool) on the CPU")
     return 0
 
 
