@@ -104,7 +104,14 @@ class TerracedWindow:
 
 @dataclass(frozen=True)
 class GridWindow:
-    """2D (rows, cols) or 3D (frames, rows, cols) neighbourhood on a row-major token grid."""
+    """2D (rows, cols) or 3D (frames, rows, cols) neighbourhood on a row-major token grid.
+
+    ``pool`` (CLEAR's down-sampled keys/values; an int or one factor per axis, each dividing its axis):
+    every block of ``pool`` grid tokens is pooled with the call's ``pool_weight`` (shape = the factors)
+    into one extra key/value, ``k~[c] = sum_o pool_weight[o] k[prefix + t(c * f + o)]``; the
+    ``P = prod(grid / pool)`` pooled keys follow the L tokens, every grid query sees all of them in the
+    same softmax as its window and the prefix, prefix queries see none. Needs causal=false, no linear branch.
+    """
 
     grid: tuple
     radius: int
