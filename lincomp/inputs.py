@@ -14,10 +14,10 @@ from typing import Optional
 import torch
 
 from lincomp.ir.tensors import optional_tensors, required_tensors
-from lincomp.spec import AttentionSpec, GridWindow
+from lincomp.spec import AttentionSpec
 
 TENSOR_NAMES = ("g", "feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha",
-                "initial_state", "key_padding_mask")
+                "initial_state", "key_padding_mask", "pool_weight")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -38,6 +38,7 @@ class Call:
     S0: Optional[torch.Tensor] = None  # [B, H, F, Dv]
     z0: Optional[torch.Tensor] = None  # [B, H, F]
     key_padding_mask: Optional[torch.Tensor] = None  # [B, L] bool, True = attend
+    pool_weight: Optional[torch.Tensor] = None       # [f_1, f_2(, f_3)] = window.pool
     return_state: bool = False
 
     @property
@@ -169,6 +170,17 @@ def check_step(spec: AttentionSpec, q, k, v, g=None) -> None:
     check_log_gate(*(float(x) for x in torch.aminmax(g.detach())))
 
 
+def _check_pool_weight(spec: AttentionSpec, t, device, dtype) -> torch.Tensor:
+    """``pool_weight``: a float tensor shaped like ``window.pool`` (one weight per offset in a pooled cell)."""
+    t = _check_tensor("pool_weight", t, device, (len(spec.pool),))
+    if tuple(t.shape) != spec.pool:
+        raise _shape_error("pool_weight", t.shape, f"window.pool = {list(spec.pool)}",
+                           "one weight per token offset in a pooled cell (CLEAR starts at 1 / (f_1 f_2))")
+    if not t.is_floating_point():
+        raise TypeError(f"pool_weight must be a float tensor, got {t.dtype}")
+    return t
+
+
 def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
          return_state: bool = False, check_values: bool = True, **tensors) -> Call:
     """Check a call and return its :class:`Call`. Raises ValueError / TypeError naming the field."""
@@ -259,6 +271,11 @@ def bind(spec: AttentionSpec, q, k, v, *, scale: Optional[float] = None, linear_
         if list(t.shape) != [H, spec.sinks]:
             raise _shape_error("sink_logits", t.shape, f"[H, sinks] = {[H, spec.sinks]}")
         call.sink_logits = t
+    if spec.pool is not None:
+        call.pool_weight = _check_pool_weight(spec, tensors["pool_weight"], dev, q.dtype)
+        if tensors.get("key_padding_mask") is not None:
+            raise ValueError("key_padding_mask cannot be combined with window.pool (a pooled key mixes present "
+                             "and padded tokens); drop the mask or remove pool from the spec")
     for name in ("window_gamma", "alpha"):
         if name in needed:
             t = _check_tensor(name, tensors[name], dev, (1,))

@@ -14,6 +14,15 @@ def clear(radius: int = 8, grid=(64, 64), text_tokens: int = 512, shape: str = "
                          name=f"clear-r{radius}")
 
 
+def clear_pool(radius: int = 8, factor=4, grid=(64, 64), text_tokens: int = 512,
+               shape: str = "circle") -> AttentionSpec:
+    """CLEAR's down-sampled variant: the circular window plus every image key/value pooled by ``factor``
+    per axis (``window.pool``; the released r=8 / r=16 checkpoints use 4), with a learned ``pool_weight``."""
+    f = factor if isinstance(factor, int) else "x".join(map(str, factor))
+    return AttentionSpec(window=GridWindow(tuple(grid), radius, shape, factor), prefix=text_tokens,
+                         name=f"clear-r{radius}-df{f}")
+
+
 def lizard(window: int = 128, sinks: int = 4, feature_dim: int = 64, chunk_size: int = 64,
            gate: str = "scalar") -> AttentionSpec:
     """Lizard (arXiv 2507.09025): gated linear attention (exp Hedgehog map, scalar gate, normalised)
@@ -63,6 +72,8 @@ PAPER_SPECS = {
     "clear-r8": lambda: clear(8),
     "clear-r16": lambda: clear(16),
     "clear-r32": lambda: clear(32),
+    "clear-r8-df4": lambda: clear_pool(8, 4),
+    "clear-r16-df4": lambda: clear_pool(16, 4),
     "lizard": lizard,
     "lolcats": lolcats,
     "gla-vector": lambda: gla("vector"),

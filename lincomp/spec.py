@@ -133,6 +133,12 @@ class GridWindow:
 
     ``circle`` / ``square`` use ``radius``; ``tile`` (sliding tiles, STA; NATTEN when every tile is 1)
     uses ``tile`` (tokens per tile on each axis) and ``kernel`` (odd number of tiles seen on each axis).
+
+    ``pool`` (CLEAR's down-sampled keys/values; an int or one factor per axis, each dividing its axis):
+    every block of ``pool`` grid tokens is pooled with the call's ``pool_weight`` (shape = the factors)
+    into one extra key/value, ``k~[c] = sum_o pool_weight[o] k[prefix + t(c * f + o)]``; the
+    ``P = prod(grid / pool)`` pooled keys follow the L tokens, every grid query sees all of them in the
+    same softmax as its window and the prefix, prefix queries see none. Needs causal=false, no linear branch.
     """
 
     grid: tuple
@@ -140,6 +146,7 @@ class GridWindow:
     shape: str = "circle"
     tile: Optional[tuple] = None
     kernel: Optional[tuple] = None
+    pool: Optional[tuple] = None   # CLEAR's pooled keys/values: a factor per axis (SEMANTICS: window.pool)
 
     def __post_init__(self):
         if isinstance(self.grid, (str, bytes)) or not hasattr(self.grid, "__iter__"):
@@ -151,6 +158,8 @@ class GridWindow:
             _int(g, f"window.grid[{n}]", 1, "grid sizes are token counts per axis")
         object.__setattr__(self, "grid", grid)
         _choice(self.shape, "window.shape", SHAPES)
+        if self.pool is not None:
+            object.__setattr__(self, "pool", _pool_factors(self.pool, grid))
         if self.shape == "tile":
             self._check_tiles()
             return
@@ -212,6 +221,8 @@ class GridWindow:
             d.update(tile=list(self.tile), kernel=list(self.kernel))
         else:
             d["radius"] = self.radius
+        if self.pool is not None:   # absent when unset: unpooled specs keep their keys
+            d["pool"] = list(self.pool)
         return d
 
     def axis_reach(self) -> tuple:
@@ -221,15 +232,39 @@ class GridWindow:
         r = self.grid_radius if self.shape == "square" else self.grid_radius - 1
         return tuple(min(r, g - 1) for g in self.grid)
 
+    @property
+    def pooled_tokens(self) -> int:
+        """P, the number of pooled keys after the L tokens (0 without ``pool``)."""
+        if self.pool is None:
+            return 0
+        return math.prod(g // f for g, f in zip(self.grid, self.pool))
+
     def reach(self, causal: bool) -> int:
         # Largest flat backward distance i - j of a visible pair in row-major order.
         strides = [math.prod(self.grid[a + 1:]) for a in range(len(self.grid))]
         return sum(r * s for r, s in zip(self.axis_reach(), strides))
 
     def __repr__(self) -> str:
+        pool = "" if self.pool is None else f", pool={self.pool}"
         if self.shape == "tile":
-            return f"GridWindow(grid={self.grid}, shape='tile', tile={self.tile}, kernel={self.kernel})"
-        return f"GridWindow(grid={self.grid}, radius={self.radius}, shape={self.shape!r})"
+            return f"GridWindow(grid={self.grid}, shape='tile', tile={self.tile}, kernel={self.kernel}{pool})"
+        return f"GridWindow(grid={self.grid}, radius={self.radius}, shape={self.shape!r}{pool})"
+
+
+def _pool_factors(pool: Any, grid: tuple) -> tuple:
+    """``window.pool`` as one factor per grid axis, each dividing its axis."""
+    if isinstance(pool, bool) or not isinstance(pool, (int, list, tuple)):
+        raise TypeError(f"window.pool must be an int or a list of ints (one per grid axis), got {pool!r}")
+    factors = (pool,) * len(grid) if isinstance(pool, int) else tuple(pool)
+    if len(factors) != len(grid):
+        raise ValueError(f"window.pool has {len(factors)} entries but window.grid {list(grid)} has {len(grid)}; "
+                         "give one factor per axis or a single int")
+    for a, (f, g) in enumerate(zip(factors, grid)):
+        _int(f, f"window.pool[{a}]", 1, "a pooling factor is tokens per pooled cell along the axis, e.g. 4")
+        if g % f:
+            raise ValueError(f"window.pool[{a}] = {f} does not divide window.grid[{a}] = {g}; "
+                             f"use a factor that divides the grid (e.g. one of {[d for d in range(1, g + 1) if g % d == 0][:8]})")
+    return factors
 
 
 Window = Union[Window1D, TerracedWindow, GridWindow]
@@ -241,6 +276,9 @@ def window_from_dict(d: Optional[Mapping]) -> Optional[Window]:
     if isinstance(d, (Window1D, TerracedWindow, GridWindow)):
         return d
     kind = d.get("kind") if isinstance(d, Mapping) else None
+    if isinstance(d, Mapping) and "pool" in d and kind not in ("2d", "3d"):
+        raise ValueError(f"window.pool needs a 2d or 3d grid window (the pooled keys are grid blocks), but "
+                         f"window.kind is {kind!r}; remove pool or use a grid window")
     if kind == "1d":
         _check_keys(d, ("kind", "left", "right"), "window")
         if "left" not in d:
@@ -252,7 +290,7 @@ def window_from_dict(d: Optional[Mapping]) -> Optional[Window]:
             raise ValueError("window.block is required for a terraced window, e.g. {'kind': 'terraced', 'block': 64}")
         return TerracedWindow(d["block"])
     if kind in ("2d", "3d"):
-        _check_keys(d, ("kind", "grid", "radius", "shape", "tile", "kernel"), "window")
+        _check_keys(d, ("kind", "grid", "radius", "shape", "tile", "kernel", "pool"), "window")
         shape = d.get("shape", "circle")
         for req in ("grid",) + (("tile", "kernel") if shape == "tile" else ("radius",)):
             if req not in d:
@@ -261,7 +299,8 @@ def window_from_dict(d: Optional[Mapping]) -> Optional[Window]:
                                     "'kernel': [3, 3, 3]}" if shape == "tile" else
                                     "{'kind': '2d', 'grid': [64, 64], 'radius': 8, 'shape': 'circle'}"))
         seq = lambda x: tuple(x) if isinstance(x, (list, tuple)) else x   # noqa: E731
-        w = GridWindow(seq(d["grid"]), d.get("radius"), shape, seq(d.get("tile")), seq(d.get("kernel")))
+        w = GridWindow(seq(d["grid"]), d.get("radius"), shape, seq(d.get("tile")), seq(d.get("kernel")),
+                       d.get("pool"))
         if w.kind != kind:
             raise ValueError(f"window.kind is {kind!r} but window.grid has {len(w.grid)} entries; "
                              f"use kind {w.kind!r} or give {kind[0]} grid sizes")
@@ -343,6 +382,12 @@ class AttentionSpec:
         if self.sinks and self.combine == "shared":
             raise ValueError("sinks are not part of combine='shared' (docs/semantics.md section 3); "
                              "set sinks to 0 or use combine='sum'")
+        if self.pool is not None and self.causal:
+            raise ValueError("window.pool needs causal=false (every grid query sees all pooled keys, also those "
+                             "pooling later tokens); set causal to false or remove pool")
+        if self.pool is not None and lin is not None:
+            raise ValueError("window.pool cannot be combined with a linear branch (the pooled keys join the window's "
+                             "softmax only); set linear to null or remove pool")
         if lin is not None and lin.gate is not None and not self.causal:
             raise ValueError(f"linear.gate={lin.gate!r} needs causal=true (a decay from j to i only exists for j <= i); "
                              "set causal to true or gate to null")
@@ -435,6 +480,8 @@ class AttentionSpec:
                          f"k{'.'.join(map(str, w.kernel))}")
         else:
             parts.append(f"{w.kind}{'x'.join(map(str, w.grid))}{w.shape[0]}{w.radius}")
+        if isinstance(w, GridWindow) and w.pool is not None:
+            parts.append(f"pool{'x'.join(map(str, w.pool))}")
         if self.causal:
             parts.append("c")
         if self.prefix:
@@ -454,6 +501,11 @@ class AttentionSpec:
     def has_softmax(self) -> bool:
         """True when a softmax (window or dense) branch exists."""
         return self.linear is None or self.window is not None
+
+    @property
+    def pool(self) -> Optional[tuple]:
+        """The window's pooling factors (one per grid axis), or None: the shape of ``pool_weight``."""
+        return getattr(self.window, "pool", None)
 
     def expected_length(self) -> Optional[int]:
         """The sequence length a grid window fixes (prefix + prod(grid)), else None."""

@@ -71,6 +71,9 @@ def random_inputs(spec: AttentionSpec, B: int = 1, H: int = 2, L: Optional[int] 
         out["window_gamma"] = (0.05 + 0.95 * torch.rand(H, generator=gen)).to(dtype=dtype, device=device)
     if spec.combine == "sum":
         out["alpha"] = (0.1 + torch.rand(H, generator=gen)).to(dtype=dtype, device=device)
+    if spec.pool is not None:   # around CLEAR's average init 1 / prod(f), not uniform (a real test of the weights)
+        w = (0.5 + torch.rand(*spec.pool, generator=gen)) / math.prod(spec.pool)
+        out["pool_weight"] = w.to(dtype=dtype, device=device)
     return out
 
 

@@ -54,7 +54,7 @@ from lincomp.spec import AttentionSpec
 _OPTION_KEYS = ("spec", "target", "fallback", "hints", "unsupported", "check_masks", "inductor")
 _SPEC_KEYS = ("window", "causal", "prefix", "sinks", "linear", "combine", "name", "description", "version", "paper")
 _TARGETS = ("auto", "triton", "tvm", "reference")
-_LEARNED = ("g", "feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
+_LEARNED = ("g", "feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha", "pool_weight")
 _SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
                  torch.ops.aten.scaled_dot_product_attention.default)
 _REPORT = collections.deque(maxlen=256)
@@ -307,7 +307,8 @@ def _needs(spec: AttentionSpec, name: str) -> bool:
             "feature_weight_k": lin is not None and lin.has_weights,
             "sink_logits": spec.sinks > 0,
             "window_gamma": spec.combine == "shared",
-            "alpha": spec.combine == "sum"}[name]
+            "alpha": spec.combine == "sum",
+            "pool_weight": spec.pool is not None}[name]
 
 
 def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, plan: dict, opts: Options) -> None:

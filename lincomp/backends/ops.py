@@ -6,7 +6,7 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
 
 - ``torch.ops.lincomp.attention(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None,
   feature_weight_k=None, sink_logits=None, window_gamma=None, alpha=None, key_padding_mask=None,
-  target="auto", fallback="warn", hints_json="", cu_seqlens=None) -> o [B, H, L, Dv]``
+  target="auto", fallback="warn", hints_json="", cu_seqlens=None, pool_weight=None) -> o [B, H, L, Dv]``
   runs a cached ``lincomp.compile(spec, target, **hints)`` kernel. ``fallback="warn"`` runs the reference
   with a ``LincompFallbackWarning`` when the target is not installed or cannot run a call;
   ``fallback="error"`` raises instead. ``cu_seqlens`` (int ``[N + 1]``, B = 1): a packed row of N documents,
@@ -42,7 +42,7 @@ from lincomp.spec import AttentionSpec
 TARGETS = ("auto", "triton", "tvm", "reference")
 FALLBACKS = ("warn", "error")
 # The optional float tensors of a call, in the op's argument order (docs/semantics.md names).
-WEIGHT_NAMES = ("g", "feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
+WEIGHT_NAMES = ("g", "feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha", "pool_weight")
 
 _lock = threading.Lock()
 _kernels: dict = {}
@@ -109,8 +109,8 @@ def is_differentiable(kernel: Kernel, device: torch.device) -> bool:
     return bool(kernel.differentiable)
 
 
-def _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha) -> dict:
-    values = (g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
+def _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight) -> dict:
+    values = (g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     return {n: t for n, t in zip(WEIGHT_NAMES, values) if t is not None}
 
 
@@ -159,17 +159,17 @@ torch.library.define(
     "(Tensor q, Tensor k, Tensor v, str spec_json, float? scale=None, Tensor? g=None, Tensor? feature_weight_q=None, "
     "Tensor? feature_weight_k=None, Tensor? sink_logits=None, Tensor? window_gamma=None, Tensor? alpha=None, "
     "Tensor? key_padding_mask=None, str target='auto', str fallback='warn', str hints_json='', "
-    "Tensor? cu_seqlens=None) -> Tensor")
+    "Tensor? cu_seqlens=None, Tensor? pool_weight=None) -> Tensor")
 
 
 @torch.library.impl("lincomp::attention", "CompositeImplicitAutograd")
 def _attention(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, feature_weight_k=None, sink_logits=None,
                window_gamma=None, alpha=None, key_padding_mask=None, target="auto", fallback="warn", hints_json="",
-               cu_seqlens=None):
+               cu_seqlens=None, pool_weight=None):
     """o [B, H, L, Dv] = the spec's attention of q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv]."""
     return torch.ops.lincomp.attention_forward(q, k, v, spec_json, scale, g, feature_weight_q, feature_weight_k,
                                                sink_logits, window_gamma, alpha, key_padding_mask, target, fallback,
-                                               hints_json, cu_seqlens)[0]
+                                               hints_json, cu_seqlens, pool_weight)[0]
 
 
 attention = torch.ops.lincomp.attention
@@ -181,12 +181,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Op
                       feature_weight_k: Optional[Tensor] = None, sink_logits: Optional[Tensor] = None,
                       window_gamma: Optional[Tensor] = None, alpha: Optional[Tensor] = None,
                       key_padding_mask: Optional[Tensor] = None, target: str = "auto", fallback: str = "warn",
-                      hints_json: str = "", cu_seqlens: Optional[Tensor] = None) -> List[Tensor]:
+                      hints_json: str = "", cu_seqlens: Optional[Tensor] = None,
+                      pool_weight: Optional[Tensor] = None) -> List[Tensor]:
     """[o [B, H, L, Dv], own_backward (int32 [], 1: ``saved`` is the kernel's), *saved].
 
     ``saved`` is ``Kernel.forward_saved``'s list (shapes from ``Kernel.saved_like``)."""
     kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
-    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
+    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     # compiled kernels want contiguous [B, H, L, D] (SDPA callers often pass views)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     kw = _kwargs(scale, tensors, key_padding_mask, cu_seqlens)
@@ -205,10 +206,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Op
 @attention_forward.register_fake
 def _attention_forward_fake(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, feature_weight_k=None,
                             sink_logits=None, window_gamma=None, alpha=None, key_padding_mask=None, target="auto",
-                            fallback="warn", hints_json="", cu_seqlens=None):
+                            fallback="warn", hints_json="", cu_seqlens=None, pool_weight=None):
     # Shape arithmetic only: symbolic B / L stay symbolic (no recompile for a new length).
     kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
-    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
+    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     saved = _saved_like(kernel, q, k, v, _kwargs(scale, tensors, key_padding_mask, cu_seqlens))
     o = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
     return [o, torch.empty((), dtype=torch.int32, device="cpu"), *[t.new_empty(t.shape) for t in saved]]
@@ -221,9 +222,9 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
                        sink_logits: Optional[Tensor] = None, window_gamma: Optional[Tensor] = None,
                        alpha: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                        target: str = "auto", fallback: str = "warn", hints_json: str = "",
-                       cu_seqlens: Optional[Tensor] = None) -> List[Tensor]:
+                       cu_seqlens: Optional[Tensor] = None, pool_weight: Optional[Tensor] = None) -> List[Tensor]:
     """[dq, dk, dv] + the gradient of each given float tensor (order of WEIGHT_NAMES, absent ones skipped)."""
-    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
+    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     names = ("q", "k", "v", *tensors)
     inputs = (q, k, v, *tensors.values())
     if int(own_backward) == 1:
@@ -245,33 +246,34 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
 def _attention_backward_fake(grad_out, o, own_backward, saved, q, k, v, spec_json, scale=None, g=None,
                              feature_weight_q=None, feature_weight_k=None, sink_logits=None, window_gamma=None,
                              alpha=None, key_padding_mask=None, target="auto", fallback="warn", hints_json="",
-                             cu_seqlens=None):
-    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha)
+                             cu_seqlens=None, pool_weight=None):
+    tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     return [t.new_empty(t.shape) for t in (q, k, v, *tensors.values())]   # contiguous, like the real one
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target, fallback, hints_json, *cu) = inputs
+    (q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm, target, fallback, hints_json, *rest) = inputs
+    cu, pool = (list(rest) + [None, None])[:2]   # trailing arguments left at their default may be absent
     o, own, *saved = output
     ctx.n_saved = len(saved)
-    ctx.save_for_backward(q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, cu[0] if cu else None, o, own, *saved)
+    ctx.save_for_backward(q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, cu, pool, o, own, *saved)
     ctx.args = (spec_json, scale, target, fallback, hints_json)
 
 
 def _backward(ctx, grads):
     grad_out = grads[0]
-    q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, cu, o, own, *saved = ctx.saved_tensors
+    q, k, v, g, fwq, fwk, sinks, gamma, alpha, kpm, cu, pool, o, own, *saved = ctx.saved_tensors
     spec_json, scale, target, fallback, hints_json = ctx.args
     if grad_out is None:
         grad_out = torch.zeros_like(o)
     out = torch.ops.lincomp.attention_backward(
         grad_out.contiguous(), o, own, saved, q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm,
-        target, fallback, hints_json, cu)
+        target, fallback, hints_json, cu, pool)
     dq, dk, dv, *rest = out
-    weights = (g, fwq, fwk, sinks, gamma, alpha)
+    weights = (g, fwq, fwk, sinks, gamma, alpha, pool)
     it = iter(rest)
     dweights = [None if w is None else next(it) for w in weights]
-    out = (dq, dk, dv, None, None, *dweights, None, None, None, None, None)
+    out = (dq, dk, dv, None, None, *dweights[:6], None, None, None, None, None, dweights[6])
     # one gradient per argument actually passed: the dispatcher drops trailing arguments left at their default
     return out[:len(ctx.needs_input_grad)]
 

@@ -7,6 +7,7 @@ Per rank, for the tokens after the prefix:
   scan over ranks (a shift by one rank, then log2(R) point-to-point rounds) gives the state entering its
   slice; then local outputs with that initial state;
 - non-causal linear branch: one all-reduce of (S, z);
+- pooled keys (``window.pool``): each rank pools its own cells, one all-reduce shares them (pool.py);
 - prefix rows: causal -> computed locally (they see only the prefix); non-causal -> exact (an
   all-reduce of shifted softmax sums over every rank's keys) or CLEAR's approximate mode (each rank
   attends to the prefix and its own patch; outputs averaged).
@@ -25,13 +26,15 @@ import torch.distributed as dist
 from lincomp.distributed.comm import Comm
 from lincomp.distributed.layout import Layout, box_shape
 from lincomp.distributed.plan import GlobalPlan, branches, global_plan
+from lincomp.distributed.pool import gather_pooled
 from lincomp.inputs import bind
 from lincomp.reference.features import feature_map
 from lincomp.reference.linear import log_gates, safe_divide
+from lincomp.runtime.pool import window_only
 from lincomp.spec import AttentionSpec, GridWindow, Window1D
 
 PREFIX_MODES = ("exact", "approximate")
-_WEIGHTS = ("feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
+_WEIGHTS = ("feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha", "pool_weight")
 
 
 _KERNELS: dict = {}     # (sub-spec, target) -> Kernel: one build per sub-spec (task shapes repeat every call)
@@ -150,8 +153,8 @@ def attention(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
                                 return_state=return_state, **tensors)
     local_spec = spec.with_grid(box_shape(layout.box(comm.rank))) if isinstance(spec.window, GridWindow) else spec
     call = bind(local_spec, q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state, **tensors)
-    plan = global_plan(spec, layout, bool(overlap))
-    return _Run(plan, comm, call, target, prefix_mode, sync_grads).run()
+    plan = global_plan(window_only(spec), layout, bool(overlap))   # pooled keys: see lincomp.distributed.pool
+    return _Run(plan, comm, call, target, prefix_mode, sync_grads, (spec, layout) if spec.pool else None).run()
 
 
 def _resolve_layout(spec: AttentionSpec, layout: Optional[Layout], comm: Comm, q: torch.Tensor) -> Layout:
@@ -190,8 +193,11 @@ def _resolve_layout(spec: AttentionSpec, layout: Optional[Layout], comm: Comm, q
 class _Run:
     """One call's data on this rank: replicated and own parts of every tensor, and the steps."""
 
-    def __init__(self, plan: GlobalPlan, comm: Comm, call, target: str, prefix_mode: str, sync_grads: bool):
+    def __init__(self, plan: GlobalPlan, comm: Comm, call, target: str, prefix_mode: str, sync_grads: bool,
+                 pooled=None):
         self.plan, self.comm, self.call, self.target, self.mode = plan, comm, call, target, prefix_mode
+        self.pooled = pooled      # (pooled spec, layout) when window.pool is set
+        self.kvp = None
         self.spec, self.parts = plan.spec, plan.parts
         self.rp = plan.ranks[comm.rank]
         self.n = n = self.spec.prefix
@@ -203,8 +209,9 @@ class _Run:
         reps = comm.replicate([cut(q), cut(k), cut(v), cut(g), *(getattr(call, w) for w in _WEIGHTS),
                                call.S0, call.z0], sync=sync_grads)
         self.q_p, self.k_p, self.v_p, self.g_p = reps[:4]
-        self.w = dict(zip(_WEIGHTS, reps[4:9]))
-        self.S0 = None if reps[9] is None else (reps[9], reps[10])
+        nw = len(_WEIGHTS)
+        self.w = dict(zip(_WEIGHTS, reps[4:4 + nw]))
+        self.S0 = None if reps[4 + nw] is None else (reps[4 + nw], reps[5 + nw])
         own = (lambda t: None if t is None else (t if n == 0 else t[:, :, n:]))
         self.q_o, self.k_o, self.v_o, self.g_o = own(q), own(k), own(v), own(g)
 
@@ -213,6 +220,8 @@ class _Run:
         plan, rp, comm = self.plan, self.rp, self.comm
         halo = [self.k_o, self.v_o] + ([self.g_o] if self.parts.exchange_gate else [])
         pending = comm.start_halo(rp, halo) if plan.exchange else None
+        if self.pooled is not None:
+            self.kvp = gather_pooled(comm, *self.pooled, self.k_o, self.v_o, self.w["pool_weight"])
         states, final = self._states() if plan.has_states else ({}, None)
         outs, ext = [None] * len(rp.tasks), None
         for i in sorted(range(len(rp.tasks)), key=lambda i: rp.tasks[i].from_halo):   # interior first
@@ -260,6 +269,11 @@ class _Run:
                 g = torch.cat([torch.zeros_like(self.g_p), g], 2)
         if n:
             q, k, v = torch.cat([self.q_p, q], 2), torch.cat([self.k_p, k], 2), torch.cat([self.v_p, v], 2)
+        if self.kvp is not None:   # the pooled keys join as extra prefix keys; their rows are dropped
+            kp, vp = self.kvp
+            q = torch.cat([q.new_zeros(*q.shape[:2], kp.shape[2], q.shape[3]), q], 2)
+            k, v = torch.cat([kp.to(k.dtype), k], 2), torch.cat([vp.to(v.dtype), v], 2)
+            sub, n = replace(sub, prefix=n + kp.shape[2]), n + kp.shape[2]
         state = states.get(task.state_at) if task.state_at is not None else None
         o = _kernel(sub, self.target)(q, k, v, scale=call.scale, linear_scale=call.linear_scale,
                                       **_kernel_tensors(sub, self.w, g, state))

@@ -23,7 +23,7 @@ from lincomp.reference import reference
 from lincomp.spec import AttentionSpec, GridWindow
 from lincomp.testing import random_inputs, rel_err
 
-_REPLICATED = ("feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
+_REPLICATED = ("feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha", "pool_weight")
 
 
 @dataclass
@@ -94,6 +94,9 @@ def default_cases(world: int) -> list:
         Case("sum-2d-causal-band", {"window": {"kind": "2d", "grid": [6, 5], "radius": 1, "shape": "square"},
                                     "causal": True, "combine": "sum", "linear": _lin("relu", "scalar", False)},
              return_state=True),
+        Case("clear-2d-pool-sinks-gqa", {"window": dict(grid2, grid=[8, 8], pool=[2, 2]), "prefix": 3, "sinks": 1},
+             H=4, Hkv=2),
+        Case("3d-pool", {"window": {"kind": "3d", "grid": [2, 4, 4], "radius": 1, "shape": "square", "pool": [2, 2, 1]}}),
     ]
     if world % 2 == 0:
         cases.append(Case("clear-2d-mesh-batch2", clear, B=2, layout={"mesh": [2, world // 2]}))

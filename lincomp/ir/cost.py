@@ -125,6 +125,12 @@ def count_visible_pairs(spec, L: int) -> int:
     return n * L + N * n + body_pairs(spec, N)
 
 
+def pooled_pairs(spec, L: int) -> int:
+    """(grid query, pooled key) pairs of ``window.pool``: every grid query sees all P pooled keys."""
+    spec = AttentionSpec.coerce(spec)
+    return 0 if spec.pool is None else (L - min(spec.prefix, L)) * spec.window.pooled_tokens
+
+
 def allowed_pairs(spec, L: int) -> int:
     """Pairs causality allows: L(L+1)/2 when causal, L^2 otherwise (what dense attention computes)."""
     spec = AttentionSpec.coerce(spec)
@@ -245,9 +251,11 @@ def estimate(spec, L: int, *, B: int = 1, H: int = 1, D: int = 64, Dv: Optional[
     lin = spec.linear
     F = feature_width(spec, D, E)
     breakdown = {}
-    pairs = count_visible_pairs(spec, L) if spec.has_softmax else 0
+    pairs = count_visible_pairs(spec, L) + pooled_pairs(spec, L) if spec.has_softmax else 0
     if spec.has_softmax:
         breakdown["window"] = 2 * (D + Dv) * pairs
+    if spec.pool is not None:   # k~, v~: one multiply-add per grid token and channel (per key/value head)
+        breakdown["pooling"] = 2 * (D + Dv) * (L - spec.prefix) * Hkv // H
     if lin is not None:
         algo = linear_algorithm or default_linear_algorithm(spec.causal, L, lin.chunk_size, decode)
         # A shared hybrid's scan feeds one normaliser: its den always rides along.

@@ -234,6 +234,9 @@ def _build_window(g: nx.DiGraph, spec: AttentionSpec) -> str:
     if spec.sinks:
         _input(g, "sink_logits", _t("H", "m"))
         ins["sinks"] = _t("H", "m")
+    if spec.pool is not None:   # CLEAR's pooled keys: P = prod(grid / pool) extra keys, pooled with this weight
+        _input(g, "pool_weight", _t(*map(str, spec.pool)))
+        ins["pool_weight"] = _t(*map(str, spec.pool))
     # num/den are the un-normalised softmax sums, shifted by the row max of the window scores (m_i).
     add_node(g, "window", "window_softmax", inputs=ins,
              outputs={"num": _t("B", "H", "L", "Dv", dtype="f32"), "den": _t("B", "H", "L", dtype="f32")},
@@ -242,6 +245,8 @@ def _build_window(g: nx.DiGraph, spec: AttentionSpec) -> str:
         connect(g, name, "window", "value", name)
     if spec.sinks:
         connect(g, "sink_logits", "window", "value", "sinks")
+    if spec.pool is not None:
+        connect(g, "pool_weight", "window", "value", "pool_weight")
     return "window"
 
 
@@ -298,7 +303,8 @@ def _fmt_param(value) -> str:
     if isinstance(value, GridWindow):
         shape = (f"tile {'x'.join(map(str, value.tile))} kernel {'x'.join(map(str, value.kernel))}"
                  if value.shape == "tile" else f"{value.shape} r={value.radius}")
-        return f"{value.kind}({'x'.join(map(str, value.grid))}, {shape})"
+        pool = "" if value.pool is None else f", pool {'x'.join(map(str, value.pool))}"
+        return f"{value.kind}({'x'.join(map(str, value.grid))}, {shape}{pool})"
     if isinstance(value, LinearBranch):
         return (f"{value.feature_map}{'' if value.feature_dim is None else f'/{value.feature_dim}'}"
                 f"{', gate=' + value.gate if value.gate else ''}{', normalize' if value.normalize else ''}")

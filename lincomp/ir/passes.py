@@ -53,7 +53,8 @@ def _ports(a: dict) -> Tuple[set, set]:
         req = {"phi_q", "phi_k", "v"} | ({"gate"} if p["linear"].gate else set())
         return req, ({"S0", "z0"} if p["causal"] else set())
     if op == "window_softmax":
-        return {"q", "k", "v"} | ({"sinks"} if p["sinks"] else set()), set()
+        pooled = {"pool_weight"} if getattr(p["window"], "pool", None) is not None else set()
+        return {"q", "k", "v"} | ({"sinks"} if p["sinks"] else set()) | pooled, set()
     if op == "combine":
         if p["mode"] == "shared":
             return {"window_num", "window_den", "linear_num", "linear_den", "gamma"}, set()
@@ -74,6 +75,7 @@ _SOURCES = {
     ("linear_scan", "S0"): ("input", "initial_state"), ("linear_scan", "z0"): ("input", "initial_state"),
     ("window_softmax", "q"): ("input", "q"), ("window_softmax", "k"): ("input", "k"),
     ("window_softmax", "v"): ("input", "v"), ("window_softmax", "sinks"): ("input", "sink_logits"),
+    ("window_softmax", "pool_weight"): ("input", "pool_weight"),
     ("combine", "gamma"): ("input", "window_gamma"), ("combine", "alpha"): ("input", "alpha"),
     ("combine", "window_num"): ("window_softmax", None), ("combine", "window_den"): ("window_softmax", None),
     ("combine", "linear_num"): ("linear_scan", None), ("combine", "linear_den"): ("linear_scan", None),

@@ -19,6 +19,8 @@ def required_tensors(spec: AttentionSpec) -> tuple:
         out.append("window_gamma")                            # [H]
     if spec.combine == "sum":
         out.append("alpha")                                   # [H]
+    if spec.pool is not None:
+        out.append("pool_weight")                             # the pool factors, e.g. [4, 4]
     return tuple(out)
 
 

@@ -11,6 +11,7 @@ computes attention through ``torch.ops.lincomp.attention``:
 | sinks (Lizard meta memory) | ``sink_logits`` | ``[H, m]`` | 0 |
 | combine="shared" (LoLCATs) | ``window_factor`` | ``[H]`` | logit(0.1): window_gamma = sigmoid(factor) starts at 0.1 |
 | combine="sum" (Lizard) | ``alpha`` | ``[H]`` | 1 |
+| window.pool (CLEAR pooled keys) | ``pool_weight`` | the pool factors, e.g. ``[4, 4]`` | ``1 / prod(factors)`` (CLEAR's average) |
 
 Gates are computed from the attention module's input hidden states ``x [B, L, hidden]``:
 scalar ``g = logsigmoid(x W + b)`` ``[B, H, L]``; vector ``g = logsigmoid(x W1 W2 + b) / 16`` ``[B, H, L, F]``.
@@ -124,6 +125,9 @@ class LinearizedAttention(nn.Module):
         self.window_factor = (nn.Parameter(torch.full((num_heads,), math.log(WINDOW_GAMMA_INIT / (1 - WINDOW_GAMMA_INIT)), **kw))
                               if spec.combine == "shared" else None)
         self.alpha = nn.Parameter(torch.ones(num_heads, **kw)) if spec.combine == "sum" else None
+        # CLEAR's pooling weight (window.pool), shared by all heads; starts as the average, as CLEAR does.
+        self.pool_weight = (nn.Parameter(torch.full(spec.pool, 1.0 / math.prod(spec.pool), **kw))
+                            if spec.pool is not None else None)
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -140,6 +144,8 @@ class LinearizedAttention(nn.Module):
             out["window_gamma"] = torch.sigmoid(self.window_factor)
         if self.alpha is not None:
             out["alpha"] = self.alpha
+        if self.pool_weight is not None:
+            out["pool_weight"] = self.pool_weight
         return out if dtype is None else {k: t.to(dtype) for k, t in out.items()}
 
     def tensors(self, hidden_states: Optional[torch.Tensor] = None, dtype=None) -> dict:
@@ -161,7 +167,7 @@ class LinearizedAttention(nn.Module):
         return torch.ops.lincomp.attention(
             q, k, v, spec_json or self.spec_json, scale, t.get("g"), t.get("feature_weight_q"),
             t.get("feature_weight_k"), t.get("sink_logits"), t.get("window_gamma"), t.get("alpha"),
-            key_padding_mask, self.target, self.fallback, "", cu_seqlens)
+            key_padding_mask, self.target, self.fallback, "", cu_seqlens, t.get("pool_weight"))
 
     # -- decoding (lincomp.models.generate) ---------------------------------------------------------
     def make_decoder(self, scale: Optional[float], device: torch.device):

@@ -16,6 +16,7 @@ from lincomp.reference.features import feature_map
 from lincomp.reference.linear import (initial_state_terms, log_gates, linear_chunked, linear_quadratic,
                                       linear_recurrent, linear_scores, safe_divide)
 from lincomp.reference.masks import allowed_mask, window_mask
+from lincomp.reference.pool import pooled_scores
 
 FORMS = ("quadratic", "chunked", "recurrent")
 
@@ -66,6 +67,11 @@ def softmax_window(call: Call, dtype) -> torch.Tensor:
     """The window (softmax) branch with sinks: o_w [B, H, L, Dv]. Rows with no visible key give 0."""
     s, mask = window_scores(call, dtype)
     v = _expand_heads(call.v, call.H).to(dtype)
+    if call.pool_weight is not None:   # CLEAR's pooled keys: P extra keys after the L tokens
+        s_p, mask_p, v_p = pooled_scores(call.spec, call.q.to(dtype), _expand_heads(call.k, call.H).to(dtype), v,
+                                         call.pool_weight, call.scale)
+        s, v = torch.cat([s, s_p], -1), torch.cat([v, v_p], -2)
+        mask = torch.cat([mask.expand(*mask.shape[:2], *s_p.shape[-2:-1], -1), mask_p[None, None]], -1)
     logits = s.masked_fill(~mask, float("-inf"))
     M = logits.amax(-1)
     sinks = None

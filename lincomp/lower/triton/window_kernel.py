@@ -19,6 +19,7 @@ from lincomp.lower.triton.window_launch import (_CHOSEN, KERNELS, _bucket, _dims
                                                 normalize_config, tune_window)
 from lincomp.lower.triton.window_op import window_attention, window_attention_backward
 from lincomp.runtime.kernel import Kernel
+from lincomp.runtime.pool import merge_pooled, pooled_kv, window_only
 from lincomp.spec import AttentionSpec
 from lincomp.tuning import device_name
 from lincomp.tuning.choose import Choice
@@ -50,22 +51,32 @@ class WindowKernel(Kernel):
         self.fixed = fixed
         self.config = {kern: _fixed_choice(kern, c).as_dict() for kern, c in fixed.items()}   # known before a call
         self._options = json.dumps({"autotune": self.autotune, "tf32": self.allow_tf32, **fixed}, sort_keys=True)
-        self._spec_json = spec.canonical_json()
+        self._spec_json = window_only(spec).canonical_json()   # pooled keys: merged after the window op
 
     def forward(self, q, k, v, *, scale=None, **tensors):
         return self.forward_and_save(q, k, v, scale=scale, **tensors)[0]
 
     def forward_and_save(self, q, k, v, *, scale=None, **tensors):
-        """(o [B, H, L, Dv], [lse [B, H, L] fp32]): the log-sum-exp is all the backward needs besides o."""
+        """(o [B, H, L, Dv], [lse [B, H, L] fp32]): the log-sum-exp is all the backward needs besides o.
+
+        A pooled spec (CLEAR's ``window.pool``) merges the pooled keys after the window op by the rows' lse,
+        in differentiable torch: it saves nothing (``None``), so the custom op's gradient is the reference's,
+        while a direct call differentiates through the window op and the merge."""
         call = bind(self.spec, q, k, v, scale=scale, **tensors)
         check_supported(call.q, call.k, call.v)
         o, lse = window_attention(call.q, call.k, call.v, call.sink_logits, call.key_padding_mask,
                                   self._spec_json, call.scale, self._options)
+        saved = [lse]
+        if call.pool_weight is not None:   # CLEAR's pooled keys: pooled once, merged by the rows' lse
+            kp, vp = pooled_kv(self.spec, call.k, call.v, call.pool_weight)
+            o, saved = merge_pooled(o, lse, call.q, kp, vp, self.spec.prefix, call.scale), None
         if not torch.compiler.is_compiling():   # bookkeeping only; nothing for a traced graph
             self.config = last_configs(self.spec, call.q, call.v, self._options)
-        return o, [lse]
+        return o, saved
 
     def saved_like(self, q, k, v, **tensors) -> list:
+        if self.spec.pool is not None:
+            return []
         B, H, L = q.shape[0], q.shape[1], q.shape[2]
         return [q.new_empty((B, H, L), dtype=torch.float32)]
 

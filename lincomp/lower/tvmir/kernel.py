@@ -40,6 +40,7 @@ from lincomp.lower.tvmir import window as _window
 from lincomp.lower.tvmir.codegen import base2
 from lincomp.runtime.buffers import alloc_output
 from lincomp.runtime.kernel import Kernel, Unsupported
+from lincomp.runtime.pool import window_only
 from lincomp.spec import AttentionSpec, GridWindow
 from lincomp.tuning import TuningDB, median_time_ms, shape_bucket
 from lincomp.tuning import tune as run_tune
@@ -272,8 +273,10 @@ class TVMKernel(Kernel):
         for part in self._parts():
             key = (part, sizes, _bucket(sizes, L, part))
             if key not in self._configs:
+                # a pooled spec keys its schedule by its window (the pooled steps are fixed)
                 self._configs[key] = choose(
-                    BACKEND, KERNEL_NAMES[part], self.spec, "float32", sizes.bucket(L, part), device="cpu",
+                    BACKEND, KERNEL_NAMES[part], window_only(self.spec), "float32", sizes.bucket(L, part),
+                    device="cpu",
                     default=lambda part=part: default_config(part, self.spec, sizes, L), fixed=self._fixed.get(part),
                     normalize=lambda cfg, part=part: self._normalise(part, cfg, sizes), db=self._db)
             out[part] = self._configs[key]
@@ -399,6 +402,8 @@ class TVMKernel(Kernel):
             args = [call.q, call.k, call.v, *self._plan(L, configs["window"])]
             if spec.sinks:
                 args.append(base2(call.sink_logits))
+            if spec.pool is not None:
+                args += _pooled_args(call, configs["window"])
             args += lin_args or []
             mods["window"].fn("window_fwd")(*args, o, call.scale)
             if spec.combine == "shared":
@@ -441,6 +446,19 @@ class TVMKernel(Kernel):
                 base = dict(base, **{part: self._configs[bucket_key].params})
                 results.append(res)
         return results
+
+
+def _pooled_args(call: Call, cfg: dict) -> list:
+    """[kp, vp]: the pooled keys / values (computed once per call), zero-padded to whole kernel steps."""
+    from lincomp.runtime.pool import pooled_kv
+    kp, vp = pooled_kv(call.spec, call.k, call.v, call.pool_weight)
+    rows = _window.pooled_rows(call.spec, cfg["block_n"] * max(1, cfg.get("kv_group", 1)))
+    out = []
+    for x in (kp, vp):
+        buf = torch.zeros(x.shape[0], x.shape[1], rows, x.shape[3], dtype=torch.float32)
+        buf[:, :, :x.shape[2]] = x
+        out.append(buf)
+    return out
 
 
 def check_values(call: Call) -> None:

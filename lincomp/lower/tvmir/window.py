@@ -93,6 +93,8 @@ def arg_names(spec: AttentionSpec) -> list:
         names.append("tokens")
     if spec.sinks:
         names.append("sink_logits")
+    if spec.pool is not None:
+        names += ["kp", "vp"]
     if spec.combine == "sum":
         names += ["lin_o", "alpha"]
     if spec.combine == "shared":
@@ -146,6 +148,10 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
             s(f'tokens = T.match_buffer(tokens_h, (NT1 - 1, {BM}), "int32")')
         if spec.sinks:
             s(f'sink_logits = T.match_buffer(sink_logits_h, ({H}, {spec.sinks}), "float32")')
+        if spec.pool is not None:
+            NP = pooled_rows(spec, GN)
+            s(f'kp = T.match_buffer(kp_h, (B, {Hkv}, {NP}, {D}), "float32")',
+              f'vp = T.match_buffer(vp_h, (B, {Hkv}, {NP}, {Dv}), "float32")')
         if summed:
             s(f'lin_o = T.match_buffer(lin_o_h, (B, {H}, L, {Dv}), "float32")',
               f'alpha = T.match_buffer(alpha_h, ({H},), "float32")')
@@ -169,7 +175,8 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
               f"hk = h // {group}" if group > 1 else "hk = h")
             fk_head = "h" if (shared and HF == H) else "hk"
             for buf, shape, dt in (("qpos", f"({BM},)", "int32"), ("kpos", f"({GN},)", "int32"),
-                                   ("qT", f"({D}, {BM})", "float32"), ("sT", f"({GN}, {BM})", "float32"),
+                                   ("qT", f"({D}, {BM})", "float32"),
+                                   ("sT", f"({max(GN, pooled_step(spec, GN)) if spec.pool else GN}, {BM})", "float32"),
                                    ("acc", f"({BM}, {Dv})", "float32"), ("m", f"({BM},)", "float32"),
                                    ("l", f"({BM},)", "float32"), ("mu", f"({BM},)", "float32"),
                                    ("corr", f"({BM},)", "float32")):
@@ -206,46 +213,101 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                           "full[gi] = T.if_then_else(e < kv_offsets[t + 1], kv_full[T.min(e, NNZ - 1)], 0)")
                         _emit_positions(s, spec, "kpos", "kt", BN, grid, offset=f"gi * {BN}",
                                         valid="e < kv_offsets[t + 1]")
-                s(f"# sT = K @ qT: scores of {GN} keys (rows) x {BM} queries (vectorised)")
-                emit_gemm_tile(s, rows=GN, mr=mr_qk, width=BM, red=str(D),
-                               a=lambda r, x: f"k[b, hk, T.max(kpos[{r}], 0), {x}]",
-                               b=lambda x, w: f"qT[{x}, {w}]", init=None,
-                               store=lambda r, w, val: f"sT[{r}, {w}] = {val}")
-                s("# mask (unless the plan marks the tile pair full) and the running max")
-                with s.block(f"for i in T.vectorized({BM}):"):
-                    s("mu[i] = m[i]")
-                with s.block_if(f"for gi in range({G}):" if G > 1 else None):
-                    rows = f"range(gi * {BN}, gi * {BN} + {BN})" if G > 1 else f"range({BN})"
-                    with s.block("if kv_full[e] == 0:" if G == 1 else "if full[gi] == 0:"):
-                        with s.block(f"for j in {rows}:"):
-                            with s.block(f"for i in T.vectorized({BM}):"):
-                                s(f"sT[j, i] = T.if_then_else({vis}, sT[j, i], {NEG_INF})",
-                                  "mu[i] = T.max(mu[i], sT[j, i])")
-                    with s.block("else:"):
-                        with s.block(f"for j in {rows}:"):
-                            with s.block(f"for i in T.vectorized({BM}):"):
-                                s("mu[i] = T.max(mu[i], sT[j, i])")
-                s("# new max m, rescale factor corr = 2^(m_old - m_new); a row with no key yet shifts by 0")
-                with s.block(f"for i in T.vectorized({BM}):"):
-                    s(f"corr[i] = {exp2(f'm[i] - T.if_then_else(mu[i] == {NEG_INF}, T.float32(0), mu[i])')}",
-                      "m[i] = mu[i]",
-                      f"mu[i] = T.if_then_else(m[i] == {NEG_INF}, T.float32(0), m[i])",
-                      "l[i] = l[i] * corr[i]")
-                s("# p = 2^(s - m) in place; l += row sums")
-                with s.block(f"for j in range({GN}):"):
-                    with s.block(f"for i in T.vectorized({BM}):"):
-                        s(f"sT[j, i] = {exp2('sT[j, i] - mu[i]')}",
-                          "l[i] = l[i] + sT[j, i]")
-                s("# acc = corr * acc + P @ V (MR query rows x Dv, vectorised)")
-                emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(GN),
-                               a=lambda r, x: f"sT[{x}, {r}]",
-                               b=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]",
-                               init=lambda r, w: f"acc[{r}, {w}] * corr[{r}]",
-                               store=lambda r, w, val: f"acc[{r}, {w}] = {val}")
+                def plan_mask():
+                    with s.block_if(f"for gi in range({G}):" if G > 1 else None):
+                        rows = f"range(gi * {BN}, gi * {BN} + {BN})" if G > 1 else f"range({BN})"
+                        with s.block("if kv_full[e] == 0:" if G == 1 else "if full[gi] == 0:"):
+                            with s.block(f"for j in {rows}:"):
+                                with s.block(f"for i in T.vectorized({BM}):"):
+                                    s(f"sT[j, i] = T.if_then_else({vis}, sT[j, i], {NEG_INF})",
+                                      "mu[i] = T.max(mu[i], sT[j, i])")
+                        with s.block("else:"):
+                            _emit_row_max(s, rows, BM)
+
+                _emit_step(s, GN, BM, D, Dv, mr_qk, mr_pv, plan_mask,
+                           key=lambda r, x: f"k[b, hk, T.max(kpos[{r}], 0), {x}]",
+                           val=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]")
                 if shared:
                     _emit_shared_inwindow(s, spec, BM, GN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
+            if spec.pool is not None:
+                _emit_pooled(s, spec, GN, BM, D, Dv, mr_qk, mr_pv)
             _emit_epilogue(s, spec, BM, Dv, shared, summed)
     return s.text()
+
+
+def pooled_step(spec: AttentionSpec, GN: int) -> int:
+    """Pooled keys per online-softmax step: a multiple of GN near 64 (the pooled keys are dense, so longer
+    steps only save rescales of the accumulator), GN when there are few."""
+    return GN if spec.window.pooled_tokens <= GN else GN * max(1, 64 // GN)
+
+
+def pooled_rows(spec: AttentionSpec, GN: int) -> int:
+    """Rows of the pooled key / value buffers: P rounded up to whole pooled steps (zero padding)."""
+    step = pooled_step(spec, GN)
+    return -(-spec.window.pooled_tokens // step) * step
+
+
+def _emit_row_max(s: Script, rows: str, BM: int) -> None:
+    with s.block(f"for j in {rows}:"):
+        with s.block(f"for i in T.vectorized({BM}):"):
+            s("mu[i] = T.max(mu[i], sT[j, i])")
+
+
+def _emit_step(s: Script, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: int, mask, key, val) -> None:
+    """One online-softmax step over GN keys: scores, ``mask()`` (writes masked sT and the running max mu),
+    rescale, exponentiate, accumulate P @ V. ``key(r, x)`` / ``val(x, w)`` index the key / value rows."""
+    s(f"# sT = K @ qT: scores of {GN} keys (rows) x {BM} queries (vectorised)")
+    emit_gemm_tile(s, rows=GN, mr=mr_qk, width=BM, red=str(D), a=key,
+                   b=lambda x, w: f"qT[{x}, {w}]", init=None,
+                   store=lambda r, w, val_: f"sT[{r}, {w}] = {val_}")
+    s("# mask (unless every pair is visible) and the running max")
+    with s.block(f"for i in T.vectorized({BM}):"):
+        s("mu[i] = m[i]")
+    mask()
+    s("# new max m, rescale factor corr = 2^(m_old - m_new); a row with no key yet shifts by 0")
+    with s.block(f"for i in T.vectorized({BM}):"):
+        s(f"corr[i] = {exp2(f'm[i] - T.if_then_else(mu[i] == {NEG_INF}, T.float32(0), mu[i])')}",
+          "m[i] = mu[i]",
+          f"mu[i] = T.if_then_else(m[i] == {NEG_INF}, T.float32(0), m[i])",
+          "l[i] = l[i] * corr[i]")
+    s("# p = 2^(s - m) in place; l += row sums")
+    with s.block(f"for j in range({GN}):"):
+        with s.block(f"for i in T.vectorized({BM}):"):
+            s(f"sT[j, i] = {exp2('sT[j, i] - mu[i]')}",
+              "l[i] = l[i] + sT[j, i]")
+    s("# acc = corr * acc + P @ V (MR query rows x Dv, vectorised)")
+    emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(GN), a=lambda r, x: f"sT[{x}, {r}]", b=val,
+                   init=lambda r, w: f"acc[{r}, {w}] * corr[{r}]",
+                   store=lambda r, w, val_: f"acc[{r}, {w}] = {val_}")
+
+
+def _emit_pooled(s: Script, spec: AttentionSpec, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: int) -> None:
+    """CLEAR's pooled keys (``window.pool``): after the plan's tiles, a grid tile's queries attend to all P
+    pooled keys ``kp`` / ``vp`` (pooled once per call, outside) in the same online softmax. Tiles of
+    prefix queries (every slot < n) skip them; padding slots compute rows nobody writes."""
+    P, n = spec.window.pooled_tokens, spec.prefix
+    rows = pooled_rows(spec, GN)
+    GN = pooled_step(spec, GN)            # keys per pooled step from here on
+    steps = rows // GN
+    s(f"# pooled keys: {P} of them, {steps} steps of {GN}; only tiles holding grid queries")
+    s('qmax = T.alloc_buffer((1,), "int32")')
+    s("qmax[0] = -1")
+    with s.block(f"for i in range({BM}):"):
+        s("qmax[0] = T.max(qmax[0], qpos[i])")
+    with s.block(f"if qmax[0] >= {n}:"):
+        with s.block(f"for pt in range({steps}):"):
+            def mask():
+                if P % GN == 0:      # every pooled key is real: no mask, max only
+                    _emit_row_max(s, f"range({GN})", BM)
+                    return
+                with s.block(f"for j in range({GN}):"):
+                    with s.block(f"for i in T.vectorized({BM}):"):
+                        s(f"sT[j, i] = T.if_then_else(pt * {GN} + j < {P}, sT[j, i], {NEG_INF})",
+                          "mu[i] = T.max(mu[i], sT[j, i])")
+
+            _emit_step(s, GN, BM, D, Dv, mr_qk, mr_pv, mask,
+                       key=lambda r, x: f"kp[b, hk, pt * {GN} + {r}, {x}]",
+                       val=lambda x, w: f"vp[b, hk, pt * {GN} + {x}, {w}]")
 
 
 def _emit_positions(s: Script, spec: AttentionSpec, buf: str, tile: str, size: int, grid: bool,

@@ -1,0 +1,65 @@
+"""CLEAR's pooled keys/values for the kernels (``window.pool``; math in the docs' semantics section).
+
+The pooled keys are computed once per call, not per query tile: ``pool_kv`` is a reshape and one small
+contraction with ``pool_weight`` (``[B, Hkv, P, D]`` from ``[B, Hkv, L, D]``). Backends then either fuse
+the ``P`` pooled keys into their window kernel (TVM) or attend to them densely and merge the two softmax
+parts by their log-sum-exp (``merge_pooled``; Triton, whose window op returns its rows' lse). Both are
+plain differentiable torch, so autograd gives ``d pool_weight``.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+
+
+def pool_kv(x: torch.Tensor, grid: tuple, pool: tuple, prefix: int, pool_weight: torch.Tensor) -> torch.Tensor:
+    """x~ [B, Hk, P, D] from x [B, Hk, L, D]: ``x~[c] = sum_o pool_weight[o] x[prefix + t(c * f + o)]``."""
+    B, Hk, _, D = x.shape
+    n_ax = len(grid)
+    shape = [B, Hk]
+    for g, f in zip(grid, pool):
+        shape += [g // f, f]
+    cells = x[:, :, prefix:].reshape(*shape, D)
+    # [B, Hk, c0, f0, c1, f1, .., D] -> [B, Hk, c0, c1, .., f0 * f1 * .., D]
+    perm = [0, 1, *range(2, 2 + 2 * n_ax, 2), *range(3, 3 + 2 * n_ax, 2), 2 + 2 * n_ax]
+    cells = cells.permute(perm).reshape(B, Hk, math.prod(g // f for g, f in zip(grid, pool)), math.prod(pool), D)
+    w = pool_weight.reshape(-1).to(x.dtype)
+    return torch.einsum("bhcod,o->bhcd", cells, w)
+
+
+def pooled_kv(spec, k: torch.Tensor, v: torch.Tensor, pool_weight: torch.Tensor) -> tuple:
+    """(k~, v~) of a pooled spec's call."""
+    w = spec.window
+    return (pool_kv(k, w.grid, w.pool, spec.prefix, pool_weight),
+            pool_kv(v, w.grid, w.pool, spec.prefix, pool_weight))
+
+
+def merge_pooled(o_w: torch.Tensor, lse_w: torch.Tensor, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor,
+                 prefix: int, scale: float) -> torch.Tensor:
+    """o [B, H, L, Dv]: the window output merged with the pooled keys' attention on the grid rows.
+
+    o_w [B, H, L, Dv] and lse_w [B, H, L] (natural log, sinks included) from the window kernel; the grid
+    rows' pooled part (q [B, H, L, D] against kp / vp [B, Hkv, P, D|Dv]) is a dense softmax whose
+    normaliser joins the window's: o = (e^(lse_w - M) o_w + e^(lse_p - M) o_p) / (e^(lse_w - M) + e^(lse_p - M)).
+    """
+    H, Hkv = q.shape[1], kp.shape[1]
+    if H != Hkv:
+        kp, vp = kp.repeat_interleave(H // Hkv, 1), vp.repeat_interleave(H // Hkv, 1)
+    qg = q[:, :, prefix:].float()
+    s = scale * (qg @ kp.float().transpose(-1, -2))                       # [B, H, Lg, P]
+    lse_p = torch.logsumexp(s, -1)
+    o_p = torch.softmax(s, -1) @ vp.float()
+    lw = lse_w[:, :, prefix:].float()
+    M = torch.maximum(lw, lse_p).detach()     # any shift cancels; lse_p is finite (P >= 1 keys)
+    a, b = (lw - M).exp(), (lse_p - M).exp()
+    og = (a[..., None] * o_w[:, :, prefix:].float() + b[..., None] * o_p) / (a + b)[..., None]
+    return torch.cat([o_w[:, :, :prefix], og.to(o_w.dtype)], 2)
+
+
+def window_only(spec):
+    """The spec without ``window.pool``: what a window kernel computes before the pooled keys join."""
+    if spec.pool is None:
+        return spec
+    from dataclasses import replace
+    return replace(spec, window=replace(spec.window, pool=None))
