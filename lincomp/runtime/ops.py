@@ -121,8 +121,18 @@ def _strict(fallback: str):
         yield
 
 
+def drop_trivial_padding(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """None for a ``[B, Lk]`` key-padding mask that lets every key through (what ``tokenizer(text)`` gives an
+    unpadded batch): the same result, and kernels that take no mask (TVM, linear Triton) keep running."""
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        return None
+    return key_padding_mask
+
+
 def _run(kernel: Kernel, q, k, v, scale, tensors, key_padding_mask, fallback):
-    kw = dict(tensors)
+    # Gates arrive as transposed views ([B, L, H] -> [B, H, L]); compiled kernels want them contiguous.
+    kw = {name: t.contiguous() for name, t in tensors.items()}
+    key_padding_mask = drop_trivial_padding(key_padding_mask)   # runs inside the op: no graph break
     if key_padding_mask is not None:
         kw["key_padding_mask"] = key_padding_mask
     if scale is not None:
@@ -272,5 +282,5 @@ def _key_padding_mask_fake(mask, causal, check=True):
     return mask.new_empty((mask.shape[0], mask.shape[-1]), dtype=torch.bool)
 
 
-__all__ = ["attention", "attention_backward", "key_padding_mask", "get_kernel", "spec_to_json", "spec_from_json",
+__all__ = ["attention", "attention_backward", "key_padding_mask", "drop_trivial_padding", "get_kernel", "spec_to_json", "spec_from_json",
            "clear_kernel_cache", "is_differentiable", "TARGETS", "FALLBACKS", "WEIGHT_NAMES"]
