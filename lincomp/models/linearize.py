@@ -135,6 +135,8 @@ def linearize(model: nn.Module, spec, *, target: str = "auto", fallback: str = "
             m.register_forward_pre_hook(_pass_hidden_states, with_kwargs=True)
     if not flux:
         _install_transformers(model)
+        from lincomp.models import hf
+        hf.record(model)      # config.json then says how to rebuild it (save_pretrained / from_pretrained)
     return model
 
 
@@ -165,12 +167,9 @@ def _install_transformers(model: nn.Module) -> None:
             cfg._attn_implementation = ATTN_NAME
 
 
-@functools.lru_cache(maxsize=None)
 def _register_transformers() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register(ATTN_NAME, lincomp_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, lincomp_mask)
+    from lincomp.models.hf import register
+    register()
 
 
 def _pass_hidden_states(module, args, kwargs):
@@ -233,6 +232,10 @@ def lincomp_attention_forward(module, query, key, value, attention_mask, scaling
     """transformers attention function "lincomp": q ``[B, H, L, D]``, k / v ``[B, Hkv, L, D]`` -> (``[B, L, H, D]``, None)."""
     lin = getattr(module, "lincomp", None)
     hidden = kwargs.pop("lincomp_hidden_states", None)
+    if lin is None and getattr(getattr(module.config, "quantization_config", None), "quant_method", None) != ATTN_NAME:
+        raise ValueError(f"{type(module).__name__} runs attn_implementation='lincomp' but was never linearised, so "
+                         "there is no spec to run; call lincomp.linearize(model, spec) (or load a folder saved by "
+                         "save_pretrained after linearize) instead of passing attn_implementation='lincomp'")
     if lin is None or lin.mode == "teacher":
         return _teacher_attention(module, query, key, value, attention_mask, lin, scaling=scaling, dropout=dropout,
                                   **kwargs)
