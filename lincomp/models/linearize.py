@@ -137,6 +137,9 @@ def linearize(model: nn.Module, spec, *, target: str = "auto", fallback: str = "
         _install_transformers(model)
         from lincomp.models import hf
         hf.record(model)      # config.json then says how to rebuild it (save_pretrained / from_pretrained)
+        if callable(getattr(model, "can_generate", None)) and model.can_generate():
+            from lincomp.models.cache import install_generate
+            install_generate(model)   # model.generate() then keeps a constant-memory LincompCache
     return model
 
 
@@ -191,7 +194,10 @@ def lincomp_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     if mask_function is None or mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         if attention_mask is None:
             return None
-        return prepare_padding_mask(attention_mask, kv_length, kv_offset).to(torch.bool)
+        # The keys this call attends to are columns kv_offset .. kv_offset + kv_length (a LincompCache hands
+        # attention only the new tokens; without a cache kv_offset is 0).
+        mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        return mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
@@ -241,7 +247,8 @@ def lincomp_attention_forward(module, query, key, value, attention_mask, scaling
                                   **kwargs)
     if query.shape[2] != key.shape[2]:
         raise ValueError(f"lincomp attention got {query.shape[2]} queries and {key.shape[2]} keys (a KV cache?); "
-                         "call the model with use_cache=False, and generate with lincomp.models.generate")
+                         "pass cache=lincomp.models.cache.LincompCache(model) (model.generate() does by default) "
+                         "or call the model with use_cache=False")
     kpm = _key_padding(attention_mask, lin.spec.causal)
     o = lin(query, key, value, hidden_states=hidden, key_padding_mask=kpm, scale=scaling)
     return o.transpose(1, 2).contiguous(), None

@@ -1,5 +1,6 @@
 """save_pretrained / from_pretrained of linearised transformers models: the spec travels in config.json and a
-FRESH process (a subprocess) rebuilds the linearised layers with their learned tensors; loading fails loudly
+FRESH process (a subprocess) rebuilds the linearised layers with their learned tensors (same logits, same greedy
+tokens, same seeded samples through model.generate); loading fails loudly
 without lincomp; attn_implementation="lincomp" on a stock model never silently runs softmax."""
 
 import copy
@@ -45,7 +46,11 @@ def saved(llama, tmp_path_factory):
     ids = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         logits = model(ids).logits
-    torch.save({"ids": ids, "logits": logits}, folder / "expected.pt")
+    kw = dict(max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    greedy = model.generate(ids, do_sample=False, **kw)
+    torch.manual_seed(21)
+    sampled = model.generate(ids, do_sample=True, top_k=16, **kw)
+    torch.save({"ids": ids, "logits": logits, "greedy": greedy, "sampled": sampled}, folder / "expected.pt")
     return model, folder
 
 
@@ -77,6 +82,10 @@ def test_fresh_process_restores_the_linearised_model(saved, tmp_path):
         with torch.no_grad():
             err = rel_err(model(exp["ids"]).logits, exp["logits"])
         assert err < 1e-6, err
+        kw = dict(max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(model.generate(exp["ids"], do_sample=False, **kw), exp["greedy"])
+        torch.manual_seed(21)
+        assert torch.equal(model.generate(exp["ids"], do_sample=True, top_k=16, **kw), exp["sampled"])
         model.float()                                 # not treated as a quantized model
         model.save_pretrained({str(tmp_path / "again")!r})   # and it saves again as it loaded
         again = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "again")!r})
