@@ -28,6 +28,17 @@ from lincomp.models.linearize import attention_modules
 from lincomp.models.modules import LinearizedAttention, step_through
 
 
+def active_module(lin) -> Optional[LinearizedAttention]:
+    """The LinearizedAttention that runs for ``attention_module.lincomp``: itself, or the active copy when peft's
+    ``modules_to_save`` wrapped it (see ``lincomp.models.adapters``); None if there is none."""
+    if isinstance(lin, LinearizedAttention) or lin is None:
+        return lin
+    copies, active = getattr(lin, "modules_to_save", None), getattr(lin, "active_adapters", None)
+    if copies is not None and active and not lin.disable_adapters:
+        return active_module(copies[active[0]])
+    return active_module(getattr(lin, "original_module", None))
+
+
 class LincompLayer(CacheLayerMixin):
     """The cache of one linearised attention layer: a decoder state, not keys and values."""
 
@@ -117,8 +128,8 @@ class LincompCache(Cache):
     def __init__(self, model: nn.Module):
         layers = []
         for name, m in attention_modules(model):
-            lin = getattr(m, "lincomp", None)
-            if not isinstance(lin, LinearizedAttention):
+            lin = active_module(getattr(m, "lincomp", None))
+            if lin is None:
                 raise ValueError(f"LincompCache needs every attention layer linearised; {name} is not (generate "
                                  "with a DynamicCache: model.generate(..., cache=transformers.DynamicCache())")
             if not lin.spec.causal:
@@ -152,4 +163,4 @@ def install_generate(model: nn.Module) -> None:
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
 
 
-__all__ = ["LincompCache", "LincompLayer", "install_generate"]
+__all__ = ["LincompCache", "LincompLayer", "install_generate", "active_module"]
