@@ -12,7 +12,7 @@ import lincomp
 from lincomp import presets
 from lincomp.inputs import bind
 from lincomp.reference import reference, visible
-import lincomp.runtime.ops  # noqa: F401  (registers torch.ops.lincomp.*)
+import lincomp.backends.ops  # noqa: F401  (registers torch.ops.lincomp.*)
 from lincomp.runtime.pool import pool_kv
 from lincomp.spec import AttentionSpec, GridWindow
 from lincomp.testing import examples, random_inputs, rel_err

@@ -130,8 +130,17 @@ def _concrete(kernel: Kernel, device: torch.device) -> Kernel:
     return kernel.kernel_for(device) if hasattr(kernel, "kernel_for") else kernel
 
 
+def drop_trivial_padding(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """None for a ``[B, Lk]`` key-padding mask that lets every key through (what ``tokenizer(text)`` gives an
+    unpadded batch): the same result, and kernels that take no mask (TVM, linear Triton) keep running."""
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        return None
+    return key_padding_mask
+
+
 def _kwargs(scale, tensors: dict, key_padding_mask, cu_seqlens=None) -> dict:
-    kw = dict(tensors)
+    # Gates arrive as transposed views ([B, L, H] -> [B, H, L]); compiled kernels want them contiguous.
+    kw = {name: t.contiguous() for name, t in tensors.items()}
     if key_padding_mask is not None:
         kw["key_padding_mask"] = key_padding_mask
     if cu_seqlens is not None:
@@ -190,7 +199,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Op
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     # compiled kernels want contiguous [B, H, L, D] (SDPA callers often pass views)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    kw = _kwargs(scale, tensors, key_padding_mask, cu_seqlens)
+    # an all-ones mask (tokenizer output) is no mask: dropped here, inside the op (no graph break), so
+    # kernels that take no mask keep running
+    kw = _kwargs(scale, tensors, drop_trivial_padding(key_padding_mask), cu_seqlens)
     like = _saved_like(kernel, q, k, v, kw)
     with _strict(fallback):   # a packed row runs document by document: its gradient is the reference's
         o, saved = kernel.forward_saved(q, k, v, **kw) if cu_seqlens is None else (kernel(q, k, v, **kw), None)
@@ -229,7 +240,8 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
     inputs = (q, k, v, *tensors.values())
     if int(own_backward) == 1:
         kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
-        grads = kernel.backward_saved(grad_out, o, list(saved), q, k, v, **_kwargs(scale, tensors, key_padding_mask))
+        kw = _kwargs(scale, tensors, drop_trivial_padding(key_padding_mask))   # as the forward saw it
+        grads = kernel.backward_saved(grad_out, o, list(saved), q, k, v, **kw)
         grads = [grads.get(n) for n in names]
     else:
         spec = spec_from_json(spec_json)
@@ -353,6 +365,7 @@ def _key_padding_mask_fake(mask, causal, check=True):
     return mask.new_empty((mask.shape[0], mask.shape[-1]), dtype=torch.bool)
 
 
-__all__ = ["attention", "attention_forward", "attention_backward", "key_padding_mask", "get_kernel", "spec_to_json",
+__all__ = ["attention", "attention_forward", "attention_backward", "key_padding_mask", "drop_trivial_padding",
+           "get_kernel", "spec_to_json",
            "spec_from_json",
            "clear_kernel_cache", "is_differentiable", "TARGETS", "FALLBACKS", "WEIGHT_NAMES"]

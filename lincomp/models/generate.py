@@ -78,18 +78,19 @@ def _tensor_bytes(obj, seen) -> int:
 
 def cache_bytes(layers) -> int:
     """Bytes of every tensor the decoders hold (state, cached keys / values; not the shared weights)."""
-    total, seen = 0, set()
-    for lin in layers:
-        dec = lin._decoder
-        if dec is None or isinstance(dec, str):
-            continue
-        if hasattr(dec, "state_bytes"):
-            total += int(dec.state_bytes())
-            continue
-        for name, value in vars(dec).items():
-            if name not in ("weights", "spec", "plan", "_initial_state"):
-                total += _tensor_bytes(value, seen)
-    return total
+    seen: set = set()
+    return sum(decoder_bytes(lin._decoder, seen) for lin in layers)
+
+
+def decoder_bytes(dec, seen: Optional[set] = None) -> int:
+    """Bytes of the tensors one decoder holds (0 for none); ``seen`` skips tensors already counted."""
+    if dec is None or isinstance(dec, str):
+        return 0
+    if hasattr(dec, "state_bytes"):
+        return int(dec.state_bytes())
+    seen = set() if seen is None else seen
+    return sum(_tensor_bytes(value, seen) for name, value in vars(dec).items()
+               if name not in ("weights", "spec", "plan", "_initial_state"))
 
 
 @torch.no_grad()

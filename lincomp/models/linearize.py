@@ -135,6 +135,11 @@ def linearize(model: nn.Module, spec, *, target: str = "auto", fallback: str = "
             m.register_forward_pre_hook(_pass_hidden_states, with_kwargs=True)
     if not flux:
         _install_transformers(model)
+        from lincomp.models import hf
+        hf.record(model)      # config.json then says how to rebuild it (save_pretrained / from_pretrained)
+        if callable(getattr(model, "can_generate", None)) and model.can_generate():
+            from lincomp.models.cache import install_generate
+            install_generate(model)   # model.generate() then keeps a constant-memory LincompCache
     return model
 
 
@@ -165,12 +170,9 @@ def _install_transformers(model: nn.Module) -> None:
             cfg._attn_implementation = ATTN_NAME
 
 
-@functools.lru_cache(maxsize=None)
 def _register_transformers() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register(ATTN_NAME, lincomp_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, lincomp_mask)
+    from lincomp.models.hf import register
+    register()
 
 
 def _pass_hidden_states(module, args, kwargs):
@@ -192,7 +194,10 @@ def lincomp_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     if mask_function is None or mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         if attention_mask is None:
             return None
-        return prepare_padding_mask(attention_mask, kv_length, kv_offset).to(torch.bool)
+        # The keys this call attends to are columns kv_offset .. kv_offset + kv_length (a LincompCache hands
+        # attention only the new tokens; without a cache kv_offset is 0).
+        mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        return mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
@@ -233,12 +238,17 @@ def lincomp_attention_forward(module, query, key, value, attention_mask, scaling
     """transformers attention function "lincomp": q ``[B, H, L, D]``, k / v ``[B, Hkv, L, D]`` -> (``[B, L, H, D]``, None)."""
     lin = getattr(module, "lincomp", None)
     hidden = kwargs.pop("lincomp_hidden_states", None)
+    if lin is None and getattr(getattr(module.config, "quantization_config", None), "quant_method", None) != ATTN_NAME:
+        raise ValueError(f"{type(module).__name__} runs attn_implementation='lincomp' but was never linearised, so "
+                         "there is no spec to run; call lincomp.linearize(model, spec) (or load a folder saved by "
+                         "save_pretrained after linearize) instead of passing attn_implementation='lincomp'")
     if lin is None or lin.mode == "teacher":
         return _teacher_attention(module, query, key, value, attention_mask, lin, scaling=scaling, dropout=dropout,
                                   **kwargs)
     if query.shape[2] != key.shape[2]:
         raise ValueError(f"lincomp attention got {query.shape[2]} queries and {key.shape[2]} keys (a KV cache?); "
-                         "call the model with use_cache=False, and generate with lincomp.models.generate")
+                         "pass cache=lincomp.models.cache.LincompCache(model) (model.generate() does by default) "
+                         "or call the model with use_cache=False")
     from lincomp.models.packing import check_packed_mask, packed_cu_seqlens
     cu = packed_cu_seqlens(query.shape[0], kwargs)   # packed training: each document on its own
     if cu is not None:

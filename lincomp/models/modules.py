@@ -162,6 +162,9 @@ class LinearizedAttention(nn.Module):
     def forward(self, q, k, v, *, hidden_states=None, key_padding_mask=None, scale=None, spec_json=None,
                 cu_seqlens=None):
         t = self.tensors(hidden_states, q.dtype)
+        cache_layer = self.__dict__.pop("_cache_layer", None)   # armed by LincompCache.update for this one call
+        if cache_layer is not None:
+            return cache_layer.attend(q, k, v, t.get("g"), scale, key_padding_mask)
         if self._decoder is not None:
             return self._decode(q, k, v, t.get("g"), scale)
         return torch.ops.lincomp.attention(
@@ -180,12 +183,18 @@ class LinearizedAttention(nn.Module):
     def _decode(self, q, k, v, g, scale):
         if self._decoder == "pending":
             self._decoder = self.make_decoder(scale, q.device)
-        outs = [self._decoder.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
-                                   None if g is None else g[:, :, t:t + 1]) for t in range(q.shape[2])]
-        return torch.cat(outs, dim=2)
+        return step_through(self._decoder, q, k, v, g)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.summary()}, heads={self.num_heads}, head_dim={self.head_dim}, mode={self.mode!r}"
+
+
+def step_through(decoder, q, k, v, g=None) -> torch.Tensor:
+    """Feed a decoder the tokens of q ``[B, H, L, D]``, k / v ``[B, Hkv, L, D]``, g ``[B, H, L(, F)]`` one by one;
+    returns o ``[B, H, L, Dv]``."""
+    outs = [decoder.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], None if g is None else g[:, :, t:t + 1])
+            for t in range(q.shape[2])]
+    return torch.cat(outs, dim=2)
 
 
 def _decoder_class(target: str, device: torch.device):

@@ -49,7 +49,7 @@ def check_packed_mask(mask: Optional[torch.Tensor], cu_seqlens: torch.Tensor, ca
     "each document attends to itself" (causally for a causal spec): a packed row has no padding or bias."""
     if mask is None or torch.compiler.is_compiling():   # data-dependent; checked in eager runs
         return
-    from lincomp.runtime.ops import _attend
+    from lincomp.backends.ops import _attend
     attend = _attend(mask)
     if mask.dim() == 2:
         if not bool(attend.all()):

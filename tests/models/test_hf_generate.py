@@ -1,0 +1,127 @@
+"""model.generate() on a linearised causal LM through LincompCache: greedy tokens equal lincomp.models.generate
+and the full-sequence argmax, seeded sampling equals sampling without a cache, streamers, GenerationConfig, left
+padding, flat memory, and clear errors for what a constant-size state cannot do."""
+
+import copy
+
+import pytest
+import torch
+
+from lincomp import presets
+from lincomp.models import generate as lincomp_generate
+from lincomp.models import learned_parameters, linearize
+from lincomp.models.cache import LincompCache
+from lincomp.models.modules import LinearizedAttention
+
+transformers = pytest.importorskip("transformers")
+LIZARD = presets.lizard(window=6, sinks=2, feature_dim=8)
+
+
+def _linearised(llama, target="reference", spec=LIZARD):
+    model = linearize(copy.deepcopy(llama), spec, target=target)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in learned_parameters(model):
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(llama):
+    return _linearised(llama)
+
+
+def _prompt(B=2, n=9, seed=0):
+    return torch.randint(3, 64, (B, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("target", ["reference", "auto"])
+def test_greedy_matches_lincomp_generate_and_full_sequence_argmax(llama, target):
+    if target == "auto":
+        pytest.importorskip("tvm")
+    model = _linearised(llama, target)
+    ids = _prompt()
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert out.shape == (2, 19)
+    assert torch.equal(out, lincomp_generate(model, ids, 10).sequences)
+    with torch.no_grad():   # teacher forcing over the whole sequence: each generated token is that argmax
+        full = model(out, use_cache=False).logits
+    assert torch.equal(full[:, 8:-1].argmax(-1), out[:, 9:])
+
+
+def test_sampling_is_seeded_and_equals_sampling_without_cache(model):
+    ids = _prompt()
+    cfg = transformers.GenerationConfig(do_sample=True, top_k=20, temperature=0.9, max_new_tokens=10,
+                                        pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(11)
+    a = model.generate(ids, generation_config=cfg)
+    torch.manual_seed(11)
+    b = model.generate(ids, generation_config=cfg)
+    torch.manual_seed(11)
+    nocache = model.generate(ids, generation_config=cfg, use_cache=False)   # full recompute each step
+    torch.manual_seed(12)
+    other = model.generate(ids, generation_config=cfg)
+    assert torch.equal(a, b) and torch.equal(a, nocache) and not torch.equal(a, other)
+
+
+def test_streamer_sees_every_token(model):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).clone())
+
+        def end(self):
+            self.ended = True
+
+    ids = _prompt(B=1)
+    s = Collect()
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, streamer=s, pad_token_id=0, eos_token_id=None)
+    assert s.ended and torch.equal(torch.cat(s.chunks), out[0])
+
+
+def test_left_padded_batch_decodes_each_sequence_as_alone(model):
+    short, long = _prompt(1, 5, seed=1), _prompt(1, 9, seed=2)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    out = model.generate(batch, attention_mask=mask, **kw)
+    assert torch.equal(out[0, 9:], model.generate(short, **kw)[0, 5:])
+    assert torch.equal(out[1, 9:], model.generate(long, **kw)[0, 9:])
+
+
+def test_cache_memory_is_flat_in_the_context_length(llama):
+    pytest.importorskip("tvm")
+    model = _linearised(llama, "auto")
+    sizes = {}
+    for n in (1024, 4096):
+        cache = LincompCache(model)
+        ids = torch.randint(3, 64, (1, n), generator=torch.Generator().manual_seed(n))
+        model.generate(ids, max_new_tokens=2, do_sample=False, cache=cache, pad_token_id=0, eos_token_id=None)
+        assert cache.get_seq_length() == n + 1
+        sizes[n] = cache.state_bytes()
+    assert 0 < sizes[1024] == sizes[4096], sizes
+
+
+def test_what_a_constant_state_cannot_do_raises(model, llama):
+    ids = _prompt()
+    with pytest.raises(NotImplementedError, match="beam"):
+        model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+    partial = linearize(copy.deepcopy(llama), {"model.layers.1.*": LIZARD}, target="reference")
+    with pytest.raises(ValueError, match="every attention layer linearised"):
+        partial.generate(ids, max_new_tokens=3, pad_token_id=0)
+    with pytest.raises(ValueError, match="use_cache=False"):     # a DynamicCache hands lincomp past keys
+        model.generate(ids, max_new_tokens=3, cache=transformers.DynamicCache(), pad_token_id=0)
+
+
+def test_teacher_mode_generates_with_the_dynamic_cache(model, llama):
+    from lincomp.models import attention_mode
+    ids = _prompt()
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with attention_mode(model, "teacher"):
+        assert torch.equal(model.generate(ids, **kw), llama.generate(ids, **kw))
+    assert all(m.mode == "student" for m in model.modules() if isinstance(m, LinearizedAttention))
