@@ -150,7 +150,8 @@ def main(argv=None) -> int:
              "the per-round ratios",
              f"- packed: documents of equal length stacked into one batched kernel call ({n_groups} calls here); GLA "
              "(a gated linear branch alone): one call over the row with the gate shut at document starts; one by one: "
-             f"{len(LENGTHS)} calls on each document's own tensors; padded: one call on the right-padded batch, no mask",
+             f"{len(LENGTHS)} calls on each document's own tensors; padded: one call on the right-padded batch, "
+             "no mask",
              "", "| case | implementation | median ms | notes |", "| --- | --- | ---: | --- |"]
     lines += [f"| {c} | {i} | {'' if ms is None else f'{ms:.2f}'} | {n} |" for c, i, ms, n in rows]
     out = Path(args.out)

@@ -205,4 +205,5 @@ def check_varlen_decoder(make, spec: AttentionSpec, prompts=(3, 1, 6), steps: in
     return max(errs)
 
 
-__all__ = ["rel_err", "random_inputs", "packed_inputs", "check_varlen_decoder", "poison_like", "spec_strategy", "length_for", "examples", "GridWindow"]
+__all__ = ["rel_err", "random_inputs", "packed_inputs", "check_varlen_decoder", "poison_like", "spec_strategy",
+           "length_for", "examples", "GridWindow"]
