@@ -82,7 +82,8 @@ def document_tensors(tensors: dict, a: int, b: int) -> dict:
 
 
 def cat_states(states: list) -> tuple:
-    """Per-document final states ``(S [1, H, F, Dv], z [1, H, F])`` (in document order) stacked: ``(S [N, ...], z [N, ...])``."""
+    """Per-document final states ``(S [1, H, F, Dv], z [1, H, F])``, in document order, stacked:
+    ``(S [N, H, F, Dv], z [N, H, F])``."""
     return torch.cat([s for s, _ in states], 0), torch.cat([z for _, z in states], 0)
 
 

@@ -1,11 +1,12 @@
-"""Packed sequences (``cu_seqlens``) on every compiled kernel: documents of equal length run as one batch.
+"""Packed sequences (``cu_seqlens``) on every compiled kernel, and decoding sequences of different lengths.
 
 ``Kernel.__call__`` sends a call with ``cu_seqlens`` here. A causal gated linear spec (GLA and the like) runs
 as one call over the whole row with the gate shut on each document's first token (the state restarts there;
 chunks that straddle a border stay exact). Every other call is cut into its documents; documents of the
 same length are stacked on the batch axis and run as one dense call of the kernel (so N short documents cost
-a few batched launches, not N, and no token is padded); the outputs are put back in document order. Gradients flow through the cuts (``torch.cat`` / ``narrow``) into whatever the
-dense call supports (the Triton kernels' backward, the reference's autograd).
+a few batched launches, not N, and no token is padded); the outputs are put back in document order.
+Gradients flow through the cuts (``torch.cat`` / ``narrow``) into whatever the dense call supports (the
+Triton kernels' backward, the reference's autograd).
 """
 
 from __future__ import annotations
@@ -89,7 +90,6 @@ def run_packed(dense: Callable, spec, q, k, v, cu_seqlens, *, return_state: bool
                 states[d] = (s[0][j:j + 1], s[1][j:j + 1])
     o = torch.cat(outs, dim=2)
     return (o, cat_states(states)) if return_state else o
-
 
 
 class VarlenDecoder:
