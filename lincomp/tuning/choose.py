@@ -53,8 +53,9 @@ _WARNED: set = set()
 def _warn_rejected(hit, why: Exception) -> None:
     """One warning per rejected database entry (the call goes on with the next source)."""
     from lincomp.tuning.db import TuningDBWarning
-    if hit.key not in _WARNED:
-        _WARNED.add(hit.key)
+    seen = (hit.key, str(hit.source), repr(hit.config))   # once per entry content, not per process
+    if seen not in _WARNED:
+        _WARNED.add(seen)
         warnings.warn(f"lincomp tuning db: entry {hit.key} in {hit.source}: {why}; ignored (see "
                       "`lincomp db validate`)", TuningDBWarning, stacklevel=4)
 
