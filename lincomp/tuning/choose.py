@@ -47,17 +47,12 @@ class Choice:
         return out
 
 
-_WARNED: set = set()
-
-
 def _warn_rejected(hit, why: Exception) -> None:
-    """One warning per rejected database entry (the call goes on with the next source)."""
+    """A database entry that parses but that the family rejects: say so (kernels cache their choice per
+    length bucket, so this is once per kernel and bucket), and go on with the next source."""
     from lincomp.tuning.db import TuningDBWarning
-    seen = (hit.key, str(hit.source), repr(hit.config))   # once per entry content, not per process
-    if seen not in _WARNED:
-        _WARNED.add(seen)
-        warnings.warn(f"lincomp tuning db: entry {hit.key} in {hit.source}: {why}; ignored (see "
-                      "`lincomp db validate`)", TuningDBWarning, stacklevel=4)
+    warnings.warn(f"lincomp tuning db: entry {hit.key} in {hit.source}: {why}; ignored (see "
+                  "`lincomp db validate`)", TuningDBWarning, stacklevel=4)
 
 
 def choose(backend: str, kernel: str, spec: Any, dtype: Any, dims: Mapping[str, int], *, device: Any,
