@@ -32,7 +32,7 @@ from lincomp.inputs import bind
 from lincomp.ir.blocks import block_plan, default_tile
 from lincomp.lower.triton.window_plan import tile_lists
 from lincomp.runtime.kernel import Kernel, Unsupported
-from lincomp.runtime.pool import window_only
+from lincomp.runtime.pool import merge_pooled, pooled_kv, window_only
 from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
 
 KERNELS = ("window_fwd", "window_bwd")          # tuning-db kernel names
@@ -686,17 +686,16 @@ class WindowKernel(Kernel):
         o, lse = window_attention(call.q, call.k, call.v, call.sink_logits, call.key_padding_mask,
                                   self._spec_json, call.scale, self._options)
         if call.pool_weight is not None:   # CLEAR's pooled keys: pooled once, merged by the rows' lse
-            from lincomp.runtime.pool import merge_pooled, pooled_kv
             kp, vp = pooled_kv(self.spec, call.k, call.v, call.pool_weight)
             o = merge_pooled(o, lse, call.q, kp, vp, self.spec.prefix, call.scale)
         if not torch.compiler.is_compiling():   # bookkeeping only; nothing for a traced graph
-            self.config = last_configs(self.spec, call.q, call.v, self._options)
+            self.config = last_configs(window_only(self.spec), call.q, call.v, self._options)
         return o
 
     def tune(self, q, k, v, *, force: bool = False, progress=True, db=None, **tensors) -> list:
         """Kernel-interface tuning (``lincomp.tune``): forward and backward configs for these inputs."""
         inputs = {"q": q, "k": k, "v": v, "sink_logits": tensors.get("sink_logits")}
-        res = tune_window(self.spec, inputs=inputs, db=db, force=force, progress=progress)
+        res = tune_window(window_only(self.spec), inputs=inputs, db=db, force=force, progress=progress)
         return [res[kern] for kern in KERNELS if kern in res]
 
 
