@@ -194,3 +194,9 @@ def test_explain_shows_the_pooled_input_and_counts_its_flops():
     out = explain(spec, spec.expected_length())
     assert "%pool_weight = input : in[4,4]" in out["text"] and "pool 4x4" in out["text"]
     assert "pooling" in out["text"]
+
+
+def test_explain_parses_pooled_clear_names():
+    from lincomp.ir.explain import load_spec
+    assert load_spec("clear-r12-df2").pool == (2, 2) and load_spec("clear-r12-df2").window.radius == 12
+    assert load_spec("clear-r12").pool is None

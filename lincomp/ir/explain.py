@@ -31,15 +31,16 @@ FLEX_BLOCK = 128   # FlexAttention's default block size (row-major tokens)
 
 
 def load_spec(text: str) -> AttentionSpec:
-    """A preset name (``PAPER_SPECS``, ``clear-rN``), a JSON file path or a JSON string."""
+    """A preset name (``PAPER_SPECS``, ``clear-rN``, ``clear-rN-dfF``), a JSON file path or a JSON string."""
     if text in presets.PAPER_SPECS:
         return presets.PAPER_SPECS[text]()
-    m = re.fullmatch(r"clear-r(\d+)", text)
+    m = re.fullmatch(r"clear-r(\d+)(?:-df(\d+))?", text)
     if m:
-        return presets.clear(int(m.group(1)))
+        r, df = m.groups()
+        return presets.clear(int(r)) if df is None else presets.clear_pool(int(r), int(df))
     if text.lstrip().startswith("{") or text.endswith(".json") or "/" in text:
         return AttentionSpec.coerce(text)
-    names = [*presets.PAPER_SPECS, "clear-rN"]
+    names = [*presets.PAPER_SPECS, "clear-rN", "clear-rN-dfF"]
     close = difflib.get_close_matches(text, names, n=1)
     raise ValueError(f"{text!r} is not a preset, a JSON file or a JSON string; presets are {names}"
                      + (f" (did you mean {close[0]!r}?)" if close else ""))
@@ -137,7 +138,7 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
                               description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", metavar="SPEC", help="a JSON file, a JSON string, or a preset: "
-                   + ", ".join([*presets.PAPER_SPECS, "clear-rN"]))
+                   + ", ".join([*presets.PAPER_SPECS, "clear-rN", "clear-rN-dfF"]))
     p.add_argument("--length", "-L", type=positive_int, action="append", default=[], metavar="L",
                    help="sequence length (repeat for several); grid specs fix it")
     p.add_argument("--grid", type=parse_grid, action="append", default=[], metavar="HxW",

@@ -52,6 +52,12 @@ def test_flux_pooled_spec_adds_and_trains_pool_weight(flux):
         warnings.simplefilter("ignore")
         tvm_model = linearize(copy.deepcopy(flux), spec, target="tvm")
         assert rel_err(tvm_model(**_inputs()).sample, out) < 1e-4     # the TVM kernel in the model
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(model)(**_inputs()).graph_break_count == 0   # pool_weight flows through the op
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="lincomp", options={"inductor": False})
+        assert rel_err(compiled(**_inputs()).sample, out) < 1e-6
+    torch._dynamo.reset()
 
 
 def test_distill_trains_pool_weight_with_clear_loss(flux):

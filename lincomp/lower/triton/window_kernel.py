@@ -71,7 +71,7 @@ class WindowKernel(Kernel):
             kp, vp = pooled_kv(self.spec, call.k, call.v, call.pool_weight)
             o, saved = merge_pooled(o, lse, call.q, kp, vp, self.spec.prefix, call.scale), None
         if not torch.compiler.is_compiling():   # bookkeeping only; nothing for a traced graph
-            self.config = last_configs(self.spec, call.q, call.v, self._options)
+            self.config = last_configs(window_only(self.spec), call.q, call.v, self._options)
         return o, saved
 
     def saved_like(self, q, k, v, **tensors) -> list:
@@ -91,7 +91,7 @@ class WindowKernel(Kernel):
     def tune(self, q, k, v, *, force: bool = False, progress=True, db=None, **tensors) -> list:
         """Kernel-interface tuning (``lincomp.tune``): forward and backward configs for these inputs."""
         inputs = {"q": q, "k": k, "v": v, "sink_logits": tensors.get("sink_logits")}
-        res = tune_window(self.spec, inputs=inputs, db=db, force=force, progress=progress)
+        res = tune_window(window_only(self.spec), inputs=inputs, db=db, force=force, progress=progress)
         return [res[kern] for kern in KERNELS if kern in res]
 
 
