@@ -84,8 +84,8 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- hypothesis
 def spec_strategy(*, windows=("1d", "terraced", "2d", "3d", None), linear=True, hybrids=True,
-                  sinks=True, max_prefix: int = 5, max_grid: int = 6):
-    """A hypothesis strategy of valid AttentionSpecs covering every variant."""
+                  sinks=True, max_prefix: int = 5, max_grid: int = 6, shapes=("circle", "square", "tile")):
+    """A hypothesis strategy of valid AttentionSpecs covering every variant (``shapes``: of 2d / 3d windows)."""
     from hypothesis import strategies as st
 
     @st.composite
@@ -100,7 +100,7 @@ def spec_strategy(*, windows=("1d", "terraced", "2d", "3d", None), linear=True, 
         elif kind in ("2d", "3d"):
             n = 2 if kind == "2d" else 3
             most = max_grid if n == 2 else 3
-            shape = draw(st.sampled_from(["circle", "square", "tile"]))
+            shape = draw(st.sampled_from(list(shapes)))
             if shape == "tile":   # tiles dividing the grid, an odd kernel of at most the number of tiles
                 tile = [draw(st.integers(1, min(3, most))) for _ in range(n)]
                 count = [draw(st.integers(1, max(1, most // t))) for t in tile]

@@ -196,6 +196,13 @@ def _task_spec(spec: AttentionSpec, keys: Box) -> AttentionSpec:
 @functools.lru_cache(maxsize=256)
 def global_plan(spec: AttentionSpec, layout: Layout, overlap: bool) -> GlobalPlan:
     """Every rank's tasks, halo boxes and state checkpoints (identical on every rank: no communication)."""
+    w = spec.window
+    if isinstance(w, GridWindow) and w.shape == "tile":
+        # Each rank computes its rows on a sub-grid, which needs a window that only depends on coordinate
+        # differences; a sliding tile's window depends on where its tile sits (it shifts at borders).
+        raise ValueError("lincomp.distributed splits windows that are the same at every grid position; "
+                         "window.shape 'tile' shifts at the grid borders: run it on one device "
+                         "(lincomp.compile) or use shape 'square' / 'circle'")
     parts = branches(spec)
     shape = layout.shape
     need_state = parts.fused and spec.linear is not None

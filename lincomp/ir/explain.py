@@ -1,6 +1,8 @@
 """``lincomp explain SPEC --length L``: what lincomp does with a spec at a length, and what it saves.
 
-Prints the canonical IR, the rewrites applied, the plan (algorithm per branch, block plan density, full-tile
+Prints what ``lincomp.compile`` builds from the same ``lincomp.ir.lower(spec)``: the window rule, its reach,
+the tensors a call takes, the algorithm and the kernels each target launches; then the canonical IR, the
+rewrites applied, the plan (algorithm per branch, block plan density, full-tile
 fraction, visited-pair efficiency of lincomp's tiled order vs FlexAttention-style row-major 128-token
 blocks) and FLOPs / bytes against dense attention. SPEC is a JSON file, a JSON string or a preset name
 (``clear-r8``, ``lizard``, ... ; ``clear-rN`` for any radius N). Grid specs fix their length; ``--grid``

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
+
 from lincomp.spec import AttentionSpec, GridWindow, TerracedWindow, Window1D
 
 # Infix spelling, and precedence (higher binds tighter) in Python / Triton, where comparisons bind looser
@@ -139,13 +141,6 @@ def all_of(terms: List[Expr]) -> Expr:
     return out
 
 
-def any_of(terms: List[Expr]) -> Expr:
-    out = const(False)
-    for t in terms:
-        out = out | t
-    return out
-
-
 I, J = var("i"), var("j")   # query / key token index (original order, prefix included)
 
 
@@ -256,8 +251,6 @@ def describe(spec: AttentionSpec) -> str:
 # ================================================================================= torch printers
 def evaluate(expr: Expr, env: Dict[str, object]):
     """``expr`` on torch tensors (or ints): ``env`` maps "i" / "j" to (broadcastable) index tensors."""
-    import torch
-
     def ev(e: Expr):
         if e.op == "var":
             return env[e.args[0]]
@@ -282,7 +275,6 @@ def mask(spec: AttentionSpec, i, j):
     """Bool tensor: query ``i`` sees key ``j`` (broadcast index tensors; what FlexAttention calls)."""
     out = evaluate(visibility(spec), {"i": i, "j": j})
     if isinstance(out, bool):   # no window, not causal: every pair
-        import torch
         return torch.full(torch.broadcast_shapes(i.shape, j.shape), out, dtype=torch.bool, device=i.device)
     return out
 
@@ -328,14 +320,7 @@ def tvm_expr(expr: Expr, env: Dict[str, str]) -> str:
             return f"{_CALLS_TVM[e.op]}({', '.join(a)})"
         return _infix(e, a, _PREC_TVM, _SPELL_TVM)
 
-    return pr(_unlabel(expr))
-
-
-def _unlabel(e: Expr) -> Expr:
-    """The same tree without labels (one-expression printers inline every subexpression)."""
-    if e.op in ("var", "const"):
-        return e
-    return Expr(e.op, tuple(_unlabel(a) for a in e.args))
+    return pr(expr)
 
 
 def triton_lines(expr: Expr, env: Dict[str, str], broadcast: Optional[Dict[str, str]] = None,

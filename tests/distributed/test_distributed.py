@@ -65,7 +65,8 @@ def _random_cases(world: int, count: int) -> list:
     pool = {}
 
     @settings(max_examples=20 * count, derandomize=True, database=None)
-    @given(spec=spec_strategy(max_prefix=3), seed=st.integers(0, 10**6), flags=st.booleans())
+    @given(spec=spec_strategy(max_prefix=3, shapes=("circle", "square")), seed=st.integers(0, 10**6),
+           flags=st.booleans())
     def collect(spec, seed, flags):
         if spec.combine == "shared" and not spec.causal:
             return

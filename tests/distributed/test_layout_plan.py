@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from lincomp import presets
 from lincomp.distributed import Layout, global_plan, shard, unshard
 from lincomp.distributed.layout import box_shape, box_size, flat_index
 from lincomp.distributed.plan import key_box
@@ -91,7 +92,8 @@ def _simulate(spec, layout, overlap, x):
     return unshard(pieces, layout)
 
 
-@given(spec=spec_strategy(windows=("1d", "terraced", "2d", "3d"), linear=False, hybrids=False),
+@given(spec=spec_strategy(windows=("1d", "terraced", "2d", "3d"), linear=False, hybrids=False,
+                          shapes=("circle", "square")),
        world=st.integers(1, 5), overlap=st.booleans(), seed=st.integers(0, 99))
 def test_local_compute_trick_matches_whole_sequence(spec, world, overlap, seed):
     """Translation invariance + halo width: rows computed on their key box equal the global rows."""
@@ -112,3 +114,10 @@ def test_local_compute_trick_matches_whole_sequence(spec, world, overlap, seed):
     ref = reference(spec, **x)[:, :, spec.prefix:]
     got = _simulate(spec, layout, overlap, x)[:, :, spec.prefix:]
     assert rel_err(got, ref) <= 1e-5
+
+
+def test_sliding_tiles_are_not_split():
+    """A sliding tile shifts at the grid borders: a rank's sub-grid would see another window; say so."""
+    spec = presets.sta(grid=(4, 8, 8), tile=(1, 4, 4), kernel=(3, 1, 1))
+    with pytest.raises(ValueError, match="window.shape 'tile'"):
+        global_plan(spec, Layout.for_spec(spec, 2), overlap=False)

@@ -154,6 +154,7 @@ def test_aligned_tile_plan_has_no_mixed_block():
     L = spec.expected_length()
     assert window_tile(spec.window, 32) == (2, 4, 4)
     bp = block_plan(spec, L, 32)
+    assert lower(spec).block_plan(L, 32) is bp   # the length-dependent plan hangs off the Lowered (cached)
     assert bp.full_fraction == 1.0   # every visited tile pair is all-visible
     m = window_mask(spec, L)
     tok = bp.q_tokens.long()

@@ -269,7 +269,7 @@ def test_generated_source_is_the_spec():
     """One module per spec: the window rule, feature map and flags appear as generated code."""
     spec = presets.lizard(window=128, sinks=4, feature_dim=64)
     src = compile_linear(spec).source
-    assert "rule = (jp >= ip - 127) & (jp <= ip + 0)" in src
+    assert "vis = (d <= 127) & (d >= 0)" in src   # the IR's rule: i - 127 <= j <= i, causal folded in
     assert "tl.exp(proj)" in src and "COMBINE = tl.constexpr(1)" in src and "SINKS = tl.constexpr(4)" in src
     assert "def linear_fwd(" in src and "def linear_bwd_dq(" in src and "def linear_bwd_dkv(" in src
     grid = AttentionSpec.from_dict({"window": {"kind": "2d", "grid": [8, 8], "radius": 3, "shape": "circle"},

@@ -17,6 +17,8 @@ SPECS = {
     "terraced+prefix": AttentionSpec(window={"kind": "terraced", "block": 3}, causal=True, prefix=2),
     "2d-circle+prefix": AttentionSpec(window={"kind": "2d", "grid": [4, 5], "radius": 2, "shape": "circle"},
                                       causal=True, prefix=2),
+    "2d-tile+prefix": AttentionSpec(window={"kind": "2d", "grid": [4, 6], "shape": "tile", "tile": [2, 2],
+                                            "kernel": [1, 3]}, causal=True, prefix=2),
     "dense-causal": AttentionSpec(causal=True),
     "gla-vector": presets.gla("vector"),
     "linear-elu1-scalar": AttentionSpec(causal=True, linear={"feature_map": "elu1", "gate": "scalar",

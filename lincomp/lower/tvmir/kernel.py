@@ -33,6 +33,7 @@ import torch
 
 from lincomp.inputs import Call, bind, check_log_gate, check_window_gamma
 from lincomp.ir.blocks import aligned_block, block_plan, window_tile
+from lincomp.ir.lowered import require
 from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
 from lincomp.lower.tvmir import linear as _linear
@@ -155,6 +156,8 @@ class TVMKernel(Kernel):
 
     def __init__(self, spec, *, config: Optional[dict] = None, db=None, **hints):
         super().__init__(spec, source="", config=None)
+        if self.spec.linear is not None and self.spec.window is not None:   # the window kernel combines
+            require(self.lowered, "fused", "the TVM window kernel (hybrid epilogue)")
         self.hints = hints
         self._fixed = {p: dict(c) for p, c in (config or {}).items()}
         unknown = set(self._fixed) - set(PARTS)
