@@ -28,8 +28,8 @@ def _run(spec, x):
         return lincomp.compile(spec, target="tvm")(**x)
 
 
-@examples(10)
-@given(case=extreme_case(head_dims=(8, 16, 24, 256)))
+@examples(8)
+@given(case=extreme_case(head_dims=(8, 16, 256)))
 def test_extreme_values_match_reference(case):
     spec, x = case
     out, ref = _run(spec, x), reference(spec, **_double(x))
