@@ -12,7 +12,8 @@ def register(subparsers) -> None:
                     "tuning database (keyed by device name, spec, dtype and length bucket). A key already "
                     "stored costs no work; --force re-tunes.")
     p.add_argument("spec", help="a preset name (clear-r8, lizard, lolcats, gla-vector, ...) or a spec JSON file")
-    p.add_argument("--length", "-L", type=positive_int, action="append", help="sequence length (repeatable; default 4096)")
+    p.add_argument("--length", "-L", type=positive_int, action="append",
+                   help="sequence length (repeatable; default 4096)")
     p.add_argument("--target", default="auto", choices=["auto", "triton", "tvm"])
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--batch", type=positive_int, default=1)

@@ -98,7 +98,8 @@ def test_foreign_module_under_the_name_is_rebuilt(cache):
     assert b.how == "compiled"
     _times(b, 2.0)
     for suffix in ("", ".sig"):                                # module and signature: the key does not match
-        _damage(two.path.parent / (two.path.name + suffix), (three.path.parent / (three.path.name + suffix)).read_bytes())
+        theirs = three.path.parent / (three.path.name + suffix)
+        _damage(two.path.parent / (two.path.name + suffix), theirs.read_bytes())
     b = _build(2.0)
     assert b.how == "compiled" and b.path.read_bytes() != good or _sig_ok(b.path)
     _times(b, 2.0)

@@ -13,16 +13,8 @@ import lincomp  # noqa: E402
 from lincomp.reference import reference  # noqa: E402
 from lincomp.testing import case_tolerance, examples, extreme_case, random_inputs, rel_err  # noqa: E402
 
-pytestmark = pytest.mark.interpreter
+pytestmark = pytest.mark.interpreter   # tests/conftest.py sets TRITON_INTERPRET=1 on a CPU-only machine
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        if DEVICE == "cpu":
-            mp.setenv("TRITON_INTERPRET", "1")
-        yield
 
 
 def _double(x: dict) -> dict:
