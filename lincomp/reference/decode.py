@@ -86,7 +86,7 @@ class ReferenceDecoder:
             s = scale * torch.einsum("bhd,bhnd->bhn", q1, K)
             if spec.combine == "shared":
                 m = s.masked_fill(~vis, float("-inf")).amax(-1, keepdim=True)
-                p = (s - m).exp() * vis
+                p = (s.masked_fill(~vis, float("-inf")) - m).exp()   # masked first: no inf * 0
                 gamma = self._w("window_gamma")[None, :, None]
                 num = gamma * torch.einsum("bhn,bhnd->bhd", p, V)
                 den = gamma[..., 0] * p.sum(-1)

@@ -120,7 +120,8 @@ def _shared(call: Call, dtype, form: str) -> torch.Tensor:
     m = s.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True)
     # Not detached: m_i does not cancel here (the linear terms are not shifted by it).
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = (s - m).exp() * mask
+    # masked before exp: a hidden key scoring > 709 above the window's max would give inf * 0 = NaN
+    p = (s.masked_fill(~mask, float("-inf")) - m).exp()
     gamma = call.window_gamma.to(dtype)[None, :, None]
     fq, fk = _features(call, dtype)
     logg = log_gates(_cast(call.g, dtype), fk)

@@ -436,7 +436,7 @@ class TuningDB:
         """Store a result (replacing the same key) in the user folder; returns the stored Entry.
 
         Safe against concurrent writers: exclusive lock, re-read, merge, atomic rename. A corrupt file
-        is moved aside to ``<file>.corrupt-<time>``; a foreign one raises TuningDBError (not clobbered).
+        is moved aside to ``<file>.corrupt-<time>-<pid>-<ns>`` (unique); a foreign one raises TuningDBError.
         """
         dev = resolve_device_name(device)
         skey, sdict = spec_key(spec)

@@ -28,12 +28,13 @@ def _run(spec, x):
         return lincomp.compile(spec, target="tvm")(**x)
 
 
-@examples(10)
-@given(case=extreme_case(head_dims=(8, 16, 24, 256)))
+@examples(8)
+@given(case=extreme_case(head_dims=(8, 16, 256)))
 def test_extreme_values_match_reference(case):
     spec, x = case
     out, ref = _run(spec, x), reference(spec, **_double(x))
-    assert rel_err(out, ref) <= case_tolerance(spec, x), (spec, {k: v for k, v in x.items() if k in ("sink_logits", "window_gamma", "scale")})
+    extremes = {k: v for k, v in x.items() if k in ("sink_logits", "window_gamma", "scale")}
+    assert rel_err(out, ref) <= case_tolerance(spec, x), (spec, extremes)
 
 
 @pytest.mark.slow

@@ -29,6 +29,10 @@ INLINE_MAPS = ("identity", "elu1", "relu")
 # A chunk whose cumulative log-gate stays above this (every feature) factors exactly through its start:
 # 2^(-G_j log2 e) <= e^60 and 2^(G_i log2 e) >= e^-60 stay inside fp32's normal range.
 FACTOR_LIMIT = -60.0
+# A log-gate below this is a full reset: e^-40 = 4e-18 is far under fp32's resolution (6e-8), so flooring a
+# gate here changes no output bit that matters, while a -1e4 gate would make the fp32 cumulative sums of a
+# chunk so large that their differences (the decays between later tokens) lose 3 digits (issue 19).
+GATE_FLOOR = -40.0
 
 
 @dataclass(frozen=True)
@@ -282,12 +286,15 @@ def _emit_gates(s, k: _Ctx) -> None:
     small[0] = 1 when every feature decays by less than e^60 inside the chunk (the factored path is exact)."""
     C, gate, Fg = k.C, k.gate, k.Fg
     gt = (lambda r: f"g[b, h, {r}, f]") if gate == "vector" else (lambda r: f"g[b, h, {r}]")
-    s("# cumulative log-gates inside the chunk (fp32 is exact enough over one chunk)")
+    floor = f"T.float32({GATE_FLOOR})"
+    gc = lambda r: f"T.max({gt(r)}, {floor})"  # noqa: E731
+    s(f"# cumulative log-gates inside the chunk; each gate floored at {GATE_FLOOR} (a full reset to fp32")
+    s("# resolution) so the sums stay small enough for their differences to be exact in fp32")
     with s.block(f"for f in T.vectorized({Fg}):"):
-        s(f"Gc[0, f] = {gt('c0')}")
+        s(f"Gc[0, f] = {gc('c0')}")
     with s.block(f"for r in range(1, {C}):"):
         with s.block(f"for f in T.vectorized({Fg}):"):
-            s(f"Gc[r, f] = Gc[r - 1, f] + T.if_then_else(c0 + r < L, {gt('T.min(c0 + r, L - 1)')}, T.float32(0))")
+            s(f"Gc[r, f] = Gc[r - 1, f] + T.if_then_else(c0 + r < L, {gc('T.min(c0 + r, L - 1)')}, T.float32(0))")
     with s.block(f"for f in T.vectorized({Fg}):"):
         s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {L2E}')}")
     s("# the largest log-gate (+inf for NaN / Inf); rows past L repeat row L - 1")
