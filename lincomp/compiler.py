@@ -29,6 +29,21 @@ class AutoKernel(Kernel):
         super().__init__(spec)
         self.hints = hints
         self._kernels = {}
+        self._last = None   # the kernel of the latest call: what ``config`` and ``chosen`` report
+
+    @property
+    def chosen(self):
+        """The concrete kernel (Triton / TVM / reference) of the latest call; None before the first call."""
+        return self._last
+
+    @property
+    def config(self):
+        """The latest call's kernel config (``{kernel name: {"source", "params", "key"}}``); {} before a call."""
+        return {} if self._last is None else self._last.config
+
+    @config.setter
+    def config(self, value):
+        pass
 
     def kernel_for(self, device) -> Kernel:
         target = "triton" if device.type == "cuda" else "tvm" if device.type == "cpu" else "reference"
@@ -49,7 +64,8 @@ class AutoKernel(Kernel):
         pass
 
     def forward(self, q, k, v, **kwargs):
-        return self.kernel_for(q.device)(q, k, v, **kwargs)
+        self._last = self.kernel_for(q.device)
+        return self._last(q, k, v, **kwargs)
 
 
 def compile(spec, target: str = "auto", **hints) -> Kernel:
