@@ -1,4 +1,4 @@
-"""Running one ``lincomp`` subcommand module on its own (``python -m lincomp.ir.explain ...``).
+"""Running one ``lincomp`` subcommand module on its own (``python -m lincomp.explain ...``).
 
 A bottom-layer helper, so subcommand modules in any layer can use it without importing ``lincomp.cli``
 (which imports every subcommand).

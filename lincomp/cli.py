@@ -14,7 +14,7 @@ from lincomp._cliutil import positive_int, run_standalone, user_error  # noqa: F
 
 # name -> (module with register(subparsers), one-line help)
 _SUBCOMMANDS = {
-    "explain": ("lincomp.ir.explain", "print a spec's IR, plan, FLOPs and bytes against dense attention"),
+    "explain": ("lincomp.explain", "print a spec's IR, plan, FLOPs and bytes against dense attention"),
     "tune": ("lincomp.autotune", "autotune a spec's kernels on this device into the tuning database"),
     "db": ("lincomp.tuning.cli", "show or validate the tuning database"),
     "distill": ("lincomp.models.distill_cli", "linearise a model and distil it against the original"),

@@ -6,7 +6,7 @@
 - :mod:`lincomp.ir.passes`: ``verify``, ``canonicalise``, ``plan``, ``lower_to_plan(spec, L, **hints) -> Plan``.
 - :mod:`lincomp.ir.cost`: exact visible-pair counts, FLOP / byte estimates, block-plan efficiency.
 - :mod:`lincomp.ir.blocks`: the block-sparse tile plan of a window.
-- :mod:`lincomp.ir.explain`: the ``lincomp explain`` command.
+- :mod:`lincomp.ir.explain`: what ``lincomp explain`` prints (its command line: :mod:`lincomp.explain`).
 
 Names load on first use, so ``from lincomp.ir.blocks import block_plan`` does not import networkx.
 """

@@ -11,22 +11,19 @@ tokens + 512 text tokens):
 
     lincomp explain clear-r8 --grid 512x512      # -> 99.54% fewer attention FLOPs
 
-``register(subparsers)`` adds the command to the main parser; ``main(argv)`` runs it standalone
-(``python -m lincomp.ir.explain clear-r8 --grid 64x64``).
+The command line lives in :mod:`lincomp.explain` (it also asks the tuning database which configs the
+kernels get on this device, which this IR-level module may not import).
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import re
-import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 from lincomp import presets
-from lincomp._cliutil import positive_int
 from lincomp.spec import AttentionSpec, GridWindow
 
 FLEX_BLOCK = 128   # FlexAttention's default block size (row-major tokens)
@@ -132,58 +129,3 @@ def explain(spec, L: int, *, block: Optional[int] = None, heads: int = 1, dim: i
              f"summary: {savings_text(plan.cost)} (planned in {plan_s:.3f} s)"]
     info["text"] = "\n".join(lines)
     return info
-
-
-def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Add ``explain`` to an argparse subparsers object; returns its parser (``func(args) -> exit code``)."""
-    p = subparsers.add_parser("explain", help="show the IR, plan and FLOPs of a spec at a length",
-                              description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", metavar="SPEC", help="a JSON file, a JSON string, or a preset: "
-                   + ", ".join([*presets.PAPER_SPECS, "clear-rN", "clear-rN-dfF"]))
-    p.add_argument("--length", "-L", type=positive_int, action="append", default=[], metavar="L",
-                   help="sequence length (repeat for several); grid specs fix it")
-    p.add_argument("--grid", type=parse_grid, action="append", default=[], metavar="HxW",
-                   help="grid for a 2d / 3d spec, e.g. 512x512 (FLUX at 8192^2 px); repeat for several")
-    p.add_argument("--prefix", type=int, help="override the spec's prefix (text) tokens")
-    p.add_argument("--block", type=positive_int, default=None,
-                   help="tile size in tokens (default 64; sliding tiles: the largest block inside a tile)")
-    p.add_argument("--heads", type=positive_int, default=1, help="query heads H for FLOPs / bytes (default 1)")
-    p.add_argument("--kv-heads", type=positive_int, help="key/value heads (default: H)")
-    p.add_argument("--dim", type=positive_int, default=64, help="head dim D (default 64)")
-    p.add_argument("--batch", type=positive_int, default=1, help="batch B (default 1)")
-    p.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per element (default 2: bf16 / fp16)")
-    p.add_argument("--no-ir", action="store_true", help="leave out the IR dump")
-    p.add_argument("--json", action="store_true", help="print JSON (numbers only) instead of text")
-    p.set_defaults(func=cmd_explain)
-    return p
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    try:
-        spec = load_spec(args.spec)
-        if args.prefix is not None:
-            from dataclasses import replace
-            spec = replace(spec, prefix=args.prefix)
-        cases = _cases(spec, args.length, args.grid)
-        results = [explain(s, L, block=args.block, heads=args.heads, dim=args.dim, batch=args.batch,
-                           kv_heads=args.kv_heads, dtype_bytes=args.dtype_bytes, ir=not args.no_ir)
-                   for s, L in cases]
-    except (ValueError, TypeError, OSError) as e:
-        print(f"lincomp explain: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "text"} for r in results], indent=2))
-    else:
-        print("\n\n".join(r["text"] for r in results))
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``explain`` standalone; returns the exit code (a leading "explain" may be left out)."""
-    from lincomp._cliutil import run_standalone
-    return run_standalone("explain", register, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

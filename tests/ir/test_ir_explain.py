@@ -7,7 +7,8 @@ import pytest
 
 from lincomp import presets
 from lincomp.ir import cost
-from lincomp.ir.explain import load_spec, main, register
+from lincomp.explain import main, register
+from lincomp.ir.explain import load_spec
 from lincomp.ir.passes import lower_to_plan
 
 
@@ -77,3 +78,23 @@ def test_register_and_load_spec():
     assert load_spec("clear-r5").window.radius == 5
     assert load_spec("swa-128") == presets.sliding_window(128)
     assert cost.count_visible_pairs(load_spec("clear-r8"), 4608) > 0
+
+
+def test_explain_configs_are_what_a_call_gets():
+    """explain's config lines come from the same chooser a TVM call uses: equal to kernel.config after it."""
+    pytest.importorskip("tvm")
+    import torch
+
+    import lincomp
+    from lincomp.explain import configs_text
+    from lincomp.testing import random_inputs
+
+    spec = lincomp.presets.lizard(window=8, sinks=2, feature_dim=4, chunk_size=16)
+    kernel = lincomp.compile(spec, target="tvm")
+    preview = kernel.preview_configs(H=2, D=16, L=64)
+    with torch.no_grad():
+        kernel(**random_inputs(spec, H=2, L=64, D=16, feature_dim=4))
+    assert {k: v["params"] for k, v in kernel.config.items()} == {k: v["params"] for k, v in preview.items()}
+    text = configs_text(spec, 64, heads=2, dim=16)
+    for name, c in preview.items():
+        assert f"tvm {name} on " in text and c["source"] in text

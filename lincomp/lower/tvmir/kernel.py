@@ -183,13 +183,21 @@ class TVMKernel(Kernel):
     def source(self, value):  # the base class assigns it; the real source is generated per call
         pass
 
-    def preview_source(self, H: int = 1, D: int = 64, L: int = 4096) -> str:
-        """The generated TVMScript for H heads of dim D (regenerated per call's sizes)."""
-        spec = self.spec
-        lin = spec.linear
+    def _preview_sizes(self, H: int, D: int) -> Sizes:
+        lin = self.spec.linear
         E = (lin.feature_dim or D) if (lin is not None and lin.has_weights) else None
         F = None if lin is None else (2 * E if E else D)
-        sizes = Sizes(H, H, D, D, F, E, None if lin is None else H)
+        return Sizes(H, H, D, D, F, E, None if lin is None else H)
+
+    def preview_configs(self, H: int = 1, D: int = 64, L: int = 4096) -> dict:
+        """{kernel name: kernel.config entry} a call with H heads of dim D at length L would use on this CPU
+        (the same chooser as a call; nothing is compiled or timed)."""
+        choices = self._choices_for(self._preview_sizes(H, D), L)
+        return {KERNEL_NAMES[part]: c.as_dict() for part, c in choices.items()}
+
+    def preview_source(self, H: int = 1, D: int = 64, L: int = 4096) -> str:
+        """The generated TVMScript for H heads of dim D (regenerated per call's sizes)."""
+        sizes = self._preview_sizes(H, D)
         texts = [f"# preview for H={H}, D={D} (each call compiles for its own sizes)"]
         for part, funcs in self._part_sources(sizes, self._configs_for(sizes, L), False, False).items():
             texts.append(_build.full_source(funcs))
