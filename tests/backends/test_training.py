@@ -100,18 +100,25 @@ def test_triton_forward_runs_once_under_aot_autograd(monkeypatch):
     _check_grads(spec, leaves, o, grads)
 
 
-def test_reference_path_runs_the_reference_once_in_the_forward(monkeypatch):
-    """The reference has no backward kernels: the forward runs it once and saves nothing; the backward op
-    differentiates it with torch.func.vjp (its one extra evaluation lives inside the backward op)."""
+@pytest.mark.parametrize("target", ["reference", "tvm"])
+def test_kernels_without_backward_run_one_forward(monkeypatch, target):
+    """TVM and the reference have no backward kernels: with inputs that require grad the op differentiates
+    the reference itself, once; neither the kernel nor a second reference evaluation runs."""
+    if target == "tvm":
+        pytest.importorskip("tvm")
     import lincomp.runtime.kernel as K
     spec = TRITON_SPECS["lizard"]
-    fwd, bwd = Counter(monkeypatch, K, "reference"), Counter(monkeypatch, ops, "reference")
+    direct, inner = Counter(monkeypatch, ops, "reference"), Counter(monkeypatch, K, "reference")
+    launched = Counter(monkeypatch, ops.torch.ops.lincomp, "attention_forward")
     leaves = _leaves(spec, seed=2)
-    o = _attention(spec, leaves, "reference")
-    assert (fwd.calls, bwd.calls) == (1, 0)
+    o = _attention(spec, leaves, target)
+    assert (direct.calls, inner.calls, launched.calls) == (1, 0, 0)
     grads = torch.autograd.grad(o.sum(), list(leaves.values()))
-    assert (fwd.calls, bwd.calls) == (1, 1)
+    assert (direct.calls, inner.calls, launched.calls) == (1, 0, 0), "the backward evaluated the forward again"
     _check_grads(spec, leaves, o.detach(), grads)
+    with torch.no_grad():   # inference stays on the kernel
+        _attention(spec, {n: t.detach() for n, t in leaves.items()}, target)
+    assert launched.calls == 1
 
 
 def test_no_private_torch_api_in_the_ops():
