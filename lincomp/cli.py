@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lincomp",
         description="Compile declared attention variants (local windows, gated linear attention, hybrids) "
                     "to generated Triton (GPU) and TVM (CPU) kernels.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _SUBCOMMANDS.items():
         try:
@@ -51,7 +52,39 @@ def run_standalone(name: str, register, argv=None, implied=None) -> int:
     parser = argparse.ArgumentParser(prog="lincomp")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return _run(args)
+
+
+def _version() -> str:
+    from lincomp import __version__
+    return f"lincomp {__version__} (python {sys.version.split()[0]})"
+
+
+# Exceptions that mean "the input was wrong" (the project's contract: bad input raises ValueError / TypeError
+# naming the field and the fix); anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _run(args) -> int:
+    """Run a parsed subcommand; a user error prints ``lincomp CMD: error: MESSAGE`` and returns 2 (no traceback;
+    ``LINCOMP_DEBUG=1`` re-raises it)."""
+    import os
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("LINCOMP_DEBUG"):
+            raise
+        message = str(e) or type(e).__name__
+    except SystemExit as e:   # raise SystemExit("message") is a user error too (argparse's own exits pass)
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    name = " ".join(w for w in (getattr(args, "command", None), getattr(args, "recipe", None),
+                                getattr(args, "db_command", None)) if w)
+    if not message.startswith("lincomp "):   # some messages already name the command
+        message = f"lincomp {name}: error: {message}"
+    print(message, file=sys.stderr)
+    return 2
 
 
 def _unavailable(name: str, error: Exception) -> int:
@@ -65,8 +98,7 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None) or not hasattr(args, "func"):
         parser.print_help()
         return 0 if not getattr(args, "command", None) else 2
-    result = args.func(args)
-    return int(result or 0)
+    return _run(args)
 
 
 if __name__ == "__main__":
