@@ -48,7 +48,7 @@ class AutoKernel(Kernel):
         pass
 
     def forward(self, q, k, v, **kwargs):
-        return self.kernel_for(q.device)(q, k, v, **kwargs)
+        return self.kernel_for(q.device)(q, k, v, layout="bhld", **kwargs)
 
 
 def compile(spec, target: str = "auto", **hints) -> Kernel:

@@ -31,11 +31,17 @@ def _cast(t, dtype):
 
 def reference(spec, q, k, v, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
               return_state: bool = False, form: str = "quadratic", compute_dtype: Optional[torch.dtype] = None,
-              **tensors):
+              layout: Optional[str] = None, **tensors):
     """o [B, H, L, Dv] in q's dtype (and ``(S_L, z_L)`` with ``return_state``).
 
-    Accumulates in fp32, or fp64 when q is fp64 (or ``compute_dtype`` says so).
+    Accumulates in fp32, or fp64 when q is fp64 (or ``compute_dtype`` says so). ``layout="blhd"``: q / k / v / g /
+    o in ``[B, L, H, D]`` order instead (see ``lincomp.layout``).
     """
+    if layout != "bhld":
+        from lincomp.layout import call_in_layout
+        return call_in_layout(lambda q, k, v, **kw: reference(spec, q, k, v, **kw), layout, q, k, v,
+                              dict(scale=scale, linear_scale=linear_scale, return_state=return_state, form=form,
+                                   compute_dtype=compute_dtype, **tensors))
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     call = bind(spec, q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state, **tensors)

@@ -41,13 +41,16 @@ class Kernel:
         """
         return []
 
-    def __call__(self, q, k, v, **kwargs):
+    def __call__(self, q, k, v, *, layout: Optional[str] = None, **kwargs):
+        if layout != "bhld":   # [B, L, H, D] tensors, or a check that [B, H, L, D] ones are not those (lincomp.layout)
+            from lincomp.layout import call_in_layout
+            return call_in_layout(self.__call__, layout, q, k, v, kwargs)
         try:
             return self.forward(q, k, v, **kwargs)
         except Unsupported as why:
             warn_fallback(self.target, why)
             from lincomp.reference import reference
-            return reference(self.spec, q, k, v, **kwargs)
+            return reference(self.spec, q, k, v, layout="bhld", **kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target={self.target!r}, spec={self.spec!r}, config={self.config})"
@@ -69,4 +72,4 @@ class ReferenceKernel(Kernel):
 
     def forward(self, q, k, v, **kwargs):
         from lincomp.reference import reference
-        return reference(self.spec, q, k, v, **kwargs)
+        return reference(self.spec, q, k, v, layout="bhld", **kwargs)
