@@ -4,7 +4,10 @@ their attention through ``torch.ops.lincomp.attention``, through the libraries' 
 - transformers (Llama-family decoders, BERT-family encoders such as all-MiniLM-L6-v2, and any model whose
   attention modules dispatch through ``ALL_ATTENTION_FUNCTIONS``): registers the attention function and
   mask function ``"lincomp"`` (``AttentionInterface`` / ``AttentionMaskInterface``) and sets the model's
-  attention implementation to it. Padding reaches lincomp as a ``[B, L]`` key-padding mask. Gated specs
+  attention implementation to it. Padding reaches lincomp as a ``[B, L]`` key-padding mask (an all-ones one, as
+  every ``tokenizer(...)`` call gives, is dropped so the kernels keep running). The specs are recorded in the
+  model config, so ``save_pretrained`` / ``from_pretrained`` round-trip (``lincomp.models.hf``), and
+  ``model.generate()`` of a causal LM uses a constant-memory ``LincompCache`` (``lincomp.models.cache``). Gated specs
   get the attention input hidden states through a forward pre-hook (a keyword argument). The spec sees q / k
   after the model's RoPE (as LoLCATs does).
 - diffusers Flux (``FluxTransformer2DModel``): a lincomp attention processor on every ``FluxAttention``.
