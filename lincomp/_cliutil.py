@@ -7,6 +7,7 @@ A bottom-layer helper, so subcommand modules in any layer can use it without imp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -21,7 +22,7 @@ def run_standalone(name: str, register, argv=None, implied=None) -> int:
     parser = argparse.ArgumentParser(prog="lincomp")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args)
 
 
 def positive_int(text: str) -> int:
@@ -38,4 +39,30 @@ def positive_int(text: str) -> int:
 def user_error(command: str, error: Exception) -> int:
     """Report a user's mistake (a bad spec, size or option) in one line on stderr; exit status 2."""
     print(f"lincomp {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+# Exceptions that mean "the input was wrong" (the project's contract: bad input raises ValueError / TypeError
+# naming the field and the fix); anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def run_command(args) -> int:
+    """Run a parsed subcommand; a user error prints ``lincomp CMD: error: MESSAGE`` and returns 2 (no traceback;
+    ``LINCOMP_DEBUG=1`` re-raises it)."""
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("LINCOMP_DEBUG"):
+            raise
+        message = str(e) or type(e).__name__
+    except SystemExit as e:   # raise SystemExit("message") is a user error too (argparse's own exits pass)
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    name = " ".join(w for w in (getattr(args, "command", None), getattr(args, "recipe", None),
+                                getattr(args, "db_command", None)) if w)
+    if not message.startswith("lincomp "):   # some messages already name the command
+        message = f"lincomp {name}: error: {message}"
+    print(message, file=sys.stderr)
     return 2

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from lincomp._cliutil import positive_int, run_standalone, user_error  # noqa: F401  (shared by subcommand modules)
+from lincomp._cliutil import positive_int, run_command, run_standalone, user_error  # noqa: F401  (shared)
 
 # name -> (module with register(subparsers), one-line help)
 _SUBCOMMANDS = {
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lincomp",
         description="Compile declared attention variants (local windows, gated linear attention, hybrids) "
                     "to generated Triton (GPU) and TVM (CPU) kernels.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _SUBCOMMANDS.items():
         try:
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from lincomp import __version__
+    return f"lincomp {__version__} (python {sys.version.split()[0]})"
+
+
 def _unavailable(name: str, error: Exception) -> int:
     print(f"lincomp {name}: unavailable here ({error}); install the missing package and retry", file=sys.stderr)
     return 2
@@ -53,8 +59,7 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None) or not hasattr(args, "func"):
         parser.print_help()
         return 0 if not getattr(args, "command", None) else 2
-    result = args.func(args)
-    return int(result or 0)
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ class AutoKernel(Kernel):
 
     def forward(self, q, k, v, **kwargs):
         self._last = self.kernel_for(q.device)
-        return self._last(q, k, v, **kwargs)
+        return self._last(q, k, v, layout="bhld", **kwargs)
 
 
 def compile(spec, target: str = "auto", **hints) -> Kernel:

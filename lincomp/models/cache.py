@@ -159,6 +159,8 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
 def install_generate(model: nn.Module) -> None:
     """Make ``model.generate()`` use a LincompCache (a bound method on this model only; survives deepcopy)."""
     import types
+    if not (callable(getattr(model, "can_generate", None)) and model.can_generate()):
+        return
     if hasattr(type(model), "_prepare_cache_for_generation"):
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
 

@@ -428,7 +428,18 @@ def _option(group, flag: str, defaults: dict, help: str, *, key: str = "", type=
     """``--flag`` with the recipe's default (``defaults[key]``, key: the flag's name by default), shown in its
     help as "(default X<note>)"."""
     value = defaults[key or flag.lstrip("-").replace("-", "_")]
-    group.add_argument(flag, type=type, default=value, help=f"{help} (default {value}{note})")
+    group.add_argument(flag, type=_at_least(type), default=value, help=f"{help} (default {value}{note})")
+
+
+def _at_least(kind):
+    """argparse type: an int >= 0 (counts, sizes, seeds) or a float > 0 (learning rates); else a usage error."""
+    def parse(text: str):
+        value = kind(text)
+        if value < 0 or (kind is float and value == 0):
+            raise argparse.ArgumentTypeError(f"{text} must be {'> 0' if kind is float else '>= 0'}")
+        return value
+    parse.__name__ = kind.__name__     # argparse names the type in "invalid int value" messages
+    return parse
 
 
 def _common(p: argparse.ArgumentParser, d: dict) -> None:

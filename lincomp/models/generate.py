@@ -1,11 +1,10 @@
 """Constant-memory generation for linearised causal models: ``lincomp.models.generate``.
 
-A simple greedy loop rather than a transformers ``Cache``: transformers' Cache API hands attention the *whole*
-key/value history (``cache.update`` returns it), which is what a bounded-memory decoder must not keep. Instead,
-every linearised layer holds a decoder of its target (``TritonDecoder`` on CUDA, ``TVMDecoder`` on the CPU,
-``ReferenceDecoder`` for target="reference"; one interface, ``step(q_t, k_t, v_t, g_t)``) carrying the
-linear state ``(S, z)`` plus the window's last keys; the
-model runs with ``use_cache=False`` and explicit ``position_ids``, so RoPE and the attention function see the
+A simple greedy loop that needs no transformers ``Cache`` (``model.generate()`` with sampling, streamers and
+padding goes through ``lincomp.models.cache.LincompCache``, which holds the same decoders). Every linearised
+layer holds a decoder of its target (``TritonDecoder`` on CUDA, ``TVMDecoder`` on the CPU, ``ReferenceDecoder``
+for target="reference"; one interface, ``step(q_t, k_t, v_t, g_t)``) carrying the linear state ``(S, z)`` plus
+the window's last keys; the model runs with ``use_cache=False`` and explicit ``position_ids``, so RoPE and the attention function see the
 true positions. The prompt is fed once (each layer steps its decoder through it token by token); every new
 token is one forward of length 1. The cache holds ``O(window + prefix)`` tokens per layer, whatever the context.
 """

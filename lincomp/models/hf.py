@@ -77,10 +77,13 @@ class LincompQuantizer(HfQuantizer):
         pass
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from lincomp.models.linearize import linearize
+        from lincomp.models.cache import install_generate
+        from lincomp.models.linearize import linearize_layers
         qc = self.quantization_config
         model.config._attn_implementation = qc.teacher   # config.json says "lincomp"; linearize wants the teacher
-        linearize(model, dict(qc.specs), target=qc.target, fallback=qc.fallback)
+        register()
+        linearize_layers(model, dict(qc.specs), target=qc.target, fallback=qc.fallback)
+        install_generate(model)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -4,7 +4,10 @@ their attention through ``torch.ops.lincomp.attention``, through the libraries' 
 - transformers (Llama-family decoders, BERT-family encoders such as all-MiniLM-L6-v2, and any model whose
   attention modules dispatch through ``ALL_ATTENTION_FUNCTIONS``): registers the attention function and
   mask function ``"lincomp"`` (``AttentionInterface`` / ``AttentionMaskInterface``) and sets the model's
-  attention implementation to it. Padding reaches lincomp as a ``[B, L]`` key-padding mask. Gated specs
+  attention implementation to it. Padding reaches lincomp as a ``[B, L]`` key-padding mask (an all-ones one, as
+  every ``tokenizer(...)`` call gives, is dropped so the kernels keep running). The specs are recorded in the
+  model config, so ``save_pretrained`` / ``from_pretrained`` round-trip (``lincomp.models.hf``), and
+  ``model.generate()`` of a causal LM uses a constant-memory ``LincompCache`` (``lincomp.models.cache``). Gated specs
   get the attention input hidden states through a forward pre-hook (a keyword argument). The spec sees q / k
   after the model's RoPE (as LoLCATs does).
 - diffusers Flux (``FluxTransformer2DModel``): a lincomp attention processor on every ``FluxAttention``.
@@ -42,7 +45,7 @@ _SPEC_KEYS = ("window", "causal", "prefix", "sinks", "linear", "combine", "name"
 
 
 # ------------------------------------------------------------------------------------- families
-def _is_flux(model: nn.Module) -> bool:
+def is_flux(model: nn.Module) -> bool:
     return any(type(m).__name__ == "FluxAttention" for m in model.modules())
 
 
@@ -64,7 +67,7 @@ def _flux_attention_modules(model: nn.Module):
 
 def attention_modules(model: nn.Module) -> list:
     """The (name, module) pairs of the attention layers lincomp handles in ``model`` (stock or linearised)."""
-    return _flux_attention_modules(model) if _is_flux(model) else _transformers_attention_modules(model)
+    return _flux_attention_modules(model) if is_flux(model) else _transformers_attention_modules(model)
 
 
 def _head_sizes(m: nn.Module) -> tuple:
@@ -88,9 +91,10 @@ def _specs_for(spec, names) -> dict:
     return {n: s for n in names}
 
 
-def linearize(model: nn.Module, spec, *, target: str = "auto", fallback: str = "warn") -> nn.Module:
+def linearize_layers(model: nn.Module, spec, *, target: str = "auto", fallback: str = "warn") -> nn.Module:
     """Add the learned parts ``spec`` needs to every attention layer of ``model`` and route attention through
-    lincomp (in place; returns ``model``).
+    lincomp (in place; returns ``model``). ``lincomp.linearize`` (``models/api.py``) is this plus the
+    library hooks: transformers' registries, the config record for save/load, the generate() cache.
 
     ``spec``: an AttentionSpec / dict / JSON, or ``{module-name pattern: spec or None}`` (fnmatch; None or no
     match leaves a layer as it is). A causal model (Llama) makes the spec causal. ``target`` / ``fallback``: as
@@ -100,7 +104,7 @@ def linearize(model: nn.Module, spec, *, target: str = "auto", fallback: str = "
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     import lincomp.backends.ops  # noqa: F401  (registers torch.ops.lincomp.*)
-    flux = _is_flux(model)
+    flux = is_flux(model)
     sites = attention_modules(model)
     if not sites:
         raise ValueError(f"{type(model).__name__}: no attention layers lincomp can handle; supported are transformers "
@@ -135,11 +139,6 @@ def linearize(model: nn.Module, spec, *, target: str = "auto", fallback: str = "
             m.register_forward_pre_hook(_pass_hidden_states, with_kwargs=True)
     if not flux:
         _install_transformers(model)
-        from lincomp.models import hf
-        hf.record(model)      # config.json then says how to rebuild it (save_pretrained / from_pretrained)
-        if callable(getattr(model, "can_generate", None)) and model.can_generate():
-            from lincomp.models.cache import install_generate
-            install_generate(model)   # model.generate() then keeps a constant-memory LincompCache
     return model
 
 
@@ -158,7 +157,7 @@ def _check_teacher(model: nn.Module) -> None:
 
 
 def _install_transformers(model: nn.Module) -> None:
-    _register_transformers()
+    """Switch the model to the "lincomp" attention implementation (registered by ``models/hf.register``)."""
     cfg = model.config
     if cfg._attn_implementation != ATTN_NAME:
         for _, m in _transformers_attention_modules(model):
@@ -168,11 +167,6 @@ def _install_transformers(model: nn.Module) -> None:
             model.set_attn_implementation(ATTN_NAME)
         else:
             cfg._attn_implementation = ATTN_NAME
-
-
-def _register_transformers() -> None:
-    from lincomp.models.hf import register
-    register()
 
 
 def _pass_hidden_states(module, args, kwargs):
@@ -430,5 +424,5 @@ def _capture_hooks(name: str, m: nn.Module, put: Callable) -> list:
     return [m.register_forward_hook(lambda mod, args, out: put(name, out[0] if isinstance(out, tuple) else out))]
 
 
-__all__ = ["linearize", "learned_parameters", "set_attention_mode", "attention_mode", "capture_attention",
+__all__ = ["linearize_layers", "learned_parameters", "set_attention_mode", "attention_mode", "capture_attention",
            "attention_modules", "LincompFluxAttnProcessor", "lincomp_attention_forward", "lincomp_mask"]

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from lincomp.inputs import Call, bind
+from lincomp.layout import call_in_layout
 from lincomp.reference.features import feature_map
 from lincomp.reference.linear import (initial_state_terms, log_gates, linear_chunked, linear_quadratic,
                                       linear_recurrent, linear_scores, safe_divide)
@@ -32,12 +33,17 @@ def _cast(t, dtype):
 
 def reference(spec, q, k, v, *, scale: Optional[float] = None, linear_scale: Optional[float] = None,
               return_state: bool = False, form: str = "quadratic", compute_dtype: Optional[torch.dtype] = None,
-              cu_seqlens: Optional[torch.Tensor] = None, **tensors):
+              cu_seqlens: Optional[torch.Tensor] = None, layout: Optional[str] = None, **tensors):
     """o [B, H, L, Dv] in q's dtype (and ``(S_L, z_L)`` with ``return_state``).
 
     Accumulates in fp32, or fp64 when q is fp64 (or ``compute_dtype`` says so). ``cu_seqlens`` [N + 1]
     (B = 1): a packed row of N documents, each attended on its own; states then have a leading axis N.
+    ``layout="blhd"``: q / k / v / g / o in ``[B, L, H, D]`` order instead (see ``lincomp.layout``).
     """
+    if layout != "bhld":
+        return call_in_layout(lambda q, k, v, **kw: reference(spec, q, k, v, **kw), layout, q, k, v,
+                              dict(scale=scale, linear_scale=linear_scale, return_state=return_state, form=form,
+                                   compute_dtype=compute_dtype, cu_seqlens=cu_seqlens, **tensors))
     if cu_seqlens is not None:
         from lincomp.reference.varlen import reference_packed
         return reference_packed(reference, spec, q, k, v, cu_seqlens, scale=scale, linear_scale=linear_scale,

@@ -11,8 +11,9 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
-from lincomp.reference import reference
 from lincomp.ir.lowered import Lowered, lower
+from lincomp.layout import call_in_layout
+from lincomp.reference import reference
 from lincomp.spec import AttentionSpec
 
 
@@ -50,7 +51,9 @@ class Kernel:
         """
         return []
 
-    def __call__(self, q, k, v, *, cu_seqlens=None, **kwargs):
+    def __call__(self, q, k, v, *, layout: Optional[str] = None, cu_seqlens=None, **kwargs):
+        if layout != "bhld":   # [B, L, H, D] tensors, or a check that [B, H, L, D] ones are not those (lincomp.layout)
+            return call_in_layout(self.__call__, layout, q, k, v, dict(kwargs, cu_seqlens=cu_seqlens))
         if cu_seqlens is not None:   # a packed row: its documents, grouped by length, through _call
             from lincomp.runtime.varlen import run_packed
             return run_packed(self._call, self.spec, q, k, v, cu_seqlens, **kwargs)
@@ -62,7 +65,7 @@ class Kernel:
             return self.forward(q, k, v, **kwargs)
         except Unsupported as why:
             warn_fallback(self.target, why)
-            return reference(self.spec, q, k, v, **kwargs)
+            return reference(self.spec, q, k, v, layout="bhld", **kwargs)
 
     # -- training: the forward saves what the backward needs, so it runs once ------------------------
     def forward_saved(self, q, k, v, **kwargs) -> tuple:
@@ -108,4 +111,4 @@ class ReferenceKernel(Kernel):
         super().__init__(spec, source="# plain PyTorch: lincomp.reference.oracle", config={})
 
     def forward(self, q, k, v, **kwargs):
-        return reference(self.spec, q, k, v, **kwargs)
+        return reference(self.spec, q, k, v, layout="bhld", **kwargs)

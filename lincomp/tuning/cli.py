@@ -49,6 +49,9 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
 
 
 def _open_db(args: argparse.Namespace) -> TuningDB:
+    for flag, folder in (("--db", args.db), ("--shipped", None if args.no_shipped else args.shipped)):
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{flag} {folder}: no such folder (give an existing tuning database folder)")
     return TuningDB(args.db, shipped=None if args.no_shipped else args.shipped)
 
 

