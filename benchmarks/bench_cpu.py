@@ -248,7 +248,11 @@ class Bench:
 
     # -- CLEAR --------------------------------------------------------------------------------------
     def clear(self, radius: int = 8, grid=(64, 64), prefix: int = 64):
-        spec = presets.clear(radius, grid, text_tokens=prefix)
+        self.grid_window(presets.clear(radius, grid, text_tokens=prefix),
+                         f"clear r={radius} {grid[0]}x{grid[1]}+{prefix}")
+
+    def grid_window(self, spec, case: str, goal_flex: float = 2.0, goal_floor: float = 3.0):
+        """A 2D / 3D window (CLEAR's circle, sliding tiles, ...) against FlexAttention on the IR's mask_mod."""
         L = spec.expected_length()
         x = random_inputs(spec, B=B, H=H, D=D, seed=2)
         q, k, v = x["q"], x["k"], x["v"]
@@ -261,8 +265,8 @@ class Bench:
                  "SDPA dense (all pairs)": lambda: Fn.scaled_dot_product_attention(q, k, v)}
         notes = {"torch.compile(flex_attention)": f"row-major 128-blocks; block mask {built:.1f}s; "
                                                   f"rel diff vs ours {rel_err(ours[1], o_flex):.1e}"}
-        self.windowed(f"clear r={radius} {grid[0]}x{grid[1]}+{prefix}", ours, x, 4 * D * pairs * B * H, peers,
-                      notes, slow={"SDPA dense (all pairs)"})
+        self.windowed(case, ours, x, 4 * D * pairs * B * H, peers, notes, slow={"SDPA dense (all pairs)"},
+                      goal_flex=goal_flex, goal_floor=goal_floor)
 
     # -- gated linear attention ---------------------------------------------------------------------
     def gla(self, gate: str, L: int = 4096):
