@@ -56,14 +56,18 @@ def check_cu_seqlens(cu_seqlens, q: torch.Tensor, spec: Optional[AttentionSpec] 
     return cu
 
 
-def split_initial_state(initial_state, N: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``initial_state`` (``S0 [N, H, F, Dv]`` or ``(S0, z0 [N, H, F])``) as ``(S0, z0 | None)``; checks the N axis."""
+def state_pair(initial_state) -> tuple:
+    """``initial_state`` given as ``S0`` or ``(S0, z0)`` -> ``(S0, z0 or None)`` (shapes unchecked)."""
     if isinstance(initial_state, (tuple, list)):
         if len(initial_state) != 2:
             raise ValueError("initial_state must be S0 or a pair (S0, z0)")
-        S0, z0 = initial_state
-    else:
-        S0, z0 = initial_state, None
+        return tuple(initial_state)
+    return initial_state, None
+
+
+def split_initial_state(initial_state, N: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``initial_state`` (``S0 [N, H, F, Dv]`` or ``(S0, z0 [N, H, F])``) as ``(S0, z0 | None)``; checks the N axis."""
+    S0, z0 = state_pair(initial_state)
     for name, t in (("S0", S0), ("z0", z0)):
         if t is not None and (not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != N):
             got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

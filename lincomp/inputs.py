@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from lincomp.documents import state_pair
 from lincomp.ir.tensors import optional_tensors, required_tensors
 from lincomp.spec import AttentionSpec
 
@@ -99,12 +100,7 @@ def _finite(x, name: str, what: str) -> float:
 def unpack_initial_state(st, B: int, H: int, F: int, Dv: int, device=None) -> tuple:
     """``initial_state`` (``S0`` or ``(S0, z0)``) as ``(S0 [B, H, F, Dv], z0 [B, H, F])``, checked; z0 defaults
     to zeros. The tensors come back as given (decoders cast and copy them); ``device``: where they must be."""
-    if isinstance(st, (tuple, list)):
-        if len(st) != 2:
-            raise ValueError("initial_state must be S0 or a pair (S0, z0)")
-        S0, z0 = st
-    else:
-        S0, z0 = st, None
+    S0, z0 = state_pair(st)
     S0 = _check_tensor("initial_state S0", S0, device, (4,))
     if list(S0.shape) != [B, H, F, Dv]:
         raise _shape_error("initial_state S0", S0.shape, f"[B, H, F, Dv] = {[B, H, F, Dv]}")

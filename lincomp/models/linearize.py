@@ -92,17 +92,9 @@ def _specs_for(spec, names) -> dict:
 
 
 def linearize_layers(model: nn.Module, spec, *, target: str = "auto", fallback: str = "warn") -> nn.Module:
-    """Add the learned parts ``spec`` needs to every attention layer of ``model`` and route attention through
-    lincomp (in place; returns ``model``). ``lincomp.linearize`` (``models/api.py``) is this plus the
-    library hooks: transformers' registries, the config record for save/load, the generate() cache.
-
-    ``spec``: an AttentionSpec / dict / JSON, or ``{module-name pattern: spec or None}`` (fnmatch; None or no
-    match leaves a layer as it is). A causal model (Llama) makes the spec causal. ``target`` / ``fallback``: as
-    for ``torch.ops.lincomp.attention``. Supported: transformers models whose attention uses
-    ``ALL_ATTENTION_FUNCTIONS`` (Llama family, BERT family) and diffusers ``FluxTransformer2DModel``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    """The layers half of ``lincomp.linearize`` (``models/api.py``, which documents the arguments): add the
+    learned parts and route attention through lincomp, without the library hooks (transformers' registries
+    must already hold lincomp's attention function: ``models/hf.register``)."""
     import lincomp.backends.ops  # noqa: F401  (registers torch.ops.lincomp.*)
     flux = is_flux(model)
     sites = attention_modules(model)
