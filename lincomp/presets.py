@@ -19,7 +19,7 @@ def clear_pool(radius: int = 8, factor=4, grid=(64, 64), text_tokens: int = 512,
     """CLEAR's down-sampled variant: the circular window plus every image key/value pooled by ``factor``
     per axis (``window.pool``; the released r=8 / r=16 checkpoints use 4), with a learned ``pool_weight``."""
     f = factor if isinstance(factor, int) else "x".join(map(str, factor))
-    return AttentionSpec(window=GridWindow(tuple(grid), radius, shape, factor), prefix=text_tokens,
+    return AttentionSpec(window=GridWindow(tuple(grid), radius, shape, pool=factor), prefix=text_tokens,
                          name=f"clear-r{radius}-df{f}")
 
 

@@ -53,14 +53,14 @@ def test_run_maps_user_errors_and_keeps_bugs(monkeypatch, capsys):
         return argparse.Namespace(command="explain", func=lambda a: (_ for _ in ()).throw(exc))
 
     monkeypatch.delenv("LINCOMP_DEBUG", raising=False)
-    assert cli._run(failing(ValueError("window.left must be >= 0"))) == 2
+    assert cli.run_command(failing(ValueError("window.left must be >= 0"))) == 2
     assert capsys.readouterr().err.strip() == "lincomp explain: error: window.left must be >= 0"
-    assert cli._run(failing(SystemExit("lincomp explain: already phrased"))) == 2
+    assert cli.run_command(failing(SystemExit("lincomp explain: already phrased"))) == 2
     assert capsys.readouterr().err.strip() == "lincomp explain: already phrased"
     with pytest.raises(RuntimeError):                # a bug keeps its traceback
-        cli._run(failing(RuntimeError("internal")))
+        cli.run_command(failing(RuntimeError("internal")))
     with pytest.raises(SystemExit):                  # argparse's own exits (status codes) pass through
-        cli._run(failing(SystemExit(0)))
+        cli.run_command(failing(SystemExit(0)))
     monkeypatch.setenv("LINCOMP_DEBUG", "1")
     with pytest.raises(ValueError):
-        cli._run(failing(ValueError("shown with its traceback")))
+        cli.run_command(failing(ValueError("shown with its traceback")))

@@ -184,7 +184,7 @@ def test_cost_counts_pooled_pairs():
 
 
 def test_grid_window_keeps_positional_construction():
-    assert GridWindow((4, 4), 2, "circle", 2).pool == (2, 2)
+    assert GridWindow((4, 4), 2, "circle", pool=2).pool == (2, 2)
     assert GridWindow((4, 4), 2).pool is None
 
 
