@@ -146,7 +146,7 @@ class GridWindow:
     shape: str = "circle"
     tile: Optional[tuple] = None
     kernel: Optional[tuple] = None
-    pool: Optional[tuple] = None   # CLEAR's pooled keys/values: a factor per axis (SEMANTICS: window.pool)
+    pool: Optional[tuple] = None   # CLEAR's pooled keys/values: a factor per axis (docs/semantics.md: window.pool)
 
     def __post_init__(self):
         if isinstance(self.grid, (str, bytes)) or not hasattr(self.grid, "__iter__"):

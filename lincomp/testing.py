@@ -175,7 +175,7 @@ def extreme_case(*, head_dims=(8, 16, 24, 256, 512), max_len: int = 24, windows=
 
 
 def case_tolerance(spec: AttentionSpec, inputs: dict) -> float:
-    """SEMANTICS' fp32 bound (1e-4), widened only by the conditioning of fp32 scores: a logit of size S is
+    """docs/semantics.md's fp32 bound (1e-4), widened only by the conditioning of fp32 scores: a logit of size S is
     rounded by about S * 2^-24, which moves a softmax weight by that much relative (1e4: 6e-4)."""
     scale = inputs.get("scale")
     if scale is None or not spec.has_softmax:

@@ -22,7 +22,7 @@ W = {"kind": "1d", "left": 3, "right": 0}
     ({"window_size": 128}, "window_size"), ({"sliding_window": 64}, "sliding_window"),
     ({"num_sinks": 4}, "num_sinks"), ({"scale": 0.1}, "scale"), ({"dropout": 0.1}, "dropout"),
     ({"mask_mod": "causal"}, "mask_mod"), ({"version": 2}, "version"),
-    ({"window": {**W, "pool": 2}}, "pool"), ({"window": {**W, "stride": 2}}, "stride"),
+    ({"window": {**W, "dilation": 2}}, "dilation"), ({"window": {**W, "stride": 2}}, "stride"),
     ({"causal": True, "linear": {"feature_map": "elu1", "gate_type": "scalar"}}, "gate_type"),
     ({"causal": True, "linear": {"feature_map": "elu1", "eps": 1e-6}}, "eps"),
 ])

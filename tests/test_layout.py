@@ -50,7 +50,7 @@ def test_kernel_blhd_equals_reference(target):
     kernel = lincomp.compile(SPEC, target)
     out = kernel(q, k, v, g=gate, layout="blhd", **weights)
     assert out.shape == q.shape[:3] + (D,)
-    assert rel_err(out, _want(q, k, v, gate, weights)) < 1e-4      # SEMANTICS.md fp32 tolerance vs fp64
+    assert rel_err(out, _want(q, k, v, gate, weights)) < 1e-4      # docs/semantics.md fp32 tolerance vs fp64
 
 
 def test_ambiguous_shapes_raise_with_the_fix():

@@ -1,5 +1,5 @@
 """Packed sequences (``cu_seqlens``): checks of the boundaries, the reference against independent forms of
-SEMANTICS.md section 6, and the grouped dispatch every Kernel uses against the reference's document loop."""
+docs/semantics.md section 6, and the grouped dispatch every Kernel uses against the reference's document loop."""
 
 import pytest
 import torch

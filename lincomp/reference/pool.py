@@ -1,4 +1,4 @@
-"""CLEAR's pooled keys/values in the reference (SEMANTICS.md section 1, ``window.pool``), written plainly.
+"""CLEAR's pooled keys/values in the reference (docs/semantics.md section 1, ``window.pool``), written plainly.
 
 The pooling is an explicit matrix ``A [P, L]`` with ``A[c, n + t(c * f + o)] = pool_weight[o]``, so
 ``k~ = A @ k`` and ``v~ = A @ v``; the pooled keys are appended after the ``L`` tokens with the mask

@@ -125,7 +125,7 @@ def test_tile_fields_need_the_tile_shape():
 
 
 def test_tile_window_every_query_sees_the_same_count():
-    """The window shifts inside at borders and never shrinks (SEMANTICS: prod(kernel * tile) keys)."""
+    """The window shifts inside at borders and never shrinks (docs/semantics.md: prod(kernel * tile) keys)."""
     spec = presets.sta()
     m = window_mask(spec, spec.expected_length())
     assert (m.sum(1) == math.prod(k * t for k, t in zip((3, 3, 3), (2, 4, 4)))).all()

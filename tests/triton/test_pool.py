@@ -9,12 +9,13 @@ pytest.importorskip("triton")
 from hypothesis import given, strategies as st  # noqa: E402
 
 from lincomp.reference import reference  # noqa: E402
+from lincomp.runtime.buffers import POISON_ENV  # noqa: E402
 from lincomp.spec import AttentionSpec  # noqa: E402
 from lincomp.testing import examples, random_inputs, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
-W = pytest.importorskip("lincomp.lower.triton.window")
+W = pytest.importorskip("lincomp.lower.triton.window_kernel")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("q", "k", "v", "sink_logits", "pool_weight")
 
@@ -24,7 +25,7 @@ def _interpreter():
     with pytest.MonkeyPatch.context() as mp:
         if DEVICE == "cpu":
             mp.setenv("TRITON_INTERPRET", "1")
-        mp.setenv(W.POISON_ENV, "1")
+        mp.setenv(POISON_ENV, "1")
         yield
 
 

@@ -1,7 +1,7 @@
 """Extreme but valid values on the TVM kernels against the fp64 reference (issue 19), and NaN / Inf inputs.
 
 Sink logits from -inf (switched off) to +1e4, log gates from -1e4 to 0, window_gamma down to 1e-8, softmax
-scores up to 1e4, head dims up to 512: the kernel matches the reference within SEMANTICS' bound (widened
+scores up to 1e4, head dims up to 512: the kernel matches the reference within docs/semantics.md's bound (widened
 only by the conditioning of fp32 scores, see ``case_tolerance``). NaN / Inf inputs give NaN, never finite
 numbers that differ from the reference.
 """
