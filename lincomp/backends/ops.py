@@ -102,15 +102,6 @@ def clear_kernel_cache() -> None:
         _kernels.clear()
 
 
-def is_differentiable(kernel: Kernel, device: torch.device) -> bool:
-    """True when autograd can flow through ``kernel`` on ``device`` (reference: yes; others: their flag)."""
-    if isinstance(kernel, ReferenceKernel):
-        return True
-    if hasattr(kernel, "kernel_for"):  # AutoKernel: the kernel it picks for this device decides
-        return is_differentiable(kernel.kernel_for(device), device)
-    return bool(kernel.differentiable)
-
-
 def has_own_backward(kernel: Kernel) -> bool:
     """True when ``kernel`` brings backward kernels that take what its forward saved (Triton)."""
     return type(kernel).backward_saved is not Kernel.backward_saved
@@ -382,4 +373,4 @@ def _key_padding_mask_fake(mask, causal, check=True):
 __all__ = ["attention", "attention_forward", "attention_backward", "key_padding_mask", "drop_trivial_padding",
            "get_kernel", "spec_to_json",
            "spec_from_json",
-           "clear_kernel_cache", "is_differentiable", "TARGETS", "FALLBACKS", "WEIGHT_NAMES"]
+           "clear_kernel_cache", "has_own_backward", "TARGETS", "FALLBACKS", "WEIGHT_NAMES"]

@@ -14,6 +14,7 @@ from typing import Optional
 from lincomp.ir.lowered import Lowered, lower
 from lincomp.layout import call_in_layout
 from lincomp.reference import reference
+from lincomp.runtime.varlen import run_packed
 from lincomp.spec import AttentionSpec
 
 
@@ -55,7 +56,6 @@ class Kernel:
         if layout != "bhld":   # [B, L, H, D] tensors, or a check that [B, H, L, D] ones are not those (lincomp.layout)
             return call_in_layout(self.__call__, layout, q, k, v, dict(kwargs, cu_seqlens=cu_seqlens))
         if cu_seqlens is not None:   # a packed row: its documents, grouped by length, through _call
-            from lincomp.runtime.varlen import run_packed
             return run_packed(self._call, self.spec, q, k, v, cu_seqlens, **kwargs)
         return self._call(q, k, v, **kwargs)
 
@@ -64,8 +64,12 @@ class Kernel:
         try:
             return self.forward(q, k, v, **kwargs)
         except Unsupported as why:
-            warn_fallback(self.target, why)
-            return reference(self.spec, q, k, v, layout="bhld", **kwargs)
+            return self._fallback(why, q, k, v, **kwargs)
+
+    def _fallback(self, why, q, k, v, **kwargs):
+        """The reference for a call this kernel cannot run, with a warning saying why (tensors [B, H, L, D])."""
+        warn_fallback(self.target, why)
+        return reference(self.spec, q, k, v, layout="bhld", **kwargs)
 
     # -- training: the forward saves what the backward needs, so it runs once ------------------------
     def forward_saved(self, q, k, v, **kwargs) -> tuple:
@@ -75,8 +79,7 @@ class Kernel:
         try:
             return self.forward_and_save(q, k, v, **kwargs)
         except Unsupported as why:
-            warn_fallback(self.target, why)
-            return reference(self.spec, q, k, v, **kwargs), None
+            return self._fallback(why, q, k, v, **kwargs), None
 
     def forward_and_save(self, q, k, v, **kwargs) -> tuple:
         """(o, saved list) for kernels with a backward; default: (o, None)."""
