@@ -288,6 +288,8 @@ def _parse(path: Path, text: str) -> _Loaded:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         return fatal(f"corrupt: not valid JSON ({e})")
+    except RecursionError:   # a deeply nested array (any JSON file may sit in a database folder)
+        return fatal("corrupt: JSON nested too deeply to be a tuning database")
     if not isinstance(doc, dict):
         return fatal(f"corrupt: the top level must be an object, got {type(doc).__name__}")
     if doc.get("format") != FORMAT:

@@ -12,7 +12,7 @@ import pytest
 from lincomp.spec import AttentionSpec
 from lincomp.tuning import cli
 from lincomp.tuning.db import (FORMAT, VERSION, TuningDB, TuningDBError, TuningDBWarning, parse_bucket,
-                               shape_bucket)
+                               shape_bucket, validate_paths)
 from lincomp.tuning.device import device_slug
 
 DEV = "NVIDIA H100 80GB HBM3"
@@ -307,3 +307,14 @@ def test_cli_registers_into_a_parent_parser():
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["db", "validate", "some/dir"])
     assert args.func is cli.cmd_validate and args.paths == ["some/dir"]
+
+
+def test_deeply_nested_json_in_a_db_folder_is_a_problem_not_a_crash(tmp_path):
+    """Any JSON file can sit in a folder given to ``db validate`` (e.g. /tmp); nesting past Python's
+    recursion limit is reported like any other corrupt file."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    problems, n_files, n_entries = validate_paths([folder])
+    assert n_files == 1 and n_entries == 0
+    assert len(problems) == 1 and "nested too deeply" in str(problems[0])
