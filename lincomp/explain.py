@@ -22,18 +22,32 @@ from lincomp.ir.explain import _cases, explain, load_spec, parse_grid
 from lincomp.spec import AttentionSpec
 
 
-def configs_text(spec: AttentionSpec, L: int, *, heads: int = 1, dim: int = 64) -> str:
-    """Lines: per TVM kernel, the launch parameters a call of H=heads, D=dim at length L gets on this CPU
-    and where they come from (tuning db exact / nearest bucket / default); Triton's are chosen per GPU."""
-    lines = [f"configs on this machine (H={heads}, D={dim}, L={L}):"]
+def tvm_configs(spec: AttentionSpec, L: int, *, heads: int = 1, dim: int = 64, kv_heads: Optional[int] = None) -> dict:
+    """{TVM kernel name: kernel.config entry} a call of H=heads (kv_heads), D=dim at length L gets on this CPU
+    (tuning db exact / nearest bucket / default); {"error": why} where TVM cannot give one."""
     try:
         kernel = compile_kernel(spec, target="tvm")
-        for name, c in kernel.preview_configs(H=heads, D=dim, L=L).items():
+        return kernel.preview_configs(H=heads, D=dim, L=L, Hkv=kv_heads)
+    except Exception as e:   # TVM not installed, or this spec does not lower there: say so, explain goes on
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _gpu_name() -> Optional[str]:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def configs_text(spec: AttentionSpec, L: int, *, heads: int = 1, dim: int = 64, kv_heads: Optional[int] = None) -> str:
+    """Lines: per TVM kernel, the launch parameters a call gets on this CPU and where they come from
+    (see :func:`tvm_configs`); Triton's are chosen per GPU."""
+    lines = [f"configs on this machine (H={heads}, D={dim}, L={L}):"]
+    configs = tvm_configs(spec, L, heads=heads, dim=dim, kv_heads=kv_heads)
+    if "error" in configs:
+        lines.append(f"  tvm: not available ({configs['error']})")
+    for name, c in configs.items():
+        if name != "error":
             where = c["source"] + (f" ({c['origin']})" if c.get("origin") else "")
             lines.append(f"  tvm {name} on {c['key'].get('device')}: {where}: {json.dumps(c['params'], sort_keys=True)}")
-    except Exception as e:   # TVM not installed, or this spec does not lower there: say so, explain goes on
-        lines.append(f"  tvm: not available ({type(e).__name__}: {e})")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    gpu = _gpu_name()
     lines.append(f"  triton: chosen per call on {gpu} (kernel.config after a call)" if gpu else
                  "  triton: no CUDA device here (configs are chosen per GPU model from the tuning database)")
     return "\n".join(lines)
@@ -79,9 +93,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"lincomp explain: error: {e}", file=sys.stderr)
         return 2
-    if not args.json and args.configs:
+    if args.configs:
         for r in results:
-            r["text"] += "\n" + configs_text(r["spec_obj"], r["L"], heads=args.heads, dim=args.dim)
+            kw = dict(heads=args.heads, dim=args.dim, kv_heads=args.kv_heads)
+            if args.json:
+                r["configs"] = {"tvm": tvm_configs(r["spec_obj"], r["L"], **kw), "triton_device": _gpu_name()}
+            else:
+                r["text"] += "\n" + configs_text(r["spec_obj"], r["L"], **kw)
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k not in ("text", "spec_obj")} for r in results], indent=2))
     else:

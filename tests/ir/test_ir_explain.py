@@ -98,3 +98,28 @@ def test_explain_configs_are_what_a_call_gets():
     text = configs_text(spec, 64, heads=2, dim=16)
     for name, c in preview.items():
         assert f"tvm {name} on " in text and c["source"] in text
+
+
+@pytest.mark.parametrize("feature_dim", [4, 16])
+def test_explain_json_carries_the_configs_a_gqa_call_gets(capsys, tmp_path, feature_dim):
+    """--json includes the configs, and --kv-heads reaches the chooser (the preview once assumed Hkv = H)."""
+    pytest.importorskip("tvm")
+    import torch
+
+    import lincomp
+    from lincomp.testing import random_inputs
+
+    spec = lincomp.presets.lizard(window=8, sinks=2, feature_dim=feature_dim, chunk_size=16)
+    path = tmp_path / "spec.json"
+    spec.to_json(path)
+    rc, out, _ = _run(capsys, str(path), "-L", "64", "--heads", "4", "--kv-heads", "2", "--dim", "16", "--no-ir",
+                      "--json")
+    assert rc == 0
+    (res,) = json.loads(out)
+    tvm = res["configs"]["tvm"]
+    assert set(tvm) == {"window_fwd", "linear_fwd"}
+    kernel = lincomp.compile(spec, target="tvm")
+    with torch.no_grad():
+        kernel(**random_inputs(spec, H=4, Hkv=2, L=64, D=16, feature_dim=feature_dim))
+    assert {k: v["key"] for k, v in kernel.config.items()} == {k: v["key"] for k, v in tvm.items()}
+    assert {k: v["params"] for k, v in kernel.config.items()} == {k: v["params"] for k, v in tvm.items()}

@@ -183,16 +183,19 @@ class TVMKernel(Kernel):
     def source(self, value):  # the base class assigns it; the real source is generated per call
         pass
 
-    def _preview_sizes(self, H: int, D: int) -> Sizes:
+    def _preview_sizes(self, H: int, D: int, Hkv: Optional[int] = None) -> Sizes:
         lin = self.spec.linear
+        Hkv = H if Hkv is None else Hkv
+        if H % Hkv:
+            raise ValueError(f"kv heads ({Hkv}) must divide the query heads ({H})")
         E = (lin.feature_dim or D) if (lin is not None and lin.has_weights) else None
         F = None if lin is None else (2 * E if E else D)
-        return Sizes(H, H, D, D, F, E, None if lin is None else H)
+        return Sizes(H, Hkv, D, D, F, E, None if lin is None else (H if E else Hkv))
 
-    def preview_configs(self, H: int = 1, D: int = 64, L: int = 4096) -> dict:
-        """{kernel name: kernel.config entry} a call with H heads of dim D at length L would use on this CPU
-        (the same chooser as a call; nothing is compiled or timed)."""
-        choices = self._choices_for(self._preview_sizes(H, D), L)
+    def preview_configs(self, H: int = 1, D: int = 64, L: int = 4096, Hkv: Optional[int] = None) -> dict:
+        """{kernel name: kernel.config entry} a call with H query heads (Hkv key/value heads, default H) of
+        dim D at length L would use on this CPU (the same chooser as a call; nothing is compiled or timed)."""
+        choices = self._choices_for(self._preview_sizes(H, D, Hkv), L)
         return {KERNEL_NAMES[part]: c.as_dict() for part, c in choices.items()}
 
     def preview_source(self, H: int = 1, D: int = 64, L: int = 4096) -> str:
