@@ -7,8 +7,10 @@ A bottom-layer helper, so subcommand modules in any layer can use it without imp
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
+from typing import Optional, Sequence
 
 
 def run_standalone(name: str, register, argv=None, implied=None) -> int:
@@ -66,3 +68,37 @@ def run_command(args) -> int:
         message = f"lincomp {name}: error: {message}"
     print(message, file=sys.stderr)
     return 2
+
+
+TABLE_WIDTH = 100   # columns: every table the CLI prints fits a standard terminal
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[object]], *, title: Optional[str] = None,
+          width: int = TABLE_WIDTH, numeric: Sequence[str] = (), wrap: Sequence[str] = ()) -> str:
+    """Rows as a text table at most ``width`` columns wide (long cells wrap inside their column).
+
+    rich draws it where installed (it comes with the ``models`` extra's dependencies); otherwise a plain
+    aligned table. ``numeric``: the head names to right-align; ``wrap``: the columns that may wrap when
+    the table is too wide (default: the last one); the others keep their cells on one line.
+    """
+    cells = [[("-" if c is None else str(c)) for c in r] for r in rows]
+    try:
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(r[i]) for r in [list(head), *cells]) for i in range(len(head))]
+        line = lambda r: "  ".join(c.rjust(w) if h in numeric else c.ljust(w)  # noqa: E731
+                                   for c, w, h in zip(r, widths, head)).rstrip()
+        text = [line(list(head)), line(["-" * w for w in widths]), *map(line, cells)]
+        return "\n".join(([title] if title else []) + text)
+    wrap = set(wrap or head[-1:])
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
+    for h in head:
+        t.add_column(h, justify="right" if h in numeric else "left", overflow="fold", no_wrap=h not in wrap)
+    for r in cells:
+        t.add_row(*r)
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None, highlight=False, emoji=False, markup=False,
+            soft_wrap=False).print(t)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()).strip("\n")

@@ -10,10 +10,11 @@ from typing import Iterable, Optional
 
 import torch
 
-from lincomp._cliutil import positive_int, user_error
+from lincomp._cliutil import positive_int, table, user_error
 from lincomp.compiler import compile as compile_kernel
 from lincomp.spec import AttentionSpec
 from lincomp.testing import random_inputs
+from lincomp.tuning import TuningDB, time_budget
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -29,11 +30,13 @@ def _dtype(d) -> torch.dtype:
 
 def tune(spec, target: str = "auto", *, lengths: Iterable[int] = (4096,), batch: int = 1, heads: int = 8,
          kv_heads: Optional[int] = None, head_dim: int = 64, dtype="float32", device=None, force: bool = False,
-         progress=True) -> list:
+         progress=True, budget_s: Optional[float] = None) -> list:
     """Tune ``spec`` for each length (one shape bucket each) on ``device`` and store the results.
 
     ``target="auto"``: Triton on a CUDA device, TVM on the CPU. A key already in the database costs no
-    tuning work (``force=True`` re-tunes). Returns summary rows (dicts) for printing.
+    tuning work (``force=True`` re-tunes). ``budget_s``: seconds for the whole run; once spent, each
+    remaining search measures one config and the best found so far is stored (rows say ``budget_hit``).
+    Returns summary rows (dicts) for printing.
     """
     spec = AttentionSpec.coerce(spec)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -42,32 +45,47 @@ def tune(spec, target: str = "auto", *, lengths: Iterable[int] = (4096,), batch:
         kernel = kernel.kernel_for(dev)
     rows = []
     fixed = spec.expected_length()
-    for L in ([fixed] if fixed is not None else lengths):
-        inputs = random_inputs(spec, B=batch, H=heads, Hkv=kv_heads, L=int(L), D=head_dim,
-                               dtype=_dtype(dtype), device=dev)
-        q, k, v = inputs.pop("q"), inputs.pop("k"), inputs.pop("v")
-        for res in kernel.tune(q, k, v, force=force, progress=progress, **inputs):
-            e = res.entry
-            rows.append({"target": kernel.target, "kernel": getattr(e, "kernel", "?"), "L": int(L),
-                         "bucket": getattr(e, "bucket", "?"), "config": res.config, "time_ms": res.time_ms,
-                         "candidates": len(res.candidates), "cached": res.cached})
-        if not rows or rows[-1]["L"] != int(L):
-            rows.append({"target": kernel.target, "kernel": "-", "L": int(L), "bucket": "-", "config": {},
-                         "time_ms": float("nan"), "candidates": 0, "cached": False,
-                         "note": f"the {kernel.target} kernel has nothing to tune"})
+    with time_budget(budget_s):
+        for L in ([fixed] if fixed is not None else lengths):
+            _tune_length(kernel, spec, int(L), rows, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                         dtype=dtype, dev=dev, force=force, progress=progress)
     return rows
 
 
-def format_rows(rows: list) -> str:
-    """A plain-text summary table of ``tune`` rows."""
-    head = f"{'target':8} {'kernel':16} {'L':>7} {'time ms':>9} {'tried':>5} {'cached':>6}  config"
-    lines = [head, "-" * len(head)]
+def _tune_length(kernel, spec, L: int, rows: list, *, batch, heads, kv_heads, head_dim, dtype, dev, force,
+                 progress) -> None:
+    """Tune ``kernel`` at length ``L``; append one row per tuned kernel (or one saying nothing to tune)."""
+    inputs = random_inputs(spec, B=batch, H=heads, Hkv=kv_heads, L=int(L), D=head_dim,
+                           dtype=_dtype(dtype), device=dev)
+    q, k, v = inputs.pop("q"), inputs.pop("k"), inputs.pop("v")
+    for res in kernel.tune(q, k, v, force=force, progress=progress, **inputs):
+        e = res.entry
+        rows.append({"target": kernel.target, "kernel": getattr(e, "kernel", "?"), "L": int(L),
+                     "bucket": getattr(e, "bucket", "?"), "config": res.config, "time_ms": res.time_ms,
+                     "candidates": len(res.candidates), "space": getattr(res, "space", 0),
+                     "budget_hit": getattr(res, "budget_hit", False), "cached": res.cached})
+    if not rows or rows[-1]["L"] != int(L):
+        rows.append({"target": kernel.target, "kernel": "-", "L": int(L), "bucket": "-", "config": {},
+                     "time_ms": float("nan"), "candidates": 0, "cached": False,
+                     "note": f"the {kernel.target} kernel has nothing to tune"})
+
+
+def format_rows(rows: list, db_path=None) -> str:
+    """A summary table of ``tune`` rows (and where the results went, when ``db_path`` is given)."""
+    head = ("target", "kernel", "L", "time ms", "tried", "cached", "config")
+    body = []
     for r in rows:
         t = "-" if r["time_ms"] != r["time_ms"] else f"{r['time_ms']:.3f}"
-        cfg = r.get("note") or ", ".join(f"{k}={v}" for k, v in r["config"].items())
-        lines.append(f"{r['target']:8} {r['kernel']:16} {r['L']:>7} {t:>9} {r['candidates']:>5} "
-                     f"{'yes' if r['cached'] else 'no':>6}  {cfg}")
-    return "\n".join(lines)
+        cfg = r.get("note") or " ".join(f"{k}={v}" for k, v in r["config"].items())
+        tried = f"{r['candidates']}/{r['space']}" if r.get("space") and r["space"] != r["candidates"] else r["candidates"]
+        body.append((r["target"], r["kernel"], r["L"], t, tried, "yes" if r["cached"] else "no", cfg))
+    text = table(head, body, numeric=("L", "time ms", "tried"))
+    if any(r.get("budget_hit") for r in rows):
+        text += ("\nthe time budget ran out before every config was tried (tried = measured/space);\n"
+                 "the best found is stored: run again with a larger --budget and --force to search further")
+    if db_path is not None:
+        text += f"\nresults stored in {db_path} (lincomp db show lists them)"
+    return text
 
 
 # ------------------------------------------------------------------------------ lincomp tune SPEC
@@ -87,7 +105,25 @@ def register(subparsers) -> None:
     p.add_argument("--kv-heads", type=positive_int, default=None)
     p.add_argument("--dim", type=positive_int, default=64, help="head dim D")
     p.add_argument("--force", action="store_true", help="re-tune even when the database has the key")
+    p.add_argument("--budget", type=duration, default=None, metavar="TIME",
+                   help="time for the whole run, e.g. 60s, 5m, 1h (default: no limit); the best found so far is "
+                        "kept when it runs out")
     p.set_defaults(func=_run)
+
+
+def duration(text: str) -> float:
+    """argparse type: seconds from '90', '90s', '5m' or '1h' (> 0); else a usage error (exit 2)."""
+    import argparse
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
+    scale = units.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a duration such as 90s, 5m or 1h, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
+    return value
 
 
 def _run(args) -> int:
@@ -101,10 +137,10 @@ def _run(args) -> int:
         dtype = args.dtype or ("bfloat16" if gpu else "float32")
         rows = tune(spec, args.target, lengths=args.length or [4096], batch=args.batch, heads=args.heads,
                     kv_heads=args.kv_heads, head_dim=args.dim, dtype=dtype, force=args.force,
-                    device="cuda" if gpu else "cpu")
+                    device="cuda" if gpu else "cpu", budget_s=args.budget)
     except (ValueError, TypeError, KeyError) as e:
         return user_error("tune", e)
-    print(format_rows(rows))
+    print(format_rows(rows, db_path=TuningDB().path))
     return 0
 
 

@@ -16,8 +16,8 @@ from lincomp import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _lincomp(*argv, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+def _lincomp(*argv, timeout=300, **extra_env):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **extra_env)
     env.pop("LINCOMP_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "lincomp.cli", *argv], capture_output=True, text=True, env=env,
                           cwd=str(ROOT), timeout=timeout)
@@ -64,3 +64,20 @@ def test_run_maps_user_errors_and_keeps_bugs(monkeypatch, capsys):
     monkeypatch.setenv("LINCOMP_DEBUG", "1")
     with pytest.raises(ValueError):
         cli.run_command(failing(ValueError("shown with its traceback")))
+
+
+def test_tune_budget_keeps_the_best_and_says_where_results_went(tmp_path):
+    pytest.importorskip("tvm")
+    db = tmp_path / "db"
+    out = _lincomp("tune", "gla-scalar", "--target", "tvm", "-L", "64", "--heads", "1", "--dim", "16",
+                   "--budget", "0.001s", timeout=600, LINCOMP_TUNING_DB=str(db))
+    assert out.returncode == 0, out.stderr
+    assert "time budget ran out" in out.stdout and f"results stored in {db}" in out.stdout
+    assert max(len(line) for line in out.stdout.splitlines() if str(db) not in line) <= 100
+    assert list(db.glob("*.json"))                      # the best found so far was stored
+
+
+@pytest.mark.parametrize("budget", ["0", "-5s", "soon", "infm"])
+def test_tune_budget_bad_values_are_usage_errors(budget):
+    out = _lincomp("tune", "gla-scalar", "--budget", budget)
+    assert out.returncode == 2 and "--budget" in out.stderr and "Traceback" not in out.stderr

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from lincomp._atomic import atomic_write_text
+from lincomp._cliutil import table
 from lincomp.models.corpus import EXTRA_PACKAGES as EXTRA_TEXT
 
 MINILM = "all-MiniLM-L6-v2"
@@ -394,9 +395,8 @@ def _bytes(n: float) -> str:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(rows[0]), line(["-" * w for w in widths]), *map(line, rows[1:])])
+    """rows[0] is the head (the CLI's one table style: lincomp._cliutil.table)."""
+    return table(rows[0], rows[1:], numeric=rows[0][1:])
 
 
 def _checkpoints(out_dir: Optional[str], fresh: bool) -> Optional[Path]:

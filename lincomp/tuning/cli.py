@@ -14,7 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lincomp.tuning.db import SHIPPED_DB, TuningDB, TuningDBWarning, validate_paths
+from lincomp._cliutil import table
+from lincomp.tuning.db import SHIPPED_DB, Entry, TuningDB, TuningDBWarning, validate_paths
 
 
 def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -67,16 +68,50 @@ def cmd_show(args: argparse.Namespace) -> int:
     elif not entries:
         print(f"no entries (folders: {', '.join(map(str, db.folders))})")
     else:
-        head = ("device", "backend", "kernel", "spec", "dtype", "bucket", "config", "time_ms")
-        rows = [(e.device, e.backend, e.kernel, e.spec, e.dtype, e.bucket or "-",
-                 json.dumps(e.config, sort_keys=True, separators=(",", ":")), f"{e.time_ms:.4g}")
-                for e in entries]
-        print(_table(head, rows))
+        head = ("kernel", "spec", "dtype", "bucket", "config", "ms", "from")
+        names = _preset_names()
+        for device in dict.fromkeys(e.device for e in entries):   # one table per device, in order
+            rows = [(f"{e.backend}/{e.kernel}", spec_label(e, names), e.dtype, e.bucket or "-",
+                     " ".join(f"{k}={v}" for k, v in sorted(e.config.items())), f"{e.time_ms:.4g}",
+                     _origin(e, db)) for e in entries if e.device == device]
+            print(table(head, rows, title=f"device: {device}", numeric=("ms",), wrap=("spec", "bucket", "config")))
+            print()
+        print(f"user entries: {db.path}; shipped: {db.shipped or '(not read)'}")
     problems = db.validate()
     if problems:
         print(f"note: {len(problems)} problem(s) ignored; run `lincomp db validate` for details",
               file=sys.stderr)
     return 0
+
+
+def spec_label(entry: Entry, names: Optional[dict] = None) -> str:
+    """A readable name for an entry's spec: the preset it equals, else its stored name, else its summary
+    (the key without its hash)."""
+    names = _preset_names() if names is None else names
+    if entry.spec in names:
+        return names[entry.spec]
+    stored = (entry.spec_dict or {}).get("name")
+    summary = entry.spec.rsplit("-", 1)[0] or entry.spec
+    return f"{stored} ({summary})" if stored else summary
+
+
+def _preset_names() -> dict:
+    """{spec key: preset name} of the presets (keys ignore names, so any spec equal to a preset matches)."""
+    from lincomp import presets
+    out = {}
+    for name, make in presets.PAPER_SPECS.items():
+        try:
+            out.setdefault(make().key(), name)
+        except (TypeError, ValueError):   # a preset that needs arguments
+            continue
+    return out
+
+
+def _origin(entry: Entry, db: TuningDB) -> str:
+    """'user' or 'shipped': which folder an entry was read from."""
+    if entry.source is not None and db.shipped is not None and Path(entry.source).parent == db.shipped:
+        return "shipped"
+    return "user"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -90,12 +125,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"ok: {n_files} file(s), {n_entries} entr{'y' if n_entries == 1 else 'ies'} "
           f"({', '.join(map(str, paths)) or 'no folders'})")
     return 0
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,6 +7,8 @@ Correctness checks belong in ``build`` (raise to reject a config); ``tune`` only
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import statistics
@@ -27,13 +29,39 @@ class TuningError(RuntimeError):
 
 @dataclass
 class TuneResult:
-    """The chosen config. ``cached`` is True when it came from the database without any work."""
+    """The chosen config. ``cached`` is True when it came from the database without any work;
+    ``budget_hit`` when a :func:`time_budget` ran out before all ``space`` configs were measured."""
 
     config: dict
     time_ms: float
     cached: bool
     candidates: list = field(default_factory=list)
     entry: Optional[Entry] = None
+    space: int = 0
+    budget_hit: bool = False
+
+
+# The monotonic time (s) at which every search running in this context stops trying new configs.
+_DEADLINE: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar("lincomp_tuning_deadline", default=None)
+
+
+@contextlib.contextmanager
+def time_budget(seconds: Optional[float]):
+    """Inside it, every :func:`tune` (of any backend: kernels call it) measures new configs only until
+    ``seconds`` after entering, then keeps the best found so far (at least one config is measured per
+    search, and the run-off is skipped). ``None``: no budget."""
+    if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"the time budget must be a positive number of seconds, got {seconds!r}")
+    token = _DEADLINE.set(None if seconds is None else time.monotonic() + float(seconds))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _out_of_time() -> bool:
+    deadline = _DEADLINE.get()
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def median_time_ms(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 10, device: Any = None) -> float:
@@ -92,7 +120,7 @@ def tune(space: Sequence[Mapping], build: Callable[[dict], Callable[[], Any]],
         hit = db.lookup(backend, kernel, spec, dtype, dims, device=device, nearest=False)
         if hit is not None:
             return TuneResult(config=hit.config, time_ms=hit.time_ms, cached=True,
-                              candidates=hit.candidates, entry=hit)
+                              candidates=hit.candidates, entry=hit, space=len(hit.candidates))
 
     configs = _unique_configs(space)
     if not configs:
@@ -100,8 +128,12 @@ def tune(space: Sequence[Mapping], build: Callable[[dict], Callable[[], Any]],
     bench = bench if bench is not None else median_time_ms
     bar, report = _progress(progress, len(configs), f"{backend}/{kernel}")
     candidates, runners = [], {}
+    budget_hit = False
     try:
         for i, config in enumerate(configs):
+            if _out_of_time() and any("time_ms" in c for c in candidates):
+                budget_hit = True
+                break
             time_ms, error, runners[i] = _measure(config, build, bench)
             candidates.append({"config": config, "error": error} if error else {"config": config, "time_ms": time_ms})
             if report is not None:
@@ -118,7 +150,8 @@ def tune(space: Sequence[Mapping], build: Callable[[dict], Callable[[], Any]],
     if not ok:
         reasons = "\n".join(f"  {json.dumps(c['config'], sort_keys=True)}: {c['error']}" for c in candidates)
         raise TuningError(f"no config of {backend}/{kernel} built and ran:\n{reasons}")
-    best = _run_off(sorted(ok, key=lambda cr: cr[0]["time_ms"])[:max(1, runoff)], bench, rounds)
+    finalists = sorted(ok, key=lambda cr: cr[0]["time_ms"])[:max(1, runoff)]
+    best = finalists[0][0] if _out_of_time() else _run_off(finalists, bench, rounds)
     best_ms = best.get("runoff_ms", best["time_ms"])
     entry = None
     if db is not None:
@@ -129,7 +162,7 @@ def tune(space: Sequence[Mapping], build: Callable[[dict], Callable[[], Any]],
             warnings.warn(f"lincomp tuning: could not store the result for {backend}/{kernel}: {e}",
                           TuningDBWarning, stacklevel=2)
     return TuneResult(config=best["config"], time_ms=best_ms, cached=False,
-                      candidates=candidates, entry=entry)
+                      candidates=candidates, entry=entry, space=len(configs), budget_hit=budget_hit)
 
 
 def _run_off(finalists: list, bench: Callable, rounds: int) -> dict:
@@ -205,5 +238,5 @@ def _progress(progress: Union[None, bool, ProgressFn], total: int, desc: str) ->
             from tqdm.auto import tqdm
         except ImportError:  # tqdm is optional: tune silently
             return None, None
-        return tqdm(total=total, desc=desc, unit="cfg", leave=False), None
+        return tqdm(total=total, desc=desc, unit="cfg", leave=True), None   # the bar stays: a record of the run
     return None, None

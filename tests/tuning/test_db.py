@@ -280,9 +280,11 @@ def test_cli_show_and_validate(tmp_path, capsys):
     args = ["--db", str(tmp_path / "user"), "--no-shipped"]
     assert cli.main(["db", "show", *args]) == 0
     out = capsys.readouterr().out
-    for text in ("device", "bucket", "config", DEV, "window_fwd", KEY["spec"], "D=64,H=4,L=4096",
-                 '{"BLOCK_M":64}', "0.5"):
+    for text in ("device", "bucket", "config", DEV, "triton/window_fwd", "w1d127.0_c", "D=64,H=4,L=4096",
+                 "BLOCK_M=64", "0.5", "user"):
         assert text in out
+    assert max(map(len, out.splitlines())) <= 100    # fits a terminal
+    assert "0123456789ab" not in out                  # the spec is named, not hashed
     assert cli.main(["show", *args, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["config"] == {"BLOCK_M": 64}
     assert cli.main(["db", "show", *args, "--device", "NVIDIA H200"]) == 0
@@ -318,3 +320,20 @@ def test_deeply_nested_json_in_a_db_folder_is_a_problem_not_a_crash(tmp_path):
     problems, n_files, n_entries = validate_paths([folder])
     assert n_files == 1 and n_entries == 0
     assert len(problems) == 1 and "nested too deeply" in str(problems[0])
+
+
+def test_cli_show_names_presets_and_says_which_entries_are_shipped(tmp_path, capsys):
+    from lincomp import presets
+    shipped = tmp_path / "shipped"
+    user = TuningDB(tmp_path / "user", shipped=None)
+    ship = TuningDB(shipped, shipped=None)
+    ship.record("tvm", "window_fwd", presets.lizard().key(), "float32", {"L": 4096, "H": 4, "D": 64}, {"block_m": 64},
+                1.5, device=DEV)
+    user.record("tvm", "linear_fwd", presets.gla("scalar").key(), "float32", {"L": 1024, "H": 4, "D": 64},
+                {"chunk": 16}, 0.25, device=DEV)
+    assert cli.main(["db", "show", "--db", str(tmp_path / "user"), "--shipped", str(shipped)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip().startswith("tvm/")}
+    assert "lizard" in rows["tvm/window_fwd"] and rows["tvm/window_fwd"].rstrip().endswith("shipped")
+    assert "gla-scalar" in rows["tvm/linear_fwd"] and rows["tvm/linear_fwd"].rstrip().endswith("user")
+    assert f"device: {DEV}" in out and str(tmp_path / "user") in out

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from lincomp.tuning.db import TuningDB, TuningDBWarning
-from lincomp.tuning.search import TuningError, median_time_ms, tune
+from lincomp.tuning.search import TuningError, median_time_ms, time_budget, tune
 
 DEV = "Test CPU x2cores"
 SPACE = [{"tile": 16}, {"tile": 32}, {"tile": 64}, {"tile": 128}]
@@ -161,3 +161,42 @@ def test_tune_with_default_cpu_timer(db):
     assert len(times) == 2 and all(t > 0 for t in times) and res.time_ms == min(times)
     assert res.config == res.candidates[times.index(min(times))]["config"]
     assert res.entry.config == res.config and res.entry.dtype == "float32"
+
+
+class SlowCounter(Counter):
+    """Each measurement takes ``seconds`` of wall time (the budget counts wall time)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def bench(self, fn):
+        time.sleep(self.seconds)
+        return super().bench(fn)
+
+
+def test_time_budget_keeps_the_best_found_so_far(db):
+    c = SlowCounter(0.05)
+    with time_budget(0.01):   # spent after the first measurement
+        res = run(db, c)
+    assert res.budget_hit and res.space == 4 and not res.cached
+    assert res.config == {"tile": 16} and len(res.candidates) == 1     # one measured; no run-off
+    assert c.benches == 1
+    hit = db.lookup("tvm", "window_fwd", "spec-key", "float32", {"L": 3000, "D": 64}, device=DEV)
+    assert hit.config == {"tile": 16}                                   # stored: a later run may --force
+
+
+def test_time_budget_measures_past_a_failure_and_is_scoped(db):
+    c = SlowCounter(0.0)
+    with time_budget(3600):
+        res = run(db, c)
+    assert not res.budget_hit and res.config == {"tile": 32} and len(res.candidates) == 4
+    res = run(db, SlowCounter(0.0), force=True)        # outside the block: no budget
+    assert not res.budget_hit and res.space == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), "60s"])
+def test_time_budget_rejects_nonsense(bad):
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        with time_budget(bad):
+            pass
