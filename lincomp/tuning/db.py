@@ -14,7 +14,7 @@ where new results are written, then the repository's ``tuning_db/`` of shipped c
 
 Reading never raises into a model run: a corrupt file, a foreign format or version, or an entry
 that fails validation is reported with a warning and ignored (``lincomp db validate`` lists them).
-Writing is atomic (temp file + rename) and safe for concurrent processes (an exclusive ``flock`` on
+Writing is atomic (temp file + rename) and safe for concurrent processes (an exclusive OS lock, via filelock, on
 a sidecar ``<file>.lock``; the file is re-read and merged under the lock).
 """
 
@@ -38,10 +38,8 @@ from lincomp._atomic import atomic_write_text
 from lincomp._files import shipped_path
 from lincomp.tuning.device import device_slug, library_versions, resolve_device_name
 
-try:  # POSIX; without it writes stay atomic but concurrent writers may lose each other's entries
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+# A writer waits this long (s) for another process's write to finish before giving up with an error.
+LOCK_TIMEOUT_S = 120.0
 
 FORMAT = "lincomp-tuning-db"
 VERSION = 1
@@ -520,13 +518,19 @@ def _json_native(value: Any, name: str) -> Any:
 
 @contextlib.contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<path>.lock`` (a sidecar: the data file itself gets replaced)."""
+    """Hold an exclusive lock on ``<path>.lock`` (a sidecar: the data file itself gets replaced).
+
+    filelock (a torch dependency, so always installed) takes an OS lock that a crashed writer releases."""
+    from filelock import FileLock, Timeout
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    lock = FileLock(str(path.with_name(path.name + ".lock")), timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TuningDBError(f"{path}: another process has held the write lock for {LOCK_TIMEOUT_S:.0f} s; "
+                            "try again, or remove a stuck writer") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -140,3 +140,36 @@ def test_unreadable_file_warns_and_lookups_go_on(tmp_path):
             assert _lookup(db, 1) is None
     finally:
         path.chmod(0o644)
+
+
+def _hold_lock(lock_path, ready, seconds):
+    from filelock import FileLock
+    with FileLock(str(lock_path)):
+        open(ready, "w").close()
+        time.sleep(seconds)
+
+
+def test_a_stuck_writer_gives_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    """Another process holding the write lock past the timeout: record() raises TuningDBError naming the
+    file and what to do (tuning then warns and keeps its result); once it lets go, writing works."""
+    import lincomp.tuning.db as dbmod
+
+    db = TuningDB(tmp_path / "db", shipped=None)
+    path = db.file_for(DEV)
+    path.parent.mkdir(parents=True)
+    ready = tmp_path / "ready"
+    holder = mp.get_context("fork").Process(target=_hold_lock,
+                                            args=(path.with_name(path.name + ".lock"), ready, 3.0))
+    holder.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        monkeypatch.setattr(dbmod, "LOCK_TIMEOUT_S", 0.3)
+        with pytest.raises(TuningDBError, match="held the write lock"):
+            _record(db, 1)
+    finally:
+        holder.join(30)
+    assert holder.exitcode == 0
+    _record(db, 2)
+    assert _lookup(db, 2) is not None and _lookup(db, 1) is None
