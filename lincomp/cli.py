@@ -55,6 +55,9 @@ def _unavailable(name: str, error: Exception) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _SUBCOMMANDS:   # a subcommand may accept a shorter form (distill --model M ...)
+        argv = getattr(sys.modules.get(_SUBCOMMANDS[argv[0]][0]), "expand_argv", list)(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None) or not hasattr(args, "func"):
         parser.print_help()

