@@ -20,6 +20,7 @@ _LAZY = {
     "TritonDecoder": ("lincomp.lower.triton.decode", "TritonDecoder"),
     "TVMDecoder": ("lincomp.lower.tvm", "TVMDecoder"),
     "TuningDB": ("lincomp.tuning", "TuningDB"),
+    "from_mask_mod": ("lincomp.ir.flex", "from_mask_mod"),
 }
 
 
