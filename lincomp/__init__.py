@@ -24,7 +24,7 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("distributed", "models", "backends", "tuning", "ir", "reference", "testing", "presets")
+_SUBMODULES = ("distributed", "models", "nn", "backends", "tuning", "ir", "reference", "testing", "presets")
 
 
 def __getattr__(name):
