@@ -105,15 +105,16 @@ def test_key_padding_mask_and_plain_calls_on_one_kernel(double):
     assert len(kern._mods) == 2
 
 
-def test_key_padding_mask_with_a_linear_branch_still_falls_back():
+def test_key_padding_mask_with_elu1_features_falls_back():
+    """elu1's phi(0) = 1: the linear kernel cannot drop a padded key, so the call says so and runs the reference."""
     import torch
     import lincomp
     from lincomp.runtime.kernel import LincompFallbackWarning
     from lincomp.testing import random_inputs, rel_err
-    spec = presets.gla("scalar", chunk_size=8)
+    spec = AttentionSpec(causal=True, linear={"feature_map": "elu1", "gate": "scalar", "chunk_size": 8})
     x = random_inputs(spec, B=2, L=12, D=8, seed=1)
     kpm = torch.ones(2, 12, dtype=torch.bool)
     kpm[0, :4] = False
-    with torch.no_grad(), pytest.warns(LincompFallbackWarning, match="key_padding_mask with a linear branch"):
+    with torch.no_grad(), pytest.warns(LincompFallbackWarning, match="elu1 feature map"):
         out = lincomp.compile(spec, target="tvm")(**x, key_padding_mask=kpm)
     assert rel_err(out, lincomp.reference(spec, **x, key_padding_mask=kpm)) <= 1e-5

@@ -17,9 +17,9 @@ Inference only: a call whose inputs require grad (with grad mode on) runs the re
 a warning -- the reference is differentiable, so training still works, just not at kernel speed.
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
 fp64 runs on the reference (a fp32 kernel would silently lose precision). A ``key_padding_mask`` runs on
-the window kernel (its own compiled variant: padded keys score -inf, a row with none left outputs 0) for
-softmax specs; with a linear branch it runs on the reference. Non-contiguous or
-misaligned (not 64-byte) tensors are copied, with a one-time warning naming the tensor.
+the window kernel (its own compiled variant: padded keys score -inf, a row with none left outputs 0) and
+zeroes the padded keys' features for the linear branch (elu1, whose phi(0) is not 0, runs on the reference).
+Non-contiguous or misaligned (not 64-byte) tensors are copied, with a one-time warning naming the tensor.
 """
 
 from __future__ import annotations
@@ -213,9 +213,10 @@ class TVMKernel(Kernel):
         if q.device.type != "cpu":
             raise Unsupported(f"the tensors are on {q.device}; the TVM backend runs on the CPU "
                               "(use target='auto' to pick Triton for CUDA tensors)")
-        if call.key_padding_mask is not None and self.spec.linear is not None:
-            raise Unsupported("key_padding_mask with a linear branch is not supported by the TVM kernels (softmax "
-                              "specs take it: padded keys get a -inf score)")
+        lin = self.spec.linear
+        if call.key_padding_mask is not None and lin is not None and lin.feature_map == "elu1":
+            raise Unsupported("key_padding_mask with the elu1 feature map: the TVM linear kernel applies phi while "
+                              "loading k, and phi(0) = 1 is not 0, so a padded key cannot be removed there")
         if q.dtype == torch.float64:
             raise Unsupported("float64 inputs: the TVM kernels compute in float32, which would silently "
                               "drop precision; cast to float32 to use them")
@@ -389,7 +390,12 @@ class TVMKernel(Kernel):
                 wk = [call.feature_weight_k] if lin.has_weights else []
                 m.fn("features_q")(call.q, *wq, fq)
                 m.fn("features_k")(call.k, *wk, fk)
-            args = [call.q, call.k] if _linear.inline_features(spec) else [fq, fk]
+                if kpm is not None:   # a padded key contributes to no sum (the reference's phi(k) * mask)
+                    fk.mul_(kpm[:, None, :, None])
+            k_in = call.k
+            if kpm is not None and _linear.inline_features(spec):   # identity / relu: phi(0) = 0
+                k_in = torch.where(kpm[:, None, :, None], call.k, torch.zeros((), dtype=call.k.dtype))
+            args = [call.q, k_in] if _linear.inline_features(spec) else [fq, fk]
             args.append(call.v)
             gcheck = None
             if lin.gate is not None:

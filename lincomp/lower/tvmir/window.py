@@ -402,8 +402,10 @@ def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: boo
                   "den = gam * l[i] + lin_den[b, h, p] - ll[i]",
                   "# the out-of-window linear part is the full scan minus the in-window terms: its rounding",
                   "# error is ~2^-24 (|lin_den| + |ll|); cond = that over |den| (the caller checks it)",
-                  "cond[b, h, p] = T.if_then_else(den == T.float32(0), T.float32(math.inf), "
-                  "(T.abs(lin_den[b, h, p]) + T.abs(ll[i])) / T.abs(den))")
+                  "# (a row whose keys are all padded has nothing at all: no cancellation, output 0)",
+                  "cond[b, h, p] = T.if_then_else(den == T.float32(0) and lin_den[b, h, p] + ll[i] != T.float32(0), "
+                  "T.float32(math.inf), T.if_then_else(den == T.float32(0), T.float32(0), "
+                  "(T.abs(lin_den[b, h, p]) + T.abs(ll[i])) / T.abs(den)))")
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     s("o[b, h, p, d] = T.if_then_else(den == T.float32(0), T.float32(0), "
                       "(gam * acc[i, d] + lin_num[b, h, p, d] - accl[i, d]) / den)")
