@@ -20,10 +20,11 @@ _LAZY = {
     "TritonDecoder": ("lincomp.lower.triton.decode", "TritonDecoder"),
     "TVMDecoder": ("lincomp.lower.tvm", "TVMDecoder"),
     "TuningDB": ("lincomp.tuning", "TuningDB"),
+    "from_mask_mod": ("lincomp.ir.flex", "from_mask_mod"),
 }
 
 
-_SUBMODULES = ("distributed", "models", "backends", "tuning", "ir", "reference", "testing", "presets")
+_SUBMODULES = ("distributed", "models", "nn", "backends", "tuning", "ir", "reference", "testing", "presets")
 
 
 def __getattr__(name):

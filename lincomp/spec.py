@@ -520,6 +520,22 @@ class AttentionSpec:
         from dataclasses import replace
         return replace(self, window=replace(self.window, grid=tuple(grid)))
 
+    # -- FlexAttention (the IR's rule; lincomp.ir.flex, imported on first use) ------------------------
+    def mask_mod(self):
+        """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` of this spec (token indices, prefix first).
+
+        Only for a softmax over a mask: a linear branch, sinks or pooled keys raise ValueError.
+        """
+        from lincomp.ir.flex import mask_mod
+        return mask_mod(self)
+
+    def block_mask(self, L: Optional[int] = None, *, device="cpu", B: Optional[int] = None,
+                   H: Optional[int] = None, BLOCK_SIZE: int = 128):
+        """FlexAttention ``BlockMask`` at length ``L`` (grid specs: default prefix + prod(grid)), for
+        ``flex_attention(q, k, v, block_mask=spec.block_mask(L))`` with q/k/v [B, H, L, D]."""
+        from lincomp.ir.flex import block_mask
+        return block_mask(self, L, device=device, B=B, H=H, BLOCK_SIZE=BLOCK_SIZE)
+
     def __repr__(self) -> str:
         fields = [f"window={self.window!r}"] if self.window is not None else []
         if self.causal:

@@ -12,7 +12,9 @@ Options (``options={...}``; unknown keys raise ValueError):
 - ``spec``: what replaces SDPA (optional for linearised models, whose attention already calls lincomp).
   * an ``AttentionSpec``, its dict, or a JSON string / path: every call site;
   * a mapping ``{module-name pattern: spec or None}``: fnmatch patterns over the module path of the call site
-    (e.g. ``"model.layers.*.self_attn"``); the first matching pattern wins; ``None`` or no match keeps SDPA;
+    (``"model.layers.*.self_attn"`` in transformers, ``"transformer_blocks.*.attn"`` /
+    ``"single_transformer_blocks.*.attn"`` in diffusers Flux); the first matching pattern wins; ``None`` or no match
+    keeps SDPA; a pattern that matches no call site of a graph warns, naming the sites;
   * a callable ``f(site: CallSite) -> spec | None`` (``None`` keeps SDPA), e.g. to pick a grid per site with
     ``spec.with_grid(...)``.
 - ``target``: ``"auto"`` (default: Triton for CUDA tensors, TVM for CPU tensors), ``"triton"``, ``"tvm"``,
@@ -128,6 +130,7 @@ def _chooser(spec) -> Callable[[CallSite], Optional[AttentionSpec]]:
                 if fnmatch.fnmatchcase(site.name, pattern):
                     return s
             return None
+        choose.patterns = tuple(p for p, _ in table)   # rewrite() warns about a pattern no call site matches
         return choose
     if callable(spec):
         def choose_call(site: CallSite):
@@ -196,7 +199,9 @@ def _module_name(node: torch.fx.Node) -> str:
     path = re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", path)          # the root: L['self'], L['args'][0]
     path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", path)      # [0] / ['name'] -> .0 / .name
-    return path.strip(".")
+    # Dynamo spells some module paths through the instance dict (diffusers: "__dict__['_modules']['blocks']"):
+    # those two hops are not part of the module's name.
+    return ".".join(p for p in path.split(".") if p and p not in ("__dict__", "_modules"))
 
 
 def _sdpa_args(node: torch.fx.Node) -> dict:
@@ -372,6 +377,7 @@ def rewrite(gm: torch.fx.GraphModule, options) -> list:
                 _set_op_arg(node, name, value)
         report.append({"site": _module_name(node), "index": None, "action": "lincomp",
                        "spec": AttentionSpec.from_json(node.args[3]).key(), "reason": "already a lincomp op"})
+    _warn_unmatched(opts, [e["site"] for e in report if e["index"] is not None])
     if opts.chooser is None and report and not routed:
         warnings.warn("lincomp backend: no options['spec'] given, so scaled_dot_product_attention is kept; pass "
                       "options={'spec': ...} or linearize the model first", stacklevel=2)
@@ -380,6 +386,19 @@ def rewrite(gm: torch.fx.GraphModule, options) -> list:
     gm.recompile()
     _REPORT.extend(report)
     return report
+
+
+def _warn_unmatched(opts: Options, names: list) -> None:
+    """Warn for each module-name pattern of ``options['spec']`` that none of this graph's SDPA sites matches."""
+    patterns = getattr(opts.chooser, "patterns", ())
+    if not names:
+        return
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            shown = ", ".join(repr(n or "<top level>") for n in names[:4]) + (", ..." if len(names) > 4 else "")
+            warnings.warn(f"lincomp backend: the spec pattern {pattern!r} matches none of the {len(names)} "
+                          f"scaled_dot_product_attention call sites of this graph (they are named {shown}); fix the "
+                          "pattern, e.g. 'transformer_blocks.*.attn'", stacklevel=3)
 
 
 def rewrite_report(clear: bool = False) -> list:

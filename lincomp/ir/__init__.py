@@ -6,6 +6,7 @@
 - :mod:`lincomp.ir.passes`: ``verify``, ``canonicalise``, ``plan``, ``lower_to_plan(spec, L, **hints) -> Plan``.
 - :mod:`lincomp.ir.cost`: exact visible-pair counts, FLOP / byte estimates, block-plan efficiency.
 - :mod:`lincomp.ir.blocks`: the block-sparse tile plan of a window.
+- :mod:`lincomp.ir.flex`: FlexAttention both ways: a spec's mask_mod / BlockMask, ``from_mask_mod(fn, L)``.
 - :mod:`lincomp.ir.explain`: what ``lincomp explain`` prints (its command line: :mod:`lincomp.explain`).
 
 Names load on first use, so ``from lincomp.ir.blocks import block_plan`` does not import networkx.
@@ -20,6 +21,7 @@ _LAZY = {
     "Plan": "passes", "Rewrite": "passes", "PLAN_HINTS": "passes",
     "count_visible_pairs": "cost", "attention_flops": "cost", "dense_flops": "cost", "bytes_moved": "cost",
     "pair_efficiency": "cost", "estimate": "cost", "CostEstimate": "cost", "window_covers": "cost",
+    "from_mask_mod": "flex", "block_mask": "flex",
     "block_plan": "blocks", "BlockPlan": "blocks", "default_tile": "blocks",
 }
 

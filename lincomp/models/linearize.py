@@ -12,8 +12,9 @@ their attention through ``torch.ops.lincomp.attention``, through the libraries' 
   after the model's RoPE (as LoLCATs does).
 - diffusers Flux (``FluxTransformer2DModel``): a lincomp attention processor on every ``FluxAttention``.
   Text tokens are the prefix (their count is the double-stream layers' encoder length); the image grid is
-  ``joint_attention_kwargs={"lincomp_grid": (Hg, Wg)}`` when given (Hg, Wg = image height, width / 16),
-  else the square root of the image token count.
+  ``joint_attention_kwargs={"lincomp_grid": (Hg, Wg)}`` when given (Hg, Wg = image height, width / 16), else
+  the spec's own grid when it holds the image's token count, else the grid the model call's ``img_ids`` lay out
+  (any aspect ratio), else the square root of the image token count.
 
 Each attention module gets ``module.lincomp = LinearizedAttention(...)`` (the learned parameters);
 ``learned_parameters(model)`` yields exactly those; ``set_attention_mode(model, "teacher")`` switches back to
@@ -127,6 +128,7 @@ def linearize_layers(model: nn.Module, spec, *, target: str = "auto", fallback: 
         if flux:
             torch.compiler.assume_constant_result(_flux_spec_json)   # loads Dynamo: only when linearising Flux
             m.set_processor(LincompFluxAttnProcessor(m.processor, flux_shared))
+            _watch_img_ids(model, flux_shared)
         elif m.lincomp.needs_hidden_states:
             m.register_forward_pre_hook(_pass_hidden_states, with_kwargs=True)
     if not flux:
@@ -260,10 +262,60 @@ def _flux_spec_json_cached(base_json: str, prefix: int, grid: Optional[tuple]) -
     return spec.canonical_json()
 
 
-def _flux_layout(spec: AttentionSpec, L: int, text_len: Optional[int], grid) -> tuple:
+_GRID_FIX = "pass joint_attention_kwargs={'lincomp_grid': (height // 16, width // 16)}"
+
+
+def _grid_from_ids(img_ids: torch.Tensor, n: int, nd: int) -> tuple:
+    """The grid (rows, cols) or (frames, rows, cols) that Flux's ``img_ids`` ``[n, 3]`` (frame, row, col per image
+    token; ``[B, n, 3]`` in older diffusers) lay out in row-major order; ValueError when they do not."""
+    ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+    if ids.dim() != 2 or ids.shape[0] != n or ids.shape[1] < nd:
+        raise ValueError(f"img_ids {list(img_ids.shape)} do not describe the call's {n} image tokens; {_GRID_FIX}")
+    coords, rest = ids[:, ids.shape[1] - nd:], ids[:, :ids.shape[1] - nd]
+    axes = [torch.unique(coords[:, a]) for a in range(nd)]
+    grid = tuple(len(a) for a in axes)
+    row_major = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, nd)
+    if math.prod(grid) != n or not torch.equal(row_major, coords) or not bool((rest == rest[:1]).all()):
+        raise ValueError(f"img_ids do not lay the {n} image tokens out on one row-major {nd}D grid (a grid window needs "
+                         f"that order); {_GRID_FIX}")
+    return grid
+
+
+def _watch_img_ids(model: nn.Module, shared: dict) -> None:
+    """Install :func:`_record_img_ids` once on each FluxTransformer2DModel in ``model``."""
+    for m in model.modules():
+        if type(m).__name__ == "FluxTransformer2DModel" and not getattr(m, "_lincomp_ids_hook", False):
+            m.register_forward_pre_hook(_record_img_ids(shared), with_kwargs=True)
+            m._lincomp_ids_hook = True
+
+
+def _record_img_ids(shared: dict):
+    """Forward pre-hook of a linearised FluxTransformer2DModel: its processors read the grid off ``img_ids``."""
+    def hook(module, args, kwargs):
+        shared["img_ids"] = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
+        shared["ids_grids"] = {}
+    return hook
+
+
+def _ids_grid(shared: dict, n: int, nd: int) -> Optional[tuple]:
+    """The grid of the model call's ``img_ids`` (None without them), computed once per forward."""
+    ids = shared.get("img_ids")
+    if ids is None:
+        return None
+    cache = shared.setdefault("ids_grids", {})
+    if (n, nd) not in cache:
+        cache[(n, nd)] = _grid_from_ids(ids, n, nd)
+    return cache[(n, nd)]
+
+
+def _flux_layout(spec: AttentionSpec, L: int, text_len: Optional[int], grid,
+                 ids_grid: Callable[[int, int], Optional[tuple]] = lambda n, nd: None) -> tuple:
     """(prefix, grid) of one Flux attention call from its length, text length and the optional grid kwarg.
 
     The text length is the double-stream layers' encoder length; failing that, L - prod(grid), or spec.prefix.
+    The grid: the ``lincomp_grid`` kwarg; else the spec's own grid when it has the image's token count (checked
+    against ``img_ids`` outside torch.compile); else the grid ``ids_grid(n, nd)`` reads off ``img_ids``; else a
+    square.
     """
     if grid is not None:
         grid = tuple(int(g) for g in grid)
@@ -272,12 +324,23 @@ def _flux_layout(spec: AttentionSpec, L: int, text_len: Optional[int], grid) -> 
     if text_len is None:
         text_len = spec.prefix
     image = L - text_len
-    if grid is None and isinstance(spec.window, GridWindow):
-        side = math.isqrt(image) if image > 0 else 0
-        if len(spec.window.grid) != 2 or side * side != image:
-            raise ValueError(f"cannot infer the image grid from {image} image tokens (not a square); pass "
-                             "joint_attention_kwargs={'lincomp_grid': (height // 16, width // 16)}")
-        grid = (side, side)
+    w = spec.window
+    if grid is None and isinstance(w, GridWindow):
+        nd = len(w.grid)
+        if math.prod(w.grid) == image:
+            grid = w.grid
+            found = None if torch.compiler.is_compiling() else ids_grid(image, nd)
+            if found is not None and found != grid:
+                raise ValueError(f"the spec's grid {list(grid)} has the image's {image} tokens, but img_ids lay them "
+                                 f"out as {list(found)}; use spec.with_grid({found}) or {_GRID_FIX}")
+        else:
+            grid = ids_grid(image, nd)
+        if grid is None:
+            side = math.isqrt(image) if image > 0 else 0
+            if nd != 2 or side * side != image:
+                raise ValueError(f"cannot infer the image grid from {image} image tokens (not a square, no img_ids); "
+                                 + _GRID_FIX)
+            grid = (side, side)
     if grid is not None and math.prod(grid) != image:
         raise ValueError(f"lincomp_grid {list(grid)} has {math.prod(grid)} tokens but the call has {image} image tokens "
                          f"({L} tokens, {text_len} text tokens); pass (height // 16, width // 16)")
@@ -288,7 +351,7 @@ class LincompFluxAttnProcessor:
     """diffusers attention processor for ``FluxAttention`` that computes attention with lincomp.
 
     The same projections, q/k norms and RoPE as ``FluxAttnProcessor``; text tokens form the spec's prefix;
-    the grid comes from ``joint_attention_kwargs={"lincomp_grid": (Hg, Wg)}`` or a square image. In teacher
+    the grid comes from ``joint_attention_kwargs={"lincomp_grid": (Hg, Wg)}``, the spec or ``img_ids``. In teacher
     mode it calls the processor it replaced.
     """
 
@@ -324,7 +387,8 @@ class LincompFluxAttnProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        prefix, grid = _flux_layout(lin.spec, query.shape[1], text_len, lincomp_grid)
+        prefix, grid = _flux_layout(lin.spec, query.shape[1], text_len, lincomp_grid,
+                                    functools.partial(_ids_grid, self.shared))
         spec_json = _flux_spec_json(lin.spec_json, prefix, grid)
         x = None
         if lin.needs_hidden_states:   # gates read the hidden states of every token, text first

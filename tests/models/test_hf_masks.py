@@ -105,14 +105,34 @@ def test_compiled_llama_use_cache_false_stays_on_the_kernels(llama, with_mask):
     assert rel_err(got, want) < 1e-4 and rel_err(eager, want) < 1e-4
 
 
-def test_fallback_counter_sees_a_real_refusal(llama):
-    """The strict check above can fail: real left padding still makes the TVM kernel fall back loudly."""
-    model = linearize(copy.deepcopy(llama), LIZARD)
-    ids = torch.randint(0, 64, (2, 12))
+def _left_padded(ids):
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
+    return mask
+
+
+def test_real_left_padding_stays_on_the_kernels(llama):
+    """A real key-padding mask (left padding) runs on the TVM kernels, no fallback, matching the reference."""
+    model = linearize(copy.deepcopy(llama), LIZARD)
+    ref = _on_reference(model)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        want = ref(ids, attention_mask=_left_padded(ids), use_cache=False).logits
+        ctx = _strict()
+        try:
+            got = model(ids, attention_mask=_left_padded(ids), use_cache=False).logits
+        finally:
+            ctx.__exit__(None, None, None)
+    assert rel_err(got, want) < 1e-4
+
+
+def test_fallback_counter_sees_a_real_refusal(llama):
+    """The strict checks above can fail: padding with an elu1 map (phi(0) != 0) makes TVM fall back loudly."""
+    spec = lincomp.AttentionSpec(causal=True, linear={"feature_map": "elu1", "normalize": True})
+    model = linearize(copy.deepcopy(llama), spec)
+    ids = torch.randint(0, 64, (2, 12))
     with pytest.warns(LincompFallbackWarning, match="key_padding_mask"), torch.no_grad():
-        model(ids, attention_mask=mask, use_cache=False)
+        model(ids, attention_mask=_left_padded(ids), use_cache=False)
 
 
 def test_stock_minilm_through_the_backend_stays_on_the_kernels(minilm):

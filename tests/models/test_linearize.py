@@ -191,10 +191,10 @@ def test_minilm_stock_window_spec_through_the_backend(minilm):
 
 
 # ----------------------------------------------------------------------------------------- Flux
-def _flux_expected(model, spec, inputs):
+def _flux_expected(model, spec, inputs, grid=None):
     """The stock processors with the spec's visibility as an explicit mask (CLEAR has no learned parts)."""
     T, L = inputs["encoder_hidden_states"].shape[1], inputs["hidden_states"].shape[1]
-    full = spec.with_grid(inputs["joint_attention_kwargs"]["lincomp_grid"])
+    full = spec.with_grid(grid or inputs["joint_attention_kwargs"]["lincomp_grid"])
     full = lincomp.AttentionSpec(window=full.window, prefix=T)
     mask = window_mask(full, T + L)[None, None]
     stock = copy.deepcopy(model)
@@ -241,6 +241,53 @@ def test_flux_learned_spec_captures_and_trains(flux):
     assert len(learned) == 2 * 3 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in learned)
 
 
+def _check_flux_grid(flux, spec, model, Hg, Wg):
+    """``model`` (linearised ``flux``) called without joint_attention_kwargs on an Hg x Wg image attends on that grid."""
+    inputs = _flux_inputs(Hg=Hg, Wg=Wg)
+    del inputs["joint_attention_kwargs"]
+    with torch.no_grad():
+        assert rel_err(model(**inputs).sample, _flux_expected(flux, spec, inputs, grid=(Hg, Wg))) < 1e-5
+    return inputs
+
+
+def test_flux_grid_from_img_ids_for_any_aspect_ratio(flux):
+    """No joint_attention_kwargs: a 4 x 6 image's grid is read off img_ids (the spec's grid is for another size)."""
+    spec = presets.clear(radius=2, grid=(8, 8), text_tokens=0)
+    model = linearize(copy.deepcopy(flux), spec, target="reference")
+    _check_flux_grid(flux, spec, model, 4, 6)
+    _check_flux_grid(flux, spec, model, 6, 4)   # the same token count, transposed: a different mask
+
+
+def test_flux_uses_the_specs_own_grid_and_checks_it_against_img_ids(flux):
+    spec = presets.clear(radius=2, grid=(4, 6), text_tokens=0)
+    inputs = _check_flux_grid(flux, spec, linearize(copy.deepcopy(flux), spec, target="reference"), 4, 6)
+    with torch.no_grad():
+        wrong = linearize(copy.deepcopy(flux), presets.clear(radius=2, grid=(6, 4), text_tokens=0), target="reference")
+        with pytest.raises(ValueError, match=r"spec's grid \[6, 4\].*img_ids lay them out as \[4, 6\]"):
+            wrong(**inputs)
+
+
+def test_compile_patterns_match_diffusers_module_names(flux):
+    """torch.compile(stock Flux, backend="lincomp") with per-block patterns: both kinds of block are replaced, the
+    output is the stock model's under the spec's mask, and a pattern that matches nothing warns."""
+    T, Hg, Wg = 5, 4, 6
+    spec = presets.clear(radius=2, grid=(Hg, Wg), text_tokens=T)
+    inputs = _flux_inputs(Hg=Hg, Wg=Wg, T=T)
+    del inputs["joint_attention_kwargs"]
+    options = {"spec": {"transformer_blocks.*.attn": spec, "single_transformer_blocks.*.attn": spec,
+                        "model.layers.*.self_attn": spec}, "inductor": False, "target": "reference"}
+    rewrite_report(clear=True)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(copy.deepcopy(flux), backend="lincomp", options=options)(**inputs).sample
+    sites = {r["site"]: r["action"] for r in rewrite_report()}
+    assert sites == {"transformer_blocks.0.attn": "replaced", "single_transformer_blocks.0.attn": "replaced"}
+    unmatched = [str(w.message) for w in caught if "matches none" in str(w.message)]
+    assert len(unmatched) == 1 and "'model.layers.*.self_attn'" in unmatched[0]
+    assert "'transformer_blocks.0.attn'" in unmatched[0]
+    assert rel_err(out, _flux_expected(flux, spec, dict(inputs, joint_attention_kwargs={}), grid=(Hg, Wg))) < 1e-5
+
+
 # ----------------------------------------------------------------------------------- bad inputs
 def test_bad_inputs_give_clear_errors(llama, flux):
     with pytest.raises(TypeError, match="torch.nn.Module"):
@@ -262,8 +309,14 @@ def test_bad_inputs_give_clear_errors(llama, flux):
     f = linearize(copy.deepcopy(flux), presets.clear(radius=2, grid=(1, 1), text_tokens=0), target="reference")
     inputs = _flux_inputs(Hg=4, Wg=6)
     del inputs["joint_attention_kwargs"]
-    with pytest.raises(ValueError, match="lincomp_grid"):
+    inputs["img_ids"] = inputs["img_ids"].flip(0)   # not row-major: no grid to read off
+    with pytest.raises(ValueError, match="row-major.*lincomp_grid"):
         f(**inputs)
+    del inputs["img_ids"], inputs["txt_ids"]        # no ids at all (e.g. a custom caller): only squares infer
+    for m in attention_modules(f):
+        m[1].processor.shared.clear()
+    with pytest.raises(ValueError, match="not a square, no img_ids.*lincomp_grid"):
+        f.transformer_blocks[0].attn(torch.randn(1, 24, 16), torch.randn(1, 5, 16))
 
 
 @pytest.mark.slow

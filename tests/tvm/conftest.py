@@ -22,18 +22,27 @@ def to_double(inputs: dict) -> dict:
 
 
 def compare(spec, *, B=1, H=2, Hkv=None, L=None, D=16, seed=0, initial_state=False, return_state=False,
-            config=None, gate_strength=1.0, feature_dim=None, tol=1e-4):
-    """Run the TVM kernel on random inputs and assert rel err <= tol against the fp64 reference."""
+            config=None, gate_strength=1.0, feature_dim=None, tol=1e-4, key_padding=False):
+    """Run the TVM kernel on random inputs and assert rel err <= tol against the fp64 reference.
+
+    ``key_padding``: a random ``key_padding_mask`` (about a third of the keys hidden; with B > 1 the last row
+    hides every key, whose queries must output 0)."""
     import lincomp
     from lincomp.reference import reference
     from lincomp.testing import random_inputs, rel_err
 
     x = random_inputs(spec, B=B, H=H, Hkv=Hkv, L=L, D=D, seed=seed, initial_state=initial_state,
                       gate_strength=gate_strength, feature_dim=feature_dim)
+    if key_padding:
+        kpm = torch.rand(B, x["q"].shape[2], generator=torch.Generator().manual_seed(seed)) > 0.35
+        if B > 1:
+            kpm[-1] = False
+        x["key_padding_mask"] = kpm
     kern = lincomp.compile(spec, target="tvm", config=config)
     with torch.no_grad():
         out = kern(**x, return_state=return_state)
-    ref = reference(spec, **to_double(x), return_state=return_state)
+    ref = reference(spec, **to_double({k: t for k, t in x.items() if k != "key_padding_mask"}),
+                    key_padding_mask=x.get("key_padding_mask"), return_state=return_state)
     if return_state:
         (o, (S, z)), (ro, (rS, rz)) = out, ref
         errs = {"o": rel_err(o, ro), "S": rel_err(S, rS), "z": rel_err(z, rz)}

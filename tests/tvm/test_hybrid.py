@@ -38,3 +38,17 @@ def test_non_causal_hybrids(check, combine):
     spec = AttentionSpec(window={"kind": "2d", "grid": [6, 6], "radius": 2, "shape": "square"}, prefix=3,
                          linear={"feature_map": "relu", "gate": None, "normalize": True}, combine=combine)
     check(spec, H=2, seed=5)
+
+
+@pytest.mark.filterwarnings("error::lincomp.runtime.kernel.LincompFallbackWarning")   # must run the kernels
+@pytest.mark.parametrize("spec, sizes", [
+    (presets.lizard(window=8, sinks=2, feature_dim=8), {"H": 4, "Hkv": 2}),
+    (presets.lolcats(block=4, feature_dim=8), {}),
+    (AttentionSpec(window={"kind": "1d", "left": 4, "right": 3}, linear={"feature_map": "relu", "normalize": True},
+                   combine="sum"), {}),
+    (presets.gla("vector", chunk_size=8), {}),
+], ids=["lizard", "lolcats", "relu-sum", "gla-vector"])
+def test_key_padding_mask_on_the_kernels(check, spec, sizes):
+    """Padded keys leave the softmax (-inf scores) and the linear sums (zero features); a row whose keys are all
+    padded outputs 0 (the check's last batch row)."""
+    check(spec, B=3, L=29, seed=11, key_padding=True, **sizes)

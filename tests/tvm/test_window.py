@@ -74,3 +74,47 @@ def test_sliding_tiles(check, config):
     spec = presets.sta(grid=(8, 16), tile=(2, 8), kernel=(3, 1), text_tokens=5)
     spec = AttentionSpec.from_dict({**spec.to_dict(), "sinks": 2})
     check(spec, B=1, H=4, Hkv=2, config=config, seed=6)
+
+
+# ------------------------------------------------------------------------------------- key padding
+@pytest.mark.filterwarnings("error::lincomp.runtime.kernel.LincompFallbackWarning")   # must run the kernel
+@pytest.mark.parametrize("name, config", [
+    ("1d", None), ("1d-causal-swa", {"window": {"block_m": 16, "block_n": 16, "kv_group": 2}}), ("dense", None),
+    ("terraced", None), ("2d-circle", None), ("2d-tile", None)])
+def test_key_padding_mask_runs_on_the_kernel(check, name, config):
+    """Padded keys score -inf inside the kernel (full tiles too); a row with every key padded outputs 0."""
+    spec = AttentionSpec(window=WINDOWS[name], causal=name in ("terraced", "1d-causal-swa"), prefix=2, sinks=1)
+    kern, _ = check(spec, B=3, H=4, Hkv=2, L=37, seed=7, config=config, key_padding=True)
+    assert len(kern._mods) == 1
+
+
+@pytest.mark.filterwarnings("error::lincomp.runtime.kernel.LincompFallbackWarning")
+def test_key_padding_mask_and_plain_calls_on_one_kernel(double):
+    """One kernel holds the padded variant next to the plain one; each call runs the right one."""
+    import torch
+    import lincomp
+    from lincomp.testing import random_inputs, rel_err
+    spec = presets.sliding_window(6)
+    kern = lincomp.compile(spec, target="tvm")
+    x = random_inputs(spec, B=2, L=30, D=8, seed=8)
+    kpm = torch.rand(2, 30, generator=torch.Generator().manual_seed(8)) > 0.4
+    with torch.no_grad():
+        for mask in (kpm, None, ~kpm):
+            want = lincomp.reference(spec, **double(x), key_padding_mask=mask)
+            assert rel_err(kern(**x, key_padding_mask=mask), want) <= 1e-4
+    assert len(kern._mods) == 2
+
+
+def test_key_padding_mask_with_elu1_features_falls_back():
+    """elu1's phi(0) = 1: the linear kernel cannot drop a padded key, so the call says so and runs the reference."""
+    import torch
+    import lincomp
+    from lincomp.runtime.kernel import LincompFallbackWarning
+    from lincomp.testing import random_inputs, rel_err
+    spec = AttentionSpec(causal=True, linear={"feature_map": "elu1", "gate": "scalar", "chunk_size": 8})
+    x = random_inputs(spec, B=2, L=12, D=8, seed=1)
+    kpm = torch.ones(2, 12, dtype=torch.bool)
+    kpm[0, :4] = False
+    with torch.no_grad(), pytest.warns(LincompFallbackWarning, match="elu1 feature map"):
+        out = lincomp.compile(spec, target="tvm")(**x, key_padding_mask=kpm)
+    assert rel_err(out, lincomp.reference(spec, **x, key_padding_mask=kpm)) <= 1e-5

@@ -16,8 +16,10 @@ vectorised numpy ops, cached) but never recompiles. Configs come from the one ch
 Inference only: a call whose inputs require grad (with grad mode on) runs the reference instead, with
 a warning -- the reference is differentiable, so training still works, just not at kernel speed.
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
-fp64 runs on the reference (a fp32 kernel would silently lose precision). Non-contiguous or
-misaligned (not 64-byte) tensors are copied, with a one-time warning naming the tensor.
+fp64 runs on the reference (a fp32 kernel would silently lose precision). A ``key_padding_mask`` runs on
+the window kernel (its own compiled variant: padded keys score -inf, a row with none left outputs 0) and
+zeroes the padded keys' features for the linear branch (elu1, whose phi(0) is not 0, runs on the reference).
+Non-contiguous or misaligned (not 64-byte) tensors are copied, with a one-time warning naming the tensor.
 """
 
 from __future__ import annotations
@@ -214,8 +216,10 @@ class TVMKernel(Kernel):
         if q.device.type != "cpu":
             raise Unsupported(f"the tensors are on {q.device}; the TVM backend runs on the CPU "
                               "(use target='auto' to pick Triton for CUDA tensors)")
-        if call.key_padding_mask is not None:
-            raise Unsupported("key_padding_mask is not supported by the TVM kernels")
+        lin = self.spec.linear
+        if call.key_padding_mask is not None and lin is not None and lin.feature_map == "elu1":
+            raise Unsupported("key_padding_mask with the elu1 feature map: the TVM linear kernel applies phi while "
+                              "loading k, and phi(0) = 1 is not 0, so a padded key cannot be removed there")
         if q.dtype == torch.float64:
             raise Unsupported("float64 inputs: the TVM kernels compute in float32, which would silently "
                               "drop precision; cast to float32 to use them")
@@ -310,8 +314,9 @@ class TVMKernel(Kernel):
             return _fit_window(c, sizes).to_dict()
         return _linear.LinearConfig.from_dict(cfg).to_dict()
 
-    def _part_sources(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool) -> dict:
-        """{part: [PrimFunc texts]} for this call's variant."""
+    def _part_sources(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
+                      key_bias: bool = False) -> dict:
+        """{part: [PrimFunc texts]} for this call's variant (``key_bias``: the window takes a key-padding bias)."""
         spec, lin = self.spec, self.spec.linear
         out = {}
         if lin is not None:
@@ -330,16 +335,19 @@ class TVMKernel(Kernel):
             out["linear"] = funcs
         if spec.has_softmax:
             dims = _window.WindowDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF)
-            out["window"] = [_window.window_source(spec, dims, _window.WindowConfig.from_dict(configs["window"]))]
+            out["window"] = [_window.window_source(spec, dims, _window.WindowConfig.from_dict(configs["window"]),
+                                                   key_bias=key_bias)]
         return out
 
-    def _modules(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool) -> dict:
+    def _modules(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
+                 key_bias: bool = False) -> dict:
         """The compiled parts of this variant (generated, compiled or loaded once; then a dict lookup)."""
-        key = (sizes, tuple(sorted((p, _frozen(c)) for p, c in configs.items())), initial_state, return_state)
+        key = (sizes, tuple(sorted((p, _frozen(c)) for p, c in configs.items())), initial_state, return_state,
+               key_bias)
         built = self._mods.get(key)
         if built is None:
             built = {}
-            for part, funcs in self._part_sources(sizes, configs, initial_state, return_state).items():
+            for part, funcs in self._part_sources(sizes, configs, initial_state, return_state, key_bias).items():
                 built[part] = _build.build(funcs, f"{part}-{self.spec.summary() or 'spec'}")
             self._mods[key] = built
         self._built = built
@@ -370,7 +378,8 @@ class TVMKernel(Kernel):
     def _run(self, call: Call, sizes: Sizes, configs: dict):
         spec, lin = self.spec, self.spec.linear
         B, H, L, Dv = call.B, call.H, call.L, call.Dv
-        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state)
+        kpm = call.key_padding_mask
+        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state, kpm is not None)
         o = _empty((B, H, L, Dv))
         state = None
         lin_args = None
@@ -384,7 +393,12 @@ class TVMKernel(Kernel):
                 wk = [call.feature_weight_k] if lin.has_weights else []
                 m.fn("features_q")(call.q, *wq, fq)
                 m.fn("features_k")(call.k, *wk, fk)
-            args = [call.q, call.k] if _linear.inline_features(spec) else [fq, fk]
+                if kpm is not None:   # a padded key contributes to no sum (the reference's phi(k) * mask)
+                    fk.mul_(kpm[:, None, :, None])
+            k_in = call.k
+            if kpm is not None and _linear.inline_features(spec):   # identity / relu: phi(0) = 0
+                k_in = torch.where(kpm[:, None, :, None], call.k, torch.zeros((), dtype=call.k.dtype))
+            args = [call.q, k_in] if _linear.inline_features(spec) else [fq, fk]
             args.append(call.v)
             gcheck = None
             if lin.gate is not None:
@@ -419,6 +433,8 @@ class TVMKernel(Kernel):
             if spec.pool is not None:
                 args += _pooled_args(call, configs["window"])
             args += lin_args or []
+            if kpm is not None:   # padded keys score -inf (as the reference masks them)
+                args.append(torch.zeros(B, L, dtype=torch.float32).masked_fill_(~kpm.cpu(), -math.inf))
             mods["window"].fn("window_fwd")(*args, o, call.scale)
             if spec.combine == "shared":
                 check_shared_precision(cond)

@@ -86,7 +86,7 @@ def tiled(spec: AttentionSpec) -> bool:
     return isinstance(spec.window, GridWindow)
 
 
-def arg_names(spec: AttentionSpec) -> list:
+def arg_names(spec: AttentionSpec, key_bias: bool = False) -> list:
     """Buffer / scalar arguments of ``window_fwd`` in order (the launcher passes them so)."""
     names = ["q", "k", "v", "kv_offsets", "kv_indices", "kv_full"]
     if tiled(spec):
@@ -102,7 +102,7 @@ def arg_names(spec: AttentionSpec) -> list:
         if spec.linear.gate is not None:
             names.append("G")
         names.append("cond")
-    return names + ["o", "scale"]
+    return names + (["key_bias"] if key_bias else []) + ["o", "scale"]
 
 
 # ------------------------------------------------------------------------------------ visibility
@@ -116,8 +116,13 @@ def visibility(spec: AttentionSpec, pi: str, pj: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- template
-def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name: str = "window_fwd") -> str:
-    """TVMScript of the window kernel for ``spec`` (a PrimFunc named ``name``)."""
+def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name: str = "window_fwd",
+                  key_bias: bool = False) -> str:
+    """TVMScript of the window kernel for ``spec`` (a PrimFunc named ``name``).
+
+    ``key_bias``: one more input ``key_bias [B, L]`` added to every score of key j in base-2 units (-inf hides
+    the key: a key-padding mask); a row left with no key outputs 0.
+    """
     H, Hkv, D, Dv = dims.H, dims.Hkv, dims.D, dims.Dv
     BM, BN, G = cfg.block_m, cfg.block_n, max(1, cfg.kv_group)
     GN = G * BN     # keys per online-softmax step
@@ -130,7 +135,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
     F, HF = dims.F, dims.HF
     mr_qk = divisor_at_most(GN, cfg.mr_qk)
     mr_pv = divisor_at_most(BM, cfg.mr_pv)
-    names = arg_names(spec)
+    names = arg_names(spec, key_bias)
 
     s = Script()
     s("@T.prim_func")
@@ -166,6 +171,8 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
             elif gate == "vector":
                 s(f'G = T.match_buffer(G_h, (B, {H}, L, {F}), "float64")')
             s('cond = T.match_buffer(cond_h, (B, {H}, L), "float32")'.replace("{H}", str(H)))
+        if key_bias:
+            s('key_bias = T.match_buffer(key_bias_h, (B, L), "float32")')
         s(f'o = T.match_buffer(o_h, (B, {H}, L, {Dv}), "float32")')
         s("# one task per (batch, head, query tile)")
         with s.block(f"for task in T.parallel(B * {H} * (NT1 - 1)):"):
@@ -214,6 +221,10 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                         _emit_positions(s, spec, "kpos", "kt", BN, grid, offset=f"gi * {BN}",
                                         valid="e < kv_offsets[t + 1]")
                 def plan_mask():
+                    if key_bias:   # before the plan's mask, so full tiles get it too
+                        with s.block(f"for j in range({GN}):"):
+                            with s.block(f"for i in T.vectorized({BM}):"):
+                                s("sT[j, i] = sT[j, i] + key_bias[b, T.max(kpos[j], 0)]")
                     with s.block_if(f"for gi in range({G}):" if G > 1 else None):
                         rows = f"range(gi * {BN}, gi * {BN} + {BN})" if G > 1 else f"range({BN})"
                         with s.block("if kv_full[e] == 0:" if G == 1 else "if full[gi] == 0:"):
@@ -391,8 +402,10 @@ def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: boo
                   "den = gam * l[i] + lin_den[b, h, p] - ll[i]",
                   "# the out-of-window linear part is the full scan minus the in-window terms: its rounding",
                   "# error is ~2^-24 (|lin_den| + |ll|); cond = that over |den| (the caller checks it)",
-                  "cond[b, h, p] = T.if_then_else(den == T.float32(0), T.float32(math.inf), "
-                  "(T.abs(lin_den[b, h, p]) + T.abs(ll[i])) / T.abs(den))")
+                  "# (a row whose keys are all padded has nothing at all: no cancellation, output 0)",
+                  "cond[b, h, p] = T.if_then_else(den == T.float32(0) and lin_den[b, h, p] + ll[i] != T.float32(0), "
+                  "T.float32(math.inf), T.if_then_else(den == T.float32(0), T.float32(0), "
+                  "(T.abs(lin_den[b, h, p]) + T.abs(ll[i])) / T.abs(den)))")
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     s("o[b, h, p, d] = T.if_then_else(den == T.float32(0), T.float32(0), "
                       "(gam * acc[i, d] + lin_num[b, h, p, d] - accl[i, d]) / den)")
