@@ -46,6 +46,7 @@ from lincomp.compiler import compile as lincomp_compile
 from lincomp.documents import document_ids
 from lincomp.reference import reference
 from lincomp.runtime.kernel import Kernel, LincompFallbackWarning, ReferenceKernel
+from lincomp.runtime.varlen import packed_backward
 from lincomp.spec import AttentionSpec
 
 TARGETS = ("auto", "triton", "tvm", "reference")
@@ -261,13 +262,21 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     names = ("q", "k", "v", *tensors)
     inputs = (q, k, v, *tensors.values())
+    kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
+    kw = _kwargs(scale, tensors, drop_trivial_padding(key_padding_mask))   # as the forward saw it
+    cu_seqlens, grads = documents(cu_seqlens), None
     if int(own_backward) == 1:
-        kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
-        kw = _kwargs(scale, tensors, drop_trivial_padding(key_padding_mask))   # as the forward saw it
         grads = kernel.backward_saved(grad_out, o, list(saved), q, k, v, **kw)
+    elif cu_seqlens is not None and has_own_backward(kernel):
+        # a packed row saved nothing: its documents' forward runs again, each length group through the
+        # kernel's own backward (None if one fell back: then the reference's gradient below)
+        with _strict(fallback):
+            grads = packed_backward(kernel, grad_out.to(o.dtype), q.contiguous(), k.contiguous(), v.contiguous(),
+                                    cu_seqlens, **kw)
+    if grads is not None:
         grads = [grads.get(n) for n in names]
     else:
-        spec, cu_seqlens = spec_from_json(spec_json), documents(cu_seqlens)
+        spec = spec_from_json(spec_json)
 
         def run(q, k, v, *weights):
             return reference(spec, q, k, v, **_kwargs(scale, dict(zip(tensors, weights)), key_padding_mask,
