@@ -18,10 +18,12 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
   opaque), runs only backward kernels: each forward runs once. Kernels without a backward of their own
   (TVM, the reference): a call whose inputs require grad runs the reference under autograd instead (one
   evaluation); without grad it runs the kernel. A call that fell back saves nothing and its gradient is the
-  reference's (``torch.func.vjp``).
+  reference's (``torch.func.vjp``). A packed row (``cu_seqlens``) saves nothing either: on kernels with a
+  backward its gradient re-runs each document group's forward and backward kernels
+  (``lincomp.runtime.varlen.packed_backward``; two forwards per step), else it is the reference's.
 - ``torch.ops.lincomp.key_padding_mask(mask, causal, check) -> [B, Lk] bool`` turns a
   scaled_dot_product_attention ``attn_mask`` (bool, or additive float) into the key-padding mask lincomp
-  takes; with ``check`` it raises when the mask is anything else (a bias, a packed-sequence mask, a causal
+  takes; with ``check`` it raises when the mask is anything else (a bias, a sliding-window mask, a causal
   mask for a non-causal spec), so a call is never silently wrong.
 - ``torch.ops.lincomp.mask_documents(mask, causal, check) -> (key_padding_mask [B, Lk], cu_seqlens int32 [Lk + 1])``:
   the same for ``torch.compile``'s rewrite, which cannot tell a packed row from a padded batch when it builds
@@ -227,7 +229,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Op
     cu_seqlens = documents(cu_seqlens)
     kw = _kwargs(scale, tensors, drop_trivial_padding(key_padding_mask), cu_seqlens)
     like = _saved_like(kernel, q, k, v, kw)
-    with _strict(fallback):   # a packed row runs document by document: its gradient is the reference's
+    with _strict(fallback):   # a packed row runs by document groups and saves nothing (see attention_backward)
         o, saved = kernel.forward_saved(q, k, v, **kw) if cu_seqlens is None else (kernel(q, k, v, **kw), None)
     own = saved is not None
     if not own:   # the reference ran: the saved slots stay as promised, unused
