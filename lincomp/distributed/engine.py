@@ -454,9 +454,9 @@ class _Run:
             if self.docs is None:
                 return self._linear_out(self.q_o, total)
             first, cu = self._own_documents()
-            S, z = total
-            return torch.cat([self._linear_out(self.q_o[:, :, a:b], (S[first + i:first + i + 1], z[first + i:first + i + 1]))
-                              for i, (a, b) in enumerate(zip(cu, cu[1:]))], 2)
+            S, z = total       # [N, H, F, Dv], [N, H, F]: one row per document
+            return torch.cat([self._linear_out(self.q_o[:, :, a:b], (S[d:d + 1], z[d:d + 1]))
+                              for d, a, b in zip(range(first, first + len(cu) - 1), cu, cu[1:])], 2)
         sub, call = self.parts.linear_spec, self.call
         state, packed = states[self.rp.own_range[0]], {}
         if self.docs is not None:
