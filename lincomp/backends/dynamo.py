@@ -27,7 +27,9 @@ Options (``options={...}``; unknown keys raise ValueError):
   leaves SDPA there, with a warning.
 - ``check_masks``: ``True`` (default). An ``attn_mask`` is turned into a key-padding mask (``[B, L]`` bool) and
   combined with the spec; with ``True`` each call verifies that the mask is one (optionally causal), raising
-  ValueError for any other mask (a bias, a packed-sequence mask). ``False`` skips that O(L^2) check.
+  ValueError for any other mask (a bias, a sliding-window mask). ``False`` skips that O(L^2) check. A packed
+  row's mask (B = 1, exactly block diagonal: causal within each block for a causal spec) is recognised at run
+  time, whatever ``check_masks`` says, and reaches the kernels as ``cu_seqlens`` (each document on its own).
 - ``inductor``: ``True`` (default), ``False`` (run the rewritten graph eagerly), or a dict of Inductor config
   patches.
 
@@ -321,16 +323,20 @@ def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, plan: dict, opts: Op
     graph = gm.graph
     spec = plan["spec"]
     with graph.inserting_before(node):
-        kpm = None
-        if plan["mask"] is not None:
-            kpm = graph.call_function(torch.ops.lincomp.key_padding_mask.default,
-                                      (plan["mask"], spec.causal, opts.check_masks))
+        kpm = cu = None
+        if plan["mask"] is not None:   # a padding mask, or a packed row's block-diagonal one (decided per call)
+            key = (plan["mask"], spec.causal, opts.check_masks)
+            docs = gm.meta.setdefault("lincomp_mask_documents", {})   # one per mask: layers share theirs
+            if key not in docs:   # before the first site using the mask, so before every later one
+                docs[key] = graph.call_function(torch.ops.lincomp.mask_documents.default, key)
+            kpm = graph.call_function(operator.getitem, (docs[key], 0))
+            cu = graph.call_function(operator.getitem, (docs[key], 1))
             batch = graph.call_method("size", (plan["q"], 0))
             kpm = graph.call_method("expand", (kpm, batch, -1))
         new = graph.call_function(
             torch.ops.lincomp.attention.default, (plan["q"], plan["k"], plan["v"], spec_to_json(spec)),
             {"scale": plan["scale"], "key_padding_mask": kpm, "target": opts.target or "auto",
-             "fallback": opts.fallback, "hints_json": opts.hints_json})
+             "fallback": opts.fallback, "hints_json": opts.hints_json, "cu_seqlens": cu})
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)

@@ -10,18 +10,26 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
   runs a cached ``lincomp.compile(spec, target, **hints)`` kernel. ``fallback="warn"`` runs the reference
   with a ``LincompFallbackWarning`` when the target is not installed or cannot run a call;
   ``fallback="error"`` raises instead. ``cu_seqlens`` (int ``[N + 1]``, B = 1): a packed row of N documents,
-  each attended on its own (lincomp.runtime.varlen).
+  each attended on its own (lincomp.runtime.varlen); trailing repeats of ``L`` are ignored (the fixed-size
+  ``[L + 1]`` form ``mask_documents`` returns) and a single document ``[0, L]`` is the plain call (any B).
 - Training: ``lincomp::attention`` is ``lincomp::attention_forward(...)[0]``; that op also returns what
   the kernel's backward needs (the window kernels' log-sum-exp, the linear kernels' states), and its
   backward, ``torch.ops.lincomp.attention_backward`` (its own op, so compiled training graphs keep it
   opaque), runs only backward kernels: each forward runs once. Kernels without a backward of their own
   (TVM, the reference): a call whose inputs require grad runs the reference under autograd instead (one
   evaluation); without grad it runs the kernel. A call that fell back saves nothing and its gradient is the
-  reference's (``torch.func.vjp``).
+  reference's (``torch.func.vjp``). A packed row (``cu_seqlens``) saves nothing either: on kernels with a
+  backward its gradient re-runs each document group's forward and backward kernels
+  (``lincomp.runtime.varlen.packed_backward``; two forwards per step), else it is the reference's.
 - ``torch.ops.lincomp.key_padding_mask(mask, causal, check) -> [B, Lk] bool`` turns a
   scaled_dot_product_attention ``attn_mask`` (bool, or additive float) into the key-padding mask lincomp
-  takes; with ``check`` it raises when the mask is anything else (a bias, a packed-sequence mask, a causal
+  takes; with ``check`` it raises when the mask is anything else (a bias, a sliding-window mask, a causal
   mask for a non-causal spec), so a call is never silently wrong.
+- ``torch.ops.lincomp.mask_documents(mask, causal, check) -> (key_padding_mask [B, Lk], cu_seqlens int32 [Lk + 1])``:
+  the same for ``torch.compile``'s rewrite, which cannot tell a packed row from a padded batch when it builds
+  the graph: a ``[1, H|1, L, L]`` mask that is exactly block diagonal (causal within each block for a causal
+  spec) is a packed row (``cu_seqlens`` padded with repeats of L, no padding); any other mask is
+  ``key_padding_mask``'s (``cu_seqlens`` ``[0, L, ..., L]``: one document).
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ import torch
 from torch import Tensor
 
 from lincomp.compiler import compile as lincomp_compile
+from lincomp.documents import document_ids
 from lincomp.reference import reference
 from lincomp.runtime.kernel import Kernel, LincompFallbackWarning, ReferenceKernel
+from lincomp.runtime.varlen import packed_backward
 from lincomp.spec import AttentionSpec
 
 TARGETS = ("auto", "triton", "tvm", "reference")
@@ -149,8 +159,17 @@ def _kwargs(scale, tensors: dict, key_padding_mask, cu_seqlens=None) -> dict:
 
 
 def _saved_like(kernel: Kernel, q, k, v, kw: dict) -> list:
-    """What ``attention_forward`` saves for this call (nothing for a packed row: see its forward)."""
-    return [] if kw.get("cu_seqlens") is not None else kernel.saved_like(q, k, v, **kw)
+    """What ``attention_forward`` saves for this call: the unpacked call's slots, whether or not ``cu_seqlens``
+    comes (the fake cannot read how many documents it holds); a packed row leaves them unused."""
+    return kernel.saved_like(q, k, v, **{n: t for n, t in kw.items() if n != "cu_seqlens"})
+
+
+def documents(cu_seqlens: Optional[Tensor]) -> Optional[Tensor]:
+    """``cu_seqlens`` without trailing repeats of L, or None for one document (then the call is the plain one)."""
+    if cu_seqlens is None or cu_seqlens.numel() <= 2:
+        return None
+    n = int((cu_seqlens < cu_seqlens[-1]).sum()) + 1     # c_0 .. c_{N-1} < L, then L
+    return None if n <= 2 else cu_seqlens[:n]
 
 
 # ----------------------------------------------------------------------------------- attention
@@ -180,7 +199,8 @@ def _attention(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, fe
         if not has_own_backward(kernel):
             # No backward kernels (TVM, the reference): differentiate the reference itself, so training runs
             # one forward (the reference's) instead of the kernel's plus the reference's inside the backward.
-            return reference(spec_from_json(spec_json), q, k, v, **_kwargs(scale, tensors, key_padding_mask, cu_seqlens))
+            return reference(spec_from_json(spec_json), q, k, v,
+                             **_kwargs(scale, tensors, key_padding_mask, documents(cu_seqlens)))
     return torch.ops.lincomp.attention_forward(q, k, v, spec_json, scale, g, feature_weight_q, feature_weight_k,
                                                sink_logits, window_gamma, alpha, key_padding_mask, target, fallback,
                                                hints_json, cu_seqlens, pool_weight)[0]
@@ -206,9 +226,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, spec_json: str, scale: Op
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # an all-ones mask (tokenizer output) is no mask: dropped here, inside the op (no graph break), so
     # kernels that take no mask keep running
+    cu_seqlens = documents(cu_seqlens)
     kw = _kwargs(scale, tensors, drop_trivial_padding(key_padding_mask), cu_seqlens)
     like = _saved_like(kernel, q, k, v, kw)
-    with _strict(fallback):   # a packed row runs document by document: its gradient is the reference's
+    with _strict(fallback):   # a packed row runs by document groups and saves nothing (see attention_backward)
         o, saved = kernel.forward_saved(q, k, v, **kw) if cu_seqlens is None else (kernel(q, k, v, **kw), None)
     own = saved is not None
     if not own:   # the reference ran: the saved slots stay as promised, unused
@@ -243,10 +264,18 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     names = ("q", "k", "v", *tensors)
     inputs = (q, k, v, *tensors.values())
+    kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
+    kw = _kwargs(scale, tensors, drop_trivial_padding(key_padding_mask))   # as the forward saw it
+    cu_seqlens, grads = documents(cu_seqlens), None
     if int(own_backward) == 1:
-        kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
-        kw = _kwargs(scale, tensors, drop_trivial_padding(key_padding_mask))   # as the forward saw it
         grads = kernel.backward_saved(grad_out, o, list(saved), q, k, v, **kw)
+    elif cu_seqlens is not None and has_own_backward(kernel):
+        # a packed row saved nothing: its documents' forward runs again, each length group through the
+        # kernel's own backward (None if one fell back: then the reference's gradient below)
+        with _strict(fallback):
+            grads = packed_backward(kernel, grad_out.to(o.dtype), q.contiguous(), k.contiguous(), v.contiguous(),
+                                    cu_seqlens, **kw)
+    if grads is not None:
         grads = [grads.get(n) for n in names]
     else:
         spec = spec_from_json(spec_json)
@@ -370,7 +399,57 @@ def _key_padding_mask_fake(mask, causal, check=True):
     return mask.new_empty((mask.shape[0], mask.shape[-1]), dtype=torch.bool)
 
 
-__all__ = ["attention", "attention_forward", "attention_backward", "key_padding_mask", "drop_trivial_padding",
+def block_diagonal(mask: Tensor, causal: bool) -> Optional[List[int]]:
+    """The boundaries ``[0, c_1, ..., L]`` of a ``[1, H|1, L, L]`` SDPA mask that is exactly the block-diagonal
+    pattern of two or more documents (each block lower-triangular when ``causal``, full otherwise; a float mask
+    0 inside the blocks), else None. Each row's first visible key is its document's start; one O(L^2)
+    comparison with the pattern those starts give checks every entry."""
+    mask = _as_4d(mask)
+    L = mask.shape[-1]
+    if mask.shape[0] != 1 or mask.shape[-2] != L or L < 2:
+        return None
+    attend = _attend(mask)
+    first = attend[0, 0].to(torch.uint8).argmax(-1)                     # [L]: first True of each row
+    starts = torch.unique(first)
+    if starts.numel() < 2:
+        return None
+    cu = starts.tolist() + [L]
+    doc = document_ids(torch.tensor(cu), L, mask.device)
+    want = doc[:, None] == doc[None, :]
+    if causal:
+        want = want & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+    if cu[0] != 0 or not bool((attend == want).all()):
+        return None
+    if mask.dtype != torch.bool and bool((mask.masked_fill(~attend, 0) != 0).any()):
+        return None   # a bias inside the blocks: key_padding_mask's check names it
+    return cu
+
+
+@torch.library.custom_op("lincomp::mask_documents", mutates_args=())
+def mask_documents(mask: Tensor, causal: bool, check: bool = True) -> List[Tensor]:
+    """SDPA ``attn_mask`` -> [key-padding mask [B|1, Lk] bool, cu_seqlens int32 [Lk + 1]] (see the module docstring):
+    a packed row's block-diagonal mask gives its documents (padded with repeats of Lk) and no padding; any other
+    mask gives ``key_padding_mask(mask, causal, check)`` and one document."""
+    m = _as_4d(mask)
+    Lk = m.shape[-1]
+    cu = block_diagonal(m, causal)
+    if cu is None:
+        kpm, cu = key_padding_mask(mask, causal, check), [0]
+    else:
+        kpm = torch.ones(1, Lk, dtype=torch.bool, device=mask.device)
+    cu = torch.tensor(cu + [Lk] * (Lk + 1 - len(cu)), dtype=torch.int32, device=mask.device)
+    return [kpm, cu]
+
+
+@mask_documents.register_fake
+def _mask_documents_fake(mask, causal, check=True):
+    m = _as_4d(mask)
+    return [m.new_empty((m.shape[0], m.shape[-1]), dtype=torch.bool),
+            m.new_empty((m.shape[-1] + 1,), dtype=torch.int32)]
+
+
+__all__ = ["attention", "attention_forward", "attention_backward", "key_padding_mask", "mask_documents",
+           "block_diagonal", "documents", "drop_trivial_padding",
            "get_kernel", "spec_to_json",
            "spec_from_json",
            "clear_kernel_cache", "has_own_backward", "TARGETS", "FALLBACKS", "WEIGHT_NAMES"]

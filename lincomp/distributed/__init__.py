@@ -7,7 +7,8 @@
     o = ld.gather(o_local, layout)                            # the whole output on every rank
 
 Windows exchange only the halo their reach needs (overlapped with the interior rows); causal linear
-branches scan per-rank states; prefix tokens are replicated (exact or CLEAR's approximate mode).
+branches scan per-rank states; prefix tokens are replicated (exact or CLEAR's approximate mode). Packed rows
+(``cu_seqlens``) may have documents crossing rank borders.
 Forward and backward are exact. ``run_local`` spawns N local processes (tests, benchmarks).
 """
 

@@ -11,6 +11,8 @@ Per rank, for the tokens after the prefix:
 - prefix rows: causal -> computed locally (they see only the prefix); non-causal -> exact (an
   all-reduce of shifted softmax sums over every rank's keys) or CLEAR's approximate mode (each rank
   attends to the prefix and its own patch; outputs averaged).
+- packed rows (``cu_seqlens``, global offsets): the same steps, every local call cut at document borders,
+  the state restarting at document starts, non-causal sums per document (lincomp.distributed.varlen).
 Local compute goes through ``lincomp.compile(sub_spec, target)`` kernels; the rest is plain torch.
 """
 
@@ -27,7 +29,8 @@ from lincomp.distributed.comm import Comm
 from lincomp.distributed.layout import Layout, box_shape
 from lincomp.distributed.plan import GlobalPlan, branches, global_plan
 from lincomp.distributed.pool import gather_pooled
-from lincomp.inputs import bind
+from lincomp.distributed.varlen import Documents, documents, packed_attention
+from lincomp.inputs import bind, unpack_initial_state
 from lincomp.reference.features import feature_map
 from lincomp.reference.linear import log_gates, safe_divide
 from lincomp.runtime.pool import window_only
@@ -113,8 +116,10 @@ def attention(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     ``q, k, v``: this rank's ``[B, H|Hkv, prefix + own_tokens, D]`` (``layout.shard`` makes them): the
     prefix tokens (replicated, identical on every rank) then the rank's slice or patch, row-major.
     Per-token tensors (``g``) are sharded the same way; weights and ``initial_state`` are replicated.
-    ``cu_seqlens`` (the whole row's document boundaries, on every rank; 1D, no prefix): each rank runs its own
-    documents, so every rank border must be a document border (``lincomp.distributed.varlen``).
+    ``cu_seqlens`` (the whole row's document boundaries as global offsets, on every rank; 1D, no prefix): each
+    document is attended as its own sequence, also one that crosses rank borders (the halo and the linear
+    state are carried across the border and restart at document starts); ``initial_state`` then has one
+    row per document (``lincomp.distributed.varlen``).
     ``layout``: a :class:`Layout` (default: ``Layout.for_spec``; for 1D specs the local lengths are
     all-gathered once). ``prefix_mode``: "exact" or "approximate" (CLEAR: prefix queries attend to the
     prefix and the local patch, outputs averaged over ranks; non-causal specs only differ).
@@ -146,15 +151,22 @@ def attention(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
                                      **tensors)
     comm = Comm(group, stats)
     layout = _resolve_layout(spec, layout, comm, q)
-    if tensors.get("cu_seqlens") is not None:   # a packed row: each rank runs its own whole documents
-        from lincomp.distributed.varlen import packed_attention
-        return packed_attention(spec, q, k, v, kernel=_kernel(spec, target), layout=layout, comm=comm,
-                                sync_grads=sync_grads, scale=scale, linear_scale=linear_scale,
-                                return_state=return_state, **tensors)
+    docs, doc_states = None, None
+    if tensors.get("cu_seqlens") is not None:   # a packed row (lincomp.distributed.varlen)
+        docs = documents(spec, layout, tensors.pop("cu_seqlens"), return_state)
+        if docs.borders_on_documents(layout):   # each rank runs its own whole documents
+            return packed_attention(spec, q, k, v, kernel=_kernel(spec, target), layout=layout, comm=comm, docs=docs,
+                                    sync_grads=sync_grads, scale=scale, linear_scale=linear_scale, **tensors)
+        doc_states = tensors.pop("initial_state", None)   # one row per document, bound below
     local_spec = spec.with_grid(box_shape(layout.box(comm.rank))) if isinstance(spec.window, GridWindow) else spec
     call = bind(local_spec, q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state, **tensors)
+    if doc_states is not None:
+        if spec.linear is None or not spec.causal:
+            raise ValueError("initial_state needs a causal linear branch")
+        call.S0, call.z0 = unpack_initial_state(doc_states, docs.N, call.H, call.F, call.Dv, device=q.device)
     plan = global_plan(window_only(spec), layout, bool(overlap))   # pooled keys: see lincomp.distributed.pool
-    return _Run(plan, comm, call, target, prefix_mode, sync_grads, (spec, layout) if spec.pool else None).run()
+    return _Run(plan, comm, call, target, prefix_mode, sync_grads, (spec, layout) if spec.pool else None,
+                docs).run()
 
 
 def _resolve_layout(spec: AttentionSpec, layout: Optional[Layout], comm: Comm, q: torch.Tensor) -> Layout:
@@ -194,9 +206,10 @@ class _Run:
     """One call's data on this rank: replicated and own parts of every tensor, and the steps."""
 
     def __init__(self, plan: GlobalPlan, comm: Comm, call, target: str, prefix_mode: str, sync_grads: bool,
-                 pooled=None):
+                 pooled=None, docs: Optional[Documents] = None):
         self.plan, self.comm, self.call, self.target, self.mode = plan, comm, call, target, prefix_mode
         self.pooled = pooled      # (pooled spec, layout) when window.pool is set
+        self.docs = docs          # a packed row's boundaries (then S0, z0 hold one row per document)
         self.kvp = None
         self.spec, self.parts = plan.spec, plan.parts
         self.rp = plan.ranks[comm.rank]
@@ -275,9 +288,50 @@ class _Run:
             k, v = torch.cat([kp.to(k.dtype), k], 2), torch.cat([vp.to(v.dtype), v], 2)
             sub, n = replace(sub, prefix=n + kp.shape[2]), n + kp.shape[2]
         state = states.get(task.state_at) if task.state_at is not None else None
+        packed = {}
+        if self.docs is not None:
+            (lo, hi), = task.keys
+            state, packed = self._packed(lo, hi, state)
         o = _kernel(sub, self.target)(q, k, v, scale=call.scale, linear_scale=call.linear_scale,
-                                      **_kernel_tensors(sub, self.w, g, state))
+                                      **_kernel_tensors(sub, self.w, g, state), **packed)
         return o.index_select(2, rp.index(f"rows:{i}", o.device) + n)
+
+    # -- packed rows ------------------------------------------------------------------------------
+    def _initial(self, d: Optional[int] = None) -> tuple:
+        """(S [B, H, F, Dv], z [B, H, F]) entering document ``d`` (the sequence when None): zeros or initial_state's."""
+        if self.S0 is not None:
+            S, z = self.S0 if d is None else (self.S0[0][d:d + 1], self.S0[1][d:d + 1])
+            return S.to(self.cd), z.to(self.cd)
+        B, H, F, Dv = self.q_o.shape[0], self.H, self.call.F, self.call.Dv
+        return self.q_o.new_zeros(B, H, F, Dv, dtype=self.cd), self.q_o.new_zeros(B, H, F, dtype=self.cd)
+
+    def _packed(self, lo: int, hi: int, entering=None):
+        """A kernel call over tokens ``lo .. hi - 1`` of a packed row: its ``cu_seqlens`` and, given the state
+        ``entering`` its first token's document at ``lo``, the initial state of every document it overlaps."""
+        first, cu = self.docs.local(lo, hi)
+        if entering is None:
+            return None, {"cu_seqlens": cu}
+        rows = [entering] + [self._initial(d) for d in range(first + 1, first + len(cu) - 1)]
+        return (torch.cat([S for S, _ in rows]), torch.cat([z for _, z in rows])), {"cu_seqlens": cu}
+
+    def _carry(self, fk, v, G, m: int) -> torch.Tensor:
+        """Packed (log decay, S, z) taking the state entering this rank's slice to the state entering its token
+        ``m``. In a packed row, a document starting at a token in ``1 .. m`` cuts the carry: the map forgets
+        its input (log decay -inf) and gives that document's initial state plus its tokens before ``m``."""
+        start = self.rp.own_range[0]
+        cut = None if self.docs is None else self.docs.last_start(start, start + m)
+        if cut is None:
+            return self._contrib(fk, v, G, m)
+        p, d = cut[0] - start, cut[1]
+        S0, z0 = self._initial(d)
+        if p < m:
+            rest = self._contrib(fk[:, :, p:], v[:, :, p:], G[:, :, p:] - G[:, :, p - 1:p], m - p)
+            decay = rest[..., :G.shape[-1]].exp()
+            S = (decay[..., None] * S0).flatten(-2) + rest[..., G.shape[-1]:-z0.shape[-1]]
+            z = decay * z0 + rest[..., -z0.shape[-1]:]
+        else:     # token m starts a document: its initial state
+            S, z = S0.flatten(-2), z0
+        return torch.cat([torch.full_like(G[:, :, 0], float("-inf")), S, z], -1)
 
     # -- linear branch ----------------------------------------------------------------------------
     def _features(self, which: str, x: torch.Tensor) -> torch.Tensor:
@@ -302,7 +356,7 @@ class _Run:
         F, Dv, Fg = fk.shape[-1], v.shape[-1], G.shape[-1]
         sizes = [Fg, F * Dv, F]
         start, stop = rp.own_range
-        x = self._contrib(fk, v, G, stop - start)                                     # [B, H, Fg + F*Dv + F]
+        x = self._carry(fk, v, G, stop - start)                                       # [B, H, Fg + F*Dv + F]
         like = (tuple(x.shape), x.dtype)
         y = comm.p2p({r + 1: x} if r + 1 < R else {}, {r - 1: like} if r else {}, "state", dev).get(r - 1)
         for s in plan.scan_rounds():
@@ -312,7 +366,7 @@ class _Run:
                 y = _then(y, got[r - s], sizes)
         prefix = self._prefix_state(B, H, F, Dv)                                      # packed (S, z)
         entering = prefix if y is None else _then(y, prefix, sizes, apply=True)
-        made = {p: entering if p == start else _then(self._contrib(fk, v, G, p - start), entering, sizes, apply=True)
+        made = {p: entering if p == start else _then(self._carry(fk, v, G, p - start), entering, sizes, apply=True)
                 for p in plan.produce[r]}
         pk = prefix.shape[-1]
         sends = {user: torch.stack([made[p] for p in ps]) for (maker, user), ps in plan.deliveries.items()
@@ -342,15 +396,11 @@ class _Run:
 
     def _prefix_state(self, B, H, F, Dv) -> torch.Tensor:
         """Packed (S, z) after the prefix: the initial state decayed over it (+ its keys, except in 'shared')."""
-        cd = self.cd
-        if self.S0 is not None:
-            S, z = self.S0[0].to(cd), self.S0[1].to(cd)
-        else:
-            S = self.q_o.new_zeros(B, H, F, Dv, dtype=cd)
-            z = self.q_o.new_zeros(B, H, F, dtype=cd)
+        S, z = self._initial(None if self.docs is None else 0)
         state = torch.cat([S.flatten(-2), z], -1)
         if self.n == 0:
             return state
+        cd = self.cd
         fk = self._features("k", self.k_p)
         G = log_gates(None if self.g_p is None else self.g_p.to(cd), fk).cumsum(2)
         contrib = self._contrib(fk, _heads(self.v_p, H).to(cd), G, self.n)
@@ -359,14 +409,24 @@ class _Run:
         return _then(contrib, state, [G.shape[-1], F * Dv, F], apply=True)
 
     def _global_state(self):
-        """Non-causal: (S, z) summed over every token of every rank (one all-reduce)."""
+        """Non-causal: (S, z) summed over every token of every rank (one all-reduce); in a packed row, one
+        sum per document (``S [N, H, F, Dv]``, each rank adding the pieces of the documents it holds)."""
         def local(k, v):
             fk = self._features("k", k)
             return fk.transpose(-1, -2) @ _heads(v, self.H).to(self.cd), fk.sum(2)
 
-        S, z = local(self.k_o, self.v_o)
+        if self.docs is None:
+            S, z = local(self.k_o, self.v_o)
+            mine = torch.cat([S.flatten(-2), z], -1)
+        else:
+            first, cu = self._own_documents()
+            pieces = [local(self.k_o[:, :, a:b], self.v_o[:, :, a:b]) for a, b in zip(cu, cu[1:])]
+            S, z = pieces[0]
+            own = torch.cat([torch.cat([Sd.flatten(-2), zd], -1) for Sd, zd in pieces])       # [n, H, F*Dv + F]
+            mine = own.new_zeros((self.docs.N,) + own.shape[1:]).index_copy(
+                0, torch.arange(first, first + len(pieces), device=own.device), own)
         F = z.shape[-1]
-        tot = self.comm.all_reduce(torch.cat([S.flatten(-2), z], -1), "state")
+        tot = self.comm.all_reduce(mine, "state")
         S, z = tot.split([tot.shape[-1] - F, F], -1)
         S = S.view(z.shape + (-1,))
         if self.n:
@@ -382,16 +442,28 @@ class _Run:
             return safe_divide(num, (fq * z[:, :, None, :]).sum(-1))
         return self.call.linear_scale * num
 
+    def _own_documents(self):
+        """(first document, [0, ..., own tokens] boundaries as ints) of this rank's slice of a packed row."""
+        first, cu = self.docs.local(*self.rp.own_range)
+        return first, cu.tolist()
+
     def _own_linear(self, states, total):
         if self.parts.linear is None:
             return None
         if self.parts.linear == "global":
-            return self._linear_out(self.q_o, total)
+            if self.docs is None:
+                return self._linear_out(self.q_o, total)
+            first, cu = self._own_documents()
+            S, z = total       # [N, H, F, Dv], [N, H, F]: one row per document
+            return torch.cat([self._linear_out(self.q_o[:, :, a:b], (S[d:d + 1], z[d:d + 1]))
+                              for d, a, b in zip(range(first, first + len(cu) - 1), cu, cu[1:])], 2)
         sub, call = self.parts.linear_spec, self.call
-        state = states[self.rp.own_range[0]]
+        state, packed = states[self.rp.own_range[0]], {}
+        if self.docs is not None:
+            state, packed = self._packed(*self.rp.own_range, state)
         return _kernel(sub, self.target)(self.q_o, self.k_o, self.v_o, scale=call.scale,
                                          linear_scale=call.linear_scale,
-                                         **_kernel_tensors(sub, self.w, self.g_o, state))
+                                         **_kernel_tensors(sub, self.w, self.g_o, state), **packed)
 
     # -- prefix rows ------------------------------------------------------------------------------
     def _prefix_rows(self, total) -> torch.Tensor:

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,41 @@ def corpus_tokens(split: str = "train", max_bytes: Optional[int] = None) -> torc
     from lincomp.models.corpus import source_bytes
 
     return encode(source_bytes(split, max_bytes=max_bytes))
+
+
+def corpus_documents(split: str = "train", max_bytes: Optional[int] = None) -> List[torch.Tensor]:
+    """The stdlib source files of ``split``, each a LongTensor of byte ids (one document per file)."""
+    from lincomp.models.corpus import source_documents
+
+    return [encode(d) for d in source_documents(split, max_bytes=max_bytes)]
+
+
+def packed_batches(documents: Sequence[torch.Tensor], seq_len: int, batch_size: int,
+                   seed: int = 0) -> Callable[[int], dict]:
+    """``step -> batch``: packed rows (Lizard's and LoLCATs' training data), a pure function of (seed, step).
+
+    Every document is cut into pieces of at most ``seq_len`` tokens (the positions the teacher was trained on);
+    the pieces, shuffled once by ``seed``, are packed greedily into rows of at most ``batch_size * seq_len``
+    tokens (the tokens of a ``[batch_size, seq_len]`` window batch) with no padding. A batch is one row as
+    :func:`lincomp.models.packing.packed_row` makes it: ``position_ids`` restart at every piece (linearised
+    layers attend each piece on its own, through ``cu_seqlens``) and no piece predicts another's tokens."""
+    from lincomp.models.packing import pack_lengths, packed_row
+
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+    pieces = [(d, a, min(a + seq_len, doc.numel())) for d, doc in enumerate(documents)
+              for a in range(0, doc.numel(), seq_len)]
+    if not pieces:
+        raise ValueError("packed_batches got no tokens (every document is empty)")
+    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed)).tolist()
+    pieces = [pieces[i] for i in order]
+    rows = pack_lengths([b - a for _, a, b in pieces], batch_size * seq_len)
+
+    def at(step: int) -> dict:
+        return packed_row([documents[d][a:b] for d, a, b in (pieces[i] for i in rows[step % len(rows)])])
+
+    at.digest = f"packed_batches(seq_len={seq_len}, batch_size={batch_size}, seed={seed}, rows={len(rows)})"
+    return at
 
 
 def window_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0) -> Callable[[int], torch.Tensor]:

@@ -164,9 +164,10 @@ def packages_info(packages: Sequence[str] = EXTRA_PACKAGES) -> dict:
     return {"packages": out, "sha256": h.hexdigest()[:16]}
 
 
-def source_bytes(split: str = "train", *, root: Optional[str] = None, heldout_percent: int = 10,
-                 max_bytes: Optional[int] = None) -> bytes:
-    """The split's source files concatenated (each followed by a blank line), as UTF-8 bytes."""
+def source_documents(split: str = "train", *, root: Optional[str] = None, heldout_percent: int = 10,
+                     max_bytes: Optional[int] = None) -> List[bytes]:
+    """The split's source files, one UTF-8 ``bytes`` each (followed by a blank line), in order; with
+    ``max_bytes``, only the files up to the one that reaches it."""
     out, total = [], 0
     for path in _files_of(split, root, heldout_percent):
         text = _read(path)
@@ -177,7 +178,13 @@ def source_bytes(split: str = "train", *, root: Optional[str] = None, heldout_pe
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
             break
-    data = b"".join(out)
+    return out
+
+
+def source_bytes(split: str = "train", *, root: Optional[str] = None, heldout_percent: int = 10,
+                 max_bytes: Optional[int] = None) -> bytes:
+    """The split's source files concatenated (each followed by a blank line), as UTF-8 bytes."""
+    data = b"".join(source_documents(split, root=root, heldout_percent=heldout_percent, max_bytes=max_bytes))
     return data if max_bytes is None else data[:max_bytes]
 
 

@@ -447,9 +447,10 @@ def _spec_summaries(model: nn.Module) -> List[str]:
 
 def _data_digest(data: Union[Sequence, Callable[[int], Any]]) -> Union[str, list]:
     """What identifies the training data in a checkpoint: its length plus a hash of its first and last batch
-    (a callable's output is not hashed: resuming one is the caller's responsibility)."""
+    (a callable's output is not hashed: resuming one is the caller's responsibility; one with a ``digest``
+    attribute, as :func:`lincomp.models.causal_lm.packed_batches` makes, is identified by it)."""
     if not isinstance(data, Sequence):
-        return "callable"
+        return getattr(data, "digest", "callable")
     h = hashlib.sha256()
     for b in (data[0], data[-1]) if len(data) else ():
         for t in (b.values() if isinstance(b, Mapping) else [b]):

@@ -283,10 +283,15 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
                   out_dir: Optional[str] = "out/distill/causal_lm", device: str = "cpu", progress: bool = True,
                   baseline: bool = True, fresh: bool = False, memory_contexts: Sequence[int] = (512, 2048, 8192, 32768),
                   measure_contexts: Sequence[int] = (128, 512, 1024), teacher_dir: Optional[str] = None,
-                  log: Callable[[str], None] = _log_default) -> dict:
+                  pack: bool = True, log: Callable[[str], None] = _log_default) -> dict:
     """Train (or load) the byte-level teacher, linearise it Lizard-style, distil, measure perplexity and
     decode memory. Returns a JSON-able dict (also ``out_dir/results.json``). The teacher is cached in
-    ``teacher_dir`` (default ``out_dir/teacher``)."""
+    ``teacher_dir`` (default ``out_dir/teacher``).
+
+    ``pack``: distil on packed rows (the default, as Lizard and LoLCATs train): every source file is a document,
+    cut into pieces of at most ``seq_len`` bytes and packed ``batch_size * seq_len`` bytes to a row, each piece
+    attended on its own (``cu_seqlens``); False: ``[batch_size, seq_len]`` windows of the concatenated files,
+    which run across file borders."""
     from lincomp.models import causal_lm as clm
     from lincomp.models.corpus import corpus_info
     from lincomp.models.distill import save_student
@@ -315,7 +320,10 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
                                 AttentionSpec(window=spec.window, causal=True, prefix=spec.prefix))
         ppl["window_only"] = clm.perplexity(swa, windows)
         del swa
-    data = clm.window_batches(train_tokens, seq_len, batch_size, seed + 1)
+    if pack:
+        data = clm.packed_batches(clm.corpus_documents("train"), seq_len, batch_size, seed + 1)
+    else:
+        data = clm.window_batches(train_tokens, seq_len, batch_size, seed + 1)
 
     def measure(stage: str) -> None:
         ppl[stage] = clm.perplexity(student, windows)
@@ -339,7 +347,7 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
     results = {"recipe": "causal_lm", "machine": machine_info(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
                "teacher": {k: v for k, v in tinfo.items() if k != "history"},
                "corpus": {**corpus_info(), "kind": "stdlib source, bytes", "train_bytes": int(train_tokens.numel())},
-               "seq_len": seq_len, "eval_windows": int(windows.shape[0]), "steps": steps,
+               "seq_len": seq_len, "packed": pack, "eval_windows": int(windows.shape[0]), "steps": steps,
                "finetune_steps": finetune_steps, "batch_size": batch_size, "lr": lr, "finetune_lr": finetune_lr,
                "seed": seed, "device": device, "perplexity": ppl, "ratio": final / ppl["teacher"],
                **stages, "decode_memory": memory, "wall_s": time.perf_counter() - t_start}
@@ -667,6 +675,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     _option(d, "--eval-windows", dc, "held-out windows", key="eval_windows_n")
     d.add_argument("--teacher-dir", default=None, metavar="DIR",
                    help="where the trained teacher is cached (default <out>/teacher)")
+    d.add_argument("--no-pack", action="store_true",
+                   help="distil on [batch-size, seq-len] windows of the concatenated files instead of packed "
+                        "rows (default: each file a document, batch-size * seq-len bytes to a row, every "
+                        "document attended on its own through cu_seqlens)")
     _common(c, dc)
     c.set_defaults(func=_cmd_causal_lm)
 
@@ -726,7 +738,7 @@ def _cmd_causal_lm(a) -> int:
                   batch_size=a.batch_size, seq_len=a.seq_len, eval_windows_n=a.eval_windows, lr=a.lr,
                   finetune_lr=a.finetune_lr, seed=a.seed, out_dir=a.out,
                   device=_device(a.device), progress=not a.no_progress, baseline=not a.no_baseline,
-                  fresh=a.fresh, teacher_dir=a.teacher_dir)
+                  fresh=a.fresh, teacher_dir=a.teacher_dir, pack=not a.no_pack)
     return 0
 
 

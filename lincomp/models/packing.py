@@ -68,31 +68,41 @@ def check_packed_mask(mask: Optional[torch.Tensor], cu_seqlens: torch.Tensor, ca
                          "so only that mask (or none) can be combined with cu_seqlens / restarting position_ids")
 
 
+def pack_lengths(lengths: Sequence[int], length: int) -> List[List[int]]:
+    """Greedy, in-order packing: the indices of ``lengths`` (each ``<= length``) grouped into rows of at most
+    ``length`` tokens (a piece that does not fit starts a new row)."""
+    rows: List[List[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if rows and used + n <= length:
+            rows[-1].append(i)
+            used += n
+        else:
+            rows.append([i])
+            used = n
+    return rows
+
+
+def packed_row(documents: Sequence[torch.Tensor]) -> dict:
+    """One causal-LM batch of token-id documents laid end to end: ``input_ids`` ``[1, n]``, ``position_ids``
+    restarting at every document (linearize turns them into ``cu_seqlens``) and ``labels`` with -100 at each
+    document's first token (it is not predicted from the previous document)."""
+    ids = torch.cat(list(documents))
+    pos = torch.cat([torch.arange(p.numel()) for p in documents])
+    labels = ids.clone()
+    labels[pos == 0] = -100
+    return {"input_ids": ids[None], "position_ids": pos[None], "labels": labels[None]}
+
+
 def pack_documents(documents: Sequence[torch.Tensor], length: int) -> List[dict]:
     """Token-id documents (1-D tensors) packed greedily, in order, into rows of at most ``length`` tokens, as
-    batches for a causal LM (``lincomp.distill``, or any training loop): ``input_ids`` ``[1, n]``, ``position_ids``
-    restarting at every document (linearize turns them into ``cu_seqlens``) and ``labels`` with -100 at each
-    document's first token (it is not predicted from the previous document). A document longer than
-    ``length`` is cut into pieces of ``length``, each a document of its own. No padding."""
+    batches for a causal LM (``lincomp.distill``, or any training loop; see :func:`packed_row`). A document
+    longer than ``length`` is cut into pieces of ``length``, each a document of its own. No padding."""
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
     pieces = [d[i:i + length] for d in documents for i in range(0, d.numel(), length) if d.numel()]
-    rows, row = [], []
-    for p in pieces:
-        if row and sum(x.numel() for x in row) + p.numel() > length:
-            rows.append(row)
-            row = []
-        row.append(p)
-    if row:
-        rows.append(row)
-    out = []
-    for row in rows:
-        ids = torch.cat(row)
-        pos = torch.cat([torch.arange(p.numel()) for p in row])
-        labels = ids.clone()
-        labels[pos == 0] = -100
-        out.append({"input_ids": ids[None], "position_ids": pos[None], "labels": labels[None]})
-    return out
+    return [packed_row([pieces[i] for i in row]) for row in pack_lengths([p.numel() for p in pieces], length)]
 
 
-__all__ = ["cu_seqlens_from_position_ids", "packed_cu_seqlens", "check_packed_mask", "pack_documents"]
+__all__ = ["cu_seqlens_from_position_ids", "packed_cu_seqlens", "check_packed_mask", "pack_lengths", "packed_row",
+           "pack_documents"]

@@ -11,7 +11,7 @@ Triton kernels' backward, the reference's autograd).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -76,9 +76,7 @@ def run_packed(dense: Callable, spec, q, k, v, cu_seqlens, *, return_state: bool
         scalars["return_state"] = True
     outs: List = [None] * N
     states: List = [None] * N
-    for n, docs in length_groups(cu).items():
-        per_doc = [document_tensors(whole, cu[d], cu[d] + n) for d in docs]
-        batch = {name: _stack([p[name] for p in per_doc]) if name in _CUT else t for name, t in whole.items()}
+    for n, docs, batch in _groups(cu, whole):
         if S0 is not None:
             idx = torch.tensor(docs, device=S0.device)
             batch["initial_state"] = S0[idx] if z0 is None else (S0[idx], z0[idx])
@@ -90,6 +88,54 @@ def run_packed(dense: Callable, spec, q, k, v, cu_seqlens, *, return_state: bool
                 states[d] = (s[0][j:j + 1], s[1][j:j + 1])
     o = torch.cat(outs, dim=2)
     return (o, cat_states(states)) if return_state else o
+
+
+def _groups(cu: List[int], whole: dict):
+    """(length, documents, batch) per document length: the per-token tensors of ``whole`` cut per document and
+    stacked on the batch axis (``[m, ...]``), the other tensors shared."""
+    for n, docs in length_groups(cu).items():
+        per_doc = [document_tensors(whole, cu[d], cu[d] + n) for d in docs]
+        yield n, docs, {name: _stack([p[name] for p in per_doc]) if name in _CUT else t for name, t in whole.items()}
+
+
+def packed_backward(kernel, grad_o, q, k, v, cu_seqlens, **kwargs) -> Optional[dict]:
+    """{name: gradient} (q, k, v and the float tensors of ``kwargs``; None where zero) of ``sum(grad_o * o)`` for
+    a packed row, through ``kernel``'s own backward: per document length, the stacked documents' forward is run
+    again with ``forward_saved`` and differentiated by ``backward_saved`` (a gated linear branch alone: one call
+    over the row with the gate shut at document starts, as the forward). Gradients of per-token tensors are put
+    back in document order, those of shared weights summed. None when a call saved nothing (it fell back to
+    the reference): the caller then differentiates the reference. No ``initial_state`` / ``return_state``."""
+    cu = check_cu_seqlens(cu_seqlens, q, kernel.spec)
+    if restarts_by_gate(kernel.spec, kwargs, False):
+        shut = {**kwargs, "g": shut_gate(kwargs["g"], cu)}
+        o, saved = kernel.forward_saved(q, k, v, **shut)
+        if saved is None:
+            return None
+        grads = kernel.backward_saved(grad_o, o, saved, q, k, v, **shut)
+        if grads.get("g") is not None:   # the shut entries are constants
+            grads["g"] = grads["g"].clone()
+            grads["g"][:, :, cu[1:-1]] = 0
+        return grads
+    whole = {"q": q, "k": k, "v": v, **{n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}}
+    scalars = {n: t for n, t in kwargs.items() if n not in whole}
+    out: dict = {}
+    for n, docs, batch in _groups(cu, whole):
+        go = _stack([grad_o.narrow(2, cu[d], n) for d in docs])
+        o, saved = kernel.forward_saved(**batch, **scalars)
+        if saved is None:
+            return None
+        grads = kernel.backward_saved(go, o, saved, **batch, **scalars)
+        for name, d in grads.items():
+            if d is None:
+                continue
+            axis = TOKEN_AXIS.get(name)
+            if axis is None:            # a shared weight: the documents' contributions add up
+                out[name] = d if out.get(name) is None else out[name] + d
+                continue
+            full = out.setdefault(name, torch.zeros_like(whole[name], dtype=d.dtype))
+            for j, doc in enumerate(docs):
+                full.narrow(axis, cu[doc], n).copy_(d[j:j + 1])
+    return out
 
 
 class VarlenDecoder:
@@ -137,4 +183,4 @@ class VarlenDecoder:
         return [int(d.t) for d in self.decoders]
 
 
-__all__ = ["run_packed", "length_groups", "VarlenDecoder"]
+__all__ = ["run_packed", "packed_backward", "length_groups", "VarlenDecoder"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import lincomp
 from lincomp import presets
 from lincomp.backends import dynamo, lincomp_backend, parse_options, rewrite_report
+from lincomp.documents import cu_seqlens_of, document_ids
 from lincomp.reference import window_mask
 from lincomp.testing import rel_err
 
@@ -181,8 +182,81 @@ def test_a_mask_that_is_not_padding_raises_at_run_time():
     compiled = _compiled(f, spec=SWA)
     padding = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
     assert rel_err(compiled(q, k, v, padding), lincomp.reference(SWA, q, k, v)) < 1e-6
-    with pytest.raises(ValueError, match="not a key-padding mask"):
-        compiled(q, k, v, torch.eye(8, dtype=torch.bool)[None, None])
+    band = torch.ones(8, 8, dtype=torch.bool).tril() & torch.ones(8, 8, dtype=torch.bool).triu(-2)
+    with pytest.raises(ValueError, match="not a key-padding mask"):   # a sliding window, not documents
+        compiled(q, k, v, band[None, None])
+
+
+def _packed_mask(lengths, causal=True, dtype=torch.bool):
+    doc = document_ids(cu_seqlens_of(lengths), sum(lengths))
+    mask = doc[:, None] == doc[None, :]
+    if causal:
+        mask = mask & torch.ones(len(doc), len(doc), dtype=torch.bool).tril()
+    if dtype != torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    return mask[None, None]
+
+
+@pytest.mark.parametrize("spec", [SWA, {"causal": True, "linear": {"feature_map": "elu1", "normalize": True}}],
+                         ids=["swa", "linear"])
+def test_llama_packed_row_block_diagonal_mask_equals_documents_one_by_one(llama, spec):
+    """transformers' packed-sequence SDPA mask (block diagonal, causal blocks) reaches the kernels as cu_seqlens."""
+    lengths = [5, 1, 9, 4]
+    ids = torch.randint(0, 64, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    compiled = _compiled(llama, spec=spec)
+    with torch.no_grad():
+        packed = compiled(ids, attention_mask=_packed_mask(lengths), position_ids=pos).logits
+        edges = cu_seqlens_of(lengths).tolist()
+        alone = torch.cat([compiled(ids[:, a:b]).logits for a, b in zip(edges, edges[1:])], 1)
+        whole = compiled(ids).logits
+    assert rel_err(packed, alone) < 1e-5
+    assert rel_err(whole, alone) > 1e-2      # one long document differs: the comparison can fail
+    # a block that is not causal, or a causal mask with a hole, is no packed row for a causal spec: clear error
+    holed = _packed_mask(lengths).clone()
+    holed[0, 0, 12, 10] = False
+    for bad in (_packed_mask(lengths, causal=False), holed):
+        with pytest.raises(ValueError, match="not a key-padding mask"):
+            compiled(ids, attention_mask=bad, position_ids=pos)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_mask_through_a_compiled_call_site_with_gradients(causal):
+    """Float (additive) and bool block-diagonal masks, causal and not: output and q/k/v gradients == the reference
+    with cu_seqlens; a padded batch through the same graph still gets its key-padding mask."""
+    lengths = [3, 1, 6, 2]
+    spec = lincomp.AttentionSpec(window={"kind": "1d", "left": 2, "right": 0 if causal else 2}, causal=causal)
+
+    def f(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    compiled = _compiled(f, spec=spec)
+    for dtype in (torch.bool, torch.float32):
+        q, k, v = (torch.randn(1, 2, sum(lengths), 4, requires_grad=True) for _ in range(3))
+        out = compiled(q, k, v, _packed_mask(lengths, causal, dtype))
+        want = lincomp.reference(spec, q, k, v, cu_seqlens=cu_seqlens_of(lengths))
+        assert rel_err(out, want) < 1e-6
+        probe = torch.randn_like(want)
+        got = torch.autograd.grad((out * probe).sum(), (q, k, v))
+        ref = torch.autograd.grad((want * probe).sum(), (q, k, v))
+        assert all(rel_err(a, b) < 1e-6 for a, b in zip(got, ref))
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    pad = torch.tensor([[True] * 6, [False] * 2 + [True] * 4])
+    mask = pad[:, None, None, :] & (torch.ones(6, 6, dtype=torch.bool).tril() if causal else True)
+    want = lincomp.reference(spec, q, k, v, key_padding_mask=pad)
+    torch._dynamo.reset()   # a fresh static graph (a recompile for new shapes would make q's and k's lengths unrelated)
+    assert rel_err(_compiled(f, spec=spec)(q, k, v, mask)[1], want[1]) < 1e-6
+
+
+def test_mask_documents_op():
+    from lincomp.backends.ops import mask_documents
+    kpm, cu = mask_documents(_packed_mask([2, 1, 3]), True)
+    assert kpm.tolist() == [[True] * 6] and cu.tolist() == [0, 2, 3, 6, 6, 6, 6]
+    kpm, cu = mask_documents(torch.ones(1, 1, 4, 4, dtype=torch.bool).tril(), True)     # one document: plain
+    assert kpm.all() and cu.tolist() == [0, 4, 4, 4, 4]
+    biased = _packed_mask([2, 2], dtype=torch.float32)
+    biased[0, 0, 1, 0] = 0.5
+    with pytest.raises(ValueError, match="attn_mask is not a key-padding mask"):   # a bias is no packed row
+        mask_documents(biased, True)
 
 
 def test_bad_options_give_clear_errors():

@@ -382,3 +382,77 @@ def _distill_report():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# ------------------------------------------------------------------------------------------ packed rows
+def test_packed_batches_cut_shuffle_and_pack_documents():
+    docs = [torch.arange(1, 12), torch.arange(20, 23), torch.arange(30, 31), torch.arange(40, 49)]
+    at = clm.packed_batches(docs, seq_len=4, batch_size=2, seed=3)
+    rows = [at(s) for s in range(8)]
+    pieces = set()
+    for r in rows[:4]:
+        ids, pos, labels = r["input_ids"][0], r["position_ids"][0], r["labels"][0]
+        assert ids.numel() <= 8 and ids.shape == pos.shape == labels.shape
+        starts = (pos == 0).nonzero().flatten().tolist() + [ids.numel()]
+        for a, b in zip(starts, starts[1:]):       # every piece: <= seq_len tokens of one document, in order
+            piece = ids[a:b]
+            assert b - a <= 4 and (piece.diff() == 1).all() and pos[a:b].tolist() == list(range(b - a))
+            assert labels[a] == -100 and labels[a + 1:b].tolist() == piece[1:].tolist()
+            pieces.add(tuple(piece.tolist()))
+    # 11 -> 4+4+3, 3, 1, 9 -> 4+4+1: 8 pieces, 24 tokens, in 4 rows of at most 8 (then the rows repeat)
+    assert sum(len(p) for p in pieces) == 24 and len(pieces) == 8
+    assert all(torch.equal(rows[s]["input_ids"], rows[s + 4]["input_ids"]) for s in range(4))
+    again = clm.packed_batches(docs, seq_len=4, batch_size=2, seed=3)
+    assert torch.equal(again(2)["input_ids"], rows[2]["input_ids"])       # a pure function of (seed, step)
+    assert at.digest != clm.packed_batches(docs, seq_len=4, batch_size=2, seed=4).digest
+
+
+def test_distill_on_packed_rows_attends_each_document_on_its_own(llama):
+    """Both stages' losses and gradients on a packed row == the documents run one by one (token-weighted), and
+    every linearised layer gets the row's cu_seqlens: no cross-document attention in training."""
+    from lincomp.models import LinearizedAttention
+    model, _ = llama
+    student = linearize(copy.deepcopy(model), LIZARD, target="reference")
+    params = list(learned_parameters(student))
+    for p in params:   # non-trivial learned parts
+        p.data.add_(0.1 * torch.randn_like(p))
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 256, (n,), generator=g) for n in (5, 1, 9, 3)]
+    batch = clm.packed_batches(docs, seq_len=16, batch_size=2, seed=0)(0)
+    cu = batch["position_ids"][0].eq(0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    pieces = [batch["input_ids"][0, a:b] for a, b in zip(cu, cu[1:])]
+    assert sorted(p.numel() for p in pieces) == [1, 3, 5, 9]
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("cu_seqlens")), with_kwargs=True)
+               for m in student.modules() if isinstance(m, LinearizedAttention)]
+    runner = D.TeacherRunner(None, student)
+    try:
+        for loss_fn, weight in ((D.layer_local_loss, lambda n: n), (D.lm_loss, lambda n: n - 1)):
+            seen.clear()
+            packed = loss_fn(student, runner, batch)[0]
+            assert len(seen) == len(handles) == 2 and all(c is not None and c.tolist() == cu for c in seen)
+            g_packed = torch.autograd.grad(packed, params)
+            total = sum(weight(p.numel()) for p in pieces)
+            alone = sum(weight(p.numel()) / total * loss_fn(student, runner, p[None])[0] for p in pieces
+                        if weight(p.numel()))
+            g_alone = torch.autograd.grad(alone, params)
+            assert abs(packed.item() - alone.item()) <= 1e-5 * abs(alone.item()), loss_fn.__name__
+            assert all((a - b).norm() <= 1e-4 * b.norm() for a, b in zip(g_packed, g_alone)), loss_fn.__name__
+    finally:
+        for h in handles:
+            h.remove()
+    # the same tokens read as one long document (no position_ids) give another loss: the check can fail
+    packed = D.layer_local_loss(student, runner, batch)[0].item()
+    whole = D.layer_local_loss(student, runner, batch["input_ids"])[0].item()
+    assert abs(whole - packed) > 1e-3 * abs(packed)
+
+
+def test_causal_lm_recipe_packs_by_default():
+    from lincomp.models.distill_cli import _defaults, register, run_causal_lm
+    import argparse
+    assert _defaults(run_causal_lm)["pack"] is True
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    assert p.parse_args(["distill", "causal-lm"]).no_pack is False
+    assert p.parse_args(["distill", "causal-lm", "--no-pack"]).no_pack is True
