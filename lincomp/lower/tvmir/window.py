@@ -86,8 +86,9 @@ def tiled(spec: AttentionSpec) -> bool:
     return isinstance(spec.window, GridWindow)
 
 
-def arg_names(spec: AttentionSpec) -> list:
-    """Buffer / scalar arguments of ``window_fwd`` in order (the launcher passes them so)."""
+def arg_names(spec: AttentionSpec, save_lse: bool = False) -> list:
+    """Buffer / scalar arguments of ``window_fwd`` in order (the launcher passes them so); ``save_lse``
+    adds the ``lse`` output after ``o`` (training: what the backward of window_bwd.py needs)."""
     names = ["q", "k", "v", "kv_offsets", "kv_indices", "kv_full"]
     if tiled(spec):
         names.append("tokens")
@@ -102,7 +103,7 @@ def arg_names(spec: AttentionSpec) -> list:
         if spec.linear.gate is not None:
             names.append("G")
         names.append("cond")
-    return names + ["o", "scale"]
+    return names + ["o"] + (["lse"] if save_lse else []) + ["scale"]
 
 
 # ------------------------------------------------------------------------------------ visibility
@@ -116,8 +117,10 @@ def visibility(spec: AttentionSpec, pi: str, pj: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- template
-def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name: str = "window_fwd") -> str:
-    """TVMScript of the window kernel for ``spec`` (a PrimFunc named ``name``)."""
+def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name: str = "window_fwd",
+                  save_lse: bool = False) -> str:
+    """TVMScript of the window kernel for ``spec`` (a PrimFunc named ``name``). ``save_lse``: also write
+    ``lse [B, H, L]``, each row's log2-sum-exp2 of its base-2 scores, sinks included (-inf: no key)."""
     H, Hkv, D, Dv = dims.H, dims.Hkv, dims.D, dims.Dv
     BM, BN, G = cfg.block_m, cfg.block_n, max(1, cfg.kv_group)
     GN = G * BN     # keys per online-softmax step
@@ -130,7 +133,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
     F, HF = dims.F, dims.HF
     mr_qk = divisor_at_most(GN, cfg.mr_qk)
     mr_pv = divisor_at_most(BM, cfg.mr_pv)
-    names = arg_names(spec)
+    names = arg_names(spec, save_lse)
 
     s = Script()
     s("@T.prim_func")
@@ -167,6 +170,8 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                 s(f'G = T.match_buffer(G_h, (B, {H}, L, {F}), "float64")')
             s('cond = T.match_buffer(cond_h, (B, {H}, L), "float32")'.replace("{H}", str(H)))
         s(f'o = T.match_buffer(o_h, (B, {H}, L, {Dv}), "float32")')
+        if save_lse:
+            s(f'lse = T.match_buffer(lse_h, (B, {H}, L), "float32")')
         s("# one task per (batch, head, query tile)")
         with s.block(f"for task in T.parallel(B * {H} * (NT1 - 1)):"):
             s("b = task // ({H} * (NT1 - 1))".format(H=H),
@@ -231,7 +236,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                     _emit_shared_inwindow(s, spec, BM, GN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
             if spec.pool is not None:
                 _emit_pooled(s, spec, GN, BM, D, Dv, mr_qk, mr_pv)
-            _emit_epilogue(s, spec, BM, Dv, shared, summed)
+            _emit_epilogue(s, spec, BM, Dv, shared, summed, save_lse)
     return s.text()
 
 
@@ -381,11 +386,14 @@ def _emit_shared_inwindow(s, spec, BM, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_
                    store=lambda r, w, val: f"accl[{r}, {w}] = {val}", tag="cl")
 
 
-def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool, summed: bool) -> None:
+def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool, summed: bool,
+                   save_lse: bool = False) -> None:
     s("# write the tile's rows (padding slots have no position)")
     with s.block(f"for i in range({BM}):"):
         with s.block("if qpos[i] >= 0:"):
             s("p = qpos[i]")
+            if save_lse:   # m + log2(l): -inf for a row without keys (m = -inf, l = 0)
+                s(f"lse[b, h, p] = T.if_then_else(l[i] == T.float32(0), {NEG_INF}, m[i] + T.log2(l[i]))")
             if shared:
                 s("gam = window_gamma[h]",
                   "den = gam * l[i] + lin_den[b, h, p] - ll[i]",
