@@ -38,13 +38,15 @@ class WindowBwdConfig:
     block_m: int = 32                    # queries per tile
     block_n: int = 32                    # keys per tile (the vectorised axis; grid windows: == block_m)
     tile: Optional[Tuple[int, ...]] = None  # grid tile shape (prod == block_m)
-    mr: int = 4                          # rows per micro-kernel step
+    mr: int = 4                          # rows per micro-kernel step of the score products (width block_n)
+    mr_d: int = 4                        # rows per step of the dq / dk / dv products (width D)
     split_dq: bool = False               # True: a separate dq kernel (more parallel tasks, 7 products per pair)
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             check_config_int(getattr(self, name), f"window_bwd.{name}", 1, 256, pow2=True)
         check_config_int(self.mr, "window_bwd.mr", 0, 64)
+        check_config_int(self.mr_d, "window_bwd.mr_d", 0, 64)
         if not isinstance(self.split_dq, bool):
             raise TypeError(f"config window_bwd.split_dq must be a bool, got {self.split_dq!r}")
         if self.tile is not None and (len(self.tile) not in (2, 3) or _prod(self.tile) != self.block_m):
@@ -52,7 +54,8 @@ class WindowBwdConfig:
                              f"block_m={self.block_m}")
 
     def to_dict(self) -> dict:
-        d = {"block_m": self.block_m, "block_n": self.block_n, "mr": self.mr, "split_dq": self.split_dq}
+        d = {"block_m": self.block_m, "block_n": self.block_n, "mr": self.mr, "mr_d": self.mr_d,
+             "split_dq": self.split_dq}
         if self.tile is not None:
             d["tile"] = list(self.tile)
         return d
@@ -62,7 +65,7 @@ class WindowBwdConfig:
         d = dict(d)
         if d.get("tile") is not None:
             d["tile"] = tuple(d["tile"])
-        return cls(**{k: d[k] for k in ("block_m", "block_n", "tile", "mr", "split_dq") if k in d})
+        return cls(**{k: d[k] for k in ("block_m", "block_n", "tile", "mr", "mr_d", "split_dq") if k in d})
 
 
 def _prod(xs) -> int:
@@ -109,7 +112,8 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
         raise ValueError(f"grid windows need block_m == block_n, got {BM}, {BN}")
     group = H // Hkv
     mr_s = divisor_at_most(BM, cfg.mr or 4)        # rows of the [BM, BN] score products
-    mr_k = divisor_at_most(BN, cfg.mr or 4)        # rows of the dk / dv products
+    mr_k = divisor_at_most(BN, cfg.mr_d or 4)      # rows of the dk / dv products
+    mr_q = divisor_at_most(BM, cfg.mr_d or 4)      # rows of the dq products
     by_key = which != "dq"
     fused_dq = which == "dkdv"
     name = "window_bwd_dq" if which == "dq" else "window_bwd_dkdv"
@@ -197,7 +201,7 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
                                            store=lambda r, w, val: f"dk_acc[{r}, {w}] = {val}")
                             if fused_dq:
                                 s("# dq += scale * ds @ K, in place (this task owns these dq rows' updates)")
-                                emit_gemm_tile(s, rows=BM, mr=mr_s, width=D, red=str(BN),
+                                emit_gemm_tile(s, rows=BM, mr=mr_q, width=D, red=str(BN),
                                                a=lambda r, x: f"ds[{r}, {x}] * scale",
                                                b=lambda x, w: f"k[b, hk, T.max(kpos[{x}], 0), {w}]",
                                                init=lambda r, w: f"dq[b, h, T.max(qpos[{r}], 0), {w}]",
@@ -221,7 +225,7 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
                         _emit_positions(s, spec, "kpos", "kt", BN, grid)
                         _emit_kv_tile(s, BN, D, Dv)
                         _emit_pair(s, spec, BM, BN, D, Dv, mr_s, "kv_full[e]")
-                        emit_gemm_tile(s, rows=BM, mr=mr_s, width=D, red=str(BN),
+                        emit_gemm_tile(s, rows=BM, mr=mr_q, width=D, red=str(BN),
                                        a=lambda r, x: f"ds[{r}, {x}]",
                                        b=lambda x, w: f"k[b, hk, T.max(kpos[{x}], 0), {w}]",
                                        init=lambda r, w: f"dq_acc[{r}, {w}]",

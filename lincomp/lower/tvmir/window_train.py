@@ -35,43 +35,52 @@ KERNEL = "window_bwd"
 
 # ---------------------------------------------------------------------------------- config space
 def default_config(spec, sizes, L: int) -> dict:
-    """The untuned backward choice: forward-like tiles; dq fused into the dk / dv pass when there are at
-    least as many (batch = 1) kv heads as cores, else a separate dq kernel (more parallel tasks)."""
+    """The untuned backward choice (measured on a 2-core AVX2 host, benchmarks/results/train_cpu.md): tiles
+    of 32 (grid windows: the forward's 16 / 32), about 8 score accumulators per micro-kernel step and one
+    row per dq / dk / dv step (a row of D = 64 floats already takes 8 AVX2 registers); dq fused into the
+    dk / dv pass when there are at least as many kv heads as cores, else a separate dq kernel."""
     split = sizes.Hkv < _build.usable_cores()
     if isinstance(spec.window, GridWindow):
         bm = 16 if len(spec.window.grid) == 2 else 32
         bm = aligned_block(spec.window, 16, bm) or bm
-        cfg = _bwd.WindowBwdConfig(bm, bm, window_tile(spec.window, bm), 0, split)
+        tile = window_tile(spec.window, bm)
     else:
-        bm = 64 if L >= 1024 else 32 if L > 32 else 16
-        cfg = _bwd.WindowBwdConfig(bm, bm, None, 0, split)
-    return normalise(spec, cfg.to_dict())
+        bm, tile = (32 if L > 16 else 16), None
+    cfg = _bwd.WindowBwdConfig(bm, bm, tile, max(1, 64 // bm), 1, split)
+    return normalise(spec, cfg.to_dict(), max(sizes.D, sizes.Dv))
 
 
 def config_space(spec, sizes, L: int) -> list:
-    """A small measured space: tile sizes x (fused | split dq) x micro-kernel rows."""
+    """A small measured space (a few dozen): tile sizes x (fused | split dq) x micro-kernel rows."""
     out = []
     grid = isinstance(spec.window, GridWindow)
     for bm in (16, 32, 64):
         for bn in ((bm,) if grid else (bm, 2 * bm) if bm < 64 else (bm,)):
             for split in (False, True):
-                for mr in (0, 2):
+                for mr, mr_d in ((max(1, 64 // bn), 1), (max(1, 128 // bn), 1), (max(1, 64 // bn), 2)):
                     tile = window_tile(spec.window, bm) if grid else None
-                    out.append(normalise(spec, _bwd.WindowBwdConfig(bm, bn, tile, mr, split).to_dict()))
+                    out.append(normalise(spec, _bwd.WindowBwdConfig(bm, bn, tile, mr, mr_d, split).to_dict(),
+                                         max(sizes.D, sizes.Dv)))
     return list({_frozen(c): c for c in out}.values())
 
 
-def normalise(spec, cfg: dict) -> dict:
-    """A config as the kernels take it (grid windows: square tiles, a tile shape; 1D: no tile)."""
+def normalise(spec, cfg: dict, width_d: int = 64) -> dict:
+    """A config as the kernels take it (grid windows: square tiles, a tile shape; 1D: no tile);
+    ``width_d``: the widest head dim (the dq / dk / dv products' vector width)."""
     c = _bwd.WindowBwdConfig.from_dict(cfg)
     if isinstance(spec.window, GridWindow):
         c = replace(c, block_n=c.block_m, tile=c.tile or window_tile(spec.window, c.block_m))
     else:
         c = replace(c, tile=None)
+    return replace(c, mr=_fit_rows(c.mr, c.block_n, 4), mr_d=_fit_rows(c.mr_d, width_d, 2)).to_dict()
+
+
+def _fit_rows(asked: int, width: int, default: int) -> int:
+    """Micro-kernel rows: as asked (0: ``default``), capped so the accumulators (rows x width floats) and a
+    few operands fit the vector registers (spilled accumulators measured 1.5x slower)."""
     lanes, regs = _build.vector_lanes(), _build.vector_registers()
-    widest = max(c.block_n, 1)
-    most = max(1, (regs - 6) // max(1, -(-widest // lanes)))   # accumulators must fit the registers
-    return replace(c, mr=max(1, min(c.mr or 8, most, 16))).to_dict()
+    most = max(1, (regs - 8) // max(1, -(-width // lanes)))
+    return max(1, min(asked or default, most, 16))
 
 
 def choice(kernel, sizes, L: int) -> Choice:
@@ -82,7 +91,7 @@ def choice(kernel, sizes, L: int) -> Choice:
         cache[key] = choose(
             "tvm", KERNEL, window_only(kernel.spec), "float32", sizes.bucket(L, "window"), device="cpu",
             default=lambda: default_config(kernel.spec, sizes, L), fixed=kernel._fixed.get(KERNEL),
-            normalize=lambda cfg: normalise(kernel.spec, cfg), db=kernel._db)
+            normalize=lambda cfg: normalise(kernel.spec, cfg, max(sizes.D, sizes.Dv)), db=kernel._db)
     return cache[key]
 
 
@@ -211,7 +220,7 @@ def tune_backward(kernel, q, k, v, *, db, force: bool, progress, reps: int, **te
         ref = run(base)
 
         def build(cfg):
-            cfg = normalise(kernel.spec, cfg)
+            cfg = normalise(kernel.spec, cfg, max(sizes.D, sizes.Dv))
             got = run(cfg)
             for n in ("q", "k", "v"):
                 err = ((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)).item()
@@ -227,7 +236,7 @@ def tune_backward(kernel, q, k, v, *, db, force: bool, progress, reps: int, **te
         finally:
             kernel._configs.pop(key, None)
         if fixed is None:
-            kernel._configs[key] = Choice("tuned", normalise(kernel.spec, res.config),
+            kernel._configs[key] = Choice("tuned", normalise(kernel.spec, res.config, max(sizes.D, sizes.Dv)),
                                           choice(kernel, sizes, call.L).key)
     return res
 
