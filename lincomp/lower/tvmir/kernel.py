@@ -40,6 +40,7 @@ from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
 from lincomp.lower.tvmir import linear as _linear
 from lincomp.lower.tvmir import window as _window
+from lincomp.lower.tvmir import window_bwd as _window_bwd
 from lincomp.lower.tvmir.codegen import base2
 from lincomp.runtime.buffers import alloc_output
 from lincomp.runtime.kernel import Kernel, Unsupported
@@ -166,6 +167,8 @@ class TVMKernel(Kernel):
         if unknown:
             raise ValueError(f"config keys must be among {list(PARTS) + ['window_bwd']} (one dict per kernel part), "
                              f"got {sorted(unknown)}")
+        if "window_bwd" in self._fixed:   # checked now: it is first used by a backward, long after compile
+            _window_bwd.WindowBwdConfig.from_dict(self._fixed["window_bwd"])
         self._db = db
         self._lock = threading.Lock()
         self._configs: Dict[tuple, Choice] = {}
@@ -483,7 +486,8 @@ class TVMKernel(Kernel):
                 results.append(res)
         if space is None or "window_bwd" in space:   # the backward (window_train.py), where it has one
             from lincomp.lower.tvmir.window_train import tune_backward
-            res = tune_backward(self, q, k, v, db=db, force=force, progress=progress, reps=reps, **tensors)
+            res = tune_backward(self, q, k, v, db=db, force=force, progress=progress, reps=reps,
+                                space=(space or {}).get("window_bwd"), **tensors)
             results += [res] if res is not None else []
         return results
 

@@ -200,9 +200,10 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, **tensors) 
     return {"q": dq, "k": dk, "v": dv, "sink_logits": dsink}
 
 
-def tune_backward(kernel, q, k, v, *, db, force: bool, progress, reps: int, **tensors):
-    """Measure ``config_space`` for the backward at these inputs' sizes (one fixed grad_o); store the best.
-    Each config's gradients are checked against the default's. None when the spec has no TVM backward."""
+def tune_backward(kernel, q, k, v, *, db, force: bool, progress, reps: int, space=None, **tensors):
+    """Measure ``space`` (default :func:`config_space`) for the backward at these inputs' sizes (one fixed
+    grad_o); store the best. Each config's gradients are checked against the default's. None when the spec
+    has no TVM backward."""
     if _bwd.unsupported_reason(kernel.spec) is not None:
         return None
     with torch.no_grad():
@@ -229,7 +230,7 @@ def tune_backward(kernel, q, k, v, *, db, force: bool, progress, reps: int, **te
             return lambda: run(cfg)
 
         try:
-            res = run_tune(config_space(kernel.spec, sizes, call.L), build,
+            res = run_tune(space or config_space(kernel.spec, sizes, call.L), build,
                            lambda fn: median_time_ms(fn, warmup=1, reps=reps, device="cpu"),
                            backend="tvm", kernel=KERNEL, spec=window_only(kernel.spec), dtype="float32",
                            dims=sizes.bucket(call.L, "window"), db=db, device="cpu", force=force, progress=progress)
