@@ -238,6 +238,9 @@ class TVMKernel(Kernel):
         from lincomp.lower.tvmir.window_train import saved_like
         return saved_like(self, q, k, v, **kwargs)
 
+    def backward_unsupported(self) -> Optional[str]:
+        return _window_bwd.unsupported_reason(self.spec)
+
     def backward_saved(self, grad_o, o, saved, q, k, v, **kwargs) -> dict:
         from lincomp.lower.tvmir.window_train import backward_saved
         return backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)

@@ -145,10 +145,12 @@ def saved_like(kernel, q, k, v, **tensors) -> list:
 
 
 def forward_and_save(kernel, q, k, v, **kwargs) -> tuple:
-    """(o [B, H, L, Dv], [lse2 [B, H, L] fp32]) from the window kernel with ``save_lse``."""
-    why = _bwd.unsupported_reason(kernel.spec)
-    if why is not None:
-        raise Unsupported(why)
+    """(o [B, H, L, Dv], [lse2 [B, H, L] fp32]) from the window kernel with ``save_lse``; (o, None) for a spec
+    without a TVM backward (the custom op calls this for inference too: the forward stays on the kernels,
+    a gradient, if one is asked, comes from the reference)."""
+    if _bwd.unsupported_reason(kernel.spec) is not None:
+        with torch.no_grad():
+            return kernel.forward(q, k, v, **kwargs), None
     call = kernel._bind_checked(q, k, v, **kwargs)
     if call.return_state:
         raise Unsupported("return_state: a softmax-only spec has no state to return")
