@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import torch.nn.functional as Fn  # noqa: E402
 
 import lincomp  # noqa: E402
 from bench_cpu import cpu_model  # noqa: E402
+from bench_varlen import round_times  # noqa: E402
 from lincomp import presets  # noqa: E402
 from lincomp.backends import ops  # noqa: E402,F401  (registers torch.ops.lincomp.*)
 from lincomp.reference import window_mask  # noqa: E402
@@ -55,17 +55,9 @@ CASES = {
 
 
 def interleaved(fns: dict, reps: int) -> dict:
-    """{name: median ms}: round-robin, each timed call right after an untimed call of the same fn."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """{name: median ms} of bench_varlen's round-robin rounds (which run under no_grad: the training step
+    turns grad mode back on itself)."""
+    return {name: statistics.median(t) for name, t in round_times(fns, reps).items()}
 
 
 def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
@@ -87,15 +79,17 @@ def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
     def train():
         for t in leaves:
             t.grad = None
-        o = torch.ops.lincomp.attention(*leaves, spec_json, target="tvm", fallback="error")
-        o.backward(g)
+        with torch.enable_grad():
+            o = torch.ops.lincomp.attention(*leaves, spec_json, target="tvm", fallback="error")
+            o.backward(g)
         return o
 
     def sdpa():
         for t in dense:
             t.grad = None
-        o = Fn.scaled_dot_product_attention(*dense, attn_mask=mask)
-        o.backward(g)
+        with torch.enable_grad():
+            o = Fn.scaled_dot_product_attention(*dense, attn_mask=mask)
+            o.backward(g)
         return o
 
     with warnings.catch_warnings():

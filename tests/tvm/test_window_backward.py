@@ -120,6 +120,7 @@ def test_configs_and_lse(split):
             "window": {"block_m": 32, "block_n": 32}, "window_bwd": {"block_m": bm, "block_n": bn, "split_dq": split,
                                                                      "mr": 3, "mr_d": 3}})
         check_grads(spec, x, kern)
+        assert "def window_bwd_dkdv" in kern.source and ("def window_bwd_dq" in kern.source) == split
     with torch.no_grad():
         _, (lse2,) = kern.forward_and_save(x["q"], x["k"], x["v"], sink_logits=x["sink_logits"])
     from lincomp.reference import window_mask

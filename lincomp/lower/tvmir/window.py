@@ -21,6 +21,7 @@ over the BM queries of the tile.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -117,6 +118,21 @@ def visibility(spec: AttentionSpec, pi: str, pj: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- template
+@contextmanager
+def signature(s: Script, name: str, names: list, dims: WindowDims):
+    """``def name(...):`` of a window PrimFunc (buffers ``<arg>_h``, ``scale`` a float) with its symbolic
+    sizes (B, L, NT1 = tiles + 1, NNZ = plan entries) and q, k, v matched; the body goes inside."""
+    s("@T.prim_func")
+    params = ", ".join(f"{a}: T.float32" if a == "scale" else f"{a}_h: T.handle" for a in names)
+    with s.block(f"def {name}({params}):"):
+        s(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
+        s("B = T.int32()", "L = T.int32()", "NT1 = T.int32()", "NNZ = T.int32()")
+        s(f'q = T.match_buffer(q_h, (B, {dims.H}, L, {dims.D}), "float32")',
+          f'k = T.match_buffer(k_h, (B, {dims.Hkv}, L, {dims.D}), "float32")',
+          f'v = T.match_buffer(v_h, (B, {dims.Hkv}, L, {dims.Dv}), "float32")')
+        yield
+
+
 def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name: str = "window_fwd",
                   save_lse: bool = False) -> str:
     """TVMScript of the window kernel for ``spec`` (a PrimFunc named ``name``). ``save_lse``: also write
@@ -136,15 +152,8 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
     names = arg_names(spec, save_lse)
 
     s = Script()
-    s("@T.prim_func")
-    params = ", ".join(f"{a}: T.float32" if a == "scale" else f"{a}_h: T.handle" for a in names)
-    with s.block(f"def {name}({params}):"):
-        s(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
-        s("B = T.int32()", "L = T.int32()", "NT1 = T.int32()", "NNZ = T.int32()")
-        s(f'q = T.match_buffer(q_h, (B, {H}, L, {D}), "float32")',
-          f'k = T.match_buffer(k_h, (B, {Hkv}, L, {D}), "float32")',
-          f'v = T.match_buffer(v_h, (B, {Hkv}, L, {Dv}), "float32")',
-          'kv_offsets = T.match_buffer(kv_offsets_h, (NT1,), "int32")',
+    with signature(s, name, names, dims):
+        s('kv_offsets = T.match_buffer(kv_offsets_h, (NT1,), "int32")',
           'kv_indices = T.match_buffer(kv_indices_h, (NNZ,), "int32")',
           'kv_full = T.match_buffer(kv_full_h, (NNZ,), "int32")')
         if grid:

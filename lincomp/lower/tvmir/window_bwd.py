@@ -23,11 +23,11 @@ and hybrids have no backward here (the caller raises Unsupported).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
 from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, check_config_int, divisor_at_most, emit_gemm_tile, exp2, f32
-from lincomp.lower.tvmir.window import WindowDims, _emit_positions, tiled, visibility
+from lincomp.lower.tvmir.window import WindowDims, _emit_positions, signature, tiled, visibility
 from lincomp.spec import AttentionSpec
 
 
@@ -54,18 +54,14 @@ class WindowBwdConfig:
                              f"block_m={self.block_m}")
 
     def to_dict(self) -> dict:
-        d = {"block_m": self.block_m, "block_n": self.block_n, "mr": self.mr, "mr_d": self.mr_d,
-             "split_dq": self.split_dq}
-        if self.tile is not None:
-            d["tile"] = list(self.tile)
-        return d
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tile"}
+        return d if self.tile is None else {**d, "tile": list(self.tile)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "WindowBwdConfig":
-        d = dict(d)
-        if d.get("tile") is not None:
-            d["tile"] = tuple(d["tile"])
-        return cls(**{k: d[k] for k in ("block_m", "block_n", "tile", "mr", "mr_d", "split_dq") if k in d})
+        tile = d.get("tile")
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d and f.name != "tile"},
+                   tile=None if tile is None else tuple(tile))
 
 
 def _prod(xs) -> int:
@@ -119,16 +115,9 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
     name = "window_bwd_dq" if which == "dq" else "window_bwd_dkdv"
     names = arg_names(spec, which)
     s = Script()
-    s("@T.prim_func")
-    params = ", ".join(f"{a}: T.float32" if a == "scale" else f"{a}_h: T.handle" for a in names)
-    with s.block(f"def {name}({params}):"):
-        s(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
-        s("B = T.int32()", "L = T.int32()", "NT1 = T.int32()", "NNZ = T.int32()")
+    with signature(s, name, names, dims):
         off, idx, full = names[6:9]
-        s(f'q = T.match_buffer(q_h, (B, {H}, L, {D}), "float32")',
-          f'k = T.match_buffer(k_h, (B, {Hkv}, L, {D}), "float32")',
-          f'v = T.match_buffer(v_h, (B, {Hkv}, L, {Dv}), "float32")',
-          f'do = T.match_buffer(do_h, (B, {H}, L, {Dv}), "float32")',
+        s(f'do = T.match_buffer(do_h, (B, {H}, L, {Dv}), "float32")',
           f'lse2 = T.match_buffer(lse2_h, (B, {H}, L), "float32")',
           f'delta = T.match_buffer(delta_h, (B, {H}, L), "float32")',
           f'{off} = T.match_buffer({off}_h, (NT1,), "int32")',

@@ -112,6 +112,7 @@ def _module(kernel, tag: str, sizes, cfg: dict, make):
     if built is None:
         built = _build.build(make(), f"{tag}-{kernel.spec.summary() or 'spec'}")
         kernel._mods[key] = built
+    kernel._built = {**kernel._built, tag: built}   # kernel.source shows the training kernels too
     return built
 
 
