@@ -16,7 +16,8 @@ vectorised numpy ops, cached) but never recompiles. Configs come from the one ch
 Training: softmax-only specs (every window kind but pooled keys) have generated backward kernels
 (window_bwd.py, driven by window_train.py; config ``kernel.config["window_bwd"]``): the custom op's
 autograd and direct calls on inputs that require grad use them. Other specs (hybrids, pooled keys) run
-the differentiable reference on such calls, with a warning.
+the differentiable reference on such calls, with a warning. ``kernel.tune`` tunes the backward too.
+
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
 fp64 runs on the reference (a fp32 kernel would silently lose precision). Non-contiguous or
 misaligned (not 64-byte) tensors are copied, with a one-time warning naming the tensor.
