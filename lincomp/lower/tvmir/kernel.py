@@ -239,6 +239,11 @@ class TVMKernel(Kernel):
         from lincomp.lower.tvmir.window_train import saved_like
         return saved_like(self, q, k, v, **kwargs)
 
+    @staticmethod
+    def sizes_of(call: Call) -> Sizes:
+        """The static sizes this call's modules are specialised to."""
+        return Sizes.of(call)
+
     def backward_unsupported(self) -> Optional[str]:
         return _window_bwd.unsupported_reason(self.spec)
 

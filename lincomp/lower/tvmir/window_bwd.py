@@ -247,7 +247,7 @@ def _emit_pair(s: Script, spec: AttentionSpec, BM: int, BN: int, D: int, Dv: int
     emit_gemm_tile(s, rows=BM, mr=mr, width=BN, red=str(D),
                    a=lambda r, x: f"q[b, h, T.max(qpos[{r}], 0), {x}]", b=lambda x, w: f"kT[{x}, {w}]",
                    init=None, store=lambda r, w, val: f"sc[{r}, {w}] = {val}")
-    s(f"# p = 2^(s * scale * log2(e) - lse2), masked by the rule unless the plan marks the pair full")
+    s("# p = 2^(s * scale * log2(e) - lse2), masked by the rule unless the plan marks the pair full")
     vis = visibility(spec, "qpos[i]", "kpos[j]")
     c = f"scale * {f32(LOG2E)}"
     with s.block(f"if {full} == 0:"):

@@ -21,7 +21,6 @@ from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import window as _window
 from lincomp.lower.tvmir import window_bwd as _bwd
 from lincomp.lower.tvmir.codegen import base2
-from lincomp.lower.tvmir.kernel import KERNEL_NAMES, Sizes
 from lincomp.runtime.buffers import alloc_output
 from lincomp.runtime.kernel import Unsupported
 from lincomp.runtime.pool import window_only
@@ -158,7 +157,7 @@ def forward_and_save(kernel, q, k, v, **kwargs) -> tuple:
         raise Unsupported("return_state: a softmax-only spec has no state to return")
     out_dtype = q.dtype
     kernel._prepare(call)
-    sizes = Sizes.of(call)
+    sizes = kernel.sizes_of(call)
     choices = kernel._choices_for(sizes, call.L)
     cfg = choices["window"].params
     dims = _dims(sizes)
@@ -167,7 +166,7 @@ def forward_and_save(kernel, q, k, v, **kwargs) -> tuple:
     B, H, L = call.B, call.H, call.L
     o, lse2 = alloc_output((B, H, L, call.Dv), torch.float32), alloc_output((B, H, L), torch.float32)
     mod.fn("window_fwd")(*kernel._window_inputs(call, cfg), o, lse2, call.scale)
-    kernel.config = {**kernel.config, **{KERNEL_NAMES[p]: c.as_dict() for p, c in choices.items()}}
+    kernel.config = {**kernel.config, "window_fwd": choices["window"].as_dict()}
     return (o if out_dtype == torch.float32 else o.to(out_dtype)), [lse2]
 
 
@@ -175,7 +174,7 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, **tensors) 
     """{"q", "k", "v", "sink_logits"}: gradients of sum(grad_o * o) from o and the saved lse2."""
     call = bind(kernel.spec, q, k, v, scale=scale, check_values=False, **tensors)
     kernel._prepare(call)
-    sizes = Sizes.of(call)
+    sizes = kernel.sizes_of(call)
     ch = choice(kernel, sizes, call.L)
     cfg = ch.params
     B, H, Hkv, L, D, Dv = call.B, call.H, call.Hkv, call.L, call.D, call.Dv
@@ -213,7 +212,7 @@ def tune_backward(kernel, q, k, v, *, db, force: bool, progress, reps: int, spac
     with torch.no_grad():
         o, saved = forward_and_save(kernel, q, k, v, **tensors)
         call = bind(kernel.spec, q, k, v, **tensors)
-        sizes = Sizes.of(call)
+        sizes = kernel.sizes_of(call)
         g = torch.randn(o.shape, generator=torch.Generator().manual_seed(0))
         base = dict(choice(kernel, sizes, call.L).params)
         fixed, key = kernel._fixed.get(KERNEL), (KERNEL, sizes, _bucket(sizes, call.L))
