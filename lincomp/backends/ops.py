@@ -47,7 +47,7 @@ from torch import Tensor
 from lincomp.compiler import compile as lincomp_compile
 from lincomp.documents import document_ids
 from lincomp.reference import reference
-from lincomp.runtime.kernel import Kernel, LincompFallbackWarning, ReferenceKernel
+from lincomp.runtime.kernel import Kernel, LincompFallbackWarning, ReferenceKernel, warn_fallback
 from lincomp.runtime.varlen import packed_backward
 from lincomp.spec import AttentionSpec
 
@@ -113,8 +113,9 @@ def clear_kernel_cache() -> None:
 
 
 def has_own_backward(kernel: Kernel) -> bool:
-    """True when ``kernel`` brings backward kernels that take what its forward saved (Triton)."""
-    return type(kernel).backward_saved is not Kernel.backward_saved
+    """True when ``kernel`` brings backward kernels that take what its forward saved (Triton; TVM for the
+    specs its backward covers: ``kernel.backward_unsupported()`` is None)."""
+    return type(kernel).backward_saved is not Kernel.backward_saved and kernel.backward_unsupported() is None
 
 
 def _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight) -> dict:
@@ -197,10 +198,15 @@ def _attention(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, fe
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tensors.values())):
         kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
         if not has_own_backward(kernel):
-            # No backward kernels (TVM, the reference): differentiate the reference itself, so training runs
-            # one forward (the reference's) instead of the kernel's plus the reference's inside the backward.
-            return reference(spec_from_json(spec_json), q, k, v,
-                             **_kwargs(scale, tensors, key_padding_mask, documents(cu_seqlens)))
+            # No backward kernels (the reference, or a spec the kernel's backward does not cover: a warning,
+            # even with fallback="error", which keeps such training running as it always has): differentiate
+            # the reference itself, so training runs one forward (the reference's) instead of the kernel's
+            # plus the reference's inside the backward.
+            why = kernel.backward_unsupported()
+            if why is not None:
+                warn_fallback(kernel.target, f"no backward kernel: {why}")
+            return reference(spec_from_json(spec_json), q, k, v, **_kwargs(scale, tensors, key_padding_mask,
+                                                                 documents(cu_seqlens)))
     return torch.ops.lincomp.attention_forward(q, k, v, spec_json, scale, g, feature_weight_q, feature_weight_k,
                                                sink_logits, window_gamma, alpha, key_padding_mask, target, fallback,
                                                hints_json, cu_seqlens, pool_weight)[0]

@@ -90,7 +90,10 @@ class Lowered:
                 fwd.append("linear_fwd")
             if spec.has_softmax:
                 fwd.append("window_fwd")
-            return {"forward": tuple(fwd), "backward": ()}
+            # softmax-only specs without pooled keys train on window_bwd.py (dkdv adds dq in place, or a
+            # separate dq kernel with config split_dq)
+            bwd = ("window_bwd_dkdv",) if (lin is None and spec.has_softmax and spec.pool is None) else ()
+            return {"forward": tuple(fwd), "backward": bwd}
         raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
 
     def summary(self) -> str:

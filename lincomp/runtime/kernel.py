@@ -90,6 +90,11 @@ class Kernel:
         implementations call it with fake tensors). Default: nothing saved."""
         return []
 
+    def backward_unsupported(self) -> Optional[str]:
+        """Why this kernel's backward cannot differentiate its spec (a kernel family that covers only part
+        of the specs), else None. The custom op then differentiates the reference directly, with a warning."""
+        return None
+
     def backward_saved(self, grad_o, o, saved: list, q, k, v, **kwargs) -> dict:
         """{input name: gradient} (q, k, v and the float tensors in ``kwargs``; None where zero) of
         ``sum(grad_o * o)``, from the forward's ``saved`` list; no forward is run again."""

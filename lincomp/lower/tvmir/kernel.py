@@ -13,8 +13,11 @@ vectorised numpy ops, cached) but never recompiles. Configs come from the one ch
 ``kernel.config["window_fwd" | "linear_fwd"]`` says which ({"source", "params", "key"}).
 ``kernel.tune(q, k, v, ...)`` measures the config space and stores the best.
 
-Inference only: a call whose inputs require grad (with grad mode on) runs the reference instead, with
-a warning -- the reference is differentiable, so training still works, just not at kernel speed.
+Training: softmax-only specs (every window kind but pooled keys) have generated backward kernels
+(window_bwd.py, driven by window_train.py; config ``kernel.config["window_bwd"]``): the custom op's
+autograd and direct calls on inputs that require grad use them. Other specs (hybrids, pooled keys) run
+the differentiable reference on such calls, with a warning. ``kernel.tune`` tunes the backward too.
+
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
 fp64 runs on the reference (a fp32 kernel would silently lose precision). A ``key_padding_mask`` runs on
 the window kernel (its own compiled variant: padded keys score -inf, a row with none left outputs 0) and
@@ -40,6 +43,7 @@ from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
 from lincomp.lower.tvmir import linear as _linear
 from lincomp.lower.tvmir import window as _window
+from lincomp.lower.tvmir import window_bwd as _window_bwd
 from lincomp.lower.tvmir.codegen import base2
 from lincomp.runtime.buffers import alloc_output
 from lincomp.runtime.kernel import Kernel, Unsupported
@@ -162,9 +166,12 @@ class TVMKernel(Kernel):
             require(self.lowered, "fused", "the TVM window kernel (hybrid epilogue)")
         self.hints = hints
         self._fixed = {p: dict(c) for p, c in (config or {}).items()}
-        unknown = set(self._fixed) - set(PARTS)
+        unknown = set(self._fixed) - set(PARTS) - {"window_bwd"}
         if unknown:
-            raise ValueError(f"config keys must be among {list(PARTS)} (one dict per kernel part), got {sorted(unknown)}")
+            raise ValueError(f"config keys must be among {list(PARTS) + ['window_bwd']} (one dict per kernel part), "
+                             f"got {sorted(unknown)}")
+        if "window_bwd" in self._fixed:   # checked now: it is first used by a backward, long after compile
+            _window_bwd.WindowBwdConfig.from_dict(self._fixed["window_bwd"])
         self._db = db
         self._lock = threading.Lock()
         self._configs: Dict[tuple, Choice] = {}
@@ -209,9 +216,49 @@ class TVMKernel(Kernel):
         return "\n\n".join(texts)
 
     def forward(self, q, k, v, *, scale=None, linear_scale=None, return_state=False, **tensors):
-        self._check_grad(q, k, v, tensors)
-        call = bind(self.spec, q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state,
-                    check_values=False, **tensors)
+        if self._check_grad(q, k, v, tensors):
+            from lincomp.lower.tvmir.window_train import train_call
+            return train_call(self, q, k, v, scale=scale, return_state=return_state, **tensors)
+        call = self._bind_checked(q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state,
+                                  **tensors)
+        out_dtype = q.dtype
+        self._prepare(call)
+        sizes = Sizes.of(call)
+        choices = self._choices_for(sizes, call.L)
+        if self.hints.get("autotune") and any(c.source == "default" for c in choices.values()):
+            # on-first-use tuning (hint autotune=True): only where the database had nothing for this bucket
+            self.tune(q, k, v, progress=False, **tensors)
+            choices = self._choices_for(sizes, call.L)
+        o, state = self._run(call, sizes, {p: c.params for p, c in choices.items()})
+        self.config = {**self.config, **{KERNEL_NAMES[p]: c.as_dict() for p, c in choices.items()}}
+        if out_dtype != torch.float32:
+            o = o.to(out_dtype)        # the state stays float32, as the reference returns it
+        return (o, state) if return_state else o
+
+    # -- training (window_train.py: the forward saves lse, generated backward kernels) ------------
+    def forward_and_save(self, q, k, v, **kwargs):
+        from lincomp.lower.tvmir.window_train import forward_and_save
+        return forward_and_save(self, q, k, v, **kwargs)
+
+    def saved_like(self, q, k, v, **kwargs) -> list:
+        from lincomp.lower.tvmir.window_train import saved_like
+        return saved_like(self, q, k, v, **kwargs)
+
+    @staticmethod
+    def sizes_of(call: Call) -> Sizes:
+        """The static sizes this call's modules are specialised to."""
+        return Sizes.of(call)
+
+    def backward_unsupported(self) -> Optional[str]:
+        return _window_bwd.unsupported_reason(self.spec)
+
+    def backward_saved(self, grad_o, o, saved, q, k, v, **kwargs) -> dict:
+        from lincomp.lower.tvmir.window_train import backward_saved
+        return backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
+
+    def _bind_checked(self, q, k, v, **kwargs) -> Call:
+        """``bind`` plus what the TVM kernels cannot run (Unsupported: the caller falls back)."""
+        call = bind(self.spec, q, k, v, check_values=False, **kwargs)
         check_values(call)
         if q.device.type != "cpu":
             raise Unsupported(f"the tensors are on {q.device}; the TVM backend runs on the CPU "
@@ -223,29 +270,15 @@ class TVMKernel(Kernel):
         if q.dtype == torch.float64:
             raise Unsupported("float64 inputs: the TVM kernels compute in float32, which would silently "
                               "drop precision; cast to float32 to use them")
-        out_dtype = q.dtype
-        self._prepare(call)
-        sizes = Sizes.of(call)
-        choices = self._choices_for(sizes, call.L)
-        if self.hints.get("autotune") and any(c.source == "default" for c in choices.values()):
-            # on-first-use tuning (hint autotune=True): only where the database had nothing for this bucket
-            self.tune(q, k, v, progress=False, **tensors)
-            choices = self._choices_for(sizes, call.L)
-        o, state = self._run(call, sizes, {p: c.params for p, c in choices.items()})
-        self.config = {KERNEL_NAMES[p]: c.as_dict() for p, c in choices.items()}
-        if out_dtype != torch.float32:
-            o = o.to(out_dtype)        # the state stays float32, as the reference returns it
-        return (o, state) if return_state else o
+        return call
 
     # -- inputs ---------------------------------------------------------------------------------
-    def _check_grad(self, q, k, v, tensors) -> None:
+    def _check_grad(self, q, k, v, tensors) -> bool:
+        """True when autograd must see this call (grad mode on and an input requires grad)."""
         if not torch.is_grad_enabled():
-            return
+            return False
         ts = [q, k, v] + [t for x in tensors.values() for t in (x if isinstance(x, (tuple, list)) else (x,))]
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts):
-            raise Unsupported("inputs require grad and the TVM backend is inference-only (no backward); "
-                              "running the differentiable reference -- wrap the call in torch.no_grad() "
-                              "for kernel speed")
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
     def _prepare(self, call: Call) -> None:
         """Make every tensor fp32, contiguous and 64-byte aligned (copying, with a reason, if needed)."""
@@ -427,18 +460,22 @@ class TVMKernel(Kernel):
             elif spec.combine == "sum":
                 lin_args = [lin_o, call.alpha]
         if spec.has_softmax:
-            args = [call.q, call.k, call.v, *self._plan(L, configs["window"])]
-            if spec.sinks:
-                args.append(base2(call.sink_logits))
-            if spec.pool is not None:
-                args += _pooled_args(call, configs["window"])
-            args += lin_args or []
+            args = self._window_inputs(call, configs["window"]) + (lin_args or [])
             if kpm is not None:   # padded keys score -inf (as the reference masks them)
                 args.append(torch.zeros(B, L, dtype=torch.float32).masked_fill_(~kpm.cpu(), -math.inf))
             mods["window"].fn("window_fwd")(*args, o, call.scale)
             if spec.combine == "shared":
                 check_shared_precision(cond)
         return o, state
+
+    def _window_inputs(self, call: Call, cfg: dict) -> list:
+        """The window kernel's leading arguments: q, k, v, the plan, sinks and pooled keys."""
+        args = [call.q, call.k, call.v, *self._plan(call.L, cfg)]
+        if self.spec.sinks:
+            args.append(base2(call.sink_logits))
+        if self.spec.pool is not None:
+            args += _pooled_args(call, cfg)
+        return args
 
     # -- tuning ---------------------------------------------------------------------------------
     def tune(self, q, k, v, *, force: bool = False, progress=True, db=None, space: Optional[dict] = None,
@@ -475,6 +512,11 @@ class TVMKernel(Kernel):
                 self._configs[bucket_key] = Choice("tuned", self._normalise(part, res.config, sizes), choice.key)
                 base = dict(base, **{part: self._configs[bucket_key].params})
                 results.append(res)
+        if space is None or "window_bwd" in space:   # the backward (window_train.py), where it has one
+            from lincomp.lower.tvmir.window_train import tune_backward
+            res = tune_backward(self, q, k, v, db=db, force=force, progress=progress, reps=reps,
+                                space=(space or {}).get("window_bwd"), **tensors)
+            results += [res] if res is not None else []
         return results
 
 

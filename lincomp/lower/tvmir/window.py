@@ -21,6 +21,7 @@ over the BM queries of the tile.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -86,8 +87,9 @@ def tiled(spec: AttentionSpec) -> bool:
     return isinstance(spec.window, GridWindow)
 
 
-def arg_names(spec: AttentionSpec, key_bias: bool = False) -> list:
-    """Buffer / scalar arguments of ``window_fwd`` in order (the launcher passes them so)."""
+def arg_names(spec: AttentionSpec, key_bias: bool = False, save_lse: bool = False) -> list:
+    """Buffer / scalar arguments of ``window_fwd`` in order (the launcher passes them so); ``key_bias`` adds
+    the per-key bias input, ``save_lse`` the ``lse`` output after ``o`` (training: what window_bwd.py needs)."""
     names = ["q", "k", "v", "kv_offsets", "kv_indices", "kv_full"]
     if tiled(spec):
         names.append("tokens")
@@ -102,7 +104,7 @@ def arg_names(spec: AttentionSpec, key_bias: bool = False) -> list:
         if spec.linear.gate is not None:
             names.append("G")
         names.append("cond")
-    return names + (["key_bias"] if key_bias else []) + ["o", "scale"]
+    return names + (["key_bias"] if key_bias else []) + ["o"] + (["lse"] if save_lse else []) + ["scale"]
 
 
 # ------------------------------------------------------------------------------------ visibility
@@ -116,12 +118,28 @@ def visibility(spec: AttentionSpec, pi: str, pj: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- template
+@contextmanager
+def signature(s: Script, name: str, names: list, dims: WindowDims):
+    """``def name(...):`` of a window PrimFunc (buffers ``<arg>_h``, ``scale`` a float) with its symbolic
+    sizes (B, L, NT1 = tiles + 1, NNZ = plan entries) and q, k, v matched; the body goes inside."""
+    s("@T.prim_func")
+    params = ", ".join(f"{a}: T.float32" if a == "scale" else f"{a}_h: T.handle" for a in names)
+    with s.block(f"def {name}({params}):"):
+        s(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
+        s("B = T.int32()", "L = T.int32()", "NT1 = T.int32()", "NNZ = T.int32()")
+        s(f'q = T.match_buffer(q_h, (B, {dims.H}, L, {dims.D}), "float32")',
+          f'k = T.match_buffer(k_h, (B, {dims.Hkv}, L, {dims.D}), "float32")',
+          f'v = T.match_buffer(v_h, (B, {dims.Hkv}, L, {dims.Dv}), "float32")')
+        yield
+
+
 def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name: str = "window_fwd",
-                  key_bias: bool = False) -> str:
+                  key_bias: bool = False, save_lse: bool = False) -> str:
     """TVMScript of the window kernel for ``spec`` (a PrimFunc named ``name``).
 
     ``key_bias``: one more input ``key_bias [B, L]`` added to every score of key j in base-2 units (-inf hides
-    the key: a key-padding mask); a row left with no key outputs 0.
+    the key: a key-padding mask); a row left with no key outputs 0. ``save_lse``: also write ``lse [B, H, L]``,
+    each row's log2-sum-exp2 of its base-2 scores, sinks included (-inf: no key).
     """
     H, Hkv, D, Dv = dims.H, dims.Hkv, dims.D, dims.Dv
     BM, BN, G = cfg.block_m, cfg.block_n, max(1, cfg.kv_group)
@@ -135,18 +153,11 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
     F, HF = dims.F, dims.HF
     mr_qk = divisor_at_most(GN, cfg.mr_qk)
     mr_pv = divisor_at_most(BM, cfg.mr_pv)
-    names = arg_names(spec, key_bias)
+    names = arg_names(spec, key_bias, save_lse)
 
     s = Script()
-    s("@T.prim_func")
-    params = ", ".join(f"{a}: T.float32" if a == "scale" else f"{a}_h: T.handle" for a in names)
-    with s.block(f"def {name}({params}):"):
-        s(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
-        s("B = T.int32()", "L = T.int32()", "NT1 = T.int32()", "NNZ = T.int32()")
-        s(f'q = T.match_buffer(q_h, (B, {H}, L, {D}), "float32")',
-          f'k = T.match_buffer(k_h, (B, {Hkv}, L, {D}), "float32")',
-          f'v = T.match_buffer(v_h, (B, {Hkv}, L, {Dv}), "float32")',
-          'kv_offsets = T.match_buffer(kv_offsets_h, (NT1,), "int32")',
+    with signature(s, name, names, dims):
+        s('kv_offsets = T.match_buffer(kv_offsets_h, (NT1,), "int32")',
           'kv_indices = T.match_buffer(kv_indices_h, (NNZ,), "int32")',
           'kv_full = T.match_buffer(kv_full_h, (NNZ,), "int32")')
         if grid:
@@ -174,6 +185,8 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
         if key_bias:
             s('key_bias = T.match_buffer(key_bias_h, (B, L), "float32")')
         s(f'o = T.match_buffer(o_h, (B, {H}, L, {Dv}), "float32")')
+        if save_lse:
+            s(f'lse = T.match_buffer(lse_h, (B, {H}, L), "float32")')
         s("# one task per (batch, head, query tile)")
         with s.block(f"for task in T.parallel(B * {H} * (NT1 - 1)):"):
             s("b = task // ({H} * (NT1 - 1))".format(H=H),
@@ -242,7 +255,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                     _emit_shared_inwindow(s, spec, BM, GN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
             if spec.pool is not None:
                 _emit_pooled(s, spec, GN, BM, D, Dv, mr_qk, mr_pv)
-            _emit_epilogue(s, spec, BM, Dv, shared, summed)
+            _emit_epilogue(s, spec, BM, Dv, shared, summed, save_lse)
     return s.text()
 
 
@@ -392,11 +405,14 @@ def _emit_shared_inwindow(s, spec, BM, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_
                    store=lambda r, w, val: f"accl[{r}, {w}] = {val}", tag="cl")
 
 
-def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool, summed: bool) -> None:
+def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool, summed: bool,
+                   save_lse: bool = False) -> None:
     s("# write the tile's rows (padding slots have no position)")
     with s.block(f"for i in range({BM}):"):
         with s.block("if qpos[i] >= 0:"):
             s("p = qpos[i]")
+            if save_lse:   # m + log2(l): -inf for a row without keys (m = -inf, l = 0)
+                s(f"lse[b, h, p] = T.if_then_else(l[i] == T.float32(0), {NEG_INF}, m[i] + T.log2(l[i]))")
             if shared:
                 s("gam = window_gamma[h]",
                   "den = gam * l[i] + lin_den[b, h, p] - ll[i]",

@@ -1,0 +1,153 @@
+"""CPU training step of the softmax windows: TVM forward+backward vs its own forward and vs dense SDPA autograd.
+
+    python benchmarks/bench_train_cpu.py [--reps 7] [--only swa,clear] [--out FILE]
+
+fp32, B=1, H=4, D=64. Cases:
+
+- ``swa``:   causal sliding window of 256 keys, L = 4096;
+- ``clear``: CLEAR circle r=8 on a 64x64 grid + 64 prefix tokens (L = 4160).
+
+Implementations, timed round-robin in one process (one untimed call right before each timed one, so
+each runs with warm caches; medians over ``--reps`` rounds):
+
+- ``tvm fwd``: the TVM kernel's forward under ``torch.no_grad()`` (inference);
+- ``tvm fwd+bwd``: ``torch.ops.lincomp.attention(..., target="tvm")`` on leaves that require grad, then
+  ``o.backward(g)``: the forward that saves lse and the generated backward kernels (the bench fails if
+  any call falls back to the reference);
+- ``sdpa fwd+bwd``: autograd through ``scaled_dot_product_attention`` with the dense boolean mask of the
+  window (what a CPU user has without lincomp; the mask is built outside the timing).
+
+Goals (issue 15): fwd+bwd <= 3.5x the kernel's own forward, and >= 3x faster than the dense SDPA step.
+Writes a markdown table (default benchmarks/results/train_cpu.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see bench_cpu.py: idle torch workers must not spin
+
+import torch  # noqa: E402
+import torch.nn.functional as Fn  # noqa: E402
+
+import lincomp  # noqa: E402
+from bench_cpu import cpu_model  # noqa: E402
+from bench_varlen import round_times  # noqa: E402
+from lincomp import presets  # noqa: E402
+from lincomp.backends import ops  # noqa: E402,F401  (registers torch.ops.lincomp.*)
+from lincomp.reference import window_mask  # noqa: E402
+from lincomp.runtime.kernel import LincompFallbackWarning  # noqa: E402
+from lincomp.testing import rel_err  # noqa: E402
+
+CASES = {
+    "swa": ("causal sliding window 256, L=4096", lambda: presets.sliding_window(256), 4096),
+    "clear": ("CLEAR r=8, 64x64 + 64 prefix", lambda: presets.clear(8, (64, 64), text_tokens=64), None),
+}
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    """{name: median ms} of bench_varlen's round-robin rounds (which run under no_grad: the training step
+    turns grad mode back on itself)."""
+    return {name: statistics.median(t) for name, t in round_times(fns, reps).items()}
+
+
+def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
+    title, make, L = CASES[name]
+    spec = make()
+    L = spec.expected_length() or L
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, g = (torch.randn(B, H, L, D, generator=gen) for _ in range(4))
+    kern = lincomp.compile(spec, target="tvm")
+    spec_json = spec.canonical_json()
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    mask = window_mask(spec, L)                 # [L, L] bool, built once outside the timing
+    dense = [t.clone().requires_grad_(True) for t in (q, k, v)]
+
+    def fwd():
+        with torch.no_grad():
+            return kern(q, k, v)
+
+    def train():
+        for t in leaves:
+            t.grad = None
+        with torch.enable_grad():
+            o = torch.ops.lincomp.attention(*leaves, spec_json, target="tvm", fallback="error")
+            o.backward(g)
+        return o
+
+    def sdpa():
+        for t in dense:
+            t.grad = None
+        with torch.enable_grad():
+            o = Fn.scaled_dot_product_attention(*dense, attn_mask=mask)
+            o.backward(g)
+        return o
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LincompFallbackWarning)
+        o_ours, o_dense = train(), sdpa()
+        errs = {n: rel_err(a.grad, b.grad) for n, a, b in zip("qkv", leaves, dense)}
+        errs["o"] = rel_err(o_ours, o_dense)
+        ms = interleaved({"tvm fwd": fwd, "tvm fwd+bwd": train, "sdpa fwd+bwd (dense mask)": sdpa}, reps)
+    return {"case": name, "title": title, "L": L, "ms": ms, "errs": errs,
+            "config": {kk: vv["params"] for kk, vv in kern.config.items()},
+            "train_config": ops.get_kernel(spec_json, "tvm", "error").config}
+
+
+def write(results: list, path: Path, meta: dict) -> None:
+    lines = ["# CPU training: TVM window forward+backward vs its forward and dense SDPA autograd", "",
+             f"Machine: {meta['cpu']} ({meta['cores']} usable cores; shared with other jobs: load average "
+             f"{meta['load0']} before, {meta['load1']} after). torch {torch.__version__}.", "",
+             f"Command: `{meta['cmd']}`", "",
+             "fp32, B=1, H=4, D=64; medians of interleaved rounds in one process (ratios are what to read on a "
+             "shared machine). Goals (issue 15): fwd+bwd / own fwd <= 3.5; dense SDPA fwd+bwd / ours >= 3.", "",
+             "| case | tvm fwd ms | tvm fwd+bwd ms | sdpa fwd+bwd ms | fwd+bwd / fwd | sdpa / ours | grads rel diff vs sdpa |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        ms = r["ms"]
+        f, t, d = ms["tvm fwd"], ms["tvm fwd+bwd"], ms["sdpa fwd+bwd (dense mask)"]
+        errs = ", ".join(f"{n} {e:.1e}" for n, e in r["errs"].items())
+        lines.append(f"| {r['title']} | {f:.1f} | {t:.1f} | {d:.1f} | {t / f:.2f} "
+                     f"({'met' if t / f <= 3.5 else 'not met'}) | {d / t:.1f} ({'met' if d / t >= 3 else 'not met'}) "
+                     f"| {errs} |")
+    lines += ["", "Configs (the chooser's; `lincomp tune` stores tuned ones):", ""]
+    for r in results:
+        lines.append(f"- {r['title']}: forward {r['config'].get('window_fwd')}; training "
+                     f"{ {k: v['params'] for k, v in r['train_config'].items()} }")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--only", default="swa,clear")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_cpu.md"))
+    args = ap.parse_args(argv)
+    meta = {"cpu": cpu_model() or platform.processor(), "cores": len(os.sched_getaffinity(0)),
+            "load0": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+            "cmd": "python benchmarks/bench_train_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    results = []
+    for name in args.only.split(","):
+        r = run_case(name.strip(), args.reps)
+        ms = r["ms"]
+        print(f"{r['title']}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
+              + f"; fwd+bwd/fwd {ms['tvm fwd+bwd'] / ms['tvm fwd']:.2f}, "
+              f"sdpa/ours {ms['sdpa fwd+bwd (dense mask)'] / ms['tvm fwd+bwd']:.1f}; errs {r['errs']}", flush=True)
+        results.append(r)
+    meta["load1"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    write(results, Path(args.out), meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
