@@ -37,6 +37,8 @@ from lincomp.ir.lowered import require
 from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
 from lincomp.lower.tvmir import linear as _linear
+from lincomp.lower.tvmir import linear_bwd as _linear_bwd
+from lincomp.lower.tvmir import linear_train as _linear_train
 from lincomp.lower.tvmir import window as _window
 from lincomp.lower.tvmir.codegen import base2
 from lincomp.runtime.buffers import alloc_output
@@ -47,9 +49,9 @@ from lincomp.tuning import TuningDB, median_time_ms, shape_bucket
 from lincomp.tuning import tune as run_tune
 from lincomp.tuning.choose import Choice, choose
 
-PARTS = ("window", "linear")
+PARTS = ("window", "linear", "linear_bwd")
 BACKEND = "tvm"
-KERNEL_NAMES = {"window": "window_fwd", "linear": "linear_fwd"}
+KERNEL_NAMES = {"window": "window_fwd", "linear": "linear_fwd", "linear_bwd": "linear_bwd"}
 
 
 class TVMCopyWarning(UserWarning):
@@ -205,17 +207,7 @@ class TVMKernel(Kernel):
 
     def forward(self, q, k, v, *, scale=None, linear_scale=None, return_state=False, **tensors):
         self._check_grad(q, k, v, tensors)
-        call = bind(self.spec, q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state,
-                    check_values=False, **tensors)
-        check_values(call)
-        if q.device.type != "cpu":
-            raise Unsupported(f"the tensors are on {q.device}; the TVM backend runs on the CPU "
-                              "(use target='auto' to pick Triton for CUDA tensors)")
-        if call.key_padding_mask is not None:
-            raise Unsupported("key_padding_mask is not supported by the TVM kernels")
-        if q.dtype == torch.float64:
-            raise Unsupported("float64 inputs: the TVM kernels compute in float32, which would silently "
-                              "drop precision; cast to float32 to use them")
+        call = self._bound(q, k, v, scale, linear_scale, return_state, tensors)
         out_dtype = q.dtype
         self._prepare(call)
         sizes = Sizes.of(call)
@@ -229,6 +221,21 @@ class TVMKernel(Kernel):
         if out_dtype != torch.float32:
             o = o.to(out_dtype)        # the state stays float32, as the reference returns it
         return (o, state) if return_state else o
+
+    def _bound(self, q, k, v, scale, linear_scale, return_state, tensors) -> Call:
+        """The bound call, or Unsupported for inputs these kernels do not take."""
+        call = bind(self.spec, q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state,
+                    check_values=False, **tensors)
+        check_values(call)
+        if q.device.type != "cpu":
+            raise Unsupported(f"the tensors are on {q.device}; the TVM backend runs on the CPU "
+                              "(use target='auto' to pick Triton for CUDA tensors)")
+        if call.key_padding_mask is not None:
+            raise Unsupported("key_padding_mask is not supported by the TVM kernels")
+        if q.dtype == torch.float64:
+            raise Unsupported("float64 inputs: the TVM kernels compute in float32, which would silently "
+                              "drop precision; cast to float32 to use them")
+        return call
 
     # -- inputs ---------------------------------------------------------------------------------
     def _check_grad(self, q, k, v, tensors) -> None:
@@ -307,8 +314,10 @@ class TVMKernel(Kernel):
             return _fit_window(c, sizes).to_dict()
         return _linear.LinearConfig.from_dict(cfg).to_dict()
 
-    def _part_sources(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool) -> dict:
-        """{part: [PrimFunc texts]} for this call's variant."""
+    def _part_sources(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
+                      save: bool = False) -> dict:
+        """{part: [PrimFunc texts]} for this call's variant (``save``: the training forward, which keeps
+        the chunk states and, with the normaliser, the denominators)."""
         spec, lin = self.spec, self.spec.linear
         out = {}
         if lin is not None:
@@ -319,24 +328,25 @@ class TVMKernel(Kernel):
                                                       name="features_q"))
                 funcs.append(_features.feature_source(lin.feature_map, _features.FeatureDims(sizes.Hkv, sizes.HF, sizes.D, E),
                                                       name="features_k"))
-            mode = "numden" if spec.combine == "shared" else "o"
+            mode = "numden" if spec.combine == "shared" or (save and lin.normalize) else "o"
             funcs.append(_linear.linear_source(
                 spec, _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF),
                 _linear.LinearConfig.from_dict(configs["linear"]), mode=mode, initial_state=initial_state,
-                return_state=return_state, lanes=_build.vector_lanes()))
+                return_state=return_state, save_states=save and spec.causal, lanes=_build.vector_lanes()))
             out["linear"] = funcs
         if spec.has_softmax:
             dims = _window.WindowDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF)
             out["window"] = [_window.window_source(spec, dims, _window.WindowConfig.from_dict(configs["window"]))]
         return out
 
-    def _modules(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool) -> dict:
+    def _modules(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
+                 save: bool = False) -> dict:
         """The compiled parts of this variant (generated, compiled or loaded once; then a dict lookup)."""
-        key = (sizes, tuple(sorted((p, _frozen(c)) for p, c in configs.items())), initial_state, return_state)
+        key = (sizes, tuple(sorted((p, _frozen(c)) for p, c in configs.items())), initial_state, return_state, save)
         built = self._mods.get(key)
         if built is None:
             built = {}
-            for part, funcs in self._part_sources(sizes, configs, initial_state, return_state).items():
+            for part, funcs in self._part_sources(sizes, configs, initial_state, return_state, save).items():
                 built[part] = _build.build(funcs, f"{part}-{self.spec.summary() or 'spec'}")
             self._mods[key] = built
         self._built = built
@@ -364,10 +374,12 @@ class TVMKernel(Kernel):
         return arrays
 
     # -- the call -------------------------------------------------------------------------------
-    def _run(self, call: Call, sizes: Sizes, configs: dict):
+    def _run(self, call: Call, sizes: Sizes, configs: dict, saved: Optional[list] = None):
+        """(o, state); ``saved`` (a list, linear-only specs): filled with what the backward needs."""
         spec, lin = self.spec, self.spec.linear
         B, H, L, Dv = call.B, call.H, call.L, call.Dv
-        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state)
+        save = saved is not None
+        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state, save)
         o = _empty((B, H, L, Dv))
         state = None
         lin_args = None
@@ -389,7 +401,7 @@ class TVMKernel(Kernel):
                 args += [call.g, gcheck]
             if call.S0 is not None:
                 args += [call.S0, call.z0]
-            if spec.combine == "shared":
+            if spec.combine == "shared" or (save and lin.normalize):
                 num, den = _empty((B, H, L, Dv)), _empty((B, H, L))
                 args += [num, den]
             else:
@@ -398,7 +410,15 @@ class TVMKernel(Kernel):
             if call.return_state:
                 state = (_empty((B, H, sizes.F, Dv)), _empty((B, H, sizes.F)))
                 args += list(state)
+            if save:
+                saved += [_empty(s) for s in _linear_train.saved_shapes(spec, B, H, L, sizes.F, Dv)]
+                if spec.causal:
+                    args.append(saved[0])
             m.fn("linear_fwd")(*args, call.linear_scale)
+            if save and lin.normalize:   # o = num / den (0 where den = 0), den kept for the backward
+                saved[1] = den
+                torch.div(num, torch.where(den == 0, torch.ones_like(den), den)[..., None], out=o)
+                o.masked_fill_((den == 0)[..., None], 0.0)
             if gcheck is not None:
                 check_gate(max(gcheck.tolist()))
             if spec.combine == "shared":
@@ -420,6 +440,93 @@ class TVMKernel(Kernel):
             if spec.combine == "shared":
                 check_shared_precision(cond)
         return o, state
+
+    # -- training: the linear branch (linear_train.py, linear_bwd.py) ------------------------------
+    def forward_and_save(self, q, k, v, *, scale=None, linear_scale=None, **tensors):
+        """(o, [Sc, den]): the linear branch's output, the state entering each chunk and the denominators."""
+        call, sizes = self._train_call(q, k, v, scale, linear_scale, tensors)
+        choices = self._choices_for(sizes, call.L)
+        bwd = self._bwd_choice(sizes, call.L)
+        # the forward walks the backward's chunks, so the saved states sit on its chunk boundaries
+        configs = {"linear": self._normalise("linear", {**choices["linear"].params, "chunk": bwd.params["chunk"]},
+                                             sizes)}
+        saved: list = []
+        o, _ = self._run(call, sizes, configs, saved=saved)
+        self.config = {"linear_fwd": choices["linear"].as_dict(), "linear_bwd": bwd.as_dict()}
+        return o.to(q.dtype), saved
+
+    def saved_like(self, q, k, v, *, scale=None, linear_scale=None, **tensors) -> list:
+        if self.spec.linear is None or self.spec.has_softmax:
+            return []
+        B, H, L, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+        wq = tensors.get("feature_weight_q")
+        F = 2 * wq.shape[-1] if (wq is not None and self.spec.linear.has_weights) else q.shape[3]
+        return [q.new_empty(s, dtype=torch.float32) for s in _linear_train.saved_shapes(self.spec, B, H, L, F, Dv)]
+
+    def backward_saved(self, grad_o, o, saved, q, k, v, *, scale=None, linear_scale=None, **tensors) -> dict:
+        """{name: gradient} of q, k, v, g, the feature weights and initial_state, from the saved states."""
+        call, sizes = self._train_call(q, k, v, scale, linear_scale, tensors)
+        return self._linear_backward(call, sizes, grad_o, o, saved)
+
+    def _train_call(self, q, k, v, scale, linear_scale, tensors) -> tuple:
+        if self.spec.linear is None or self.spec.has_softmax:
+            raise Unsupported("the TVM backward kernels cover the linear branch alone; this spec's softmax part "
+                              "trains through the reference")
+        call = self._bound(q, k, v, scale, linear_scale, False, tensors)
+        self._prepare(call)
+        return call, Sizes.of(call)
+
+    def _bwd_choice(self, sizes: Sizes, L: int) -> Choice:
+        """The backward's config (the same chooser as the forward; kernel name "linear_bwd")."""
+        key = ("linear_bwd", sizes, _bucket(sizes, L, "linear"))
+        if key not in self._configs:
+            self._configs[key] = choose(
+                BACKEND, "linear_bwd", self.spec, "float32", sizes.bucket(L, "linear"), device="cpu",
+                default=lambda: _linear_bwd.LinearBwdConfig().to_dict(), fixed=self._fixed.get("linear_bwd"),
+                normalize=lambda cfg: _linear_bwd.LinearBwdConfig.from_dict(cfg).to_dict(), db=self._db)
+        return self._configs[key]
+
+    def _bwd_module(self, sizes: Sizes, cfg: dict, aug: bool) -> "_build.Built":
+        key = ("linear_bwd", sizes, _frozen(cfg), aug)
+        built = self._mods.get(key)
+        if built is None:
+            dims = _linear_bwd.BwdDims(sizes.H, sizes.Hkv, sizes.HF, sizes.F, sizes.Dv, aug)
+            src = _linear_bwd.linear_bwd_source(self.spec.linear.gate, dims, _linear_bwd.LinearBwdConfig.from_dict(cfg),
+                                                lanes=_build.vector_lanes())
+            built = self._mods[key] = _build.build([src], f"linear_bwd-{self.spec.summary() or 'spec'}")
+        return built
+
+    def _linear_backward(self, call: Call, sizes: Sizes, grad_o, o, saved: list) -> dict:
+        """The scan's gradients on the kernel, the feature maps' and the gate's on the host (linear_train.py)."""
+        spec, lin = self.spec, self.spec.linear
+        B, H, L, Dv = call.B, call.H, call.L, call.Dv
+        aug = lin.normalize
+        den = saved[1] if aug else None
+        do = _linear_train.scan_grad(spec, grad_o, o, den, call.linear_scale, aug)
+        leaves = _linear_train.leaves_of(call, dict.fromkeys(("q", "k", "feature_weight_q", "feature_weight_k"), True))
+        feats = _linear_train.Features(call, leaves)
+        fq, fk = feats.fq.detach(), feats.fk.detach()
+        dS0 = None
+        if spec.causal:
+            bwd = self._bwd_choice(sizes, L)
+            C = bwd.params["chunk"]
+            Sc = saved[0][:, :, :(L + C - 1) // C]
+            if not Sc.is_contiguous():
+                Sc = Sc.contiguous()
+            dfq, dfk, dv = _empty((B, H, L, sizes.F)), _empty((B, H, L, sizes.F)), _empty((B, H, L, Dv))
+            dS0 = _empty((B, H, sizes.F, Dv + int(aug)))
+            gate = [call.g] if lin.gate is not None else []
+            self._bwd_module(sizes, bwd.params, aug).fn("linear_bwd")(fq, fk, call.v, *gate, Sc, do, dfq, dfk, dv, dS0)
+        else:
+            dfq, dfk, dv = _linear_train.noncausal_grads(spec, feats, call.v, do, call.Hkv)
+        grads = feats.backward(dfq, dfk if fk.shape[1] == H else _linear_train.group_sum(dfk, fk.shape[1]))
+        grads["v"] = _linear_train.group_sum(dv, call.Hkv)
+        if lin.gate is not None:
+            fkh = fk if fk.shape[1] == H else fk.repeat_interleave(H // fk.shape[1], dim=1)
+            grads["g"] = _linear_train.gate_grad(call.g, fq, dfq, fkh, dfk)
+        if dS0 is not None and call.S0 is not None:
+            grads["initial_state"] = (dS0[..., :Dv], dS0[..., Dv] if aug else torch.zeros_like(call.z0))
+        return grads
 
     # -- tuning ---------------------------------------------------------------------------------
     def tune(self, q, k, v, *, force: bool = False, progress=True, db=None, space: Optional[dict] = None,
