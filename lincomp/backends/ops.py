@@ -15,9 +15,9 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
   the kernel's backward needs (the window kernels' log-sum-exp, the linear kernels' states), and its
   backward, ``torch.ops.lincomp.attention_backward`` (its own op, so compiled training graphs keep it
   opaque), runs only backward kernels: each forward runs once. Kernels without a backward of their own
-  (TVM, the reference): a call whose inputs require grad runs the reference under autograd instead (one
-  evaluation); without grad it runs the kernel. A call that fell back saves nothing and its gradient is the
-  reference's (``torch.func.vjp``).
+  (the reference; TVM for specs with a softmax part): a call whose inputs require grad runs the reference
+  under autograd instead (one evaluation); without grad it runs the kernel. A call that fell back saves
+  nothing and its gradient is the reference's (``torch.func.vjp``).
 - ``torch.ops.lincomp.key_padding_mask(mask, causal, check) -> [B, Lk] bool`` turns a
   scaled_dot_product_attention ``attn_mask`` (bool, or additive float) into the key-padding mask lincomp
   takes; with ``check`` it raises when the mask is anything else (a bias, a packed-sequence mask, a causal
@@ -103,8 +103,9 @@ def clear_kernel_cache() -> None:
 
 
 def has_own_backward(kernel: Kernel) -> bool:
-    """True when ``kernel`` brings backward kernels that take what its forward saved (Triton)."""
-    return type(kernel).backward_saved is not Kernel.backward_saved
+    """True when ``kernel`` brings backward kernels that take what its forward saved (Triton; TVM for the
+    linear branch alone)."""
+    return kernel.has_backward()
 
 
 def _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight) -> dict:
@@ -178,8 +179,9 @@ def _attention(q, k, v, spec_json, scale=None, g=None, feature_weight_q=None, fe
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tensors.values())):
         kernel = _concrete(get_kernel(spec_json, target, fallback, hints_json), q.device)
         if not has_own_backward(kernel):
-            # No backward kernels (TVM, the reference): differentiate the reference itself, so training runs
-            # one forward (the reference's) instead of the kernel's plus the reference's inside the backward.
+            # No backward kernels (the reference; TVM with a softmax part): differentiate the reference itself,
+            # so training runs one forward (the reference's) instead of the kernel's plus the reference's inside
+            # the backward.
             return reference(spec_from_json(spec_json), q, k, v, **_kwargs(scale, tensors, key_padding_mask, cu_seqlens))
     return torch.ops.lincomp.attention_forward(q, k, v, spec_json, scale, g, feature_weight_q, feature_weight_k,
                                                sink_logits, window_gamma, alpha, key_padding_mask, target, fallback,

@@ -206,7 +206,8 @@ class TVMKernel(Kernel):
         return "\n\n".join(texts)
 
     def forward(self, q, k, v, *, scale=None, linear_scale=None, return_state=False, **tensors):
-        self._check_grad(q, k, v, tensors)
+        if self._check_grad(q, k, v, tensors, return_state):   # the linear branch trains on its kernels
+            return _linear_train.differentiable_call(self, q, k, v, scale, linear_scale, tensors)
         call = self._bound(q, k, v, scale, linear_scale, return_state, tensors)
         out_dtype = q.dtype
         self._prepare(call)
@@ -238,14 +239,26 @@ class TVMKernel(Kernel):
         return call
 
     # -- inputs ---------------------------------------------------------------------------------
-    def _check_grad(self, q, k, v, tensors) -> None:
+    def _check_grad(self, q, k, v, tensors, return_state=False) -> bool:
+        """True when autograd must flow through this call (the linear branch's backward kernels cover it);
+        Unsupported (-> the differentiable reference) where no backward kernel does."""
         if not torch.is_grad_enabled():
-            return
+            return False
         ts = [q, k, v] + [t for x in tensors.values() for t in (x if isinstance(x, (tuple, list)) else (x,))]
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts):
-            raise Unsupported("inputs require grad and the TVM backend is inference-only (no backward); "
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts):
+            return False
+        if not self.has_backward():
+            raise Unsupported("inputs require grad and the TVM backend has no backward kernels for a softmax part; "
                               "running the differentiable reference -- wrap the call in torch.no_grad() "
                               "for kernel speed")
+        if return_state:
+            raise Unsupported("return_state=True with inputs that require grad (the TVM backward kernels take "
+                              "no gradient of the final state); running the differentiable reference")
+        return True
+
+    def has_backward(self) -> bool:
+        """The TVM backward kernels cover the linear branch alone (specs without a softmax part)."""
+        return self.spec.linear is not None and not self.spec.has_softmax
 
     def _prepare(self, call: Call) -> None:
         """Make every tensor fp32, contiguous and 64-byte aligned (copying, with a reason, if needed)."""
@@ -503,9 +516,8 @@ class TVMKernel(Kernel):
         aug = lin.normalize
         den = saved[1] if aug else None
         do = _linear_train.scan_grad(spec, grad_o, o, den, call.linear_scale, aug)
-        leaves = _linear_train.leaves_of(call, dict.fromkeys(("q", "k", "feature_weight_q", "feature_weight_k"), True))
-        feats = _linear_train.Features(call, leaves)
-        fq, fk = feats.fq.detach(), feats.fk.detach()
+        feats = _linear_train.Features(call)
+        fq, fk = feats.fq, feats.fk
         dS0 = None
         if spec.causal:
             bwd = self._bwd_choice(sizes, L)

@@ -6,7 +6,7 @@ output gradient into the scan's (d num, and d den as one more column), runs line
 finishes on the host what is elementwise or tiny:
 
 - feature maps: the kernels work on phi(q), phi(k); their backward (and d feature_weight_q / _k for
-  hedgehog maps) is torch autograd through ``lincomp.reference.features`` (a projection and a softmax);
+  hedgehog maps) is ``torch.func.vjp`` of ``lincomp.reference.features`` (a projection and a softmax);
 - gates: dG_t = phi(q_t) . dphi(q_t) - phi(k_t) . dphi(k_t) (every pair decays by e^(G_i - G_j)), and
   d g_s = sum_{t >= s} dG_t, in float64; a gate under the kernels' floor (-40) gets 0, as the kernels
   never saw it;
@@ -56,43 +56,27 @@ def scan_grad(spec, grad_o: torch.Tensor, o: torch.Tensor, den: Optional[torch.T
 
 
 class Features:
-    """phi(q), phi(k) of a call, built under autograd when a gradient must flow through the map."""
+    """phi(q), phi(k) of a call and the vjp of the maps (``torch.func.vjp``: it differentiates inside a
+    custom op's backward too, where plain autograd records nothing). phi(k) has H heads with per-head
+    weights, else the key heads."""
 
-    def __init__(self, call, leaves: dict):
+    NAMES = ("q", "k", "feature_weight_q", "feature_weight_k")
+
+    def __init__(self, call):
         lin, H = call.spec.linear, call.H
-        self.leaves = leaves                         # name -> leaf tensor (requires_grad) or None
-        q, k = leaves.get("q", call.q), leaves.get("k", call.k)
-        wq, wk = leaves.get("feature_weight_q", call.feature_weight_q), leaves.get("feature_weight_k",
-                                                                                    call.feature_weight_k)
-        if lin.has_weights:   # per-query-head weights: phi(k) per query head
-            k = k if k.shape[1] == H else k.repeat_interleave(H // k.shape[1], dim=1)
-        with torch.enable_grad():
-            self.fq = feature_map(lin.feature_map, q, wq).float().contiguous()
-            self.fk = feature_map(lin.feature_map, k, wk).float().contiguous()
+        self.names = [n for n in self.NAMES if getattr(call, n) is not None]
+
+        def phis(q, k, wq=None, wk=None):
+            if lin.has_weights and k.shape[1] != H:
+                k = k.repeat_interleave(H // k.shape[1], dim=1)
+            return feature_map(lin.feature_map, q, wq).float(), feature_map(lin.feature_map, k, wk).float()
+
+        (fq, fk), self._vjp = torch.func.vjp(phis, *[getattr(call, n) for n in self.names])
+        self.fq, self.fk = fq.contiguous(), fk.contiguous()
 
     def backward(self, dfq: torch.Tensor, dfk: torch.Tensor) -> dict:
-        """{name: gradient} of the leaves, from d phi(q), d phi(k) (phi(k) of its own heads)."""
-        names = [n for n, t in self.leaves.items() if t is not None and t.requires_grad]
-        if not names:
-            return {}
-        outs, grads = [], []
-        for f, d in ((self.fq, dfq), (self.fk, dfk)):
-            if f.requires_grad:
-                outs.append(f)
-                grads.append(d)
-        got = torch.autograd.grad(outs, [self.leaves[n] for n in names], grads, allow_unused=True) if outs else \
-            [None] * len(names)
-        return dict(zip(names, got))
-
-
-def leaves_of(call, need: dict) -> dict:
-    """Detached leaves (requires_grad) of q, k and the feature weights that need a gradient."""
-    out = {}
-    for name in ("q", "k", "feature_weight_q", "feature_weight_k"):
-        t = getattr(call, name)
-        if t is not None and need.get(name, False):
-            out[name] = t.detach().requires_grad_(True)
-    return out
+        """{name: gradient} of q, k and the feature weights from d phi(q), d phi(k) (phi(k)'s own heads)."""
+        return dict(zip(self.names, self._vjp((dfq, dfk))))
 
 
 def group_sum(x: torch.Tensor, Hkv: int) -> torch.Tensor:
@@ -112,7 +96,7 @@ def gate_grad(g: torch.Tensor, fq, dfq, fk, dfk) -> torch.Tensor:
 
 def noncausal_grads(spec, feats: Features, v, do: torch.Tensor, Hkv: int) -> tuple:
     """(dfq, dfk per query head, dv per query head) of o = phi(q) S (/ phi(q) . z), S = phi(k)^T v."""
-    fq, fk = feats.fq.detach(), feats.fk.detach()
+    fq, fk = feats.fq, feats.fk
     H = fq.shape[1]
     fkh = fk if fk.shape[1] == H else fk.repeat_interleave(H // fk.shape[1], dim=1)
     vh = v if v.shape[1] == H else v.repeat_interleave(H // v.shape[1], dim=1)
@@ -125,3 +109,60 @@ def noncausal_grads(spec, feats: Features, v, do: torch.Tensor, Hkv: int) -> tup
     dfk = vh @ dS.transpose(-1, -2)
     dv = (fkh @ dS)[..., :v.shape[-1]]
     return dfq, dfk, dv
+
+
+STATE_NAMES = ("S0", "z0")
+
+
+class _Train(torch.autograd.Function):
+    """A direct kernel call under autograd: the saving forward, then the backward kernels."""
+
+    @staticmethod
+    def forward(ctx, kernel, scale, linear_scale, names, q, k, v, *tensors):
+        kw = _keywords(names, tensors)
+        with torch.no_grad():
+            o, saved = kernel.forward_and_save(q, k, v, scale=scale, linear_scale=linear_scale, **kw)
+        ctx.kernel, ctx.scale, ctx.linear_scale, ctx.names, ctx.n_saved = kernel, scale, linear_scale, names, len(saved)
+        ctx.save_for_backward(q, k, v, *tensors, o, *saved)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        q, k, v, *rest = ctx.saved_tensors
+        n = len(ctx.names)
+        tensors, o, saved = rest[:n], rest[n], list(rest[n + 1:])
+        kw = _keywords(ctx.names, tensors)
+        with torch.no_grad():
+            grads = ctx.kernel.backward_saved(grad_o, o, saved, q, k, v, scale=ctx.scale,
+                                              linear_scale=ctx.linear_scale, **kw)
+        state = grads.get("initial_state") or (None, None)
+        by_name = dict(grads, S0=state[0], z0=state[1])
+        out = [by_name.get(x) for x in ("q", "k", "v", *ctx.names)]
+        inputs = (q, k, v, *tensors)
+        return (None, None, None, None, *[None if d is None else d.to(t.dtype) for d, t in zip(out, inputs)])
+
+
+def _keywords(names, tensors) -> dict:
+    kw = {n: t for n, t in zip(names, tensors) if n not in STATE_NAMES}
+    if "S0" in names:
+        kw["initial_state"] = tuple(t for n, t in zip(names, tensors) if n in STATE_NAMES)
+    return kw
+
+
+def differentiable_call(kernel, q, k, v, scale, linear_scale, tensors: dict) -> torch.Tensor:
+    """``kernel(q, k, v, **tensors)`` with autograd through the TVM backward kernels (o [B, H, L, Dv])."""
+    from lincomp.documents import state_pair
+    from lincomp.runtime.kernel import Unsupported
+    names, values = [], []
+    for name, t in tensors.items():
+        if name == "initial_state":
+            S0, z0 = state_pair(t)
+            z0 = S0.new_zeros(S0.shape[:-1]) if z0 is None else z0
+            names += list(STATE_NAMES)
+            values += [S0, z0]
+        elif isinstance(t, torch.Tensor):
+            names.append(name)
+            values.append(t)
+        elif t is not None:
+            raise Unsupported(f"{name} under autograd")
+    return _Train.apply(kernel, scale, linear_scale, tuple(names), q, k, v, *values)
