@@ -518,7 +518,7 @@ class TVMKernel(Kernel):
         do = _linear_train.scan_grad(spec, grad_o, o, den, call.linear_scale, aug)
         feats = _linear_train.Features(call)
         fq, fk = feats.fq, feats.fk
-        dS0 = None
+        grads, dS0 = {}, None
         if spec.causal:
             bwd = self._bwd_choice(sizes, L)
             C = bwd.params["chunk"]
@@ -528,14 +528,15 @@ class TVMKernel(Kernel):
             dfq, dfk, dv = _empty((B, H, L, sizes.F)), _empty((B, H, L, sizes.F)), _empty((B, H, L, Dv))
             dS0 = _empty((B, H, sizes.F, Dv + int(aug)))
             gate = [call.g] if lin.gate is not None else []
-            self._bwd_module(sizes, bwd.params, aug).fn("linear_bwd")(fq, fk, call.v, *gate, Sc, do, dfq, dfk, dv, dS0)
+            dg = [_empty(tuple(call.g.shape))] if lin.gate is not None else []
+            self._bwd_module(sizes, bwd.params, aug).fn("linear_bwd")(fq, fk, call.v, *gate, Sc, do, dfq, dfk, dv, dS0,
+                                                                      *dg)
+            if dg:
+                grads["g"] = dg[0]
         else:
             dfq, dfk, dv = _linear_train.noncausal_grads(spec, feats, call.v, do, call.Hkv)
-        grads = feats.backward(dfq, dfk if fk.shape[1] == H else _linear_train.group_sum(dfk, fk.shape[1]))
+        grads.update(feats.backward(dfq, dfk if fk.shape[1] == H else _linear_train.group_sum(dfk, fk.shape[1])))
         grads["v"] = _linear_train.group_sum(dv, call.Hkv)
-        if lin.gate is not None:
-            fkh = fk if fk.shape[1] == H else fk.repeat_interleave(H // fk.shape[1], dim=1)
-            grads["g"] = _linear_train.gate_grad(call.g, fq, dfq, fkh, dfk)
         if dS0 is not None and call.S0 is not None:
             grads["initial_state"] = (dS0[..., :Dv], dS0[..., Dv] if aug else torch.zeros_like(call.z0))
         return grads

@@ -17,8 +17,9 @@ Per chunk of C tokens (Gc: cumulative log-gate from the chunk start, every expon
 
 Scalar gates (and none) decay the C x C matrices; a vector gate factors d_ij through the chunk start
 (two decayed operands, matmuls) while its chunk decays by less than e^60, and takes one exponential
-per (pair, feature) beyond that. The gate's own gradient follows on the host from the identity
-dG_t = phi(q_t) . dphi(q_t) - phi(k_t) . dphi(k_t) and a reverse cumulative sum.
+per (pair, feature) beyond that. The gate's own gradient comes from the identity
+dG_t = phi(q_t) . dphi(q_t) - phi(k_t) . dphi(k_t) (every pair decays by e^(G_i - G_j)): d g_s is the sum
+of dG_t over t >= s, which the reverse walk accumulates (in float64) as it stores each row.
 """
 
 from __future__ import annotations
@@ -71,17 +72,18 @@ class BwdDims:
 
 def arg_names(gate: Optional[str]) -> list:
     """Arguments of ``linear_bwd`` (all float32, contiguous)."""
-    return ["fq", "fk", "v"] + (["g"] if gate else []) + ["Sc", "do", "dfq", "dfk", "dv", "dS0"]
+    return ["fq", "fk", "v"] + (["g"] if gate else []) + ["Sc", "do", "dfq", "dfk", "dv", "dS0"] + \
+        (["dg"] if gate else [])
 
 
 def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, *, lanes: int = 16,
                       name: str = "linear_bwd") -> str:
-    """TVMScript of ``name(fq, fk, v, [g], Sc, do, dfq, dfk, dv, dS0)``.
+    """TVMScript of ``name(fq, fk, v, [g], Sc, do, dfq, dfk, dv, dS0, [dg])``.
 
     fq [B, H, L, F], fk [B, HF, L, F], v [B, Hkv, L, Dv], g [B, H, L] or [B, H, L, F] (log-gates),
     Sc [B, H, NC, F, Dsv] (states entering each chunk), do [B, H, L, Dsv] (d num, and d den in the last
     column with the normaliser) -> dfq [B, H, L, F], dfk [B, H, L, F] (per query head), dv [B, H, L, Dv]
-    (per query head), dS0 [B, H, F, Dsv] (the gradient of the state entering the sequence).
+    (per query head), dS0 [B, H, F, Dsv] (the gradient of the state entering the sequence), dg like g.
     """
     H, Hkv, HF, F, Dv, Dsv = dims.H, dims.Hkv, dims.HF, dims.F, dims.Dv, dims.Dsv
     C = cfg.chunk
@@ -111,6 +113,10 @@ def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, 
           f'dfk = T.match_buffer(dfk_h, (B, {H}, L, {F}), "float32")',
           f'dv = T.match_buffer(dv_h, (B, {H}, L, {Dv}), "float32")',
           f'dS0 = T.match_buffer(dS0_h, (B, {H}, {F}, {Dsv}), "float32")')
+        if gate == "scalar":
+            s(f'dg = T.match_buffer(dg_h, (B, {H}, L), "float32")')
+        elif gate == "vector":
+            s(f'dg = T.match_buffer(dg_h, (B, {H}, L, {F}), "float32")')
         s("# one task per (batch, head); its chunks run last to first, carrying dT")
         with s.block(f"for task in T.parallel(B * {H}):"):
             group = H // Hkv
@@ -129,6 +135,10 @@ def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, 
                 s(f'{buf} = T.alloc_buffer({shape}, "float32")')
             if gate == "vector":
                 s('small = T.alloc_buffer((1,), "int32")')
+            if gate is not None:
+                s(f'gacc = T.alloc_buffer(({Fg},), "float64")', f'grow = T.alloc_buffer(({F},), "float32")')
+                with s.block(f"for f in range({Fg}):"):
+                    s("gacc[f] = T.float64(0)")
             with s.block(f"for f in range({F}):"):
                 with s.block(f"for w in T.vectorized({Dsv}):"):
                     s("dT[f, w] = T.float32(0)")
@@ -253,11 +263,27 @@ def _transpose_dA(s, k: _K) -> None:
 
 
 def _emit_store_grads(s, k: _K, qfactor: Optional[str] = None, kfactor: Optional[str] = None) -> None:
-    """dfq / dfk rows inside L from the transposed tq / tk (times a per-(row, feature) factor)."""
-    for out, buf, fac in (("dfq", "tq", qfactor), ("dfk", "tk", kfactor)):
-        with s.block(f"for r in range(T.min({k.C}, L - c0)):"):
-            with s.block(f"for f in T.vectorized({k.F}):"):
+    """dfq / dfk rows inside L from the transposed tq / tk (times a per-(row, feature) factor); with a gate,
+    d g by the reverse cumulative sum of dG_t = phi(q_t) . dphi(q_t) - phi(k_t) . dphi(k_t) (float64),
+    0 for a gate under the floor (the kernels never saw it)."""
+    n = f"T.min({k.C}, L - c0)"
+    with s.block(f"for rr in range({n}):"):
+        s(f"r = {n} - 1 - rr")   # last row first: the sum runs from the sequence's end
+        with s.block(f"for f in T.vectorized({k.F}):"):
+            for out, buf, fac in (("dfq", "tq", qfactor), ("dfk", "tk", kfactor)):
                 s(f"{out}[b, h, c0 + r, f] = {buf}[f, r]" + (f" * {fac}" if fac else ""))
+            if k.gate is not None:
+                s("grow[f] = qT[f, r] * dfq[b, h, c0 + r, f] - kc[r, f] * dfk[b, h, c0 + r, f]")
+        if k.gate == "vector":
+            with s.block(f"for f in T.vectorized({k.F}):"):
+                s("gacc[f] = gacc[f] + T.Cast(\"float64\", grow[f])")
+                s(f"dg[b, h, c0 + r, f] = T.if_then_else(g[b, h, c0 + r, f] < T.float32({GATE_FLOOR}), T.float32(0), "
+                  "T.Cast(\"float32\", gacc[f]))")
+        elif k.gate == "scalar":
+            with s.block(f"for f in range({k.F}):"):
+                s("gacc[0] = gacc[0] + T.Cast(\"float64\", grow[f])")
+            s(f"dg[b, h, c0 + r] = T.if_then_else(g[b, h, c0 + r] < T.float32({GATE_FLOOR}), T.float32(0), "
+              "T.Cast(\"float32\", gacc[0]))")
 
 
 def _state_a(k: _K, scale: bool):

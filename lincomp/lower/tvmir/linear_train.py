@@ -2,14 +2,11 @@
 
 ``forward_and_save`` runs linear.py's kernel with ``save_states`` (the state entering each chunk; the
 normalised branch in "numden" mode, so its denominators are saved too); ``backward_saved`` turns the
-output gradient into the scan's (d num, and d den as one more column), runs linear_bwd.py's kernel and
-finishes on the host what is elementwise or tiny:
+output gradient into the scan's (d num, and d den as one more column), runs linear_bwd.py's kernel (which
+also forms the gate's gradient) and finishes on the host what is elementwise or tiny:
 
 - feature maps: the kernels work on phi(q), phi(k); their backward (and d feature_weight_q / _k for
   hedgehog maps) is ``torch.func.vjp`` of ``lincomp.reference.features`` (a projection and a softmax);
-- gates: dG_t = phi(q_t) . dphi(q_t) - phi(k_t) . dphi(k_t) (every pair decays by e^(G_i - G_j)), and
-  d g_s = sum_{t >= s} dG_t, in float64; a gate under the kernels' floor (-40) gets 0, as the kernels
-  never saw it;
 - GQA: per-query-head gradients of k, v summed over each group.
 
 Non-causal specs (no gate, no state) need no scan: their gradients are four dense products, done by torch.
@@ -21,7 +18,6 @@ from typing import Optional
 
 import torch
 
-from lincomp.lower.tvmir.linear import GATE_FLOOR
 from lincomp.reference.features import feature_map
 
 # Saved states are laid out for the smallest backward chunk, so their shape never depends on the chosen
@@ -83,15 +79,6 @@ def group_sum(x: torch.Tensor, Hkv: int) -> torch.Tensor:
     """[B, H, ...] per query head -> [B, Hkv, ...] (each group of H / Hkv query heads summed)."""
     B, H = x.shape[:2]
     return x if H == Hkv else x.view(B, Hkv, H // Hkv, *x.shape[2:]).sum(2)
-
-
-def gate_grad(g: torch.Tensor, fq, dfq, fk, dfk) -> torch.Tensor:
-    """d g [B, H, L(, F)] from the features and their gradients (fk, dfk per query head)."""
-    dG = fq.double() * dfq.double() - fk.double() * dfk.double()
-    if g.dim() == 3:
-        dG = dG.sum(-1)
-    dg = dG.flip(2).cumsum(2).flip(2)
-    return torch.where(g < GATE_FLOOR, torch.zeros_like(dg), dg).float()
 
 
 def noncausal_grads(spec, feats: Features, v, do: torch.Tensor, Hkv: int) -> tuple:
