@@ -178,24 +178,30 @@ class _K:
 
 def _emit_loads(s, k: _K) -> None:
     """kc = phi(k) rows, qT = phi(q) transposed, vcT / dcT = v (with the column of ones) / do transposed;
-    rows past L are zero, so every product below needs no further bound."""
+    rows past L are zero, so every product below needs no further bound. Whole chunks load unguarded."""
+    for full in (True, False):
+        with s.block(f"if c0 + {k.C} <= L:" if full else "else:"):
+            _emit_load_rows(s, k, full)
+    if k.Dsv > k.Dv:
+        with s.block(f"for r in T.vectorized({k.C}):"):
+            s(f"vcT[{k.Dv}, r] = T.if_then_else(c0 + r < L, T.float32(1), T.float32(0))")
+
+
+def _emit_load_rows(s, k: _K, full: bool) -> None:
     C, F, Dv, Dsv = k.C, k.F, k.Dv, k.Dsv
-    inside = "c0 + r < L"
+
+    def load(src: str) -> str:
+        if full:
+            return src.format(row="c0 + r")
+        return f"T.if_then_else(c0 + r < L, {src.format(row='T.min(c0 + r, L - 1)')}, T.float32(0))"
     with s.block(f"for r in range({C}):"):
         with s.block(f"for f in T.vectorized({F}):"):
-            s(f"kc[r, f] = T.if_then_else({inside}, fk[b, {k.fk_head}, T.min(c0 + r, L - 1), f], T.float32(0))")
-    with s.block(f"for f in range({F}):"):
-        with s.block(f"for r in T.vectorized({C}):"):
-            s(f"qT[f, r] = T.if_then_else({inside}, fq[b, h, T.min(c0 + r, L - 1), f], T.float32(0))")
-    with s.block(f"for w in range({Dv}):"):
-        with s.block(f"for r in T.vectorized({C}):"):
-            s(f"vcT[w, r] = T.if_then_else({inside}, v[b, hk, T.min(c0 + r, L - 1), w], T.float32(0))")
-    if Dsv > Dv:
-        with s.block(f"for r in T.vectorized({C}):"):
-            s(f"vcT[{Dv}, r] = T.if_then_else({inside}, T.float32(1), T.float32(0))")
-    with s.block(f"for w in range({Dsv}):"):
-        with s.block(f"for r in T.vectorized({C}):"):
-            s(f"dcT[w, r] = T.if_then_else({inside}, do[b, h, T.min(c0 + r, L - 1), w], T.float32(0))")
+            s(f"kc[r, f] = {load('fk[b, ' + k.fk_head + ', {row}, f]')}")
+    for dst, src, rows in (("qT", "fq[b, h, {row}, f]", F), ("vcT", "v[b, hk, {row}, f]", Dv),
+                           ("dcT", "do[b, h, {row}, f]", Dsv)):
+        with s.block(f"for f in range({rows}):"):
+            with s.block(f"for r in T.vectorized({C}):"):
+                s(f"{dst}[f, r] = {load(src)}")
 
 
 def _emit_gates(s, k: _K) -> None:
