@@ -42,7 +42,7 @@ class LinearBwdConfig:
     mr: int = 4          # rows per micro-kernel step of the row-major products (width Dv)
 
     def __post_init__(self):
-        check_config_int(self.chunk, "linear_bwd.chunk", 4, 128, pow2=True)
+        check_config_int(self.chunk, "linear_bwd.chunk", 16, 128, pow2=True)   # >= MIN_CHUNK of the saved states
         check_config_int(self.mr, "linear_bwd.mr", 1, 64)
 
     def to_dict(self) -> dict:
@@ -122,7 +122,7 @@ def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, 
             group = H // Hkv
             s(f"b = task // {H}", f"h = task % {H}", f"hk = h // {group}" if group > 1 else "hk = h")
             Fg = F if gate == "vector" else 1
-            bufs = [("dT", (F, Dsv)), ("kc", (C, F)), ("qT", (F, C)), ("vcT", (Dsv, C)), ("dcT", (Dsv, C)),
+            bufs = [("dT", (F, Dsv)), ("dd", (C,)), ("kc", (C, F)), ("qT", (F, C)), ("vcT", (Dsv, C)), ("dcT", (Dsv, C)),
                     ("PT", (C, C)), ("dA", (C, C)), ("dAT", (C, C)), ("tq", (F, C)), ("tk", (F, C))]
             if gate is not None:
                 bufs += [("Gc", (C, Fg)), ("GT", (Fg, C)), ("decay", (Fg,)), ("qdT", (F, C)), ("ke", (C, F)),
@@ -244,13 +244,22 @@ def _emit_gates(s, k: _K) -> None:
                 s("qdT[f, r] = qT[f, r] * eq[r]")
 
 
-def _mask(s, buf: str, C: int, row_is_key: bool, factor: Optional[str] = None) -> None:
-    """Zero the non-causal half of a C x C buffer (``row_is_key``: buf[j, i], else buf[i, j]); times factor."""
+def _mask(s, buf: str, C: int, row_is_key: bool) -> None:
+    """Zero the non-causal half of a C x C buffer (``row_is_key``: buf[j, i], else buf[i, j])."""
     cond = "r <= x" if row_is_key else "x <= r"
-    val = f"{buf}[r, x] * {factor}" if factor else f"{buf}[r, x]"
     with s.block(f"for r in range({C}):"):
         with s.block(f"for x in T.vectorized({C}):"):
-            s(f"{buf}[r, x] = T.if_then_else({cond}, {val}, T.float32(0))")
+            s(f"{buf}[r, x] = T.if_then_else({cond}, {buf}[r, x], T.float32(0))")
+
+
+def _mask_dA(s, k: _K) -> None:
+    """dA strictly causal (j < i), its diagonal do_i . v_i kept apart in dd: the pairs (i, i) do not decay,
+    so their terms of dphi(q_i), dphi(k_i) are added at the store, outside the gate identity (whose two
+    halves would otherwise cancel them, leaving fp32 noise where strong gates make d g small)."""
+    with s.block(f"for r in range({k.C}):"):
+        s("dd[r] = dA[r, r]")
+        with s.block(f"for x in T.vectorized({k.C}):"):
+            s("dA[r, x] = T.if_then_else(x < r, dA[r, x], T.float32(0))")
 
 
 def _emit_scores(s, k: _K, kbuf: str, qbuf: str) -> None:
@@ -276,10 +285,12 @@ def _emit_store_grads(s, k: _K, qfactor: Optional[str] = None, kfactor: Optional
     with s.block(f"for rr in range({n}):"):
         s(f"r = {n} - 1 - rr")   # last row first: the sum runs from the sequence's end
         with s.block(f"for f in T.vectorized({k.F}):"):
-            for out, buf, fac in (("dfq", "tq", qfactor), ("dfk", "tk", kfactor)):
-                s(f"{out}[b, h, c0 + r, f] = {buf}[f, r]" + (f" * {fac}" if fac else ""))
-            if k.gate is not None:
-                s("grow[f] = qT[f, r] * dfq[b, h, c0 + r, f] - kc[r, f] * dfk[b, h, c0 + r, f]")
+            off = {out: f"{buf}[f, r]" + (f" * {fac}" if fac else "")
+                   for out, buf, fac in (("dfq", "tq", qfactor), ("dfk", "tk", kfactor))}
+            s(f"dfq[b, h, c0 + r, f] = {off['dfq']} + dd[r] * kc[r, f]",
+              f"dfk[b, h, c0 + r, f] = {off['dfk']} + dd[r] * qT[f, r]")
+            if k.gate is not None:   # the identity over the decaying pairs only (see _mask_dA)
+                s(f"grow[f] = qT[f, r] * ({off['dfq']}) - kc[r, f] * ({off['dfk']})")
         if k.gate == "vector":
             with s.block(f"for f in T.vectorized({k.F}):"):
                 s("gacc[f] = gacc[f] + T.Cast(\"float64\", grow[f])")
@@ -309,8 +320,9 @@ def _emit_matrix_decay(s, k: _K) -> None:
                   "T.float32(0))")
                 s("PT[r, x] = PT[r, x] * Dm[r, x]")
         with s.block(f"for r in range({C}):"):
+            s("dd[r] = dA[r, r]")   # the diagonal apart, as _mask_dA does
             with s.block(f"for x in range({C}):"):
-                s("dAT[x, r] = dA[r, x] * Dm[x, r]", "dA[r, x] = dAT[x, r]")
+                s("dAT[x, r] = T.if_then_else(x < r, dA[r, x] * Dm[x, r], T.float32(0))", "dA[r, x] = dAT[x, r]")
         s("# do decayed from the chunk start (the state term of dphi(q)); v decayed to the chunk end (of dphi(k))")
         with s.block(f"for w in range({Dsv}):"):
             with s.block(f"for r in T.vectorized({C}):"):
@@ -318,7 +330,7 @@ def _emit_matrix_decay(s, k: _K) -> None:
         dce = "dceT"
     else:
         _mask(s, "PT", C, row_is_key=True)
-        _mask(s, "dA", C, row_is_key=False)
+        _mask_dA(s, k)
         _transpose_dA(s, k)
         dce = "dcT"
     s("# tq = dphi(q)^T: intra-chunk pairs + the state entering the chunk; tk = dphi(k)^T: pairs + dT")
@@ -342,7 +354,7 @@ def _emit_vector_factored(s, k: _K) -> None:
             s(f"ek[r, f] = {exp2(f'-Gc[r, f] * {L2E}')}", "kd[r, f] = kc[r, f] * ek[r, f]")
     _emit_scores(s, k, "kd", "qdT")
     _mask(s, "PT", C, row_is_key=True)
-    _mask(s, "dA", C, row_is_key=False)
+    _mask_dA(s, k)
     _transpose_dA(s, k)
     emit_gemm_tile(s, rows=F, mr=k.mr_c, width=C,
                    terms=[(str(C), lambda r, x: f"kd[{x}, {r}]", lambda x, w: f"dAT[{x}, {w}]"),
@@ -368,7 +380,7 @@ def _emit_vector_exact(s, k: _K) -> None:
                 s(f"PT[r, x] = PT[r, x] + T.if_then_else(r <= x, kc[r, f] * qT[f, x] * {dec('x', 'r')}, T.float32(0))")
     emit_gemm_tile(s, rows=C, mr=k.mr_cc, width=C, red=str(Dsv), a=lambda r, x: f"dcT[{x}, {r}]",
                    b=lambda x, w: f"vcT[{x}, {w}]", store=lambda r, w, val: f"dA[{r}, {w}] = {val}")
-    _mask(s, "dA", C, row_is_key=False)
+    _mask_dA(s, k)
     _transpose_dA(s, k)
     s("# state terms, decayed per feature (e^Gc_i, e^(Gc_end - Gc_j) <= 1), then the pairs")
     emit_gemm_tile(s, rows=F, mr=k.mr_c, width=C, red=str(Dsv), a=lambda r, x: f"Sc[b, h, c, {r}, {x}]",
