@@ -248,9 +248,9 @@ class TVMKernel(Kernel):
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts):
             return False
         if not self.has_backward():
-            raise Unsupported("inputs require grad and the TVM backend has no backward kernels for a softmax part; "
-                              "running the differentiable reference -- wrap the call in torch.no_grad() "
-                              "for kernel speed")
+            raise Unsupported("inputs require grad and the TVM backend is inference-only for a softmax part (no "
+                              "backward kernels); running the differentiable reference -- wrap the call in "
+                              "torch.no_grad() for kernel speed")
         if return_state:
             raise Unsupported("return_state=True with inputs that require grad (the TVM backward kernels take "
                               "no gradient of the final state); running the differentiable reference")
@@ -456,7 +456,10 @@ class TVMKernel(Kernel):
 
     # -- training: the linear branch (linear_train.py, linear_bwd.py) ------------------------------
     def forward_and_save(self, q, k, v, *, scale=None, linear_scale=None, **tensors):
-        """(o, [Sc, den]): the linear branch's output, the state entering each chunk and the denominators."""
+        """(o, [Sc, den]): the linear branch's output, the state entering each chunk and the denominators;
+        (o, None) for specs no backward kernel covers (their gradient is the reference's)."""
+        if not self.has_backward():
+            return self.forward(q, k, v, scale=scale, linear_scale=linear_scale, **tensors), None
         call, sizes = self._train_call(q, k, v, scale, linear_scale, tensors)
         choices = self._choices_for(sizes, call.L)
         bwd = self._bwd_choice(sizes, call.L)
@@ -469,7 +472,7 @@ class TVMKernel(Kernel):
         return o.to(q.dtype), saved
 
     def saved_like(self, q, k, v, *, scale=None, linear_scale=None, **tensors) -> list:
-        if self.spec.linear is None or self.spec.has_softmax:
+        if not self.has_backward():
             return []
         B, H, L, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
         wq = tensors.get("feature_weight_q")
@@ -482,9 +485,6 @@ class TVMKernel(Kernel):
         return self._linear_backward(call, sizes, grad_o, o, saved)
 
     def _train_call(self, q, k, v, scale, linear_scale, tensors) -> tuple:
-        if self.spec.linear is None or self.spec.has_softmax:
-            raise Unsupported("the TVM backward kernels cover the linear branch alone; this spec's softmax part "
-                              "trains through the reference")
         call = self._bound(q, k, v, scale, linear_scale, False, tensors)
         self._prepare(call)
         return call, Sizes.of(call)
