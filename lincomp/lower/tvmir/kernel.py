@@ -13,8 +13,11 @@ vectorised numpy ops, cached) but never recompiles. Configs come from the one ch
 ``kernel.config["window_fwd" | "linear_fwd"]`` says which ({"source", "params", "key"}).
 ``kernel.tune(q, k, v, ...)`` measures the config space and stores the best.
 
-Inference only: a call whose inputs require grad (with grad mode on) runs the reference instead, with
-a warning -- the reference is differentiable, so training still works, just not at kernel speed.
+Training: for specs with a linear branch and no softmax part, a call whose inputs require grad runs the
+saving forward and, in the backward, the generated ``linear_bwd`` kernel (linear_train.py, linear_bwd.py;
+``kernel.config["linear_bwd"]``, config key ``"linear_bwd"``: ``{"chunk", "mr"}``); ``lincomp::attention``
+does the same through ``forward_and_save`` / ``backward_saved``. Specs with a softmax part are
+inference-only here: with grad they run the reference, with a warning (through the op: no warning).
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
 fp64 runs on the reference (a fp32 kernel would silently lose precision). Non-contiguous or
 misaligned (not 64-byte) tensors are copied, with a one-time warning naming the tensor.
