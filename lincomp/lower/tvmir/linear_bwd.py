@@ -103,20 +103,17 @@ def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, 
         s(f'fq = T.match_buffer(fq_h, (B, {H}, L, {F}), "float32")',
           f'fk = T.match_buffer(fk_h, (B, {HF}, L, {F}), "float32")',
           f'v = T.match_buffer(v_h, (B, {Hkv}, L, {Dv}), "float32")')
-        if gate == "scalar":
-            s(f'g = T.match_buffer(g_h, (B, {H}, L), "float32")')
-        elif gate == "vector":
-            s(f'g = T.match_buffer(g_h, (B, {H}, L, {F}), "float32")')
+        gshape = {"scalar": f"(B, {H}, L)", "vector": f"(B, {H}, L, {F})"}.get(gate)
+        if gshape:
+            s(f'g = T.match_buffer(g_h, {gshape}, "float32")')
         s(f'Sc = T.match_buffer(Sc_h, (B, {H}, NC, {F}, {Dsv}), "float32")',
           f'do = T.match_buffer(do_h, (B, {H}, L, {Dsv}), "float32")',
           f'dfq = T.match_buffer(dfq_h, (B, {H}, L, {F}), "float32")',
           f'dfk = T.match_buffer(dfk_h, (B, {H}, L, {F}), "float32")',
           f'dv = T.match_buffer(dv_h, (B, {H}, L, {Dv}), "float32")',
           f'dS0 = T.match_buffer(dS0_h, (B, {H}, {F}, {Dsv}), "float32")')
-        if gate == "scalar":
-            s(f'dg = T.match_buffer(dg_h, (B, {H}, L), "float32")')
-        elif gate == "vector":
-            s(f'dg = T.match_buffer(dg_h, (B, {H}, L, {F}), "float32")')
+        if gshape:
+            s(f'dg = T.match_buffer(dg_h, {gshape}, "float32")')
         s("# one task per (batch, head); its chunks run last to first, carrying dT")
         with s.block(f"for task in T.parallel(B * {H}):"):
             group = H // Hkv
@@ -310,7 +307,7 @@ def _state_a(k: _K, scale: bool):
 
 def _emit_matrix_decay(s, k: _K) -> None:
     """No gate or a scalar one: the decay d_ij is one number per pair, applied to the C x C matrices."""
-    C, F, Dsv, gate = k.C, k.F, k.Dsv, k.gate
+    C, Dsv, gate = k.C, k.Dsv, k.gate
     _emit_scores(s, k, "kc", "qT")
     if gate == "scalar":
         s("# d_ij = e^(Gc_i - Gc_j) on j <= i (Dm[j, i]), applied to the scores and to dA")
@@ -333,21 +330,28 @@ def _emit_matrix_decay(s, k: _K) -> None:
         _mask_dA(s, k)
         _transpose_dA(s, k)
         dce = "dcT"
+    _emit_feature_grads(s, k, "kc", "qT", dce, scaled=False)
+    _emit_store_grads(s, k)
+
+
+def _emit_feature_grads(s, k: _K, kbuf: str, qbuf: str, dce: str, scaled: bool) -> None:
+    """tq = dphi(q)^T = kbuf^T dA^T (pairs) + S_c dce (the state entering the chunk), tk = dphi(k)^T =
+    qbuf dA + dT vcT (dT times the chunk's decay with ``scaled``); factors of rows x features come at the store."""
+    C, F, Dsv = k.C, k.F, k.Dsv
     s("# tq = dphi(q)^T: intra-chunk pairs + the state entering the chunk; tk = dphi(k)^T: pairs + dT")
     emit_gemm_tile(s, rows=F, mr=k.mr_c, width=C,
-                   terms=[(str(C), lambda r, x: f"kc[{x}, {r}]", lambda x, w: f"dAT[{x}, {w}]"),
+                   terms=[(str(C), lambda r, x: f"{kbuf}[{x}, {r}]", lambda x, w: f"dAT[{x}, {w}]"),
                           (str(Dsv), lambda r, x: f"Sc[b, h, c, {r}, {x}]", lambda x, w: f"{dce}[{x}, {w}]")],
                    store=lambda r, w, val: f"tq[{r}, {w}] = {val}")
     emit_gemm_tile(s, rows=F, mr=k.mr_c, width=C,
-                   terms=[(str(C), lambda r, x: f"qT[{r}, {x}]", lambda x, w: f"dA[{x}, {w}]"),
-                          (str(Dsv), _state_a(k, False), lambda x, w: f"vcT[{x}, {w}]")],
+                   terms=[(str(C), lambda r, x: f"{qbuf}[{r}, {x}]", lambda x, w: f"dA[{x}, {w}]"),
+                          (str(Dsv), _state_a(k, scaled), lambda x, w: f"vcT[{x}, {w}]")],
                    store=lambda r, w, val: f"tk[{r}, {w}] = {val}")
-    _emit_store_grads(s, k)
 
 
 def _emit_vector_factored(s, k: _K) -> None:
     """Vector gate, chunk decay above e^-60: d_ij = e^Gc_i e^-Gc_j factors into decayed operands."""
-    C, F, Dsv = k.C, k.F, k.Dsv
+    C, F = k.C, k.F
     s("# keys decayed from the chunk start (e^-Gc <= e^60: exact in fp32)")
     with s.block(f"for r in range({C}):"):
         with s.block(f"for f in T.vectorized({F}):"):
@@ -356,14 +360,7 @@ def _emit_vector_factored(s, k: _K) -> None:
     _mask(s, "PT", C, row_is_key=True)
     _mask_dA(s, k)
     _transpose_dA(s, k)
-    emit_gemm_tile(s, rows=F, mr=k.mr_c, width=C,
-                   terms=[(str(C), lambda r, x: f"kd[{x}, {r}]", lambda x, w: f"dAT[{x}, {w}]"),
-                          (str(Dsv), lambda r, x: f"Sc[b, h, c, {r}, {x}]", lambda x, w: f"dcT[{x}, {w}]")],
-                   store=lambda r, w, val: f"tq[{r}, {w}] = {val}")
-    emit_gemm_tile(s, rows=F, mr=k.mr_c, width=C,
-                   terms=[(str(C), lambda r, x: f"qdT[{r}, {x}]", lambda x, w: f"dA[{x}, {w}]"),
-                          (str(Dsv), _state_a(k, True), lambda x, w: f"vcT[{x}, {w}]")],
-                   store=lambda r, w, val: f"tk[{r}, {w}] = {val}")
+    _emit_feature_grads(s, k, "kd", "qdT", "dcT", scaled=True)
     _emit_store_grads(s, k, qfactor="eqT[f, r]", kfactor="ek[r, f]")
 
 
