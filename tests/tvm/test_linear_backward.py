@@ -210,3 +210,19 @@ def test_compiled_training_step():
         reference(spec, **ref).square().sum().backward()
         errs = {n: rel_err(lv[n].grad, ref[n].grad) for n in lv}
         assert all(e <= TOL for e in errs.values()), (L, errs)
+
+
+def test_tune_backward_stores_the_best(tmp_path):
+    """kernel.tune_backward measures linear_bwd's space (whole training steps, gradients checked against
+    the default config's) and stores the best; a new kernel on the same database picks it up."""
+    from lincomp.tuning import TuningDB
+    db = TuningDB(tmp_path / "db", shipped=None)
+    spec = lincomp.presets.gla("scalar")
+    x = random_inputs(spec, B=1, H=2, L=40, D=8, seed=0)
+    kern = lincomp.compile(spec, target="tvm", db=db)
+    res = kern.tune_backward(**x, progress=False, reps=1)
+    assert not res.cached and len(res.candidates) == 6
+    again = lincomp.compile(spec, target="tvm", db=db)
+    again.forward_and_save(**x)
+    assert again.config["linear_bwd"]["source"] == "db"
+    assert again.config["linear_bwd"]["params"] == res.config

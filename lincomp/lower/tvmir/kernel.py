@@ -15,7 +15,8 @@ vectorised numpy ops, cached) but never recompiles. Configs come from the one ch
 
 Training: for specs with a linear branch and no softmax part, a call whose inputs require grad runs the
 saving forward and, in the backward, the generated ``linear_bwd`` kernel (linear_train.py, linear_bwd.py;
-``kernel.config["linear_bwd"]``, config key ``"linear_bwd"``: ``{"chunk", "mr"}``); ``lincomp::attention``
+``kernel.config["linear_bwd"]``, config key ``"linear_bwd"``: ``{"chunk", "mr"}``, tuned per bucket by
+``kernel.tune_backward(q, k, v, ...)``); ``lincomp::attention``
 does the same through ``forward_and_save`` / ``backward_saved``. Specs with a softmax part are
 inference-only here: with grad they run the reference, with a warning (through the op: no warning).
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
@@ -501,6 +502,40 @@ class TVMKernel(Kernel):
                 default=lambda: _linear_bwd.LinearBwdConfig().to_dict(), fixed=self._fixed.get("linear_bwd"),
                 normalize=lambda cfg: _linear_bwd.LinearBwdConfig.from_dict(cfg).to_dict(), db=self._db)
         return self._configs[key]
+
+    def tune_backward(self, q, k, v, *, force: bool = False, progress=True, db=None, reps: int = 5,
+                      **tensors):
+        """Measure ``linear_bwd``'s configs (a whole training step: the saving forward walks the backward's
+        chunks) at these inputs' sizes; store the best per bucket. Each config's gradients are checked
+        against the default's. Returns a :class:`lincomp.tuning.TuneResult`."""
+        db = db if db is not None else (self._db if self._db is not None else TuningDB())
+        call, sizes = self._train_call(q, k, v, None, None, tensors)
+        key = ("linear_bwd", sizes, _bucket(sizes, call.L, "linear"))
+        choice = self._bwd_choice(sizes, call.L)
+        grad_o = torch.randn(call.B, call.H, call.L, call.Dv)
+
+        def step(cfg):
+            self._configs[key] = Choice("fixed", cfg, choice.key)
+            o, saved = self.forward_and_save(q, k, v, **tensors)
+            return self.backward_saved(grad_o, o, saved, q, k, v, **tensors)
+        ref = step(_linear_bwd.LinearBwdConfig().to_dict())
+
+        def build(cfg):
+            cfg = _linear_bwd.LinearBwdConfig.from_dict(cfg).to_dict()
+            got = step(cfg)
+            for name in ("q", "k", "v", "g"):
+                if ref.get(name) is not None:
+                    err = ((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-30)).item()
+                    if not err <= 1e-4:
+                        raise RuntimeError(f"config disagrees with the default config on d{name} (rel err {err:.2e})")
+            return lambda: step(cfg)
+        space = [_linear_bwd.LinearBwdConfig(c, mr).to_dict() for c in (16, 32, 64) for mr in (2, 4)]
+        with torch.no_grad():
+            res = run_tune(space, build, lambda fn: median_time_ms(fn, warmup=1, reps=reps, device="cpu"),
+                           backend=BACKEND, kernel="linear_bwd", spec=self.spec, dtype="float32",
+                           dims=sizes.bucket(call.L, "linear"), db=db, device="cpu", force=force, progress=progress)
+        self._configs[key] = Choice("tuned", _linear_bwd.LinearBwdConfig.from_dict(res.config).to_dict(), choice.key)
+        return res
 
     def _bwd_module(self, sizes: Sizes, cfg: dict, aug: bool) -> "_build.Built":
         key = ("linear_bwd", sizes, _frozen(cfg), aug)
