@@ -183,8 +183,9 @@ class Bench:
             first = time.perf_counter() - t0
         return kern, out, first
 
-    def interleaved(self, fns: dict, slow=()) -> dict:
-        """{name: median ms}; ``slow`` names run in every other round only (e.g. dense SDPA at 16K).
+    def interleaved(self, fns: dict, slow=(), grad: bool = False) -> dict:
+        """{name: median ms}; ``slow`` names run in every other round only (e.g. dense SDPA at 16K);
+        ``grad``: autograd stays on (training steps).
 
         Each timed call directly follows an untimed call of the same implementation (not for ``slow``
         ones): every implementation is timed with its inputs and workspace warm in the caches, as inside
@@ -192,7 +193,7 @@ class Bench:
         one with the smaller memory footprint (it finds the shared inputs still in L3, 32 MB here).
         """
         times = {name: [] for name in fns}
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             for fn in fns.values():       # warm-up
                 fn()
             for r in range(self.reps):

@@ -16,11 +16,12 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
   the kernel's backward needs (the window kernels' log-sum-exp, the linear kernels' states), and its
   backward, ``torch.ops.lincomp.attention_backward`` (its own op, so compiled training graphs keep it
   opaque), runs only backward kernels: each forward runs once. Kernels without a backward of their own
-  (TVM, the reference): a call whose inputs require grad runs the reference under autograd instead (one
-  evaluation); without grad it runs the kernel. A call that fell back saves nothing and its gradient is the
-  reference's (``torch.func.vjp``). A packed row (``cu_seqlens``) saves nothing either: on kernels with a
-  backward its gradient re-runs each document group's forward and backward kernels
-  (``lincomp.runtime.varlen.packed_backward``; two forwards per step), else it is the reference's.
+  (the reference; TVM for the specs its backward does not cover: hybrids, pooled keys): a call whose inputs
+  require grad runs the reference under autograd instead (one evaluation); without grad it runs the kernel.
+  A call that fell back saves nothing and its gradient is the reference's (``torch.func.vjp``). A packed
+  row (``cu_seqlens``) saves nothing either: on kernels with a backward its gradient re-runs each document
+  group's forward and backward kernels (``lincomp.runtime.varlen.packed_backward``; two forwards per step),
+  else it is the reference's.
 - ``torch.ops.lincomp.key_padding_mask(mask, causal, check) -> [B, Lk] bool`` turns a
   scaled_dot_product_attention ``attn_mask`` (bool, or additive float) into the key-padding mask lincomp
   takes; with ``check`` it raises when the mask is anything else (a bias, a sliding-window mask, a causal
@@ -115,7 +116,7 @@ def clear_kernel_cache() -> None:
 def has_own_backward(kernel: Kernel) -> bool:
     """True when ``kernel`` brings backward kernels that take what its forward saved (Triton; TVM for the
     specs its backward covers: ``kernel.backward_unsupported()`` is None)."""
-    return type(kernel).backward_saved is not Kernel.backward_saved and kernel.backward_unsupported() is None
+    return kernel.has_backward()
 
 
 def _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight) -> dict:

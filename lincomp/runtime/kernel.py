@@ -95,6 +95,10 @@ class Kernel:
         of the specs), else None. The custom op then differentiates the reference directly, with a warning."""
         return None
 
+    def has_backward(self) -> bool:
+        """True when :meth:`backward_saved` covers this kernel's spec (the op then trains on the kernels)."""
+        return type(self).backward_saved is not Kernel.backward_saved and self.backward_unsupported() is None
+
     def backward_saved(self, grad_o, o, saved: list, q, k, v, **kwargs) -> dict:
         """{input name: gradient} (q, k, v and the float tensors in ``kwargs``; None where zero) of
         ``sum(grad_o * o)``, from the forward's ``saved`` list; no forward is run again."""

@@ -13,10 +13,12 @@ vectorised numpy ops, cached) but never recompiles. Configs come from the one ch
 ``kernel.config["window_fwd" | "linear_fwd"]`` says which ({"source", "params", "key"}).
 ``kernel.tune(q, k, v, ...)`` measures the config space and stores the best.
 
-Training: softmax-only specs (every window kind but pooled keys) have generated backward kernels
-(window_bwd.py, driven by window_train.py; config ``kernel.config["window_bwd"]``): the custom op's
-autograd and direct calls on inputs that require grad use them. Other specs (hybrids, pooled keys) run
-the differentiable reference on such calls, with a warning. ``kernel.tune`` tunes the backward too.
+Training: generated backward kernels cover softmax-only specs (every window kind but pooled keys:
+window_bwd.py, driven by window_train.py; ``kernel.config["window_bwd"]``) and the linear branch alone
+(linear_bwd.py, driven by linear_train.py; ``kernel.config["linear_bwd"]``, ``{"chunk", "mr"}``). The
+custom op's autograd (``forward_and_save`` / ``backward_saved``) and direct calls on inputs that require
+grad use them. Other specs (hybrids, pooled keys) and key-padded calls differentiate the reference, with a
+warning. ``kernel.tune`` tunes the backward too (``kernel.tune_backward`` for the linear branch alone).
 
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
 fp64 runs on the reference (a fp32 kernel would silently lose precision). A ``key_padding_mask`` runs on
@@ -42,6 +44,8 @@ from lincomp.ir.lowered import require
 from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
 from lincomp.lower.tvmir import linear as _linear
+from lincomp.lower.tvmir import linear_bwd as _linear_bwd
+from lincomp.lower.tvmir import linear_train as _linear_train
 from lincomp.lower.tvmir import window as _window
 from lincomp.lower.tvmir import window_bwd as _window_bwd
 from lincomp.lower.tvmir.codegen import base2
@@ -53,9 +57,9 @@ from lincomp.tuning import TuningDB, median_time_ms, shape_bucket
 from lincomp.tuning import tune as run_tune
 from lincomp.tuning.choose import Choice, choose
 
-PARTS = ("window", "linear")
+PARTS = ("window", "linear", "linear_bwd")
 BACKEND = "tvm"
-KERNEL_NAMES = {"window": "window_fwd", "linear": "linear_fwd"}
+KERNEL_NAMES = {"window": "window_fwd", "linear": "linear_fwd", "linear_bwd": "linear_bwd"}
 
 
 class TVMCopyWarning(UserWarning):
@@ -217,8 +221,16 @@ class TVMKernel(Kernel):
 
     def forward(self, q, k, v, *, scale=None, linear_scale=None, return_state=False, **tensors):
         if self._check_grad(q, k, v, tensors):
-            from lincomp.lower.tvmir.window_train import train_call
-            return train_call(self, q, k, v, scale=scale, return_state=return_state, **tensors)
+            if self.spec.has_softmax:
+                from lincomp.lower.tvmir.window_train import train_call
+                return train_call(self, q, k, v, scale=scale, return_state=return_state, **tensors)
+            if return_state:
+                raise Unsupported("return_state=True with inputs that require grad (the TVM backward kernels take "
+                                  "no gradient of the final state); running the differentiable reference")
+            if tensors.get("key_padding_mask") is not None:
+                raise Unsupported("key_padding_mask with inputs that require grad: the linear backward kernel has "
+                                  "no padded variant; running the differentiable reference")
+            return _linear_train.differentiable_call(self, q, k, v, scale, linear_scale, tensors)
         call = self._bind_checked(q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state,
                                   **tensors)
         out_dtype = q.dtype
@@ -235,26 +247,51 @@ class TVMKernel(Kernel):
             o = o.to(out_dtype)        # the state stays float32, as the reference returns it
         return (o, state) if return_state else o
 
-    # -- training (window_train.py: the forward saves lse, generated backward kernels) ------------
+    # -- training (window_train.py / linear_train.py: the forward saves what the backward needs) -----
+    def _branch(self) -> str:
+        """Which backward family covers this spec: "window", "linear" or "none" (hybrids)."""
+        if self.spec.linear is None:
+            return "window"
+        return "none" if self.spec.has_softmax else "linear"
+
+    def backward_unsupported(self) -> Optional[str]:
+        branch = self._branch()
+        if branch == "window":
+            return _window_bwd.unsupported_reason(self.spec)
+        if branch == "none":
+            return ("hybrid specs (a window and a linear branch) have no TVM backward kernels yet; their gradient "
+                    "is the reference's")
+        return None
+
     def forward_and_save(self, q, k, v, **kwargs):
-        from lincomp.lower.tvmir.window_train import forward_and_save
-        return forward_and_save(self, q, k, v, **kwargs)
+        branch = self._branch()
+        if branch == "window":
+            from lincomp.lower.tvmir.window_train import forward_and_save
+            return forward_and_save(self, q, k, v, **kwargs)
+        if branch == "linear" and kwargs.get("key_padding_mask") is None:
+            return self._linear_forward_and_save(q, k, v, **kwargs)
+        with torch.no_grad():   # the op calls this for inference too: the forward stays on the kernels
+            return self.forward(q, k, v, **kwargs), None
 
     def saved_like(self, q, k, v, **kwargs) -> list:
-        from lincomp.lower.tvmir.window_train import saved_like
-        return saved_like(self, q, k, v, **kwargs)
+        branch = self._branch()
+        if branch == "window":
+            from lincomp.lower.tvmir.window_train import saved_like
+            return saved_like(self, q, k, v, **kwargs)
+        if branch == "linear":
+            return self._linear_saved_like(q, k, v, **kwargs)
+        return []
+
+    def backward_saved(self, grad_o, o, saved, q, k, v, **kwargs) -> dict:
+        if self._branch() == "window":
+            from lincomp.lower.tvmir.window_train import backward_saved
+            return backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
+        return self._linear_backward_saved(grad_o, o, saved, q, k, v, **kwargs)
 
     @staticmethod
     def sizes_of(call: Call) -> Sizes:
         """The static sizes this call's modules are specialised to."""
         return Sizes.of(call)
-
-    def backward_unsupported(self) -> Optional[str]:
-        return _window_bwd.unsupported_reason(self.spec)
-
-    def backward_saved(self, grad_o, o, saved, q, k, v, **kwargs) -> dict:
-        from lincomp.lower.tvmir.window_train import backward_saved
-        return backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
 
     def _bind_checked(self, q, k, v, **kwargs) -> Call:
         """``bind`` plus what the TVM kernels cannot run (Unsupported: the caller falls back)."""
@@ -348,8 +385,9 @@ class TVMKernel(Kernel):
         return _linear.LinearConfig.from_dict(cfg).to_dict()
 
     def _part_sources(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
-                      key_bias: bool = False) -> dict:
-        """{part: [PrimFunc texts]} for this call's variant (``key_bias``: the window takes a key-padding bias)."""
+                      key_bias: bool = False, save: bool = False) -> dict:
+        """{part: [PrimFunc texts]} for this call's variant (``key_bias``: the window takes a key-padding bias;
+        ``save``: the training forward, which keeps the chunk states and, with the normaliser, the denominators)."""
         spec, lin = self.spec, self.spec.linear
         out = {}
         if lin is not None:
@@ -360,11 +398,11 @@ class TVMKernel(Kernel):
                                                       name="features_q"))
                 funcs.append(_features.feature_source(lin.feature_map, _features.FeatureDims(sizes.Hkv, sizes.HF, sizes.D, E),
                                                       name="features_k"))
-            mode = "numden" if spec.combine == "shared" else "o"
+            mode = "numden" if spec.combine == "shared" or (save and lin.normalize) else "o"
             funcs.append(_linear.linear_source(
                 spec, _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF),
                 _linear.LinearConfig.from_dict(configs["linear"]), mode=mode, initial_state=initial_state,
-                return_state=return_state, lanes=_build.vector_lanes()))
+                return_state=return_state, save_states=save and spec.causal, lanes=_build.vector_lanes()))
             out["linear"] = funcs
         if spec.has_softmax:
             dims = _window.WindowDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF)
@@ -373,14 +411,15 @@ class TVMKernel(Kernel):
         return out
 
     def _modules(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
-                 key_bias: bool = False) -> dict:
+                 key_bias: bool = False, save: bool = False) -> dict:
         """The compiled parts of this variant (generated, compiled or loaded once; then a dict lookup)."""
         key = (sizes, tuple(sorted((p, _frozen(c)) for p, c in configs.items())), initial_state, return_state,
-               key_bias)
+               key_bias, save)
         built = self._mods.get(key)
         if built is None:
             built = {}
-            for part, funcs in self._part_sources(sizes, configs, initial_state, return_state, key_bias).items():
+            for part, funcs in self._part_sources(sizes, configs, initial_state, return_state, key_bias,
+                                                  save).items():
                 built[part] = _build.build(funcs, f"{part}-{self.spec.summary() or 'spec'}")
             self._mods[key] = built
         self._built = built
@@ -408,11 +447,13 @@ class TVMKernel(Kernel):
         return arrays
 
     # -- the call -------------------------------------------------------------------------------
-    def _run(self, call: Call, sizes: Sizes, configs: dict):
+    def _run(self, call: Call, sizes: Sizes, configs: dict, saved: Optional[list] = None):
+        """(o, state); ``saved`` (a list, linear-only specs): filled with what the backward needs."""
         spec, lin = self.spec, self.spec.linear
         B, H, L, Dv = call.B, call.H, call.L, call.Dv
         kpm = call.key_padding_mask
-        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state, kpm is not None)
+        save = saved is not None
+        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state, kpm is not None, save)
         o = _empty((B, H, L, Dv))
         state = None
         lin_args = None
@@ -439,7 +480,7 @@ class TVMKernel(Kernel):
                 args += [call.g, gcheck]
             if call.S0 is not None:
                 args += [call.S0, call.z0]
-            if spec.combine == "shared":
+            if spec.combine == "shared" or (save and lin.normalize):
                 num, den = _empty((B, H, L, Dv)), _empty((B, H, L))
                 args += [num, den]
             else:
@@ -448,7 +489,15 @@ class TVMKernel(Kernel):
             if call.return_state:
                 state = (_empty((B, H, sizes.F, Dv)), _empty((B, H, sizes.F)))
                 args += list(state)
+            if save:
+                saved += [_empty(s) for s in _linear_train.saved_shapes(spec, B, H, L, sizes.F, Dv)]
+                if spec.causal:
+                    args.append(saved[0])
             m.fn("linear_fwd")(*args, call.linear_scale)
+            if save and lin.normalize:   # o = num / den (0 where den = 0), den kept for the backward
+                saved[1] = den
+                torch.div(num, torch.where(den == 0, torch.ones_like(den), den)[..., None], out=o)
+                o.masked_fill_((den == 0)[..., None], 0.0)
             if gcheck is not None:
                 check_gate(max(gcheck.tolist()))
             if spec.combine == "shared":
@@ -476,6 +525,123 @@ class TVMKernel(Kernel):
         if self.spec.pool is not None:
             args += _pooled_args(call, cfg)
         return args
+
+    # -- training: the linear branch (linear_train.py, linear_bwd.py) ------------------------------
+    def _linear_forward_and_save(self, q, k, v, *, scale=None, linear_scale=None, **tensors):
+        """(o, [Sc, den]): the linear branch's output, the state entering each chunk and the denominators."""
+        call, sizes = self._train_call(q, k, v, scale, linear_scale, tensors)
+        choices = self._choices_for(sizes, call.L)
+        bwd = self._bwd_choice(sizes, call.L)
+        # the forward walks the backward's chunks, so the saved states sit on its chunk boundaries
+        configs = {"linear": self._normalise("linear", {**choices["linear"].params, "chunk": bwd.params["chunk"]},
+                                             sizes)}
+        saved: list = []
+        o, _ = self._run(call, sizes, configs, saved=saved)
+        self.config = {**self.config, "linear_fwd": choices["linear"].as_dict(), "linear_bwd": bwd.as_dict()}
+        return o.to(q.dtype), saved
+
+    def _linear_saved_like(self, q, k, v, *, scale=None, linear_scale=None, **tensors) -> list:
+        B, H, L, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+        wq = tensors.get("feature_weight_q")
+        F = 2 * wq.shape[-1] if (wq is not None and self.spec.linear.has_weights) else q.shape[3]
+        return [q.new_empty(s, dtype=torch.float32) for s in _linear_train.saved_shapes(self.spec, B, H, L, F, Dv)]
+
+    def _linear_backward_saved(self, grad_o, o, saved, q, k, v, *, scale=None, linear_scale=None,
+                               **tensors) -> dict:
+        """{name: gradient} of q, k, v, g, the feature weights and initial_state, from the saved states."""
+        call, sizes = self._train_call(q, k, v, scale, linear_scale, tensors)
+        return self._linear_backward(call, sizes, grad_o, o, saved)
+
+    def _train_call(self, q, k, v, scale, linear_scale, tensors) -> tuple:
+        call = self._bind_checked(q, k, v, scale=scale, linear_scale=linear_scale, return_state=False, **tensors)
+        self._prepare(call)
+        return call, Sizes.of(call)
+
+    def _bwd_choice(self, sizes: Sizes, L: int) -> Choice:
+        """The backward's config (the same chooser as the forward; kernel name "linear_bwd")."""
+        key = ("linear_bwd", sizes, _bucket(sizes, L, "linear"))
+        if key not in self._configs:
+            self._configs[key] = choose(
+                BACKEND, "linear_bwd", self.spec, "float32", sizes.bucket(L, "linear"), device="cpu",
+                default=lambda: _linear_bwd.LinearBwdConfig().to_dict(), fixed=self._fixed.get("linear_bwd"),
+                normalize=lambda cfg: _linear_bwd.LinearBwdConfig.from_dict(cfg).to_dict(), db=self._db)
+        return self._configs[key]
+
+    def tune_backward(self, q, k, v, *, force: bool = False, progress=True, db=None, reps: int = 5,
+                      **tensors):
+        """Measure ``linear_bwd``'s configs (a whole training step: the saving forward walks the backward's
+        chunks) at these inputs' sizes; store the best per bucket. Each config's gradients are checked
+        against the default's. Returns a :class:`lincomp.tuning.TuneResult`."""
+        db = db if db is not None else (self._db if self._db is not None else TuningDB())
+        call, sizes = self._train_call(q, k, v, None, None, tensors)
+        key = ("linear_bwd", sizes, _bucket(sizes, call.L, "linear"))
+        choice = self._bwd_choice(sizes, call.L)
+        grad_o = torch.randn(call.B, call.H, call.L, call.Dv)
+
+        def step(cfg):
+            self._configs[key] = Choice("fixed", cfg, choice.key)
+            o, saved = self.forward_and_save(q, k, v, **tensors)
+            return self.backward_saved(grad_o, o, saved, q, k, v, **tensors)
+        ref = step(_linear_bwd.LinearBwdConfig().to_dict())
+
+        def build(cfg):
+            cfg = _linear_bwd.LinearBwdConfig.from_dict(cfg).to_dict()
+            got = step(cfg)
+            for name in ("q", "k", "v", "g"):
+                if ref.get(name) is not None:
+                    err = ((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-30)).item()
+                    if not err <= 1e-4:
+                        raise RuntimeError(f"config disagrees with the default config on d{name} (rel err {err:.2e})")
+            return lambda: step(cfg)
+        space = [_linear_bwd.LinearBwdConfig(c, mr).to_dict() for c in (16, 32, 64) for mr in (2, 4)]
+        with torch.no_grad():
+            res = run_tune(space, build, lambda fn: median_time_ms(fn, warmup=1, reps=reps, device="cpu"),
+                           backend=BACKEND, kernel="linear_bwd", spec=self.spec, dtype="float32",
+                           dims=sizes.bucket(call.L, "linear"), db=db, device="cpu", force=force, progress=progress)
+        self._configs[key] = Choice("tuned", _linear_bwd.LinearBwdConfig.from_dict(res.config).to_dict(), choice.key)
+        return res
+
+    def _bwd_module(self, sizes: Sizes, cfg: dict, aug: bool) -> "_build.Built":
+        key = ("linear_bwd", sizes, _frozen(cfg), aug)
+        built = self._mods.get(key)
+        if built is None:
+            dims = _linear_bwd.BwdDims(sizes.H, sizes.Hkv, sizes.HF, sizes.F, sizes.Dv, aug)
+            src = _linear_bwd.linear_bwd_source(self.spec.linear.gate, dims, _linear_bwd.LinearBwdConfig.from_dict(cfg),
+                                                lanes=_build.vector_lanes())
+            built = self._mods[key] = _build.build([src], f"linear_bwd-{self.spec.summary() or 'spec'}")
+        return built
+
+    def _linear_backward(self, call: Call, sizes: Sizes, grad_o, o, saved: list) -> dict:
+        """The scan's gradients on the kernel, the feature maps' and the gate's on the host (linear_train.py)."""
+        spec, lin = self.spec, self.spec.linear
+        B, H, L, Dv = call.B, call.H, call.L, call.Dv
+        aug = lin.normalize
+        den = saved[1] if aug else None
+        do = _linear_train.scan_grad(spec, grad_o, o, den, call.linear_scale, aug)
+        feats = _linear_train.Features(call)
+        fq, fk = feats.fq, feats.fk
+        grads, dS0 = {}, None
+        if spec.causal:
+            bwd = self._bwd_choice(sizes, L)
+            C = bwd.params["chunk"]
+            Sc = saved[0][:, :, :(L + C - 1) // C]
+            if not Sc.is_contiguous():
+                Sc = Sc.contiguous()
+            dfq, dfk, dv = _empty((B, H, L, sizes.F)), _empty((B, H, L, sizes.F)), _empty((B, H, L, Dv))
+            dS0 = _empty((B, H, sizes.F, Dv + int(aug)))
+            gate = [call.g] if lin.gate is not None else []
+            dg = [_empty(tuple(call.g.shape))] if lin.gate is not None else []
+            self._bwd_module(sizes, bwd.params, aug).fn("linear_bwd")(fq, fk, call.v, *gate, Sc, do, dfq, dfk, dv, dS0,
+                                                                      *dg)
+            if dg:
+                grads["g"] = dg[0]
+        else:
+            dfq, dfk, dv = _linear_train.noncausal_grads(spec, feats, call.v, do, call.Hkv)
+        grads.update(feats.backward(dfq, dfk if fk.shape[1] == H else _linear_train.group_sum(dfk, fk.shape[1])))
+        grads["v"] = _linear_train.group_sum(dv, call.Hkv)
+        if dS0 is not None and call.S0 is not None:
+            grads["initial_state"] = (dS0[..., :Dv], dS0[..., Dv] if aug else torch.zeros_like(call.z0))
+        return grads
 
     # -- tuning ---------------------------------------------------------------------------------
     def tune(self, q, k, v, *, force: bool = False, progress=True, db=None, space: Optional[dict] = None,
@@ -517,6 +683,8 @@ class TVMKernel(Kernel):
             res = tune_backward(self, q, k, v, db=db, force=force, progress=progress, reps=reps,
                                 space=(space or {}).get("window_bwd"), **tensors)
             results += [res] if res is not None else []
+        if self._branch() == "linear" and (space is None or "linear_bwd" in space):
+            results.append(self.tune_backward(q, k, v, db=db, force=force, progress=progress, **tensors))
         return results
 
 

@@ -73,8 +73,10 @@ def inline_features(spec: AttentionSpec) -> bool:
     return spec.linear.feature_map in INLINE_MAPS
 
 
-def arg_names(spec: AttentionSpec, *, mode: str, initial_state: bool, return_state: bool) -> list:
-    """Arguments of ``linear_fwd``. ``mode``: "o" (the branch output) or "numden" (shared hybrid)."""
+def arg_names(spec: AttentionSpec, *, mode: str, initial_state: bool, return_state: bool,
+              save_states: bool = False) -> list:
+    """Arguments of ``linear_fwd``. ``mode``: "o" (the branch output) or "numden" (shared hybrid, and the
+    normalised branch in training); ``save_states``: the state entering each chunk, for the backward."""
     names = ["q", "k"] if inline_features(spec) else ["fq", "fk"]
     names.append("v")
     if spec.linear.gate is not None:
@@ -84,6 +86,8 @@ def arg_names(spec: AttentionSpec, *, mode: str, initial_state: bool, return_sta
     names += ["num", "den"] if mode == "numden" else ["o"]
     if return_state:
         names += ["S_out", "z_out"]
+    if save_states:
+        names.append("Sc")
     return names + ["linear_scale"]
 
 
@@ -99,9 +103,12 @@ def phi_expr(fmap: str, x: str) -> str:
 
 
 def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, mode: str = "o",
-                  initial_state: bool = False, return_state: bool = False, name: str = "linear_fwd",
-                  lanes: int = 16) -> str:
-    """TVMScript of the chunked linear kernel for ``spec`` (``lanes``: fp32 lanes of a vector register)."""
+                  initial_state: bool = False, return_state: bool = False, save_states: bool = False,
+                  name: str = "linear_fwd", lanes: int = 16) -> str:
+    """TVMScript of the chunked linear kernel for ``spec`` (``lanes``: fp32 lanes of a vector register).
+
+    ``save_states`` (causal only) adds ``Sc [B, H, NC, F, Dv (+1)]``: the state entering each of the NC
+    chunks, with z as its last column when the denominators are formed (what linear_bwd.py reads)."""
     lin = spec.linear
     H, Hkv, D, Dv, F, HF = dims.H, dims.Hkv, dims.D, dims.Dv, dims.F, dims.HF
     C = cfg.chunk
@@ -115,8 +122,9 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
     rows_fit = max(1, (regs - 6) // -(-Dv // lanes))      # accumulator rows of width Dv that fit
     mr = divisor_at_most(C, min(cfg.mr, rows_fit))
     mr_f = divisor_at_most(F, min(cfg.mr, rows_fit))
-    names = arg_names(spec, mode=mode, initial_state=initial_state, return_state=return_state)
-    assert causal or (gate is None and not initial_state and not return_state)
+    names = arg_names(spec, mode=mode, initial_state=initial_state, return_state=return_state,
+                      save_states=save_states)
+    assert causal or (gate is None and not initial_state and not return_state and not save_states)
     k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, gate=gate, den=den, keep_z=keep_z, lanes=lanes)
 
     s = Script()
@@ -149,6 +157,8 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
               f'z_out = T.match_buffer(z_out_h, (B, {H}, {F}), "float32")')
         if gate is not None:
             s(f'gcheck = T.match_buffer(gcheck_h, (B * {H},), "float32")')
+        if save_states:
+            s("NC = T.int32()", f'Sc = T.match_buffer(Sc_h, (B, {H}, NC, {F}, {Dv + int(den)}), "float32")')
         s("# one task per (batch, head); its chunks run in order")
         with s.block(f"for task in T.parallel(B * {H}):"):
             s(f"b = task // {H}", f"h = task % {H}", f"hk = h // {group}" if group > 1 else "hk = h")
@@ -191,6 +201,8 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
                       "state update" if causal else "pass 2: o_i = phi(q_i) S (/ phi(q_i) . z)"))
             with s.block(f"for c in range({nchunks}):"):
                 s(f"c0 = c * {C}")
+                if save_states:
+                    _emit_save_state(s, k)
                 _emit_load_chunk(s, spec, k, inline, fk_head)
                 if not causal or gate is None:
                     _emit_load_queries(s, spec, k, inline)
@@ -244,6 +256,15 @@ class _Ctx:
 
 
 L2E = f32(LOG2E)
+
+
+def _emit_save_state(s, k: _Ctx) -> None:
+    """Sc[b, h, c] = [S | z]: the state entering chunk c (the backward's inter-chunk terms read it)."""
+    with s.block(f"for f in range({k.F}):"):
+        with s.block(f"for d in T.vectorized({k.Dv}):"):
+            s("Sc[b, h, c, f, d] = S[f, d]")
+        if k.den:
+            s(f"Sc[b, h, c, f, {k.Dv}] = z[f]")
 
 
 def _emit_load_chunk(s, spec, k: _Ctx, inline, fk_head) -> None:
