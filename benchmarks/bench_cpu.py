@@ -33,11 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# Two thread pools share the cores here: torch's OpenMP and TVM's. With OpenMP's default wait policy its
-# idle workers spin after every torch op and take the cores from the TVM kernel that runs next (measured:
-# 15 -> 21 ms for the sliding window at L=4096 on 2 cores). PASSIVE workers sleep instead; torch's own ops
-# are not slower for it. Set before torch loads; an explicit setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# No OMP_WAIT_POLICY here: lincomp runs the TVM kernels' parallel loops on torch's OpenMP threads
+# (lincomp.lower.tvmir.threads), so no idle pool spins on the cores the other needs (bench_default_process.py).
 
 
 def _keep_freed_memory() -> bool:
@@ -349,8 +346,8 @@ def write_table(bench: Bench, path: Path, meta: dict, title: str = "CPU kernels:
              "(warm caches; dense SDPA every other round, without the untimed call); block masks and compiles happen "
              "outside the timing",
              f"- lincomp configs come from the tuning database (`benchmarks/tune_cpu.py`) when it has this CPU, "
-             f"else the defaults; TVM threads {meta['tvm_threads']}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
-             "(torch's idle OpenMP workers otherwise spin on the cores the next TVM kernel needs)",
+             f"else the defaults; kernels' parallel loops on {meta['tvm_threads']}; "
+             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
              "- fp32 only: bf16 inputs are accepted but widened to fp32 (the kernels are compute-bound in fp32 "
              "FMAs; a bf16 path would need AVX512-BF16 dot-product intrinsics and a looser accuracy contract)", "",
              "| case | implementation | median ms | useful GFLOP/s | x fp32 floor | notes |",
@@ -392,8 +389,8 @@ def main(argv=None) -> int:
     if "lizard" in only:
         bench.lizard()
     meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    import tvm
-    meta["tvm_threads"] = tvm.runtime.num_threads()
+    from lincomp.lower.tvmir import threads
+    meta["tvm_threads"] = threads.status()
     write_table(bench, Path(args.out), meta)
     return 0
 

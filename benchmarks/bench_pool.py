@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_cpu as bc  # noqa: E402  (sets OMP_WAIT_POLICY and the allocator before torch loads)
+import bench_cpu as bc  # noqa: E402  (sets the allocator policy before torch loads)
 
 import torch  # noqa: E402
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_cpu  # noqa: E402  (sets OMP_WAIT_POLICY and the malloc policy before torch loads)
+import bench_cpu  # noqa: E402  (sets the malloc policy before torch loads)
 import torch  # noqa: E402
 
 import lincomp  # noqa: E402

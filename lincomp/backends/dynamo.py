@@ -270,7 +270,7 @@ def _call_site(index: int, node: torch.fx.Node) -> CallSite:
 def _plan(node: torch.fx.Node, site: CallSite, spec: AttentionSpec) -> dict:
     """Check that ``spec`` can serve this call; return the replacement's pieces (or raise _Reject)."""
     a = _sdpa_args(node)
-    for name in ("is_causal", "scale", "dropout_p", "enable_gqa"):
+    for name in ("is_causal", "dropout_p", "enable_gqa"):
         if isinstance(a.get(name), torch.fx.Node):
             raise _Reject(f"{name} is a traced value, not a constant; pass a Python constant")
     if a.get("dropout_p", 0.0):
@@ -304,7 +304,10 @@ def _plan(node: torch.fx.Node, site: CallSite, spec: AttentionSpec) -> dict:
         if kb is not None and vb is not None and _same(_val(kb).shape[1], _val(vb).shape[1]):
             k_node, v_node = kb, vb
     return {"spec": spec, "q": a["query"], "k": k_node, "v": v_node, "mask": a.get("attn_mask"),
-            "scale": site.scale}
+            # A traced scale (dynamic=True turns a module's float attribute into a graph input) goes to the op as
+            # is: Inductor then asks Dynamo to specialise it (one restart inside the first compilation, no
+            # recompile per length); an eager graph passes the float.
+            "scale": a.get("scale") if isinstance(a.get("scale"), torch.fx.Node) else site.scale}
 
 
 def _needs(spec: AttentionSpec, name: str) -> bool:

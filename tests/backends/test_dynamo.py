@@ -144,6 +144,22 @@ def test_zero_graph_breaks_and_no_recompile_for_a_new_length(llama):
     assert len(compiles) == 1
 
 
+def test_dynamic_true_traced_scale_compiles_once_for_every_length(llama):
+    """dynamic=True makes Llama's float ``scaling`` a traced graph value: it is passed to the op (Inductor then has
+    Dynamo specialise it inside the first compilation), and later lengths reuse the graph."""
+    lengths = []
+
+    def counting(gm, example_inputs):
+        lengths.append(current)
+        return lincomp_backend(gm, example_inputs, options={"spec": SWA, "target": "reference"})
+    compiled = torch.compile(llama, backend=counting, dynamic=True)
+    with torch.no_grad():
+        for current in (24, 40, 33):
+            ids = torch.randint(0, 64, (1, current))
+            assert rel_err(compiled(ids).logits, _masked_logits(llama, ids, SWA)) < 1e-5
+    assert set(lengths) == {24}   # every compilation (a float-specialising restart included) at the first length
+
+
 def test_pattern_mapping_and_callable_choose_per_site(llama):
     ids = torch.randint(0, 64, (1, 16))
     with torch.no_grad():

@@ -29,7 +29,7 @@ from tvm.script import ir as I
 from tvm.script import tirx as T
 
 from lincomp._atomic import atomic_path, atomic_write_text
-from lincomp.lower.tvmir import intrinsics
+from lincomp.lower.tvmir import intrinsics, threads
 from lincomp.lower.tvmir.codegen import HEADER
 from lincomp.runtime.cache import cache_dir
 
@@ -144,8 +144,10 @@ def parse(funcs: List[str]):
 
 
 def build(funcs: List[str], tag: str) -> Built:
-    """Compile (or load from the disk cache) the module of ``funcs``. Thread-safe, memoised."""
-    ensure_threads()
+    """Compile (or load from the disk cache) the module of ``funcs``. Thread-safe, memoised.
+
+    The module's parallel loops run on torch's OpenMP threads (:mod:`lincomp.lower.tvmir.threads`),
+    else on TVM's pool."""
     source = full_source(funcs)
     key = hashlib.sha256((target_key() + "\n" + source).encode()).hexdigest()[:20]
     with _lock:
@@ -175,11 +177,13 @@ def build(funcs: List[str], tag: str) -> Built:
             try:
                 _export(ex, path, key)
                 module = tvm.runtime.load_module(str(path))
-            except Exception:  # no C toolchain to link a .so: keep the in-memory module
+            except Exception:  # no C toolchain to link a .so: keep the in-memory module (TVM's pool)
                 module, path = ex.mod, None
             built = Built(module, source, path, "compiled", time.perf_counter() - t0)
             STATS["compiled"] += 1
             STATS["compile_s"] += built.seconds
+        if not threads.attach(built.path):
+            ensure_threads()
         _memo[key] = built
         return built
 
