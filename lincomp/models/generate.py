@@ -89,7 +89,7 @@ def decoder_bytes(dec, seen: Optional[set] = None) -> int:
         return int(dec.state_bytes())
     seen = set() if seen is None else seen
     return sum(_tensor_bytes(value, seen) for name, value in vars(dec).items()
-               if name not in ("weights", "spec", "plan", "_initial_state"))
+               if name not in ("weights", "_given", "spec", "plan", "_initial_state"))
 
 
 @torch.no_grad()
