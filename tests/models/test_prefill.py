@@ -3,14 +3,12 @@
 what token-by-token prefill gives. Tiny random Llama (GQA: 4 query heads, 2 key/value heads), Lizard spec
 with a 6-token window and 2 sinks; prompts around the window size."""
 
-import copy
 import dataclasses
 
 import pytest
 import torch
 
 from lincomp import presets
-from lincomp.models import learned_parameters, linearize
 from lincomp.reference import ReferenceDecoder
 
 transformers = pytest.importorskip("transformers")
@@ -24,15 +22,6 @@ def _decoders(target):
     pytest.importorskip("tvm")
     from lincomp.lower.tvm import TVMDecoder
     return [TVMDecoder]
-
-
-def _linearised(llama, spec, target):
-    model = linearize(copy.deepcopy(llama), spec, target=target)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for p in learned_parameters(model):
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def _count_steps(monkeypatch, classes) -> dict:
@@ -57,9 +46,9 @@ def _generate(model, ids, **kw):
 @pytest.mark.parametrize("target", ["reference", "auto"])
 @pytest.mark.parametrize("spec", [LIZARD, PREFIXED], ids=["lizard", "lizard-prefix2"])
 @pytest.mark.parametrize("n", [2, 5, 6, 7, 13])
-def test_chunked_prefill_generates_what_token_by_token_prefill_does(llama, monkeypatch, target, spec, n):
+def test_chunked_prefill_generates_what_token_by_token_prefill_does(linearised_llama, monkeypatch, target, spec, n):
     classes = _decoders(target)
-    model = _linearised(llama, spec, target)
+    model = linearised_llama(spec, target)
     ids = torch.randint(3, 64, (2, n), generator=torch.Generator().manual_seed(n))
     calls = _count_steps(monkeypatch, classes)
     chunked, chunked_logits = _generate(model, ids)
@@ -74,8 +63,8 @@ def test_chunked_prefill_generates_what_token_by_token_prefill_does(llama, monke
     torch.testing.assert_close(chunked_logits, stepped_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_left_padded_batch_prefills_each_row(llama, monkeypatch):
-    model = _linearised(llama, LIZARD, "reference")
+def test_left_padded_batch_prefills_each_row(linearised_llama, monkeypatch):
+    model = linearised_llama(LIZARD)
     short, long = (torch.randint(3, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (4, 11))
     batch = torch.cat([torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1), long])
     mask = torch.ones_like(batch)
