@@ -37,3 +37,21 @@ def llama():
                                    attn_implementation="sdpa")
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def linearised_llama(llama):
+    """``make(spec, target)``: a copy of ``llama`` linearised with ``spec``, its learned tensors moved off their
+    initialisation by seeded noise (so sinks, gates and feature maps all matter)."""
+    import copy
+
+    from lincomp.models import learned_parameters, linearize
+
+    def make(spec, target="reference"):
+        model = linearize(copy.deepcopy(llama), spec, target=target)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for p in learned_parameters(model):
+                p.add_(0.1 * torch.randn_like(p))
+        return model
+    return make

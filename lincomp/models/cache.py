@@ -2,8 +2,10 @@
 
 transformers' attention layers call ``cache.update(k_new, v_new, layer_idx)`` and attend over what it returns.
 A ``LincompLayer`` returns only the new tokens' keys / values and arms its ``LinearizedAttention`` for that
-call; the layer then steps a per-layer decoder (the target's: TVM on the CPU, Triton on CUDA, the reference
-for target="reference"; see ``lincomp.models.modules``) through the new tokens. The decoder holds the linear
+call; the layer then feeds a per-layer decoder (the target's: TVM on the CPU, Triton on CUDA, the reference
+for target="reference"; see ``lincomp.models.modules``) the new tokens: a prompt in one ``prefill`` (the forward
+kernel over all of it, then the decoder state filled from its output state and last keys), each later token in
+one ``step``. The decoder holds the linear
 state ``(S, z)`` plus the window's last keys: ``O(window + prefix)`` tokens per layer, whatever the context.
 
 ``lincomp.linearize`` makes ``model.generate()`` use this cache by default (a per-model hook on
@@ -12,7 +14,8 @@ state ``(S, z)`` plus the window's last keys: ``O(window + prefix)`` tokens per 
 cache cropping need past keys a constant-memory state does not keep, and raise.
 
 Padding: a prompt batch with padding (``attention_mask`` zeros) switches a layer to one decoder per sequence
-that skips the padded tokens, so every sequence decodes exactly as it would alone.
+that skips the padded tokens, so every sequence decodes exactly as it would alone (each row's prompt is
+prefilled on its own, B = 1).
 """
 
 from __future__ import annotations

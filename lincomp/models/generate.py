@@ -5,7 +5,8 @@ padding goes through ``lincomp.models.cache.LincompCache``, which holds the same
 layer holds a decoder of its target (``TritonDecoder`` on CUDA, ``TVMDecoder`` on the CPU, ``ReferenceDecoder``
 for target="reference"; one interface, ``step(q_t, k_t, v_t, g_t)``) carrying the linear state ``(S, z)`` plus
 the window's last keys; the model runs with ``use_cache=False`` and explicit ``position_ids``, so RoPE and the attention function see the
-true positions. The prompt is fed once (each layer steps its decoder through it token by token); every new
+true positions. The prompt is fed once (each layer's decoder ``prefill``s it: the forward kernel over the whole
+prompt fills the decoder state; see ``lincomp.models.modules.step_through``); every new
 token is one forward of length 1. The cache holds ``O(window + prefix)`` tokens per layer, whatever the context.
 """
 
@@ -89,7 +90,7 @@ def decoder_bytes(dec, seen: Optional[set] = None) -> int:
         return int(dec.state_bytes())
     seen = set() if seen is None else seen
     return sum(_tensor_bytes(value, seen) for name, value in vars(dec).items()
-               if name not in ("weights", "spec", "plan", "_initial_state"))
+               if name not in ("weights", "_given", "spec", "plan", "_initial_state"))
 
 
 @torch.no_grad()

@@ -190,8 +190,11 @@ class LinearizedAttention(nn.Module):
 
 
 def step_through(decoder, q, k, v, g=None) -> torch.Tensor:
-    """Feed a decoder the tokens of q ``[B, H, L, D]``, k / v ``[B, Hkv, L, D]``, g ``[B, H, L(, F)]`` one by one;
-    returns o ``[B, H, L, Dv]``."""
+    """Feed a decoder the tokens of q ``[B, H, L, D]``, k / v ``[B, Hkv, L, D]``, g ``[B, H, L(, F)]``; returns
+    o ``[B, H, L, Dv]``. Several tokens (a prompt) go through the decoder's ``prefill`` (the forward kernel
+    over the whole chunk, then the decoder state filled from it) where the decoder has one; else one by one."""
+    if q.shape[2] > 1 and hasattr(decoder, "prefill"):
+        return decoder.prefill(q, k, v, g)
     outs = [decoder.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], None if g is None else g[:, :, t:t + 1])
             for t in range(q.shape[2])]
     return torch.cat(outs, dim=2)

@@ -18,6 +18,34 @@ from lincomp.inputs import check_step, unpack_initial_state
 from lincomp.spec import AttentionSpec
 
 
+def window_positions(spec: AttentionSpec, reach: Optional[int], t0: int, n: int) -> list:
+    """Positions a decoder caches for the window after tokens ``t0 .. t0 + n - 1`` joined, among those new
+    tokens: the prefix tokens, then the last ``reach`` ones (all of them for an unbounded causal window)."""
+    if not spec.has_softmax:
+        return []
+    end = t0 + n
+    tail = t0 if reach is None else max(t0, end - reach)
+    return [p for p in range(t0, min(end, spec.prefix))] + list(range(max(tail, spec.prefix), end))
+
+
+def can_prefill(spec: AttentionSpec, fresh: bool, n: int) -> bool:
+    """Whether ``n`` new tokens can go through the forward kernel at once (``prefill``) rather than one by one.
+
+    The kernel sees only the new keys and carries only ``(S, z)`` between calls, so a window needs a fresh
+    decoder; ``combine="shared"`` has no kernel state (keys inside the window are not in S)."""
+    return n > 1 and spec.combine != "shared" and spec.pool is None and (fresh or not spec.has_softmax)
+
+
+def prefill_tensors(weights: dict, g, initial_state) -> dict:
+    """The kernel keywords of one prefill call: the decoder's weights, the gate, the state so far."""
+    out = dict(weights)
+    if g is not None:
+        out["g"] = g
+    if initial_state is not None:
+        out["initial_state"] = initial_state
+    return out
+
+
 class ReferenceDecoder:
     """Feed ``step(q_t, k_t, v_t, g_t)`` with ``[B, H|Hkv, 1, D]`` tensors; get ``o_t [B, H, 1, Dv]``.
 
@@ -125,6 +153,43 @@ class ReferenceDecoder:
             o = ol if o is None else o + ol
         self._evict()
         return o[:, :, None].to(q.dtype)
+
+    def prefill(self, q, k, v, g=None) -> torch.Tensor:
+        """Feed n tokens at once: q ``[B, H, n, D]``, k / v ``[B, Hkv, n, D]``, g ``[B, H, n(, F)]`` -> o ``[B, H, n, Dv]``.
+
+        Where :func:`can_prefill` allows, the whole-sequence reference with ``return_state`` gives o and
+        ``(S, z)``, and the window's cache takes the new tokens it would hold; otherwise token by token."""
+        spec, lin, dt = self.spec, self.spec.linear, self.dtype
+        n = q.shape[2]
+        if not can_prefill(spec, self.t == 0, n):
+            return torch.cat([self.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1],
+                                        None if g is None else g[:, :, i:i + 1]) for i in range(n)], 2)
+        from lincomp.reference.oracle import reference
+        check_step(spec, q[:, :, :1], k[:, :, :1], v[:, :, :1], None if g is None else g[:, :, :1])
+        init = (self.S, self.z) if self.S is not None else self._initial_state
+        res = reference(spec, q, k, v, scale=self.scale, linear_scale=self.linear_scale, layout="bhld",
+                        compute_dtype=dt, return_state=lin is not None,
+                        **prefill_tensors(self.weights, g if lin is not None else None, init))
+        o, (self.S, self.z) = res if lin is not None else (res, (None, None))
+        if lin is not None:
+            self.S, self.z = self.S.to(dt), self.z.to(dt)
+        t0, rep = self.t, q.shape[1] // k.shape[1]
+        kept = [p - t0 for p in window_positions(spec, self.reach, t0, n)]
+        if kept:
+            kk = k[:, :, kept].to(dt).repeat_interleave(rep, 1)
+            vv = v[:, :, kept].to(dt).repeat_interleave(rep, 1)
+            fk = ld = None
+            if lin is not None:   # phi(k) and the log-decay each key accumulated since it joined
+                fk = feature_map(lin.feature_map, kk, self._w("feature_weight_k"))
+                gg = q.new_zeros(q.shape[:3], dtype=dt) if g is None else g.to(dt)
+                gg = gg[..., None] if gg.dim() == 3 else gg
+                ld = gg.sum(2, keepdim=True) - gg.cumsum(2)
+                ld = ld[:, :, kept]
+            for j, p in enumerate(kept):
+                self.keys.append((t0 + p, kk[:, :, j], vv[:, :, j], None if fk is None else fk[:, :, j],
+                                  None if ld is None else ld[:, :, j]))
+        self.t += n
+        return o.to(q.dtype)
 
     def _evict(self):
         """Drop cached keys no later query can see; with "shared" fold them into (S, z)."""

@@ -9,7 +9,7 @@ import torch
 
 from lincomp import presets
 from lincomp.models import generate as lincomp_generate
-from lincomp.models import learned_parameters, linearize
+from lincomp.models import linearize
 from lincomp.models.cache import LincompCache
 from lincomp.models.modules import LinearizedAttention
 
@@ -17,18 +17,9 @@ transformers = pytest.importorskip("transformers")
 LIZARD = presets.lizard(window=6, sinks=2, feature_dim=8)
 
 
-def _linearised(llama, target="reference", spec=LIZARD):
-    model = linearize(copy.deepcopy(llama), spec, target=target)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for p in learned_parameters(model):
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 @pytest.fixture(scope="module")
-def model(llama):
-    return _linearised(llama)
+def model(linearised_llama):
+    return linearised_llama(LIZARD)
 
 
 def _prompt(B=2, n=9, seed=0):
@@ -36,10 +27,10 @@ def _prompt(B=2, n=9, seed=0):
 
 
 @pytest.mark.parametrize("target", ["reference", "auto"])
-def test_greedy_matches_lincomp_generate_and_full_sequence_argmax(llama, target):
+def test_greedy_matches_lincomp_generate_and_full_sequence_argmax(linearised_llama, target):
     if target == "auto":
         pytest.importorskip("tvm")
-    model = _linearised(llama, target)
+    model = linearised_llama(LIZARD, target)
     ids = _prompt()
     out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert out.shape == (2, 19)
@@ -94,10 +85,10 @@ def test_left_padded_batch_decodes_each_sequence_as_alone(model):
     assert torch.equal(out[1, 9:], model.generate(long, **kw)[0, 9:])
 
 
-def test_cache_memory_is_flat_in_the_context_length(llama):
+def test_cache_memory_is_flat_in_the_context_length(linearised_llama):
     """The cache's tensor bytes after a 1K, 4K and 16K-token context are equal (about 10 s on 2 CPU cores)."""
     pytest.importorskip("tvm")
-    model = _linearised(llama, "auto")
+    model = linearised_llama(LIZARD, "auto")
     sizes = {}
     for n in (1024, 4096, 16384):
         cache = LincompCache(model)

@@ -27,6 +27,7 @@ from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, base2, exp2, f32
 from lincomp.lower.tvmir.linear import INLINE_MAPS, phi_expr
 from lincomp.lower.tvmir.window import visibility
+from lincomp.reference.decode import can_prefill, prefill_tensors, window_positions
 from lincomp.runtime.buffers import alloc_output
 from lincomp.spec import AttentionSpec
 
@@ -266,6 +267,7 @@ class TVMDecoder:
             raise TypeError(f"unexpected weight(s) {sorted(unknown)} for TVMDecoder")
         self.spec, self.scale, self.linear_scale = spec, scale, linear_scale
         self.weights = {k: _f32(w) for k, w in weights.items() if w is not None}
+        self._given = {k: w for k, w in weights.items() if w is not None}   # as given: what prefill's kernel takes
         if "sink_logits" in self.weights:   # the kernel takes them in base 2 (see codegen.base2)
             self.weights["sink_logits"] = _f32(base2(weights["sink_logits"]))
         self.reach = None if spec.window is None else spec.window.reach(True)
@@ -340,6 +342,45 @@ class TVMDecoder:
         if p < n or self._ring is None:
             return p
         return n + (p - n) % self._ring
+
+    def prefill(self, q, k, v, g=None) -> torch.Tensor:
+        """Feed n tokens at once: q ``[B, H, n, D]``, k / v ``[B, Hkv, n, D]``, g ``[B, H, n(, F)]`` -> o ``[B, H, n, Dv]``.
+
+        Where ``can_prefill`` allows (a fresh decoder, or any decoder of a window-free spec; not "shared"),
+        the spec's TVM forward kernel runs the whole chunk (``return_state=True`` gives ``(S, z)``, seeded
+        with the state so far) and the window's cache slots take the chunk's prefix tokens and last
+        ``reach`` keys / values; the steps that follow then compute what token-by-token feeding would.
+        Otherwise the tokens go through :meth:`step` one by one."""
+        spec, lin = self.spec, self.spec.linear
+        n = q.shape[2]
+        if not can_prefill(spec, not self._ready, n):
+            return torch.cat([self.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1],
+                                        None if g is None else g[:, :, i:i + 1]) for i in range(n)], 2)
+        from lincomp.compiler import compile as compile_spec
+        check_step(spec, q[:, :, :1], k[:, :, :1], v[:, :, :1], None if g is None else g[:, :, :1])
+        init = (self._S, self._z) if self._ready and lin is not None else self._initial_state
+        q, k, v, g = (None if x is None else x.contiguous() for x in (q, k, v, g))   # the kernel's layout
+        res = compile_spec(spec, "tvm")(q, k, v, scale=self.scale, linear_scale=self.linear_scale, layout="bhld",
+                                         return_state=lin is not None,
+                                         **prefill_tensors(self._given, g, init if lin is not None else None))
+        o, state = res if lin is not None else (res, None)
+        if not self._ready:
+            self._setup(q, k, v)
+        if state is not None:
+            self._S.copy_(state[0])
+            self._z.copy_(state[1])
+        t0 = self.t
+        kept = window_positions(spec, self.reach, t0, n)
+        if kept:
+            if self._ring is None and kept[-1] >= self._kc.shape[2]:   # a dense causal cache: room for all
+                self._alloc_cache(max(2 * self._kc.shape[2], kept[-1] + 1))
+            slots = [self._slot(p) for p in kept]
+            rel = [p - t0 for p in kept]
+            self._kc[:, :, slots] = k[:, :, rel].float()
+            self._vc[:, :, slots] = v[:, :, rel].float()
+            self._pos[slots] = torch.tensor(kept, dtype=torch.int32)
+        self.t = t0 + n
+        return o.to(q.dtype)
 
     def step(self, q, k, v, g=None) -> torch.Tensor:
         """One token: ``q [B, H, 1, D]``, ``k``, ``v [B, Hkv, 1, D]``, ``g [B, H, 1]`` or ``[B, H, 1, F]``."""
