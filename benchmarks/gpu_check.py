@@ -2,7 +2,7 @@
 
 Usage on the GPU machine (torch + triton preinstalled, no venv, no internet):
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py [--quick] [--out DIR] [--only window,linear,models]
+    PYTHONPATH=. python3 benchmarks/gpu_check.py [--quick] [--out DIR] [--only window,linear,varlen,models]
 
 Each family module exposes ``check_and_time(out_dir, quick) -> list[dict]``; a family that fails is
 reported and the others still run. Writes ``gpu_check.md`` (the table) and ``gpu_check.json`` (all
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-FAMILIES = {"window": "gpu_window", "linear": "gpu_linear", "models": "gpu_models"}
+FAMILIES = {"window": "gpu_window", "linear": "gpu_linear", "varlen": "gpu_varlen", "models": "gpu_models"}
 
 
 def _environment() -> dict:
