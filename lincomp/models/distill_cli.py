@@ -474,9 +474,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "run resumes from its checkpoints.",
         epilog="examples:\n  lincomp distill minilm                      # about 45 min on 2 CPU cores\n"
                "  lincomp distill minilm --window 16 --feature-dim 32 --steps 100 --finetune-steps 0\n"
-               "  lincomp distill causal-lm --window 8          # trains the small teacher first (cached)",
+               "  lincomp distill causal-lm --window 8          # trains the small teacher first (cached)\n"
+               "  lincomp distill recall --seed 0 --out out/recall   # associative recall beyond the window",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="recipe", metavar="{minilm,causal-lm}")
+    sub = p.add_subparsers(dest="recipe", metavar="{minilm,causal-lm,recall}")
     sub.required = True
 
     m = sub.add_parser("minilm", help="all-MiniLM-L6-v2 sentence encoder: window + Hedgehog, embedding fidelity",
@@ -523,6 +524,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="where the trained teacher is cached (default <out>/teacher)")
     _common(c, dc)
     c.set_defaults(func=_cmd_causal_lm)
+    from lincomp.models import recall
+    recall.add_parser(sub)
     return p
 
 
