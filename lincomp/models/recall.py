@@ -216,7 +216,8 @@ class RecallTeacherConfig:
     draws ``pairs[step % len(pairs)]`` pairs. ``rope_theta`` is large so that the slow rotary dimensions stay
     nearly constant over thousands of tokens and content matching does not depend on the distance.
 
-    ``prev_token_head`` (a logit gain; 0 = plain random init): layer 0's head 0 starts as a previous-token
+    ``dense_queries``: training rows query every free slot (keys repeat), several times the answers per
+    token of the evaluation layout. ``prev_token_head`` (a logit gain; 0 = plain random init): layer 0's head 0 starts as a previous-token
     head (:func:`init_previous_token_head`), the half of the induction circuit whose slow formation is the
     long plateau of MQAR training; every weight still trains. This is what lets the teacher learn on two
     shared CPU cores in minutes instead of hours.
@@ -231,8 +232,9 @@ class RecallTeacherConfig:
     rope_theta: float = 100000.0
     max_positions: int = 4096
     prev_token_head: float = 32.0
-    pairs: tuple = (8, 16, 32)
-    curriculum: tuple = ((128, 1500, 16), (1024, 150, 4))
+    dense_queries: bool = True
+    pairs: tuple = (4, 8, 32)
+    curriculum: tuple = ((64, 800, 32), (256, 300, 8), (1024, 150, 2))
     lr: float = 3e-3
     weight_decay: float = 0.01
     seed: int = 0
@@ -300,7 +302,8 @@ def curriculum_batches(cfg: RecallTeacherConfig):
     stages, start = [], 0
     for i, (length, steps, bs) in enumerate(cfg.curriculum):
         pairs = [p for p in cfg.pairs if 4 * p <= length] or [min(cfg.pairs)]
-        stages.append((start, start + steps, batches(pairs, length, bs, seed=cfg.seed * 101 + i, vocab=cfg.vocab)))
+        stages.append((start, start + steps, batches(pairs, length, bs, seed=cfg.seed * 101 + i, vocab=cfg.vocab,
+                                                     dense=cfg.dense_queries)))
         start += steps
 
     def at(step: int):
@@ -373,8 +376,7 @@ def train_teacher(cfg: RecallTeacherConfig, out_dir: Optional[Union[str, Path]] 
 
 
 # ------------------------------------------------------------------------------------------- recipe
-QUICK_TEACHER = RecallTeacherConfig(hidden_size=32, heads=2, intermediate_size=64, keys=16, values=16, pairs=(4,),
-                                    curriculum=((64, 300, 16),), lr=1e-2)
+QUICK_TEACHER = RecallTeacherConfig(keys=16, values=16, pairs=(4,), curriculum=((48, 250, 16),), lr=5e-3)
 
 
 def window_only_spec(window: int):
@@ -402,7 +404,7 @@ def student_specs(names: Sequence[str], window: int) -> Dict[str, object]:
 
 def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", window: int = 64,
                length: int = 1024, pairs: Sequence[int] = (8, 32), specs: Sequence[str] = ("lizard", "lolcats"),
-               teacher: Optional[RecallTeacherConfig] = None, steps: int = 150, finetune_steps: int = 150,
+               teacher: Optional[RecallTeacherConfig] = None, steps: int = 100, finetune_steps: int = 100,
                lr: float = 1e-2, finetune_lr: float = 2e-3, batch_size: int = 4, distill_length: int = 256,
                eval_sequences: int = 16, every_stage: bool = False, quick: bool = False, device: str = "cpu", progress: bool = True, baseline: bool = True,
                fresh: bool = False, log=print) -> dict:
@@ -425,8 +427,8 @@ def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", 
     t_start = time.perf_counter()
     if quick:
         teacher = teacher or QUICK_TEACHER
-        window, length, pairs = min(window, 4), min(length, 64), list(teacher.pairs)
-        steps, finetune_steps, eval_sequences = min(steps, 10), min(finetune_steps, 10), min(eval_sequences, 16)
+        window, length, pairs = min(window, 8), min(length, 48), list(teacher.pairs)
+        steps, finetune_steps, eval_sequences = min(steps, 10), min(finetune_steps, 10), min(eval_sequences, 32)
         distill_length, every_stage = length, True
     cfg = teacher or RecallTeacherConfig(seed=seed)
     vocab = cfg.vocab

@@ -122,4 +122,14 @@ def test_quick_recipe_end_to_end(tmp_path):
         assert a["teacher"]["near"] > p + 4 * (p * (1 - p) / n) ** 0.5, a["teacher"]
     assert (tmp_path / "teacher" / "config.json").exists()
     assert sorted(p.name for p in (tmp_path / "students").iterdir()) == ["lizard.safetensors", "lolcats.safetensors"]
-    assert list((tmp_path / "data").glob("eval_p*_L64.safetensors"))
+    assert list((tmp_path / "data").glob("eval_p*_L48.safetensors"))
+
+
+def test_dense_queries():
+    b = R.make_batch(5, 4, 40, seed=2, vocab=V, queries=16)       # every free slot a query
+    assert b.query_pos.shape == (5, 16) and not (b.input_ids[:, 8:] == R.FILL).any()
+    for row in range(5):
+        assert set(b.key_pos[row].tolist()) == {0, 2, 4, 6}          # every key asked at least once
+        assert torch.equal(b.input_ids[row, b.query_pos[row] + 1], b.input_ids[row, b.key_pos[row] + 1])
+    with pytest.raises(ValueError, match="queries"):
+        R.make_batch(1, 4, 40, vocab=V, queries=17)
