@@ -234,7 +234,7 @@ class RecallTeacherConfig:
     prev_token_head: float = 32.0
     dense_queries: bool = True
     pairs: tuple = (4, 8, 32)
-    curriculum: tuple = ((64, 800, 32), (256, 300, 8), (1024, 150, 2))
+    curriculum: tuple = ((64, 1500, 32), (256, 700, 8), (1024, 300, 2))
     lr: float = 3e-3
     weight_decay: float = 0.01
     seed: int = 0
@@ -418,8 +418,9 @@ def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", 
     also scores each student before distillation and after stage 1 (slow at long lengths). ``quick``: a
     tiny configuration (about a minute on a busy CPU). Writes ``out_dir/results.json`` (schema:
     :func:`format_recall`'s docstring), the teacher
-    (``teacher/``, save_pretrained), the students (``students/<name>.safetensors``) and the evaluation data
-    (``data/eval_p<n>_L<length>.safetensors``)."""
+    (``teacher/``, save_pretrained), the students (``students/<name>.safetensors``, ``distill.load_student``
+    on a copy of the teacher), the evaluation data (``data/eval_p<n>_L<length>.safetensors``) and resumable
+    checkpoints (``<name>/checkpoints``; the teacher's while it trains: ``teacher.train.safetensors``)."""
     import copy
     import time
 
@@ -480,7 +481,7 @@ def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", 
         distilled[name] = _distill_and_measure(
             student, model, train, measure=measure,
             steps=steps, finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="lm", seed=seed,
-            out_dir=str(out / "checkpoints" / name) if out else None, fresh=fresh, progress=progress)
+            out_dir=str(out / name) if out else None, fresh=fresh, progress=progress)
         for n in pairs:
             acc[n][name] = acc[n][f"{name}_{final}"]
         if out:
