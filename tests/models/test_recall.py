@@ -133,3 +133,10 @@ def test_dense_queries():
         assert torch.equal(b.input_ids[row, b.query_pos[row] + 1], b.input_ids[row, b.key_pos[row] + 1])
     with pytest.raises(ValueError, match="queries"):
         R.make_batch(1, 4, 40, vocab=V, queries=17)
+
+
+def test_dense_batches_vary_the_query_count():
+    step = R.batches([4], 40, 2, seed=3, vocab=V, dense=True)
+    counts = {int((step(i)["labels"] != -100).sum()) // 2 for i in range(40)}
+    assert min(counts) < 10 < max(counts) and counts <= set(range(4, 17))   # 4 (eval layout) .. 16 (all slots)
+    assert torch.equal(step(5)["input_ids"], step(5)["input_ids"])
