@@ -131,11 +131,13 @@ def make_batch(n: int, pairs: int, length: int, *, seed: int = 0, vocab: RecallV
 
 
 def batches(pairs: Union[int, Sequence[int]], length: int, batch_size: int, *, seed: int = 0,
-            vocab: RecallVocab = RecallVocab(), dense: bool = False):
+            vocab: RecallVocab = RecallVocab(), dense: Union[bool, str] = False):
     """``step -> {"input_ids", "labels"}`` training batches, a pure function of (seed, step); with several
-    ``pairs`` counts, step ``i`` uses ``pairs[i % len(pairs)]``. ``dense``: each step draws its number of
-    queries uniformly from ``pairs`` (the evaluation layout) to every free slot, so a model sees many answers
-    per row and still sees filler between queries at every length."""
+    ``pairs`` counts, step ``i`` uses ``pairs[i % len(pairs)]``. ``dense``: False = the evaluation layout
+    (every key asked once); "all" = every free slot is a query; True / "mixed" = each step draws its number
+    of queries uniformly from ``pairs`` to every free slot (many answers per row, filler still in view)."""
+    if dense not in (False, True, "all", "mixed"):
+        raise ValueError(f"dense must be False, True, 'all' or 'mixed', got {dense!r}")
     counts = [pairs] if isinstance(pairs, int) else list(pairs)
     for p in counts:
         _check(p, length, vocab)
@@ -144,7 +146,9 @@ def batches(pairs: Union[int, Sequence[int]], length: int, batch_size: int, *, s
         p = counts[step % len(counts)]
         s = seed * 1_000_003 + step
         q = None
-        if dense:
+        if dense == "all":
+            q = (length - 2 * p) // 2
+        elif dense:
             q = int(torch.randint(p, (length - 2 * p) // 2 + 1, (1,), generator=torch.Generator().manual_seed(s)))
         return make_batch(batch_size, p, length, seed=s, vocab=vocab, queries=q).model_inputs()
 
@@ -221,9 +225,11 @@ class RecallTeacherConfig:
     draws ``pairs[step % len(pairs)]`` pairs. ``rope_theta`` is large so that the slow rotary dimensions stay
     nearly constant over thousands of tokens and content matching does not depend on the distance.
 
-    ``dense_queries``: training rows query a random number of free slots, up to all (keys repeat): many
-    more answers per token than the evaluation layout, with filler still in view (a teacher trained on
-    fully dense rows only never saw filler and lost 10-40 points on the evaluation layout). ``prev_token_head`` (a logit gain; 0 = plain random init): layer 0's
+    ``dense_queries`` (per stage, as ``batches``' ``dense``): the first stage queries every free slot (the
+    most answers per token: the lookup forms fastest), later stages a random number of slots (filler in
+    view: a teacher trained on fully dense rows only never saw filler and lost 8-41 points on the evaluation
+    layout; with random counts from the start it was still at the in-context-guess level after 1400 steps).
+    ``prev_token_head`` (a logit gain; 0 = plain random init): layer 0's
     head 0 starts as a previous-token head (:func:`init_previous_token_head`), the half of the induction
     circuit whose slow formation is the long plateau of MQAR training; every weight still trains. Without
     both, 2-layer models at 32-128 tokens were still near the in-context-guess level after 800-2200 steps.
@@ -238,7 +244,7 @@ class RecallTeacherConfig:
     rope_theta: float = 100000.0
     max_positions: int = 4096
     prev_token_head: float = 32.0
-    dense_queries: bool = True
+    dense_queries: tuple = ("all", "mixed", "mixed")
     pairs: tuple = (4, 8, 32)
     curriculum: tuple = ((64, 1500, 32), (256, 700, 8), (1024, 300, 2))
     lr: float = 3e-3
@@ -309,7 +315,7 @@ def curriculum_batches(cfg: RecallTeacherConfig):
     for i, (length, steps, bs) in enumerate(cfg.curriculum):
         pairs = [p for p in cfg.pairs if 4 * p <= length] or [min(cfg.pairs)]
         stages.append((start, start + steps, batches(pairs, length, bs, seed=cfg.seed * 101 + i, vocab=cfg.vocab,
-                                                     dense=cfg.dense_queries)))
+                                                     dense=cfg.dense_queries[min(i, len(cfg.dense_queries) - 1)])))
         start += steps
 
     def at(step: int):
@@ -382,7 +388,7 @@ def train_teacher(cfg: RecallTeacherConfig, out_dir: Optional[Union[str, Path]] 
 
 
 # ------------------------------------------------------------------------------------------- recipe
-QUICK_TEACHER = RecallTeacherConfig(keys=16, values=16, pairs=(4,), curriculum=((48, 150, 16),), lr=5e-3)
+QUICK_TEACHER = RecallTeacherConfig(keys=16, values=16, pairs=(4,), curriculum=((48, 100, 16), (48, 50, 16)), lr=5e-3)
 
 
 def window_only_spec(window: int):

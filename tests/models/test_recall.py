@@ -136,7 +136,11 @@ def test_dense_queries():
 
 
 def test_dense_batches_vary_the_query_count():
-    step = R.batches([4], 40, 2, seed=3, vocab=V, dense=True)
+    step = R.batches([4], 40, 2, seed=3, vocab=V, dense="mixed")
     counts = {int((step(i)["labels"] != -100).sum()) // 2 for i in range(40)}
     assert min(counts) < 10 < max(counts) and counts <= set(range(4, 17))   # 4 (eval layout) .. 16 (all slots)
     assert torch.equal(step(5)["input_ids"], step(5)["input_ids"])
+    full = R.batches([4], 40, 2, seed=3, vocab=V, dense="all")
+    assert int((full(0)["labels"] != -100).sum()) == 2 * 16
+    with pytest.raises(ValueError, match="dense"):
+        R.batches([4], 40, 2, vocab=V, dense="some")
