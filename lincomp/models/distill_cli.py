@@ -628,9 +628,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         epilog="examples:\n  lincomp distill minilm                      # about 45 min on 2 CPU cores\n"
                "  lincomp distill minilm --window 16 --feature-dim 32 --steps 100 --finetune-steps 0\n"
                "  lincomp distill causal-lm --window 8          # trains the small teacher first (cached)\n"
-               "  lincomp distill --model ./my-llama --data ./texts/ --spec lizard   # your model, your text",
+               "  lincomp distill --model ./my-llama --data ./texts/ --spec lizard   # your model, your text\n"
+               "  lincomp distill recall --seed 0 --out out/recall   # associative recall beyond the window",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="recipe", metavar="{minilm,causal-lm,model}")
+    sub = p.add_subparsers(dest="recipe", metavar="{minilm,causal-lm,model,recall}")
     sub.required = True
 
     m = sub.add_parser("minilm", help="all-MiniLM-L6-v2 sentence encoder: window + Hedgehog, embedding fidelity",
@@ -699,6 +700,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"share of the token stream held out for evaluation (default {du['heldout']})")
     _common(u, du)
     u.set_defaults(func=_cmd_model)
+
+    from lincomp.models import recall
+    recall.add_parser(sub)
     return p
 
 

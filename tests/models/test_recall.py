@@ -1,0 +1,146 @@
+"""The recall testbed: the MQAR generator's layout, distances and determinism, the data file round trip, the
+scorer, and the quick recipe end to end (``lincomp distill recall --quick``)."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from lincomp.models import recall as R
+
+V = R.RecallVocab(keys=16, values=12)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("pairs,length", [(1, 4), (4, 64), (8, 40), (16, 257)])
+def test_layout(pairs, length):
+    b = R.make_batch(6, pairs, length, seed=3, vocab=V)
+    ids, N = b.input_ids, 6
+    assert ids.shape == (N, length) and b.query_pos.shape == (N, pairs) == b.key_pos.shape
+    keys, values = ids[:, 0:2 * pairs:2], ids[:, 1:2 * pairs:2]
+    assert ((keys >= V.key_start) & (keys < V.value_start)).all()
+    assert ((values >= V.value_start) & (values < V.size)).all()
+    for row in range(N):
+        assert len(set(keys[row].tolist())) == pairs                       # distinct keys
+        q = b.query_pos[row]
+        assert (q >= 2 * pairs).all() and (q + 1 < length).all() and ((q - 2 * pairs) % 2 == 0).all()
+        assert sorted(b.key_pos[row].tolist()) == list(range(0, 2 * pairs, 2))   # every key asked once
+        # the query repeats its key, the answer is that key's value
+        assert torch.equal(ids[row, q], ids[row, b.key_pos[row]])
+        assert torch.equal(ids[row, q + 1], ids[row, b.key_pos[row] + 1])
+        rest = torch.ones(length, dtype=torch.bool)
+        rest[:2 * pairs] = False
+        rest[q], rest[q + 1] = False, False
+        assert (ids[row, rest] == R.FILL).all()
+        lab = b.labels[row]
+        assert torch.equal(lab[q + 1], ids[row, q + 1]) and int((lab != -100).sum()) == pairs
+    assert (b.distance >= 1).all() and (b.distance <= length - 2).all()
+
+
+def test_distances_spread_to_full_length():
+    b = R.make_batch(64, 8, 1024, seed=0, vocab=V)
+    d = b.distance.flatten().double()
+    assert d.max() > 0.9 * 1024 and d.min() < 64
+    far = R.bucket_accuracy(torch.ones_like(b.distance, dtype=torch.bool), b.distance, 64)
+    assert far["n_far"] > far["n_near"] > 0      # query positions uniform: most keys far away
+
+
+def test_deterministic_by_seed():
+    a, b, c = (R.make_batch(4, 8, 128, seed=s, vocab=V) for s in (5, 5, 6))
+    for x, y in [(a.input_ids, b.input_ids), (a.query_pos, b.query_pos), (a.labels, b.labels)]:
+        assert torch.equal(x, y)
+    assert not torch.equal(a.input_ids, c.input_ids)
+    step = R.batches([4, 8], 64, 3, seed=1, vocab=V)
+    assert torch.equal(step(7)["input_ids"], step(7)["input_ids"])
+    assert int((step(0)["labels"] != -100).sum()) == 3 * 4 and int((step(1)["labels"] != -100).sum()) == 3 * 8
+
+
+@pytest.mark.parametrize("kw,field", [({"pairs": 0}, "pairs"), ({"pairs": 17}, "pairs"), ({"length": 30}, "length")])
+def test_bad_input(kw, field):
+    args = {"pairs": 8, "length": 64, **kw}
+    with pytest.raises(ValueError, match=field):
+        R.make_batch(2, args["pairs"], args["length"], vocab=V)
+
+
+def test_dataset_round_trip_and_scoring(tmp_path):
+    b = R.make_batch(3, 4, 48, seed=1, vocab=V)
+    R.save_dataset(b, tmp_path / "d.safetensors", V, {"note": 1})
+    b2, v2, info = R.load_dataset(tmp_path / "d.safetensors")
+    assert v2 == V and info == {"note": 1} and torch.equal(b2.input_ids, b.input_ids)
+    assert torch.equal(b2.key_pos, b.key_pos)
+
+    class Oracle(torch.nn.Module):
+        """Answers every query right except those whose key is more than 8 tokens back (scores the scorer)."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, V.size)
+            for r in range(input_ids.shape[0]):
+                for p in range(1, input_ids.shape[1]):
+                    for j in range(0, p, 2):
+                        if input_ids[r, j] == input_ids[r, p] and p - j <= 8 and input_ids[r, p] >= V.key_start:
+                            logits[r, p, input_ids[r, j + 1]] = 1.0
+                            break
+            return type("Out", (), {"logits": logits})()
+
+    acc = R.query_accuracy(Oracle(), b2, window=2)
+    d = b.distance
+    assert acc["n_near"] == int((d <= 8).sum()) and acc["n_far"] == int((d > 8).sum())
+    assert acc["far"] == 0.0 and (acc["near"] is None or acc["near"] == 1.0)
+
+
+def test_quick_recipe_end_to_end(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = R.run_recall(quick=True, seed=0, out_dir=str(tmp_path), progress=False, log=lambda m: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(r["rows"]))
+    assert saved["format"] == "lincomp-recall-results-1"
+    for row in saved["rows"]:
+        assert {"window", "pairs", "length", "accuracy"} <= set(row)
+        a = row["accuracy"]
+        for who in ("teacher", "window_only", "student"):
+            assert {"near", "far", "all", "n_near", "n_far"} <= set(a[who])
+            assert a[who]["n_near"] + a[who]["n_far"] == saved["eval_sequences"] * row["pairs"]
+        assert set(a["students"]) == {"lizard", "lolcats"} and row["best_student"] in a["students"]
+        # the teacher learned something: near queries well above chance (4 standard errors)
+        n = a["teacher"]["n_near"]
+        p = saved["chance"]
+        assert a["teacher"]["near"] > p + 4 * (p * (1 - p) / n) ** 0.5, a["teacher"]
+    assert (tmp_path / "teacher" / "config.json").exists()
+    assert sorted(p.name for p in (tmp_path / "students").iterdir()) == ["lizard.safetensors", "lolcats.safetensors"]
+    assert list((tmp_path / "data").glob("eval_p*_L48.safetensors"))
+
+
+def test_dense_queries():
+    b = R.make_batch(5, 4, 40, seed=2, vocab=V, queries=16)       # every free slot a query
+    assert b.query_pos.shape == (5, 16) and not (b.input_ids[:, 8:] == R.FILL).any()
+    for row in range(5):
+        assert set(b.key_pos[row].tolist()) == {0, 2, 4, 6}          # every key asked at least once
+        assert torch.equal(b.input_ids[row, b.query_pos[row] + 1], b.input_ids[row, b.key_pos[row] + 1])
+    with pytest.raises(ValueError, match="queries"):
+        R.make_batch(1, 4, 40, vocab=V, queries=17)
+
+
+def test_dense_batches_vary_the_query_count():
+    step = R.batches([4], 40, 2, seed=3, vocab=V, dense="mixed")
+    counts = {int((step(i)["labels"] != -100).sum()) // 2 for i in range(40)}
+    assert min(counts) < 10 < max(counts) and counts <= set(range(4, 17))   # 4 (eval layout) .. 16 (all slots)
+    assert torch.equal(step(5)["input_ids"], step(5)["input_ids"])
+    full = R.batches([4], 40, 2, seed=3, vocab=V, dense="all")
+    assert int((full(0)["labels"] != -100).sum()) == 2 * 16
+    with pytest.raises(ValueError, match="dense"):
+        R.batches([4], 40, 2, vocab=V, dense="some")
