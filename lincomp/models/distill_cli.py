@@ -701,8 +701,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     _common(u, du)
     u.set_defaults(func=_cmd_model)
 
-    from lincomp.models import recall
-    recall.add_parser(sub)
+    _add_recall_parser(sub)
     return p
 
 
@@ -752,6 +751,194 @@ def _cmd_model(a) -> int:
               eval_windows_n=a.eval_windows, heldout=a.heldout, lr=a.lr, finetune_lr=a.finetune_lr, seed=a.seed,
               out_dir=a.out, device=_device(a.device), progress=not a.no_progress, baseline=not a.no_baseline,
               fresh=a.fresh)
+    return 0
+
+
+# ------------------------------------------------------------------ associative recall (models/recall.py)
+def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", window: int = 64,
+               length: int = 1024, pairs: Sequence[int] = (8, 32), specs: Sequence[str] = ("lizard", "lolcats"),
+               teacher=None, steps: int = 100, finetune_steps: int = 100,
+               lr: float = 1e-2, finetune_lr: float = 2e-3, batch_size: int = 4, distill_length: int = 256,
+               eval_sequences: int = 16, every_stage: bool = False, quick: bool = False, device: str = "cpu",
+               progress: bool = True, baseline: bool = True,
+               fresh: bool = False, log=print) -> dict:
+    """The recall recipe: train (or load) the softmax teacher, linearise it with each spec, distil (stage 1:
+    layer-local attention transfer; stage 2: LoRA + the answer loss), and score teacher, the window alone and
+    every student by query-key distance bucket for each ``pairs`` count, at ``length`` tokens.
+
+    Distillation runs at ``distill_length`` tokens (the reference kernels it trains through are quadratic;
+    the spec's window and gates do not depend on the length), evaluation at ``length``. ``every_stage``
+    also scores each student before distillation and after stage 1 (slow at long lengths). ``quick``: a
+    tiny configuration (about a minute on a busy CPU). Writes ``out_dir/results.json`` (schema:
+    :func:`format_recall`'s docstring), the teacher
+    (``teacher/``, save_pretrained), the students (``students/<name>.safetensors``, ``distill.load_student``
+    on a copy of the teacher), the evaluation data (``data/eval_p<n>_L<length>.safetensors``) and resumable
+    checkpoints (``<name>/checkpoints``; the teacher's while it trains: ``teacher.train.safetensors``)."""
+    import copy
+    import time
+
+    import torch
+
+    from lincomp.models.distill import save_student
+    from lincomp.models.recall import (QUICK_TEACHER, RecallTeacherConfig, _check, batches, make_batch,
+                                       query_accuracy, save_dataset, student_specs, train_teacher,
+                                       window_only_spec)
+
+    t_start = time.perf_counter()
+    if quick:
+        from dataclasses import replace
+
+        teacher = teacher or replace(QUICK_TEACHER, seed=seed)
+        window, length, pairs = min(window, 8), min(length, 48), list(teacher.pairs)
+        steps, finetune_steps, eval_sequences = min(steps, 10), min(finetune_steps, 10), min(eval_sequences, 32)
+        distill_length, every_stage = length, True
+    cfg = teacher or RecallTeacherConfig(seed=seed)
+    vocab = cfg.vocab
+    for n in pairs:
+        _check(n, length, vocab)
+    out = Path(out_dir) if out_dir else None
+    log(f"teacher: softmax Llama {cfg.layers} layers x {cfg.hidden_size} ({cfg.heads} heads), vocab {vocab.size}, "
+        f"curriculum {list(cfg.curriculum)} (cached in {out / 'teacher' if out else 'memory'})")
+    model, tinfo = train_teacher(cfg, out / "teacher" if out else None, device=device, progress=progress)
+    model.to(device)
+    evals = {n: make_batch(eval_sequences, n, length, seed=10_000 + 7919 * seed + n, vocab=vocab) for n in pairs}
+    if out:
+        for n, b in evals.items():
+            save_dataset(b, out / "data" / f"eval_p{n}_L{length}.safetensors", vocab,
+                         {"pairs": n, "length": length, "seed": seed})
+    acc: dict = {n: {} for n in pairs}
+
+    def score(name: str, m) -> None:
+        for n, b in evals.items():
+            acc[n][name] = query_accuracy(m, b, window)
+        log(f"{name}: " + ", ".join(f"{n} pairs near {_pct(acc[n][name]['near'])} far {_pct(acc[n][name]['far'])}"
+                                   for n in pairs))
+
+    score("teacher", model)
+    if baseline:
+        wo = linearize_student(copy.deepcopy(model), window_only_spec(window))
+        score("window_only", wo)
+        del wo
+    distill_length = min(distill_length, length)
+    train = batches([n for n in pairs if 4 * n <= distill_length] or [min(pairs)], distill_length, batch_size,
+                    seed=seed + 1, vocab=vocab)
+    final = "after_finetune" if finetune_steps else "after_attention"
+    distilled, spec_dicts = {}, {}
+    for name, spec in student_specs(specs, window).items():
+        torch.manual_seed(seed)
+        student = linearize_student(copy.deepcopy(model), spec)
+        spec_dicts[name] = spec.to_dict()
+        if every_stage:
+            score(f"{name}_before", student)
+
+        def measure(stage: str, name=name, student=student) -> None:
+            if every_stage or stage == final:
+                score(f"{name}_{stage}", student)
+
+        distilled[name] = _distill_and_measure(
+            student, model, train, measure=measure,
+            steps=steps, finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="lm", seed=seed,
+            out_dir=str(out / name) if out else None, fresh=fresh, progress=progress)
+        for n in pairs:
+            acc[n][name] = acc[n][f"{name}_{final}"]
+        if out:
+            save_student(student, out / "students" / f"{name}.safetensors", spec, extra={"recipe": "recall"})
+        del student
+    rows = []
+    for n in pairs:
+        a = acc[n]
+        best = max(distilled, key=lambda k: (a[k]["far"] or 0.0), default=None)
+        row = {"window": window, "pairs": n, "length": length, "far_threshold": 4 * window,
+               "accuracy": {"teacher": a["teacher"], **({"window_only": a["window_only"]} if baseline else {}),
+                            **({"student": a[best]} if best else {}),
+                            "students": {k: a[k] for k in distilled},
+                            "stages": {k: v for k, v in a.items() if k not in distilled and k not in
+                                       ("teacher", "window_only")}},
+               "best_student": best}
+        tf, sf = a["teacher"]["far"], a[best]["far"] if best else None
+        row["far_kept"] = sf / tf if (sf is not None and tf) else None
+        rows.append(row)
+    results = {"recipe": "recall", "format": "lincomp-recall-results-1", "seed": seed, "quick": quick,
+               "window": window, "length": length, "pairs": list(pairs), "far_threshold": 4 * window,
+               "chance": 1.0 / vocab.values, "vocab": {"keys": vocab.keys, "values": vocab.values}, "machine": machine_info(), "device": device,
+               "teacher": {k: v for k, v in tinfo.items() if k != "history"}, "specs": spec_dicts,
+               "distill": {"steps": steps, "finetune_steps": finetune_steps, "lr": lr, "finetune_lr": finetune_lr,
+                           "batch_size": batch_size, "length": distill_length, **{k: v for k, v in distilled.items()}},
+               "eval_sequences": eval_sequences, "rows": rows, "wall_s": time.perf_counter() - t_start}
+    if out:
+        _write_json(out / "results.json", results)
+    log(format_recall(results))
+    return results
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def format_recall(r: dict) -> str:
+    """A terminal table of :func:`run_recall`'s results.
+
+    ``results.json`` schema (``format: lincomp-recall-results-1``): top level ``seed``, ``window``, ``length``,
+    ``pairs`` (list), ``far_threshold`` (= 4 * window), ``chance`` (1 / value vocabulary), ``vocab``,
+    ``teacher`` (config, training wall time), ``specs`` ({student: spec}), ``distill`` (settings, per-student
+    stage times and losses), ``machine``, ``wall_s`` and ``rows``: one per pairs count, each
+    ``{"window", "pairs", "length", "far_threshold", "best_student", "far_kept" (best student far / teacher far),
+    "accuracy": {"teacher", "window_only", "student" (the best by far accuracy), "students": {name: ...},
+    "stages": {"<name>_before" / "_after_attention" / "_after_finetune": ...}}}`` where every accuracy is
+    ``{"near", "far", "all", "n_near", "n_far"}`` (fractions of queries answered exactly; None for an empty
+    bucket).
+    """
+    head = ("pairs", "model", "near", "far", "all")
+    table = [head]
+    for row in r["rows"]:
+        a = row["accuracy"]
+        for name in ["teacher", "window_only", *a["students"]]:
+            src = a.get(name) or a["students"].get(name)
+            if src is not None:
+                table.append((str(row["pairs"]), name.replace("_", " "), _pct(src["near"]), _pct(src["far"]),
+                              _pct(src["all"])))
+    return (f"MQAR query accuracy, length {r['length']}, window {r['window']} (far: key more than "
+            f"{r['far_threshold']} tokens back; chance {_pct(r['chance'])})\n" + _table(table))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _add_recall_parser(sub) -> None:
+    """``lincomp distill recall``."""
+    d = _defaults(run_recall)
+    r = sub.add_parser("recall", help="multi-query associative recall: far keys beyond the window, by distance",
+                       description="Train a small softmax Llama on multi-query associative recall (cached after the "
+                                   "first run), linearise it with the Lizard and LoLCATs specs, distil, and score "
+                                   "teacher, the window alone and each student by query-key distance (far: the "
+                                   "key is more than 4 windows back). The data layout is in "
+                                   "lincomp.models.recall's docstring; the evaluation data is saved in <out>/data.")
+    s = r.add_argument_group("spec")
+    _option(s, "--window", d, "window keys (the query included) of the students and the window-only baseline")
+    s.add_argument("--student", action="append", default=None, metavar="NAME",
+                   help="student spec (repeatable): lizard, lolcats, another preset or a spec JSON "
+                        f"(default: {' and '.join(d['specs'])} at --window)")
+    g = r.add_argument_group("data")
+    _option(g, "--length", d, "evaluation length in tokens (the teacher's longest training stage is 1024)")
+    g.add_argument("--pairs", type=int, action="append", default=None,
+                   help="key-value pairs per sequence (repeatable; default "
+                        + " and ".join(map(str, d["pairs"])) + ")")
+    _option(g, "--distill-length", d, "distillation sequence length in tokens")
+    _option(g, "--eval-sequences", d, "evaluation sequences per pairs count")
+    g.add_argument("--every-stage", action="store_true",
+                   help="also score each student before distillation and after stage 1")
+    g.add_argument("--quick", action="store_true", help="a tiny configuration that runs in about a minute")
+    _common(r, d)
+    r.set_defaults(func=_cmd_recall)
+
+
+def _cmd_recall(a) -> int:
+    if a.spec is not None:
+        raise SystemExit("lincomp distill recall: use --student NAME (repeatable) instead of --spec")
+    run_recall(seed=a.seed, out_dir=a.out, window=a.window, length=a.length,
+               pairs=a.pairs or _defaults(run_recall)["pairs"], specs=a.student or ("lizard", "lolcats"), steps=a.steps,
+               finetune_steps=a.finetune_steps, lr=a.lr, finetune_lr=a.finetune_lr, batch_size=a.batch_size,
+               distill_length=a.distill_length, eval_sequences=a.eval_sequences, every_stage=a.every_stage,
+               quick=a.quick, device=_device(a.device), progress=not a.no_progress,
+               baseline=not a.no_baseline, fresh=a.fresh)
     return 0
 
 

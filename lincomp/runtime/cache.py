@@ -107,3 +107,27 @@ def load_generated_module(source: str, stem: str, folder: str = "generated") -> 
         del sys.modules[modname]
         raise
     return module
+
+
+# ---------------------------------------------------------------------------- signed binary files
+def sig_path(path: Path) -> Path:
+    """The signature file next to a compiled binary: ``<name>.sig`` holding "<cache key> <sha256>"."""
+    return path.with_name(path.name + ".sig")
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verified(path: Path, key: str) -> bool:
+    """True when ``path``'s signature names this cache key and its bytes hash to the signed digest: a
+    truncated file (a crash mid-write), another spec's module copied over it, or any edit fails."""
+    try:
+        signed_key, digest = sig_path(path).read_text().split()
+    except (OSError, ValueError):
+        return False
+    return signed_key == key and sha256_file(path) == digest

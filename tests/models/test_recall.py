@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lincomp.models import recall as R
+from lincomp.models.distill_cli import run_recall
 
 V = R.RecallVocab(keys=16, values=12)
 
@@ -105,7 +106,7 @@ def test_quick_recipe_end_to_end(tmp_path):
     pytest.importorskip("peft")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = R.run_recall(quick=True, seed=0, out_dir=str(tmp_path), progress=False, log=lambda m: None)
+        r = run_recall(quick=True, seed=0, out_dir=str(tmp_path), progress=False, log=lambda m: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(r["rows"]))
     assert saved["format"] == "lincomp-recall-results-1"

@@ -32,6 +32,9 @@ from lincomp._atomic import atomic_path, atomic_write_text
 from lincomp.lower.tvmir import intrinsics, threads
 from lincomp.lower.tvmir.codegen import HEADER
 from lincomp.runtime.cache import cache_dir
+from lincomp.runtime.cache import sha256_file as _sha256
+from lincomp.runtime.cache import sig_path as _sig_path
+from lincomp.runtime.cache import verified as _verified
 
 # Bump when the generated code's meaning changes without its text changing (e.g. the exp2 lowering).
 CODEGEN_VERSION = "2"   # 2: exp2 passes NaN through
@@ -207,28 +210,6 @@ def _export(ex, path: Path, key: str) -> None:
         ex.export_library(str(tmp))
         digest = _sha256(tmp)
     atomic_write_text(_sig_path(path), f"{key} {digest}\n")
-
-
-def _sig_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sig")
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _verified(path: Path, key: str) -> bool:
-    """True when ``path``'s signature names this cache key and its bytes hash to the signed digest: a
-    truncated file (a crash mid-write), another spec's module copied over it, or any edit fails."""
-    try:
-        signed_key, digest = _sig_path(path).read_text().split()
-    except (OSError, ValueError):
-        return False
-    return signed_key == key and _sha256(path) == digest
 
 
 def _slug(text: str) -> str:

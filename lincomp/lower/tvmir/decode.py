@@ -356,13 +356,16 @@ class TVMDecoder:
         if not can_prefill(spec, not self._ready, n):
             return torch.cat([self.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1],
                                         None if g is None else g[:, :, i:i + 1]) for i in range(n)], 2)
-        from lincomp.compiler import compile as compile_spec
+        from lincomp.lower.tvmir.kernel import compile_tvm   # the same kernel lincomp.compile(spec, "tvm") gives
         check_step(spec, q[:, :, :1], k[:, :, :1], v[:, :, :1], None if g is None else g[:, :, :1])
         init = (self._S, self._z) if self._ready and lin is not None else self._initial_state
         q, k, v, g = (None if x is None else x.contiguous() for x in (q, k, v, g))   # the kernel's layout
-        res = compile_spec(spec, "tvm")(q, k, v, scale=self.scale, linear_scale=self.linear_scale, layout="bhld",
-                                         return_state=lin is not None,
-                                         **prefill_tensors(self._given, g, init if lin is not None else None))
+        kernel = self.__dict__.get("_prefill_kernel")
+        if kernel is None:   # one per decoder: its compiled modules and plans are reused by later prompts
+            kernel = self._prefill_kernel = compile_tvm(spec)
+        res = kernel(q, k, v, scale=self.scale, linear_scale=self.linear_scale, layout="bhld",
+                     return_state=lin is not None,
+                     **prefill_tensors(self._given, g, init if lin is not None else None))
         o, state = res if lin is not None else (res, None)
         if not self._ready:
             self._setup(q, k, v)

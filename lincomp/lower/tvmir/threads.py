@@ -113,11 +113,10 @@ def openmp_runtime() -> Optional[str]:
 
 def _compile_launcher() -> Path:
     """Build the launcher .so into the cache (once per source; signed like the kernel modules)."""
-    from lincomp.lower.tvmir.build import _sha256, _sig_path, _verified
-    from lincomp.runtime.cache import cache_dir
+    from lincomp.runtime.cache import cache_dir, sha256_file, sig_path, verified
     key = hashlib.sha256(LAUNCHER_C.encode()).hexdigest()[:20]
     path = cache_dir("tvm", "openmp") / f"launcher-{key}.so"
-    if _verified(path, key):
+    if verified(path, key):
         return path
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -127,8 +126,8 @@ def _compile_launcher() -> Path:
     with atomic_path(path, suffix=".so") as tmp:
         subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True,
                        capture_output=True, timeout=120)
-        digest = _sha256(tmp)
-    atomic_write_text(_sig_path(path), f"{key} {digest}\n")
+        digest = sha256_file(tmp)
+    atomic_write_text(sig_path(path), f"{key} {digest}\n")
     return path
 
 
