@@ -360,11 +360,7 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
 
 def format_causal_lm(r: dict) -> str:
     """A terminal table of :func:`run_causal_lm`'s perplexities and decode memory."""
-    p = r["perplexity"]
-    rows = [("model", "perplexity", "/ teacher")]
-    for k in ("teacher", "window_only", "before", "after_attention", "after_finetune"):
-        if k in p:
-            rows.append((k.replace("_", " "), f"{p[k]:.4f}", f"{p[k] / p['teacher']:.4f}"))
+    rows = _perplexity_rows(r["perplexity"])
     mem = [("context", "teacher KV cache", "student state + window")]
     for m in r["decode_memory"]:
         mem.append((str(m["context"]), _bytes(m["teacher_kv_bytes"]) + _measured(m, "teacher"),
@@ -507,12 +503,17 @@ def run_model(*, model: str, data: str, spec="lizard", steps: int = 200, finetun
 
 def format_model(r: dict) -> str:
     """A terminal table of :func:`run_model`'s perplexities."""
-    p = r["perplexity"]
+    rows = _perplexity_rows(r["perplexity"])
+    return f"held-out perplexity ({r['eval_windows']} windows of {r['seq_len']} tokens)\n" + _table(rows)
+
+
+def _perplexity_rows(p: dict) -> list:
+    """[head, (model, perplexity, ratio to the teacher) per stage measured] of a causal-LM recipe."""
     rows = [("model", "perplexity", "/ teacher")]
     for k in ("teacher", "window_only", "before", "after_attention", "after_finetune"):
         if k in p:
             rows.append((k.replace("_", " "), f"{p[k]:.4f}", f"{p[k] / p['teacher']:.4f}"))
-    return f"held-out perplexity ({r['eval_windows']} windows of {r['seq_len']} tokens)\n" + _table(rows)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ results

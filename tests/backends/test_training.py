@@ -127,55 +127,19 @@ def test_no_private_torch_api_in_the_ops():
     assert "torch._C" not in src and "_ForceDispatchKeyGuard" not in src
 
 
-@pytest.mark.interpreter
-@pytest.mark.parametrize("name", ["swa-sinks", "lizard", "gla"])
-def test_triton_packed_row_backward_runs_backward_kernels_per_document(name, monkeypatch):
-    """A packed row (documents of 1, 4, 3 and 4 tokens: two share a length and run stacked) through the op on
-    Triton: the backward runs the kernels' own backward per document group (the forward again, no reference),
-    values and gradients of every input against the fp64 reference with cu_seqlens."""
-    from lincomp.documents import cu_seqlens_of
+def _packed_row_grads(spec, lengths, target, seed, monkeypatch):
+    """A packed row of documents of these lengths through the op on ``target``: checks values and gradients of
+    every input against the fp64 reference with cu_seqlens and that the reference was never called."""
     from lincomp.testing import packed_inputs
     import lincomp.runtime.kernel as K
-    spec = TRITON_SPECS.get(name) or presets.gla("scalar", chunk_size=4)
-    family = "window" if spec.linear is None else "linear"
-    lengths = [1, 4, 3, 4]
-    x = packed_inputs(spec, lengths, H=2, Hkv=1, D=16, seed=3)
-    cu = x.pop("cu_seqlens")
-    assert torch.equal(cu, cu_seqlens_of(lengths))
-    leaves = {n: t.requires_grad_() for n, t in x.items()}
-    w = {n: leaves.get(n) for n in ops.WEIGHT_NAMES}
-    counts = _counters(monkeypatch)
-    refs = Counter(monkeypatch, ops, "reference"), Counter(monkeypatch, K, "reference")
-    o = torch.ops.lincomp.attention(leaves["q"], leaves["k"], leaves["v"], ops.spec_to_json(spec), 0.3, w["g"],
-                                    w["feature_weight_q"], w["feature_weight_k"], w["sink_logits"], w["window_gamma"],
-                                    w["alpha"], None, "triton", "error", "", cu)
-    probe = torch.randn(o.shape, generator=torch.Generator().manual_seed(0))
-    grads = torch.autograd.grad((o * probe).sum(), list(leaves.values()))
-    assert counts[f"{family}_bwd"].calls >= 1 and refs[0].calls == refs[1].calls == 0
-    ref = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
-    r = reference(spec, **ref, scale=0.3, cu_seqlens=cu)
-    assert rel_err(o, r) < 1e-4
-    want = torch.autograd.grad((r * probe.double()).sum(), list(ref.values()))
-    for n, a, b in zip(leaves, grads, want):
-        assert rel_err(a, b) < 1e-4, n
-
-
-@pytest.mark.parametrize("name", ["swa-sinks", "gla"])
-def test_tvm_packed_row_backward_runs_backward_kernels_per_document(name, monkeypatch):
-    """The same packed row on TVM: the window and linear backward kernels serve each document group, the
-    reference is never called, and values and gradients match the fp64 reference with cu_seqlens."""
-    pytest.importorskip("tvm")
-    from lincomp.testing import packed_inputs
-    import lincomp.runtime.kernel as K
-    spec = TRITON_SPECS.get(name) or presets.gla("scalar", chunk_size=16)
-    x = packed_inputs(spec, [1, 4, 3, 4, 20], H=2, Hkv=1, D=16, seed=4)
+    x = packed_inputs(spec, lengths, H=2, Hkv=1, D=16, seed=seed)
     cu = x.pop("cu_seqlens")
     leaves = {n: t.requires_grad_() for n, t in x.items()}
     w = {n: leaves.get(n) for n in ops.WEIGHT_NAMES}
     refs = Counter(monkeypatch, ops, "reference"), Counter(monkeypatch, K, "reference")
     o = torch.ops.lincomp.attention(leaves["q"], leaves["k"], leaves["v"], ops.spec_to_json(spec), 0.3, w["g"],
                                     w["feature_weight_q"], w["feature_weight_k"], w["sink_logits"], w["window_gamma"],
-                                    w["alpha"], None, "tvm", "error", "", cu)
+                                    w["alpha"], None, target, "error", "", cu)
     probe = torch.randn(o.shape, generator=torch.Generator().manual_seed(0))
     grads = torch.autograd.grad((o * probe).sum(), list(leaves.values()))
     assert refs[0].calls == refs[1].calls == 0
@@ -185,3 +149,27 @@ def test_tvm_packed_row_backward_runs_backward_kernels_per_document(name, monkey
     want = torch.autograd.grad((r * probe.double()).sum(), list(ref.values()))
     for n, a, b in zip(leaves, grads, want):
         assert rel_err(a, b) < 1e-4, n
+    return cu
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", ["swa-sinks", "lizard", "gla"])
+def test_triton_packed_row_backward_runs_backward_kernels_per_document(name, monkeypatch):
+    """A packed row (documents of 1, 4, 3 and 4 tokens: two share a length and run stacked) through the op on
+    Triton: the backward runs the kernels' own backward per document group (the forward again, no reference),
+    values and gradients of every input against the fp64 reference with cu_seqlens."""
+    from lincomp.documents import cu_seqlens_of
+    spec = TRITON_SPECS.get(name) or presets.gla("scalar", chunk_size=4)
+    family = "window" if spec.linear is None else "linear"
+    counts = _counters(monkeypatch)
+    cu = _packed_row_grads(spec, [1, 4, 3, 4], "triton", 3, monkeypatch)
+    assert torch.equal(cu, cu_seqlens_of([1, 4, 3, 4]))
+    assert counts[f"{family}_bwd"].calls >= 1
+
+
+@pytest.mark.parametrize("name", ["swa-sinks", "gla"])
+def test_tvm_packed_row_backward_runs_backward_kernels_per_document(name, monkeypatch):
+    """The same on TVM: the window and linear backward kernels serve each document group, no reference call."""
+    pytest.importorskip("tvm")
+    spec = TRITON_SPECS.get(name) or presets.gla("scalar", chunk_size=16)
+    _packed_row_grads(spec, [1, 4, 3, 4, 20], "tvm", 4, monkeypatch)
