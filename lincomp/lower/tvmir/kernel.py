@@ -15,10 +15,11 @@ vectorised numpy ops, cached) but never recompiles. Configs come from the one ch
 
 Training: generated backward kernels cover softmax-only specs (every window kind but pooled keys:
 window_bwd.py, driven by window_train.py; ``kernel.config["window_bwd"]``) and the linear branch alone
-(linear_bwd.py, driven by linear_train.py; ``kernel.config["linear_bwd"]``, ``{"chunk", "mr"}``). The
-custom op's autograd (``forward_and_save`` / ``backward_saved``) and direct calls on inputs that require
-grad use them. Other specs (hybrids, pooled keys) and key-padded calls differentiate the reference, with a
-warning. ``kernel.tune`` tunes the backward too (``kernel.tune_backward`` for the linear branch alone).
+(linear_bwd.py, driven by linear_train.py; ``kernel.config["linear_bwd"]``, ``{"chunk", "mr"}``);
+combine="sum" hybrids (Lizard) compose the two (hybrid_train.py: each branch's saving forward and backward,
+plus d alpha). The custom op's autograd (``forward_and_save`` / ``backward_saved``) and direct calls on
+inputs that require grad use them. Other specs (combine="shared", pooled keys) and key-padded calls
+differentiate the reference, with a warning. ``kernel.tune`` tunes the backward too (``kernel.tune_backward`` for the linear branch alone).
 
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
 fp64 runs on the reference (a fp32 kernel would silently lose precision). A ``key_padding_mask`` runs on
