@@ -48,12 +48,12 @@ def branches(kernel) -> tuple:
     the fixed configs of their parts."""
     got = kernel.__dict__.get("_branch_kernels")
     if got is None:
-        from lincomp.lower.tvmir.kernel import TVMKernel
+        make = type(kernel)   # TVMKernel (not imported: kernel.py imports this module)
         fixed = kernel._fixed
         win_spec, lin_spec = branch_specs(kernel.spec)
-        win = TVMKernel(win_spec, config={p: fixed[p] for p in ("window", "window_bwd") if p in fixed},
+        win = make(win_spec, config={p: fixed[p] for p in ("window", "window_bwd") if p in fixed},
                         db=kernel._db, **kernel.hints)
-        lin = TVMKernel(lin_spec, config={p: fixed[p] for p in ("linear", "linear_bwd") if p in fixed},
+        lin = make(lin_spec, config={p: fixed[p] for p in ("linear", "linear_bwd") if p in fixed},
                         db=kernel._db, **kernel.hints)
         got = kernel.__dict__["_branch_kernels"] = (win, lin)
     return got
