@@ -94,3 +94,18 @@ def test_shared_combine_falls_back_with_warning():
 
     check_grads(spec, x, run, fallback_ok=True)
     check_grads(spec, x, kern, fallback_ok=True)
+
+
+def test_key_padded_training_keeps_the_forward_on_the_kernels():
+    """A key-padded call through the op: the fused forward runs, saves nothing, and the gradient is the
+    reference's (as for the window and linear families); values and gradients still match."""
+    spec = SPECS["lizard-scalar"]
+    x = _inputs(spec, L=40, seed=5)
+    kpm = torch.ones(2, 40, dtype=torch.bool)
+    kpm[1, :9] = False                                  # left padding on the second row
+    spec_json = ops.spec_to_json(spec)
+
+    def run(q, k, v, **kw):
+        return torch.ops.lincomp.attention(q, k, v, spec_json, target="tvm", **kw)
+
+    check_grads(spec, {**x, "key_padding_mask": kpm}, run)

@@ -61,7 +61,8 @@ def branches(kernel) -> tuple:
 
 def _split(kwargs: dict) -> tuple:
     """(window keywords, linear keywords, alpha) of a hybrid call's keywords."""
-    extra = set(kwargs) - set(WINDOW_NAMES) - set(LINEAR_NAMES) - {"alpha", "scale", "return_state"}
+    # key_padding_mask reaches saved_like only (a padded call saves nothing: its slots stay unused)
+    extra = set(kwargs) - set(WINDOW_NAMES) - set(LINEAR_NAMES) - {"alpha", "return_state", "key_padding_mask"}
     if extra:
         from lincomp.runtime.kernel import Unsupported
         raise Unsupported(f"{sorted(extra)} have no composed TVM hybrid backward")
