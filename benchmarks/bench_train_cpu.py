@@ -5,7 +5,10 @@
 fp32, B=1, H=4, D=64. Cases:
 
 - ``swa``:   causal sliding window of 256 keys, L = 4096;
-- ``clear``: CLEAR circle r=8 on a 64x64 grid + 64 prefix tokens (L = 4160).
+- ``clear``: CLEAR circle r=8 on a 64x64 grid + 64 prefix tokens (L = 4160);
+- ``lizard``: the Lizard hybrid (``presets.lizard()``: sliding window 128 + 4 sinks, summed with scalar-gated
+  hedgehog_exp linear attention of feature dim 64), L = 4096; trained by the window and linear backward
+  kernels composed (no dense SDPA peer: SDPA has no linear branch, so that column stays empty).
 
 Implementations, timed round-robin in one process (one untimed call right before each timed one, so
 each runs with warm caches; medians over ``--reps`` rounds):
@@ -46,11 +49,12 @@ from lincomp import presets  # noqa: E402
 from lincomp.backends import ops  # noqa: E402,F401  (registers torch.ops.lincomp.*)
 from lincomp.reference import window_mask  # noqa: E402
 from lincomp.runtime.kernel import LincompFallbackWarning  # noqa: E402
-from lincomp.testing import rel_err  # noqa: E402
+from lincomp.testing import random_inputs, rel_err  # noqa: E402
 
 CASES = {
     "swa": ("causal sliding window 256, L=4096", lambda: presets.sliding_window(256), 4096),
     "clear": ("CLEAR r=8, 64x64 + 64 prefix", lambda: presets.clear(8, (64, 64), text_tokens=64), None),
+    "lizard": ("Lizard hybrid (window 128 + 4 sinks + gated hedgehog_exp), L=4096", presets.lizard, 4096),
 }
 
 
@@ -66,21 +70,24 @@ def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
     L = spec.expected_length() or L
     gen = torch.Generator().manual_seed(0)
     q, k, v, g = (torch.randn(B, H, L, D, generator=gen) for _ in range(4))
+    # the learned tensors of the spec (sinks, alpha, gate, feature weights), as a model holds them
+    extra = {n: t for n, t in random_inputs(spec, B=B, H=H, L=L, D=D, seed=1).items() if n not in ("q", "k", "v")}
     kern = lincomp.compile(spec, target="tvm")
     spec_json = spec.canonical_json()
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    weights = {n: t.clone().requires_grad_(t.is_floating_point()) for n, t in extra.items()}
     mask = window_mask(spec, L)                 # [L, L] bool, built once outside the timing
     dense = [t.clone().requires_grad_(True) for t in (q, k, v)]
 
     def fwd():
         with torch.no_grad():
-            return kern(q, k, v)
+            return kern(q, k, v, **extra)
 
     def train():
-        for t in leaves:
+        for t in (*leaves, *weights.values()):
             t.grad = None
         with torch.enable_grad():
-            o = torch.ops.lincomp.attention(*leaves, spec_json, target="tvm", fallback="error")
+            o = torch.ops.lincomp.attention(*leaves, spec_json, target="tvm", fallback="error", **weights)
             o.backward(g)
         return o
 
@@ -94,10 +101,16 @@ def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", LincompFallbackWarning)
-        o_ours, o_dense = train(), sdpa()
-        errs = {n: rel_err(a.grad, b.grad) for n, a, b in zip("qkv", leaves, dense)}
-        errs["o"] = rel_err(o_ours, o_dense)
-        ms = interleaved({"tvm fwd": fwd, "tvm fwd+bwd": train, "sdpa fwd+bwd (dense mask)": sdpa}, reps)
+        if spec.linear is not None:   # no SDPA peer; gradients are checked against the reference by the tests
+            train()
+            errs = {}
+            ms = interleaved({"tvm fwd": fwd, "tvm fwd+bwd": train}, reps)
+            ms["sdpa fwd+bwd (dense mask)"] = float("nan")
+        else:
+            o_ours, o_dense = train(), sdpa()
+            errs = {n: rel_err(a.grad, b.grad) for n, a, b in zip("qkv", leaves, dense)}
+            errs["o"] = rel_err(o_ours, o_dense)
+            ms = interleaved({"tvm fwd": fwd, "tvm fwd+bwd": train, "sdpa fwd+bwd (dense mask)": sdpa}, reps)
     return {"case": name, "title": title, "L": L, "ms": ms, "errs": errs,
             "config": {kk: vv["params"] for kk, vv in kern.config.items()},
             "train_config": ops.get_kernel(spec_json, "tvm", "error").config}
@@ -115,13 +128,17 @@ def write(results: list, path: Path, meta: dict) -> None:
     for r in results:
         ms = r["ms"]
         f, t, d = ms["tvm fwd"], ms["tvm fwd+bwd"], ms["sdpa fwd+bwd (dense mask)"]
-        errs = ", ".join(f"{n} {e:.1e}" for n, e in r["errs"].items())
+        errs = ", ".join(f"{n} {e:.1e}" for n, e in r["errs"].items()) or "(tests: vs fp64 reference)"
+        if d != d:   # no dense SDPA peer (hybrids)
+            lines.append(f"| {r['title']} | {f:.1f} | {t:.1f} | - | {t / f:.2f} "
+                         f"({'met' if t / f <= 3.5 else 'not met'}) | - | {errs} |")
+            continue
         lines.append(f"| {r['title']} | {f:.1f} | {t:.1f} | {d:.1f} | {t / f:.2f} "
                      f"({'met' if t / f <= 3.5 else 'not met'}) | {d / t:.1f} ({'met' if d / t >= 3 else 'not met'}) "
                      f"| {errs} |")
     lines += ["", "Configs (the chooser's; `lincomp tune` stores tuned ones):", ""]
     for r in results:
-        lines.append(f"- {r['title']}: forward {r['config'].get('window_fwd')}; training "
+        lines.append(f"- {r['title']}: forward {r['config']}; training "
                      f"{ {k: v['params'] for k, v in r['train_config'].items()} }")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -49,15 +49,27 @@ def linearize_student(model, spec, target: Optional[str] = None):
 
     with warnings.catch_warnings():   # training and evaluation run in eval mode: dropout is off for both
         warnings.filterwarnings("ignore", message=".*attention dropout.*")
-        out = linearize(model, spec, target=target or training_target(model))
+        out = linearize(model, spec, target=target or training_target(model, spec))
     return model if out is None else out
 
 
-def training_target(model) -> str:
-    """Triton on GPUs ("auto"); the reference on CPUs: training needs a backward, which TVM kernels lack
-    (lincomp's op would run the TVM forward and then recompute it with the reference anyway)."""
-    dev = next(model.parameters()).device
-    return "auto" if dev.type == "cuda" else "reference"
+def training_target(model, spec=None) -> str:
+    """Triton on GPUs ("auto"); on CPUs "tvm" when the TVM backend is importable and has backward kernels for
+    ``spec`` (windows, the linear branch, combine="sum" hybrids such as Lizard), else the reference (a TVM
+    forward without a backward would only add the reference's forward inside the backward)."""
+    import torch
+
+    param = next(model.parameters())
+    if param.device.type == "cuda":
+        return "auto"
+    if spec is None or param.dtype == torch.float64:   # the TVM kernels compute in fp32
+        return "reference"
+    from lincomp.backends.ops import get_kernel, spec_to_json
+    try:
+        kernel = get_kernel(spec_to_json(spec), "tvm", "error")
+    except (ImportError, RuntimeError):   # no TVM here
+        return "reference"
+    return "tvm" if kernel.has_backward() else "reference"
 
 
 def _seed_all(seed: int) -> None:

@@ -456,3 +456,19 @@ def test_causal_lm_recipe_packs_by_default():
     register(p.add_subparsers())
     assert p.parse_args(["distill", "causal-lm"]).no_pack is False
     assert p.parse_args(["distill", "causal-lm", "--no-pack"]).no_pack is True
+
+
+def test_training_target_picks_tvm_where_it_has_a_backward():
+    """On CPU: "tvm" for specs with TVM backward kernels (the causal-LM recipe's Lizard-like sum hybrid), the
+    reference for combine="shared" (no TVM backward), without a spec, and for fp64 models."""
+    from lincomp.models.distill_cli import causal_lm_spec, minilm_spec, training_target
+    model = nn.Linear(2, 2)
+    try:
+        import tvm  # noqa: F401
+        has_tvm = True
+    except ImportError:
+        has_tvm = False
+    assert training_target(model, causal_lm_spec()) == ("tvm" if has_tvm else "reference")
+    assert training_target(model, minilm_spec(combine="shared")) == "reference"
+    assert training_target(model) == "reference"
+    assert training_target(model.double(), causal_lm_spec()) == "reference"

@@ -165,9 +165,10 @@ def test_poisoned_outputs_are_on():
 
 
 def test_softmax_specs_keep_the_reference():
-    """Hybrids have no TVM backward here: the op differentiates the reference (no warning); a direct call
-    under autograd falls back with a warning; forward_and_save saves nothing."""
-    spec = lincomp.presets.lizard(window=4, sinks=2, feature_dim=4)
+    """combine="shared" hybrids have no TVM backward (combine="sum": tests/tvm/test_hybrid_backward.py): the op
+    differentiates the reference; a direct call under autograd falls back with a warning; forward_and_save
+    saves nothing."""
+    spec = lincomp.presets.lolcats(block=4, feature_dim=4, terraced=False)
     kern = lincomp.compile(spec, target="tvm")
     assert not kern.has_backward() and not ops.has_own_backward(kern)
     x = random_inputs(spec, B=1, H=2, L=12, D=8, seed=0)

@@ -15,10 +15,11 @@ vectorised numpy ops, cached) but never recompiles. Configs come from the one ch
 
 Training: generated backward kernels cover softmax-only specs (every window kind but pooled keys:
 window_bwd.py, driven by window_train.py; ``kernel.config["window_bwd"]``) and the linear branch alone
-(linear_bwd.py, driven by linear_train.py; ``kernel.config["linear_bwd"]``, ``{"chunk", "mr"}``). The
-custom op's autograd (``forward_and_save`` / ``backward_saved``) and direct calls on inputs that require
-grad use them. Other specs (hybrids, pooled keys) and key-padded calls differentiate the reference, with a
-warning. ``kernel.tune`` tunes the backward too (``kernel.tune_backward`` for the linear branch alone).
+(linear_bwd.py, driven by linear_train.py; ``kernel.config["linear_bwd"]``, ``{"chunk", "mr"}``);
+combine="sum" hybrids (Lizard) compose the two (hybrid_train.py: each branch's saving forward and backward,
+plus d alpha). The custom op's autograd (``forward_and_save`` / ``backward_saved``) and direct calls on
+inputs that require grad use them. Other specs (combine="shared", pooled keys) and key-padded calls
+differentiate the reference, with a warning. ``kernel.tune`` tunes the backward too (``kernel.tune_backward`` for the linear branch alone).
 
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
 fp64 runs on the reference (a fp32 kernel would silently lose precision). A ``key_padding_mask`` runs on
@@ -43,6 +44,7 @@ from lincomp.ir.blocks import aligned_block, block_plan, window_tile
 from lincomp.ir.lowered import require
 from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import features as _features
+from lincomp.lower.tvmir import hybrid_train as _hybrid_train
 from lincomp.lower.tvmir import linear as _linear
 from lincomp.lower.tvmir import linear_bwd as _linear_bwd
 from lincomp.lower.tvmir import linear_train as _linear_train
@@ -221,7 +223,9 @@ class TVMKernel(Kernel):
 
     def forward(self, q, k, v, *, scale=None, linear_scale=None, return_state=False, **tensors):
         if self._check_grad(q, k, v, tensors):
-            if self.spec.has_softmax:
+            if self._branch() == "none":
+                raise Unsupported(f"inputs that require grad: {self.backward_unsupported()}")
+            if self._branch() == "window":
                 from lincomp.lower.tvmir.window_train import train_call
                 return train_call(self, q, k, v, scale=scale, return_state=return_state, **tensors)
             if return_state:
@@ -249,18 +253,20 @@ class TVMKernel(Kernel):
 
     # -- training (window_train.py / linear_train.py: the forward saves what the backward needs) -----
     def _branch(self) -> str:
-        """Which backward family covers this spec: "window", "linear" or "none" (hybrids)."""
+        """Which backward family covers this spec: "window", "linear", "hybrid" (combine="sum": both composed,
+        hybrid_train.py) or "none" (combine="shared")."""
         if self.spec.linear is None:
             return "window"
-        return "none" if self.spec.has_softmax else "linear"
+        if not self.spec.has_softmax:
+            return "linear"
+        return "hybrid" if self.spec.combine == "sum" else "none"
 
     def backward_unsupported(self) -> Optional[str]:
         branch = self._branch()
         if branch == "window":
             return _window_bwd.unsupported_reason(self.spec)
         if branch == "none":
-            return ("hybrid specs (a window and a linear branch) have no TVM backward kernels yet; their gradient "
-                    "is the reference's")
+            return _hybrid_train.unsupported_reason(self.spec)
         return None
 
     def forward_and_save(self, q, k, v, **kwargs):
@@ -268,6 +274,8 @@ class TVMKernel(Kernel):
         if branch == "window":
             from lincomp.lower.tvmir.window_train import forward_and_save
             return forward_and_save(self, q, k, v, **kwargs)
+        if branch == "hybrid":
+            return _hybrid_train.forward_and_save(self, q, k, v, **kwargs)
         if branch == "linear" and kwargs.get("key_padding_mask") is None:
             return self._linear_forward_and_save(q, k, v, **kwargs)
         with torch.no_grad():   # the op calls this for inference too: the forward stays on the kernels
@@ -280,12 +288,16 @@ class TVMKernel(Kernel):
             return saved_like(self, q, k, v, **kwargs)
         if branch == "linear":
             return self._linear_saved_like(q, k, v, **kwargs)
+        if branch == "hybrid":
+            return _hybrid_train.saved_like(self, q, k, v, **kwargs)
         return []
 
     def backward_saved(self, grad_o, o, saved, q, k, v, **kwargs) -> dict:
         if self._branch() == "window":
             from lincomp.lower.tvmir.window_train import backward_saved
             return backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
+        if self._branch() == "hybrid":
+            return _hybrid_train.backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
         return self._linear_backward_saved(grad_o, o, saved, q, k, v, **kwargs)
 
     @staticmethod
