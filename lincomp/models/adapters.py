@@ -1,21 +1,37 @@
-"""peft with linearised models: lincomp's learned tensors train and save with the adapter.
+"""peft with linearised models: lincomp's learned tensors train and save with the adapter, by default.
 
 ``get_peft_model`` freezes every parameter that is not an adapter's, and an adapter file holds only adapter
-tensors, so a linearised model's feature maps, gates, sinks and window factors would stay at their values and
-be lost on reload. ``with_lincomp(peft_config)`` adds the linearised layers (``attention_module.lincomp``) to
-``modules_to_save``: peft then trains a copy of each, saves it in the adapter file and restores it with
-``PeftModel.from_pretrained(linearised_model, folder)``::
+tensors, so a linearised model's feature maps, gates, sinks, window factors and pool weights would stay at their
+values and be lost on reload. peft reads nothing from the base model that could declare them, so
+``lincomp.linearize`` (when peft is importable) installs a small hook on peft's ``BaseTuner.inject_adapter``,
+the step every adapter goes through (``get_peft_model``, ``PeftModel.from_pretrained``, ``add_adapter``,
+``load_adapter``, transformers' ``model.add_adapter``): when the model holds linearised layers, the adapter's
+config gets ``"lincomp"`` (the attribute linearize sets on each attention module) added to its
+``modules_to_save``. peft then trains a copy of each linearised layer, saves it in the adapter file, writes
+``"lincomp"`` into ``adapter_config.json`` and restores it with ``PeftModel.from_pretrained``::
 
     model = lincomp.linearize(model, spec)
-    model = peft.get_peft_model(model, with_lincomp(peft.LoraConfig(target_modules=["q_proj", "v_proj"])))
+    model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj"]))
     ...train...; model.save_pretrained(folder)
 
-Every lincomp code path (attention, ``set_attention_mode``, ``model.generate()``) sees through peft's wrapper.
+Opt out with ``lincomp.models.adapters.peft_auto(False)`` (or ``LINCOMP_PEFT_AUTO=0`` in the environment
+before linearize); ``with_lincomp(config)`` then adds the layers for one config explicitly. Configs without
+``modules_to_save`` (prompt learning) are left alone. Every lincomp code path (attention,
+``set_attention_mode``, ``model.generate()``) sees through peft's wrapper.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 MODULE_NAME = "lincomp"   # the attribute linearize sets on each attention module
+ENV_OPT_OUT = "LINCOMP_PEFT_AUTO"   # "0": linearize does not hook peft
+# peft versions whose BaseTuner.inject_adapter(self, model, adapter_name, ...) reads self.peft_config[adapter_name]
+# (checked on 0.21; the signature and lookup are unchanged since 0.14)
+_PEFT_MIN, _PEFT_MAX = (0, 14), (0, 22)
+_auto = True
 
 
 def with_lincomp(peft_config):
@@ -30,4 +46,49 @@ def with_lincomp(peft_config):
     return peft_config
 
 
-__all__ = ["with_lincomp"]
+def peft_auto(enabled: bool) -> None:
+    """Whether adapters added from now on train and save lincomp's layers without ``with_lincomp`` (default True)."""
+    global _auto
+    if not isinstance(enabled, bool):
+        raise TypeError(f"peft_auto(enabled) takes True or False, got {type(enabled).__name__} {enabled!r}")
+    _auto = enabled
+
+
+def _has_linearised_layers(model) -> bool:
+    from lincomp.models.modules import LinearizedAttention
+    return any(isinstance(getattr(m, MODULE_NAME, None), LinearizedAttention) for m in model.modules())
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in text.split(".")[:2])
+
+
+def install_peft_hook() -> bool:
+    """Hook peft (idempotent; called by ``lincomp.linearize``): True when adapters now keep lincomp's layers.
+
+    False, and peft untouched, when peft is not installed, ``LINCOMP_PEFT_AUTO=0``, or its version is outside
+    the range the hook was checked on (then use ``with_lincomp``).
+    """
+    if os.environ.get(ENV_OPT_OUT, "1").strip() == "0" or importlib.util.find_spec("peft") is None:
+        return False
+    import peft
+    from peft.tuners.tuners_utils import BaseTuner
+    if not _PEFT_MIN <= _version(peft.__version__) < _PEFT_MAX:
+        return False
+    original = BaseTuner.inject_adapter
+    if getattr(original, "_lincomp_hook", False):
+        return True
+
+    @functools.wraps(original)
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        config = self.peft_config.get(adapter_name) if isinstance(self.peft_config, dict) else None
+        if _auto and hasattr(config, "modules_to_save") and _has_linearised_layers(model):
+            with_lincomp(config)
+        return original(self, model, adapter_name, *args, **kwargs)
+
+    inject_adapter._lincomp_hook = True
+    BaseTuner.inject_adapter = inject_adapter
+    return True
+
+
+__all__ = ["with_lincomp", "peft_auto", "install_peft_hook"]

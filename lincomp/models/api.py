@@ -1,6 +1,7 @@
 """``lincomp.linearize``: add the learned parts a spec needs to a model's attention layers, then hook the
 model into its library: transformers' attention / mask registries, the spec recorded in ``config.json``
-(``save_pretrained`` / ``from_pretrained`` restore it) and the constant-memory cache of ``generate()``.
+(``save_pretrained`` / ``from_pretrained`` restore it), the constant-memory cache of ``generate()`` and, when
+peft is installed, adapters that train and save the learned tensors (``models/adapters.py``).
 Diffusers Flux needs none of these (its attention processors are swapped in place).
 """
 
@@ -24,8 +25,9 @@ def linearize(model: nn.Module, spec, *, target: str = "auto", fallback: str = "
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if is_flux(model):
         return linearize_layers(model, spec, target=target, fallback=fallback)
-    from lincomp.models import cache, hf   # transformers loads here, not at `import lincomp`
+    from lincomp.models import adapters, cache, hf   # transformers (and peft) load here, not at `import lincomp`
     hf.register()
+    adapters.install_peft_hook()   # peft adapters then train and save the learned tensors (models/adapters.py)
     linearize_layers(model, spec, target=target, fallback=fallback)
     hf.record(model)      # config.json then says how to rebuild it (save_pretrained / from_pretrained)
     cache.install_generate(model)   # model.generate() then keeps a constant-memory LincompCache

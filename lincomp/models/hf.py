@@ -77,6 +77,7 @@ class LincompQuantizer(HfQuantizer):
         pass
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        from lincomp.models.adapters import install_peft_hook
         from lincomp.models.cache import install_generate
         from lincomp.models.linearize import linearize_layers
         qc = self.quantization_config
@@ -84,6 +85,7 @@ class LincompQuantizer(HfQuantizer):
         register()
         linearize_layers(model, dict(qc.specs), target=qc.target, fallback=qc.fallback)
         install_generate(model)
+        install_peft_hook()
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
