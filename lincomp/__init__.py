@@ -21,6 +21,7 @@ _LAZY = {
     "TVMDecoder": ("lincomp.lower.tvm", "TVMDecoder"),
     "TuningDB": ("lincomp.tuning", "TuningDB"),
     "from_mask_mod": ("lincomp.ir.flex", "from_mask_mod"),
+    "spec_json_schema": ("lincomp.spec_schema", "spec_json_schema"),
 }
 
 

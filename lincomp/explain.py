@@ -58,7 +58,7 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     p = subparsers.add_parser("explain", help="show the IR, plan and FLOPs of a spec at a length",
                               description=_EXPLAIN_DOC.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", metavar="SPEC", help="a JSON file, a JSON string, or a preset: "
+    p.add_argument("spec", metavar="SPEC", nargs="?", help="a JSON file, a JSON string, or a preset: "
                    + ", ".join([*presets.PAPER_SPECS, "clear-rN", "clear-rN-dfF"]))
     p.add_argument("--length", "-L", type=positive_int, action="append", default=[], metavar="L",
                    help="sequence length (repeat for several); grid specs fix it")
@@ -76,11 +76,21 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     p.add_argument("--no-configs", dest="configs", action="store_false",
                    help="leave out the configs the tuning database gives the kernels on this device")
     p.add_argument("--json", action="store_true", help="print JSON (numbers only) instead of text")
+    p.add_argument("--schema", action="store_true",
+                   help="print the JSON Schema of a spec file (lincomp.spec_json_schema()) and exit; no SPEC")
     p.set_defaults(func=cmd_explain)
     return p
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    if args.schema:
+        from lincomp.spec_schema import spec_json_schema
+        print(json.dumps(spec_json_schema(), indent=2, sort_keys=True))
+        return 0
+    if args.spec is None:
+        print("lincomp explain: error: give a SPEC (a JSON file, a JSON string or a preset name), or --schema",
+              file=sys.stderr)
+        return 2
     try:
         spec = load_spec(args.spec)
         if args.prefix is not None:

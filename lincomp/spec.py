@@ -410,7 +410,14 @@ class AttentionSpec:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"spec name must be a string or null, got {type(name).__name__}")
         kwargs = {k: d[k] for k in _TOP_KEYS if k in d}
-        return cls(name=name, **kwargs)
+        spec = cls(name=name, **kwargs)
+        # The checks above name the field and the fix; the schema's pydantic models are the final gate, so the
+        # exported JSON Schema (spec_json_schema) accepts every dict this does.
+        from lincomp.spec_schema import check_spec_dict
+        as_dicts = {k: (v.to_dict() if isinstance(v, (Window1D, TerracedWindow, GridWindow, LinearBranch)) else v)
+                    for k, v in d.items()}
+        check_spec_dict(as_dicts)
+        return spec
 
     def to_json(self, path: Optional[Union[str, Path]] = None, indent: int = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent, sort_keys=True)

@@ -30,32 +30,46 @@ VOCAB = 256
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
-    """Architecture and training recipe of the byte-level teacher."""
+class LlamaTeacherConfig:
+    """A small softmax ``LlamaForCausalLM`` teacher: its architecture and AdamW recipe (the shared base of
+    :class:`TeacherConfig` and ``recall.RecallTeacherConfig``, which add their data and vocabulary)."""
 
     hidden_size: int = 128
     layers: int = 4
     heads: int = 2
     intermediate_size: int = 384
     max_positions: int = 2048
-    seq_len: int = 512
-    batch_size: int = 8
-    steps: int = 1000
     lr: float = 3e-3
     weight_decay: float = 0.01
     seed: int = 0
 
+    def _llama_kwargs(self) -> dict:
+        """What the subclass's LlamaConfig adds: ``vocab_size``, ``tie_word_embeddings``, ``rope_theta``..."""
+        raise NotImplementedError
+
     def llama_config(self):
-        """The matching ``transformers.LlamaConfig`` (RoPE, RMSNorm, SwiGLU, tied embeddings)."""
+        """The matching ``transformers.LlamaConfig`` (RoPE, RMSNorm, SwiGLU; no bos / eos / pad ids)."""
         from transformers import LlamaConfig
 
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of heads {self.heads}")
-        return LlamaConfig(vocab_size=VOCAB, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+        return LlamaConfig(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                            num_hidden_layers=self.layers, num_attention_heads=self.heads,
                            num_key_value_heads=self.heads, max_position_embeddings=self.max_positions,
-                           tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                           attn_implementation="sdpa")
+                           bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="sdpa",
+                           **self._llama_kwargs())
+
+
+@dataclass(frozen=True)
+class TeacherConfig(LlamaTeacherConfig):
+    """The byte-level teacher (tied embeddings, 256 byte tokens) and its training windows."""
+
+    seq_len: int = 512
+    batch_size: int = 8
+    steps: int = 1000
+
+    def _llama_kwargs(self) -> dict:
+        return {"vocab_size": VOCAB, "tie_word_embeddings": True}
 
 
 def tiny_llama(cfg: TeacherConfig = TeacherConfig()):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
@@ -428,13 +427,18 @@ def _derived_seed(seed: int, name: str, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}/{step}".encode()).digest()[:8], "little") & (2 ** 63 - 1)
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: float = 0.1, final: float = 0.1) -> float:
-    """Linear warmup over ``warmup * steps`` steps, then cosine decay to ``final * lr``."""
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: float = 0.1,
+                  final: float = 0.1) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's schedulers for ``steps`` steps of ``opt``: linear warmup over ``w = max(1, round(warmup * steps))``
+    steps from ``lr / w`` to ``lr``, then cosine decay towards ``final * lr`` (reached at step ``steps``).
+    Step it after each ``opt.step()``; its ``state_dict`` goes into the checkpoint."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
     w = max(1, int(round(warmup * steps)))
-    if step < w:
-        return lr * (step + 1) / w
-    frac = (step - w) / max(1, steps - w)
-    return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    lr = opt.param_groups[0]["lr"]
+    ramp = LinearLR(opt, start_factor=1.0 / w, end_factor=1.0, total_iters=w - 1)
+    decay = CosineAnnealingLR(opt, T_max=max(1, steps - w), eta_min=final * lr)
+    return SequentialLR(opt, [ramp, decay], milestones=[w])
 
 
 def _spec_summaries(model: nn.Module) -> List[str]:
@@ -466,8 +470,9 @@ def _fingerprint(d: Mapping) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], opt: torch.optim.Optimizer, step: int,
-                     fingerprint: str, history: list, extra: Optional[Mapping[str, str]] = None) -> None:
+def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, step: int, fingerprint: str, history: list,
+                     extra: Optional[Mapping[str, str]] = None) -> None:
     from safetensors.torch import save
 
     tensors = {f"param/{n}": p.detach().cpu().contiguous().clone() for n, p in params.items()}
@@ -476,12 +481,13 @@ def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], opt: torch.
             if isinstance(v, torch.Tensor):
                 tensors[f"optim/{n}/{k}"] = v.detach().cpu().contiguous().clone()
     meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "fingerprint": fingerprint,
-            "history": json.dumps(history), **{k: str(v) for k, v in dict(extra or {}).items()}}
+            "history": json.dumps(history), "scheduler": json.dumps(sched.state_dict()),
+            **{k: str(v) for k, v in dict(extra or {}).items()}}
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], opt: torch.optim.Optimizer,
-                     fingerprint: str) -> Tuple[int, list]:
+                     sched: torch.optim.lr_scheduler.LRScheduler, fingerprint: str) -> Tuple[int, list, float]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -503,6 +509,12 @@ def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], opt: torch.
             state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
             if state:
                 opt.state[p] = {k: (v.to(p.device) if k != "step" else v) for k, v in state.items()}
+        if "scheduler" not in meta:
+            raise ValueError(f"{path} was written by an older lincomp (no learning-rate schedule state); delete it "
+                             "to start afresh")
+        sched.load_state_dict(json.loads(meta["scheduler"]))
+        for group, lr in zip(opt.param_groups, sched.get_last_lr()):   # the schedulers compute from the current lr
+            group["lr"] = lr
         return int(meta["step"]), json.loads(meta.get("history", "[]")), float(meta.get("elapsed_s", 0.0))
 
 
@@ -528,13 +540,14 @@ def train_steps(params: Mapping[str, nn.Parameter], loss_at: Callable[[int], Los
     for n, p in params.items():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+    sched = warmup_cosine(opt, steps, warmup)
     fp = _fingerprint({"name": name, "steps": steps, "lr": lr, "seed": seed, "warmup": warmup,
                        "weight_decay": weight_decay, "clip": clip,
                        "params": {n: list(p.shape) for n, p in params.items()}, "settings": settings or {}})
     ckpt = Path(checkpoint) if checkpoint is not None else None
     start, history, before = 0, [], 0.0   # before: seconds spent by earlier (interrupted) sessions
     if ckpt is not None and ckpt.exists():
-        start, history, before = _load_checkpoint(ckpt, params, opt, fp)
+        start, history, before = _load_checkpoint(ckpt, params, opt, sched, fp)
     t0 = time.perf_counter()
     resumed_from = start
     bar = None
@@ -547,8 +560,6 @@ def train_steps(params: Mapping[str, nn.Parameter], loss_at: Callable[[int], Los
     try:
         for step in range(start, steps):
             torch.manual_seed(_derived_seed(seed, name, step))
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr, warmup)
             opt.zero_grad(set_to_none=True)
             out = loss_at(step)
             loss, parts = out if isinstance(out, tuple) else (out, {})
@@ -559,15 +570,17 @@ def train_steps(params: Mapping[str, nn.Parameter], loss_at: Callable[[int], Los
             if clip:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
             opt.step()
+            step_lr = opt.param_groups[0]["lr"]
+            sched.step()
             elapsed = before + time.perf_counter() - t0
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                history.append({"step": step + 1, "loss": float(loss.item()), "lr": opt.param_groups[0]["lr"],
+                history.append({"step": step + 1, "loss": float(loss.item()), "lr": step_lr,
                                 "elapsed_s": elapsed, **{k: float(v) for k, v in parts.items()}})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss.item():.4g}")
             if ckpt is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                _save_checkpoint(ckpt, params, opt, step + 1, fp, history, {"elapsed_s": elapsed})
+                _save_checkpoint(ckpt, params, opt, sched, step + 1, fp, history, {"elapsed_s": elapsed})
     finally:
         if bar is not None:
             bar.close()
@@ -744,7 +757,7 @@ def load_student(model: nn.Module, path: Union[str, Path], **linearize_kwargs) -
     return student
 
 
-__all__ = ["distill", "DistillResult", "train_steps", "lr_at", "TeacherRunner", "run_model", "LayerLocalTransfer",
+__all__ = ["distill", "DistillResult", "train_steps", "warmup_cosine", "TeacherRunner", "run_model", "LayerLocalTransfer",
            "layer_local_loss", "attention_transfer_loss", "attention_mse", "softmax_attention", "lm_loss",
            "embedding_loss", "mean_pool", "clear_loss", "ClearWeights", "add_lora", "merge_lora", "qkv_module_names",
            "embedding_fidelity", "save_student", "load_student", "learned_named_parameters"]

@@ -25,7 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from lincomp._atomic import atomic_write_text
 from lincomp._cliutil import table
@@ -289,6 +289,29 @@ def measure_decode_memory(student, teacher, tokens, contexts: Sequence[int]) -> 
     return out
 
 
+def _perplexities(teacher, student, spec, windows, *, baseline: bool,
+                  log: Callable[[str], None]) -> Tuple[dict, Callable[[str], None]]:
+    """Held-out perplexities on ``windows`` [N, L] token ids: ``(ppl, measure)`` with ``ppl`` holding the
+    teacher's and (``baseline``) the spec's window alone's, and ``measure(stage)`` adding (and logging) the
+    student's as ``ppl[stage]``."""
+    from lincomp.models import causal_lm as clm
+    from lincomp.spec import AttentionSpec
+
+    ppl = {"teacher": clm.perplexity(teacher, windows)}
+    if baseline:
+        swa = linearize_student(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True,
+                                                                      prefix=spec.prefix))
+        ppl["window_only"] = clm.perplexity(swa, windows)
+        del swa
+
+    def measure(stage: str) -> None:
+        ppl[stage] = clm.perplexity(student, windows)
+        log(f"{stage}: perplexity {ppl[stage]:.4f} (teacher {ppl['teacher']:.4f}, "
+            f"ratio {ppl[stage] / ppl['teacher']:.4f})")
+
+    return ppl, measure
+
+
 def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: int = 32, teacher_steps: int = 1000,
                   steps: int = 300, finetune_steps: int = 100, batch_size: int = 8, seq_len: int = 512,
                   eval_windows_n: int = 64, lr: float = 1e-2, finetune_lr: float = 1e-3, seed: int = 0,
@@ -308,7 +331,6 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
     from lincomp.models.corpus import corpus_info
     from lincomp.models.distill import save_student
     from lincomp.presets import resolve
-    from lincomp.spec import AttentionSpec
 
     t_start = time.perf_counter()
     spec = resolve(spec) if spec is not None else causal_lm_spec(window, sinks, feature_dim)
@@ -326,22 +348,11 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
     _seed_all(seed)
     student = linearize_student(copy.deepcopy(teacher), spec)
     log(f"spec: {spec.summary()}  (window reach {_reach(spec)} tokens; eval windows of {seq_len} tokens)")
-    ppl = {"teacher": clm.perplexity(teacher, windows)}
-    if baseline:
-        swa = linearize_student(copy.deepcopy(teacher),
-                                AttentionSpec(window=spec.window, causal=True, prefix=spec.prefix))
-        ppl["window_only"] = clm.perplexity(swa, windows)
-        del swa
+    ppl, measure = _perplexities(teacher, student, spec, windows, baseline=baseline, log=log)
     if pack:
         data = clm.packed_batches(clm.corpus_documents("train"), seq_len, batch_size, seed + 1)
     else:
         data = clm.window_batches(train_tokens, seq_len, batch_size, seed + 1)
-
-    def measure(stage: str) -> None:
-        ppl[stage] = clm.perplexity(student, windows)
-        log(f"{stage}: perplexity {ppl[stage]:.4f} (teacher {ppl['teacher']:.4f}, "
-            f"ratio {ppl[stage] / ppl['teacher']:.4f})")
-
     measure("before")
     stages = _distill_and_measure(
         student, teacher, data, measure=measure,
@@ -458,7 +469,6 @@ def run_model(*, model: str, data: str, spec="lizard", steps: int = 200, finetun
     ``AutoModelForCausalLM.from_pretrained`` once ``import lincomp`` has run)."""
     from lincomp.models import causal_lm as clm
     from lincomp.presets import resolve
-    from lincomp.spec import AttentionSpec
 
     t_start = time.perf_counter()
     spec = resolve(spec)
@@ -480,18 +490,7 @@ def run_model(*, model: str, data: str, spec="lizard", steps: int = 200, finetun
         f"({train.numel()} train, {held.numel()} held out); spec: {spec.summary()}")
     _seed_all(seed)
     student = linearize_student(copy.deepcopy(teacher), spec)
-    ppl = {"teacher": clm.perplexity(teacher, windows)}
-    if baseline:
-        swa = linearize_student(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True,
-                                                                      prefix=spec.prefix))
-        ppl["window_only"] = clm.perplexity(swa, windows)
-        del swa
-
-    def measure(stage: str) -> None:
-        ppl[stage] = clm.perplexity(student, windows)
-        log(f"{stage}: perplexity {ppl[stage]:.4f} (teacher {ppl['teacher']:.4f}, "
-            f"ratio {ppl[stage] / ppl['teacher']:.4f})")
-
+    ppl, measure = _perplexities(teacher, student, spec, windows, baseline=baseline, log=log)
     measure("before")
     stages = _distill_and_measure(
         student, teacher, clm.window_batches(train, seq_len, batch_size, seed + 1), measure=measure, steps=steps,

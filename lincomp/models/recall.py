@@ -38,6 +38,8 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
+from lincomp.models.causal_lm import LlamaTeacherConfig
+
 FORMAT = "lincomp-recall-1"
 FILL, SEP = 0, 1
 
@@ -217,7 +219,7 @@ def load_dataset(path: Union[str, Path]):
 
 # ------------------------------------------------------------------------------------------ teacher
 @dataclass(frozen=True)
-class RecallTeacherConfig:
+class RecallTeacherConfig(LlamaTeacherConfig):
     """A small softmax ``LlamaForCausalLM`` for MQAR and its training curriculum.
 
     ``curriculum``: ``(length, steps, batch_size)`` stages run in order (short sequences first: the model
@@ -237,19 +239,15 @@ class RecallTeacherConfig:
 
     hidden_size: int = 64
     layers: int = 2
-    heads: int = 2
     intermediate_size: int = 128
+    max_positions: int = 4096
     keys: int = 64
     values: int = 64
     rope_theta: float = 100000.0
-    max_positions: int = 4096
     prev_token_head: float = 32.0
     dense_queries: tuple = ("all", "mixed", "mixed")
     pairs: tuple = (4, 8, 32)
     curriculum: tuple = ((64, 1500, 32), (256, 700, 8), (1024, 300, 2))
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    seed: int = 0
 
     @property
     def vocab(self) -> RecallVocab:
@@ -263,17 +261,8 @@ class RecallTeacherConfig:
         """JSON-able dict (tuples as lists), as stored in ``teacher_info.json``."""
         return json.loads(json.dumps(asdict(self)))
 
-    def llama_config(self):
-        from transformers import LlamaConfig
-
-        if self.hidden_size % self.heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of heads {self.heads}")
-        return LlamaConfig(vocab_size=self.vocab.size, hidden_size=self.hidden_size,
-                           intermediate_size=self.intermediate_size, num_hidden_layers=self.layers,
-                           num_attention_heads=self.heads, num_key_value_heads=self.heads,
-                           max_position_embeddings=self.max_positions, rope_theta=self.rope_theta,
-                           tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                           attn_implementation="sdpa")
+    def _llama_kwargs(self) -> dict:
+        return {"vocab_size": self.vocab.size, "rope_theta": self.rope_theta, "tie_word_embeddings": False}
 
 
 def init_previous_token_head(model, gain: float = 32.0, freqs: int = 4) -> None:

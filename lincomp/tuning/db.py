@@ -32,7 +32,9 @@ import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import Annotated, Any, Iterable, Iterator, List, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from lincomp._atomic import atomic_write_text
 from lincomp._files import shipped_path
@@ -229,10 +231,54 @@ class Entry:
         for name, typ in (("versions", dict), ("timestamp", str), ("spec_dict", dict), ("shape", dict)):
             if d.get(name) is not None and not isinstance(d[name], typ):
                 raise ValueError(f"field {name!r} must be a {typ.__name__}")
+        _check_record(d)
         return cls(backend=d["backend"], kernel=d["kernel"], spec=d["spec"], dtype=d["dtype"],
                    bucket=d["bucket"], config=d["config"], time_ms=float(d["time_ms"]),
                    candidates=candidates, versions=d.get("versions") or {}, timestamp=d.get("timestamp") or "",
                    spec_dict=d.get("spec_dict"), shape=d.get("shape"), device=device, source=source)
+
+
+Milliseconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class CandidateRecord(BaseModel):
+    """One measured (or failed) config of an entry's search, as stored."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: dict
+    time_ms: Optional[Milliseconds] = None
+    runoff_ms: Optional[Milliseconds] = Field(None, description="the finalists' re-measurement")
+    error: Optional[StrictStr] = Field(None, description="why the config failed (then no time_ms)")
+
+
+class EntryRecord(BaseModel):
+    """One entry of a database file, as stored (``Entry.to_dict``): unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: StrictStr
+    kernel: StrictStr
+    spec: StrictStr
+    dtype: StrictStr
+    bucket: StrictStr
+    config: dict
+    time_ms: Milliseconds
+    candidates: List[CandidateRecord] = []
+    versions: Optional[dict] = None
+    timestamp: Optional[StrictStr] = None
+    spec_dict: Optional[dict] = None
+    shape: Optional[dict] = None
+
+
+def _check_record(d: dict) -> None:
+    """The pydantic gate after the field checks of ``Entry.from_dict``: ValueError naming the field."""
+    try:
+        EntryRecord.model_validate(d)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        fix = (f"; an entry holds only {sorted(EntryRecord.model_fields)} (candidates: "
+               f"{sorted(CandidateRecord.model_fields)})" if first["type"] == "extra_forbidden" else "")
+        raise ValueError(f"field {where!r}: {first['msg']}{fix}") from None
 
 
 def _check_config(config: dict, name: str) -> None:

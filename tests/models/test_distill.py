@@ -70,7 +70,8 @@ def _state(model):
 
 
 # ------------------------------------------------------------------------------------ training loop
-def test_train_steps_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("warmup", [0.1, 0.6])   # resumed inside the cosine decay / inside the warmup
+def test_train_steps_resume_is_bit_exact(tmp_path, warmup):
     def run(ckpt, stop_at=None):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -84,24 +85,36 @@ def test_train_steps_resume_is_bit_exact(tmp_path):
 
         params = dict(model.named_parameters())
         try:
-            D.train_steps(params, loss_at, steps=7, lr=1e-2, checkpoint=ckpt, checkpoint_every=2, progress=False)
+            history, _ = D.train_steps(params, loss_at, steps=7, lr=1e-2, warmup=warmup, checkpoint=ckpt,
+                                       checkpoint_every=2, progress=False)
         except KeyboardInterrupt:
             return None
-        return _state(model)
+        return _state(model), history
 
-    whole = run(None)
+    whole, lrs = run(None)
     assert run(tmp_path / "c.safetensors", stop_at=5) is None        # interrupted after the step-4 checkpoint
-    resumed = run(tmp_path / "c.safetensors")
+    resumed, lrs_resumed = run(tmp_path / "c.safetensors")
     assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+    assert [h["lr"] for h in lrs] == [h["lr"] for h in lrs_resumed]   # the schedule's state came back
     with pytest.raises(ValueError, match="other settings"):              # another lr: refuse the checkpoint
         D.train_steps(dict(nn.Linear(4, 8).named_parameters()), lambda s: torch.zeros((), requires_grad=True),
                       steps=7, lr=1.0, checkpoint=tmp_path / "c.safetensors", progress=False)
 
 
-def test_lr_schedule_and_bad_inputs():
-    assert D.lr_at(0, 100, 1.0) == pytest.approx(0.1)
-    assert D.lr_at(9, 100, 1.0) == pytest.approx(1.0)
-    assert D.lr_at(99, 100, 1.0) == pytest.approx(0.1, abs=1e-3)
+@pytest.mark.parametrize("steps, warmup", [(100, 0.1), (30, 0.03), (7, 0.6), (1, 0.1)])
+def test_lr_schedule_is_warmup_then_cosine(steps, warmup):
+    """torch's schedulers against the closed form: lr (k + 1) / w for k < w, then cosine from lr to 0.1 lr."""
+    import math
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=0.3)
+    sched, w = D.warmup_cosine(opt, steps, warmup), max(1, round(warmup * steps))
+    for k in range(steps):
+        want = 0.3 * ((k + 1) / w if k < w else 0.1 + 0.45 * (1 + math.cos(math.pi * (k - w) / max(1, steps - w))))
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12), k
+        opt.step()
+        sched.step()
+
+
+def test_bad_inputs():
     with pytest.raises(ValueError, match="no parameters"):
         D.train_steps({}, lambda s: None, steps=1, lr=1.0, progress=False)
     with pytest.raises(TypeError, match="wrap it in a list"):

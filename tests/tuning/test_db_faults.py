@@ -129,6 +129,24 @@ def test_non_finite_or_nested_config_values_are_rejected_at_load(tmp_path, confi
     assert any("config" in p.message for p in db.validate())
 
 
+@pytest.mark.parametrize("extra, field", [({"time_ms_": 1.0}, "time_ms_"),
+                                           ({"candidates": [{"config": {}, "time_ms": 1.0, "runof_ms": 1.0}]},
+                                            "candidates.0.runof_ms")])
+def test_unknown_or_invalid_entry_fields_are_rejected_at_load(tmp_path, extra, field):
+    """Entries are pydantic records with extra="forbid": a misspelt or foreign field is never silently kept."""
+    good = {"backend": "triton", "kernel": "window_fwd", "spec": SPEC, "dtype": "float16",
+            "bucket": "D=64,H=1,L=4096", "config": {"block_m": 64}, "time_ms": 1.0,
+            "candidates": [{"config": {"block_m": 64}, "time_ms": 1.0, "runoff_ms": 0.9}, {"config": {}, "error": "x"}]}
+    bad = dict(good, bucket="D=64,H=2,L=4096", **extra)
+    _write_doc(tmp_path / "db", {f"triton|window_fwd|{SPEC}|float16|D=64,H=1,L=4096": good,
+                                 f"triton|window_fwd|{SPEC}|float16|D=64,H=2,L=4096": bad})
+    db = TuningDB(tmp_path / "db", shipped=None)
+    with pytest.warns(TuningDBWarning, match=field):
+        assert _lookup(db, 1).config == {"block_m": 64}
+    assert _lookup(db, 2) is None
+    assert [p.entry.endswith("H=2,L=4096") and repr(field) in p.message for p in db.validate()] == [True]
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads unreadable files")
 def test_unreadable_file_warns_and_lookups_go_on(tmp_path):
     db = TuningDB(tmp_path / "db", shipped=None)
