@@ -14,8 +14,8 @@ config gets ``"lincomp"`` (the attribute linearize sets on each attention module
     model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj"]))
     ...train...; model.save_pretrained(folder)
 
-Opt out with ``lincomp.models.adapters.peft_auto(False)`` (or ``LINCOMP_PEFT_AUTO=0`` in the environment
-before linearize); ``with_lincomp(config)`` then adds the layers for one config explicitly. Configs without
+Opt out with ``lincomp.models.adapters.peft_auto(False)`` (``with peft_auto(False):`` for a block; or
+``LINCOMP_PEFT_AUTO=0`` in the environment before linearize); ``with_lincomp(config)`` then adds the layers for one config explicitly. Configs without
 ``modules_to_save`` (prompt learning) are left alone. Every lincomp code path (attention,
 ``set_attention_mode``, ``model.generate()``) sees through peft's wrapper.
 """
@@ -46,12 +46,22 @@ def with_lincomp(peft_config):
     return peft_config
 
 
-def peft_auto(enabled: bool) -> None:
-    """Whether adapters added from now on train and save lincomp's layers without ``with_lincomp`` (default True)."""
-    global _auto
-    if not isinstance(enabled, bool):
-        raise TypeError(f"peft_auto(enabled) takes True or False, got {type(enabled).__name__} {enabled!r}")
-    _auto = enabled
+class peft_auto:
+    """Whether adapters added from now on train and save lincomp's layers without ``with_lincomp`` (default
+    True). Like ``torch.set_grad_enabled``: a call sets it, ``with peft_auto(False):`` sets it for a block."""
+
+    def __init__(self, enabled: bool):
+        global _auto
+        if not isinstance(enabled, bool):
+            raise TypeError(f"peft_auto(enabled) takes True or False, got {type(enabled).__name__} {enabled!r}")
+        self._before, _auto = _auto, enabled
+
+    def __enter__(self) -> "peft_auto":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _auto
+        _auto = self._before
 
 
 def _has_linearised_layers(model) -> bool:

@@ -401,7 +401,10 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Opti
     names = qkv_module_names(model, targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_derived_seed(seed, "lora-init", 0))
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names), model)
+        from lincomp.models.adapters import peft_auto
+        with peft_auto(False):   # the stages train the learned tensors themselves, in place: no peft copies
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names),
+                                    model)
     for n, p in model.named_parameters():  # peft froze everything else; restore the caller's flags
         base = n.replace(".base_layer.", ".")
         if "lora_" not in n:

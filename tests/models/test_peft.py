@@ -2,7 +2,6 @@
 the adapter, saves them in the adapter file and restores them with PeftModel.from_pretrained; generate works through
 peft; peft_auto(False) opts out and with_lincomp(config) opts one config back in."""
 
-import contextlib
 import copy
 import json
 
@@ -22,15 +21,6 @@ PARTS = ("feature_q.weight", "feature_k.weight", "gate.proj.weight", "sink_logit
 
 def _lora(**kw):
     return peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, **kw)
-
-
-@contextlib.contextmanager
-def _auto_off():
-    peft_auto(False)
-    try:
-        yield
-    finally:
-        peft_auto(True)
 
 
 def _trainable_lincomp(model):
@@ -54,7 +44,7 @@ def test_plain_lora_trains_lincomp_and_gradients_reach_it(llama):
 
 
 def test_opt_out_freezes_lincomp_and_with_lincomp_opts_back_in(llama):
-    with _auto_off():
+    with peft_auto(False):
         plain = peft.get_peft_model(linearize(copy.deepcopy(llama), LIZARD, target="reference"), _lora())
         assert not _trainable_lincomp(plain) and plain.peft_config["default"].modules_to_save is None
         model = peft.get_peft_model(linearize(copy.deepcopy(llama), LIZARD, target="reference"),
@@ -65,6 +55,12 @@ def test_opt_out_freezes_lincomp_and_with_lincomp_opts_back_in(llama):
         assert any(".lincomp." in n and n.endswith(part) for n in trainable), part
     with pytest.raises(TypeError, match="peft_auto"):
         peft_auto("no")
+    peft_auto(False)
+    try:                                                                       # a plain call sets it for good
+        assert not _trainable_lincomp(peft.get_peft_model(linearize(copy.deepcopy(llama), LIZARD, target="reference"),
+                                                          _lora()))
+    finally:
+        peft_auto(True)
     untouched = peft.get_peft_model(copy.deepcopy(llama), _lora())             # no linearised layer: as peft does
     assert untouched.peft_config["default"].modules_to_save is None
 
