@@ -526,12 +526,13 @@ def train_steps(params: Mapping[str, nn.Parameter], loss_at: Callable[[int], Los
                 clip: Optional[float] = 1.0, checkpoint: Optional[Union[str, Path]] = None,
                 checkpoint_every: int = 50, settings: Optional[Mapping] = None,
                 progress: bool = True, log_every: int = 1) -> Tuple[List[dict], int]:
-    """AdamW over ``params`` for ``steps`` steps of ``loss_at(step)``; returns ``(history, resumed_from)``.
+    """AdamW over ``params`` for ``steps`` steps of ``loss_at(step)`` with the :func:`warmup_cosine` learning
+    rate (``warmup``: the share of steps that warm up); returns ``(history, resumed_from)``.
 
     ``history`` rows: step, loss, lr, ``elapsed_s`` (training seconds so far, earlier sessions included)
     and the loss's named parts.
     Before each step the torch RNG is seeded from (seed, name, step). With ``checkpoint`` (a .safetensors
-    path) the parameters, optimizer state and history are saved atomically every ``checkpoint_every`` steps
+    path) the parameters, optimizer and schedule state and history are saved atomically every ``checkpoint_every`` steps
     and at the end, and a run finds its checkpoint and continues from it; ``settings`` (JSON-able) must
     match the run that wrote it.
     """
