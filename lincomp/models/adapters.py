@@ -15,8 +15,10 @@ config gets ``"lincomp"`` (the attribute linearize sets on each attention module
     ...train...; model.save_pretrained(folder)
 
 Opt out with ``lincomp.models.adapters.peft_auto(False)`` (``with peft_auto(False):`` for a block; or
-``LINCOMP_PEFT_AUTO=0`` in the environment before linearize); ``with_lincomp(config)`` then adds the layers for one config explicitly. Configs without
-``modules_to_save`` (prompt learning) are left alone. Every lincomp code path (attention,
+``LINCOMP_PEFT_AUTO=0`` in the environment before linearize); ``with_lincomp(config)`` then adds the layers for
+one config explicitly. An adapter saved while opted out reloads with the base model's lincomp tensors (peft
+warns that their keys are missing); load it inside ``with peft_auto(False):`` to skip the copies. Configs
+without ``modules_to_save`` (prompt learning) are left alone. Every lincomp code path (attention,
 ``set_attention_mode``, ``model.generate()``) sees through peft's wrapper.
 """
 
@@ -24,13 +26,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
+import warnings
 
 MODULE_NAME = "lincomp"   # the attribute linearize sets on each attention module
 ENV_OPT_OUT = "LINCOMP_PEFT_AUTO"   # "0": linearize does not hook peft
-# peft versions whose BaseTuner.inject_adapter(self, model, adapter_name, ...) reads self.peft_config[adapter_name]
-# (checked on 0.21; the signature and lookup are unchanged since 0.14)
-_PEFT_MIN, _PEFT_MAX = (0, 14), (0, 22)
+# The hook needs BaseTuner.inject_adapter(self, model, adapter_name, ...) reading self.peft_config[adapter_name]:
+# checked on peft 0.21, unchanged since 0.14; a later peft is hooked only while that signature holds.
+_PEFT_MIN = (0, 14)
 _auto = True
 
 
@@ -76,18 +80,22 @@ def _version(text: str) -> tuple:
 def install_peft_hook() -> bool:
     """Hook peft (idempotent; called by ``lincomp.linearize``): True when adapters now keep lincomp's layers.
 
-    False, and peft untouched, when peft is not installed, ``LINCOMP_PEFT_AUTO=0``, or its version is outside
-    the range the hook was checked on (then use ``with_lincomp``).
+    False, and peft untouched, when peft is not installed, ``LINCOMP_PEFT_AUTO=0``, or (with a warning) peft is
+    older than 0.14 or its ``inject_adapter`` changed shape (then use ``with_lincomp``).
     """
     if os.environ.get(ENV_OPT_OUT, "1").strip() == "0" or importlib.util.find_spec("peft") is None:
         return False
     import peft
     from peft.tuners.tuners_utils import BaseTuner
-    if not _PEFT_MIN <= _version(peft.__version__) < _PEFT_MAX:
-        return False
     original = BaseTuner.inject_adapter
     if getattr(original, "_lincomp_hook", False):
         return True
+    if _version(peft.__version__) < _PEFT_MIN or list(inspect.signature(original).parameters)[:3] != [
+            "self", "model", "adapter_name"]:
+        warnings.warn(f"lincomp: peft {peft.__version__} is not one lincomp can hook (needs >= 0.14 with "
+                      "BaseTuner.inject_adapter(model, adapter_name)); get_peft_model will freeze the linearised "
+                      "layers: pass with_lincomp(config) to train and save them", stacklevel=3)
+        return False
 
     @functools.wraps(original)
     def inject_adapter(self, model, adapter_name, *args, **kwargs):

@@ -103,3 +103,16 @@ def test_with_lincomp_rejects_configs_without_modules_to_save():
         with_lincomp(object())
     cfg = with_lincomp(_lora(modules_to_save=["lm_head"]))
     assert cfg.modules_to_save == ["lm_head", "lincomp"] and with_lincomp(cfg).modules_to_save == ["lm_head", "lincomp"]
+
+
+def test_hook_refuses_unknown_peft_with_a_warning(monkeypatch):
+    from peft.tuners.tuners_utils import BaseTuner
+    install_peft_hook()
+    monkeypatch.setattr(BaseTuner, "inject_adapter", BaseTuner.inject_adapter.__wrapped__)   # as before linearize
+    monkeypatch.setattr(peft, "__version__", "0.13.2")
+    with pytest.warns(UserWarning, match="with_lincomp"):
+        assert install_peft_hook() is False
+    assert not getattr(BaseTuner.inject_adapter, "_lincomp_hook", False)
+    monkeypatch.setenv("LINCOMP_PEFT_AUTO", "0")
+    monkeypatch.setattr(peft, "__version__", "0.21.2")
+    assert install_peft_hook() is False and not getattr(BaseTuner.inject_adapter, "_lincomp_hook", False)
