@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from lincomp.models.generate import decoder_bytes
+from lincomp.models.generate import SERIAL_STEP_WORK, decoder_bytes, step_work
 from lincomp.models.linearize import attention_modules
 from lincomp.models.modules import LinearizedAttention, step_through
 
@@ -159,13 +159,42 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
     return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
 
+def _serial_step(model, args, kwargs) -> None:
+    """Forward pre-hook: a small step with a LincompCache (one token of a small model; see
+    ``lincomp.models.generate.SERIAL_STEP_WORK``) runs on one thread until :func:`_restore_threads`."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))   # transformers 5 renamed past_key_values
+    if not isinstance(cache, LincompCache):
+        return
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+        tokens = None if ids is None else ids.shape[:-1].numel()
+    else:
+        tokens = ids.numel()
+    n = torch.get_num_threads()
+    if tokens is not None and n > 1 and step_work(model, tokens) < SERIAL_STEP_WORK:
+        model.__dict__["_lincomp_threads"] = n
+        torch.set_num_threads(1)
+
+
+def _restore_threads(model, args, kwargs, output) -> None:
+    n = model.__dict__.pop("_lincomp_threads", None)
+    if n is not None:
+        torch.set_num_threads(n)
+
+
 def install_generate(model: nn.Module) -> None:
-    """Make ``model.generate()`` use a LincompCache (a bound method on this model only; survives deepcopy)."""
+    """Make ``model.generate()`` use a LincompCache (a bound method on this model only; survives deepcopy), and
+    run its small steps on one thread (forward hooks; see :func:`_serial_step`)."""
     import types
     if not (callable(getattr(model, "can_generate", None)) and model.can_generate()):
         return
     if hasattr(type(model), "_prepare_cache_for_generation"):
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+    if not getattr(model, "_lincomp_step_hooks", False):
+        model.register_forward_pre_hook(_serial_step, with_kwargs=True)
+        model.register_forward_hook(_restore_threads, with_kwargs=True, always_call=True)
+        model._lincomp_step_hooks = True
 
 
 __all__ = ["LincompCache", "LincompLayer", "install_generate", "active_module"]
