@@ -8,6 +8,7 @@ the window's last keys; the model runs with ``use_cache=False`` and explicit ``p
 true positions. The prompt is fed once (each layer's decoder ``prefill``s it: the forward kernel over the whole
 prompt fills the decoder state; see ``lincomp.models.modules.step_through``); every new
 token is one forward of length 1. The cache holds ``O(window + prefix)`` tokens per layer, whatever the context.
+Steps of small models run on one thread (:func:`step_threads`): their ops are too small to repay waking others.
 """
 
 from __future__ import annotations

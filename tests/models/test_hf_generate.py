@@ -130,8 +130,14 @@ def test_small_steps_run_on_one_thread_and_the_count_comes_back(model, monkeypat
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    between = []   # generate's own work between steps (a logits processor): on one thread too
+
+    def record(ids, scores):
+        between.append(torch.get_num_threads())
+        return scores
     try:
-        model.generate(_prompt(), **kw)
+        model.generate(_prompt(), logits_processor=transformers.LogitsProcessorList([record]), **kw)
+        assert between == [1, 1, 1]
         lincomp_generate(model, _prompt(), 3)
         # forwards: the prompt + 2 steps (generate feeds not its last token), the prompt + 3 steps (lincomp's)
         assert len(seen) == 3 + 4 and set(seen) == {1} and torch.get_num_threads() == 2
