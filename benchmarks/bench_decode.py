@@ -25,6 +25,10 @@ Longer contexts (a real 64K prefill takes minutes on 2 cores, for stock SDPA abo
   shapes: [1, 2, n, 64] each), then ``stock.generate(n + 1 ids, cache=cache)``: every generated token is
   one real forward at positions n, n+1, ..., attending over the n + i cached keys. (A real dense prefill
   of 64K tokens takes minutes on 2 cores; the decode step's cost depends only on the cache size.)
+
+Threads: both run with torch's default thread count. lincomp's ``generate()`` runs the one-token steps of a model
+this small on one thread (``lincomp.models.generate.SERIAL_STEP_WORK``), so the table also times stock on one
+thread (``torch.set_num_threads(1)`` for its whole ``generate()`` call) for comparison.
 """
 
 from __future__ import annotations
