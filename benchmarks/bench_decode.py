@@ -25,6 +25,10 @@ Longer contexts (a real 64K prefill takes minutes on 2 cores, for stock SDPA abo
   shapes: [1, 2, n, 64] each), then ``stock.generate(n + 1 ids, cache=cache)``: every generated token is
   one real forward at positions n, n+1, ..., attending over the n + i cached keys. (A real dense prefill
   of 64K tokens takes minutes on 2 cores; the decode step's cost depends only on the cache size.)
+
+Threads: both run with torch's default thread count. lincomp's ``generate()`` runs the one-token steps of a model
+this small on one thread (``lincomp.models.generate.SERIAL_STEP_WORK``), so the table also times stock on one
+thread (``torch.set_num_threads(1)`` for its whole ``generate()`` call) for comparison.
 """
 
 from __future__ import annotations
@@ -80,6 +84,16 @@ def _generate(model, ids, tokens: int, **kw) -> tuple:
     out = model.generate(ids, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, do_sample=False,
                          pad_token_id=0, eos_token_id=None, streamer=clock, **kw)
     return out, clock.token_ms(), clock.prefill_ms()
+
+
+def one_thread(fn):
+    """``fn()`` with torch on one thread (stock's column for the same choice lincomp makes for small steps)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(n)
 
 
 def advance(cache, n: int) -> None:
@@ -140,15 +154,19 @@ def main(argv=None) -> int:
                 _generate(student, ids, 0)   # untimed: builds lincomp's forward kernels for this prompt length
                 _, lin_ms, lin_pre = _generate(student, ids, args.tokens)
                 _, stock_ms, stock_pre = _generate(stock, ids, args.tokens)
+                _, serial_ms, _ = one_thread(lambda: _generate(stock, ids, args.tokens))
             else:                        # a cache moved / filled to n (see the module docstring)
                 ids1 = torch.cat([ids, ids[:, :1]], 1)
                 _, lin_ms, _ = _generate(student, ids1, args.tokens, cache=lincomp_cache(student, args.prefill, n))
                 cache = stock_cache(stock, n)
                 _, stock_ms, _ = _generate(stock, ids1, args.tokens, cache=cache)
+                cache = stock_cache(stock, n)
+                _, serial_ms, _ = one_thread(lambda: _generate(stock, ids1, args.tokens, cache=cache))
                 del cache
                 lin_pre = stock_pre = None
             row = {"n": n, "lin": statistics.median(lin_ms), "lin_min": min(lin_ms), "stock": statistics.median(stock_ms),
-                   "stock_min": min(stock_ms), "lin_pre": lin_pre, "stock_pre": stock_pre,
+                   "stock_min": min(stock_ms), "stock1": statistics.median(serial_ms), "lin_pre": lin_pre,
+                   "stock_pre": stock_pre,
                    "load": os.getloadavg()[0]}
             rows.append(row)
             print(row, flush=True)
@@ -174,20 +192,25 @@ def write_table(rows, path: Path, args, load_before: str) -> None:
              f"- longer contexts: a real {args.prefill}-token prefill fills the LincompCache (linear state + 128-key "
              "window ring), which is then moved to position n (bench_decode.advance); stock: a DynamicCache filled "
              "with n random keys/values per layer (a dense 64K prefill takes minutes here); then each model's "
-             "`generate(n + 1 ids, cache=...)`: every timed token is the real forward at positions n, n+1, ...", "",
+             "`generate(n + 1 ids, cache=...)`: every timed token is the real forward at positions n, n+1, ...",
+             "- threads: both models run with torch's default thread count; lincomp's generate runs a step below "
+             "16M multiply-adds (parameters x new tokens: every one-token step here) on one thread "
+             "(lincomp.models.generate.SERIAL_STEP_WORK), its prompts on all; the stock 1 thread column is stock's "
+             "generate with torch.set_num_threads(1) throughout (prefill included), for comparison", "",
              "| context | lincomp prefill s | stock prefill s | lincomp ms/token | lincomp tokens/s | vs lincomp at 1K "
-             "| stock ms/token | stock tokens/s | lincomp / stock tokens/s | load |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| stock ms/token | stock tokens/s | lincomp / stock tokens/s | stock 1 thread ms/token | load |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     sec = lambda ms: "-" if ms is None else f"{ms / 1e3:.2f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['n']} | {sec(r['lin_pre'])} | {sec(r['stock_pre'])} | {r['lin']:.2f} ({r['lin_min']:.2f}) | "
                      f"{1e3 / r['lin']:.1f} | {r['lin'] / base:.2f} | {r['stock']:.2f} ({r['stock_min']:.2f}) | "
-                     f"{1e3 / r['stock']:.1f} | {r['stock'] / r['lin']:.2f}x | {r['load']:.1f} |")
+                     f"{1e3 / r['stock']:.1f} | {r['stock'] / r['lin']:.2f}x | {r['stock1']:.2f} | {r['load']:.1f} |")
     lines += ["", f"- lincomp per-token latency within {spread * 100:.0f}% of its 1K value across the contexts "
                   f"(goal +-10%: {'met' if spread <= 0.10 else 'NOT met'})"]
     if at32:
         x = at32[0]["stock"] / at32[0]["lin"]
-        lines.append(f"- at 32K: {x:.1f}x stock tokens/s (goal >= 10x: {'met' if x >= 10 else 'NOT met'})")
+        lines.append(f"- at 32K: {x:.1f}x stock tokens/s (goal >= 10x: {'met' if x >= 10 else 'NOT met'}); "
+                     f"{at32[0]['stock1'] / at32[0]['lin']:.1f}x stock on 1 thread")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -9,7 +9,9 @@ one ``step``. The decoder holds the linear
 state ``(S, z)`` plus the window's last keys: ``O(window + prefix)`` tokens per layer, whatever the context.
 
 ``lincomp.linearize`` makes ``model.generate()`` use this cache by default (a per-model hook on
-``_prepare_cache_for_generation``); pass ``cache=LincompCache(model)`` to be explicit. Greedy, sampling,
+``_prepare_cache_for_generation``); pass ``cache=LincompCache(model)`` to be explicit. A step with this cache
+whose work is small (one token of a model under ~16M parameters: ``lincomp.models.generate.SERIAL_STEP_WORK``)
+runs on one torch thread (forward hooks; the thread count is restored after the step). Greedy, sampling,
 ``GenerationConfig``, streamers and batches with left padding work; beam search, assisted decoding and
 cache cropping need past keys a constant-memory state does not keep, and raise.
 
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from lincomp.models.generate import decoder_bytes
+from lincomp.models.generate import SERIAL_STEP_WORK, decoder_bytes, step_work
 from lincomp.models.linearize import attention_modules
 from lincomp.models.modules import LinearizedAttention, step_through
 
@@ -159,13 +161,64 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
     return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
 
+def _serial_step(model, args, kwargs) -> None:
+    """Forward pre-hook: a small step with a LincompCache (one token of a small model; see
+    ``lincomp.models.generate.SERIAL_STEP_WORK``) runs on one thread, a big one (a prompt) on all of them."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))   # transformers 5 renamed past_key_values
+    if not isinstance(cache, LincompCache):
+        return
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+        tokens = None if ids is None else ids.shape[:-1].numel()
+    else:
+        tokens = ids.numel()
+    if tokens is None:
+        return
+    now = torch.get_num_threads()
+    base = model.__dict__.get("_lincomp_base_threads")
+    if base is None:                     # a forward outside generate(): restored by _restore_threads
+        base = model.__dict__["_lincomp_threads"] = now
+    want = 1 if step_work(model, tokens) < SERIAL_STEP_WORK else base
+    if want != now:
+        torch.set_num_threads(want)
+
+
+def _restore_threads(model, args, kwargs, output) -> None:
+    n = model.__dict__.pop("_lincomp_threads", None)
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+
+
+def _generate(self, *args, **kwargs):
+    """``model.generate()`` (bound per model by ``install_generate``): transformers' own, with the thread count
+    restored when it returns. Within it the steps' thread count (see :func:`_serial_step`) also holds between
+    steps, where generate appends the token to the ids and attention mask it keeps (O(context) copies per
+    token: at 32K tokens, waking the other threads for them cost more than a small model's whole step)."""
+    n = torch.get_num_threads()
+    outer = self.__dict__.get("_lincomp_base_threads")
+    self.__dict__["_lincomp_base_threads"] = n if outer is None else outer
+    try:
+        return type(self).generate(self, *args, **kwargs)
+    finally:
+        if outer is None:
+            self.__dict__.pop("_lincomp_base_threads", None)
+        torch.set_num_threads(n)
+
+
 def install_generate(model: nn.Module) -> None:
-    """Make ``model.generate()`` use a LincompCache (a bound method on this model only; survives deepcopy)."""
+    """Make ``model.generate()`` use a LincompCache (a bound method on this model only; survives deepcopy), and
+    run its small steps on one thread (forward hooks and a ``generate`` wrapper; see :func:`_serial_step`)."""
     import types
     if not (callable(getattr(model, "can_generate", None)) and model.can_generate()):
         return
     if hasattr(type(model), "_prepare_cache_for_generation"):
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+    if not getattr(model, "_lincomp_step_hooks", False):
+        model.generate = types.MethodType(_generate, model)
+        model.register_forward_pre_hook(_serial_step, with_kwargs=True)
+        model.register_forward_hook(_restore_threads, with_kwargs=True, always_call=True)
+        model._lincomp_step_hooks = True
 
 
 __all__ = ["LincompCache", "LincompLayer", "install_generate", "active_module"]

@@ -8,6 +8,7 @@ the window's last keys; the model runs with ``use_cache=False`` and explicit ``p
 true positions. The prompt is fed once (each layer's decoder ``prefill``s it: the forward kernel over the whole
 prompt fills the decoder state; see ``lincomp.models.modules.step_through``); every new
 token is one forward of length 1. The cache holds ``O(window + prefix)`` tokens per layer, whatever the context.
+Steps of small models run on one thread (:func:`step_threads`): their ops are too small to repay waking others.
 """
 
 from __future__ import annotations
@@ -20,6 +21,36 @@ import torch
 from torch import nn
 
 from lincomp.models.modules import LinearizedAttention
+
+# A forward of fewer multiply-adds than this (parameters x new tokens: one token of a model up to ~16M
+# parameters) runs its torch ops on the calling thread. Each op of such a step is tiny (a 512 x 1376
+# matrix-vector product: ~0.1 ms), and waking the other threads for it costs microseconds on an idle machine but
+# a scheduler time slice (milliseconds) on a busy one: one token of benchmarks/bench_decode.py's 4 x 512 Llama
+# took ~150 ms with 2 threads and ~45 ms with 1 on a loaded 2-core VM. Prompts (many tokens) stay parallel.
+SERIAL_STEP_WORK = 1 << 24
+
+
+def step_work(model: nn.Module, tokens: int) -> int:
+    """Multiply-adds of a forward over ``tokens`` new tokens (all rows), estimated as parameters x tokens."""
+    params = model.__dict__.get("_lincomp_params")
+    if params is None:
+        params = model.__dict__["_lincomp_params"] = sum(p.numel() for p in model.parameters())
+    return params * tokens
+
+
+@contextlib.contextmanager
+def step_threads(work: int):
+    """Within the block torch (and the TVM kernels, which share its OpenMP threads) runs on one thread when
+    ``work`` (multiply-adds) is below :data:`SERIAL_STEP_WORK`; the thread count is restored after."""
+    n = torch.get_num_threads()
+    if n == 1 or work >= SERIAL_STEP_WORK:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @dataclasses.dataclass
@@ -114,7 +145,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
         step_ids, start = input_ids, 0
         for i in range(max_new_tokens + 1):
             pos = torch.arange(start, start + step_ids.shape[1], device=input_ids.device)[None].expand(B, -1)
-            logits = model(step_ids, position_ids=pos, use_cache=False).logits
+            with step_threads(step_work(model, step_ids.numel())):
+                logits = model(step_ids, position_ids=pos, use_cache=False).logits
             if output_logits:
                 all_logits.append(logits)
             sizes.append(cache_bytes(layers))
@@ -133,4 +165,4 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     return Generated(seq, logits, sizes)
 
 
-__all__ = ["generate", "decoding", "cache_bytes", "Generated"]
+__all__ = ["generate", "decoding", "cache_bytes", "Generated", "step_threads", "step_work"]

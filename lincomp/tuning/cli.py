@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from lincomp._cliutil import table
 from lincomp.tuning.db import SHIPPED_DB, Entry, TuningDB, TuningDBWarning, validate_paths
+from lincomp.tuning.device import legacy_cpu_name
 
 
 def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -56,6 +57,10 @@ def _open_db(args: argparse.Namespace) -> TuningDB:
     return TuningDB(args.db, shipped=None if args.no_shipped else args.shipped)
 
 
+LEGACY_NOTE = (" (a CPU name without its ISA level, from an older lincomp: lookups do not use these; re-tune, or "
+               "rename the device to the tuning host's name, e.g. '... x2cores avx2')")
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     db = _open_db(args)
     device = None if args.device == "current" else args.device
@@ -74,7 +79,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             rows = [(f"{e.backend}/{e.kernel}", spec_label(e, names), e.dtype, e.bucket or "-",
                      " ".join(f"{k}={v}" for k, v in sorted(e.config.items())), f"{e.time_ms:.4g}",
                      _origin(e, db)) for e in entries if e.device == device]
-            print(table(head, rows, title=f"device: {device}", numeric=("ms",), wrap=("spec", "bucket", "config")))
+            title = f"device: {device}" + (LEGACY_NOTE if legacy_cpu_name(device) else "")
+            print(table(head, rows, title=title, numeric=("ms",), wrap=("spec", "bucket", "config")))
             print()
         print(f"user entries: {db.path}; shipped: {db.shipped or '(not read)'}")
     problems = db.validate()

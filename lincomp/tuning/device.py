@@ -30,8 +30,9 @@ _DISTRIBUTIONS = {
 def device_name(device: Any = None) -> str:
     """A stable human name for ``device`` (a torch.device, "cuda:1", "cpu", an index, or None).
 
-    CUDA/ROCm: the driver's model name, e.g. "NVIDIA H100 80GB HBM3". CPU: the processor model plus
-    the cores this process may use, e.g. "AMD EPYC x2cores" (core count changes the best schedule).
+    CUDA/ROCm: the driver's model name, e.g. "NVIDIA H100 80GB HBM3". CPU: the processor model, the cores
+    this process may use and the vector ISA level, e.g. "AMD EPYC x2cores avx2" (core count and vector width
+    change the best schedule; see :func:`cpu_name`).
     None means the current default: the current CUDA device if there is one, else the CPU.
     """
     import torch
@@ -65,8 +66,52 @@ def resolve_device_name(device: Any = None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def cpu_name() -> str:
-    """The CPU model name and usable core count, e.g. "Intel(R) Xeon(R) Platinum 8480+ x2cores"."""
-    return f"{_cpu_model()} x{_cpu_cores()}cores"
+    """The CPU model name, usable core count and vector ISA level, e.g. "Intel(R) Xeon(R) Platinum 8480+ x2cores
+    avx512". The level is part of the name because one model name covers hosts with different vector units (a
+    cloud "AMD EPYC" is Zen 2, 3 or 4: AVX2 or AVX-512), and the TVM kernels' micro-kernels are sized by it."""
+    return f"{_cpu_model()} x{_cpu_cores()}cores {cpu_isa()}"
+
+
+# x86 vector ISA levels, widest first, by the /proc/cpuinfo flag that defines each: what the TVM kernels are
+# sized by (fp32 lanes and vector registers). bf16 / VNNI extensions are not part of the level: no CPU kernel
+# uses them (bf16 inputs are widened to fp32).
+_X86_LEVELS = (("avx512f", "avx512"), ("avx2", "avx2"), ("avx", "avx"), ("sse2", "sse2"))
+# A CPU name as lincomp wrote it before the ISA level was added ("AMD EPYC x2cores"): see legacy_cpu_name.
+_LEGACY_CPU = re.compile(r"^\S.* x\d+cores$")
+
+
+def cpu_isa() -> str:
+    """The CPU's vector ISA level: "avx512", "avx2", "avx" or "sse2" on x86; "sve" or "neon" on Arm; else the
+    machine name. Read from the kernel's CPU flags (no tvm import); the same flags that size the kernels."""
+    flags = _cpu_flags()
+    for flag, level in _X86_LEVELS:
+        if flag in flags:
+            return level
+    for flag, level in (("sve", "sve"), ("asimd", "neon"), ("neon", "neon")):
+        if flag in flags:
+            return level
+    return (platform.machine() or "unknown").lower()
+
+
+def legacy_cpu_name(name: str) -> bool:
+    """True for a CPU name without an ISA level ("AMD EPYC x2cores"), as lincomp named CPUs before it added the
+    level. Its tuned configs may come from a host with other vector units, so lookups never use them: no
+    current device has such a name. Re-tune (``lincomp tune``), or, knowing the host it was tuned on, rename
+    the file's device (and the file) to the name with that host's level."""
+    return bool(_LEGACY_CPU.match(name))
+
+
+def _cpu_flags() -> set:
+    """The CPU feature flags of /proc/cpuinfo ("flags" on x86, "Features" on Arm); empty when unreadable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                field, _, value = line.partition(":")
+                if field.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
 
 
 def _cpu_model() -> str:

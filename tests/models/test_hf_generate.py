@@ -117,3 +117,40 @@ def test_teacher_mode_generates_with_the_dynamic_cache(model, llama):
     with attention_mode(model, "teacher"):
         assert torch.equal(model.generate(ids, **kw), llama.generate(ids, **kw))
     assert all(m.mode == "student" for m in model.modules() if isinstance(m, LinearizedAttention))
+
+
+def test_small_steps_run_on_one_thread_and_the_count_comes_back(model, monkeypatch):
+    """A tiny model's steps skip torch's thread wake-ups (SERIAL_STEP_WORK); big ones keep every thread; the
+    thread count is restored after generate, also when a step raises."""
+    import lincomp.models.cache as cache_mod
+    from lincomp.models import set_attention_mode
+    seen = []
+    layer = next(m for m in model.modules() if isinstance(m, LinearizedAttention))
+    hook = layer.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    between = []   # generate's own work between steps (a logits processor): on one thread too
+
+    def record(ids, scores):
+        between.append(torch.get_num_threads())
+        return scores
+    try:
+        model.generate(_prompt(), logits_processor=transformers.LogitsProcessorList([record]), **kw)
+        assert between == [1, 1, 1]
+        lincomp_generate(model, _prompt(), 3)
+        # forwards: the prompt + 2 steps (generate feeds not its last token), the prompt + 3 steps (lincomp's)
+        assert len(seen) == 3 + 4 and set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(cache_mod, "SERIAL_STEP_WORK", 0)
+        model.generate(_prompt(), **kw)
+        assert len(seen) == 3 and set(seen) == {2}
+        monkeypatch.undo()
+        set_attention_mode(model, "teacher")
+        with pytest.raises(ValueError, match="student"):
+            model.generate(_prompt(), cache=LincompCache(model), **kw)
+        assert torch.get_num_threads() == 2
+    finally:
+        set_attention_mode(model, "student")
+        hook.remove()
+        torch.set_num_threads(before)

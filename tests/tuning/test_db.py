@@ -337,3 +337,38 @@ def test_cli_show_names_presets_and_says_which_entries_are_shipped(tmp_path, cap
     assert "lizard" in rows["tvm/window_fwd"] and rows["tvm/window_fwd"].rstrip().endswith("shipped")
     assert "gla-scalar" in rows["tvm/linear_fwd"] and rows["tvm/linear_fwd"].rstrip().endswith("user")
     assert f"device: {DEV}" in out and str(tmp_path / "user") in out
+
+
+# ------------------------------------------------------------------------------- CPU ISA levels
+def test_cpu_names_carry_the_isa_level(monkeypatch):
+    from lincomp.tuning import device as dev
+    name = dev.device_name("cpu")
+    assert name.endswith(" " + dev.cpu_isa()) and "cores " in name and not dev.legacy_cpu_name(name)
+    for flags, level in (({"sse2", "avx", "avx2", "avx512f", "avx512_bf16"}, "avx512"),
+                         ({"sse2", "avx", "avx2"}, "avx2"), ({"fp", "asimd"}, "neon"), ({"fp", "asimd", "sve"}, "sve")):
+        monkeypatch.setattr(dev, "_cpu_flags", lambda flags=flags: flags)
+        assert dev.cpu_isa() == level
+    assert dev.legacy_cpu_name("AMD EPYC x2cores") and not dev.legacy_cpu_name("AMD EPYC x2cores avx2")
+    assert device_slug("AMD EPYC x2cores avx512") == "amd-epyc-x2cores-avx512"
+
+
+def test_legacy_cpu_entries_are_listed_and_marked_but_never_looked_up(tmp_path, capsys):
+    """A file from before the ISA level ("AMD EPYC x2cores") stays valid and listed; the same CPU's lookups, now
+    named with their level, never read it (its host's vector width is unknown)."""
+    db = make_db(tmp_path)
+    record(db, device="AMD EPYC x2cores", config={"block_m": 64})
+    assert lookup(db, device="AMD EPYC x2cores avx2") is None and lookup(db, device="AMD EPYC x2cores avx512") is None
+    assert lookup(db, device="AMD EPYC x2cores").config == {"block_m": 64}   # only under its own name
+    assert validate_paths([tmp_path / "user"])[0] == []
+    assert cli.main(["db", "show", "--db", str(tmp_path / "user"), "--no-shipped"]) == 0
+    out = capsys.readouterr().out
+    assert "device: AMD EPYC x2cores (a CPU name without its ISA level" in out and "lookups do not use" in out
+
+
+def test_shipped_cpu_entries_name_their_isa_level():
+    from lincomp.tuning.db import SHIPPED_DB
+    from lincomp.tuning.device import legacy_cpu_name
+    files = sorted(SHIPPED_DB.glob("*.json"))
+    devices = [json.loads(f.read_text())["device"] for f in files]
+    assert devices and not [d for d in devices if legacy_cpu_name(d)]
+    assert validate_paths([SHIPPED_DB])[0] == []

@@ -60,3 +60,29 @@ def test_decoder_rejects_non_causal():
     from lincomp.lower.tvm import TVMDecoder
     with pytest.raises(ValueError, match="causal"):
         TVMDecoder(AttentionSpec(window={"kind": "1d", "left": 3, "right": 3}))
+
+
+@pytest.mark.parametrize("name", ["lizard", "shared-vector-gate"])
+def test_serial_and_parallel_steps_are_bit_identical(monkeypatch, name):
+    """Small steps skip the parallel launch (SERIAL_WORK); the loop body is the same, so the outputs are too."""
+    import lincomp.lower.tvmir.decode as decode
+    spec = SPECS[name]
+    x = random_inputs(spec, B=2, H=4, Hkv=2, L=10, D=8, seed=3)
+    weights = {k: x[k] for k in ("feature_weight_q", "feature_weight_k", "sink_logits", "window_gamma", "alpha")
+               if k in x}
+    outs = {}
+    for parallel in (False, True):
+        monkeypatch.setattr(decode, "SERIAL_WORK", 0 if parallel else 1 << 62)
+        dec = decode.TVMDecoder(spec, **weights)
+        outs[parallel] = torch.cat([dec.step(*[x[n][:, :, t:t + 1] for n in ("q", "k", "v")],
+                                             x["g"][:, :, t:t + 1] if "g" in x else None) for t in range(10)], 2)
+        assert dec.parallel is parallel and ("T.parallel" in dec.source) is parallel
+    assert torch.isfinite(outs[True]).all() and torch.equal(outs[False], outs[True])
+
+
+def test_step_work_picks_serial_for_one_small_token():
+    from lincomp.lower.tvmir.decode import SERIAL_WORK, step_work
+    spec = presets.lizard(window=128, sinks=4, feature_dim=32)   # benchmarks/bench_decode.py's layers
+    one = step_work(spec, B=1, H=8, D=64, Dv=64, F=64, E=32, nc=129)
+    assert one == 8 * (129 * 128 + 3 * 64 * 64 + 2 * 64 * 32) and one < SERIAL_WORK
+    assert step_work(spec, B=64, H=8, D=64, Dv=64, F=64, E=32, nc=129) >= SERIAL_WORK

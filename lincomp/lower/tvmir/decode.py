@@ -32,6 +32,22 @@ from lincomp.runtime.buffers import alloc_output
 from lincomp.spec import AttentionSpec
 
 L2E = f32(LOG2E)
+# Below this many multiply-adds a step runs on the calling thread: a parallel launch wakes the other threads
+# (microseconds on an idle machine, a scheduler time slice, milliseconds, on a busy one) for work one thread
+# finishes in a fraction of a millisecond (e.g. B=1, 8 heads, a 129-key window and a 64 x 64 state: 0.3M).
+SERIAL_WORK = 1 << 20
+
+
+def step_work(spec: AttentionSpec, B: int, H: int, D: int, Dv: int, F: Optional[int], E: Optional[int],
+              nc: int) -> int:
+    """Multiply-adds of one decoding step over all rows and heads: the ``nc`` cache slots' scores and values,
+    the linear state's decay / update / read-out, the learned feature map, the shared combine's cached terms."""
+    per_head = nc * (D + Dv) if spec.has_softmax else 0
+    if F:
+        per_head += 3 * F * Dv + (nc * F if spec.combine == "shared" else 0)
+    if E:
+        per_head += 2 * D * E
+    return B * H * per_head
 
 
 def decode_args(spec: AttentionSpec) -> list:
@@ -57,8 +73,9 @@ def decode_args(spec: AttentionSpec) -> list:
 
 
 def decode_source(spec: AttentionSpec, H: int, Hkv: int, D: int, Dv: int, F: Optional[int], E: Optional[int],
-                  name: str = "decode_step") -> str:
-    """TVMScript of one decoding step for ``spec``."""
+                  name: str = "decode_step", parallel: bool = True) -> str:
+    """TVMScript of one decoding step for ``spec``; ``parallel=False`` runs the (batch, head) loops on the
+    calling thread (see :func:`step_work`)."""
     lin = spec.linear
     group = H // Hkv
     shared, summed = spec.combine == "shared", spec.combine == "sum"
@@ -67,6 +84,7 @@ def decode_source(spec: AttentionSpec, H: int, Hkv: int, D: int, Dv: int, F: Opt
     names = decode_args(spec)
     scalars = {"t": "T.int32", "slot": "T.int32", "evict": "T.int32", "scale": "T.float32",
                "linear_scale": "T.float32"}
+    loop = "T.parallel" if parallel else "T.serial"
     s = Script()
     s("@T.prim_func")
     params = ", ".join(f"{a}: {scalars[a]}" if a in scalars else f"{a}_h: T.handle" for a in names)
@@ -86,12 +104,12 @@ def decode_source(spec: AttentionSpec, H: int, Hkv: int, D: int, Dv: int, F: Opt
                 s(f'{a} = T.match_buffer({a}_h, {shapes[a]}, "{dt}")')
         if spec.has_softmax:
             s("# the current key / value into its cache slot")
-            with s.block(f"for w in T.parallel(B * {Hkv}):"):
+            with s.block(f"for w in {loop}(B * {Hkv}):"):
                 with s.block(f"for d in T.vectorized({D}):"):
                     s(f"kc[w // {Hkv}, w % {Hkv}, slot, d] = k[w // {Hkv}, w % {Hkv}, d]")
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     s(f"vc[w // {Hkv}, w % {Hkv}, slot, d] = v[w // {Hkv}, w % {Hkv}, d]")
-        with s.block(f"for w in T.parallel(B * {H}):"):
+        with s.block(f"for w in {loop}(B * {H}):"):
             s(f"b = w // {H}", f"h = w % {H}", f"hk = h // {group}" if group > 1 else "hk = h")
             s(f'acc = T.alloc_buffer(({Dv},), "float32")', 'sc = T.alloc_buffer((4,), "float32")')
             if lin is not None:
@@ -304,13 +322,14 @@ class TVMDecoder:
             if need and name not in self.weights:
                 raise ValueError(f"{name} is required by this spec ({spec.summary()}) and was not given")
         self.B, self.H, self.Hkv, self.D, self.Dv, self.F = B, H, Hkv, D, Dv, F
-        src = decode_source(spec, H, Hkv, D, Dv, F, E)
+        self._ring = None if self.reach is None else self.reach + 1
+        nc = spec.prefix + (self._ring if self._ring is not None else 64)
+        self.parallel = step_work(spec, B, H, D, Dv, F, E, nc) >= SERIAL_WORK
+        src = decode_source(spec, H, Hkv, D, Dv, F, E, parallel=self.parallel)
         self._built = _build.build([src], f"decode-{spec.summary()}")
         self.source = self._built.source
         self._fn = self._built.fn("decode_step")
         if spec.has_softmax:
-            self._ring = None if self.reach is None else self.reach + 1
-            nc = spec.prefix + (self._ring if self._ring is not None else 64)
             self._alloc_cache(nc)
         if lin is not None:
             st = self._initial_state
