@@ -164,7 +164,7 @@ def _pooled_backward(kernel, call, mod, c, cfg: dict, do, lse2, delta, dq, dk, d
     P, n = spec.window.pooled_tokens, spec.prefix
     kp, vp = (x.contiguous() for x in pooled_kv(spec, call.k, call.v, call.pool_weight.to(torch.float32)))
     dkp, dvp = alloc_output((B, Hkv, P, D), torch.float32), alloc_output((B, Hkv, P, Dv), torch.float32)
-    by_query, by_key = _pooled_plans(kernel, L, cfg)
+    by_query, by_key = _pooled_plans(kernel, L, _bwd.pooled_config(c).to_dict())
     head = [call.q, kp, vp, do, lse2, delta]
     if c.split_dq:
         mod.fn("pooled_bwd_dkdv")(*head, *by_key, dkp, dvp, call.scale)
