@@ -707,6 +707,9 @@ def _pooled_args(call: Call, cfg: dict) -> list:
     rows = _window.pooled_rows(call.spec, cfg["block_n"] * max(1, cfg.get("kv_group", 1)))
     out = []
     for x in (kp, vp):
+        if x.shape[2] == rows:   # whole steps already (CLEAR df=4: P = 256): no padded copy
+            out.append(x.to(torch.float32).contiguous())
+            continue
         buf = torch.zeros(x.shape[0], x.shape[1], rows, x.shape[3], dtype=torch.float32)
         buf[:, :, :x.shape[2]] = x
         out.append(buf)
