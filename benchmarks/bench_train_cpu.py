@@ -1,11 +1,15 @@
 """CPU training step of the softmax windows: TVM forward+backward vs its own forward and vs dense SDPA autograd.
 
-    python benchmarks/bench_train_cpu.py [--reps 7] [--only swa,clear] [--out FILE]
+    python benchmarks/bench_train_cpu.py [--reps 7] [--only swa,clear,clear-pool] [--out FILE]
 
 fp32, B=1, H=4, D=64. Cases:
 
 - ``swa``:   causal sliding window of 256 keys, L = 4096;
 - ``clear``: CLEAR circle r=8 on a 64x64 grid + 64 prefix tokens (L = 4160);
+- ``clear-pool``: the same with CLEAR's pooled keys/values, factor 4 (df=4: P = 256 pooled keys after the
+  L tokens, a learned ``pool_weight [4, 4]`` trained too); its SDPA peer pools k, v in torch inside the
+  step and attends to the L + P keys under the [L, L + P] mask. No FlexAttention column: torch's CPU
+  FlexAttention has no backward ("FlexAttention does not support backward on CPU", torch 2.13);
 - ``lizard``: the Lizard hybrid (``presets.lizard()``: sliding window 128 + 4 sinks, summed with scalar-gated
   hedgehog_exp linear attention of feature dim 64), L = 4096; trained by the window and linear backward
   kernels composed (no dense SDPA peer: SDPA has no linear branch, so that column stays empty).
@@ -49,11 +53,14 @@ from lincomp import presets  # noqa: E402
 from lincomp.backends import ops  # noqa: E402,F401  (registers torch.ops.lincomp.*)
 from lincomp.reference import window_mask  # noqa: E402
 from lincomp.runtime.kernel import LincompFallbackWarning  # noqa: E402
+from lincomp.runtime.pool import pooled_kv  # noqa: E402
 from lincomp.testing import random_inputs, rel_err  # noqa: E402
 
 CASES = {
     "swa": ("causal sliding window 256, L=4096", lambda: presets.sliding_window(256), 4096),
     "clear": ("CLEAR r=8, 64x64 + 64 prefix", lambda: presets.clear(8, (64, 64), text_tokens=64), None),
+    "clear-pool": ("CLEAR r=8 pooled df=4, 64x64 + 64 prefix",
+                   lambda: presets.clear_pool(8, 4, (64, 64), text_tokens=64), None),
     "lizard": ("Lizard hybrid (window 128 + 4 sinks + gated hedgehog_exp), L=4096", presets.lizard, 4096),
 }
 
@@ -77,7 +84,11 @@ def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     weights = {n: t.clone().requires_grad_(t.is_floating_point()) for n, t in extra.items()}
     mask = window_mask(spec, L)                 # [L, L] bool, built once outside the timing
+    if spec.pool is not None:                   # grid queries see every pooled key, prefix queries none
+        grid_rows = (torch.arange(L) >= spec.prefix)[:, None]
+        mask = torch.cat([mask, grid_rows.expand(L, spec.window.pooled_tokens)], 1)
     dense = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    dense_w = {n: t.clone().requires_grad_(True) for n, t in extra.items() if n == "pool_weight"}
 
     def fwd():
         with torch.no_grad():
@@ -92,10 +103,14 @@ def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
         return o
 
     def sdpa():
-        for t in dense:
+        for t in (*dense, *dense_w.values()):
             t.grad = None
         with torch.enable_grad():
-            o = Fn.scaled_dot_product_attention(*dense, attn_mask=mask)
+            dq, dk, dv = dense
+            if spec.pool is not None:   # the pooled keys / values after the L tokens, pooled by torch autograd
+                kp, vp = pooled_kv(spec, dk, dv, dense_w["pool_weight"])
+                dk, dv = torch.cat([dk, kp], 2), torch.cat([dv, vp], 2)
+            o = Fn.scaled_dot_product_attention(dq, dk, dv, attn_mask=mask)
             o.backward(g)
         return o
 
@@ -109,6 +124,7 @@ def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
         else:
             o_ours, o_dense = train(), sdpa()
             errs = {n: rel_err(a.grad, b.grad) for n, a, b in zip("qkv", leaves, dense)}
+            errs.update({n: rel_err(weights[n].grad, t.grad) for n, t in dense_w.items()})
             errs["o"] = rel_err(o_ours, o_dense)
             ms = interleaved({"tvm fwd": fwd, "tvm fwd+bwd": train, "sdpa fwd+bwd (dense mask)": sdpa}, reps)
     return {"case": name, "title": title, "L": L, "ms": ms, "errs": errs,
@@ -147,7 +163,7 @@ def write(results: list, path: Path, meta: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--only", default="swa,clear")
+    ap.add_argument("--only", default="swa,clear,clear-pool")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_cpu.md"))
     args = ap.parse_args(argv)
     meta = {"cpu": cpu_model() or platform.processor(), "cores": len(os.sched_getaffinity(0)),

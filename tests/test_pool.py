@@ -137,6 +137,22 @@ def test_pool_kv_is_the_weighted_block_sum():
     assert torch.allclose(kp[0, 0, 3], cell)
 
 
+
+@pytest.mark.parametrize("grid, pool, prefix", [((4, 6), (2, 3), 1), ((2, 4, 6), (1, 2, 3), 0)])
+def test_pool_kv_vjp_is_autograd_of_pool_kv(grid, pool, prefix):
+    """The kernels' hand-written pooling vjp (TVM backward: d k, d v, d pool_weight from d kp) against autograd."""
+    from lincomp.runtime.pool import pool_kv_vjp
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, prefix + math.prod(grid), 5, dtype=torch.float64, generator=gen).requires_grad_(True)
+    w = torch.randn(*pool, dtype=torch.float64, generator=gen).requires_grad_(True)
+    y = pool_kv(x, grid, pool, prefix, w)
+    g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    dx, dw = torch.autograd.grad(y, [x, w], g)
+    got_dx, got_dw = pool_kv_vjp(g, x.detach(), grid, pool, prefix, w.detach())
+    assert rel_err(got_dx, dx[:, :, prefix:]) < 1e-12 and not dx[:, :, :prefix].any()
+    assert rel_err(got_dw, dw.reshape(-1)) < 1e-12
+
+
 # --------------------------------------------------------------------------------- op and hooks
 def test_torch_op_takes_pool_weight_and_differentiates_it():
     spec = _spec(grid=(4, 4), pool=2, prefix=2, sinks=1)

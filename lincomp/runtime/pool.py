@@ -13,19 +13,49 @@ import math
 import torch
 
 
-def pool_kv(x: torch.Tensor, grid: tuple, pool: tuple, prefix: int, pool_weight: torch.Tensor) -> torch.Tensor:
-    """x~ [B, Hk, P, D] from x [B, Hk, L, D]: ``x~[c] = sum_o pool_weight[o] x[prefix + t(c * f + o)]``."""
-    B, Hk, _, D = x.shape
+def _cell_layout(grid: tuple, pool: tuple) -> tuple:
+    """(split shape [c0, f0, c1, f1, ..], permutation to [c0, c1, .., f0, f1, ..]) of a grid's tokens."""
     n_ax = len(grid)
-    shape = [B, Hk]
-    for g, f in zip(grid, pool):
-        shape += [g // f, f]
-    cells = x[:, :, prefix:].reshape(*shape, D)
-    # [B, Hk, c0, f0, c1, f1, .., D] -> [B, Hk, c0, c1, .., f0 * f1 * .., D]
+    split = [x for g, f in zip(grid, pool) for x in (g // f, f)]
     perm = [0, 1, *range(2, 2 + 2 * n_ax, 2), *range(3, 3 + 2 * n_ax, 2), 2 + 2 * n_ax]
-    cells = cells.permute(perm).reshape(B, Hk, math.prod(g // f for g, f in zip(grid, pool)), math.prod(pool), D)
-    w = pool_weight.reshape(-1).to(x.dtype)
-    return torch.einsum("bhcod,o->bhcd", cells, w)
+    return split, perm
+
+
+def _cells(x: torch.Tensor, grid: tuple, pool: tuple, prefix: int) -> torch.Tensor:
+    """[B, Hk, C, O, D] view of x's grid tokens: C pooled cells (row-major) x O offsets in a cell (row-major)."""
+    B, Hk, _, D = x.shape
+    split, perm = _cell_layout(grid, pool)
+    cells = x[:, :, prefix:].reshape(B, Hk, *split, D).permute(perm)
+    return cells.reshape(B, Hk, math.prod(g // f for g, f in zip(grid, pool)), math.prod(pool), D)
+
+
+def pool_kv(x: torch.Tensor, grid: tuple, pool: tuple, prefix: int, pool_weight: torch.Tensor) -> torch.Tensor:
+    """x~ [B, Hk, P, D] from x [B, Hk, L, D]: ``x~[c] = sum_o pool_weight[o] x[prefix + t(c * f + o)]``.
+
+    One contraction of the [B, Hk, c0, f0, c1, f1, .., D] view with pool_weight [f0, f1, ..] (no permuted
+    copy of x first: measured 1.8x faster than contracting :func:`_cells`, CLEAR df=4 64x64)."""
+    B, Hk, _, D = x.shape
+    split, _ = _cell_layout(grid, pool)
+    cell, off = "acegi"[:len(grid)], "fjkmn"[:len(grid)]
+    view = "bh" + "".join(c + o for c, o in zip(cell, off)) + "d"
+    out = torch.einsum(f"{view},{off}->bh{cell}d", x[:, :, prefix:].reshape(B, Hk, *split, D),
+                       pool_weight.to(x.dtype))
+    return out.reshape(B, Hk, math.prod(split[0::2]), D)
+
+
+def pool_kv_vjp(dxp: torch.Tensor, x: torch.Tensor, grid: tuple, pool: tuple, prefix: int,
+                pool_weight: torch.Tensor) -> tuple:
+    """The vjp of :func:`pool_kv` for ``dxp`` [B, Hk, P, D]: (d x [B, Hk, L - prefix, D] of the grid tokens
+    (prefix tokens are not pooled), d pool_weight [prod(pool)] in float64: each (cell, offset)'s dot over D
+    in x's dtype, their sum over B Hk P (terms of either sign, which fp32 would lose to cancellation) in
+    float64 (a float64 product of the whole [B, Hk, P, O, D] measured 7x slower)."""
+    B, Hk, _, D = x.shape
+    w = pool_weight.reshape(-1).to(dxp.dtype)
+    dw = torch.einsum("bhcod,bhcd->bhco", _cells(x, grid, pool, prefix), dxp.to(x.dtype)).double().sum((0, 1, 2))
+    split, perm = _cell_layout(grid, pool)
+    dcells = (dxp[:, :, :, None, :] * w[:, None]).reshape(B, Hk, *split[0::2], *split[1::2], D)
+    inverse = [perm.index(a) for a in range(len(perm))]
+    return dcells.permute(inverse).reshape(B, Hk, x.shape[2] - prefix, D), dw
 
 
 def pooled_kv(spec, k: torch.Tensor, v: torch.Tensor, pool_weight: torch.Tensor) -> tuple:

@@ -1,6 +1,6 @@
 """TVM window backward kernels (window_bwd.py) against autograd through the fp64 reference: random window
-specs and shapes, the custom op's training path, configs and tuning, and the reference fallback for specs
-without a TVM backward. Outputs are NaN-poisoned (tests/tvm/conftest.py)."""
+specs and shapes, the custom op's training path, configs and tuning (pooled keys: also tests/tvm/test_pool.py).
+Outputs are NaN-poisoned (tests/tvm/conftest.py)."""
 
 import math
 import warnings
@@ -33,6 +33,8 @@ SPECS = {
     "2d-square": AttentionSpec(window={"kind": "2d", "grid": [6, 5], "radius": 1, "shape": "square"}),
     "3d-circle": AttentionSpec(window={"kind": "3d", "grid": [2, 3, 5], "radius": 2, "shape": "circle"}, prefix=2),
     "2d-tile": AttentionSpec(window={"kind": "2d", "grid": [6, 8], "shape": "tile", "tile": [2, 2], "kernel": [1, 3]}),
+    # CLEAR's pooled keys (4x4 cells of 4x4 tokens, text tokens): d pool_weight too (more: tests/tvm/test_pool.py)
+    "clear-pool": presets.clear_pool(radius=3, factor=4, grid=(16, 16), text_tokens=8),
 }
 
 
@@ -139,20 +141,6 @@ def test_sinks_switched_off_and_dominant():
     x["sink_logits"] = torch.tensor([[-math.inf, 3.0], [8.0, -30.0]])
     kern = lincomp.compile(spec, target="tvm")
     check_grads(spec, x, kern)
-
-
-def test_uncovered_spec_falls_back_with_correct_grads():
-    """Pooled keys (CLEAR's window.pool) have no TVM backward: a warning, then the reference's gradients
-    (d pool_weight included)."""
-    spec = presets.clear_pool(radius=2, factor=2, grid=(4, 4), text_tokens=2)
-    x = random_inputs(spec, B=1, H=2, D=8, seed=9)
-    spec_json = ops.spec_to_json(spec)
-
-    def run(q, k, v, **kw):
-        return torch.ops.lincomp.attention(q, k, v, spec_json, target="tvm", **kw)
-
-    check_grads(spec, x, run, fallback_ok=True)
-    check_grads(spec, x, lincomp.compile(spec, target="tvm"), fallback_ok=True)
 
 
 def test_fp16_inputs_get_fp16_grads():

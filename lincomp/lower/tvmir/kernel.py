@@ -13,12 +13,12 @@ vectorised numpy ops, cached) but never recompiles. Configs come from the one ch
 ``kernel.config["window_fwd" | "linear_fwd"]`` says which ({"source", "params", "key"}).
 ``kernel.tune(q, k, v, ...)`` measures the config space and stores the best.
 
-Training: generated backward kernels cover softmax-only specs (every window kind but pooled keys:
+Training: generated backward kernels cover softmax-only specs (every window kind, pooled keys included:
 window_bwd.py, driven by window_train.py; ``kernel.config["window_bwd"]``) and the linear branch alone
 (linear_bwd.py, driven by linear_train.py; ``kernel.config["linear_bwd"]``, ``{"chunk", "mr"}``);
 combine="sum" hybrids (Lizard) compose the two (hybrid_train.py: each branch's saving forward and backward,
 plus d alpha). The custom op's autograd (``forward_and_save`` / ``backward_saved``) and direct calls on
-inputs that require grad use them. Other specs (combine="shared", pooled keys) and key-padded calls
+inputs that require grad use them. Other specs (combine="shared") and key-padded calls
 differentiate the reference, with a warning. ``kernel.tune`` tunes the backward too (``kernel.tune_backward`` for the linear branch alone).
 
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
@@ -707,6 +707,9 @@ def _pooled_args(call: Call, cfg: dict) -> list:
     rows = _window.pooled_rows(call.spec, cfg["block_n"] * max(1, cfg.get("kv_group", 1)))
     out = []
     for x in (kp, vp):
+        if x.shape[2] == rows:   # whole steps already (CLEAR df=4: P = 256): no padded copy
+            out.append(x.to(torch.float32).contiguous())
+            continue
         buf = torch.zeros(x.shape[0], x.shape[1], rows, x.shape[3], dtype=torch.float32)
         buf[:, :, :x.shape[2]] = x
         out.append(buf)

@@ -119,17 +119,18 @@ def visibility(spec: AttentionSpec, pi: str, pj: str) -> str:
 
 # ---------------------------------------------------------------------------------------- template
 @contextmanager
-def signature(s: Script, name: str, names: list, dims: WindowDims):
+def signature(s: Script, name: str, names: list, dims: WindowDims, kv_rows: str = "L"):
     """``def name(...):`` of a window PrimFunc (buffers ``<arg>_h``, ``scale`` a float) with its symbolic
-    sizes (B, L, NT1 = tiles + 1, NNZ = plan entries) and q, k, v matched; the body goes inside."""
+    sizes (B, L, NT1 = tiles + 1, NNZ = plan entries) and q, k, v matched (k, v with ``kv_rows`` rows: the
+    pooled backward passes the pooled keys); the body goes inside."""
     s("@T.prim_func")
     params = ", ".join(f"{a}: T.float32" if a == "scale" else f"{a}_h: T.handle" for a in names)
     with s.block(f"def {name}({params}):"):
         s(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
         s("B = T.int32()", "L = T.int32()", "NT1 = T.int32()", "NNZ = T.int32()")
         s(f'q = T.match_buffer(q_h, (B, {dims.H}, L, {dims.D}), "float32")',
-          f'k = T.match_buffer(k_h, (B, {dims.Hkv}, L, {dims.D}), "float32")',
-          f'v = T.match_buffer(v_h, (B, {dims.Hkv}, L, {dims.Dv}), "float32")')
+          f'k = T.match_buffer(k_h, (B, {dims.Hkv}, {kv_rows}, {dims.D}), "float32")',
+          f'v = T.match_buffer(v_h, (B, {dims.Hkv}, {kv_rows}, {dims.Dv}), "float32")')
         yield
 
 

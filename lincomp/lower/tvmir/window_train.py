@@ -3,9 +3,11 @@
 ``TVMKernel.forward_and_save`` / ``saved_like`` / ``backward_saved`` (the custom op's training contract,
 :mod:`lincomp.backends.ops`) and direct kernel calls on inputs that require grad (:class:`WindowTrainFn`)
 land here. The forward is window.py's kernel with ``save_lse`` (saved: ``lse2 [B, H, L]`` fp32, each row's
-log2-sum-exp2 of its base-2 scores, sinks included); the backward runs window_bwd.py's generated kernels
-over the same block plan in both directions, ``delta = rowsum(dO * o)`` and ``d sink_logits`` in torch
-(O(B H L) work). Configs come from the one chooser under the kernel name ``window_bwd``.
+log2-sum-exp2 of its base-2 scores, sinks and pooled keys included); the backward runs window_bwd.py's
+generated kernels over the same block plan in both directions, ``delta = rowsum(dO * o)`` and ``d sink_logits``
+in torch (O(B H L) work). Pooled keys (``window.pool``): the pooled kernels over a dense host plan give
+d kp, d vp and add their dq share; the pooling's vjp (d k, d v, d pool_weight) is torch (O(L D) work).
+Configs come from the one chooser under the kernel name ``window_bwd``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lincomp.lower.tvmir import window_bwd as _bwd
 from lincomp.lower.tvmir.codegen import base2
 from lincomp.runtime.buffers import alloc_output
 from lincomp.runtime.kernel import Unsupported
-from lincomp.runtime.pool import window_only
+from lincomp.runtime.pool import pool_kv_vjp, pooled_kv, window_only
 from lincomp.spec import GridWindow
 from lincomp.tuning import median_time_ms
 from lincomp.tuning import tune as run_tune
@@ -138,6 +140,45 @@ def _bwd_plan(kernel, L: int, cfg: dict) -> tuple:
     return hit
 
 
+def _pooled_plans(kernel, L: int, cfg: dict) -> tuple:
+    """(plan by query tile, plan by pooled key tile) of the pooled kernels, int32, cached per length: dense
+    (every tile of grid queries x every tile of pooled keys); a pair is full when neither tile has padding."""
+    key = ("pooled", L, cfg["block_m"], cfg["block_n"])
+    cache = kernel.__dict__.setdefault("_bwd_plans", {})
+    hit = cache.get(key)
+    if hit is None:
+        BM, BN, n, P = cfg["block_m"], cfg["block_n"], kernel.spec.prefix, kernel.spec.window.pooled_tokens
+        nq, nk = -(-(L - n) // BM), -(-P // BN)
+        qfull, kfull = (torch.arange(1, nq + 1) * BM + n <= L), (torch.arange(1, nk + 1) * BN <= P)
+        i32 = (lambda t: t.to(torch.int32).contiguous())
+        fwd = [i32(torch.arange(nq + 1) * nk), i32(torch.arange(nk).repeat(nq)), i32(qfull[:, None] & kfull[None, :])]
+        bwd = [i32(torch.arange(nk + 1) * nq), i32(torch.arange(nq).repeat(nk)), i32(kfull[:, None] & qfull[None, :])]
+        hit = cache[key] = ([t.reshape(-1) for t in fwd], [t.reshape(-1) for t in bwd])
+    return hit
+
+
+def _pooled_backward(kernel, call, mod, c, cfg: dict, do, lse2, delta, dq, dk, dv) -> torch.Tensor:
+    """The pooled keys' share: dq += (in place), dk / dv of the grid tokens += the pooling's vjp of d kp / d vp;
+    returns d pool_weight (pool_weight's shape)."""
+    spec, B, Hkv, L, D, Dv = kernel.spec, call.B, call.Hkv, call.L, call.D, call.Dv
+    P, n = spec.window.pooled_tokens, spec.prefix
+    kp, vp = (x.contiguous() for x in pooled_kv(spec, call.k, call.v, call.pool_weight.to(torch.float32)))
+    dkp, dvp = alloc_output((B, Hkv, P, D), torch.float32), alloc_output((B, Hkv, P, Dv), torch.float32)
+    by_query, by_key = _pooled_plans(kernel, L, _bwd.pooled_config(c).to_dict())
+    head = [call.q, kp, vp, do, lse2, delta]
+    if c.split_dq:
+        mod.fn("pooled_bwd_dkdv")(*head, *by_key, dkp, dvp, call.scale)
+        mod.fn("pooled_bwd_dq")(*head, *by_query, dq, call.scale)
+    else:
+        mod.fn("pooled_bwd_dkdv")(*head, *by_key, dkp, dvp, dq, call.scale)
+    grid, f = spec.window.grid, spec.pool
+    dk_grid, dw_k = pool_kv_vjp(dkp, call.k, grid, f, n, call.pool_weight)
+    dv_grid, dw_v = pool_kv_vjp(dvp, call.v, grid, f, n, call.pool_weight)
+    dk[:, :, n:] += dk_grid
+    dv[:, :, n:] += dv_grid
+    return (dw_k + dw_v).reshape(call.pool_weight.shape)
+
+
 # ------------------------------------------------------------------------------------------- calls
 def saved_like(kernel, q, k, v, **tensors) -> list:
     if _bwd.unsupported_reason(kernel.spec) is not None:
@@ -174,7 +215,7 @@ def forward_and_save(kernel, q, k, v, **kwargs) -> tuple:
 
 
 def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, **tensors) -> dict:
-    """{"q", "k", "v", "sink_logits"}: gradients of sum(grad_o * o) from o and the saved lse2."""
+    """{"q", "k", "v", "sink_logits", "pool_weight"}: gradients of sum(grad_o * o) from o and the saved lse2."""
     call = bind(kernel.spec, q, k, v, scale=scale, check_values=False, **tensors)
     kernel._prepare(call)
     sizes = kernel.sizes_of(call)
@@ -197,13 +238,16 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, **tensors) 
     else:
         dq = torch.zeros((B, H, L, D), dtype=torch.float32)   # accumulated in place by the dk / dv pass
         mod.fn("window_bwd_dkdv")(*head, *bwd_plan, *tokens, dk, dv, dq, call.scale)
+    dpool = None
+    if kernel.spec.pool is not None:
+        dpool = _pooled_backward(kernel, call, mod, c, cfg, do, lse2, delta, dq, dk, dv)
     dsink = None
     if call.sink_logits is not None:
         # a sink is a key with value 0: dp = 0, so d logit = -sum over rows of p_sink * delta
         p = torch.exp2(base2(call.sink_logits).double()[None, :, None, :] - lse2.double()[..., None])
         dsink = -(p * delta.double()[..., None]).sum((0, 2))
     kernel.config = {**kernel.config, KERNEL: ch.as_dict()}
-    return {"q": dq, "k": dk, "v": dv, "sink_logits": dsink}
+    return {"q": dq, "k": dk, "v": dv, "sink_logits": dsink, "pool_weight": dpool}
 
 
 def tune_backward(kernel, q, k, v, *, db, force: bool, progress, reps: int, space=None, **tensors):
@@ -252,21 +296,25 @@ class WindowTrainFn(torch.autograd.Function):
     """A direct ``kernel(q, k, v, ...)`` call on inputs that require grad: the same kernels as the op."""
 
     @staticmethod
-    def forward(ctx, kernel, kwargs, q, k, v, sink_logits):
-        kw = dict(kwargs, **({"sink_logits": sink_logits} if sink_logits is not None else {}))
-        o, saved = forward_and_save(kernel, q, k, v, **kw)
+    def forward(ctx, kernel, kwargs, q, k, v, sink_logits, pool_weight):
+        o, saved = forward_and_save(kernel, q, k, v, **_with(kwargs, sink_logits, pool_weight))
         ctx.kernel, ctx.kwargs = kernel, kwargs
-        ctx.save_for_backward(q, k, v, sink_logits, o, *saved)
+        ctx.save_for_backward(q, k, v, sink_logits, pool_weight, o, *saved)
         return o
 
     @staticmethod
     def backward(ctx, grad_o):
-        q, k, v, sink_logits, o, *saved = ctx.saved_tensors
-        kw = dict(ctx.kwargs, **({"sink_logits": sink_logits} if sink_logits is not None else {}))
-        g = backward_saved(ctx.kernel, grad_o, o, saved, q, k, v, **kw)
-        cast = (lambda d, x: None if d is None else d.to(x.dtype))
-        return (None, None, cast(g["q"], q), cast(g["k"], k), cast(g["v"], v),
-                cast(g["sink_logits"], sink_logits) if sink_logits is not None else None)
+        q, k, v, sink_logits, pool_weight, o, *saved = ctx.saved_tensors
+        g = backward_saved(ctx.kernel, grad_o, o, saved, q, k, v, **_with(ctx.kwargs, sink_logits, pool_weight))
+        cast = (lambda d, x: None if (d is None or x is None) else d.to(x.dtype))
+        return (None, None, cast(g["q"], q), cast(g["k"], k), cast(g["v"], v), cast(g["sink_logits"], sink_logits),
+                cast(g["pool_weight"], pool_weight))
+
+
+def _with(kwargs: dict, sink_logits, pool_weight) -> dict:
+    """kwargs plus the differentiable weights that are given."""
+    given = {"sink_logits": sink_logits, "pool_weight": pool_weight}
+    return dict(kwargs, **{n: t for n, t in given.items() if t is not None})
 
 
 def train_call(kernel, q, k, v, **kwargs):
@@ -274,11 +322,11 @@ def train_call(kernel, q, k, v, **kwargs):
     why = _bwd.unsupported_reason(kernel.spec)
     if why is not None:
         raise Unsupported(why)
-    extra = set(kwargs) - {"scale", "sink_logits", "return_state", "linear_scale"}
+    extra = set(kwargs) - {"scale", "sink_logits", "pool_weight", "return_state", "linear_scale"}
     if extra:
         raise Unsupported(f"{sorted(extra)} with inputs that require grad have no TVM backward")
     if kwargs.get("return_state"):
         raise Unsupported("return_state with a softmax-only spec")
-    sink = kwargs.pop("sink_logits", None)
+    sink, pool_weight = kwargs.pop("sink_logits", None), kwargs.pop("pool_weight", None)
     kw = {n: kwargs[n] for n in ("scale",) if kwargs.get(n) is not None}
-    return WindowTrainFn.apply(kernel, kw, q, k, v, sink)
+    return WindowTrainFn.apply(kernel, kw, q, k, v, sink, pool_weight)
