@@ -164,7 +164,8 @@ def plot_tradeoff(points: Sequence[dict], path, *, title: str = "") -> Optional[
             ax.set_ylabel("embedding cosine to the teacher" if metric == "cosine" else "perplexity / teacher")
             ax.set_title(f"{L} tokens" + ("" if metric == "cosine" else " (causal LM)"))
             ax.grid(alpha=0.3)
-        axes[0][col].legend(fontsize=7, loc="best")
+        if axes[0][col].get_legend_handles_labels()[0]:   # nothing timed at this length: no legend
+            axes[0][col].legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -189,5 +190,52 @@ def window_only_spec(spec):
     return AttentionSpec(window=spec.window, causal=spec.causal, prefix=spec.prefix)
 
 
+def attention_error_by_layer(student: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tensor,
+                             batch_size: int = 4) -> List[dict]:
+    """Where a linearised ``student``'s error comes from, per attention layer, on token ``blocks`` ``[N, L]``:
+
+    - ``local``: ||lincomp(q, k, v) - softmax(q, k, v)|| / ||softmax(q, k, v)|| with every layer fed the
+      teacher's hidden states (the layer's own approximation error: what stage 1 trains down);
+    - ``end_to_end``: ||student attention output - teacher's|| / ||teacher's||, each model on its own hidden
+      states (the error earlier layers pass on included; stage 2 aims at this);
+    - ``outside``: the teacher's attention probability mass outside the student's window and prefix, averaged
+      over queries and heads: the share of attention the linear branch (or nothing) must carry.
+
+    Returns one dict per layer, in model order (``{"layer", "local", "end_to_end", "outside"}``).
+    """
+    from lincomp.models import capture_attention
+    from lincomp.models.distill import LayerLocalTransfer, run_model
+    from lincomp.models.modules import LinearizedAttention
+    from lincomp.reference.masks import window_mask
+
+    spec = next((m.spec for m in student.modules() if isinstance(m, LinearizedAttention)), None)
+    if spec is None:
+        raise ValueError("attention_error_by_layer: the student is not linearised (lincomp.linearize)")
+    eager = copy.deepcopy(teacher)
+    eager.set_attn_implementation("eager")   # SDPA returns no attention probabilities
+    sums: dict = {}
+    with torch.no_grad():
+        for i in range(0, blocks.shape[0], batch_size):
+            x = blocks[i:i + batch_size].to(next(teacher.parameters()).device)
+            with capture_attention(teacher) as t_caps:
+                probs = eager(input_ids=x, output_attentions=True).attentions
+                run_model(teacher, x)
+            with capture_attention(student) as s_caps:
+                run_model(student, x)
+            with LayerLocalTransfer(student) as local:
+                run_model(student, x)
+            keep = window_mask(spec, x.shape[1], x.device).float()   # the window set, as the oracle defines it
+            for j, name in enumerate(t_caps):
+                t, s = t_caps[name].float(), s_caps[name].float()
+                acc = sums.setdefault(name, {"t2": 0.0, "e2e": 0.0, "local_mse": 0.0, "outside": 0.0, "n": 0})
+                acc["t2"] += t.pow(2).mean().item()
+                acc["e2e"] += (s - t).pow(2).mean().item()
+                acc["local_mse"] += local.losses[j].item()
+                acc["outside"] += (1 - (probs[j].float() * keep).sum(-1)).mean().item()
+                acc["n"] += 1
+    return [{"layer": name, "local": math.sqrt(a["local_mse"] / a["t2"]), "end_to_end": math.sqrt(a["e2e"] / a["t2"]),
+             "outside": a["outside"] / a["n"]} for name, a in sums.items()]
+
+
 __all__ = ["KINDS", "flops_fraction", "inference_target", "model_forward_ms", "point", "measure_speed", "speedup",
-           "tradeoff_markdown", "plot_tradeoff", "window_only_spec"]
+           "tradeoff_markdown", "plot_tradeoff", "window_only_spec", "attention_error_by_layer"]
