@@ -55,6 +55,8 @@ def main(argv=None) -> int:
             "student": attention_error_by_layer(student, teacher, x, batch_size=2)}
     m = machine_info()
     L = a.length
+    packages = (r["corpus"].get("extra_text") or {}).get("packages")
+    text = "stdlib + packages' docstrings" if packages else "stdlib docstrings"
     budget = ["| window | E | attention FLOPs at %d (%% of dense) | within 50%% |" % L, "| --- | --- | --- | --- |"]
     for w in (16, 32, 64, 96):
         for e in (32, 64, 128):
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
           f"- student: `{spec.summary()}` ({100 * flops_fraction(spec, L):.0f}% of dense attention FLOPs at {L} "
           f"tokens), trained by `{run}`: stage 1 {r['steps']} x {r['batch_size']} x {r['corpus']['train_length']} "
           f"tokens, stage 2 {r['finetune_steps']} x {r['batch_size']} x {r['corpus'].get('finetune_length')} tokens, "
-          f"seed {r['seed']}, training text: {'stdlib + packages' if (r['corpus'].get('extra_text') or {}).get('packages') else 'stdlib docstrings'}",
+          f"seed {r['seed']}, training text: {text}",
           f"- command: `python benchmarks/minilm_512.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
           "## Operating points that fit the budget", "", *budget, "",
           "## Fidelity of the student (mean embedding cosine to the teacher, held-out docstrings)", "", *rows, "",

@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-causal-lm", action="store_true", help="leave out the causal-LM recipe's points")
     p.add_argument("--results", default=None, help="markdown path (default benchmarks/results/tradeoff_<cpu|gpu>.md)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the points already in the results' .json and measure only new ones (each new "
+                        "point's teacher time is measured with it, in this process)")
     a = p.parse_args(argv)
 
     import torch
@@ -109,6 +112,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok, teacher = load_minilm(device)
+    kind = "gpu" if device == "cuda" else "cpu"
+    md_path = Path(a.results or RESULTS / f"tradeoff_{kind}.md")
+    last = md_path.with_suffix(".json")
+    old = json.loads(last.read_text()) if a.reuse and last.exists() else []
+    have = {(p["label"], p["L"], p["metric"]) for p in old}
     recorded = [(s, f, f"recorded: distill_minilm_cpu.md ({note})", _label(s))
                 for s, f, note in minilm_recorded(RESULTS / "distill_minilm_cpu.md")]
     for d in a.runs:
@@ -126,6 +134,8 @@ def main(argv=None) -> int:
         for w in windows:
             spec = window_only_spec(next(s for s, *_ in recorded if s.window.left == w))
             label = f"+-{w} window"
+            if (label, L, "cosine") in have:
+                continue
             win = linearize_student(copy.deepcopy(teacher), spec, target="auto")
             f = embedding_fidelity(win, teacher, heldout[L])
             print(f"L={L} window alone +-{w}: cosine {f['mean']:.4f}", flush=True)
@@ -134,19 +144,18 @@ def main(argv=None) -> int:
             specs[label] = spec
             del win
         for spec, fid, source, label in recorded:
-            if L in fid:
+            if L in fid and (label, L, "cosine") not in have:
                 points.append(point(label, "student", L, fid[L], spec=spec, source=source))
                 specs[label] = spec
     g = torch.Generator().manual_seed(0)
     tokens = {L: heldout[L][torch.randperm(heldout[L].shape[0], generator=g)[:a.batch]].to(device)
               for L in a.lengths}
     measure_speed(points, teacher, specs, tokens, reps=a.reps)
-
-    clm_points = []
-    if not a.no_causal_lm:
+    points = [p for p in old if p["metric"] == "cosine"] + [p for p in points if (p["label"], p["L"], p["metric"])
+                                                            not in have]
+    clm_points = [p for p in old if p["metric"] == "ppl ratio"]
+    if not a.no_causal_lm and not clm_points:
         clm_points = causal_lm_points(a, device)
-    kind = "gpu" if device == "cuda" else "cpu"
-    md_path = Path(a.results or RESULTS / f"tradeoff_{kind}.md")
     png = plot_tradeoff(points + clm_points, md_path.with_suffix(".png"),
                         title="fidelity against speed and attention FLOPs (each point: one model at one length)")
     m = machine_info()

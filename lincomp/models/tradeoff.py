@@ -105,17 +105,21 @@ def speedup(p: dict) -> Optional[float]:
     return None
 
 
+def _fmt(x, spec: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
 def tradeoff_markdown(points: Sequence[dict], *, batch: Optional[int] = None) -> str:
     """The picture as a markdown table, one row per point, grouped by metric and length."""
     lines = ["| length | model | spec | fidelity | worst text | attention FLOPs (% of dense) | forward ms | "
              "SDPA teacher ms | speed-up |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in sorted(points, key=lambda p: (p["metric"], p["L"], KINDS.index(p["kind"]), p["flops_fraction"])):
-        fmt = lambda x, spec=".4f": "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)  # noqa: E731
         s = speedup(p)
         what = "cosine" if p["metric"] == "cosine" else "ppl / teacher"
-        lines.append(f"| {p['L']} | {p['label']} | `{p['spec']}` | {fmt(p['fidelity'])} {what} | "
-                     f"{fmt(p.get('fidelity_min'))} | {100 * p['flops_fraction']:.0f}% | {fmt(p['model_ms'], '.1f')} | "
-                     f"{fmt(p['teacher_ms'], '.1f')} | {fmt(s, '.2f') + 'x' if s else '-'} |")
+        lines.append(f"| {p['L']} | {p['label']} | `{p['spec']}` | {_fmt(p['fidelity'])} {what} | "
+                     f"{_fmt(p.get('fidelity_min'))} | {100 * p['flops_fraction']:.0f}% | "
+                     f"{_fmt(p['model_ms'], '.1f')} | {_fmt(p['teacher_ms'], '.1f')} | "
+                     f"{_fmt(s, '.2f') + 'x' if s else '-'} |")
     note = f" Forward time: the whole model on a batch of {batch} texts, median of repeated calls." if batch else ""
     return "\n".join(lines) + "\n" + note.lstrip() + ("\n" if note else "")
 
