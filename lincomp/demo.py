@@ -237,7 +237,6 @@ class _Demo:
 
     def do_tradeoff(self) -> dict:
         """Fidelity and model speed at the SAME lengths: the student, the window alone and the teacher."""
-        import torch
 
         from lincomp.models.distill import embedding_fidelity
         from lincomp.models.distill_cli import linearize_student, minilm_blocks
