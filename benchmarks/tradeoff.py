@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                    help="finished `lincomp distill minilm` output folders (their results.json) to add")
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out texts per length for the window alone")
     p.add_argument("--batch", type=int, default=4, help="texts per timed forward (default 4)")
-    p.add_argument("--reps", type=int, default=5, help="timed forwards per model and length (median)")
+    p.add_argument("--reps", type=int, default=5, help="timed forwards per model and length (the fastest is kept)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-causal-lm", action="store_true", help="leave out the causal-LM recipe's points")
     p.add_argument("--results", default=None, help="markdown path (default benchmarks/results/tradeoff_<cpu|gpu>.md)")

@@ -82,3 +82,24 @@ def test_benchmark_reads_the_committed_results():
     assert clm and all(r["window"] >= 1 and r["student"] >= 1 for _, r in clm)
     with pytest.raises(ValueError, match="no '## Nothing' table"):
         bench.recorded_rows(ROOT / "benchmarks" / "results" / "distill_minilm_cpu.md", "Nothing")
+
+
+def test_forward_times_take_turns_and_keep_the_fastest():
+    import time
+
+    from lincomp.models.tradeoff import forward_times_ms
+
+    class Sleeper(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds, self.calls = seconds, 0
+
+        def forward(self, input_ids):
+            self.calls += 1
+            time.sleep(self.seconds)
+            return input_ids
+
+    slow, fast = Sleeper(0.02), Sleeper(0.001)
+    t = forward_times_ms({"slow": slow, "fast": fast}, torch.zeros(1, 4, dtype=torch.long), reps=3, warmup=1)
+    assert slow.calls == fast.calls == 4                       # warm-up + timed calls, the same for each
+    assert t["slow"] >= 20 and t["fast"] >= 1 and t["fast"] < t["slow"]
