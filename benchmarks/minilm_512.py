@@ -92,12 +92,40 @@ def main(argv=None) -> int:
                       + " | ".join(f"{100 * e['outside']:.1f}%" for e in rows) + " |")
         md.append(f"| {key}: local | " + " | ".join(f"{e['local']:.3f}" for e in rows) + " |")
         md.append(f"| {key}: end to end | " + " | ".join(f"{e['end_to_end']:.3f}" for e in rows) + " |")
+    md += mixed_layers(teacher, tok, Lmax, a.texts * 2)
     dest = Path(a.results or RESULTS / f"minilm_512_{'gpu' if torch.cuda.is_available() else 'cpu'}.md")
     atomic_write_text(dest, "\n".join(md) + "\n")
     atomic_write_text(dest.with_suffix(".json"), json.dumps(errs, indent=1) + "\n")
     print("\n".join(md))
     print(f"wrote {dest}")
     return 0
+
+
+# (window each side, layers left on exact softmax): the window alone elsewhere, no training
+MIXED = ((64, ()), (64, (5,)), (64, (0, 5)), (32, (0, 5)), (96, (0, 5)))
+
+
+def mixed_layers(teacher, tok, L: int, texts: int) -> list:
+    """Markdown rows: embedding cosine at ``L`` tokens when the layers that look furthest beyond the window stay
+    on softmax and the others run the window alone (no training), with the FLOPs share of the mix."""
+    from lincomp.models import linearize
+    from lincomp.models.distill import embedding_fidelity
+    from lincomp.models.distill_cli import minilm_blocks, minilm_spec
+    from lincomp.models.tradeoff import flops_fraction, window_only_spec
+
+    x = minilm_blocks(tok, "heldout", L, texts)
+    out = [f"## Softmax where the window sees least ({texts} held-out texts of {L} tokens, no training)", "",
+           "| window elsewhere | layers on exact softmax | attention FLOPs (% of dense) | mean cosine | worst text |",
+           "| --- | --- | --- | --- | --- |"]
+    for w, soft in MIXED:
+        spec = window_only_spec(minilm_spec(w))
+        plan = {f"encoder.layer.{i}.attention.self": None if i in soft else spec for i in range(6)}
+        f = embedding_fidelity(linearize(copy.deepcopy(teacher), plan, target="auto"), teacher, x)
+        share = sum(1.0 if i in soft else flops_fraction(spec, L) for i in range(6)) / 6
+        out.append(f"| +-{w} | {', '.join(map(str, soft)) or 'none'} | {100 * share:.0f}% | {f['mean']:.4f} | "
+                   f"{f['min']:.4f} |")
+        print(out[-1], flush=True)
+    return out + [""]
 
 
 if __name__ == "__main__":
