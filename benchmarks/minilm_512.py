@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                       + " | ".join(f"{100 * e['outside']:.1f}%" for e in rows) + " |")
         md.append(f"| {key}: local | " + " | ".join(f"{e['local']:.3f}" for e in rows) + " |")
         md.append(f"| {key}: end to end | " + " | ".join(f"{e['end_to_end']:.3f}" for e in rows) + " |")
-    md += mixed_layers(teacher, tok, Lmax, a.texts * 2)
+    md += [""] + mixed_layers(teacher, tok, Lmax, a.texts * 2)
     dest = Path(a.results or RESULTS / f"minilm_512_{'gpu' if torch.cuda.is_available() else 'cpu'}.md")
     atomic_write_text(dest, "\n".join(md) + "\n")
     atomic_write_text(dest.with_suffix(".json"), json.dumps(errs, indent=1) + "\n")
