@@ -9,7 +9,9 @@ spec -> tune -> compile -> linearise all-MiniLM-L6-v2 -> distil briefly -> measu
    stdlib docstrings, embedding fidelity to the teacher on held-out text longer than the window;
 5. **speed**: the compiled kernel against dense SDPA and FlexAttention (the window part only, with a
    block mask) across lengths; **flops**: attention FLOPs saved against dense attention;
-6. **report**: ``out/demo/report.md`` and ``out/demo/report.png``.
+6. **trade-off**: fidelity AND the whole model's speed at the same lengths (256, 512 tokens) for the
+   student, the window alone and the teacher, with attention FLOPs (``out/demo/tradeoff.png``);
+7. **report**: ``out/demo/report.md`` and ``out/demo/report.png``.
 
 A section whose backend is missing is skipped with the reason printed (and written to the report); the
 others still run. On a GPU the same command runs the Triton kernels and the model on CUDA.
@@ -233,6 +235,34 @@ class _Demo:
                   f"saved {100 * e.flops_saved:5.1f}%")
         return {"rows": rows}
 
+    def do_tradeoff(self) -> dict:
+        """Fidelity and model speed at the SAME lengths: the student, the window alone and the teacher."""
+
+        from lincomp.models.distill import embedding_fidelity
+        from lincomp.models.distill_cli import linearize_student, minilm_blocks
+        from lincomp.models.tradeoff import measure_speed, plot_tradeoff, point, window_only_spec
+
+        if self.student is None:
+            raise _Skip("the model was not linearised (see the linearize section)")
+        a, d = self.args, self.results["sections"].get("distill", {})
+        window_spec = window_only_spec(self.spec)
+        window = linearize_student(copy.deepcopy(self.teacher), window_spec, target="auto")
+        mine_label = f"student ({d.get('steps', 0)} steps)"
+        points, tokens = [], {}
+        for L in a.tradeoff_lengths:
+            heldout = minilm_blocks(self.tokenizer, "heldout", L, a.eval_blocks)
+            mine = d["after"] if L == d.get("eval_length") else embedding_fidelity(self.student, self.teacher, heldout)
+            alone = embedding_fidelity(window, self.teacher, heldout)
+            points += [point("teacher", "teacher", L, 1.0),
+                       point("window alone", "window", L, alone["mean"], spec=window_spec, fidelity_min=alone["min"]),
+                       point(mine_label, "student", L, mine["mean"], spec=self.spec, fidelity_min=mine["min"])]
+            tokens[L] = heldout[:a.tradeoff_batch].to(self.device)
+        del window
+        measure_speed(points, self.teacher, {"window alone": window_spec, mine_label: self.spec}, tokens,
+                      reps=3 if a.quick else 5)
+        png = plot_tradeoff(points, self.out / "tradeoff.png", title=f"{self.spec.summary()}: fidelity vs speed")
+        return {"points": points, "batch": a.tradeoff_batch, "png": png.name if png else None}
+
     # -- report ------------------------------------------------------------------------------------
     def report(self) -> None:
         from lincomp.models.distill_cli import machine_info
@@ -298,6 +328,11 @@ def _summary(r: dict) -> str:
     if "flops" in s:
         for row in s["flops"]["rows"]:
             rows.append((f"attention FLOPs saved, L={row['L']}", f"{100 * row['saved']:.1f}%"))
+    for p in s.get("tradeoff", {}).get("points", []):
+        if p["kind"] != "teacher":
+            rows.append((f"trade-off L={p['L']}: {p['label']}", f"cosine {p['fidelity']:.4f}, "
+                         f"{p['teacher_ms'] / p['model_ms']:.2f}x SDPA model speed, "
+                         f"{100 * p['flops_fraction']:.0f}% of dense attention FLOPs"))
     for name, why in r["skipped"].items():
         rows.append((f"SKIPPED {name}", why[:100]))
     widths = [max(len(x[i]) for x in rows) for i in range(2)]
@@ -340,9 +375,23 @@ def _markdown(r: dict, args: argparse.Namespace) -> str:
             mean = f"{f['mean']:.4f}" if name.startswith("before") else f"**{f['mean']:.4f}**"
             lines.append(f"| {name} | {mean} | {f['min']:.4f} | {f['p05']:.4f} |")
         lines.append("")
+    if "tradeoff" in s:
+        from lincomp.models.tradeoff import tradeoff_markdown
+
+        t = s["tradeoff"]
+        lines += ["## Trade-off: fidelity and speed at the same lengths", "",
+                  "Each row is one model at one length: embedding cosine to the teacher on held-out texts of that "
+                  "length, the whole model's forward time against the stock (SDPA) teacher on the same texts in "
+                  "the same process, and attention FLOPs as a share of dense. The window alone is the hybrid "
+                  "without its linear branch: what the linear branch buys is the gap between the two.", "",
+                  tradeoff_markdown(t["points"], batch=t["batch"])]
+        if t.get("png"):
+            lines += [f"![trade-off]({t['png']})", ""]
     if "speed" in s:
         sp = s["speed"]
-        lines += ["## Speed (B=1, H=12, D=32, " + sp["dtype"] + ")", "",
+        lines += ["## Kernel speed only (B=1, H=12, D=32, " + sp["dtype"] + ")", "",
+                  "Attention alone on random inputs, out to lengths where fidelity is not measured (see the "
+                  "trade-off above for both at the same lengths). "
                   f"lincomp target `{sp['target']}`. SDPA: dense attention (what the teacher runs). "
                   f"FlexAttention: {sp['flex_note'] or 'window only'}.", "",
                   "| L | lincomp ms | SDPA ms | Flex ms | vs SDPA | vs Flex |", "| --- | --- | --- | --- | --- | --- |"]
@@ -434,6 +483,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-length", type=int, default=256, help="training text length in tokens (default 256)")
     p.add_argument("--eval-length", type=int, default=256, help="held-out text length in tokens (default 256)")
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out texts (default 32)")
+    p.add_argument("--tradeoff-lengths", type=int, nargs="+", default=[256, 512],
+                   help="lengths where the trade-off section measures fidelity AND model speed (default 256 512)")
+    p.add_argument("--tradeoff-batch", type=int, default=1, help="texts per timed model forward (default 1)")
     p.add_argument("--window", type=int, default=MINILM_WINDOW,
                    help=f"window tokens each side (default {MINILM_WINDOW}, as `lincomp distill minilm`)")
     p.add_argument("--feature-dim", type=int, default=64, help="Hedgehog E (default 64)")
@@ -447,7 +499,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 SECTIONS = {"spec": "spec", "tune": "tune on this device", "compile": "compile and check",
             "linearize": "linearise all-MiniLM-L6-v2", "distill": "distil briefly and measure fidelity",
-            "speed": "speed vs SDPA and FlexAttention", "flops": "attention FLOPs"}
+            "speed": "kernel speed vs SDPA and FlexAttention", "flops": "attention FLOPs",
+            "tradeoff": "trade-off: fidelity and model speed at the same lengths"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -457,7 +510,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.lengths = args.lengths or [128, 256]
         args.steps, args.eval_blocks, args.eval_length, args.train_length = min(args.steps, 2), 4, 128, 64
-        args.batch_size, args.student = 2, ""
+        args.batch_size, args.student, args.tradeoff_lengths = 2, "", [128]
     if args.lengths is None:
         args.lengths = [1024, 4096, 16384] if torch.cuda.is_available() and args.device != "cpu" else [256, 1024, 4096]
     demo = _Demo(args)

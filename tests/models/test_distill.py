@@ -348,7 +348,15 @@ def test_demo_quick_writes_a_report(tmp_path):
     assert (tmp_path / "report.png").stat().st_size > 1000
     import json
     r = json.loads((tmp_path / "results.json").read_text())
-    assert set(r["sections"]) == {"spec", "linearize", "distill", "flops"}, r["skipped"]
+    assert set(r["sections"]) == {"spec", "linearize", "distill", "flops", "tradeoff"}, r["skipped"]
+    # The trade-off: fidelity and model speed at the same length, for the student, the window alone, the teacher.
+    pts = {p["kind"]: p for p in r["sections"]["tradeoff"]["points"]}
+    assert set(pts) == {"teacher", "window", "student"} and {p["L"] for p in pts.values()} == {128}
+    assert pts["teacher"]["fidelity"] == 1.0 and 0 < pts["window"]["fidelity"] < 1
+    assert pts["student"]["fidelity"] == r["sections"]["distill"]["after"]["mean"]   # reused, same length
+    assert all(p["model_ms"] > 0 and p["teacher_ms"] == pts["teacher"]["model_ms"] for p in pts.values())
+    assert pts["window"]["flops_fraction"] < pts["student"]["flops_fraction"]
+    assert "## Trade-off" in md and (tmp_path / "tradeoff.png").stat().st_size > 1000
 
 
 def test_measured_decode_memory_is_flat(llama):
