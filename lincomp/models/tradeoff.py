@@ -141,7 +141,7 @@ def tradeoff_markdown(points: Sequence[dict], *, batch: Optional[int] = None) ->
                      f"{_fmt(p.get('fidelity_min'))} | {100 * p['flops_fraction']:.0f}% | "
                      f"{_fmt(p['model_ms'], '.1f')} | {_fmt(p['teacher_ms'], '.1f')} | "
                      f"{_fmt(s, '.2f') + 'x' if s else '-'} |")
-    note = (f" Forward time: the whole model on a batch of {batch} texts, the fastest of repeated calls taken "
+    note = (f" Forward time: the whole model on a batch of {batch} text{'s' if batch != 1 else ''}, the fastest of repeated calls taken "
             "turn by turn with the teacher's." if batch else "")
     return "\n".join(lines) + "\n" + note.lstrip() + ("\n" if note else "")
 
