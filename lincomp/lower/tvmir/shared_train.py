@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from lincomp.lower.tvmir import build as _build
 from lincomp.lower.tvmir import shared_bwd as _sbwd
 from lincomp.lower.tvmir import window_train as _wtrain
 from lincomp.lower.tvmir.hybrid_train import branches
@@ -70,12 +69,9 @@ def _inwindow(kernel, call, sizes, feats, do, dfq, dfk, dv, grads) -> None:
     cfg = win.config["window_bwd"]["params"]   # the window backward's tiles (it ran just before)
     BM, BN = cfg["block_m"], cfg["block_n"]
     fwd_plan, bwd_plan, tokens = _wtrain._bwd_plan(kernel, L, cfg)
-    key = ("shared_bwd", sizes, BM, BN)
-    mod = kernel._mods.get(key)
-    if mod is None:
-        dims = _sbwd.SharedBwdDims(H, call.Hkv, sizes.HF, F, Dv)
-        mod = kernel._mods[key] = _build.build(_sbwd.backward_source(spec, dims, BM, BN, cfg.get("mr", 4)),
-                                               f"shared_bwd-{spec.summary() or 'spec'}")
+    dims = _sbwd.SharedBwdDims(H, call.Hkv, sizes.HF, F, Dv)
+    mod = _wtrain._module(kernel, "shared_bwd", sizes, cfg,
+                          lambda: _sbwd.backward_source(spec, dims, BM, BN, cfg.get("mr", 4)))
     du, dd = do[..., :Dv].contiguous(), do[..., Dv].contiguous()
     G = [call.g.double().cumsum(2).contiguous()] if spec.linear.gate is not None else []
     head = [feats.fq, feats.fk, call.v, du, dd, *G]
