@@ -336,6 +336,17 @@ def test_demo_quick_writes_a_report(tmp_path):
     import json
     r = json.loads((tmp_path / "results.json").read_text())
     assert set(r["sections"]) == {"spec", "linearize", "distill", "flops"}, r["skipped"]
+    d = r["sections"]["distill"]   # the shared spec trains on the TVM backward kernels where TVM is installed
+    assert d["target"] == training_target_for_demo() and d["fallbacks"] == 0, d
+    assert f"trained through target `{d['target']}`" in md
+
+
+def training_target_for_demo() -> str:
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        return "reference"
+    return "tvm"
 
 
 def test_measured_decode_memory_is_flat(llama):
