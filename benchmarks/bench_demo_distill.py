@@ -13,6 +13,7 @@ cosine to the teacher after the run, both ways.
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -66,7 +67,8 @@ def main() -> int:
 
     ref_s, tvm_s = rows["reference"][0], rows["tvm"][0]
     lines = ["# `make demo` distillation step: reference vs TVM training", "",
-             f"Machine: {machine_info()}, {a.threads} threads. Spec `{spec.summary()}` (all-MiniLM-L6-v2, 6 layers x "
+             f"Machine: {machine_info()['cpu']}, torch {torch.__version__}, {a.threads} threads (load average "
+             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end: other jobs share the cores). Spec `{spec.summary()}` (all-MiniLM-L6-v2, 6 layers x "
              f"12 heads, D = 32); layer-local attention transfer, {a.batch_size} x {a.length} tokens per step, "
              f"median of {a.steps} steps after a warm-up; cosine: held-out embedding cosine to the teacher after "
              f"the {steps} steps ({a.eval_blocks} texts of {a.length} tokens).", "",
