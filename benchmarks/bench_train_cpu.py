@@ -12,7 +12,11 @@ fp32, B=1, H=4, D=64. Cases:
   FlexAttention has no backward ("FlexAttention does not support backward on CPU", torch 2.13);
 - ``lizard``: the Lizard hybrid (``presets.lizard()``: sliding window 128 + 4 sinks, summed with scalar-gated
   hedgehog_exp linear attention of feature dim 64), L = 4096; trained by the window and linear backward
-  kernels composed (no dense SDPA peer: SDPA has no linear branch, so that column stays empty).
+  kernels composed (no dense SDPA peer: SDPA has no linear branch, so that column stays empty);
+- ``minilm256`` / ``minilm1024``: ``make demo``'s MiniLM spec (``distill_cli.minilm_spec()``: non-causal window
+  +-96 + [CLS] prefix, Hedgehog E = 64, combine="shared") at H=12, D=32, L = 256 / 1024, trained by the shared
+  backward (shared_train.py); its SDPA peer is dense unmasked attention (what the teacher runs; gradients differ
+  by design, so none are compared). ``--out benchmarks/results/train_minilm_cpu.md`` keeps its own table.
 
 Implementations, timed round-robin in one process (one untimed call right before each timed one, so
 each runs with warm caches; medians over ``--reps`` rounds):
@@ -56,12 +60,21 @@ from lincomp.runtime.kernel import LincompFallbackWarning  # noqa: E402
 from lincomp.runtime.pool import pooled_kv  # noqa: E402
 from lincomp.testing import random_inputs, rel_err  # noqa: E402
 
+def _minilm():
+    from lincomp.models.distill_cli import minilm_spec
+    return minilm_spec()
+
+
+MINILM_TITLE = "MiniLM demo spec (shared: window +-96 + [CLS] + Hedgehog 64), H=12, D=32, L={}"
+DENSE_PEER = {"H": 12, "D": 32, "sdpa": "dense"}   # the teacher's dense attention as the SDPA peer
 CASES = {
     "swa": ("causal sliding window 256, L=4096", lambda: presets.sliding_window(256), 4096),
     "clear": ("CLEAR r=8, 64x64 + 64 prefix", lambda: presets.clear(8, (64, 64), text_tokens=64), None),
     "clear-pool": ("CLEAR r=8 pooled df=4, 64x64 + 64 prefix",
                    lambda: presets.clear_pool(8, 4, (64, 64), text_tokens=64), None),
     "lizard": ("Lizard hybrid (window 128 + 4 sinks + gated hedgehog_exp), L=4096", presets.lizard, 4096),
+    "minilm256": (MINILM_TITLE.format(256), _minilm, 256, DENSE_PEER),
+    "minilm1024": (MINILM_TITLE.format(1024), _minilm, 1024, DENSE_PEER),
 }
 
 
@@ -72,7 +85,9 @@ def interleaved(fns: dict, reps: int) -> dict:
 
 
 def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
-    title, make, L = CASES[name]
+    title, make, L, *opt = CASES[name]
+    opt = opt[0] if opt else {}
+    H, D = opt.get("H", H), opt.get("D", D)
     spec = make()
     L = spec.expected_length() or L
     gen = torch.Generator().manual_seed(0)
@@ -83,7 +98,7 @@ def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
     spec_json = spec.canonical_json()
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     weights = {n: t.clone().requires_grad_(t.is_floating_point()) for n, t in extra.items()}
-    mask = window_mask(spec, L)                 # [L, L] bool, built once outside the timing
+    mask = None if opt.get("sdpa") == "dense" else window_mask(spec, L)   # [L, L] bool, built outside the timing
     if spec.pool is not None:                   # grid queries see every pooled key, prefix queries none
         grid_rows = (torch.arange(L) >= spec.prefix)[:, None]
         mask = torch.cat([mask, grid_rows.expand(L, spec.window.pooled_tokens)], 1)
@@ -119,8 +134,11 @@ def run_case(name: str, reps: int, B=1, H=4, D=64) -> dict:
         if spec.linear is not None:   # no SDPA peer; gradients are checked against the reference by the tests
             train()
             errs = {}
-            ms = interleaved({"tvm fwd": fwd, "tvm fwd+bwd": train}, reps)
-            ms["sdpa fwd+bwd (dense mask)"] = float("nan")
+            fns = {"tvm fwd": fwd, "tvm fwd+bwd": train}
+            if mask is None:   # the dense teacher attention as the peer
+                fns["sdpa fwd+bwd (dense mask)"] = sdpa
+            ms = interleaved(fns, reps)
+            ms.setdefault("sdpa fwd+bwd (dense mask)", float("nan"))
         else:
             o_ours, o_dense = train(), sdpa()
             errs = {n: rel_err(a.grad, b.grad) for n, a, b in zip("qkv", leaves, dense)}
@@ -137,7 +155,7 @@ def write(results: list, path: Path, meta: dict) -> None:
              f"Machine: {meta['cpu']} ({meta['cores']} usable cores; shared with other jobs: load average "
              f"{meta['load0']} before, {meta['load1']} after). torch {torch.__version__}.", "",
              f"Command: `{meta['cmd']}`", "",
-             "fp32, B=1, H=4, D=64; medians of interleaved rounds in one process (ratios are what to read on a "
+             "fp32, B=1, H=4, D=64 unless the case says otherwise; medians of interleaved rounds in one process (ratios are what to read on a "
              "shared machine). Goals (issue 15): fwd+bwd / own fwd <= 3.5; dense SDPA fwd+bwd / ours >= 3.", "",
              "| case | tvm fwd ms | tvm fwd+bwd ms | sdpa fwd+bwd ms | fwd+bwd / fwd | sdpa / ours | grads rel diff vs sdpa |",
              "|---|---:|---:|---:|---:|---:|---|"]
@@ -145,6 +163,8 @@ def write(results: list, path: Path, meta: dict) -> None:
         ms = r["ms"]
         f, t, d = ms["tvm fwd"], ms["tvm fwd+bwd"], ms["sdpa fwd+bwd (dense mask)"]
         errs = ", ".join(f"{n} {e:.1e}" for n, e in r["errs"].items()) or "(tests: vs fp64 reference)"
+        if r["case"].startswith("minilm"):
+            errs += "; SDPA: dense, no mask"
         if d != d:   # no dense SDPA peer (hybrids)
             lines.append(f"| {r['title']} | {f:.1f} | {t:.1f} | - | {t / f:.2f} "
                          f"({'met' if t / f <= 3.5 else 'not met'}) | - | {errs} |")

@@ -357,6 +357,17 @@ def test_demo_quick_writes_a_report(tmp_path):
     assert all(p["model_ms"] > 0 and p["teacher_ms"] == pts["teacher"]["model_ms"] for p in pts.values())
     assert pts["window"]["flops_fraction"] < pts["student"]["flops_fraction"]
     assert "## Trade-off" in md and (tmp_path / "tradeoff.png").stat().st_size > 1000
+    d = r["sections"]["distill"]   # the shared spec trains on the TVM backward kernels where TVM is installed
+    assert d["target"] == training_target_for_demo() and d["fallbacks"] == 0, d
+    assert f"trained through target `{d['target']}`" in md
+
+
+def training_target_for_demo() -> str:
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        return "reference"
+    return "tvm"
 
 
 def test_measured_decode_memory_is_flat(llama):
@@ -480,8 +491,9 @@ def test_causal_lm_recipe_packs_by_default():
 
 
 def test_training_target_picks_tvm_where_it_has_a_backward():
-    """On CPU: "tvm" for specs with TVM backward kernels (the causal-LM recipe's Lizard-like sum hybrid), the
-    reference for combine="shared" (no TVM backward), without a spec, and for fp64 models."""
+    """On CPU: "tvm" for specs with TVM backward kernels (the causal-LM recipe's Lizard-like sum hybrid, the
+    MiniLM recipe's combine="shared"), the reference for pooled keys (no TVM backward), without a spec, and
+    for fp64 models."""
     from lincomp.models.distill_cli import causal_lm_spec, minilm_spec, training_target
     model = nn.Linear(2, 2)
     try:
@@ -490,6 +502,7 @@ def test_training_target_picks_tvm_where_it_has_a_backward():
     except ImportError:
         has_tvm = False
     assert training_target(model, causal_lm_spec()) == ("tvm" if has_tvm else "reference")
-    assert training_target(model, minilm_spec(combine="shared")) == "reference"
+    assert training_target(model, minilm_spec(combine="shared")) == ("tvm" if has_tvm else "reference")
+    assert training_target(model, presets.clear_pool(radius=2, factor=2, grid=(4, 4), text_tokens=2)) == "reference"
     assert training_target(model) == "reference"
     assert training_target(model.double(), causal_lm_spec()) == "reference"

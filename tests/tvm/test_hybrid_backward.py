@@ -1,7 +1,7 @@
 """combine="sum" hybrids (Lizard) trained on the TVM kernels (hybrid_train.py: the window and linear backward
 families composed) against autograd through the fp64 reference: every learned tensor (q, k, v, g, feature
-weights, sink_logits, alpha), direct calls and the custom op, GQA, causal and non-causal; combine="shared"
-still falls back with a warning. Outputs are NaN-poisoned (tests/tvm/conftest.py)."""
+weights, sink_logits, alpha), direct calls and the custom op, GQA, causal and non-causal (combine="shared":
+test_shared_backward.py). Outputs are NaN-poisoned (tests/tvm/conftest.py)."""
 
 import pytest
 import torch
@@ -79,21 +79,6 @@ def test_saved_like_matches_saved():
     assert [t.shape for t in saved] == [t.shape for t in like]
     assert all(t.dtype == torch.float32 for t in saved)
     assert ((o - fused).norm() / fused.norm()).item() <= 1e-5
-
-
-def test_shared_combine_falls_back_with_warning():
-    """combine="shared" (LoLCATs) has no composed backward: a warning naming it, the reference's gradients."""
-    spec = presets.lolcats(block=8, feature_dim=8, terraced=False, chunk_size=16)
-    x = random_inputs(spec, B=1, H=2, L=37, D=16, seed=2)
-    kern = lincomp.compile(spec, target="tvm")
-    assert not kern.has_backward() and "shared" in kern.backward_unsupported()
-    spec_json = ops.spec_to_json(spec)
-
-    def run(q, k, v, **kw):
-        return torch.ops.lincomp.attention(q, k, v, spec_json, target="tvm", **kw)
-
-    check_grads(spec, x, run, fallback_ok=True)
-    check_grads(spec, x, kern, fallback_ok=True)
 
 
 def test_key_padded_training_keeps_the_forward_on_the_kernels():

@@ -164,22 +164,6 @@ def test_poisoned_outputs_are_on():
     assert torch.isnan(saved[0][:, :, 1:]).all() and not torch.isnan(saved[0][:, :, :1]).any()
 
 
-def test_softmax_specs_keep_the_reference():
-    """combine="shared" hybrids have no TVM backward (combine="sum": tests/tvm/test_hybrid_backward.py): the op
-    differentiates the reference; a direct call under autograd falls back with a warning; forward_and_save
-    saves nothing."""
-    spec = lincomp.presets.lolcats(block=4, feature_dim=4, terraced=False)
-    kern = lincomp.compile(spec, target="tvm")
-    assert not kern.has_backward() and not ops.has_own_backward(kern)
-    x = random_inputs(spec, B=1, H=2, L=12, D=8, seed=0)
-    o, saved = kern.forward_and_save(**x)
-    assert saved is None and kern.saved_like(**x) == []
-    lv = leaves(x, torch.float32)
-    with pytest.warns(LincompFallbackWarning):
-        kern(**lv).sum().backward()
-    assert lv["q"].grad is not None
-
-
 def test_backward_config_is_checked():
     spec = lincomp.presets.gla("scalar")
     x = random_inputs(spec, B=1, H=2, L=20, D=8, seed=0)

@@ -93,9 +93,10 @@ def test_noncontiguous_and_misaligned_inputs_are_copied():
 
 
 def test_requires_grad_trains_on_the_backward_kernels():
-    """A window spec trains on the generated backward (no warning); a spec it does not cover (combine="shared")
+    """A window spec trains on the generated backward (no warning); a spec it does not cover (pooled keys)
     runs the differentiable reference with a warning. Gradients match the reference either way."""
-    for spec, warns in ((SPEC, False), (presets.lolcats(block=6, feature_dim=4, terraced=False), True)):
+    pooled = presets.clear_pool(radius=2, factor=2, grid=(4, 4), text_tokens=2)
+    for spec, warns in ((SPEC, False), (pooled, True)):
         x = random_inputs(spec, H=2, L=30, D=16, seed=2)
         rest = {n: t for n, t in x.items() if n not in "qkv"}
         q = x["q"].clone().requires_grad_(True)
@@ -104,7 +105,7 @@ def test_requires_grad_trains_on_the_backward_kernels():
             warnings.simplefilter("always")
             o = kern(q, x["k"], x["v"], **rest)
         fell_back = [str(w.message) for w in caught if issubclass(w.category, LincompFallbackWarning)]
-        assert bool(fell_back) == warns and all("shared" in t for t in fell_back), fell_back
+        assert bool(fell_back) == warns and all("pool" in t for t in fell_back), fell_back
         o.square().sum().backward()
         q2 = x["q"].clone().requires_grad_(True)
         reference(spec, q2, x["k"], x["v"], **rest).square().sum().backward()

@@ -18,21 +18,11 @@ would lose the other's precision).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
 
 import torch
 
 WINDOW_NAMES = ("scale", "sink_logits")
 LINEAR_NAMES = ("linear_scale", "g", "feature_weight_q", "feature_weight_k", "initial_state")
-
-
-def unsupported_reason(spec) -> Optional[str]:
-    """Why the composed backward cannot differentiate ``spec`` (None: it can)."""
-    if spec.combine == "shared":
-        return ("combine='shared' (LoLCATs: one normaliser over both branches) has no TVM backward kernels: its "
-                "branches do not separate into the window and linear backward kernels; its gradient is the "
-                "reference's")
-    return None
 
 
 def branch_specs(spec) -> tuple:

@@ -17,9 +17,11 @@ Training: generated backward kernels cover softmax-only specs (every window kind
 window_bwd.py, driven by window_train.py; ``kernel.config["window_bwd"]``) and the linear branch alone
 (linear_bwd.py, driven by linear_train.py; ``kernel.config["linear_bwd"]``, ``{"chunk", "mr"}``);
 combine="sum" hybrids (Lizard) compose the two (hybrid_train.py: each branch's saving forward and backward,
-plus d alpha). The custom op's autograd (``forward_and_save`` / ``backward_saved``) and direct calls on
-inputs that require grad use them. Other specs (combine="shared") and key-padded calls
-differentiate the reference, with a warning. ``kernel.tune`` tunes the backward too (``kernel.tune_backward`` for the linear branch alone).
+plus d alpha); combine="shared" (LoLCATs) saves from the fused forward and adds the in-window linear terms'
+backward (shared_train.py, shared_bwd.py); pooled keys add the pooled pair and the pooling's vjp (window_train.py).
+The custom op's autograd (``forward_and_save`` / ``backward_saved``) and direct calls on inputs that require grad
+use them. Key-padded calls differentiate the reference, with a warning. ``kernel.tune`` tunes the backward too
+(``kernel.tune_backward`` for the linear branch alone).
 
 Inputs are fp32 kernels' food: fp16 / bf16 are widened to fp32 (and the output narrowed back),
 fp64 runs on the reference (a fp32 kernel would silently lose precision). A ``key_padding_mask`` runs on
@@ -223,8 +225,6 @@ class TVMKernel(Kernel):
 
     def forward(self, q, k, v, *, scale=None, linear_scale=None, return_state=False, **tensors):
         if self._check_grad(q, k, v, tensors):
-            if self._branch() == "none":
-                raise Unsupported(f"inputs that require grad: {self.backward_unsupported()}")
             if self._branch() == "window":
                 from lincomp.lower.tvmir.window_train import train_call
                 return train_call(self, q, k, v, scale=scale, return_state=return_state, **tensors)
@@ -254,19 +254,17 @@ class TVMKernel(Kernel):
     # -- training (window_train.py / linear_train.py: the forward saves what the backward needs) -----
     def _branch(self) -> str:
         """Which backward family covers this spec: "window", "linear", "hybrid" (combine="sum": both composed,
-        hybrid_train.py) or "none" (combine="shared")."""
+        hybrid_train.py) or "shared" (shared_train.py)."""
         if self.spec.linear is None:
             return "window"
         if not self.spec.has_softmax:
             return "linear"
-        return "hybrid" if self.spec.combine == "sum" else "none"
+        return "hybrid" if self.spec.combine == "sum" else "shared"
 
     def backward_unsupported(self) -> Optional[str]:
         branch = self._branch()
         if branch == "window":
             return _window_bwd.unsupported_reason(self.spec)
-        if branch == "none":
-            return _hybrid_train.unsupported_reason(self.spec)
         return None
 
     def forward_and_save(self, q, k, v, **kwargs):
@@ -276,7 +274,7 @@ class TVMKernel(Kernel):
             return forward_and_save(self, q, k, v, **kwargs)
         if branch == "hybrid":
             return _hybrid_train.forward_and_save(self, q, k, v, **kwargs)
-        if branch == "linear" and kwargs.get("key_padding_mask") is None:
+        if branch in ("linear", "shared") and kwargs.get("key_padding_mask") is None:
             return self._linear_forward_and_save(q, k, v, **kwargs)
         with torch.no_grad():   # the op calls this for inference too: the forward stays on the kernels
             return self.forward(q, k, v, **kwargs), None
@@ -286,7 +284,7 @@ class TVMKernel(Kernel):
         if branch == "window":
             from lincomp.lower.tvmir.window_train import saved_like
             return saved_like(self, q, k, v, **kwargs)
-        if branch == "linear":
+        if branch in ("linear", "shared"):
             return self._linear_saved_like(q, k, v, **kwargs)
         if branch == "hybrid":
             return _hybrid_train.saved_like(self, q, k, v, **kwargs)
@@ -298,6 +296,9 @@ class TVMKernel(Kernel):
             return backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
         if self._branch() == "hybrid":
             return _hybrid_train.backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
+        if self._branch() == "shared":
+            from lincomp.lower.tvmir.shared_train import backward_saved
+            return backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
         return self._linear_backward_saved(grad_o, o, saved, q, k, v, **kwargs)
 
     @staticmethod
@@ -419,7 +420,7 @@ class TVMKernel(Kernel):
         if spec.has_softmax:
             dims = _window.WindowDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF)
             out["window"] = [_window.window_source(spec, dims, _window.WindowConfig.from_dict(configs["window"]),
-                                                   key_bias=key_bias)]
+                                                   key_bias=key_bias, save_lse=save)]
         return out
 
     def _modules(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
@@ -460,7 +461,8 @@ class TVMKernel(Kernel):
 
     # -- the call -------------------------------------------------------------------------------
     def _run(self, call: Call, sizes: Sizes, configs: dict, saved: Optional[list] = None):
-        """(o, state); ``saved`` (a list, linear-only specs): filled with what the backward needs."""
+        """(o, state); ``saved`` (a list, linear-only and combine="shared" specs): filled with what the backward
+        needs (shared: the chunk states, the shared denominators and lse2, written by the window kernel)."""
         spec, lin = self.spec, self.spec.linear
         B, H, L, Dv = call.B, call.H, call.L, call.Dv
         kpm = call.key_padding_mask
@@ -506,7 +508,7 @@ class TVMKernel(Kernel):
                 if spec.causal:
                     args.append(saved[0])
             m.fn("linear_fwd")(*args, call.linear_scale)
-            if save and lin.normalize:   # o = num / den (0 where den = 0), den kept for the backward
+            if save and lin.normalize and spec.combine is None:   # o = num / den (0 where den = 0), den kept
                 saved[1] = den
                 torch.div(num, torch.where(den == 0, torch.ones_like(den), den)[..., None], out=o)
                 o.masked_fill_((den == 0)[..., None], 0.0)
@@ -524,9 +526,11 @@ class TVMKernel(Kernel):
             args = self._window_inputs(call, configs["window"]) + (lin_args or [])
             if kpm is not None:   # padded keys score -inf (as the reference masks them)
                 args.append(torch.zeros(B, L, dtype=torch.float32).masked_fill_(~kpm.cpu(), -math.inf))
-            mods["window"].fn("window_fwd")(*args, o, call.scale)
+            mods["window"].fn("window_fwd")(*args, o, *(saved[2:] if save else []), call.scale)
             if spec.combine == "shared":
                 check_shared_precision(cond)
+                if save:   # the kernel overwrote the scan's den with the shared one
+                    saved[1] = den
         return o, state
 
     def _window_inputs(self, call: Call, cfg: dict) -> list:
@@ -545,11 +549,13 @@ class TVMKernel(Kernel):
         choices = self._choices_for(sizes, call.L)
         bwd = self._bwd_choice(sizes, call.L)
         # the forward walks the backward's chunks, so the saved states sit on its chunk boundaries
-        configs = {"linear": self._normalise("linear", {**choices["linear"].params, "chunk": bwd.params["chunk"]},
+        configs = {**{p: c.params for p, c in choices.items()},
+                   "linear": self._normalise("linear", {**choices["linear"].params, "chunk": bwd.params["chunk"]},
                                              sizes)}
         saved: list = []
         o, _ = self._run(call, sizes, configs, saved=saved)
-        self.config = {**self.config, "linear_fwd": choices["linear"].as_dict(), "linear_bwd": bwd.as_dict()}
+        self.config = {**self.config, **{KERNEL_NAMES[p]: c.as_dict() for p, c in choices.items()},
+                       "linear_bwd": bwd.as_dict()}
         return o.to(q.dtype), saved
 
     def _linear_saved_like(self, q, k, v, *, scale=None, linear_scale=None, **tensors) -> list:
@@ -623,11 +629,13 @@ class TVMKernel(Kernel):
             built = self._mods[key] = _build.build([src], f"linear_bwd-{self.spec.summary() or 'spec'}")
         return built
 
-    def _linear_backward(self, call: Call, sizes: Sizes, grad_o, o, saved: list) -> dict:
-        """The scan's gradients on the kernel, the feature maps' and the gate's on the host (linear_train.py)."""
+    def _linear_backward(self, call: Call, sizes: Sizes, grad_o, o, saved: list, inwindow=None) -> dict:
+        """The scan's gradients on the kernel, the feature maps' and the gate's on the host (linear_train.py).
+        ``inwindow(feats, do, dfq, dfk, dv, grads)``: combine="shared"'s hook removing the in-window terms'
+        share from the per-query-head gradients before the feature maps' vjp (shared_train.py)."""
         spec, lin = self.spec, self.spec.linear
         B, H, L, Dv = call.B, call.H, call.L, call.Dv
-        aug = lin.normalize
+        aug = lin.normalize or spec.combine == "shared"   # shared: the scan's den column feeds its normaliser
         den = saved[1] if aug else None
         do = _linear_train.scan_grad(spec, grad_o, o, den, call.linear_scale, aug)
         feats = _linear_train.Features(call)
@@ -649,6 +657,8 @@ class TVMKernel(Kernel):
                 grads["g"] = dg[0]
         else:
             dfq, dfk, dv = _linear_train.noncausal_grads(spec, feats, call.v, do, call.Hkv)
+        if inwindow is not None:
+            inwindow(feats, do, dfq, dfk, dv, grads)
         grads.update(feats.backward(dfq, dfk if fk.shape[1] == H else _linear_train.group_sum(dfk, fk.shape[1])))
         grads["v"] = _linear_train.group_sum(dv, call.Hkv)
         if dS0 is not None and call.S0 is not None:

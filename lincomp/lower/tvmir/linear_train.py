@@ -30,11 +30,14 @@ def n_saved_chunks(L) -> int:
 
 
 def saved_shapes(spec, B, H, L, F, Dv) -> list:
-    """Shapes of the saved list: Sc [B, H, ceil(L / 16), F, Dv (+1)], den [B, H, L] (normalised, else [0])."""
+    """Shapes of the saved list: Sc [B, H, ceil(L / 16), F, Dv (+1)], den [B, H, L] (normalised, else [0]);
+    combine="shared" (shared_train.py): the shared den and then lse2 [B, H, L]."""
+    shared = spec.combine == "shared"
+    aug = int(spec.linear.normalize or shared)
+    lse = [(B, H, L)] if shared else []
     if not spec.causal:
-        return [(0,), (B, H, L) if spec.linear.normalize else (0,)]
-    aug = int(spec.linear.normalize)
-    return [(B, H, n_saved_chunks(L), F, Dv + aug), (B, H, L) if aug else (0,)]
+        return [(0,), (B, H, L) if aug else (0,), *lse]
+    return [(B, H, n_saved_chunks(L), F, Dv + aug), (B, H, L) if aug else (0,), *lse]
 
 
 def scan_grad(spec, grad_o: torch.Tensor, o: torch.Tensor, den: Optional[torch.Tensor], linear_scale: float,

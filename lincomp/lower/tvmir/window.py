@@ -412,7 +412,7 @@ def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: boo
     with s.block(f"for i in range({BM}):"):
         with s.block("if qpos[i] >= 0:"):
             s("p = qpos[i]")
-            if save_lse:   # m + log2(l): -inf for a row without keys (m = -inf, l = 0)
+            if save_lse and not shared:   # m + log2(l): -inf for a row without keys (m = -inf, l = 0)
                 s(f"lse[b, h, p] = T.if_then_else(l[i] == T.float32(0), {NEG_INF}, m[i] + T.log2(l[i]))")
             if shared:
                 s("gam = window_gamma[h]",
@@ -426,6 +426,9 @@ def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: boo
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     s("o[b, h, p, d] = T.if_then_else(den == T.float32(0), T.float32(0), "
                       "(gam * acc[i, d] + lin_num[b, h, p, d] - accl[i, d]) / den)")
+                if save_lse:   # training (shared_train.py): the row's lse over the shared normaliser, den in place
+                    s(f"lse[b, h, p] = T.if_then_else(den > T.float32(0), m[i] + T.log2(den / gam), {NEG_INF})",
+                      "lin_den[b, h, p] = den")
             else:
                 s("inv = T.if_then_else(l[i] == T.float32(0), T.float32(0), T.float32(1) / l[i])   # NaN stays NaN")
                 with s.block(f"for d in T.vectorized({Dv}):"):

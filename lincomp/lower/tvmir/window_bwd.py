@@ -18,7 +18,10 @@ Two PrimFuncs iterate the plan in its two directions:
 - ``window_bwd_dq`` (``split_dq=True`` only): one task per (batch, head, query tile) walking the plan.
 
 Grid windows visit re-ordered tokens (``tokens``, as the forward). Hybrids have no backward here (the
-caller raises Unsupported).
+caller raises Unsupported); combine="shared" (shared_train.py) runs this template on its window part with
+``row_stats``: the pass that owns the query rows (dq) also adds each row's ``sum_j ds`` into ``rsum [B, H, L]``
+and keeps its highest visible raw score and key (``rbest``, ``ridx``): the gradient of the window gain and of
+the row max the shared normaliser is not shifted by.
 
 Pooled keys (CLEAR's ``window.pool``): the saved lse2 already spans window + pooled keys, so the window
 kernels above give the window keys' share unchanged; ``pooled_bwd_dkdv`` / ``pooled_bwd_dq`` are the same
@@ -88,22 +91,24 @@ def unsupported_reason(spec: AttentionSpec) -> Optional[str]:
     return None
 
 
-def arg_names(spec: AttentionSpec, which: str, pooled: bool = False) -> list:
+def arg_names(spec: AttentionSpec, which: str, pooled: bool = False, row_stats: bool = False) -> list:
     """Arguments of ``window_bwd_dkdv`` / ``window_bwd_dq`` in order (the launcher passes them so); the
-    ``pooled_bwd_*`` kernels take the same with k, v, dk, dv the pooled ones and no tokens."""
+    ``pooled_bwd_*`` kernels take the same with k, v, dk, dv the pooled ones and no tokens; ``row_stats``: the
+    in-place row outputs ``rsum``, ``rbest``, ``ridx`` of the pass that owns dq."""
     names = ["q", "k", "v", "do", "lse2", "delta"]
     names += ["q_offsets", "q_indices", "q_full"] if which != "dq" else ["kv_offsets", "kv_indices", "kv_full"]
     if tiled(spec) and not pooled:
         names.append("tokens")
     outs = {"dkdv": ["dk", "dv", "dq"], "dkdv_split": ["dk", "dv"], "dq": ["dq"]}[which]
-    return names + outs + ["scale"]
+    rows = ["rsum", "rbest", "ridx"] if row_stats and which != "dkdv_split" else []
+    return names + outs + rows + ["scale"]
 
 
-def backward_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig) -> list:
+def backward_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, row_stats: bool = False) -> list:
     """[TVMScript PrimFunc texts] of the backward for ``spec``: dkdv (and dq when ``split_dq``); a pooled
     spec adds the pooled keys' pair (``pooled_bwd_*``)."""
     which = ("dkdv_split", "dq") if cfg.split_dq else ("dkdv",)
-    out = [_source(spec, dims, cfg, w) for w in which]
+    out = [_source(spec, dims, cfg, w, row_stats=row_stats) for w in which]
     if spec.pool is not None:
         out += [_source(spec, dims, pooled_config(cfg), w, pooled=True) for w in which]
     return out
@@ -117,7 +122,8 @@ def pooled_config(cfg: WindowBwdConfig) -> WindowBwdConfig:
     return replace(cfg, block_m=64, block_n=32, tile=None, mr=3)
 
 
-def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: str, pooled: bool = False) -> str:
+def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: str, pooled: bool = False,
+            row_stats: bool = False) -> str:
     H, Hkv, D, Dv = dims.H, dims.Hkv, dims.D, dims.Dv
     BM, BN = cfg.block_m, cfg.block_n
     grid = tiled(spec) and not pooled
@@ -140,7 +146,8 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
     by_key = which != "dq"
     fused_dq = which == "dkdv"
     name = ("pooled" if pooled else "window") + ("_bwd_dq" if which == "dq" else "_bwd_dkdv")
-    names = arg_names(spec, which, pooled)
+    names = arg_names(spec, which, pooled, row_stats)
+    rows = "rsum" in names
     s = Script()
     with signature(s, name, names, dims, kv_rows):
         off, idx, full = names[6:9]
@@ -157,6 +164,10 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
               f'dv = T.match_buffer(dv_h, (B, {Hkv}, {kv_rows}, {Dv}), "float32")')
         if which != "dkdv_split":
             s(f'dq = T.match_buffer(dq_h, (B, {H}, L, {D}), "float32")')
+        if rows:
+            s(f'rsum = T.match_buffer(rsum_h, (B, {H}, L), "float32")',
+              f'rbest = T.match_buffer(rbest_h, (B, {H}, L), "float32")',
+              f'ridx = T.match_buffer(ridx_h, (B, {H}, L), "int32")')
         if fused_dq:
             s("# one task per (batch, kv head): its key tiles in order, so dq rows are only ever added to by it")
             outer = s.block(f"for task in T.parallel(B * {Hkv}):")
@@ -203,7 +214,7 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
                             s("t = q_indices[e]")
                             positions("qpos", "t", BM)
                             _emit_rows(s, BM)
-                            _emit_pair(s, vis, BM, BN, D, Dv, mr_s, "q_full[e]")
+                            _emit_pair(s, vis, BM, BN, D, Dv, mr_s, "q_full[e]", rows)
                             s("# dv += p^T @ dO, dk += ds^T @ Q (padding query rows have p = ds = 0)")
                             emit_gemm_tile(s, rows=BN, mr=mr_k, width=Dv, red=str(BM),
                                            a=lambda r, x: f"sc[{x}, {r}]",
@@ -240,7 +251,7 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
                         s("kt = kv_indices[e]")
                         positions("kpos", "kt", BN)
                         _emit_kv_tile(s, BN, D, Dv)
-                        _emit_pair(s, vis, BM, BN, D, Dv, mr_s, "kv_full[e]")
+                        _emit_pair(s, vis, BM, BN, D, Dv, mr_s, "kv_full[e]", rows)
                         emit_gemm_tile(s, rows=BM, mr=mr_q, width=D, red=str(BN),
                                        a=lambda r, x: f"ds[{r}, {x}]",
                                        b=lambda x, w: f"k[b, hk, T.max(kpos[{x}], 0), {w}]",
@@ -271,13 +282,23 @@ def _emit_rows(s: Script, BM: int) -> None:
         s("rl[i] = lse2[b, h, T.max(qpos[i], 0)]", "rd[i] = delta[b, h, T.max(qpos[i], 0)]")
 
 
-def _emit_pair(s: Script, vis: str, BM: int, BN: int, D: int, Dv: int, mr: int, full: str) -> None:
+def _emit_pair(s: Script, vis: str, BM: int, BN: int, D: int, Dv: int, mr: int, full: str,
+               rows: bool = False) -> None:
     """p (in ``sc``) and ds for one (query tile, key tile) pair; padding and invisible pairs (``vis``: the
-    generated rule, "query qpos[i] sees key kpos[j]") get p = ds = 0."""
+    generated rule, "query qpos[i] sees key kpos[j]") get p = ds = 0. ``rows``: also the row statistics
+    (``rbest`` / ``ridx`` from the raw scores, ``rsum`` += row sums of ds)."""
     s("# sc = Q @ K^T (queries x keys, keys vectorised)")
     emit_gemm_tile(s, rows=BM, mr=mr, width=BN, red=str(D),
                    a=lambda r, x: f"q[b, h, T.max(qpos[{r}], 0), {x}]", b=lambda x, w: f"kT[{x}, {w}]",
                    init=None, store=lambda r, w, val: f"sc[{r}, {w}] = {val}")
+    if rows:
+        s("# each row's highest visible raw score and its key (first of equals in visiting order)")
+        with s.block(f"for i in range({BM}):"):
+            with s.block("if qpos[i] >= 0:"):
+                with s.block(f"for j in range({BN}):"):
+                    with s.block(f"if ({full} != 0 and kpos[j] >= 0 or {vis}) and "
+                                 "sc[i, j] > rbest[b, h, qpos[i]]:"):
+                        s("rbest[b, h, qpos[i]] = sc[i, j]", "ridx[b, h, qpos[i]] = kpos[j]")
     s("# p = 2^(s * scale * log2(e) - lse2), masked by the rule unless the plan marks the pair full")
     c = f"scale * {f32(LOG2E)}"
     with s.block(f"if {full} == 0:"):
@@ -293,6 +314,11 @@ def _emit_pair(s: Script, vis: str, BM: int, BN: int, D: int, Dv: int, mr: int, 
     emit_gemm_tile(s, rows=BM, mr=mr, width=BN, red=str(Dv),
                    a=lambda r, x: f"do[b, h, T.max(qpos[{r}], 0), {x}]", b=lambda x, w: f"vT[{x}, {w}]",
                    init=None, store=lambda r, w, val: f"ds[{r}, {w}] = sc[{r}, {w}] * ({val} - rd[{r}])")
+    if rows:
+        with s.block(f"for i in range({BM}):"):
+            with s.block("if qpos[i] >= 0:"):
+                with s.block(f"for j in range({BN}):"):
+                    s("rsum[b, h, qpos[i]] = rsum[b, h, qpos[i]] + ds[i, j]")
 
 
 __all__ = ["WindowBwdConfig", "backward_source", "arg_names", "unsupported_reason", "NEG_INF"]

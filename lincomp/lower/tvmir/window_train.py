@@ -214,8 +214,10 @@ def forward_and_save(kernel, q, k, v, **kwargs) -> tuple:
     return (o if out_dtype == torch.float32 else o.to(out_dtype)), [lse2]
 
 
-def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, **tensors) -> dict:
-    """{"q", "k", "v", "sink_logits", "pool_weight"}: gradients of sum(grad_o * o) from o and the saved lse2."""
+def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, row_stats: bool = False, **tensors) -> dict:
+    """{"q", "k", "v", "sink_logits", "pool_weight"}: gradients of sum(grad_o * o) from o and the saved lse2;
+    ``row_stats`` adds "rows": (rsum [B, H, L] = sum_j ds_ij, ridx [B, H, L] int32 = each row's argmax key,
+    -1: none)."""
     call = bind(kernel.spec, q, k, v, scale=scale, check_values=False, **tensors)
     kernel._prepare(call)
     sizes = kernel.sizes_of(call)
@@ -227,17 +229,20 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, **tensors) 
     lse2 = saved[0].to(torch.float32)
     lse2 = torch.where(lse2 == -math.inf, math.inf, lse2).contiguous()   # a row without keys: p = 2^-inf = 0
     c = _bwd.WindowBwdConfig.from_dict(cfg)
-    mod = _module(kernel, "window_bwd", sizes, cfg, lambda: _bwd.backward_source(kernel.spec, _dims(sizes), c))
+    mod = _module(kernel, "window_bwd_rows" if row_stats else "window_bwd", sizes, cfg,
+                  lambda: _bwd.backward_source(kernel.spec, _dims(sizes), c, row_stats))
     fwd_plan, bwd_plan, tokens = _bwd_plan(kernel, L, cfg)
     head = [call.q, call.k, call.v, do, lse2, delta]
     dk, dv = alloc_output((B, Hkv, L, D), torch.float32), alloc_output((B, Hkv, L, Dv), torch.float32)
+    rows = ([torch.zeros((B, H, L)), torch.full((B, H, L), -math.inf), torch.full((B, H, L), -1, dtype=torch.int32)]
+            if row_stats else [])   # updated in place by the pass that owns the query rows
     if c.split_dq:
         dq = alloc_output((B, H, L, D), torch.float32)
         mod.fn("window_bwd_dkdv")(*head, *bwd_plan, *tokens, dk, dv, call.scale)
-        mod.fn("window_bwd_dq")(*head, *fwd_plan, *tokens, dq, call.scale)
+        mod.fn("window_bwd_dq")(*head, *fwd_plan, *tokens, dq, *rows, call.scale)
     else:
         dq = torch.zeros((B, H, L, D), dtype=torch.float32)   # accumulated in place by the dk / dv pass
-        mod.fn("window_bwd_dkdv")(*head, *bwd_plan, *tokens, dk, dv, dq, call.scale)
+        mod.fn("window_bwd_dkdv")(*head, *bwd_plan, *tokens, dk, dv, dq, *rows, call.scale)
     dpool = None
     if kernel.spec.pool is not None:
         dpool = _pooled_backward(kernel, call, mod, c, cfg, do, lse2, delta, dq, dk, dv)
@@ -247,7 +252,10 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, **tensors) 
         p = torch.exp2(base2(call.sink_logits).double()[None, :, None, :] - lse2.double()[..., None])
         dsink = -(p * delta.double()[..., None]).sum((0, 2))
     kernel.config = {**kernel.config, KERNEL: ch.as_dict()}
-    return {"q": dq, "k": dk, "v": dv, "sink_logits": dsink, "pool_weight": dpool}
+    out = {"q": dq, "k": dk, "v": dv, "sink_logits": dsink, "pool_weight": dpool}
+    if row_stats:
+        out["rows"] = (rows[0], rows[2])
+    return out
 
 
 def tune_backward(kernel, q, k, v, *, db, force: bool, progress, reps: int, space=None, **tensors):
