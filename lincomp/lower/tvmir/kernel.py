@@ -406,10 +406,11 @@ class TVMKernel(Kernel):
             funcs = []
             if (not _linear.inline_features(spec)) or spec.combine == "shared":
                 E = sizes.E if sizes.E is not None else sizes.D
+                fit = dict(mr=_fit_rows(4, E), lanes=_build.vector_lanes())   # the projection's accumulators fit
                 funcs.append(_features.feature_source(lin.feature_map, _features.FeatureDims(sizes.H, sizes.H, sizes.D, E),
-                                                      name="features_q"))
+                                                      name="features_q", **fit))
                 funcs.append(_features.feature_source(lin.feature_map, _features.FeatureDims(sizes.Hkv, sizes.HF, sizes.D, E),
-                                                      name="features_k"))
+                                                      name="features_k", **fit))
             mode = "numden" if spec.combine == "shared" or (save and lin.normalize) else "o"
             funcs.append(_linear.linear_source(
                 spec, _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF),
