@@ -51,7 +51,7 @@ from lincomp.lower.tvmir import linear_train as _linear_train
 from lincomp.lower.tvmir import window as _window
 from lincomp.lower.tvmir import window_bwd as _window_bwd
 from lincomp.lower.tvmir.codegen import base2
-from lincomp.runtime.buffers import alloc_output
+from lincomp.runtime.buffers import Scratch, alloc_output
 from lincomp.runtime.kernel import Kernel, Unsupported
 from lincomp.runtime.pool import window_only
 from lincomp.spec import AttentionSpec, GridWindow
@@ -462,6 +462,11 @@ class TVMKernel(Kernel):
     # -- the call -------------------------------------------------------------------------------
     def _run(self, call: Call, sizes: Sizes, configs: dict, saved: Optional[list] = None):
         """(o, state); ``saved`` (a list, linear-only specs): filled with what the backward needs."""
+        with _SCRATCH.lease() as scratch:
+            return self._run_in(scratch, call, sizes, configs, saved)
+
+    def _run_in(self, scratch, call: Call, sizes: Sizes, configs: dict, saved: Optional[list]):
+        """``_run`` with ``scratch(name, shape)``: the call's intermediates (kept between calls)."""
         spec, lin = self.spec, self.spec.linear
         B, H, L, Dv = call.B, call.H, call.L, call.Dv
         kpm = call.key_padding_mask
@@ -474,8 +479,8 @@ class TVMKernel(Kernel):
             m = mods["linear"]
             fq = fk = None
             if (not _linear.inline_features(spec)) or spec.combine == "shared":
-                fq = _empty((B, H, L, sizes.F))
-                fk = _empty((B, sizes.HF, L, sizes.F))
+                fq = scratch("fq", (B, H, L, sizes.F))
+                fk = scratch("fk", (B, sizes.HF, L, sizes.F))
                 wq = [call.feature_weight_q] if lin.has_weights else []
                 wk = [call.feature_weight_k] if lin.has_weights else []
                 m.fn("features_q")(call.q, *wq, fq)
@@ -494,10 +499,11 @@ class TVMKernel(Kernel):
             if call.S0 is not None:
                 args += [call.S0, call.z0]
             if spec.combine == "shared" or (save and lin.normalize):
-                num, den = _empty((B, H, L, Dv)), _empty((B, H, L))
+                num = scratch("num", (B, H, L, Dv))
+                den = _empty((B, H, L)) if save else scratch("den", (B, H, L))   # saved: the backward keeps it
                 args += [num, den]
             else:
-                lin_o = o if spec.combine is None else _empty((B, H, L, Dv))
+                lin_o = o if spec.combine is None else scratch("lin_o", (B, H, L, Dv))
                 args.append(lin_o)
             if call.return_state:
                 state = (_empty((B, H, sizes.F, Dv)), _empty((B, H, sizes.F)))
@@ -517,7 +523,7 @@ class TVMKernel(Kernel):
                 lin_args = [num, den, call.window_gamma, fq, fk]
                 if lin.gate is not None:
                     lin_args.append(call.g.double().cumsum(2).contiguous())
-                cond = torch.zeros(B, H, L, dtype=torch.float32)
+                cond = scratch("cond", (B, H, L)).zero_()
                 lin_args.append(cond)
             elif spec.combine == "sum":
                 lin_args = [lin_o, call.alpha]
@@ -753,6 +759,9 @@ def _bucket(sizes: Sizes, L: int, part: str) -> str:
 
 def _frozen(cfg: dict) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()))
+
+
+_SCRATCH = Scratch()   # intermediates of the calls, shared by every TVMKernel (see Scratch)
 
 
 def _empty(shape) -> torch.Tensor:
