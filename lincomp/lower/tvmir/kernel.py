@@ -119,7 +119,8 @@ def default_config(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> dict
 
 def _fit_window(cfg: "_window.WindowConfig", sizes: Sizes) -> "_window.WindowConfig":
     """Micro-kernel rows: as asked (0 = as many as fit), capped so the accumulators fit the registers."""
-    return replace(cfg, mr_qk=_fit_rows(cfg.mr_qk, cfg.block_m), mr_pv=_fit_rows(cfg.mr_pv, sizes.Dv))
+    return replace(cfg, mr_qk=_fit_rows(cfg.mr_qk, cfg.block_m),
+                   mr_pv=_fit_rows(cfg.mr_pv, min(sizes.Dv, _window.PV_COLS)))
 
 
 def _fit_rows(asked: int, width: int) -> int:

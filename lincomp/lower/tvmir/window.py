@@ -30,6 +30,11 @@ from lincomp.ir.lowered import lower
 from lincomp.spec import AttentionSpec, GridWindow
 
 
+# Value columns per P @ V pass: a wider head dim (128) runs in column blocks, so mr_pv rows of accumulators
+# fit the registers (kernel.py fits mr_pv to this width).
+PV_COLS = 64
+
+
 @dataclass(frozen=True)
 class WindowConfig:
     """Schedule choices of the window template (the tuning space)."""
@@ -300,7 +305,7 @@ def _emit_step(s: Script, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: 
             s(f"sT[j, i] = {exp2('sT[j, i] - mu[i]')}",
               "l[i] = l[i] + sT[j, i]")
     s("# acc = corr * acc + P @ V (MR query rows x Dv, vectorised)")
-    emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(GN), a=lambda r, x: f"sT[{x}, {r}]", b=val,
+    emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(GN), a=lambda r, x: f"sT[{x}, {r}]", b=val, cols=PV_COLS,
                    init=lambda r, w: f"acc[{r}, {w}] * corr[{r}]",
                    store=lambda r, w, val_: f"acc[{r}, {w}] = {val_}")
 
@@ -398,7 +403,7 @@ def _emit_shared_inwindow(s, spec, BM, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_
         with s.block(f"for i in T.vectorized({BM}):"):
             s(f"aT[j, i] = T.if_then_else({vis}, aT[j, i], T.float32(0))",
               "ll[i] = ll[i] + aT[j, i]")
-    emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(BN),
+    emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(BN), cols=PV_COLS,
                    a=lambda r, x: f"aT[{x}, {r}]",
                    b=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]",
                    init=lambda r, w: f"accl[{r}, {w}]",
