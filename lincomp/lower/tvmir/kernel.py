@@ -26,6 +26,8 @@ fp64 runs on the reference (a fp32 kernel would silently lose precision). A ``ke
 the window kernel (its own compiled variant: padded keys score -inf, a row with none left outputs 0) and
 zeroes the padded keys' features for the linear branch (elu1, whose phi(0) is not 0, runs on the reference).
 Non-contiguous or misaligned (not 64-byte) tensors are copied, with a one-time warning naming the tensor.
+A call's intermediates (feature maps, the linear branch's output or num / den) are kept between calls
+(:class:`~lincomp.runtime.buffers.Scratch`): fresh multi-MB buffers would page-fault in on every call.
 """
 
 from __future__ import annotations
