@@ -52,3 +52,14 @@ def test_key_padding_mask_on_the_kernels(check, spec, sizes):
     """Padded keys leave the softmax (-inf scores) and the linear sums (zero features); a row whose keys are all
     padded outputs 0 (the check's last batch row)."""
     check(spec, B=3, L=29, seed=11, key_padding=True, **sizes)
+
+
+@pytest.mark.parametrize("config", [{"block_m": 16, "block_n": 16}, {"block_m": 16, "block_n": 8, "kv_group": 2}])
+def test_minilm_shape_shared_hybrid(check, config):
+    """The MiniLM demo's shape (non-causal window + a [CLS] prefix + hedgehog, shared normaliser), long enough
+    for key tiles the plan marks fully visible (with 2-tile steps their in-window linear terms skip the mask),
+    hedgehog E = 12 (the max / sum reductions over E run 6 lanes wide, in two steps), D = 128 (P @ V in column
+    blocks)."""
+    spec = AttentionSpec(window={"kind": "1d", "left": 20, "right": 20}, prefix=1,
+                         linear={"feature_map": "hedgehog", "feature_dim": 12, "normalize": True}, combine="shared")
+    check(spec, H=2, L=90, D=128, seed=6, config={"window": config})

@@ -24,8 +24,11 @@ class FeatureDims:
     E: int       # projection width (F = 2E for hedgehog maps, F = D = E for elementwise maps)
 
 
-def feature_source(fmap: str, dims: FeatureDims, mr: int = 4, name: str = "features") -> str:
-    """TVMScript of ``name(x, [W], out)``: ``out[b, h, t] = phi(x[b, h // group, t])``."""
+def feature_source(fmap: str, dims: FeatureDims, mr: int = 4, name: str = "features", lanes: int = 8) -> str:
+    """TVMScript of ``name(x, [W], out)``: ``out[b, h, t] = phi(x[b, h // group, t])``.
+
+    ``mr``: token rows per projection micro-kernel step (``mr * E / lanes`` accumulator registers: the caller
+    fits it to the register file); ``lanes``: fp32 lanes of a vector register (the width of the reductions)."""
     Hx, H, D, E = dims.Hx, dims.H, dims.D, dims.E
     group = H // Hx
     hedge = fmap not in INLINE_MAPS
@@ -56,25 +59,39 @@ def feature_source(fmap: str, dims: FeatureDims, mr: int = 4, name: str = "featu
                            a=lambda r, x: f"x[b, hx, T.min(t0 + {r}, L - 1), {x}]",
                            b=lambda x, w: f"w[h, {x}, {w}]", init=None,
                            store=lambda r, w, val: f"p[{r}, {w}] = {val}")
+            V = divisor_at_most(E, lanes)    # reductions over E run V lanes wide, then across the lanes
+            if fmap == "hedgehog":
+                s(f'part = T.alloc_buffer((2, {V}), "float32")', 'mx = T.alloc_buffer((2,), "float32")')
             with s.block(f"for r in range(T.min({ROWS}, L - t0)):"):
                 if fmap == "hedgehog":
                     s("# softmax(p) and softmax(-p) over the E entries (shifted by max p and min p)")
-                    s('mx = T.alloc_buffer((2,), "float32")')
-                    s("mx[0] = p[r, 0]", "mx[1] = p[r, 0]")
-                    with s.block(f"for e in range(1, {E}):"):
-                        s("mx[0] = T.max(mx[0], p[r, e])", "mx[1] = T.min(mx[1], p[r, e])")
+                    _emit_lane_reduce(s, E, V, (lambda a, x: f"T.max({a}, {x})", lambda a, x: f"T.min({a}, {x})"),
+                                      (lambda e: f"p[r, {e}]", lambda e: f"p[r, {e}]"))
                     with s.block(f"for e in T.vectorized({E}):"):
                         s(f"out[b, h, t0 + r, e] = {exp2(f'(p[r, e] - mx[0]) * {L2E}')}",
                           f"out[b, h, t0 + r, {E} + e] = {exp2(f'(mx[1] - p[r, e]) * {L2E}')}")
-                    s('sm = T.alloc_buffer((2,), "float32")')
-                    s("sm[0] = T.float32(0)", "sm[1] = T.float32(0)")
-                    with s.block(f"for e in range({E}):"):
-                        s("sm[0] = sm[0] + out[b, h, t0 + r, e]", f"sm[1] = sm[1] + out[b, h, t0 + r, {E} + e]")
+                    s("# the two sums (then multiply by their reciprocals: 1 ulp, against a division per entry)")
+                    _emit_lane_reduce(s, E, V, (lambda a, x: f"{a} + {x}",) * 2,
+                                      (lambda e: f"out[b, h, t0 + r, {e}]", lambda e: f"out[b, h, t0 + r, {E} + {e}]"))
+                    s("mx[0] = T.float32(1) / mx[0]", "mx[1] = T.float32(1) / mx[1]")
                     with s.block(f"for e in T.vectorized({E}):"):
-                        s("out[b, h, t0 + r, e] = out[b, h, t0 + r, e] / sm[0]",
-                          f"out[b, h, t0 + r, {E} + e] = out[b, h, t0 + r, {E} + e] / sm[1]")
+                        s("out[b, h, t0 + r, e] = out[b, h, t0 + r, e] * mx[0]",
+                          f"out[b, h, t0 + r, {E} + e] = out[b, h, t0 + r, {E} + e] * mx[1]")
                 else:
                     with s.block(f"for e in T.vectorized({E}):"):
                         s(f"out[b, h, t0 + r, e] = {exp2(f'p[r, e] * {L2E}')}",
                           f"out[b, h, t0 + r, {E} + e] = {exp2(f'-p[r, e] * {L2E}')}")
     return s.text()
+
+
+def _emit_lane_reduce(s: Script, E: int, V: int, ops, items) -> None:
+    """``mx[c] = op_c over e < E of items_c(e)`` for c = 0, 1: ``V`` lanes at a time into ``part``, then across
+    the lanes (a scalar chain over all E entries would wait on each op's latency)."""
+    with s.block(f"for l in T.vectorized({V}):"):
+        s(*(f"part[{c}, l] = {items[c]('l')}" for c in range(2)))
+    with s.block(f"for e in range(1, {E // V}):"):
+        with s.block(f"for l in T.vectorized({V}):"):
+            s(*(f"part[{c}, l] = {ops[c](f'part[{c}, l]', items[c](f'e * {V} + l'))}" for c in range(2)))
+    s(*(f"mx[{c}] = part[{c}, 0]" for c in range(2)))
+    with s.block(f"for l in range(1, {V}):"):
+        s(*(f"mx[{c}] = {ops[c](f'mx[{c}]', f'part[{c}, l]')}" for c in range(2)))

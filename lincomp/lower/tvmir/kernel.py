@@ -28,6 +28,8 @@ fp64 runs on the reference (a fp32 kernel would silently lose precision). A ``ke
 the window kernel (its own compiled variant: padded keys score -inf, a row with none left outputs 0) and
 zeroes the padded keys' features for the linear branch (elu1, whose phi(0) is not 0, runs on the reference).
 Non-contiguous or misaligned (not 64-byte) tensors are copied, with a one-time warning naming the tensor.
+A call's intermediates (feature maps, the linear branch's output or num / den) are kept between calls
+(:class:`~lincomp.runtime.buffers.Scratch`): fresh multi-MB buffers would page-fault in on every call.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from lincomp.lower.tvmir import linear_train as _linear_train
 from lincomp.lower.tvmir import window as _window
 from lincomp.lower.tvmir import window_bwd as _window_bwd
 from lincomp.lower.tvmir.codegen import base2
-from lincomp.runtime.buffers import alloc_output
+from lincomp.runtime.buffers import Scratch, alloc_output
 from lincomp.runtime.kernel import Kernel, Unsupported
 from lincomp.runtime.pool import window_only
 from lincomp.spec import AttentionSpec, GridWindow
@@ -110,7 +112,10 @@ def default_config(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> dict
             cfg = _window.WindowConfig(block_m=bm, block_n=bm, tile=window_tile(spec.window, bm), mr_qk=0,
                                        mr_pv=0)
         else:
-            bm = 64 if L >= 1024 else 32 if L > 32 else 16
+            # 64-query tiles need the 32 registers of AVX-512; with 16 (AVX2) 32-query tiles measured 1.1-1.5x
+            # faster (hybrids at D = 32 / 64 / 128, L = 4096, on Zen 3)
+            wide = 64 if _build.vector_registers() >= 32 else 32
+            bm = wide if L >= 1024 else 32 if L > 32 else 16
             cfg = _window.WindowConfig(block_m=bm, block_n=bm, mr_qk=0, mr_pv=0)
         return _fit_window(cfg, sizes).to_dict()
     # Small chunks win while phi is narrow (the state terms dominate); wide hedgehog features amortise
@@ -121,7 +126,8 @@ def default_config(part: str, spec: AttentionSpec, sizes: Sizes, L: int) -> dict
 
 def _fit_window(cfg: "_window.WindowConfig", sizes: Sizes) -> "_window.WindowConfig":
     """Micro-kernel rows: as asked (0 = as many as fit), capped so the accumulators fit the registers."""
-    return replace(cfg, mr_qk=_fit_rows(cfg.mr_qk, cfg.block_m), mr_pv=_fit_rows(cfg.mr_pv, sizes.Dv))
+    return replace(cfg, mr_qk=_fit_rows(cfg.mr_qk, cfg.block_m),
+                   mr_pv=_fit_rows(cfg.mr_pv, min(sizes.Dv, _window.PV_COLS)))
 
 
 def _fit_rows(asked: int, width: int) -> int:
@@ -407,10 +413,11 @@ class TVMKernel(Kernel):
             funcs = []
             if (not _linear.inline_features(spec)) or spec.combine == "shared":
                 E = sizes.E if sizes.E is not None else sizes.D
+                fit = dict(mr=_fit_rows(4, E), lanes=_build.vector_lanes())   # the projection's accumulators fit
                 funcs.append(_features.feature_source(lin.feature_map, _features.FeatureDims(sizes.H, sizes.H, sizes.D, E),
-                                                      name="features_q"))
+                                                      name="features_q", **fit))
                 funcs.append(_features.feature_source(lin.feature_map, _features.FeatureDims(sizes.Hkv, sizes.HF, sizes.D, E),
-                                                      name="features_k"))
+                                                      name="features_k", **fit))
             mode = "numden" if spec.combine == "shared" or (save and lin.normalize) else "o"
             funcs.append(_linear.linear_source(
                 spec, _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF),
@@ -463,6 +470,12 @@ class TVMKernel(Kernel):
     def _run(self, call: Call, sizes: Sizes, configs: dict, saved: Optional[list] = None):
         """(o, state); ``saved`` (a list, linear-only and combine="shared" specs): filled with what the backward
         needs (shared: the chunk states, the shared denominators and lse2, written by the window kernel)."""
+        with _SCRATCH.lease() as scratch:
+            return self._run_in(scratch, call, sizes, configs, saved)
+
+    def _run_in(self, scratch, call: Call, sizes: Sizes, configs: dict, saved: Optional[list]):
+        """``_run`` with ``scratch(name, shape)``: the call's intermediates (kept between calls); whatever goes
+        into ``saved`` is freshly allocated (a later call reuses the scratch buffers before the backward)."""
         spec, lin = self.spec, self.spec.linear
         B, H, L, Dv = call.B, call.H, call.L, call.Dv
         kpm = call.key_padding_mask
@@ -475,8 +488,8 @@ class TVMKernel(Kernel):
             m = mods["linear"]
             fq = fk = None
             if (not _linear.inline_features(spec)) or spec.combine == "shared":
-                fq = _empty((B, H, L, sizes.F))
-                fk = _empty((B, sizes.HF, L, sizes.F))
+                fq = scratch("fq", (B, H, L, sizes.F))
+                fk = scratch("fk", (B, sizes.HF, L, sizes.F))
                 wq = [call.feature_weight_q] if lin.has_weights else []
                 wk = [call.feature_weight_k] if lin.has_weights else []
                 m.fn("features_q")(call.q, *wq, fq)
@@ -495,10 +508,11 @@ class TVMKernel(Kernel):
             if call.S0 is not None:
                 args += [call.S0, call.z0]
             if spec.combine == "shared" or (save and lin.normalize):
-                num, den = _empty((B, H, L, Dv)), _empty((B, H, L))
+                num = scratch("num", (B, H, L, Dv))
+                den = _empty((B, H, L)) if save else scratch("den", (B, H, L))   # saved: the backward keeps it
                 args += [num, den]
             else:
-                lin_o = o if spec.combine is None else _empty((B, H, L, Dv))
+                lin_o = o if spec.combine is None else scratch("lin_o", (B, H, L, Dv))
                 args.append(lin_o)
             if call.return_state:
                 state = (_empty((B, H, sizes.F, Dv)), _empty((B, H, sizes.F)))
@@ -518,7 +532,7 @@ class TVMKernel(Kernel):
                 lin_args = [num, den, call.window_gamma, fq, fk]
                 if lin.gate is not None:
                     lin_args.append(call.g.double().cumsum(2).contiguous())
-                cond = torch.zeros(B, H, L, dtype=torch.float32)
+                cond = scratch("cond", (B, H, L)).zero_()
                 lin_args.append(cond)
             elif spec.combine == "sum":
                 lin_args = [lin_o, call.alpha]
@@ -765,6 +779,9 @@ def _bucket(sizes: Sizes, L: int, part: str) -> str:
 
 def _frozen(cfg: dict) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()))
+
+
+_SCRATCH = Scratch()   # intermediates of the calls, shared by every TVMKernel (see Scratch)
 
 
 def _empty(shape) -> torch.Tensor:

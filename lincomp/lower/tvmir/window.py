@@ -30,6 +30,11 @@ from lincomp.ir.lowered import lower
 from lincomp.spec import AttentionSpec, GridWindow
 
 
+# Value columns per P @ V pass: a wider head dim (128) runs in column blocks, so mr_pv rows of accumulators
+# fit the registers (kernel.py fits mr_pv to this width).
+PV_COLS = 64
+
+
 @dataclass(frozen=True)
 class WindowConfig:
     """Schedule choices of the window template (the tuning space)."""
@@ -239,21 +244,18 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                         with s.block(f"for j in range({GN}):"):
                             with s.block(f"for i in T.vectorized({BM}):"):
                                 s("sT[j, i] = sT[j, i] + key_bias[b, T.max(kpos[j], 0)]")
-                    with s.block_if(f"for gi in range({G}):" if G > 1 else None):
-                        rows = f"range(gi * {BN}, gi * {BN} + {BN})" if G > 1 else f"range({BN})"
-                        with s.block("if kv_full[e] == 0:" if G == 1 else "if full[gi] == 0:"):
-                            with s.block(f"for j in {rows}:"):
-                                with s.block(f"for i in T.vectorized({BM}):"):
-                                    s(f"sT[j, i] = T.if_then_else({vis}, sT[j, i], {NEG_INF})",
-                                      "mu[i] = T.max(mu[i], sT[j, i])")
-                        with s.block("else:"):
-                            _emit_row_max(s, rows, BM)
+                    def masked(rows):
+                        with s.block(f"for j in {rows}:"):
+                            with s.block(f"for i in T.vectorized({BM}):"):
+                                s(f"sT[j, i] = T.if_then_else({vis}, sT[j, i], {NEG_INF})",
+                                  "mu[i] = T.max(mu[i], sT[j, i])")
+                    _emit_per_tile(s, G, BN, masked, lambda rows: _emit_row_max(s, rows, BM))
 
                 _emit_step(s, GN, BM, D, Dv, mr_qk, mr_pv, plan_mask,
                            key=lambda r, x: f"k[b, hk, T.max(kpos[{r}], 0), {x}]",
                            val=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]")
                 if shared:
-                    _emit_shared_inwindow(s, spec, BM, GN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
+                    _emit_shared_inwindow(s, spec, BM, G, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
             if spec.pool is not None:
                 _emit_pooled(s, spec, GN, BM, D, Dv, mr_qk, mr_pv)
             _emit_epilogue(s, spec, BM, Dv, shared, summed, save_lse)
@@ -270,6 +272,17 @@ def pooled_rows(spec: AttentionSpec, GN: int) -> int:
     """Rows of the pooled key / value buffers: P rounded up to whole pooled steps (zero padding)."""
     step = pooled_step(spec, GN)
     return -(-spec.window.pooled_tokens // step) * step
+
+
+def _emit_per_tile(s: Script, G: int, BN: int, masked, full) -> None:
+    """``masked(rows)`` for the step's key tiles the plan marks partly visible, ``full(rows)`` for the others
+    (``rows``: the tile's rows of sT as a range expression; a step holds G tiles of BN keys)."""
+    with s.block_if(f"for gi in range({G}):" if G > 1 else None):
+        rows = f"range(gi * {BN}, gi * {BN} + {BN})" if G > 1 else f"range({BN})"
+        with s.block("if kv_full[e] == 0:" if G == 1 else "if full[gi] == 0:"):
+            masked(rows)
+        with s.block("else:"):
+            full(rows)
 
 
 def _emit_row_max(s: Script, rows: str, BM: int) -> None:
@@ -301,7 +314,7 @@ def _emit_step(s: Script, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: 
             s(f"sT[j, i] = {exp2('sT[j, i] - mu[i]')}",
               "l[i] = l[i] + sT[j, i]")
     s("# acc = corr * acc + P @ V (MR query rows x Dv, vectorised)")
-    emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(GN), a=lambda r, x: f"sT[{x}, {r}]", b=val,
+    emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(GN), a=lambda r, x: f"sT[{x}, {r}]", b=val, cols=PV_COLS,
                    init=lambda r, w: f"acc[{r}, {w}] * corr[{r}]",
                    store=lambda r, w, val_: f"acc[{r}, {w}] = {val_}")
 
@@ -372,8 +385,10 @@ def _emit_init(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool) -
                 s("accl[i, d] = T.float32(0)")
 
 
-def _emit_shared_inwindow(s, spec, BM, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv) -> None:
-    """combine="shared": the linear terms of keys inside the window, to subtract from the full scan."""
+def _emit_shared_inwindow(s, spec, BM, G, BN1, Dv, F, gate, fk_head, vis, mr_qk, mr_pv) -> None:
+    """combine="shared": the linear terms of keys inside the window, to subtract from the full scan
+    (a step of G key tiles of BN1 keys; only partly visible tiles are masked)."""
+    BN = G * BN1
     s("# linear terms of the keys inside the window (the scan counted every key j <= i; remove these)")
     if gate == "vector":
         with s.block(f"for j in range({BN}):"):
@@ -395,11 +410,17 @@ def _emit_shared_inwindow(s, spec, BM, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_
                     dec = exp2(f"T.min(T.Cast(\"float32\", G[b, h, T.max(qpos[i], 0)] - G[b, h, T.max(kpos[j], 0)]), "
                                f"T.float32(0)) * {f32(LOG2E)}")
                     s(f"aT[j, i] = aT[j, i] * {dec}")
-    with s.block(f"for j in range({BN}):"):
-        with s.block(f"for i in T.vectorized({BM}):"):
-            s(f"aT[j, i] = T.if_then_else({vis}, aT[j, i], T.float32(0))",
-              "ll[i] = ll[i] + aT[j, i]")
-    emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(BN),
+    def row_sums(rows, mask):
+        with s.block(f"for j in {rows}:"):
+            with s.block(f"for i in T.vectorized({BM}):"):
+                if mask:
+                    s(f"aT[j, i] = T.if_then_else({vis}, aT[j, i], T.float32(0))")
+                s("ll[i] = ll[i] + aT[j, i]")
+    if BM < 32 and G == 1:   # measured on Zen 3 (MiniLM shape): there the branch costs more than the mask saves
+        row_sums(f"range({BN})", True)
+    else:
+        _emit_per_tile(s, G, BN1, lambda rows: row_sums(rows, True), lambda rows: row_sums(rows, False))
+    emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(BN), cols=PV_COLS,
                    a=lambda r, x: f"aT[{x}, {r}]",
                    b=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]",
                    init=lambda r, w: f"accl[{r}, {w}]",
