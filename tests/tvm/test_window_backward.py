@@ -49,12 +49,13 @@ def reference_grads(spec, x: dict, g: torch.Tensor) -> dict:
     return dict(zip(leaves, torch.autograd.grad(o, list(leaves.values()), g.double()))), o
 
 
-def grad_err(out: torch.Tensor, ref: torch.Tensor, rows: int = 1) -> float:
+def grad_err(out: torch.Tensor, ref: torch.Tensor, rows: int = 1, gain: float = 1.0) -> float:
     """rel_err, except that a gradient that is (mathematically) zero -- dq, dk of a row that sees one key and
     no sink: ds = p (dp - delta) = 0 -- is compared absolutely, against elements of size 1e-2 (the inputs are
     N(0, 1)): its fp32 value is pure rounding, any relative measure of it is noise. ``rows``: how many row
-    terms each element sums (a per-head weight's gradient sums B * L rows: its rounding grows as their root)."""
-    floor = 1e-2 * (ref.numel() * rows) ** 0.5
+    terms each element sums (a per-head weight's gradient sums B * L rows: its rounding grows as their root);
+    ``gain``: a factor the kernel divides those sums by (d window_gamma = sum of row terms / gamma)."""
+    floor = 1e-2 * (ref.numel() * rows) ** 0.5 * gain
     if ref.norm().item() >= floor:
         return rel_err(out, ref)
     return float("inf") if not torch.isfinite(out).all() else (out.double() - ref).norm().item() / floor
@@ -73,7 +74,9 @@ def check_grads(spec, x: dict, run, *, fallback_ok: bool = False, seed: int = 0)
     assert bool(fell_back) == fallback_ok, [str(w.message) for w in fell_back]
     ref, ro = reference_grads(spec, x, g)
     rows = o.shape[0] * o.shape[2]   # per-head weights (window_gamma, alpha, sinks) sum B * L row terms
-    errs = {"o": rel_err(o, ro), **{f"d{n}": grad_err(grads[n], ref[n], rows if ref[n].dim() <= 2 else 1)
+    gains = {"window_gamma": 1.0 / max(x["window_gamma"].abs().min().item(), 1e-3)} if "window_gamma" in x else {}
+    errs = {"o": rel_err(o, ro), **{f"d{n}": grad_err(grads[n], ref[n], rows if ref[n].dim() <= 2 else 1,
+                                                      max(1.0, gains.get(n, 1.0)))
                                     for n in leaves}}
     assert all(e <= TOL for e in errs.values()), f"{spec.summary()}: {errs}"
     return errs
