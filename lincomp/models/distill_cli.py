@@ -298,6 +298,33 @@ def measure_decode_memory(student, teacher, tokens, contexts: Sequence[int]) -> 
     return out
 
 
+def context_use(teacher, windows, sizes: Sequence[int], buckets: Sequence[int] = (64, 256)) -> dict:
+    """How much of its context a causal ``teacher`` uses, on held-out ``windows`` ``[N, L]``: its perplexity,
+    the perplexity of the teacher restricted to a causal sliding window of ``w`` keys (no training: the same
+    weights) for each ``w`` in ``sizes``, and both by position (predicted positions ``< b`` and ``>= b`` for
+    each ``b`` in ``buckets``: a window-only model can match the teacher only where the teacher looks no
+    further back than the window)."""
+    import math
+
+    from lincomp.models import causal_lm as clm
+    from lincomp.spec import AttentionSpec, Window1D
+
+    def summary(nll) -> dict:
+        out = {"perplexity": math.exp(nll.mean().item())}
+        for b in buckets:
+            if 0 < b < nll.numel():
+                out[f"before_{b}"] = math.exp(nll[:b].mean().item())
+                out[f"from_{b}"] = math.exp(nll[b:].mean().item())
+        return out
+
+    res = {"teacher": summary(clm.token_nll(teacher, windows, batch_size=2)), "windows": {}}
+    for w in sizes:
+        swa = linearize_student(copy.deepcopy(teacher), AttentionSpec(window=Window1D(w - 1, 0), causal=True))
+        res["windows"][str(w)] = summary(clm.token_nll(swa, windows, batch_size=2))
+        del swa
+    return res
+
+
 def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: int = 32, family: str = "lizard",
                   teacher: str = "source", teacher_steps: Optional[int] = None,
                   steps: int = 300, finetune_steps: int = 100, batch_size: Optional[int] = None,

@@ -367,6 +367,17 @@ def test_teacher_saved_before_a_config_field_existed_still_loads(tmp_path):
     assert clm.load_teacher(tmp_path / "t", dataclasses.replace(cfg, data="scrambled")) is None
 
 
+def test_context_use_window_covering_everything_is_the_teacher(llama):
+    from lincomp.models.distill_cli import context_use
+    model, _ = llama
+    windows = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
+    r = context_use(model, windows, sizes=(2, 24), buckets=(8,))
+    t, whole, short = r["teacher"], r["windows"]["24"], r["windows"]["2"]
+    assert whole["perplexity"] == pytest.approx(t["perplexity"], rel=1e-4)   # a window that sees all: no change
+    assert short["perplexity"] != pytest.approx(t["perplexity"], rel=1e-4)
+    assert short["before_8"] > 1 and t["from_8"] > 1 and set(t) == {"perplexity", "before_8", "from_8"}
+
+
 def test_decode_memory_is_flat_for_the_student():
     spec = presets.lizard(window=64, sinks=4, feature_dim=32)
     from lincomp.models.distill_cli import kv_cache_bytes, linear_decode_bytes
