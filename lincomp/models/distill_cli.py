@@ -749,8 +749,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     dc = _defaults(run_causal_lm)
     s = c.add_argument_group("spec")
     _option(s, "--window", dc, "sliding-window keys, the query included",
-            note=": this small teacher uses little context beyond 64 bytes, so a 64-key window alone is within 1%% "
-                 "of it")
+            note=": the source teacher uses little context beyond 64 bytes, so there a 64-key window alone is "
+                 "within 1%% of it; the scrambled teacher needs far context")
     _option(s, "--sinks", dc, "sink logits per head (lizard)")
     _option(s, "--feature-dim", dc, "Hedgehog E")
     s.add_argument("--family", choices=["lizard", "lolcats"], default=dc["family"],
