@@ -30,7 +30,7 @@ def results_markdown(r: dict, command: str = "", rebuilt: bool = False) -> str:
              f"{m['torch_threads']} thread(s); Python {m['python']}",
              f"- spec: `{r['spec_summary']}` = `{json.dumps(r['spec'], sort_keys=True)}`",
              f"- corpus: {c['kind']} of Python {c['python']} ({c['files']} files, {c['files_heldout']} held out by "
-             f"path hash, sha256 {c['sha256']})" + _extra_text_md(c),
+             f"path hash, sha256 {c['sha256']})" + (_extra_text_md(c) if r["recipe"] == "minilm" else ""),
              f"- steps: stage 1 attention transfer {r['steps']} (lr {r['lr']}), stage 2 LoRA fine-tuning "
              f"{r['finetune_steps']} (lr {r.get('finetune_lr', '-')}); batch "
              f"{r['batch_size']}; seed {r['seed']}; device {r['device']}",

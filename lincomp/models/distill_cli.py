@@ -424,8 +424,8 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
               for n in sorted(set(memory_contexts) | set(measured))]
     results = {"recipe": "causal_lm", "machine": machine_info(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
                "teacher": {**{k: v for k, v in tinfo.items() if k != "history"}, "name": teacher_name},
-               "corpus": {**corpus_info(), "kind": "stdlib source, bytes" + (
-                   ", identifiers renamed per file" if cfg.data == "scrambled" else ""),
+               "corpus": {**corpus_info(), "kind": "stdlib source" + (
+                   " with identifiers renamed per file" if cfg.data == "scrambled" else "") + ", bytes",
                    "train_bytes": int(train_tokens.numel()), "heldout_bytes": int(heldout.numel())},
                "long": long_ppl,
                "seq_len": seq_len, "packed": pack, "eval_windows": int(windows.shape[0]), "steps": steps,
