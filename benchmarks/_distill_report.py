@@ -87,6 +87,11 @@ def results_markdown(r: dict, command: str = "", rebuilt: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _steps(r: dict) -> str:
+    """Stage 1 + stage 2 steps of a run."""
+    return f"{r['steps']} + {r['finetune_steps']}"
+
+
 def _train_s(r: dict) -> str:
     t = r.get("train_s") or {}
     return f"{sum(t.values()):.0f}" if t and set(t) == set(r["final_loss"]) else "-"
@@ -121,11 +126,12 @@ def sweep_markdown(runs: Sequence[dict]) -> str:
                 + [_train_s(r)] for r in runs]
         title = "Mean cosine similarity to the teacher by spec and training"
     else:
-        head = ["spec", "window keys", "window only / teacher", "after stage 1", "after stage 2", "training s"]
+        head = ["spec", "window keys", "steps", "window only / teacher", "after stage 1", "after stage 2",
+                "training s"]
         rows = []
         for r in runs:
             p, t = r["perplexity"], r["perplexity"]["teacher"]
-            rows.append([f"`{r['spec_summary']}`", str(r["spec"]["window"]["left"] + 1),
+            rows.append([f"`{r['spec_summary']}`", str(r["spec"]["window"]["left"] + 1), _steps(r),
                          _f(p.get("window_only", float("nan")) / t), _f(p["after_attention"] / t),
                          _f(p["after_finetune"] / t) if "after_finetune" in p else "-",
                          _train_s(r)])
@@ -144,18 +150,18 @@ def _length_md(runs: Sequence[dict]) -> str:
     """Length generalisation of causal-LM runs: perplexity / teacher at the distillation length and at each
     longer held-out length, the teacher's own perplexity at each (it too is evaluated beyond its training
     length) and the drift: student ratio at the longest length / at the distillation length."""
-    head = ["spec", "length (bytes)", "windows", "teacher perplexity", "window only / teacher", "student / teacher",
+    head = ["spec", "steps", "length (bytes)", "windows", "teacher perplexity", "window only / teacher", "student / teacher",
             "student ratio / its ratio at the distillation length"]
     rows = []
     for r in runs:
         p = r["perplexity"]
         base = r["ratio"]
         final = p.get("after_finetune", p["after_attention"])
-        rows.append([f"`{r['spec_summary']}`", f"{r['seq_len']} (distillation)", str(r["eval_windows"]),
+        rows.append([f"`{r['spec_summary']}`", _steps(r), f"{r['seq_len']} (distillation)", str(r["eval_windows"]),
                      _f(p["teacher"]), _f(p.get("window_only", float("nan")) / p["teacher"]),
                      _f(final / p["teacher"]), "1.0000"])
         for n, lp in (r.get("long") or {}).items():
-            rows.append([f"`{r['spec_summary']}`", n, str(lp["windows"]), _f(lp["teacher"]),
+            rows.append([f"`{r['spec_summary']}`", _steps(r), n, str(lp["windows"]), _f(lp["teacher"]),
                          _f(lp.get("window_only", float("nan")) / lp["teacher"]), _f(lp["student"] / lp["teacher"]),
                          _f(lp["student"] / lp["teacher"] / base)])
     return _md_table("Length generalisation (the same models on longer held-out windows)", head, rows)
