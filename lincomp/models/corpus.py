@@ -170,9 +170,16 @@ def source_documents(split: str = "train", *, root: Optional[str] = None, heldou
                      max_bytes: Optional[int] = None) -> List[bytes]:
     """The split's source files, one UTF-8 ``bytes`` each (followed by a blank line), in order; with
     ``max_bytes``, only the files up to the one that reaches it."""
+    return _documents(_files_of(split, root, heldout_percent), lambda text: text, max_bytes)
+
+
+def _documents(paths: Sequence[Path], transform, max_bytes: Optional[int]) -> List[bytes]:
+    """``transform(text)`` of each readable file + a blank line, as UTF-8 (None from it: the file is left out),
+    up to the file that reaches ``max_bytes``."""
     out, total = [], 0
-    for path in _files_of(split, root, heldout_percent):
+    for path in paths:
         text = _read(path)
+        text = transform(text) if text is not None else None
         if text is None:
             continue
         data = text.encode("utf-8") + b"\n\n"
@@ -250,18 +257,8 @@ def scrambled_documents(split: str = "train", *, seed: int = 0, root: Optional[s
                         heldout_percent: int = 10, max_bytes: Optional[int] = None) -> List[bytes]:
     """:func:`source_documents` with :func:`scramble_identifiers` applied to each file (files that do not
     tokenise are dropped): source where far context matters."""
-    out, total = [], 0
-    for path in _files_of(split, root, heldout_percent):
-        text = _read(path)
-        text = scramble_identifiers(text, seed) if text is not None else None
-        if text is None:
-            continue
-        data = text.encode("utf-8") + b"\n\n"
-        out.append(data)
-        total += len(data)
-        if max_bytes is not None and total >= max_bytes:
-            break
-    return out
+    return _documents(_files_of(split, root, heldout_percent), lambda text: scramble_identifiers(text, seed),
+                      max_bytes)
 
 
 def source_bytes(split: str = "train", *, root: Optional[str] = None, heldout_percent: int = 10,
