@@ -30,7 +30,7 @@ def results_markdown(r: dict, command: str = "", rebuilt: bool = False) -> str:
              f"{m['torch_threads']} thread(s); Python {m['python']}",
              f"- spec: `{r['spec_summary']}` = `{json.dumps(r['spec'], sort_keys=True)}`",
              f"- corpus: {c['kind']} of Python {c['python']} ({c['files']} files, {c['files_heldout']} held out by "
-             f"path hash, sha256 {c['sha256']})" + _extra_text_md(c),
+             f"path hash, sha256 {c['sha256']})" + (_extra_text_md(c) if r["recipe"] == "minilm" else ""),
              f"- steps: stage 1 attention transfer {r['steps']} (lr {r['lr']}), stage 2 LoRA fine-tuning "
              f"{r['finetune_steps']} (lr {r.get('finetune_lr', '-')}); batch "
              f"{r['batch_size']}; seed {r['seed']}; device {r['device']}",
@@ -63,8 +63,10 @@ def results_markdown(r: dict, command: str = "", rebuilt: bool = False) -> str:
     else:
         t = r["teacher"]
         p = r["perplexity"]
-        lines += [f"Teacher: {t['config']['layers']} layers x {t['config']['hidden_size']} hidden, "
-                  f"{t['config']['heads']} heads, trained {t['config']['steps']} steps on {t['train_tokens']} bytes "
+        lines += [f"Teacher `{t.get('name', 'source')}`: {t['config']['layers']} layers x "
+                  f"{t['config']['hidden_size']} hidden, {t['config']['heads']} heads, trained "
+                  f"{t['config']['steps']} steps of {t['config'].get('batch_size', 8)} x "
+                  f"{t['config']['seq_len']} bytes on {t['train_tokens']} bytes "
                   f"({t['wall_s']:.0f} s). Held-out perplexity over {r['eval_windows']} windows of {r['seq_len']} "
                   f"bytes (the window sees {r['spec']['window']['left'] + 1} keys).", "",
                   "| model | perplexity | / teacher |", "| --- | --- | --- |"]
@@ -80,7 +82,14 @@ def results_markdown(r: dict, command: str = "", rebuilt: bool = False) -> str:
         lines += ["", "Computed from the shapes; \"measured\" sums the tensors actually held after prefilling that "
                   "many tokens (the teacher's transformers DynamicCache; the student's lincomp decoders, via "
                   "`lincomp.models.generate`)."]
+        if r.get("long"):
+            lines += ["", _length_md([r])]
     return "\n".join(lines) + "\n"
+
+
+def _steps(r: dict) -> str:
+    """Stage 1 + stage 2 steps of a run."""
+    return f"{r['steps']} + {r['finetune_steps']}"
 
 
 def _train_s(r: dict) -> str:
@@ -117,17 +126,45 @@ def sweep_markdown(runs: Sequence[dict]) -> str:
                 + [_train_s(r)] for r in runs]
         title = "Mean cosine similarity to the teacher by spec and training"
     else:
-        head = ["spec", "window keys", "window only / teacher", "after stage 1", "after stage 2", "training s"]
+        head = ["spec", "window keys", "steps", "window only / teacher", "after stage 1", "after stage 2",
+                "training s"]
         rows = []
         for r in runs:
             p, t = r["perplexity"], r["perplexity"]["teacher"]
-            rows.append([f"`{r['spec_summary']}`", str(r["spec"]["window"]["left"] + 1),
+            rows.append([f"`{r['spec_summary']}`", str(r["spec"]["window"]["left"] + 1), _steps(r),
                          _f(p.get("window_only", float("nan")) / t), _f(p["after_attention"] / t),
                          _f(p["after_finetune"] / t) if "after_finetune" in p else "-",
                          _train_s(r)])
         title = "Perplexity / teacher by window (the smaller the window, the more the linear branch must carry)"
+        if any(r.get("long") for r in runs):
+            return _md_table(title, head, rows) + "\n" + _length_md(runs)
+    return _md_table(title, head, rows)
+
+
+def _md_table(title: str, head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([f"## {title}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
                       *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
+
+
+def _length_md(runs: Sequence[dict]) -> str:
+    """Length generalisation of causal-LM runs: perplexity / teacher at the distillation length and at each
+    longer held-out length, the teacher's own perplexity at each (it too is evaluated beyond its training
+    length) and the drift: student ratio at the longest length / at the distillation length."""
+    head = ["spec", "steps", "length (bytes)", "windows", "teacher perplexity", "window only / teacher", "student / teacher",
+            "student ratio / its ratio at the distillation length"]
+    rows = []
+    for r in runs:
+        p = r["perplexity"]
+        base = r["ratio"]
+        final = p.get("after_finetune", p["after_attention"])
+        rows.append([f"`{r['spec_summary']}`", _steps(r), f"{r['seq_len']} (distillation)", str(r["eval_windows"]),
+                     _f(p["teacher"]), _f(p.get("window_only", float("nan")) / p["teacher"]),
+                     _f(final / p["teacher"]), "1.0000"])
+        for n, lp in (r.get("long") or {}).items():
+            rows.append([f"`{r['spec_summary']}`", _steps(r), n, str(lp["windows"]), _f(lp["teacher"]),
+                         _f(lp.get("window_only", float("nan")) / lp["teacher"]), _f(lp["student"] / lp["teacher"]),
+                         _f(lp["student"] / lp["teacher"] / base)])
+    return _md_table("Length generalisation (the same models on longer held-out windows)", head, rows)
 
 
 def benchmark_main(recipe: str, argv: Optional[Sequence[str]] = None) -> int:

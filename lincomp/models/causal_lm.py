@@ -27,6 +27,10 @@ import torch.nn.functional as F
 from lincomp._atomic import atomic_write_text
 
 VOCAB = 256
+# The corpora a teacher can learn (lincomp.models.corpus): the stdlib source as it is, or with every file's own
+# identifiers renamed to fresh random names (corpus.scramble_identifiers), where predicting a name needs the
+# place, often far back, where the file introduced it.
+DATA_KINDS = ("source", "scrambled")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,11 @@ class LlamaTeacherConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     seed: int = 0
+    data: str = "source"    # "source": the stdlib source; "scrambled": its identifiers renamed per file
+
+    def __post_init__(self):
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"TeacherConfig.data must be one of {list(DATA_KINDS)}, got {self.data!r}")
 
     def _llama_kwargs(self) -> dict:
         """What the subclass's LlamaConfig adds: ``vocab_size``, ``tie_word_embeddings``, ``rope_theta``..."""
@@ -93,18 +102,26 @@ def decode(ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def corpus_tokens(split: str = "train", max_bytes: Optional[int] = None) -> torch.Tensor:
-    """The stdlib source of ``split`` ("train" / "heldout") as byte ids."""
-    from lincomp.models.corpus import source_bytes
+def corpus_tokens(split: str = "train", max_bytes: Optional[int] = None, data: str = "source") -> torch.Tensor:
+    """The stdlib source of ``split`` ("train" / "heldout") as byte ids (``data``: one of ``DATA_KINDS``)."""
+    tokens = torch.cat(corpus_documents(split, data=data)) if data != "source" else None
+    if tokens is None:
+        from lincomp.models.corpus import source_bytes
 
-    return encode(source_bytes(split, max_bytes=max_bytes))
+        return encode(source_bytes(split, max_bytes=max_bytes))
+    return tokens if max_bytes is None else tokens[:max_bytes]
 
 
-def corpus_documents(split: str = "train", max_bytes: Optional[int] = None) -> List[torch.Tensor]:
-    """The stdlib source files of ``split``, each a LongTensor of byte ids (one document per file)."""
-    from lincomp.models.corpus import source_documents
+def corpus_documents(split: str = "train", max_bytes: Optional[int] = None, data: str = "source") -> List[torch.Tensor]:
+    """The stdlib source files of ``split``, each a LongTensor of byte ids (one document per file); ``data``
+    "scrambled": each file's identifiers renamed (the renaming is fixed: seed 0, whatever the run's seed)."""
+    from lincomp.models.corpus import scrambled_documents, source_documents
 
-    return [encode(d) for d in source_documents(split, max_bytes=max_bytes)]
+    if data not in DATA_KINDS:
+        raise ValueError(f"data must be one of {list(DATA_KINDS)}, got {data!r}")
+    docs = (source_documents(split, max_bytes=max_bytes) if data == "source"
+            else scrambled_documents(split, seed=0, max_bytes=max_bytes))
+    return [encode(d) for d in docs]
 
 
 def packed_batches(documents: Sequence[torch.Tensor], seq_len: int, batch_size: int,
@@ -203,7 +220,8 @@ def load_teacher(out_dir: Union[str, Path], cfg: Optional[TeacherConfig] = None)
     if not info_path.exists():
         return None
     info = json.loads(info_path.read_text())
-    if cfg is not None and info.get("config") != asdict(cfg):
+    # Fields added since a teacher was saved take their defaults (which reproduce what it was trained as).
+    if cfg is not None and {**asdict(TeacherConfig()), **info.get("config", {})} != asdict(cfg):
         return None
     from transformers import LlamaForCausalLM
 
@@ -224,7 +242,7 @@ def train_teacher(cfg: TeacherConfig = TeacherConfig(), out_dir: Optional[Union[
         found = load_teacher(out_dir, cfg)
         if found is not None:
             return found
-    tokens = corpus_tokens("train") if tokens is None else tokens
+    tokens = corpus_tokens("train", data=cfg.data) if tokens is None else tokens
     model = tiny_llama(cfg)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     model.to(dev)
@@ -255,3 +273,10 @@ def train_teacher(cfg: TeacherConfig = TeacherConfig(), out_dir: Optional[Union[
         if ckpt is not None and ckpt.exists():
             ckpt.unlink()
     return model, info
+
+
+# The teacher whose predictions need far context (``lincomp distill causal-lm --teacher scrambled``): the same
+# 4 x 128 Llama, trained on 1024-byte windows of the identifier-scrambled source (4 per step, 300 steps: about
+# 20 min at 1 thread on a quiet 2-core CPU, 35 on a busy one), RoPE positions up to 8192 for the 4x evaluation.
+TEACHERS = {"source": TeacherConfig(),
+            "scrambled": TeacherConfig(data="scrambled", seq_len=1024, batch_size=4, steps=300, max_positions=8192)}

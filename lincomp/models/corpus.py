@@ -16,7 +16,9 @@ version, the file count and a content hash so that results say what they were me
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
+import keyword
 import re
 import sys
 import sysconfig
@@ -168,9 +170,16 @@ def source_documents(split: str = "train", *, root: Optional[str] = None, heldou
                      max_bytes: Optional[int] = None) -> List[bytes]:
     """The split's source files, one UTF-8 ``bytes`` each (followed by a blank line), in order; with
     ``max_bytes``, only the files up to the one that reaches it."""
+    return _documents(_files_of(split, root, heldout_percent), lambda text: text, max_bytes)
+
+
+def _documents(paths: Sequence[Path], transform, max_bytes: Optional[int]) -> List[bytes]:
+    """``transform(text)`` of each readable file + a blank line, as UTF-8 (None from it: the file is left out),
+    up to the file that reaches ``max_bytes``."""
     out, total = [], 0
-    for path in _files_of(split, root, heldout_percent):
+    for path in paths:
         text = _read(path)
+        text = transform(text) if text is not None else None
         if text is None:
             continue
         data = text.encode("utf-8") + b"\n\n"
@@ -179,6 +188,77 @@ def source_documents(split: str = "train", *, root: Optional[str] = None, heldou
         if max_bytes is not None and total >= max_bytes:
             break
     return out
+
+
+# Names a file keeps when its identifiers are scrambled: the language's own words, so that the code still reads
+# as Python and only the file's own names (which a model must find earlier in the file) become new.
+_KEEP_NAMES = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins)) | {"self", "cls"}
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def scramble_identifiers(source: str, seed: int) -> Optional[str]:
+    """``source`` with every identifier of its code (not of comments or strings) replaced by a fresh random name,
+    the same name at every occurrence in the file; keywords, builtins, ``self``/``cls`` and dunder names stay.
+    A leading underscore and a capital first letter are kept (classes still look like classes).
+
+    Why: in real source a name is defined once (an import, a ``def``, a class) and used far later, but a model
+    can also memorise the common names of its training set. Fresh names per file leave only one way to predict
+    a name's continuation: to find it earlier in the same file, often hundreds of bytes back. None when the
+    file does not tokenise. Deterministic for ``(source, seed)``."""
+    import io
+    import random
+    import tokenize
+
+    rng = random.Random(f"{seed}:{hashlib.sha1(source.encode()).hexdigest()}")
+    names: dict = {}
+    used = set(_KEEP_NAMES)
+
+    def fresh(name: str) -> str:
+        lead = len(name) - len(name.lstrip("_"))
+        while True:
+            new = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 8)))
+            if name[lead:lead + 1].isupper():
+                new = new.capitalize()
+            new = "_" * lead + new
+            if new not in used:
+                used.add(new)
+                return new
+
+    lines = source.splitlines(keepends=True)
+    out, row, col = [], 1, 0   # copy the text between NAME tokens verbatim (no untokenize re-spacing)
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type != tokenize.NAME:
+                continue
+            name = tok.string
+            if name in _KEEP_NAMES or (name.startswith("__") and name.endswith("__")) or not name.isascii():
+                continue
+            (r0, c0), (r1, c1) = tok.start, tok.end
+            out.append(_span(lines, row, col, r0, c0))
+            if name not in names:
+                names[name] = fresh(name)
+            out.append(names[name])
+            row, col = r1, c1
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return None
+    out.append(_span(lines, row, col, len(lines) + 1, 0))
+    return "".join(out)
+
+
+def _span(lines: Sequence[str], r0: int, c0: int, r1: int, c1: int) -> str:
+    """The text from (row r0, col c0) to (row r1, col c1) of ``lines`` (tokenize's 1-based rows)."""
+    if r0 == r1:
+        return lines[r0 - 1][c0:c1] if r0 <= len(lines) else ""
+    return lines[r0 - 1][c0:] + "".join(lines[r0:r1 - 1]) + (lines[r1 - 1][:c1] if r1 <= len(lines) else "")
+
+
+@lru_cache(maxsize=4)   # about 25 s for the train split; callers must not change the list
+def scrambled_documents(split: str = "train", *, seed: int = 0, root: Optional[str] = None,
+                        heldout_percent: int = 10, max_bytes: Optional[int] = None) -> List[bytes]:
+    """:func:`source_documents` with :func:`scramble_identifiers` applied to each file (files that do not
+    tokenise are dropped): source where far context matters."""
+    return _documents(_files_of(split, root, heldout_percent), lambda text: scramble_identifiers(text, seed),
+                      max_bytes)
 
 
 def source_bytes(split: str = "train", *, root: Optional[str] = None, heldout_percent: int = 10,

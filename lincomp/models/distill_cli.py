@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -35,6 +36,8 @@ MINILM = "all-MiniLM-L6-v2"
 # The recipe's window, tokens each side: the narrowest tried that reaches the 0.99 cosine goal at 256 tokens
 # (+-96: 0.9904, +-64: 0.9875, +-32: 0.979; benchmarks/results/distill_minilm_cpu.md).
 MINILM_WINDOW = 96
+# The names of lincomp.models.causal_lm.TEACHERS, spelled here so that building the CLI imports no torch.
+CAUSAL_LM_TEACHERS = ("source", "scrambled")
 
 
 def _log_default(msg: str) -> None:
@@ -244,10 +247,16 @@ def format_minilm(r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- causal LM
-def causal_lm_spec(window: int = 16, sinks: int = 4, feature_dim: int = 32):
-    """Lizard: gated (scalar) exp-Hedgehog linear attention + a causal sliding window with sink logits."""
-    from lincomp.presets import lizard
+def causal_lm_spec(window: int = 16, sinks: int = 4, feature_dim: int = 32, family: str = "lizard"):
+    """``family`` "lizard": gated (scalar) exp-Hedgehog linear attention + a causal sliding window of ``window``
+    keys with ``sinks`` sink logits, summed; "lolcats": ungated Hedgehog linear attention + a sliding window,
+    one shared softmax normaliser (no sinks)."""
+    from lincomp.presets import lizard, lolcats
 
+    if family == "lolcats":
+        return lolcats(block=window, feature_dim=feature_dim, terraced=False)
+    if family != "lizard":
+        raise ValueError(f"family must be 'lizard' or 'lolcats', got {family!r}")
     return lizard(window=window, sinks=sinks, feature_dim=feature_dim)
 
 
@@ -289,20 +298,25 @@ def measure_decode_memory(student, teacher, tokens, contexts: Sequence[int]) -> 
     return out
 
 
+def _window_only(teacher, spec):
+    """A copy of the causal ``teacher`` restricted to ``spec``'s window and prefix tokens (no linear branch, no
+    training): the window-alone baseline."""
+    from lincomp.spec import AttentionSpec
+
+    return linearize_student(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True,
+                                                                   prefix=spec.prefix))
+
+
 def _perplexities(teacher, student, spec, windows, *, baseline: bool,
                   log: Callable[[str], None]) -> Tuple[dict, Callable[[str], None]]:
     """Held-out perplexities on ``windows`` [N, L] token ids: ``(ppl, measure)`` with ``ppl`` holding the
     teacher's and (``baseline``) the spec's window alone's, and ``measure(stage)`` adding (and logging) the
     student's as ``ppl[stage]``."""
     from lincomp.models import causal_lm as clm
-    from lincomp.spec import AttentionSpec
 
     ppl = {"teacher": clm.perplexity(teacher, windows)}
     if baseline:
-        swa = linearize_student(copy.deepcopy(teacher), AttentionSpec(window=spec.window, causal=True,
-                                                                      prefix=spec.prefix))
-        ppl["window_only"] = clm.perplexity(swa, windows)
-        del swa
+        ppl["window_only"] = clm.perplexity(_window_only(teacher, spec), windows)
 
     def measure(stage: str) -> None:
         ppl[stage] = clm.perplexity(student, windows)
@@ -312,9 +326,38 @@ def _perplexities(teacher, student, spec, windows, *, baseline: bool,
     return ppl, measure
 
 
-def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: int = 32, teacher_steps: int = 1000,
-                  steps: int = 300, finetune_steps: int = 100, batch_size: int = 8, seq_len: int = 512,
-                  eval_windows_n: int = 64, lr: float = 1e-2, finetune_lr: float = 1e-3, seed: int = 0,
+def context_use(teacher, windows, sizes: Sequence[int], buckets: Sequence[int] = (64, 256)) -> dict:
+    """How much of its context a causal ``teacher`` uses, on held-out ``windows`` ``[N, L]``: its perplexity,
+    the perplexity of the teacher restricted to a causal sliding window of ``w`` keys (no training: the same
+    weights) for each ``w`` in ``sizes``, and both by position (predicted positions ``< b`` and ``>= b`` for
+    each ``b`` in ``buckets``: a window-only model can match the teacher only where the teacher looks no
+    further back than the window)."""
+    import math
+
+    from lincomp.models import causal_lm as clm
+    from lincomp.spec import AttentionSpec, Window1D
+
+    def summary(nll) -> dict:
+        out = {"perplexity": math.exp(nll.mean().item())}
+        for b in buckets:
+            if 0 < b < nll.numel():
+                out[f"before_{b}"] = math.exp(nll[:b].mean().item())
+                out[f"from_{b}"] = math.exp(nll[b:].mean().item())
+        return out
+
+    res = {"teacher": summary(clm.token_nll(teacher, windows, batch_size=2)), "windows": {}}
+    for w in sizes:
+        swa = linearize_student(copy.deepcopy(teacher), AttentionSpec(window=Window1D(w - 1, 0), causal=True))
+        res["windows"][str(w)] = summary(clm.token_nll(swa, windows, batch_size=2))
+        del swa
+    return res
+
+
+def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: int = 32, family: str = "lizard",
+                  teacher: str = "source", teacher_steps: Optional[int] = None,
+                  steps: int = 300, finetune_steps: int = 100, batch_size: Optional[int] = None,
+                  seq_len: Optional[int] = None, eval_windows_n: int = 64, long_lengths: Sequence[int] = (),
+                  long_windows_n: int = 16, lr: float = 1e-2, finetune_lr: float = 1e-3, seed: int = 0,
                   out_dir: Optional[str] = "out/distill/causal_lm", device: str = "cpu", progress: bool = True,
                   baseline: bool = True, fresh: bool = False, memory_contexts: Sequence[int] = (512, 2048, 8192, 32768),
                   measure_contexts: Sequence[int] = (128, 512, 1024), teacher_dir: Optional[str] = None,
@@ -322,6 +365,12 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
     """Train (or load) the byte-level teacher, linearise it Lizard-style, distil, measure perplexity and
     decode memory. Returns a JSON-able dict (also ``out_dir/results.json``). The teacher is cached in
     ``teacher_dir`` (default ``out_dir/teacher``).
+
+    ``teacher``: a ``causal_lm.TEACHERS`` name: "source" (the stdlib source, 512-byte windows) or "scrambled"
+    (its identifiers renamed per file, 1024-byte windows: a teacher that needs far context). ``teacher_steps``,
+    ``batch_size`` and ``seq_len`` default to that teacher's. ``long_lengths``: held-out lengths (bytes) at
+    which teacher, window alone and the final student are also measured (``long_windows_n`` windows each),
+    e.g. 4x ``seq_len`` for length generalisation.
 
     ``pack``: distil on packed rows (the default, as Lizard and LoLCATs train): every source file is a document,
     cut into pieces of at most ``seq_len`` bytes and packed ``batch_size * seq_len`` bytes to a row, each piece
@@ -333,24 +382,34 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
     from lincomp.presets import resolve
 
     t_start = time.perf_counter()
-    spec = resolve(spec) if spec is not None else causal_lm_spec(window, sinks, feature_dim)
+    spec = resolve(spec) if spec is not None else causal_lm_spec(window, sinks, feature_dim, family)
     if not spec.causal:
         raise ValueError(f"a causal LM needs a causal spec; {spec.summary()} is not causal")
-    cfg = clm.TeacherConfig(steps=teacher_steps, seq_len=seq_len, seed=seed)
+    if teacher not in clm.TEACHERS:
+        raise ValueError(f"teacher must be one of {list(clm.TEACHERS)}, got {teacher!r}")
+    base = clm.TEACHERS[teacher]
+    seq_len = seq_len or base.seq_len
+    batch_size = batch_size or base.batch_size
+    cfg = dataclasses.replace(base, steps=base.steps if teacher_steps is None else teacher_steps, seq_len=seq_len,
+                              seed=seed)
+    too_long = [n for n in long_lengths if n > cfg.max_positions]
+    if too_long:
+        raise ValueError(f"long_lengths {too_long} exceed the teacher's max_positions {cfg.max_positions}")
     out = Path(out_dir) if out_dir else None
     tdir = Path(teacher_dir) if teacher_dir else (out / "teacher" if out else None)
     log(f"teacher: byte-level Llama {cfg.layers} layers x {cfg.hidden_size} ({cfg.heads} heads), "
-        f"{teacher_steps} steps on the stdlib source (cached in {tdir or 'memory'})")
-    teacher, tinfo = clm.train_teacher(cfg, tdir, device=device, progress=progress)
+        f"{cfg.steps} steps on the stdlib source, {cfg.data} (cached in {tdir or 'memory'})")
+    teacher_name, (teacher, tinfo) = teacher, clm.train_teacher(cfg, tdir, device=device, progress=progress)
     teacher.to(device)
-    train_tokens = clm.corpus_tokens("train")
-    windows = clm.eval_windows(clm.corpus_tokens("heldout"), seq_len, eval_windows_n)
+    train_tokens = clm.corpus_tokens("train", data=cfg.data)
+    heldout = clm.corpus_tokens("heldout", data=cfg.data)
+    windows = clm.eval_windows(heldout, seq_len, eval_windows_n)
     _seed_all(seed)
     student = linearize_student(copy.deepcopy(teacher), spec)
     log(f"spec: {spec.summary()}  (window reach {_reach(spec)} tokens; eval windows of {seq_len} tokens)")
     ppl, measure = _perplexities(teacher, student, spec, windows, baseline=baseline, log=log)
     if pack:
-        data = clm.packed_batches(clm.corpus_documents("train"), seq_len, batch_size, seed + 1)
+        data = clm.packed_batches(clm.corpus_documents("train", data=cfg.data), seq_len, batch_size, seed + 1)
     else:
         data = clm.window_batches(train_tokens, seq_len, batch_size, seed + 1)
     measure("before")
@@ -359,17 +418,29 @@ def run_causal_lm(*, spec=None, window: int = 16, sinks: int = 4, feature_dim: i
         steps=steps, finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="lm", seed=seed,
         out_dir=out_dir, fresh=fresh, progress=progress)
     final = ppl.get("after_finetune", ppl["after_attention"])
+    long_ppl = {}
+    for n in long_lengths:   # length generalisation: the same models on longer held-out windows
+        lw = clm.eval_windows(heldout, n, long_windows_n)
+        long_ppl[str(n)] = {"windows": int(lw.shape[0]), "teacher": clm.perplexity(teacher, lw, batch_size=2),
+                            "student": clm.perplexity(student, lw, batch_size=2)}
+        if baseline:
+            long_ppl[str(n)]["window_only"] = clm.perplexity(_window_only(teacher, spec), lw, batch_size=2)
+        lp = long_ppl[str(n)]
+        log(f"at {n} bytes: student / teacher {lp['student'] / lp['teacher']:.4f} (teacher {lp['teacher']:.4f})")
     c = teacher.config
     head_dim = c.hidden_size // c.num_attention_heads
-    measured = measure_decode_memory(student, teacher, clm.corpus_tokens("heldout"), measure_contexts)
+    measured = measure_decode_memory(student, teacher, heldout, measure_contexts)
     memory = [{"context": n,
                "teacher_kv_bytes": kv_cache_bytes(c.num_hidden_layers, c.num_key_value_heads, head_dim, n),
                "student_bytes": linear_decode_bytes(spec, c.num_hidden_layers, c.num_attention_heads, head_dim, n),
                **({"teacher_measured": measured[n][0], "student_measured": measured[n][1]} if n in measured else {})}
               for n in sorted(set(memory_contexts) | set(measured))]
     results = {"recipe": "causal_lm", "machine": machine_info(), "spec": spec.to_dict(), "spec_summary": spec.summary(),
-               "teacher": {k: v for k, v in tinfo.items() if k != "history"},
-               "corpus": {**corpus_info(), "kind": "stdlib source, bytes", "train_bytes": int(train_tokens.numel())},
+               "teacher": {**{k: v for k, v in tinfo.items() if k != "history"}, "name": teacher_name},
+               "corpus": {**corpus_info(), "kind": "stdlib source" + (
+                   " with identifiers renamed per file" if cfg.data == "scrambled" else "") + ", bytes",
+                   "train_bytes": int(train_tokens.numel()), "heldout_bytes": int(heldout.numel())},
+               "long": long_ppl,
                "seq_len": seq_len, "packed": pack, "eval_windows": int(windows.shape[0]), "steps": steps,
                "finetune_steps": finetune_steps, "batch_size": batch_size, "lr": lr, "finetune_lr": finetune_lr,
                "seed": seed, "device": device, "perplexity": ppl, "ratio": final / ppl["teacher"],
@@ -593,7 +664,8 @@ def _option(group, flag: str, defaults: dict, help: str, *, key: str = "", type=
     """``--flag`` with the recipe's default (``defaults[key]``, key: the flag's name by default), shown in its
     help as "(default X<note>)"."""
     value = defaults[key or flag.lstrip("-").replace("-", "_")]
-    group.add_argument(flag, type=_at_least(type), default=value, help=f"{help} (default {value}{note})")
+    shown = "the teacher's" if value is None else value   # None: the causal-LM recipe takes it from --teacher
+    group.add_argument(flag, type=_at_least(type), default=value, help=f"{help} (default {shown}{note})")
 
 
 def _at_least(kind):
@@ -678,14 +750,26 @@ def register(subparsers) -> argparse.ArgumentParser:
     dc = _defaults(run_causal_lm)
     s = c.add_argument_group("spec")
     _option(s, "--window", dc, "sliding-window keys, the query included",
-            note=": this small teacher uses little context beyond 64 bytes, so a 64-key window alone is within 1%% "
-                 "of it")
-    _option(s, "--sinks", dc, "sink logits per head")
+            note=": the source teacher uses little context beyond 64 bytes, so there a 64-key window alone is "
+                 "within 1%% of it; the scrambled teacher needs far context")
+    _option(s, "--sinks", dc, "sink logits per head (lizard)")
     _option(s, "--feature-dim", dc, "Hedgehog E")
+    s.add_argument("--family", choices=["lizard", "lolcats"], default=dc["family"],
+                   help="lizard: gated exp-Hedgehog + sliding window with sinks, summed; lolcats: Hedgehog + "
+                        f"sliding window, one shared normaliser (default {dc['family']}; --spec overrides both)")
     d = c.add_argument_group("data")
+    d.add_argument("--teacher", choices=CAUSAL_LM_TEACHERS, default=dc["teacher"],
+                   help="source: trained on 512-byte windows of the stdlib source (uses little context beyond 64 "
+                        "bytes); scrambled: on 1024-byte windows of that source with each file's identifiers "
+                        "renamed to fresh random names, so predicting a name needs the file's earlier, often far, "
+                        f"use of it (default {dc['teacher']})")
     _option(d, "--seq-len", dc, "training and evaluation length in bytes")
     _option(d, "--teacher-steps", dc, "teacher training steps")
     _option(d, "--eval-windows", dc, "held-out windows", key="eval_windows_n")
+    d.add_argument("--long-eval", type=_at_least(int), nargs="+", default=list(dc["long_lengths"]), metavar="L",
+                   help="also measure teacher, window alone and the final student on held-out windows of L bytes "
+                        "(e.g. 4x --seq-len: length generalisation)")
+    _option(d, "--long-windows", dc, "held-out windows per --long-eval length", key="long_windows_n")
     d.add_argument("--teacher-dir", default=None, metavar="DIR",
                    help="where the trained teacher is cached (default <out>/teacher)")
     d.add_argument("--no-pack", action="store_true",
@@ -748,7 +832,8 @@ def _cmd_minilm(a) -> int:
 
 
 def _cmd_causal_lm(a) -> int:
-    run_causal_lm(spec=a.spec, window=a.window, sinks=a.sinks, feature_dim=a.feature_dim,
+    run_causal_lm(spec=a.spec, window=a.window, sinks=a.sinks, feature_dim=a.feature_dim, family=a.family,
+                  teacher=a.teacher, long_lengths=tuple(a.long_eval), long_windows_n=a.long_windows,
                   teacher_steps=a.teacher_steps, steps=a.steps, finetune_steps=a.finetune_steps,
                   batch_size=a.batch_size, seq_len=a.seq_len, eval_windows_n=a.eval_windows, lr=a.lr,
                   finetune_lr=a.finetune_lr, seed=a.seed, out_dir=a.out,

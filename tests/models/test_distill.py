@@ -2,6 +2,7 @@
 the small causal teacher and the CLI. Tiny random models; the real fidelity runs are benchmarks/distill_*.py."""
 
 import copy
+import dataclasses
 import os
 import warnings
 
@@ -321,6 +322,75 @@ def test_tiny_teacher_trains_saves_and_evaluates(tmp_path):
     assert 1.0 < ppl < 300 and clm.decode(clm.encode("héllo")) == "héllo"
 
 
+def _name_tokens(source):
+    import io
+    import tokenize
+    return [(t.type, t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)]
+
+
+@pytest.mark.parametrize("rel", ["json/decoder.py", "textwrap.py", "functools.py"])
+def test_scrambled_source_renames_each_name_consistently(rel):
+    import ast
+    import keyword
+    src = (corpus.stdlib_root() / rel).read_text()
+    out = corpus.scramble_identifiers(src, seed=0)
+    assert out == corpus.scramble_identifiers(src, seed=0) and out != corpus.scramble_identifiers(src, seed=1)
+    ast.parse(out)                                              # still Python
+    a, b = _name_tokens(src), _name_tokens(out)
+    assert [t for t, _ in a] == [t for t, _ in b]               # the same token stream, only names differ
+    assert [s for t, s in a if t != 1] == [s for t, s in b if t != 1]   # comments, strings, layout untouched
+    mapping = {}
+    for (t, old), (_, new) in zip(a, b):
+        if t == 1:
+            assert mapping.setdefault(old, new) == new          # one new name per old name...
+    assert len(set(mapping.values())) == len(mapping)           # ...and no two old names merged
+    assert all(mapping[k] == k for k in mapping if keyword.iskeyword(k) or k in ("self", "len", "__init__"))
+    renamed = [k for k in mapping if mapping[k] != k]
+    assert len(renamed) > 20 and all(mapping[k][0].isupper() == k[0].isupper() for k in renamed)
+    assert corpus.scramble_identifiers("def f(:\n", 0) is None   # does not tokenise: dropped
+
+
+def test_scrambled_teacher_data_and_bad_config():
+    docs = clm.corpus_documents("heldout", max_bytes=20000, data="scrambled")
+    plain = clm.corpus_documents("heldout", max_bytes=20000)
+    assert len(docs) == len(plain) and docs[0].numel() > 100 and not torch.equal(docs[0], plain[0])
+    assert torch.equal(clm.corpus_tokens("heldout", max_bytes=3000, data="scrambled"), torch.cat(docs)[:3000])
+    with pytest.raises(ValueError, match="TeacherConfig.data"):
+        clm.TeacherConfig(data="wiki")
+    with pytest.raises(ValueError, match="data must be one of"):
+        clm.corpus_documents("heldout", data="wiki")
+    from lincomp.models.distill_cli import CAUSAL_LM_TEACHERS, run_causal_lm
+    assert set(CAUSAL_LM_TEACHERS) == set(clm.TEACHERS)
+    with pytest.raises(ValueError, match="teacher must be one of"):
+        run_causal_lm(teacher="wiki", out_dir=None)
+    with pytest.raises(ValueError, match="max_positions"):
+        run_causal_lm(long_lengths=(4096,), out_dir=None)
+
+
+def test_teacher_saved_before_a_config_field_existed_still_loads(tmp_path):
+    import json
+    cfg = clm.TeacherConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, seq_len=32, batch_size=2,
+                            steps=1, lr=1e-2)
+    model, _ = clm.train_teacher(cfg, tmp_path / "t", tokens=clm.encode("x = 1\n" * 40), progress=False)
+    info_path = tmp_path / "t" / "teacher_info.json"
+    info = json.loads(info_path.read_text())
+    del info["config"]["data"]                                  # as saved before TeacherConfig.data existed
+    info_path.write_text(json.dumps(info))
+    assert clm.load_teacher(tmp_path / "t", cfg) is not None
+    assert clm.load_teacher(tmp_path / "t", dataclasses.replace(cfg, data="scrambled")) is None
+
+
+def test_context_use_window_covering_everything_is_the_teacher(llama):
+    from lincomp.models.distill_cli import context_use
+    model, _ = llama
+    windows = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
+    r = context_use(model, windows, sizes=(2, 24), buckets=(8,))
+    t, whole, short = r["teacher"], r["windows"]["24"], r["windows"]["2"]
+    assert whole["perplexity"] == pytest.approx(t["perplexity"], rel=1e-4)   # a window that sees all: no change
+    assert short["perplexity"] != pytest.approx(t["perplexity"], rel=1e-4)
+    assert short["before_8"] > 1 and t["from_8"] > 1 and set(t) == {"perplexity", "before_8", "from_8"}
+
+
 def test_decode_memory_is_flat_for_the_student():
     spec = presets.lizard(window=64, sinks=4, feature_dim=32)
     from lincomp.models.distill_cli import kv_cache_bytes, linear_decode_bytes
@@ -385,13 +455,16 @@ def test_causal_lm_recipe_end_to_end(tmp_path):
     results_markdown, benchmark_main = report.results_markdown, report.benchmark_main
     r = run_causal_lm(window=8, sinks=2, feature_dim=8, teacher_steps=2, steps=2, finetune_steps=1, batch_size=2,
                       seq_len=64, eval_windows_n=2, out_dir=str(tmp_path), progress=False, memory_contexts=(64,),
-                      measure_contexts=(32,), log=lambda msg: None)
+                      measure_contexts=(32,), long_lengths=(256,), long_windows_n=2, log=lambda msg: None)
     p = r["perplexity"]
+    lp = r["long"]["256"]
+    assert lp["windows"] == 2 and lp["teacher"] > 1 and lp["student"] > 1 and lp["window_only"] > 1
     assert {"teacher", "window_only", "before", "after_attention", "after_finetune"} <= set(p)
     assert r["ratio"] == pytest.approx(p["after_finetune"] / p["teacher"])
     assert (tmp_path / "student.safetensors").exists() and (tmp_path / "results.json").exists()
     md = results_markdown(r)
     assert "student / teacher" in md and "measured" in md
+    assert "## Length generalisation" in md and "| 256 | 2 |" in md
     # The benchmark's --table-only rebuilds the committed table from results.json without training again.
     before = (tmp_path / "results.json").stat().st_mtime_ns
     table = tmp_path / "table.md"
