@@ -20,6 +20,7 @@ from lincomp.runtime.kernel import LincompFallbackWarning  # noqa: E402
 from lincomp.spec import AttentionSpec  # noqa: E402
 from lincomp.testing import examples, random_inputs, rel_err, spec_strategy  # noqa: E402
 
+from tests.tvm.test_hybrid_backward import check_saved_like  # noqa: E402
 from tests.tvm.test_window_backward import check_grads  # noqa: E402
 
 MINILM = AttentionSpec(window={"kind": "1d", "left": 6, "right": 6}, causal=False, prefix=1, combine="shared",
@@ -113,15 +114,7 @@ def test_initial_state_gradient():
 def test_saved_like_matches_saved():
     """The fake's saved shapes are the real forward's; the training forward equals the inference kernel."""
     spec = SPECS["causal-vector-elu1"]
-    x = random_inputs(spec, B=2, H=2, L=40, D=8, seed=1)
-    kern = lincomp.compile(spec, target="tvm")
-    with torch.no_grad():
-        o, saved = kern.forward_and_save(**x)
-        like = kern.saved_like(**x)
-        fused = kern(**x)
-    assert [t.shape for t in saved] == [t.shape for t in like]
-    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved[1:])
-    assert torch.equal(o, fused)
+    check_saved_like(spec, random_inputs(spec, B=2, H=2, L=40, D=8, seed=1), tol=0.0)
 
 
 def test_cancellation_falls_back_with_warning():

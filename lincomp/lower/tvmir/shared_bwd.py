@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lincomp.lower.tvmir.codegen import LOG2E, Script, divisor_at_most, emit_gemm_tile, exp2, f32
-from lincomp.lower.tvmir.window import _emit_positions, tiled, visibility
+from lincomp.lower.tvmir.window import _emit_positions, emit_gate_buffer, tiled, visibility
 from lincomp.spec import AttentionSpec
 
 
@@ -74,10 +74,7 @@ def _source(spec: AttentionSpec, dims: SharedBwdDims, BM: int, BN: int, mr: int,
           f'{off} = T.match_buffer({off}_h, (NT1,), "int32")',
           f'{idx} = T.match_buffer({idx}_h, (NNZ,), "int32")',
           f'{full} = T.match_buffer({full}_h, (NNZ,), "int32")')
-        if gate == "scalar":
-            s(f'G = T.match_buffer(G_h, (B, {H}, L), "float64")')
-        elif gate == "vector":
-            s(f'G = T.match_buffer(G_h, (B, {H}, L, {F}), "float64")')
+        emit_gate_buffer(s, gate, H, F)
         if grid:
             s(f'tokens = T.match_buffer(tokens_h, (NT1 - 1, {BM}), "int32")')
         if by_key:

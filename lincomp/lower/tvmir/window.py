@@ -183,10 +183,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
               f'window_gamma = T.match_buffer(window_gamma_h, ({H},), "float32")',
               f'fq = T.match_buffer(fq_h, (B, {H}, L, {F}), "float32")',
               f'fk = T.match_buffer(fk_h, (B, {HF}, L, {F}), "float32")')
-            if gate == "scalar":
-                s(f'G = T.match_buffer(G_h, (B, {H}, L), "float64")')
-            elif gate == "vector":
-                s(f'G = T.match_buffer(G_h, (B, {H}, L, {F}), "float64")')
+            emit_gate_buffer(s, gate, H, F)
             s('cond = T.match_buffer(cond_h, (B, {H}, L), "float32")'.replace("{H}", str(H)))
         if key_bias:
             s('key_bias = T.match_buffer(key_bias_h, (B, L), "float32")')
@@ -260,6 +257,14 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                 _emit_pooled(s, spec, GN, BM, D, Dv, mr_qk, mr_pv)
             _emit_epilogue(s, spec, BM, Dv, shared, summed, save_lse)
     return s.text()
+
+
+def emit_gate_buffer(s: Script, gate: Optional[str], H: int, F: int) -> None:
+    """The log-gate cumsum ``G`` (float64: differences of long sums): [B, H, L] scalar, [B, H, L, F] vector."""
+    if gate == "scalar":
+        s(f'G = T.match_buffer(G_h, (B, {H}, L), "float64")')
+    elif gate == "vector":
+        s(f'G = T.match_buffer(G_h, (B, {H}, L, {F}), "float64")')
 
 
 def pooled_step(spec: AttentionSpec, GN: int) -> int:
