@@ -16,7 +16,7 @@ arithmetic (so symbolic sequence lengths never force a recompile). The spec trav
   the kernel's backward needs (the window kernels' log-sum-exp, the linear kernels' states), and its
   backward, ``torch.ops.lincomp.attention_backward`` (its own op, so compiled training graphs keep it
   opaque), runs only backward kernels: each forward runs once. Kernels without a backward of their own
-  (the reference; TVM for the specs its backward does not cover: hybrids, pooled keys): a call whose inputs
+  (the reference; TVM for the calls its backward does not cover: key-padded, fp64): a call whose inputs
   require grad runs the reference under autograd instead (one evaluation); without grad it runs the kernel.
   A call that fell back saves nothing and its gradient is the reference's (``torch.func.vjp``). A packed
   row (``cu_seqlens``) saves nothing either: on kernels with a backward its gradient re-runs each document
