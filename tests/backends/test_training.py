@@ -100,15 +100,10 @@ def test_triton_forward_runs_once_under_aot_autograd(monkeypatch):
     _check_grads(spec, leaves, o, grads)
 
 
-@pytest.mark.parametrize("target", ["reference", "tvm"])
-def test_kernels_without_backward_run_one_forward(monkeypatch, target):
-    """The reference, and TVM for a spec its backward kernels do not cover (combine="shared"), have no
-    backward: with inputs that require grad the op differentiates the reference itself, once; neither the
-    kernel nor a second reference evaluation runs."""
-    spec = TRITON_SPECS["lizard"]
-    if target == "tvm":
-        pytest.importorskip("tvm")
-        spec = presets.lolcats(block=4, feature_dim=4, terraced=False)
+def test_kernels_without_backward_run_one_forward(monkeypatch):
+    """The reference has no backward kernels: with inputs that require grad the op differentiates the
+    reference itself, once; neither a kernel nor a second reference evaluation runs."""
+    spec, target = TRITON_SPECS["lizard"], "reference"
     import lincomp.runtime.kernel as K
     direct, inner = Counter(monkeypatch, ops, "reference"), Counter(monkeypatch, K, "reference")
     launched = Counter(monkeypatch, ops.torch.ops.lincomp, "attention_forward")
@@ -118,9 +113,17 @@ def test_kernels_without_backward_run_one_forward(monkeypatch, target):
     grads = torch.autograd.grad(o.sum(), list(leaves.values()))
     assert (direct.calls, inner.calls, launched.calls) == (1, 0, 0), "the backward evaluated the forward again"
     _check_grads(spec, leaves, o.detach(), grads)
-    with torch.no_grad():   # inference stays on the kernel
+    with torch.no_grad():   # inference goes through the forward op
         _attention(spec, {n: t.detach() for n, t in leaves.items()}, target)
     assert launched.calls == 1
+
+
+@pytest.mark.parametrize("name", sorted(presets.PAPER_SPECS))
+def test_every_preset_has_tvm_backward_kernels(name):
+    """Every spec family (windows, pooled keys, linear, shared and sum hybrids) trains on TVM's own backward."""
+    pytest.importorskip("tvm")
+    kernel = ops.get_kernel(ops.spec_to_json(presets.PAPER_SPECS[name]()), "tvm", "error")
+    assert kernel.backward_unsupported() is None and kernel.has_backward()
 
 
 def test_no_private_torch_api_in_the_ops():

@@ -564,9 +564,9 @@ def test_causal_lm_recipe_packs_by_default():
 
 
 def test_training_target_picks_tvm_where_it_has_a_backward():
-    """On CPU: "tvm" for specs with TVM backward kernels (the causal-LM recipe's Lizard-like sum hybrid, the
-    MiniLM recipe's combine="shared"), the reference for pooled keys (no TVM backward), without a spec, and
-    for fp64 models."""
+    """On CPU: "tvm" where TVM is installed (every spec family has TVM backward kernels: the causal-LM recipe's
+    Lizard-like sum hybrid, the MiniLM recipe's combine="shared", CLEAR's pooled keys); the reference without
+    a spec and for fp64 models."""
     from lincomp.models.distill_cli import causal_lm_spec, minilm_spec, training_target
     model = nn.Linear(2, 2)
     try:
@@ -576,6 +576,7 @@ def test_training_target_picks_tvm_where_it_has_a_backward():
         has_tvm = False
     assert training_target(model, causal_lm_spec()) == ("tvm" if has_tvm else "reference")
     assert training_target(model, minilm_spec(combine="shared")) == ("tvm" if has_tvm else "reference")
-    assert training_target(model, presets.clear_pool(radius=2, factor=2, grid=(4, 4), text_tokens=2)) == "reference"
+    assert training_target(model, presets.clear_pool(radius=2, factor=2, grid=(4, 4), text_tokens=2)) == (
+        "tvm" if has_tvm else "reference")
     assert training_target(model) == "reference"
     assert training_target(model.double(), causal_lm_spec()) == "reference"
