@@ -266,8 +266,12 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
                        sink_logits: Optional[Tensor] = None, window_gamma: Optional[Tensor] = None,
                        alpha: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                        target: str = "auto", fallback: str = "warn", hints_json: str = "",
-                       cu_seqlens: Optional[Tensor] = None, pool_weight: Optional[Tensor] = None) -> List[Tensor]:
-    """[dq, dk, dv] + the gradient of each given float tensor (order of WEIGHT_NAMES, absent ones skipped)."""
+                       cu_seqlens: Optional[Tensor] = None, pool_weight: Optional[Tensor] = None,
+                       needs: str = "") -> List[Tensor]:
+    """[dq, dk, dv] + the gradient of each given float tensor (order of WEIGHT_NAMES, absent ones skipped).
+
+    ``needs``: comma-separated names of the inputs autograd wants a gradient for ("" : all); a kernel may skip
+    the others' work (their slots are zeros)."""
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     names = ("q", "k", "v", *tensors)
     inputs = (q, k, v, *tensors.values())
@@ -275,7 +279,8 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
     kw = _kwargs(scale, tensors, drop_trivial_padding(key_padding_mask))   # as the forward saw it
     cu_seqlens, grads = documents(cu_seqlens), None
     if int(own_backward) == 1:
-        grads = kernel.backward_saved(grad_out, o, list(saved), q, k, v, **kw)
+        grads = kernel.backward_saved(grad_out, o, list(saved), q, k, v, needs=frozenset(needs.split(",")) if needs
+                                      else None, **kw)
     elif cu_seqlens is not None and has_own_backward(kernel):
         # a packed row saved nothing: its documents' forward runs again, each length group through the
         # kernel's own backward (None if one fell back: then the reference's gradient below)
@@ -299,7 +304,7 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
 def _attention_backward_fake(grad_out, o, own_backward, saved, q, k, v, spec_json, scale=None, g=None,
                              feature_weight_q=None, feature_weight_k=None, sink_logits=None, window_gamma=None,
                              alpha=None, key_padding_mask=None, target="auto", fallback="warn", hints_json="",
-                             cu_seqlens=None, pool_weight=None):
+                             cu_seqlens=None, pool_weight=None, needs=""):
     tensors = _tensors(g, feature_weight_q, feature_weight_k, sink_logits, window_gamma, alpha, pool_weight)
     return [t.new_empty(t.shape) for t in (q, k, v, *tensors.values())]   # contiguous, like the real one
 
@@ -321,7 +326,7 @@ def _backward(ctx, grads):
         grad_out = torch.zeros_like(o)
     out = torch.ops.lincomp.attention_backward(
         grad_out.contiguous(), o, own, saved, q, k, v, spec_json, scale, g, fwq, fwk, sinks, gamma, alpha, kpm,
-        target, fallback, hints_json, cu, pool)
+        target, fallback, hints_json, cu, pool, _needs(ctx.needs_input_grad))
     dq, dk, dv, *rest = out
     weights = (g, fwq, fwk, sinks, gamma, alpha, pool)
     it = iter(rest)
@@ -329,6 +334,18 @@ def _backward(ctx, grads):
     out = (dq, dk, dv, None, None, *dweights[:6], None, None, None, None, None, dweights[6])
     # one gradient per argument actually passed: the dispatcher drops trailing arguments left at their default
     return out[:len(ctx.needs_input_grad)]
+
+
+# attention_forward's differentiable arguments by position (the rest are strings, flags and masks)
+_GRAD_ARGS = {0: "q", 1: "k", 2: "v", 5: "g", 6: "feature_weight_q", 7: "feature_weight_k", 8: "sink_logits",
+              9: "window_gamma", 10: "alpha", 16: "pool_weight"}
+
+
+def _needs(needs_input_grad) -> str:
+    """attention_backward's ``needs`` from autograd's flags ("": all, when every flag is set)."""
+    flags = list(needs_input_grad) + [False] * (17 - len(needs_input_grad))
+    wanted = [n for i, n in _GRAD_ARGS.items() if flags[i]]
+    return "" if len(wanted) == len(_GRAD_ARGS) else ",".join(wanted) or "none"
 
 
 def _backward_wrapper(ctx, *grads):

@@ -99,9 +99,10 @@ class Kernel:
         """True when :meth:`backward_saved` covers this kernel's spec (the op then trains on the kernels)."""
         return type(self).backward_saved is not Kernel.backward_saved and self.backward_unsupported() is None
 
-    def backward_saved(self, grad_o, o, saved: list, q, k, v, **kwargs) -> dict:
+    def backward_saved(self, grad_o, o, saved: list, q, k, v, needs=None, **kwargs) -> dict:
         """{input name: gradient} (q, k, v and the float tensors in ``kwargs``; None where zero) of
-        ``sum(grad_o * o)``, from the forward's ``saved`` list; no forward is run again."""
+        ``sum(grad_o * o)``, from the forward's ``saved`` list; no forward is run again. ``needs``: the names
+        whose gradient the caller wants (None: all); a kernel may skip the work of the others (missing or None)."""
         raise NotImplementedError(f"{type(self).__name__} saves nothing; its gradient comes from the reference")
 
     def __repr__(self) -> str:

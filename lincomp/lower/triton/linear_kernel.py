@@ -172,7 +172,8 @@ class LinearKernel(Kernel):
         return list(_linear_fwd_fake(q, k, v, tensors.get("g"), wq, None, None, None, None, None, plan_json, "", 1.0,
                                      1.0, False, True)[1:])
 
-    def backward_saved(self, grad_o, o, saved, q, k, v, *, scale=None, linear_scale=None, **tensors) -> dict:
+    def backward_saved(self, grad_o, o, saved, q, k, v, *, scale=None, linear_scale=None, needs=None,
+                       **tensors) -> dict:
         """Gradients from o and the saved aux tensors: the backward kernels only, no forward."""
         call = bind(self.spec, q, k, v, scale=scale, linear_scale=linear_scale, check_values=False, **tensors)
         dims = Dims.of(self.plan, q, k, v, call.feature_weight_q)

@@ -80,7 +80,7 @@ class WindowKernel(Kernel):
         B, H, L = q.shape[0], q.shape[1], q.shape[2]
         return [q.new_empty((B, H, L), dtype=torch.float32)]
 
-    def backward_saved(self, grad_o, o, saved, q, k, v, *, scale=None, **tensors) -> dict:
+    def backward_saved(self, grad_o, o, saved, q, k, v, *, scale=None, needs=None, **tensors) -> dict:
         """dq, dk, dv (and d sink_logits) from o and the saved log-sum-exp: the backward kernels only."""
         call = bind(self.spec, q, k, v, scale=scale, check_values=False, **tensors)
         dq, dk, dv, dsink = window_attention_backward(grad_o.contiguous(), call.q, call.k, call.v, o, saved[0], None,

@@ -296,7 +296,7 @@ class TVMKernel(Kernel):
             return _hybrid_train.saved_like(self, q, k, v, **kwargs)
         return []
 
-    def backward_saved(self, grad_o, o, saved, q, k, v, **kwargs) -> dict:
+    def backward_saved(self, grad_o, o, saved, q, k, v, needs=None, **kwargs) -> dict:
         if self._branch() == "window":
             from lincomp.lower.tvmir.window_train import backward_saved
             return backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
@@ -304,7 +304,7 @@ class TVMKernel(Kernel):
             return _hybrid_train.backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
         if self._branch() == "shared":
             from lincomp.lower.tvmir.shared_train import backward_saved
-            return backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
+            return backward_saved(self, grad_o, o, saved, q, k, v, needs=needs, **kwargs)
         return self._linear_backward_saved(grad_o, o, saved, q, k, v, **kwargs)
 
     @staticmethod
@@ -643,16 +643,18 @@ class TVMKernel(Kernel):
             built = self._mods[key] = _build.build([src], f"linear_bwd-{self.spec.summary() or 'spec'}")
         return built
 
-    def _linear_backward(self, call: Call, sizes: Sizes, grad_o, o, saved: list, inwindow=None) -> dict:
+    def _linear_backward(self, call: Call, sizes: Sizes, grad_o, o, saved: list, inwindow=None,
+                         needs=None) -> dict:
         """The scan's gradients on the kernel, the feature maps' and the gate's on the host (linear_train.py).
         ``inwindow(feats, do, dfq, dfk, dv, grads)``: combine="shared"'s hook removing the in-window terms'
-        share from the per-query-head gradients before the feature maps' vjp (shared_train.py)."""
+        share from the per-query-head gradients before the feature maps' vjp (shared_train.py). ``needs``: the
+        names whose gradient is wanted (None: all); the feature maps' vjp skips the others."""
         spec, lin = self.spec, self.spec.linear
         B, H, L, Dv = call.B, call.H, call.L, call.Dv
         aug = lin.normalize or spec.combine == "shared"   # shared: the scan's den column feeds its normaliser
         den = saved[1] if aug else None
         do = _linear_train.scan_grad(spec, grad_o, o, den, call.linear_scale, aug)
-        feats = _linear_train.Features(call)
+        feats = _linear_train.Features(call, needs)
         fq, fk = feats.fq, feats.fk
         grads, dS0 = {}, None
         if spec.causal:

@@ -61,16 +61,24 @@ class Features:
 
     NAMES = ("q", "k", "feature_weight_q", "feature_weight_k")
 
-    def __init__(self, call):
+    def __init__(self, call, needs=None):
+        """``needs``: the names whose gradient is wanted (None: all); the others are constants of the vjp."""
         lin, H = call.spec.linear, call.H
-        self.names = [n for n in self.NAMES if getattr(call, n) is not None]
+        given = {n: getattr(call, n) for n in self.NAMES if getattr(call, n) is not None}
+        self.names = [n for n in given if needs is None or n in needs]
 
-        def phis(q, k, wq=None, wk=None):
+        def phis(*wanted):
+            x = dict(given, **dict(zip(self.names, wanted)))
+            q, k = x["q"], x["k"]
             if lin.has_weights and k.shape[1] != H:
                 k = k.repeat_interleave(H // k.shape[1], dim=1)
-            return feature_map(lin.feature_map, q, wq).float(), feature_map(lin.feature_map, k, wk).float()
+            return (feature_map(lin.feature_map, q, x.get("feature_weight_q")).float(),
+                    feature_map(lin.feature_map, k, x.get("feature_weight_k")).float())
 
-        (fq, fk), self._vjp = torch.func.vjp(phis, *[getattr(call, n) for n in self.names])
+        if self.names:
+            (fq, fk), self._vjp = torch.func.vjp(phis, *[given[n] for n in self.names])
+        else:   # no gradient through the maps is wanted (only v, the gate or the gain)
+            (fq, fk), self._vjp = phis(), (lambda cotangents: ())
         self.fq, self.fk = fq.contiguous(), fk.contiguous()
 
     def backward(self, dfq: torch.Tensor, dfk: torch.Tensor) -> dict:
@@ -122,9 +130,11 @@ class _Train(torch.autograd.Function):
         n = len(ctx.names)
         tensors, o, saved = rest[:n], rest[n], list(rest[n + 1:])
         kw = _keywords(ctx.names, tensors)
+        wanted = {"initial_state" if n in STATE_NAMES else n
+                  for n, w in zip(("q", "k", "v", *ctx.names), ctx.needs_input_grad[4:]) if w}
         with torch.no_grad():
             grads = ctx.kernel.backward_saved(grad_o, o, saved, q, k, v, scale=ctx.scale,
-                                              linear_scale=ctx.linear_scale, **kw)
+                                              linear_scale=ctx.linear_scale, needs=frozenset(wanted), **kw)
         state = grads.get("initial_state") or (None, None)
         by_name = dict(grads, S0=state[0], z0=state[1])
         out = [by_name.get(x) for x in ("q", "k", "v", *ctx.names)]

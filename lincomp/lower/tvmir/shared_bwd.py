@@ -13,7 +13,8 @@ block plan gives::
 Two PrimFuncs walk the plan in its two directions, each owning the rows it writes (no atomics):
 ``shared_bwd_q`` (one task per (batch, head, query tile): dfq) and ``shared_bwd_k`` (one task per (batch,
 head, key tile): dfk and dv per query head; the host sums GQA groups). The gate's gradient needs no kernel
-output: ``d G_i = fq_i . dfq_i`` and ``d G_j = -fk_j . dfk_j`` (per feature for a vector gate).
+output: ``d G_i = fq_i . dfq_i`` and ``d G_j = -fk_j . dfk_j`` (per feature for a vector gate). Without ``dv``
+(no value gradient wanted) the key pass skips ``T`` and its product: two products per pair instead of four.
 """
 
 from __future__ import annotations
@@ -36,29 +37,33 @@ class SharedBwdDims:
     Dv: int
 
 
-def arg_names(spec: AttentionSpec, which: str) -> list:
+def arg_names(spec: AttentionSpec, which: str, dv: bool = True) -> list:
     """Arguments of ``shared_bwd_q`` / ``shared_bwd_k`` in order (the launcher passes them so)."""
     names = ["fq", "fk", "v", "du", "dd"] + (["G"] if spec.linear.gate is not None else [])
     names += ["kv_offsets", "kv_indices", "kv_full"] if which == "q" else ["q_offsets", "q_indices", "q_full"]
     if tiled(spec):
         names.append("tokens")
-    return names + (["dfq"] if which == "q" else ["dfk", "dv"])
+    return names + (["dfq"] if which == "q" else ["dfk", "dv"] if dv else ["dfk"])
 
 
-def backward_source(spec: AttentionSpec, dims: SharedBwdDims, block_m: int, block_n: int, mr: int = 4) -> list:
-    """[TVMScript PrimFunc texts]: ``shared_bwd_q`` and ``shared_bwd_k`` over tiles of block_m x block_n."""
-    return [_source(spec, dims, block_m, block_n, mr, "q"), _source(spec, dims, block_m, block_n, mr, "k")]
+def backward_source(spec: AttentionSpec, dims: SharedBwdDims, block_m: int, block_n: int, mr: int = 4,
+                    dv: bool = True) -> list:
+    """[TVMScript PrimFunc texts]: ``shared_bwd_q`` and ``shared_bwd_k`` over tiles of block_m x block_n
+    (``dv``: the key pass also forms d v)."""
+    return [_source(spec, dims, block_m, block_n, mr, "q"), _source(spec, dims, block_m, block_n, mr, "k", dv)]
 
 
-def _source(spec: AttentionSpec, dims: SharedBwdDims, BM: int, BN: int, mr: int, which: str) -> str:
+def _source(spec: AttentionSpec, dims: SharedBwdDims, BM: int, BN: int, mr: int, which: str,
+            with_dv: bool = True) -> str:
     H, Hkv, HF, F, Dv = dims.H, dims.Hkv, dims.HF, dims.F, dims.Dv
     gate = spec.linear.gate
     grid = tiled(spec)
     if grid and BM != BN:
         raise ValueError(f"grid windows need block_m == block_n, got {BM}, {BN}")
     by_key = which == "k"
+    with_dv = with_dv and by_key
     name = f"shared_bwd_{which}"
-    names = arg_names(spec, which)
+    names = arg_names(spec, which, with_dv)
     s = Script()
     s("@T.prim_func")
     with s.block(f"def {name}({', '.join(f'{a}_h: T.handle' for a in names)}):"):
@@ -78,10 +83,11 @@ def _source(spec: AttentionSpec, dims: SharedBwdDims, BM: int, BN: int, mr: int,
         if grid:
             s(f'tokens = T.match_buffer(tokens_h, (NT1 - 1, {BM}), "int32")')
         if by_key:
-            s(f'dfk = T.match_buffer(dfk_h, (B, {H}, L, {F}), "float32")',
-              f'dv = T.match_buffer(dv_h, (B, {H}, L, {Dv}), "float32")')
+            s(f'dfk = T.match_buffer(dfk_h, (B, {H}, L, {F}), "float32")')
         else:
             s(f'dfq = T.match_buffer(dfq_h, (B, {H}, L, {F}), "float32")')
+        if with_dv:
+            s(f'dv = T.match_buffer(dv_h, (B, {H}, L, {Dv}), "float32")')
         s("# one task per (batch, head, key tile)" if by_key else "# one task per (batch, head, query tile)")
         with s.block(f"for task in T.parallel(B * {H} * (NT1 - 1)):"):
             tile = "kt" if by_key else "t"
@@ -89,21 +95,20 @@ def _source(spec: AttentionSpec, dims: SharedBwdDims, BM: int, BN: int, mr: int,
               f"hk = h // {H // Hkv}", f"hf = h // {H // HF}")
             bufs = [("qpos", f"({BM},)", "int32"), ("kpos", f"({BN},)", "int32"), ("vT", f"({Dv}, {BN})", "float32"),
                     ("w", f"({BM}, {BN})", "float32"), ("rdd", f"({BM},)", "float32")]
-            if by_key:
+            bufs += [("dfk_acc", f"({BN}, {F})", "float32")] if by_key else [("dfq_acc", f"({BM}, {F})", "float32")]
+            if with_dv:
                 bufs += [("fkT", f"({F}, {BN})", "float32"), ("tt", f"({BM}, {BN})", "float32"),
-                         ("dfk_acc", f"({BN}, {F})", "float32"), ("dv_acc", f"({BN}, {Dv})", "float32")]
-            else:
-                bufs += [("dfq_acc", f"({BM}, {F})", "float32")]
+                         ("dv_acc", f"({BN}, {Dv})", "float32")]
             for buf, shape, dt in bufs:
                 s(f'{buf} = T.alloc_buffer({shape}, "{dt}")')
-            accs = [("dfk_acc", BN, F), ("dv_acc", BN, Dv)] if by_key else [("dfq_acc", BM, F)]
+            accs = ([("dfk_acc", BN, F)] + ([("dv_acc", BN, Dv)] if with_dv else [])) if by_key else [("dfq_acc", BM, F)]
             for acc, rows, width in accs:
                 with s.block(f"for r in range({rows}):"):
                     with s.block(f"for c in T.vectorized({width}):"):
                         s(f"{acc}[r, c] = T.float32(0)")
             if by_key:
                 _emit_positions(s, spec, "kpos", "kt", BN, grid)
-                _emit_key_tile(s, BN, F, Dv, True)
+                _emit_key_tile(s, BN, F, Dv, with_dv)
                 walk = s.block(f"for e in range({off}[kt], {off}[kt + 1]):")
             else:
                 _emit_positions(s, spec, "qpos", "t", BM, grid)
@@ -118,8 +123,8 @@ def _source(spec: AttentionSpec, dims: SharedBwdDims, BM: int, BN: int, mr: int,
                     s(f"kt = {idx}[e]")
                     _emit_positions(s, spec, "kpos", "kt", BN, grid)
                     _emit_key_tile(s, BN, F, Dv, False)
-                _emit_pair(s, spec, BM, BN, F, Dv, mr, f"{full}[e]", by_key)
-                if by_key:
+                _emit_pair(s, spec, BM, BN, F, Dv, mr, f"{full}[e]", with_dv)
+                if with_dv:
                     s("# dv += T^T @ du")
                     emit_gemm_tile(s, rows=BN, mr=divisor_at_most(BN, mr), width=Dv, red=str(BM),
                                    a=lambda r, x: f"tt[{x}, {r}]", b=lambda x, w: f"du[b, h, T.max(qpos[{x}], 0), {w}]",
@@ -130,8 +135,9 @@ def _source(spec: AttentionSpec, dims: SharedBwdDims, BM: int, BN: int, mr: int,
             pos, rows = ("kpos", BN) if by_key else ("qpos", BM)
             with s.block(f"for r in range({rows}):"):
                 with s.block(f"if {pos}[r] >= 0:"):
-                    for out, acc, width in ([("dfk", "dfk_acc", F), ("dv", "dv_acc", Dv)] if by_key
-                                            else [("dfq", "dfq_acc", F)]):
+                    outs = [("dfk", "dfk_acc", F)] + ([("dv", "dv_acc", Dv)] if with_dv else []) if by_key \
+                        else [("dfq", "dfq_acc", F)]
+                    for out, acc, width in outs:
                         with s.block(f"for c in T.vectorized({width}):"):
                             s(f"{out}[b, h, {pos}[r], c] = {acc}[r, c]")
     return s.text()
@@ -181,14 +187,23 @@ def _emit_pair(s: Script, spec: AttentionSpec, BM: int, BN: int, F: int, Dv: int
                            a=lambda r, x: f"fq[b, h, T.max(qpos[{r}], 0), {x}]", b=lambda x, w: f"fkT[{x}, {w}]",
                            init=None, store=lambda r, w, val: f"tt[{r}, {w}] = {val}")
     vis = visibility(spec, "qpos[i]", "kpos[j]")
-    keep = f"({full} != 0 or (qpos[i] >= 0 and ({vis})))"
-    s("# the scalar decay, and the window's rule unless the plan marks the pair full")
-    with s.block(f"for i in range({BM}):"):
-        with s.block(f"for j in range({BN}):"):
-            dec = _decay(gate) if gate == "scalar" else "T.float32(1)"
-            s(f"w[i, j] = T.if_then_else({keep}, w[i, j] * {dec}, T.float32(0))")
-            if with_t:
-                s(f"tt[i, j] = T.if_then_else({keep}, tt[i, j] * {dec}, T.float32(0))")
+    dec = _decay(gate) if gate == "scalar" else None
+    outs = ["w"] + (["tt"] if with_t else [])
+    # Full tiles (no padding, every pair visible) skip the rule; vectorised over keys either way (a scalar
+    # rule per element cost more than the pair's two GEMMs).
+    s("# the window's rule unless the plan marks the pair full, and the scalar decay")
+    with s.block(f"if {full} == 0:"):
+        with s.block(f"for i in range({BM}):"):
+            with s.block(f"for j in T.vectorized({BN}):"):
+                for out in outs:
+                    val = f"{out}[i, j]" + (f" * {dec}" if dec else "")
+                    s(f"{out}[i, j] = T.if_then_else(qpos[i] >= 0 and ({vis}), {val}, T.float32(0))")
+    if dec:
+        with s.block("else:"):
+            with s.block(f"for i in range({BM}):"):
+                with s.block(f"for j in T.vectorized({BN}):"):
+                    for out in outs:
+                        s(f"{out}[i, j] = {out}[i, j] * {dec}")
 
 
 def _emit_feature_grad(s: Script, gate, BM: int, BN: int, F: int, mr: int, by_key: bool) -> None:

@@ -15,6 +15,11 @@ m_i) / den_i`` is the window backward's ``2^(s2_ij - lse2_i)``. With ``D_i = dO_
   maps' vjp, so d feature weights, d q, d k see both; the gate's share of the in-window terms is
   ``fq . dfq_in - fk . dfk_in``, reverse-cumsummed into d g.
 
+``needs`` (the names whose gradient is wanted; None: all) prunes the work: without q / k / v the window pass
+is its row sums alone (``window_bwd_rows``) and the row max's gradient is skipped; without v the in-window key
+pass skips its value product; the feature maps' vjp runs for the wanted inputs only. Layer-local attention
+transfer (frozen projections, trained feature maps and gain) takes that path.
+
 Saved: [chunk states, den, lse2]. The fused forward's cancellation check still applies: past it the forward
 raises Unsupported and the call (forward and gradient) runs on the reference, with a warning.
 """
@@ -30,20 +35,25 @@ from lincomp.lower.tvmir.linear_train import group_sum
 from lincomp.runtime.buffers import alloc_output
 
 
-def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, linear_scale=None, **tensors) -> dict:
-    """{name: gradient} of q, k, v, window_gamma, g, the feature weights and initial_state."""
+def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, linear_scale=None, needs=None,
+                   **tensors) -> dict:
+    """{name: gradient} of q, k, v, window_gamma, g, the feature weights and initial_state (``needs``: the
+    names wanted, None: all; the others may be missing)."""
     call, sizes = kernel._train_call(q, k, v, scale, linear_scale, tensors)
     Sc, den, lse2 = saved
     win = branches(kernel)[0]
-    gw = win.backward_saved(grad_o, o, [lse2], q, k, v, scale=scale, row_stats=True)
+    want = (lambda n: True) if needs is None else (lambda n: n in needs)
+    qkv = want("q") or want("k") or want("v")
+    gw = win.backward_saved(grad_o, o, [lse2], q, k, v, scale=scale, row_stats=True, rows_only=not qkv)
     rsum, ridx = gw["rows"]
-    dq, dk = gw["q"], gw["k"]
-    _row_max_grad(dq, dk, rsum, ridx, call)
-    gl = kernel._linear_backward(call, sizes, grad_o, o, [Sc, den],
-                                 inwindow=lambda *a: _inwindow(kernel, call, sizes, *a))
+    if want("q") or want("k"):
+        _row_max_grad(gw["q"], gw["k"], rsum, ridx, call)
+    gl = kernel._linear_backward(call, sizes, grad_o, o, [Sc, den], needs=needs,
+                                 inwindow=lambda *a: _inwindow(kernel, call, sizes, *a, dv_wanted=want("v")))
     kernel.config = {**kernel.config, **win.config}
     out = dict(gl)
-    out["q"], out["k"], out["v"] = gl["q"] + dq, gl["k"] + dk, gl["v"] + gw["v"]
+    for n in ("q", "k", "v"):
+        out[n] = gl[n] + gw[n] if want(n) else None
     out["window_gamma"] = rsum.double().sum((0, 2)) / call.window_gamma.double()
     return out
 
@@ -60,9 +70,9 @@ def _row_max_grad(dq, dk, rsum, ridx, call) -> None:
     dk += group_sum(dkh, call.Hkv)
 
 
-def _inwindow(kernel, call, sizes, feats, do, dfq, dfk, dv, grads) -> None:
+def _inwindow(kernel, call, sizes, feats, do, dfq, dfk, dv, grads, *, dv_wanted: bool = True) -> None:
     """Subtract the in-window linear terms' gradients (shared_bwd.py's kernels) from the full scan's, in place:
-    ``dfq``, ``dfk``, ``dv`` per query head, and d g (``grads["g"]``)."""
+    ``dfq``, ``dfk``, ``dv`` (left alone unless ``dv_wanted``) per query head, and d g (``grads["g"]``)."""
     spec = kernel.spec
     B, H, L, Dv, F = call.B, call.H, call.L, call.Dv, sizes.F
     win = branches(kernel)[0]
@@ -70,18 +80,20 @@ def _inwindow(kernel, call, sizes, feats, do, dfq, dfk, dv, grads) -> None:
     BM, BN = cfg["block_m"], cfg["block_n"]
     fwd_plan, bwd_plan, tokens = _wtrain._bwd_plan(kernel, L, cfg)
     dims = _sbwd.SharedBwdDims(H, call.Hkv, sizes.HF, F, Dv)
-    mod = _wtrain._module(kernel, "shared_bwd", sizes, cfg,
-                          lambda: _sbwd.backward_source(spec, dims, BM, BN, cfg.get("mr", 4)))
+    mod = _wtrain._module(kernel, "shared_bwd" if dv_wanted else "shared_bwd_nodv", sizes, cfg,
+                          lambda: _sbwd.backward_source(spec, dims, BM, BN, cfg.get("mr", 4), dv_wanted))
     du, dd = do[..., :Dv].contiguous(), do[..., Dv].contiguous()
     G = [call.g.double().cumsum(2).contiguous()] if spec.linear.gate is not None else []
     head = [feats.fq, feats.fk, call.v, du, dd, *G]
     dfq_in = alloc_output((B, H, L, F), torch.float32)
-    dfk_in, dv_in = alloc_output((B, H, L, F), torch.float32), alloc_output((B, H, L, Dv), torch.float32)
+    dfk_in = alloc_output((B, H, L, F), torch.float32)
+    dv_in = [alloc_output((B, H, L, Dv), torch.float32)] if dv_wanted else []
     mod.fn("shared_bwd_q")(*head, *fwd_plan, *tokens, dfq_in)
-    mod.fn("shared_bwd_k")(*head, *bwd_plan, *tokens, dfk_in, dv_in)
+    mod.fn("shared_bwd_k")(*head, *bwd_plan, *tokens, dfk_in, *dv_in)
     dfq -= dfq_in
     dfk -= dfk_in
-    dv -= dv_in
+    if dv_wanted:
+        dv -= dv_in[0]
     if G:
         fk = feats.fk if feats.fk.shape[1] == H else feats.fk.repeat_interleave(H // feats.fk.shape[1], 1)
         dG = feats.fq * dfq_in - fk * dfk_in

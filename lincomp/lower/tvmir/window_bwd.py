@@ -21,7 +21,9 @@ Grid windows visit re-ordered tokens (``tokens``, as the forward). Hybrids have 
 caller raises Unsupported); combine="shared" (shared_train.py) runs this template on its window part with
 ``row_stats``: the pass that owns the query rows (dq) also adds each row's ``sum_j ds`` into ``rsum [B, H, L]``
 and keeps its highest visible raw score and key (``rbest``, ``ridx``): the gradient of the window gain and of
-the row max the shared normaliser is not shifted by.
+the row max the shared normaliser is not shifted by. When no q / k / v gradient is wanted (attention transfer
+trains only the feature maps and the gain) ``window_bwd_rows`` is that pass alone with ``rsum`` only: two
+products per pair (s and dp) instead of five.
 
 Pooled keys (CLEAR's ``window.pool``): the saved lse2 already spans window + pooled keys, so the window
 kernels above give the window keys' share unchanged; ``pooled_bwd_dkdv`` / ``pooled_bwd_dq`` are the same
@@ -92,21 +94,27 @@ def unsupported_reason(spec: AttentionSpec) -> Optional[str]:
 
 
 def arg_names(spec: AttentionSpec, which: str, pooled: bool = False, row_stats: bool = False) -> list:
-    """Arguments of ``window_bwd_dkdv`` / ``window_bwd_dq`` in order (the launcher passes them so); the
+    """Arguments of ``window_bwd_dkdv`` / ``window_bwd_dq`` / ``window_bwd_rows`` in order (the launcher passes them so); the
     ``pooled_bwd_*`` kernels take the same with k, v, dk, dv the pooled ones and no tokens; ``row_stats``: the
     in-place row outputs ``rsum``, ``rbest``, ``ridx`` of the pass that owns dq."""
     names = ["q", "k", "v", "do", "lse2", "delta"]
-    names += ["q_offsets", "q_indices", "q_full"] if which != "dq" else ["kv_offsets", "kv_indices", "kv_full"]
+    by_query = which in ("dq", "rows")
+    names += ["kv_offsets", "kv_indices", "kv_full"] if by_query else ["q_offsets", "q_indices", "q_full"]
     if tiled(spec) and not pooled:
         names.append("tokens")
-    outs = {"dkdv": ["dk", "dv", "dq"], "dkdv_split": ["dk", "dv"], "dq": ["dq"]}[which]
-    rows = ["rsum", "rbest", "ridx"] if row_stats and which != "dkdv_split" else []
+    outs = {"dkdv": ["dk", "dv", "dq"], "dkdv_split": ["dk", "dv"], "dq": ["dq"], "rows": []}[which]
+    rows = ["rsum"] if which == "rows" else ["rsum", "rbest", "ridx"] if row_stats and which != "dkdv_split" else []
     return names + outs + rows + ["scale"]
 
 
-def backward_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, row_stats: bool = False) -> list:
+def backward_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, row_stats: bool = False,
+                    rows_only: bool = False) -> list:
     """[TVMScript PrimFunc texts] of the backward for ``spec``: dkdv (and dq when ``split_dq``); a pooled
-    spec adds the pooled keys' pair (``pooled_bwd_*``)."""
+    spec adds the pooled keys' pair (``pooled_bwd_*``); ``rows_only``: ``window_bwd_rows`` alone."""
+    if rows_only:
+        if spec.pool is not None:
+            raise ValueError("rows_only: pooled keys have no row statistics pass")
+        return [_source(spec, dims, cfg, "rows")]
     which = ("dkdv_split", "dq") if cfg.split_dq else ("dkdv",)
     out = [_source(spec, dims, cfg, w, row_stats=row_stats) for w in which]
     if spec.pool is not None:
@@ -143,11 +151,12 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
     mr_s = divisor_at_most(BM, cfg.mr or 4)        # rows of the [BM, BN] score products
     mr_k = divisor_at_most(BN, cfg.mr_d or 4)      # rows of the dk / dv products
     mr_q = divisor_at_most(BM, cfg.mr_d or 4)      # rows of the dq products
-    by_key = which != "dq"
+    rows_only = which == "rows"
+    by_key = which not in ("dq", "rows")
     fused_dq = which == "dkdv"
-    name = ("pooled" if pooled else "window") + ("_bwd_dq" if which == "dq" else "_bwd_dkdv")
+    name = ("pooled" if pooled else "window") + {"dq": "_bwd_dq", "rows": "_bwd_rows"}.get(which, "_bwd_dkdv")
     names = arg_names(spec, which, pooled, row_stats)
-    rows = "rsum" in names
+    rows = "sum" if rows_only else "rsum" in names
     s = Script()
     with signature(s, name, names, dims, kv_rows):
         off, idx, full = names[6:9]
@@ -162,11 +171,12 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
         if by_key:
             s(f'dk = T.match_buffer(dk_h, (B, {Hkv}, {kv_rows}, {D}), "float32")',
               f'dv = T.match_buffer(dv_h, (B, {Hkv}, {kv_rows}, {Dv}), "float32")')
-        if which != "dkdv_split":
+        if "dq" in names:
             s(f'dq = T.match_buffer(dq_h, (B, {H}, L, {D}), "float32")')
         if rows:
-            s(f'rsum = T.match_buffer(rsum_h, (B, {H}, L), "float32")',
-              f'rbest = T.match_buffer(rbest_h, (B, {H}, L), "float32")',
+            s(f'rsum = T.match_buffer(rsum_h, (B, {H}, L), "float32")')
+        if rows is True:
+            s(f'rbest = T.match_buffer(rbest_h, (B, {H}, L), "float32")',
               f'ridx = T.match_buffer(ridx_h, (B, {H}, L), "int32")')
         if fused_dq:
             s("# one task per (batch, kv head): its key tiles in order, so dq rows are only ever added to by it")
@@ -184,7 +194,7 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
                     ("rl", f"({BM},)", "float32"), ("rd", f"({BM},)", "float32")]
             if by_key:
                 bufs += [("dk_acc", f"({BN}, {D})", "float32"), ("dv_acc", f"({BN}, {Dv})", "float32")]
-            else:
+            elif not rows_only:
                 bufs += [("dq_acc", f"({BM}, {D})", "float32")]
             for buf, shape, dt in bufs:
                 s(f'{buf} = T.alloc_buffer({shape}, "{dt}")')
@@ -244,26 +254,29 @@ def _source(spec: AttentionSpec, dims: WindowDims, cfg: WindowBwdConfig, which: 
                 else:
                     positions("qpos", "t", BM)
                     _emit_rows(s, BM)
-                    with s.block(f"for i in range({BM}):"):
-                        with s.block(f"for d in T.vectorized({D}):"):
-                            s("dq_acc[i, d] = T.float32(0)")
+                    if not rows_only:
+                        with s.block(f"for i in range({BM}):"):
+                            with s.block(f"for d in T.vectorized({D}):"):
+                                s("dq_acc[i, d] = T.float32(0)")
                     with s.block("for e in range(kv_offsets[t], kv_offsets[t + 1]):"):
                         s("kt = kv_indices[e]")
                         positions("kpos", "kt", BN)
                         _emit_kv_tile(s, BN, D, Dv)
                         _emit_pair(s, vis, BM, BN, D, Dv, mr_s, "kv_full[e]", rows)
-                        emit_gemm_tile(s, rows=BM, mr=mr_q, width=D, red=str(BN),
-                                       a=lambda r, x: f"ds[{r}, {x}]",
-                                       b=lambda x, w: f"k[b, hk, T.max(kpos[{x}], 0), {w}]",
-                                       init=lambda r, w: f"dq_acc[{r}, {w}]",
-                                       store=lambda r, w, val: f"dq_acc[{r}, {w}] = {val}")
-                    with s.block(f"for i in range({BM}):"):
-                        with s.block("if qpos[i] >= 0:"):
-                            with s.block(f"for d in T.vectorized({D}):"):
-                                if pooled:   # the window pass wrote the window keys' share
-                                    s("dq[b, h, qpos[i], d] = dq[b, h, qpos[i], d] + dq_acc[i, d] * scale")
-                                else:
-                                    s("dq[b, h, qpos[i], d] = dq_acc[i, d] * scale")
+                        if not rows_only:
+                            emit_gemm_tile(s, rows=BM, mr=mr_q, width=D, red=str(BN),
+                                           a=lambda r, x: f"ds[{r}, {x}]",
+                                           b=lambda x, w: f"k[b, hk, T.max(kpos[{x}], 0), {w}]",
+                                           init=lambda r, w: f"dq_acc[{r}, {w}]",
+                                           store=lambda r, w, val: f"dq_acc[{r}, {w}] = {val}")
+                    if not rows_only:
+                        with s.block(f"for i in range({BM}):"):
+                            with s.block("if qpos[i] >= 0:"):
+                                with s.block(f"for d in T.vectorized({D}):"):
+                                    if pooled:   # the window pass wrote the window keys' share
+                                        s("dq[b, h, qpos[i], d] = dq[b, h, qpos[i], d] + dq_acc[i, d] * scale")
+                                    else:
+                                        s("dq[b, h, qpos[i], d] = dq_acc[i, d] * scale")
     return s.text()
 
 
@@ -286,12 +299,12 @@ def _emit_pair(s: Script, vis: str, BM: int, BN: int, D: int, Dv: int, mr: int, 
                rows: bool = False) -> None:
     """p (in ``sc``) and ds for one (query tile, key tile) pair; padding and invisible pairs (``vis``: the
     generated rule, "query qpos[i] sees key kpos[j]") get p = ds = 0. ``rows``: also the row statistics
-    (``rbest`` / ``ridx`` from the raw scores, ``rsum`` += row sums of ds)."""
+    (``rbest`` / ``ridx`` from the raw scores, ``rsum`` += row sums of ds); "sum": ``rsum`` only."""
     s("# sc = Q @ K^T (queries x keys, keys vectorised)")
     emit_gemm_tile(s, rows=BM, mr=mr, width=BN, red=str(D),
                    a=lambda r, x: f"q[b, h, T.max(qpos[{r}], 0), {x}]", b=lambda x, w: f"kT[{x}, {w}]",
                    init=None, store=lambda r, w, val: f"sc[{r}, {w}] = {val}")
-    if rows:
+    if rows is True:
         s("# each row's highest visible raw score and its key (first of equals in visiting order)")
         with s.block(f"for i in range({BM}):"):
             with s.block("if qpos[i] >= 0:"):

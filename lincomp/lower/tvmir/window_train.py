@@ -214,10 +214,11 @@ def forward_and_save(kernel, q, k, v, **kwargs) -> tuple:
     return (o if out_dtype == torch.float32 else o.to(out_dtype)), [lse2]
 
 
-def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, row_stats: bool = False, **tensors) -> dict:
+def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, row_stats: bool = False,
+                   rows_only: bool = False, **tensors) -> dict:
     """{"q", "k", "v", "sink_logits", "pool_weight"}: gradients of sum(grad_o * o) from o and the saved lse2;
     ``row_stats`` adds "rows": (rsum [B, H, L] = sum_j ds_ij, ridx [B, H, L] int32 = each row's argmax key,
-    -1: none)."""
+    -1: none); ``rows_only``: {"rows": (rsum, None)} alone, from one pass of two products per pair."""
     call = bind(kernel.spec, q, k, v, scale=scale, check_values=False, **tensors)
     kernel._prepare(call)
     sizes = kernel.sizes_of(call)
@@ -229,10 +230,16 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, row_stats: 
     lse2 = saved[0].to(torch.float32)
     lse2 = torch.where(lse2 == -math.inf, math.inf, lse2).contiguous()   # a row without keys: p = 2^-inf = 0
     c = _bwd.WindowBwdConfig.from_dict(cfg)
-    mod = _module(kernel, "window_bwd_rows" if row_stats else "window_bwd", sizes, cfg,
-                  lambda: _bwd.backward_source(kernel.spec, _dims(sizes), c, row_stats))
+    tag = "window_bwd_rows_only" if rows_only else "window_bwd_rows" if row_stats else "window_bwd"
+    mod = _module(kernel, tag, sizes, cfg, lambda: _bwd.backward_source(kernel.spec, _dims(sizes), c, row_stats,
+                                                                        rows_only))
     fwd_plan, bwd_plan, tokens = _bwd_plan(kernel, L, cfg)
     head = [call.q, call.k, call.v, do, lse2, delta]
+    if rows_only:
+        rsum = torch.zeros((B, H, L))
+        mod.fn("window_bwd_rows")(*head, *fwd_plan, *tokens, rsum, call.scale)
+        kernel.config = {**kernel.config, KERNEL: ch.as_dict()}
+        return {"rows": (rsum, None)}
     dk, dv = alloc_output((B, Hkv, L, D), torch.float32), alloc_output((B, Hkv, L, Dv), torch.float32)
     rows = ([torch.zeros((B, H, L)), torch.full((B, H, L), -math.inf), torch.full((B, H, L), -1, dtype=torch.int32)]
             if row_stats else [])   # updated in place by the pass that owns the query rows
