@@ -336,15 +336,17 @@ def _backward(ctx, grads):
     return out[:len(ctx.needs_input_grad)]
 
 
-# attention_forward's differentiable arguments by position (the rest are strings, flags and masks)
-_GRAD_ARGS = {0: "q", 1: "k", 2: "v", 5: "g", 6: "feature_weight_q", 7: "feature_weight_k", 8: "sink_logits",
-              9: "window_gamma", 10: "alpha", 16: "pool_weight"}
+# attention_forward's differentiable arguments by position, read from its schema (the rest are strings, flags
+# and masks)
+_GRAD_ARGS = {i: a.name for i, a in enumerate(torch.ops.lincomp.attention_forward.default._schema.arguments)
+              if a.name in ("q", "k", "v", *WEIGHT_NAMES)}
 
 
 def _needs(needs_input_grad) -> str:
-    """attention_backward's ``needs`` from autograd's flags ("": all, when every flag is set)."""
-    flags = list(needs_input_grad) + [False] * (17 - len(needs_input_grad))
-    wanted = [n for i, n in _GRAD_ARGS.items() if flags[i]]
+    """attention_backward's ``needs`` from autograd's flags ("": all, when every flag is set); trailing
+    arguments left at their default have no flag."""
+    flags = dict(enumerate(needs_input_grad))
+    wanted = [n for i, n in _GRAD_ARGS.items() if flags.get(i, False)]
     return "" if len(wanted) == len(_GRAD_ARGS) else ",".join(wanted) or "none"
 
 

@@ -95,17 +95,18 @@ def _source(spec: AttentionSpec, dims: SharedBwdDims, BM: int, BN: int, mr: int,
               f"hk = h // {H // Hkv}", f"hf = h // {H // HF}")
             bufs = [("qpos", f"({BM},)", "int32"), ("kpos", f"({BN},)", "int32"), ("vT", f"({Dv}, {BN})", "float32"),
                     ("w", f"({BM}, {BN})", "float32"), ("rdd", f"({BM},)", "float32")]
-            bufs += [("dfk_acc", f"({BN}, {F})", "float32")] if by_key else [("dfq_acc", f"({BM}, {F})", "float32")]
+            # the task's outputs, each accumulated in "<name>_acc" over its tile's rows
+            pos, rows = ("kpos", BN) if by_key else ("qpos", BM)
+            outs = ([("dfk", F)] + ([("dv", Dv)] if with_dv else [])) if by_key else [("dfq", F)]
+            bufs += [(f"{out}_acc", f"({rows}, {width})", "float32") for out, width in outs]
             if with_dv:
-                bufs += [("fkT", f"({F}, {BN})", "float32"), ("tt", f"({BM}, {BN})", "float32"),
-                         ("dv_acc", f"({BN}, {Dv})", "float32")]
+                bufs += [("fkT", f"({F}, {BN})", "float32"), ("tt", f"({BM}, {BN})", "float32")]
             for buf, shape, dt in bufs:
                 s(f'{buf} = T.alloc_buffer({shape}, "{dt}")')
-            accs = ([("dfk_acc", BN, F)] + ([("dv_acc", BN, Dv)] if with_dv else [])) if by_key else [("dfq_acc", BM, F)]
-            for acc, rows, width in accs:
+            for out, width in outs:
                 with s.block(f"for r in range({rows}):"):
                     with s.block(f"for c in T.vectorized({width}):"):
-                        s(f"{acc}[r, c] = T.float32(0)")
+                        s(f"{out}_acc[r, c] = T.float32(0)")
             if by_key:
                 _emit_positions(s, spec, "kpos", "kt", BN, grid)
                 _emit_key_tile(s, BN, F, Dv, with_dv)
@@ -132,14 +133,11 @@ def _source(spec: AttentionSpec, dims: SharedBwdDims, BM: int, BN: int, mr: int,
                                    store=lambda r, w, val: f"dv_acc[{r}, {w}] = {val}")
                 _emit_feature_grad(s, gate, BM, BN, F, mr, by_key)
             s("# write the tile's rows (padding slots have no position)")
-            pos, rows = ("kpos", BN) if by_key else ("qpos", BM)
             with s.block(f"for r in range({rows}):"):
                 with s.block(f"if {pos}[r] >= 0:"):
-                    outs = [("dfk", "dfk_acc", F)] + ([("dv", "dv_acc", Dv)] if with_dv else []) if by_key \
-                        else [("dfq", "dfq_acc", F)]
-                    for out, acc, width in outs:
+                    for out, width in outs:
                         with s.block(f"for c in T.vectorized({width}):"):
-                            s(f"{out}[b, h, {pos}[r], c] = {acc}[r, c]")
+                            s(f"{out}[b, h, {pos}[r], c] = {out}_acc[r, c]")
     return s.text()
 
 
