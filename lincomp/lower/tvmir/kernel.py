@@ -3,7 +3,8 @@
 A call runs up to three compiled parts (each its own module, cached in memory and on disk):
 
 - ``features``: hedgehog feature maps (and, for ``combine="shared"``, phi(q), phi(k) for the window);
-- ``linear``:   the chunked scan (linear.py) -> the branch output, or its num / den for "shared";
+- ``linear``:   the chunked scan (linear.py) -> the branch output, or its num / den for "shared" (a 1D window's
+                inference may instead run the lagged scans of shared_lag.py: the keys outside the window alone);
 - ``window``:   block-sparse softmax over the plan (window.py), with the hybrid combine fused in.
 
 Sizes ``B`` and ``L`` are symbolic in every PrimFunc: a new length re-plans the window (a few
@@ -52,6 +53,7 @@ from lincomp.lower.tvmir import hybrid_train as _hybrid_train
 from lincomp.lower.tvmir import linear as _linear
 from lincomp.lower.tvmir import linear_bwd as _linear_bwd
 from lincomp.lower.tvmir import linear_train as _linear_train
+from lincomp.lower.tvmir import shared_lag as _lag
 from lincomp.lower.tvmir import window as _window
 from lincomp.lower.tvmir import window_bwd as _window_bwd
 from lincomp.lower.tvmir.codegen import base2
@@ -225,7 +227,9 @@ class TVMKernel(Kernel):
         """The generated TVMScript for H heads of dim D (regenerated per call's sizes)."""
         sizes = self._preview_sizes(H, D)
         texts = [f"# preview for H={H}, D={D} (each call compiles for its own sizes)"]
-        for part, funcs in self._part_sources(sizes, self._configs_for(sizes, L), False, False).items():
+        configs = self._configs_for(sizes, L)
+        for part, funcs in self._part_sources(sizes, configs, False, False,
+                                              lagged=self._lag_pays(sizes, configs, L)).items():
             texts.append(_build.full_source(funcs))
         return "\n\n".join(texts)
 
@@ -299,13 +303,13 @@ class TVMKernel(Kernel):
     def backward_saved(self, grad_o, o, saved, q, k, v, needs=None, **kwargs) -> dict:
         if self._branch() == "window":
             from lincomp.lower.tvmir.window_train import backward_saved
-            return backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
+            return backward_saved(self, grad_o, o, saved, q, k, v, needs=needs, **kwargs)
         if self._branch() == "hybrid":
-            return _hybrid_train.backward_saved(self, grad_o, o, saved, q, k, v, **kwargs)
+            return _hybrid_train.backward_saved(self, grad_o, o, saved, q, k, v, needs=needs, **kwargs)
         if self._branch() == "shared":
             from lincomp.lower.tvmir.shared_train import backward_saved
             return backward_saved(self, grad_o, o, saved, q, k, v, needs=needs, **kwargs)
-        return self._linear_backward_saved(grad_o, o, saved, q, k, v, **kwargs)
+        return self._linear_backward_saved(grad_o, o, saved, q, k, v, needs=needs, **kwargs)
 
     @staticmethod
     def sizes_of(call: Call) -> Sizes:
@@ -404,9 +408,10 @@ class TVMKernel(Kernel):
         return _linear.LinearConfig.from_dict(cfg).to_dict()
 
     def _part_sources(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
-                      key_bias: bool = False, save: bool = False) -> dict:
+                      key_bias: bool = False, save: bool = False, lagged: bool = False) -> dict:
         """{part: [PrimFunc texts]} for this call's variant (``key_bias``: the window takes a key-padding bias;
-        ``save``: the training forward, which keeps the chunk states and, with the normaliser, the denominators)."""
+        ``save``: the training forward, which keeps the chunk states and, with the normaliser, the denominators;
+        ``lagged``: combine="shared"'s out-of-window terms by lagged scans, shared_lag.py)."""
         spec, lin = self.spec, self.spec.linear
         out = {}
         if lin is not None:
@@ -419,27 +424,45 @@ class TVMKernel(Kernel):
                 funcs.append(_features.feature_source(lin.feature_map, _features.FeatureDims(sizes.Hkv, sizes.HF, sizes.D, E),
                                                       name="features_k", **fit))
             mode = "numden" if spec.combine == "shared" or (save and lin.normalize) else "o"
-            funcs.append(_linear.linear_source(
-                spec, _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF),
-                _linear.LinearConfig.from_dict(configs["linear"]), mode=mode, initial_state=initial_state,
-                return_state=return_state, save_states=save and spec.causal, lanes=_build.vector_lanes()))
+            cfg = _linear.LinearConfig.from_dict(configs["linear"])
+            if lagged:   # the causal scan each side of the window runs (shared_lag.py)
+                dims = _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F,
+                                          _lag.scan_key_heads(spec, sizes.H, sizes.HF))
+                for reverse in (False, True) if not spec.causal else (False,):
+                    funcs.append(_linear.linear_source(_lag.scan_spec(spec), dims, cfg, mode="numden",
+                                                       initial_state=initial_state, precomputed=True,
+                                                       reverse=reverse, lanes=_build.vector_lanes(),
+                                                       name="linear_rev" if reverse else "linear_fwd"))
+            else:
+                funcs.append(_linear.linear_source(
+                    spec, _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF), cfg,
+                    mode=mode, initial_state=initial_state, return_state=return_state,
+                    save_states=save and spec.causal, lanes=_build.vector_lanes()))
             out["linear"] = funcs
         if spec.has_softmax:
             dims = _window.WindowDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF)
             out["window"] = [_window.window_source(spec, dims, _window.WindowConfig.from_dict(configs["window"]),
-                                                   key_bias=key_bias, save_lse=save)]
+                                                   key_bias=key_bias, save_lse=save, lagged=lagged)]
         return out
 
+    def _can_lag(self, call: Call, save: bool) -> bool:
+        """combine="shared" inference on a 1D window may form its out-of-window terms by lagged scans
+        (shared_lag.py); training keeps the full scan, whose chunk states its backward reads."""
+        return _lag.applies(self.spec) and not save and not call.return_state
+
+    def _lag_pays(self, sizes: Sizes, configs: dict, L: int) -> bool:
+        return _lag.applies(self.spec) and _lag.cheaper(self.spec, sizes.F, sizes.Dv, configs["linear"]["chunk"], L)
+
     def _modules(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
-                 key_bias: bool = False, save: bool = False) -> dict:
+                 key_bias: bool = False, save: bool = False, lagged: bool = False) -> dict:
         """The compiled parts of this variant (generated, compiled or loaded once; then a dict lookup)."""
         key = (sizes, tuple(sorted((p, _frozen(c)) for p, c in configs.items())), initial_state, return_state,
-               key_bias, save)
+               key_bias, save, lagged)
         built = self._mods.get(key)
         if built is None:
             built = {}
             for part, funcs in self._part_sources(sizes, configs, initial_state, return_state, key_bias,
-                                                  save).items():
+                                                  save, lagged).items():
                 built[part] = _build.build(funcs, f"{part}-{self.spec.summary() or 'spec'}")
             self._mods[key] = built
         self._built = built
@@ -473,14 +496,18 @@ class TVMKernel(Kernel):
         with _SCRATCH.lease() as scratch:
             return self._run_in(scratch, call, sizes, configs, saved)
 
-    def _run_in(self, scratch, call: Call, sizes: Sizes, configs: dict, saved: Optional[list]):
+    def _run_in(self, scratch, call: Call, sizes: Sizes, configs: dict, saved: Optional[list],
+                lagged: Optional[bool] = None):
         """``_run`` with ``scratch(name, shape)``: the call's intermediates (kept between calls); whatever goes
-        into ``saved`` is freshly allocated (a later call reuses the scratch buffers before the backward)."""
+        into ``saved`` is freshly allocated (a later call reuses the scratch buffers before the backward).
+        ``lagged`` (combine="shared"): None chooses by cost (shared_lag.cheaper) where the lagged form applies."""
         spec, lin = self.spec, self.spec.linear
         B, H, L, Dv = call.B, call.H, call.L, call.Dv
         kpm = call.key_padding_mask
         save = saved is not None
-        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state, kpm is not None, save)
+        if lagged is None:
+            lagged = self._can_lag(call, save) and self._lag_pays(sizes, configs, L)
+        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state, kpm is not None, save, lagged)
         o = _empty((B, H, L, Dv))
         state = None
         lin_args = None
@@ -496,52 +523,62 @@ class TVMKernel(Kernel):
                 m.fn("features_k")(call.k, *wk, fk)
                 if kpm is not None:   # a padded key contributes to no sum (the reference's phi(k) * mask)
                     fk.mul_(kpm[:, None, :, None])
-            k_in = call.k
-            if kpm is not None and _linear.inline_features(spec):   # identity / relu: phi(0) = 0
-                k_in = torch.where(kpm[:, None, :, None], call.k, torch.zeros((), dtype=call.k.dtype))
-            args = [call.q, k_in] if _linear.inline_features(spec) else [fq, fk]
-            args.append(call.v)
-            gcheck = None
-            if lin.gate is not None:
-                gcheck = torch.empty(B * H, dtype=torch.float32)
-                args += [call.g, gcheck]
-            if call.S0 is not None:
-                args += [call.S0, call.z0]
-            if spec.combine == "shared" or (save and lin.normalize):
-                num = scratch("num", (B, H, L, Dv))
-                den = _empty((B, H, L)) if save else scratch("den", (B, H, L))   # saved: the backward keeps it
-                args += [num, den]
+            if lagged:
+                num, den, gcheck = _lag.out_of_window(m.fn("linear_fwd"), None if spec.causal else m.fn("linear_rev"),
+                                                      spec, call, fq, fk, scratch)
+                if gcheck is not None:
+                    check_gate(max(gcheck.tolist()))
+                lin_args = [num, den, call.window_gamma]
             else:
-                lin_o = o if spec.combine is None else scratch("lin_o", (B, H, L, Dv))
-                args.append(lin_o)
-            if call.return_state:
-                state = (_empty((B, H, sizes.F, Dv)), _empty((B, H, sizes.F)))
-                args += list(state)
-            if save:
-                saved += [_empty(s) for s in _linear_train.saved_shapes(spec, B, H, L, sizes.F, Dv)]
-                if spec.causal:
-                    args.append(saved[0])
-            m.fn("linear_fwd")(*args, call.linear_scale)
-            if save and lin.normalize and spec.combine is None:   # o = num / den (0 where den = 0), den kept
-                saved[1] = den
-                torch.div(num, torch.where(den == 0, torch.ones_like(den), den)[..., None], out=o)
-                o.masked_fill_((den == 0)[..., None], 0.0)
-            if gcheck is not None:
-                check_gate(max(gcheck.tolist()))
-            if spec.combine == "shared":
-                lin_args = [num, den, call.window_gamma, fq, fk]
+                k_in = call.k
+                if kpm is not None and _linear.inline_features(spec):   # identity / relu: phi(0) = 0
+                    k_in = torch.where(kpm[:, None, :, None], call.k, torch.zeros((), dtype=call.k.dtype))
+                args = [call.q, k_in] if _linear.inline_features(spec) else [fq, fk]
+                args.append(call.v)
+                gcheck = None
                 if lin.gate is not None:
-                    lin_args.append(call.g.double().cumsum(2).contiguous())
-                cond = scratch("cond", (B, H, L)).zero_()
-                lin_args.append(cond)
-            elif spec.combine == "sum":
-                lin_args = [lin_o, call.alpha]
+                    gcheck = torch.empty(B * H, dtype=torch.float32)
+                    args += [call.g, gcheck]
+                if call.S0 is not None:
+                    args += [call.S0, call.z0]
+                if spec.combine == "shared" or (save and lin.normalize):
+                    num = scratch("num", (B, H, L, Dv))
+                    den = _empty((B, H, L)) if save else scratch("den", (B, H, L))   # saved: the backward keeps it
+                    args += [num, den]
+                else:
+                    lin_o = o if spec.combine is None else scratch("lin_o", (B, H, L, Dv))
+                    args.append(lin_o)
+                if call.return_state:
+                    state = (_empty((B, H, sizes.F, Dv)), _empty((B, H, sizes.F)))
+                    args += list(state)
+                if save:
+                    saved += [_empty(s) for s in _linear_train.saved_shapes(spec, B, H, L, sizes.F, Dv)]
+                    if spec.causal:
+                        args.append(saved[0])
+                m.fn("linear_fwd")(*args, call.linear_scale)
+                if save and lin.normalize and spec.combine is None:   # o = num / den (0 where den = 0), den kept
+                    saved[1] = den
+                    torch.div(num, torch.where(den == 0, torch.ones_like(den), den)[..., None], out=o)
+                    o.masked_fill_((den == 0)[..., None], 0.0)
+                if gcheck is not None:
+                    check_gate(max(gcheck.tolist()))
+                if spec.combine == "shared":
+                    lin_args = [num, den, call.window_gamma, fq, fk]
+                    if lin.gate is not None:
+                        lin_args.append(call.g.double().cumsum(2).contiguous())
+                    cond = scratch("cond", (B, H, L)).zero_()
+                    lin_args.append(cond)
+                elif spec.combine == "sum":
+                    lin_args = [lin_o, call.alpha]
         if spec.has_softmax:
             args = self._window_inputs(call, configs["window"]) + (lin_args or [])
             if kpm is not None:   # padded keys score -inf (as the reference masks them)
                 args.append(torch.zeros(B, L, dtype=torch.float32).masked_fill_(~kpm.cpu(), -math.inf))
             mods["window"].fn("window_fwd")(*args, o, *(saved[2:] if save else []), call.scale)
-            if spec.combine == "shared":
+            if spec.combine == "shared" and not lagged:
+                if self._can_lag(call, save) and not shared_precision_ok(cond):
+                    # the full scan minus the in-window terms cancelled here: the lagged form has no difference
+                    return self._run_in(scratch, call, sizes, configs, saved, lagged=True)
                 check_shared_precision(cond)
                 if save:   # the kernel overwrote the scan's den with the shared one
                     saved[1] = den
@@ -578,11 +615,12 @@ class TVMKernel(Kernel):
         F = 2 * wq.shape[-1] if (wq is not None and self.spec.linear.has_weights) else q.shape[3]
         return [q.new_empty(s, dtype=torch.float32) for s in _linear_train.saved_shapes(self.spec, B, H, L, F, Dv)]
 
-    def _linear_backward_saved(self, grad_o, o, saved, q, k, v, *, scale=None, linear_scale=None,
+    def _linear_backward_saved(self, grad_o, o, saved, q, k, v, *, scale=None, linear_scale=None, needs=None,
                                **tensors) -> dict:
-        """{name: gradient} of q, k, v, g, the feature weights and initial_state, from the saved states."""
+        """{name: gradient} of q, k, v, g, the feature weights and initial_state, from the saved states
+        (``needs``: the names wanted, None: all; the feature maps' vjp skips the others)."""
         call, sizes = self._train_call(q, k, v, scale, linear_scale, tensors)
-        return self._linear_backward(call, sizes, grad_o, o, saved)
+        return self._linear_backward(call, sizes, grad_o, o, saved, needs=needs)
 
     def _train_call(self, q, k, v, scale, linear_scale, tensors) -> tuple:
         call = self._bind_checked(q, k, v, scale=scale, linear_scale=linear_scale, return_state=False, **tensors)
@@ -759,6 +797,11 @@ def check_values(call: Call) -> None:
 # window_gamma or large features leave small (issue 19: rel err 0.78 at gamma 1e-8). The window kernel
 # reports cond = (|full| + |in-window|) / |den| per row; past this bound the call runs on the reference.
 SHARED_COND_LIMIT = 1e-4 * 2 ** 24
+
+
+def shared_precision_ok(cond: torch.Tensor) -> bool:
+    """No row's cancellation loses precision (NaN, from NaN inputs, compares false: the NaN output stands)."""
+    return not (cond.numel() and float(cond.max()) > SHARED_COND_LIMIT)
 
 
 def check_shared_precision(cond: torch.Tensor) -> None:

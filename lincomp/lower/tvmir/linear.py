@@ -74,10 +74,11 @@ def inline_features(spec: AttentionSpec) -> bool:
 
 
 def arg_names(spec: AttentionSpec, *, mode: str, initial_state: bool, return_state: bool,
-              save_states: bool = False) -> list:
+              save_states: bool = False, precomputed: bool = False) -> list:
     """Arguments of ``linear_fwd``. ``mode``: "o" (the branch output) or "numden" (shared hybrid, and the
-    normalised branch in training); ``save_states``: the state entering each chunk, for the backward."""
-    names = ["q", "k"] if inline_features(spec) else ["fq", "fk"]
+    normalised branch in training); ``save_states``: the state entering each chunk, for the backward;
+    ``precomputed``: phi(q), phi(k) come as inputs even for an elementwise map (shared_lag.py's scans)."""
+    names = ["q", "k"] if inline_features(spec) and not precomputed else ["fq", "fk"]
     names.append("v")
     if spec.linear.gate is not None:
         names += ["g", "gcheck"]
@@ -104,11 +105,14 @@ def phi_expr(fmap: str, x: str) -> str:
 
 def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, mode: str = "o",
                   initial_state: bool = False, return_state: bool = False, save_states: bool = False,
-                  name: str = "linear_fwd", lanes: int = 16) -> str:
+                  precomputed: bool = False, reverse: bool = False, name: str = "linear_fwd",
+                  lanes: int = 16) -> str:
     """TVMScript of the chunked linear kernel for ``spec`` (``lanes``: fp32 lanes of a vector register).
 
     ``save_states`` (causal only) adds ``Sc [B, H, NC, F, Dv (+1)]``: the state entering each of the NC
-    chunks, with z as its last column when the denominators are formed (what linear_bwd.py reads)."""
+    chunks, with z as its last column when the denominators are formed (what linear_bwd.py reads).
+    ``reverse`` (causal, no gate or state): the scan runs from the last row to the first, so row i sums the rows
+    after it (shared_lag.py's side after the window)."""
     lin = spec.linear
     H, Hkv, D, Dv, F, HF = dims.H, dims.Hkv, dims.D, dims.Dv, dims.F, dims.HF
     C = cfg.chunk
@@ -116,16 +120,17 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
     causal, gate, normalize = spec.causal, lin.gate, lin.normalize
     den = normalize or mode == "numden"           # the denominators phi(q) . z are needed
     keep_z = den or return_state                  # z is carried
-    inline = inline_features(spec)
+    inline = inline_features(spec) and not precomputed
     cs = divisor_at_most(C, cfg.sub_chunk)
     regs = 32 if lanes >= 16 else 16                      # vector registers (AVX-512: 32)
     rows_fit = max(1, (regs - 6) // -(-Dv // lanes))      # accumulator rows of width Dv that fit
     mr = divisor_at_most(C, min(cfg.mr, rows_fit))
     mr_f = divisor_at_most(F, min(cfg.mr, rows_fit))
     names = arg_names(spec, mode=mode, initial_state=initial_state, return_state=return_state,
-                      save_states=save_states)
+                      save_states=save_states, precomputed=precomputed)
     assert causal or (gate is None and not initial_state and not return_state and not save_states)
-    k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, gate=gate, den=den, keep_z=keep_z, lanes=lanes)
+    assert not reverse or (causal and gate is None and not initial_state and not return_state and not save_states)
+    k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, gate=gate, den=den, keep_z=keep_z, lanes=lanes, reverse=reverse)
 
     s = Script()
     s("@T.prim_func")
@@ -243,6 +248,11 @@ class _Ctx:
     keep_z: bool
     lanes: int
     mr_scores: int = 16
+    reverse: bool = False    # scan position t reads and writes sequence row L - 1 - t
+
+    def at(self, t: str) -> str:
+        """The sequence row of scan position ``t``."""
+        return f"L - 1 - ({t})" if self.reverse else t
 
     @property
     def Fg(self) -> int:
@@ -271,8 +281,8 @@ def _emit_load_chunk(s, spec, k: _Ctx, inline, fk_head) -> None:
     """phi(k) rows of the chunk; rows past L are zero."""
     C, F = k.C, k.F
     fmap = spec.linear.feature_map
-    src_k = (lambda r, f: phi_expr(fmap, f"k[b, hk, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
-        (lambda r, f: f"fk[b, {fk_head}, T.min(c0 + {r}, L - 1), {f}]")
+    src_k = (lambda r, f: phi_expr(fmap, f"k[b, hk, {k.at(f'T.min(c0 + {r}, L - 1)')}, {f}]")) if inline else \
+        (lambda r, f: f"fk[b, {fk_head}, {k.at(f'T.min(c0 + {r}, L - 1)')}, {f}]")
     with s.block(f"for r in range({C}):"):
         with s.block(f"for f in T.vectorized({F}):"):
             s(f"kc[r, f] = T.if_then_else(c0 + r < L, {src_k('r', 'f')}, T.float32(0))")
@@ -283,8 +293,8 @@ def _emit_load_queries(s, spec, k: _Ctx, inline: bool, decay: bool = False) -> N
     from the chunk start, 2^(Gc[r] log2 e), with ``decay``); rows past L are zero."""
     C, F = k.C, k.F
     fmap = spec.linear.feature_map
-    src_q = (lambda r, f: phi_expr(fmap, f"q[b, h, T.min(c0 + {r}, L - 1), {f}]")) if inline else \
-        (lambda r, f: f"fq[b, h, T.min(c0 + {r}, L - 1), {f}]")
+    src_q = (lambda r, f: phi_expr(fmap, f"q[b, h, {k.at(f'T.min(c0 + {r}, L - 1)')}, {f}]")) if inline else \
+        (lambda r, f: f"fq[b, h, {k.at(f'T.min(c0 + {r}, L - 1)')}, {f}]")
     factors = [] if k.den else ["linear_scale"]
     if decay:
         factors.append("eq[r, f]" if k.gate == "vector" else "eq[r, 0]")
@@ -457,7 +467,7 @@ def _emit_outputs(s, k: _Ctx, intra: bool, mode: str, normalize: bool) -> None:
                 s("dc[i] = dc[i] + qT[f, i] * z[f]")
         if mode == "numden":
             with s.block(f"for i in range(T.min({C}, L - c0)):"):
-                s("den[b, h, c0 + i] = dc[i]")
+                s(f"den[b, h, {k.at('c0 + i')}] = dc[i]")
         elif normalize:
             with s.block(f"for i in T.vectorized({C}):"):
                 s("dc[i] = T.if_then_else(dc[i] == T.float32(0), T.float32(0), T.float32(1) / dc[i])")
@@ -466,14 +476,14 @@ def _emit_outputs(s, k: _Ctx, intra: bool, mode: str, normalize: bool) -> None:
     terms = []
     if intra:
         terms.append((lambda r0: f"{r0} + {mr}", lambda r, x: f"aT[{x}, {r}]",
-                      lambda x, w: f"v[b, hk, T.min(c0 + {x}, L - 1), {w}]"))
+                      lambda x, w: f"v[b, hk, {k.at(f'T.min(c0 + {x}, L - 1)')}, {w}]"))
     terms.append((str(F), lambda r, x: f"qT[{x}, {r}]", lambda x, w: f"S[{x}, {w}]"))
     if mode == "numden":
-        store = lambda r, w, val: f"num[b, h, c0 + {r}, {w}] = {val}"   # noqa: E731
+        store = lambda r, w, val: f"num[b, h, {k.at(f'c0 + {r}')}, {w}] = {val}"   # noqa: E731
     elif normalize:
-        store = lambda r, w, val: f"o[b, h, c0 + {r}, {w}] = {val} * dc[{r}]"   # noqa: E731
+        store = lambda r, w, val: f"o[b, h, {k.at(f'c0 + {r}')}, {w}] = {val} * dc[{r}]"   # noqa: E731
     else:
-        store = lambda r, w, val: f"o[b, h, c0 + {r}, {w}] = {val}"   # noqa: E731
+        store = lambda r, w, val: f"o[b, h, {k.at(f'c0 + {r}')}, {w}] = {val}"   # noqa: E731
     emit_gemm_tile(s, rows=C, mr=mr, width=Dv, terms=terms, store=store, guard=lambda r: f"c0 + {r} < L")
 
 
@@ -489,7 +499,7 @@ def _emit_state_update(s, k: _Ctx, gated: bool) -> None:
                     s(f"kc[j, f] = kc[j, f] * {exp2(f'({ge} - {gj}) * {L2E}')}")
     dec = (lambda r: f"decay[{r}]") if gate == "vector" else (lambda r: "decay[0]")
     emit_gemm_tile(s, rows=F, mr=k.mr_f, width=Dv, red=str(C),
-                   a=lambda r, x: f"kc[{x}, {r}]", b=lambda x, w: f"v[b, hk, T.min(c0 + {x}, L - 1), {w}]",
+                   a=lambda r, x: f"kc[{x}, {r}]", b=lambda x, w: f"v[b, hk, {k.at(f'T.min(c0 + {x}, L - 1)')}, {w}]",
                    init=(lambda r, w: f"S[{r}, {w}] * {dec(r)}") if gated else (lambda r, w: f"S[{r}, {w}]"),
                    store=lambda r, w, val: f"S[{r}, {w}] = {val}")
     if k.keep_z:

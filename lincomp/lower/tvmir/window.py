@@ -92,9 +92,11 @@ def tiled(spec: AttentionSpec) -> bool:
     return isinstance(spec.window, GridWindow)
 
 
-def arg_names(spec: AttentionSpec, key_bias: bool = False, save_lse: bool = False) -> list:
+def arg_names(spec: AttentionSpec, key_bias: bool = False, save_lse: bool = False, lagged: bool = False) -> list:
     """Buffer / scalar arguments of ``window_fwd`` in order (the launcher passes them so); ``key_bias`` adds
-    the per-key bias input, ``save_lse`` the ``lse`` output after ``o`` (training: what window_bwd.py needs)."""
+    the per-key bias input, ``save_lse`` the ``lse`` output after ``o`` (training: what window_bwd.py needs);
+    ``lagged`` (combine="shared"): the linear num / den already hold only the keys outside the window
+    (shared_lag.py), so the kernel takes no features and subtracts nothing."""
     names = ["q", "k", "v", "kv_offsets", "kv_indices", "kv_full"]
     if tiled(spec):
         names.append("tokens")
@@ -105,10 +107,9 @@ def arg_names(spec: AttentionSpec, key_bias: bool = False, save_lse: bool = Fals
     if spec.combine == "sum":
         names += ["lin_o", "alpha"]
     if spec.combine == "shared":
-        names += ["lin_num", "lin_den", "window_gamma", "fq", "fk"]
-        if spec.linear.gate is not None:
-            names.append("G")
-        names.append("cond")
+        names += ["lin_num", "lin_den", "window_gamma"]
+        if not lagged:
+            names += ["fq", "fk"] + (["G"] if spec.linear.gate is not None else []) + ["cond"]
     return names + (["key_bias"] if key_bias else []) + ["o"] + (["lse"] if save_lse else []) + ["scale"]
 
 
@@ -140,12 +141,12 @@ def signature(s: Script, name: str, names: list, dims: WindowDims, kv_rows: str 
 
 
 def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name: str = "window_fwd",
-                  key_bias: bool = False, save_lse: bool = False) -> str:
+                  key_bias: bool = False, save_lse: bool = False, lagged: bool = False) -> str:
     """TVMScript of the window kernel for ``spec`` (a PrimFunc named ``name``).
 
     ``key_bias``: one more input ``key_bias [B, L]`` added to every score of key j in base-2 units (-inf hides
     the key: a key-padding mask); a row left with no key outputs 0. ``save_lse``: also write ``lse [B, H, L]``,
-    each row's log2-sum-exp2 of its base-2 scores, sinks included (-inf: no key).
+    each row's log2-sum-exp2 of its base-2 scores, sinks included (-inf: no key). ``lagged``: see arg_names.
     """
     H, Hkv, D, Dv = dims.H, dims.Hkv, dims.D, dims.Dv
     BM, BN, G = cfg.block_m, cfg.block_n, max(1, cfg.kv_group)
@@ -155,11 +156,14 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
         raise ValueError(f"grid windows need block_m == block_n, got {BM}, {BN}")
     group = H // Hkv
     shared, summed = spec.combine == "shared", spec.combine == "sum"
+    inwin = shared and not lagged   # the in-window linear terms are formed here, to subtract from the full scan
+    if lagged and (not shared or save_lse):
+        raise ValueError("lagged: combine='shared' inference only")
     gate = spec.linear.gate if shared else None
     F, HF = dims.F, dims.HF
     mr_qk = divisor_at_most(GN, cfg.mr_qk)
     mr_pv = divisor_at_most(BM, cfg.mr_pv)
-    names = arg_names(spec, key_bias, save_lse)
+    names = arg_names(spec, key_bias, save_lse, lagged)
 
     s = Script()
     with signature(s, name, names, dims):
@@ -180,8 +184,9 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
         if shared:
             s(f'lin_num = T.match_buffer(lin_num_h, (B, {H}, L, {Dv}), "float32")',
               f'lin_den = T.match_buffer(lin_den_h, (B, {H}, L), "float32")',
-              f'window_gamma = T.match_buffer(window_gamma_h, ({H},), "float32")',
-              f'fq = T.match_buffer(fq_h, (B, {H}, L, {F}), "float32")',
+              f'window_gamma = T.match_buffer(window_gamma_h, ({H},), "float32")')
+        if inwin:
+            s(f'fq = T.match_buffer(fq_h, (B, {H}, L, {F}), "float32")',
               f'fk = T.match_buffer(fk_h, (B, {HF}, L, {F}), "float32")')
             emit_gate_buffer(s, gate, H, F)
             s('cond = T.match_buffer(cond_h, (B, {H}, L), "float32")'.replace("{H}", str(H)))
@@ -204,7 +209,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                                    ("l", f"({BM},)", "float32"), ("mu", f"({BM},)", "float32"),
                                    ("corr", f"({BM},)", "float32")):
                 s(f'{buf} = T.alloc_buffer({shape}, "{dt}")')
-            if shared:
+            if inwin:
                 s(f'fqT = T.alloc_buffer(({F}, {BM}), "float32")',
                   f'aT = T.alloc_buffer(({GN}, {BM}), "float32")',
                   f'accl = T.alloc_buffer(({BM}, {Dv}), "float32")',
@@ -214,11 +219,11 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
             with s.block(f"for i in range({BM}):"):
                 with s.block(f"for d in range({D}):"):
                     s(f"qT[d, i] = q[b, h, T.max(qpos[i], 0), d] * (scale * {f32(LOG2E)})")
-            if shared:
+            if inwin:
                 with s.block(f"for i in range({BM}):"):
                     with s.block(f"for f in range({F}):"):
                         s("fqT[f, i] = fq[b, h, T.max(qpos[i], 0), f]")
-            _emit_init(s, spec, BM, Dv, shared)
+            _emit_init(s, spec, BM, Dv, inwin)
             vis = visibility(spec, "qpos[i]", "kpos[j]")
             loop = ("for e in range(kv_offsets[t], kv_offsets[t + 1]):" if G == 1 else
                     f"for eg in range((kv_offsets[t + 1] - kv_offsets[t] + {G - 1}) // {G}):")
@@ -251,11 +256,11 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                 _emit_step(s, GN, BM, D, Dv, mr_qk, mr_pv, plan_mask,
                            key=lambda r, x: f"k[b, hk, T.max(kpos[{r}], 0), {x}]",
                            val=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]")
-                if shared:
+                if inwin:
                     _emit_shared_inwindow(s, spec, BM, G, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
             if spec.pool is not None:
                 _emit_pooled(s, spec, GN, BM, D, Dv, mr_qk, mr_pv)
-            _emit_epilogue(s, spec, BM, Dv, shared, summed, save_lse)
+            _emit_epilogue(s, spec, BM, Dv, shared, summed, save_lse, lagged)
     return s.text()
 
 
@@ -363,8 +368,9 @@ def _emit_positions(s: Script, spec: AttentionSpec, buf: str, tile: str, size: i
         s(f"{buf}[{at}] = T.if_then_else({valid}, {pos}, -1)" if valid else f"{buf}[{at}] = {pos}")
 
 
-def _emit_init(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool) -> None:
-    """m, l start at the sinks (keys with logit t and value 0), else at -inf and 0; acc at 0."""
+def _emit_init(s: Script, spec: AttentionSpec, BM: int, Dv: int, inwin: bool) -> None:
+    """m, l start at the sinks (keys with logit t and value 0), else at -inf and 0; acc at 0 (``inwin``: the
+    in-window linear sums ll, accl too)."""
     if spec.sinks:
         logits = [f"sink_logits[h, {c}]" for c in range(spec.sinks)]
         mx = logits[0]
@@ -381,12 +387,12 @@ def _emit_init(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool) -
         m0, l0 = NEG_INF, "T.float32(0)"
     with s.block(f"for i in T.vectorized({BM}):"):
         s(f"m[i] = {m0}", f"l[i] = {l0}")
-        if shared:
+        if inwin:
             s("ll[i] = T.float32(0)")
     with s.block(f"for i in range({BM}):"):
         with s.block(f"for d in T.vectorized({Dv}):"):
             s("acc[i, d] = T.float32(0)")
-            if shared:
+            if inwin:
                 s("accl[i, d] = T.float32(0)")
 
 
@@ -433,14 +439,19 @@ def _emit_shared_inwindow(s, spec, BM, G, BN1, Dv, F, gate, fk_head, vis, mr_qk,
 
 
 def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool, summed: bool,
-                   save_lse: bool = False) -> None:
+                   save_lse: bool = False, lagged: bool = False) -> None:
     s("# write the tile's rows (padding slots have no position)")
     with s.block(f"for i in range({BM}):"):
         with s.block("if qpos[i] >= 0:"):
             s("p = qpos[i]")
             if save_lse and not shared:   # m + log2(l): -inf for a row without keys (m = -inf, l = 0)
                 s(f"lse[b, h, p] = T.if_then_else(l[i] == T.float32(0), {NEG_INF}, m[i] + T.log2(l[i]))")
-            if shared:
+            if lagged:   # num / den hold the keys outside the window alone: nothing cancels
+                s("gam = window_gamma[h]", "den = gam * l[i] + lin_den[b, h, p]")
+                with s.block(f"for d in T.vectorized({Dv}):"):
+                    s("o[b, h, p, d] = T.if_then_else(den == T.float32(0), T.float32(0), "
+                      "(gam * acc[i, d] + lin_num[b, h, p, d]) / den)")
+            elif shared:
                 s("gam = window_gamma[h]",
                   "den = gam * l[i] + lin_den[b, h, p] - ll[i]",
                   "# the out-of-window linear part is the full scan minus the in-window terms: its rounding",
