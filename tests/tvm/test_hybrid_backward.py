@@ -8,11 +8,13 @@ import torch
 
 pytest.importorskip("tvm")
 
+from hypothesis import given, strategies as st  # noqa: E402
+
 import lincomp  # noqa: E402
 from lincomp import presets  # noqa: E402
 from lincomp.backends import ops  # noqa: E402
 from lincomp.spec import AttentionSpec  # noqa: E402
-from lincomp.testing import random_inputs  # noqa: E402
+from lincomp.testing import examples, random_inputs  # noqa: E402
 
 from tests.tvm.test_window_backward import check_grads  # noqa: E402
 
@@ -98,3 +100,38 @@ def test_key_padded_training_keeps_the_forward_on_the_kernels():
         return torch.ops.lincomp.attention(q, k, v, spec_json, target="tvm", **kw)
 
     check_grads(spec, {**x, "key_padding_mask": kpm}, run)
+
+
+WINDOW_WITH_SINKS = AttentionSpec(window={"kind": "1d", "left": 9, "right": 0}, causal=True, sinks=3)
+
+
+@examples(8)
+@given(name=st.sampled_from(list(SPECS) + ["window-sinks"]), data=st.data())
+def test_only_the_wanted_gradients_are_formed(name, data):
+    """Through the op with a random subset of the inputs requiring grad (Lizard's attention transfer: frozen q, k,
+    v projections, trained feature maps, gate, sinks and alpha): each wanted gradient within 1e-4 of the fp64
+    reference, and the window backward's pass over the pairs runs only when q, k or v is wanted."""
+    from lincomp.lower.tvmir import window_train
+    from tests.tvm.test_window_backward import TOL, grad_err, reference_grads
+    spec = WINDOW_WITH_SINKS if name == "window-sinks" else SPECS[name]
+    x = random_inputs(spec, B=data.draw(st.integers(1, 2), label="B"), H=4, Hkv=data.draw(st.sampled_from([1, 2, 4])),
+                      L=data.draw(st.integers(1, 60), label="L"), D=8, seed=data.draw(st.integers(0, 999)))
+    floats = sorted(n for n, t in x.items() if t.is_floating_point())
+    wanted = data.draw(st.lists(st.sampled_from(floats), min_size=1, unique=True), label="wanted")
+    leaves = {n: t.clone().requires_grad_(n in wanted) for n, t in x.items()}
+    spec_json = ops.spec_to_json(spec)
+    passes = []
+    real = window_train._module
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(window_train, "_module", lambda kernel, tag, *a, **kw: passes.append(tag) or real(kernel, tag, *a, **kw))
+        rest = {n: t for n, t in leaves.items() if n not in "qkv"}
+        o = torch.ops.lincomp.attention(leaves["q"], leaves["k"], leaves["v"], spec_json, target="tvm",
+                                        fallback="error", **rest)
+        g = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
+        got = dict(zip(wanted, torch.autograd.grad(o, [leaves[n] for n in wanted], g)))
+    ref, _ = reference_grads(spec, x, g)
+    rows = o.shape[0] * o.shape[2]
+    for n in wanted:
+        err = grad_err(got[n], ref[n], rows if ref[n].dim() <= 2 else 1)
+        assert err <= TOL, (n, err)
+    assert ("window_bwd" in passes) == bool(set(wanted) & {"q", "k", "v"}), (wanted, passes)

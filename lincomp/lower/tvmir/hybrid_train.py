@@ -94,18 +94,24 @@ def saved_like(kernel, q, k, v, **kwargs) -> list:
     return [*lin._linear_saved_like(q, k, v, **lkw), f32(B, H, L), f32(B, H, L, Dv), f32(B, H, L, Dv)]
 
 
-def backward_saved(kernel, grad_o, o, saved, q, k, v, **kwargs) -> dict:
-    """{name: gradient} of q, k, v, alpha, sink_logits, g, the feature weights and initial_state."""
+def backward_saved(kernel, grad_o, o, saved, q, k, v, needs=None, **kwargs) -> dict:
+    """{name: gradient} of q, k, v, alpha, sink_logits, g, the feature weights and initial_state (``needs``: the
+    names wanted, None: all; a branch none of whose inputs is wanted does not run its backward)."""
     wkw, lkw, alpha = _split(kwargs)
     win, lin = branches(kernel)
     *lin_saved, lse2, o_lin, o_win = saved
     do = grad_o.to(torch.float32)
-    gw = win.backward_saved(do * _alpha(alpha, q.shape[1]), o_win, [lse2], q, k, v, **wkw)
-    gl = lin.backward_saved(do, o_lin, lin_saved, q, k, v, **lkw)
+    want = (lambda *ns: True) if needs is None else (lambda *ns: bool(set(ns) & set(needs)))
+    gw = gl = {}
+    if want("q", "k", "v", "sink_logits"):
+        gw = win.backward_saved(do * _alpha(alpha, q.shape[1]), o_win, [lse2], q, k, v, needs=needs, **wkw)
+    if want("q", "k", "v", "g", "feature_weight_q", "feature_weight_k", "initial_state"):
+        gl = lin.backward_saved(do, o_lin, lin_saved, q, k, v, needs=needs, **lkw)
     out = dict(gl)
     for n in ("q", "k", "v"):
-        out[n] = gl[n] + gw[n]
+        parts = [d for d in (gl.get(n), gw.get(n)) if d is not None]
+        out[n] = sum(parts[1:], parts[0]) if parts and want(n) else None
     out["sink_logits"] = gw.get("sink_logits")
-    out["alpha"] = (do.double() * o_win.double()).sum((0, 2, 3))
+    out["alpha"] = (do.double() * o_win.double()).sum((0, 2, 3)) if want("alpha") else None
     kernel.config = {**kernel.config, **win.config, **lin.config}
     return out

@@ -215,10 +215,12 @@ def forward_and_save(kernel, q, k, v, **kwargs) -> tuple:
 
 
 def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, row_stats: bool = False,
-                   rows_only: bool = False, **tensors) -> dict:
+                   rows_only: bool = False, needs=None, **tensors) -> dict:
     """{"q", "k", "v", "sink_logits", "pool_weight"}: gradients of sum(grad_o * o) from o and the saved lse2;
     ``row_stats`` adds "rows": (rsum [B, H, L] = sum_j ds_ij, ridx [B, H, L] int32 = each row's argmax key,
-    -1: none); ``rows_only``: {"rows": (rsum, None)} alone, from one pass of two products per pair."""
+    -1: none); ``rows_only``: {"rows": (rsum, None)} alone, from one pass of two products per pair.
+    ``needs`` (the names wanted, None: all): without q, k, v and pool_weight no pass over the pairs runs (the
+    sinks' gradient needs only the rows' lse and delta)."""
     call = bind(kernel.spec, q, k, v, scale=scale, check_values=False, **tensors)
     kernel._prepare(call)
     sizes = kernel.sizes_of(call)
@@ -230,6 +232,8 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, row_stats: 
     lse2 = saved[0].to(torch.float32)
     lse2 = torch.where(lse2 == -math.inf, math.inf, lse2).contiguous()   # a row without keys: p = 2^-inf = 0
     c = _bwd.WindowBwdConfig.from_dict(cfg)
+    if needs is not None and not (set(needs) & {"q", "k", "v", "pool_weight"}) and not (row_stats or rows_only):
+        return {"q": None, "k": None, "v": None, "pool_weight": None, "sink_logits": _sink_grad(call, lse2, delta)}
     tag = "window_bwd_rows_only" if rows_only else "window_bwd_rows" if row_stats else "window_bwd"
     mod = _module(kernel, tag, sizes, cfg, lambda: _bwd.backward_source(kernel.spec, _dims(sizes), c, row_stats,
                                                                         rows_only))
@@ -253,16 +257,20 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, row_stats: 
     dpool = None
     if kernel.spec.pool is not None:
         dpool = _pooled_backward(kernel, call, mod, c, cfg, do, lse2, delta, dq, dk, dv)
-    dsink = None
-    if call.sink_logits is not None:
-        # a sink is a key with value 0: dp = 0, so d logit = -sum over rows of p_sink * delta
-        p = torch.exp2(base2(call.sink_logits).double()[None, :, None, :] - lse2.double()[..., None])
-        dsink = -(p * delta.double()[..., None]).sum((0, 2))
     kernel.config = {**kernel.config, KERNEL: ch.as_dict()}
-    out = {"q": dq, "k": dk, "v": dv, "sink_logits": dsink, "pool_weight": dpool}
+    out = {"q": dq, "k": dk, "v": dv, "sink_logits": _sink_grad(call, lse2, delta), "pool_weight": dpool}
     if row_stats:
         out["rows"] = (rows[0], rows[2])
     return out
+
+
+def _sink_grad(call, lse2: torch.Tensor, delta: torch.Tensor):
+    """d sink_logits [H, m] (None without sinks): a sink is a key with value 0, so dp = 0 and d logit = -sum over
+    rows of p_sink * delta (p_sink = 2^(t log2 e - lse2); lse2 +inf for a row without keys)."""
+    if call.sink_logits is None:
+        return None
+    p = torch.exp2(base2(call.sink_logits).double()[None, :, None, :] - lse2.double()[..., None])
+    return -(p * delta.double()[..., None]).sum((0, 2))
 
 
 def tune_backward(kernel, q, k, v, *, db, force: bool, progress, reps: int, space=None, **tensors):
