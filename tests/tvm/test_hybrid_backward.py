@@ -102,20 +102,28 @@ def test_key_padded_training_keeps_the_forward_on_the_kernels():
     check_grads(spec, {**x, "key_padding_mask": kpm}, run)
 
 
-WINDOW_WITH_SINKS = AttentionSpec(window={"kind": "1d", "left": 9, "right": 0}, causal=True, sinks=3)
+NEEDS_SPECS = dict(SPECS, **{
+    "window-sinks": AttentionSpec(window={"kind": "1d", "left": 9, "right": 0}, causal=True, sinks=3),
+    "linear-vector-hedgehog": AttentionSpec(causal=True, linear={"feature_map": "hedgehog", "feature_dim": 4,
+                                                                 "gate": "vector", "chunk_size": 16}),
+    "linear-scalar-elu1": AttentionSpec(causal=True, linear={"feature_map": "elu1", "gate": "scalar",
+                                                             "normalize": False, "chunk_size": 16}),
+})
 
 
-@examples(8)
-@given(name=st.sampled_from(list(SPECS) + ["window-sinks"]), data=st.data())
+@examples(10)
+@given(name=st.sampled_from(list(NEEDS_SPECS)), data=st.data())
 def test_only_the_wanted_gradients_are_formed(name, data):
     """Through the op with a random subset of the inputs requiring grad (Lizard's attention transfer: frozen q, k,
     v projections, trained feature maps, gate, sinks and alpha): each wanted gradient within 1e-4 of the fp64
-    reference, and the window backward's pass over the pairs runs only when q, k or v is wanted."""
+    reference (gates weak and strong: both vector-gate paths of the linear backward), and the window backward's
+    pass over the pairs runs only when q, k or v is wanted."""
     from lincomp.lower.tvmir import window_train
     from tests.tvm.test_window_backward import TOL, grad_err, reference_grads
-    spec = WINDOW_WITH_SINKS if name == "window-sinks" else SPECS[name]
+    spec = NEEDS_SPECS[name]
     x = random_inputs(spec, B=data.draw(st.integers(1, 2), label="B"), H=4, Hkv=data.draw(st.sampled_from([1, 2, 4])),
-                      L=data.draw(st.integers(1, 60), label="L"), D=8, seed=data.draw(st.integers(0, 999)))
+                      L=data.draw(st.integers(1, 60), label="L"), D=8, seed=data.draw(st.integers(0, 999)),
+                      gate_strength=data.draw(st.sampled_from([0.5, 12.0]), label="gate_strength"))
     floats = sorted(n for n, t in x.items() if t.is_floating_point())
     wanted = data.draw(st.lists(st.sampled_from(floats), min_size=1, unique=True), label="wanted")
     leaves = {n: t.clone().requires_grad_(n in wanted) for n, t in x.items()}
@@ -134,4 +142,4 @@ def test_only_the_wanted_gradients_are_formed(name, data):
     for n in wanted:
         err = grad_err(got[n], ref[n], rows if ref[n].dim() <= 2 else 1)
         assert err <= TOL, (n, err)
-    assert ("window_bwd" in passes) == bool(set(wanted) & {"q", "k", "v"}), (wanted, passes)
+    assert ("window_bwd" in passes) == (spec.has_softmax and bool(set(wanted) & {"q", "k", "v"})), (wanted, passes)

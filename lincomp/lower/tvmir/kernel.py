@@ -671,13 +671,13 @@ class TVMKernel(Kernel):
         self._configs[key] = Choice("tuned", _linear_bwd.LinearBwdConfig.from_dict(res.config).to_dict(), choice.key)
         return res
 
-    def _bwd_module(self, sizes: Sizes, cfg: dict, aug: bool) -> "_build.Built":
-        key = ("linear_bwd", sizes, _frozen(cfg), aug)
+    def _bwd_module(self, sizes: Sizes, cfg: dict, aug: bool, dv: bool = True) -> "_build.Built":
+        key = ("linear_bwd", sizes, _frozen(cfg), aug, dv)
         built = self._mods.get(key)
         if built is None:
             dims = _linear_bwd.BwdDims(sizes.H, sizes.Hkv, sizes.HF, sizes.F, sizes.Dv, aug)
             src = _linear_bwd.linear_bwd_source(self.spec.linear.gate, dims, _linear_bwd.LinearBwdConfig.from_dict(cfg),
-                                                lanes=_build.vector_lanes())
+                                                lanes=_build.vector_lanes(), dv=dv)
             built = self._mods[key] = _build.build([src], f"linear_bwd-{self.spec.summary() or 'spec'}")
         return built
 
@@ -701,12 +701,13 @@ class TVMKernel(Kernel):
             Sc = saved[0][:, :, :(L + C - 1) // C]
             if not Sc.is_contiguous():
                 Sc = Sc.contiguous()
+            want_dv = needs is None or "v" in needs
             dfq, dfk, dv = _empty((B, H, L, sizes.F)), _empty((B, H, L, sizes.F)), _empty((B, H, L, Dv))
             dS0 = _empty((B, H, sizes.F, Dv + int(aug)))
             gate = [call.g] if lin.gate is not None else []
             dg = [_empty(tuple(call.g.shape))] if lin.gate is not None else []
-            self._bwd_module(sizes, bwd.params, aug).fn("linear_bwd")(fq, fk, call.v, *gate, Sc, do, dfq, dfk, dv, dS0,
-                                                                      *dg)
+            self._bwd_module(sizes, bwd.params, aug, want_dv).fn("linear_bwd")(fq, fk, call.v, *gate, Sc, do, dfq, dfk,
+                                                                               dv, dS0, *dg)
             if dg:
                 grads["g"] = dg[0]
         else:
@@ -714,7 +715,7 @@ class TVMKernel(Kernel):
         if inwindow is not None:
             inwindow(feats, do, dfq, dfk, dv, grads)
         grads.update(feats.backward(dfq, dfk if fk.shape[1] == H else _linear_train.group_sum(dfk, fk.shape[1])))
-        grads["v"] = _linear_train.group_sum(dv, call.Hkv)
+        grads["v"] = _linear_train.group_sum(dv, call.Hkv) if needs is None or "v" in needs else None
         if dS0 is not None and call.S0 is not None:
             grads["initial_state"] = (dS0[..., :Dv], dS0[..., Dv] if aug else torch.zeros_like(call.z0))
         return grads

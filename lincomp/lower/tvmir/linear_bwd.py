@@ -77,13 +77,15 @@ def arg_names(gate: Optional[str]) -> list:
 
 
 def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, *, lanes: int = 16,
-                      name: str = "linear_bwd") -> str:
+                      name: str = "linear_bwd", dv: bool = True) -> str:
     """TVMScript of ``name(fq, fk, v, [g], Sc, do, dfq, dfk, dv, dS0, [dg])``.
 
     fq [B, H, L, F], fk [B, HF, L, F], v [B, Hkv, L, Dv], g [B, H, L] or [B, H, L, F] (log-gates),
     Sc [B, H, NC, F, Dsv] (states entering each chunk), do [B, H, L, Dsv] (d num, and d den in the last
     column with the normaliser) -> dfq [B, H, L, F], dfk [B, H, L, F] (per query head), dv [B, H, L, Dv]
     (per query head), dS0 [B, H, F, Dsv] (the gradient of the state entering the sequence), dg like g.
+    ``dv=False`` (no gradient of v is wanted: attention transfer with frozen projections): the scores P and
+    the dv products are skipped and ``dv`` is left unwritten.
     """
     H, Hkv, HF, F, Dv, Dsv = dims.H, dims.Hkv, dims.HF, dims.F, dims.Dv, dims.Dsv
     C = cfg.chunk
@@ -93,7 +95,7 @@ def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, 
     mr_c = divisor_at_most(F, max(1, (regs - 6) // -(-C // lanes)))                  # rows of width C
     mr_cc = divisor_at_most(C, max(1, (regs - 6) // -(-C // lanes)))
     k = _K(C=C, F=F, Dv=Dv, Dsv=Dsv, gate=gate, mr_v=mr_v, mr_f=mr_f, mr_c=mr_c, mr_cc=mr_cc,
-           fk_head="h" if HF == H else "hk")
+           fk_head="h" if HF == H else "hk", dv=dv)
     s = Script()
     s("@T.prim_func")
     names = arg_names(gate)
@@ -171,6 +173,7 @@ class _K:
     mr_c: int
     mr_cc: int
     fk_head: str
+    dv: bool = True
 
 
 def _emit_loads(s, k: _K) -> None:
@@ -262,8 +265,9 @@ def _mask_dA(s, k: _K) -> None:
 def _emit_scores(s, k: _K, kbuf: str, qbuf: str) -> None:
     """PT[j, i] = kbuf[j] . qbuf[:, i] and dA[i, j] = do_i . v_j (both unmasked), dense C x C products."""
     C, F, Dsv = k.C, k.F, k.Dsv
-    emit_gemm_tile(s, rows=C, mr=k.mr_cc, width=C, red=str(F), a=lambda r, x: f"{kbuf}[{r}, {x}]",
-                   b=lambda x, w: f"{qbuf}[{x}, {w}]", store=lambda r, w, val: f"PT[{r}, {w}] = {val}")
+    if k.dv:   # P feeds dv alone
+        emit_gemm_tile(s, rows=C, mr=k.mr_cc, width=C, red=str(F), a=lambda r, x: f"{kbuf}[{r}, {x}]",
+                       b=lambda x, w: f"{qbuf}[{x}, {w}]", store=lambda r, w, val: f"PT[{r}, {w}] = {val}")
     emit_gemm_tile(s, rows=C, mr=k.mr_cc, width=C, red=str(Dsv), a=lambda r, x: f"dcT[{x}, {r}]",
                    b=lambda x, w: f"vcT[{x}, {w}]", store=lambda r, w, val: f"dA[{r}, {w}] = {val}")
 
@@ -315,7 +319,8 @@ def _emit_matrix_decay(s, k: _K) -> None:
             with s.block(f"for x in T.vectorized({C}):"):
                 s(f"Dm[r, x] = T.if_then_else(r <= x, {exp2(f'T.min(GT[0, x] - GT[0, r], T.float32(0)) * {L2E}')}, "
                   "T.float32(0))")
-                s("PT[r, x] = PT[r, x] * Dm[r, x]")
+                if k.dv:
+                    s("PT[r, x] = PT[r, x] * Dm[r, x]")
         with s.block(f"for r in range({C}):"):
             s("dd[r] = dA[r, r]")   # the diagonal apart, as _mask_dA does
             with s.block(f"for x in range({C}):"):
@@ -326,7 +331,8 @@ def _emit_matrix_decay(s, k: _K) -> None:
                 s("dceT[w, r] = dcT[w, r] * eq[r]", "vcT[w, r] = vcT[w, r] * kend[r, 0]")
         dce = "dceT"
     else:
-        _mask(s, "PT", C, row_is_key=True)
+        if k.dv:
+            _mask(s, "PT", C, row_is_key=True)
         _mask_dA(s, k)
         _transpose_dA(s, k)
         dce = "dcT"
@@ -357,7 +363,8 @@ def _emit_vector_factored(s, k: _K) -> None:
         with s.block(f"for f in T.vectorized({F}):"):
             s(f"ek[r, f] = {exp2(f'-Gc[r, f] * {L2E}')}", "kd[r, f] = kc[r, f] * ek[r, f]")
     _emit_scores(s, k, "kd", "qdT")
-    _mask(s, "PT", C, row_is_key=True)
+    if k.dv:
+        _mask(s, "PT", C, row_is_key=True)
     _mask_dA(s, k)
     _transpose_dA(s, k)
     _emit_feature_grads(s, k, "kd", "qdT", "dcT", scaled=True)
@@ -368,13 +375,15 @@ def _emit_vector_exact(s, k: _K) -> None:
     """Vector gate, any strength: one exponential per (pair, feature), every exponent <= 0."""
     C, F, Dsv = k.C, k.F, k.Dsv
     dec = lambda i, j: exp2(f"T.min(GT[f, {i}] - GT[f, {j}], T.float32(0)) * {L2E}")  # noqa: E731
-    s("# strong decay: scores with a per-feature exponential per pair")
-    with s.block(f"for r in range({C}):"):
-        with s.block(f"for x in T.vectorized({C}):"):
-            s("PT[r, x] = T.float32(0)")
-        with s.block(f"for f in range({F}):"):
+    if k.dv:
+        s("# strong decay: scores with a per-feature exponential per pair")
+        with s.block(f"for r in range({C}):"):
             with s.block(f"for x in T.vectorized({C}):"):
-                s(f"PT[r, x] = PT[r, x] + T.if_then_else(r <= x, kc[r, f] * qT[f, x] * {dec('x', 'r')}, T.float32(0))")
+                s("PT[r, x] = T.float32(0)")
+            with s.block(f"for f in range({F}):"):
+                with s.block(f"for x in T.vectorized({C}):"):
+                    s(f"PT[r, x] = PT[r, x] + T.if_then_else(r <= x, kc[r, f] * qT[f, x] * {dec('x', 'r')}, "
+                      "T.float32(0))")
     emit_gemm_tile(s, rows=C, mr=k.mr_cc, width=C, red=str(Dsv), a=lambda r, x: f"dcT[{x}, {r}]",
                    b=lambda x, w: f"vcT[{x}, {w}]", store=lambda r, w, val: f"dA[{r}, {w}] = {val}")
     _mask_dA(s, k)
@@ -402,11 +411,12 @@ def _emit_dv_and_state(s, k: _K) -> None:
     ke = "ke" if gate is not None else "kc"
     qd = "qdT" if gate is not None else "qT"
     do_row = lambda x, w: f"do[b, h, T.min(c0 + {x}, L - 1), {w}]"  # noqa: E731  (rows past L meet zeros)
-    s("# dv = P^T do + (phi(k) decayed to the chunk end) dT")
-    emit_gemm_tile(s, rows=C, mr=k.mr_v, width=Dv,
-                   terms=[(str(C), lambda r, x: f"PT[{r}, {x}]", do_row),
-                          (str(F), lambda r, x: f"{ke}[{r}, {x}]", lambda x, w: f"dT[{x}, {w}]")],
-                   store=lambda r, w, val: f"dv[b, h, c0 + {r}, {w}] = {val}", guard=lambda r: f"c0 + {r} < L")
+    if k.dv:
+        s("# dv = P^T do + (phi(k) decayed to the chunk end) dT")
+        emit_gemm_tile(s, rows=C, mr=k.mr_v, width=Dv,
+                       terms=[(str(C), lambda r, x: f"PT[{r}, {x}]", do_row),
+                              (str(F), lambda r, x: f"{ke}[{r}, {x}]", lambda x, w: f"dT[{x}, {w}]")],
+                       store=lambda r, w, val: f"dv[b, h, c0 + {r}, {w}] = {val}", guard=lambda r: f"c0 + {r} < L")
     s("# dT <- decay dT + (phi(q) decayed from the chunk start)^T do: the gradient of the state entering c")
     dec = (lambda r: f"decay[{r}]") if gate == "vector" else (lambda r: "decay[0]")
     emit_gemm_tile(s, rows=F, mr=k.mr_f, width=Dsv, red=str(C), a=lambda r, x: f"{qd}[{r}, {x}]", b=do_row,
