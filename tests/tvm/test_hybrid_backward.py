@@ -119,27 +119,16 @@ def test_only_the_wanted_gradients_are_formed(name, data):
     reference (gates weak and strong: both vector-gate paths of the linear backward), and the window backward's
     pass over the pairs runs only when q, k or v is wanted."""
     from lincomp.lower.tvmir import window_train
-    from tests.tvm.test_window_backward import TOL, grad_err, reference_grads
+    from tests.tvm.test_window_backward import check_wanted_grads
     spec = NEEDS_SPECS[name]
     x = random_inputs(spec, B=data.draw(st.integers(1, 2), label="B"), H=4, Hkv=data.draw(st.sampled_from([1, 2, 4])),
                       L=data.draw(st.integers(1, 60), label="L"), D=8, seed=data.draw(st.integers(0, 999)),
                       gate_strength=data.draw(st.sampled_from([0.5, 12.0]), label="gate_strength"))
     floats = sorted(n for n, t in x.items() if t.is_floating_point())
     wanted = data.draw(st.lists(st.sampled_from(floats), min_size=1, unique=True), label="wanted")
-    leaves = {n: t.clone().requires_grad_(n in wanted) for n, t in x.items()}
-    spec_json = ops.spec_to_json(spec)
     passes = []
     real = window_train._module
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(window_train, "_module", lambda kernel, tag, *a, **kw: passes.append(tag) or real(kernel, tag, *a, **kw))
-        rest = {n: t for n, t in leaves.items() if n not in "qkv"}
-        o = torch.ops.lincomp.attention(leaves["q"], leaves["k"], leaves["v"], spec_json, target="tvm",
-                                        fallback="error", **rest)
-        g = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
-        got = dict(zip(wanted, torch.autograd.grad(o, [leaves[n] for n in wanted], g)))
-    ref, _ = reference_grads(spec, x, g)
-    rows = o.shape[0] * o.shape[2]
-    for n in wanted:
-        err = grad_err(got[n], ref[n], rows if ref[n].dim() <= 2 else 1)
-        assert err <= TOL, (n, err)
+        check_wanted_grads(spec, x, wanted)
     assert ("window_bwd" in passes) == (spec.has_softmax and bool(set(wanted) & {"q", "k", "v"})), (wanted, passes)

@@ -21,7 +21,7 @@ from lincomp.spec import AttentionSpec  # noqa: E402
 from lincomp.testing import examples, random_inputs, rel_err, spec_strategy  # noqa: E402
 
 from tests.tvm.test_hybrid_backward import check_saved_like  # noqa: E402
-from tests.tvm.test_window_backward import TOL, check_grads, grad_err, reference_grads  # noqa: E402
+from tests.tvm.test_window_backward import check_grads, check_wanted_grads  # noqa: E402
 from lincomp.lower.tvmir.hybrid_train import branches  # noqa: E402
 
 MINILM = AttentionSpec(window={"kind": "1d", "left": 6, "right": 6}, causal=False, prefix=1, combine="shared",
@@ -100,21 +100,9 @@ def test_only_the_wanted_gradients_are_formed(spec, data):
                       L=data.draw(st.integers(1, 70), label="L"), D=8, seed=data.draw(st.integers(0, 999)))
     floats = sorted(n for n, t in x.items() if t.is_floating_point())
     wanted = data.draw(st.lists(st.sampled_from(floats), min_size=1, unique=True), label="wanted")
-    leaves = {n: t.clone().requires_grad_(n in wanted) for n, t in x.items()}
-    spec_json = ops.spec_to_json(spec)
     ops.clear_kernel_cache()   # a fresh kernel: its source lists only this call's backward modules
-    kern = ops.get_kernel(spec_json, "tvm", "error")
-    rest = {n: t for n, t in leaves.items() if n not in "qkv"}
-    o = torch.ops.lincomp.attention(leaves["q"], leaves["k"], leaves["v"], spec_json, target="tvm",
-                                    fallback="error", **rest)
-    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
-    got = dict(zip(wanted, torch.autograd.grad(o, [leaves[n] for n in wanted], g)))
-    ref, _ = reference_grads(spec, x, g)
-    rows = o.shape[0] * o.shape[2]
-    gain = 1.0 / max(x["window_gamma"].abs().min().item(), 1e-3)
-    for n in wanted:
-        err = grad_err(got[n], ref[n], rows if ref[n].dim() <= 2 else 1, gain if n == "window_gamma" else 1.0)
-        assert err <= TOL, (n, err)
+    kern = ops.get_kernel(ops.spec_to_json(spec), "tvm", "error")
+    check_wanted_grads(spec, x, wanted, {"window_gamma": 1.0 / max(x["window_gamma"].abs().min().item(), 1e-3)})
     src = branches(kern)[0].source
     qkv = bool(set(wanted) & {"q", "k", "v"})
     assert ("def window_bwd_rows(" in src, "def window_bwd_dkdv(" in src) == (not qkv, qkv)

@@ -5,6 +5,8 @@ Outputs are NaN-poisoned (tests/tvm/conftest.py)."""
 import math
 import warnings
 
+from typing import Optional
+
 import pytest
 import torch
 
@@ -47,6 +49,23 @@ def reference_grads(spec, x: dict, g: torch.Tensor) -> dict:
     leaves = {n: t.double().requires_grad_(True) for n, t in _float_inputs(x).items()}
     o = reference(spec, **leaves, **{n: t for n, t in x.items() if n not in leaves})
     return dict(zip(leaves, torch.autograd.grad(o, list(leaves.values()), g.double()))), o
+
+
+def check_wanted_grads(spec, x: dict, wanted: list, gains: Optional[dict] = None) -> None:
+    """Through ``torch.ops.lincomp.attention(target="tvm", fallback="error")`` with only the ``wanted`` inputs
+    requiring grad: each of their gradients within TOL of the fp64 reference's (``gains``: see grad_err)."""
+    from lincomp.backends import ops
+    leaves = {n: t.clone().requires_grad_(n in wanted) for n, t in x.items()}
+    rest = {n: t for n, t in leaves.items() if n not in "qkv"}
+    o = torch.ops.lincomp.attention(leaves["q"], leaves["k"], leaves["v"], ops.spec_to_json(spec), target="tvm",
+                                    fallback="error", **rest)
+    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
+    got = dict(zip(wanted, torch.autograd.grad(o, [leaves[n] for n in wanted], g)))
+    ref, _ = reference_grads(spec, x, g)
+    rows = o.shape[0] * o.shape[2]
+    for n in wanted:
+        err = grad_err(got[n], ref[n], rows if ref[n].dim() <= 2 else 1, (gains or {}).get(n, 1.0))
+        assert err <= TOL, (n, err)
 
 
 def grad_err(out: torch.Tensor, ref: torch.Tensor, rows: int = 1, gain: float = 1.0) -> float:
