@@ -279,6 +279,9 @@ def attention_backward(grad_out: Tensor, o: Tensor, own_backward: Tensor, saved:
     kw = _kwargs(scale, tensors, drop_trivial_padding(key_padding_mask))   # as the forward saw it
     cu_seqlens, grads = documents(cu_seqlens), None
     if int(own_backward) == 1:
+        # the saved inputs are the caller's (often transposed views, as the forward got them): made contiguous
+        # here, silently, as the forward does (a kernel's copy warning would name a layout the caller never chose)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         grads = kernel.backward_saved(grad_out, o, list(saved), q, k, v, needs=frozenset(needs.split(",")) if needs
                                       else None, **kw)
     elif cu_seqlens is not None and has_own_backward(kernel):

@@ -197,3 +197,29 @@ def test_auto_target_uses_tvm_on_cpu():
 def test_import_lincomp_does_not_import_tvm():
     code = "import sys, lincomp; lincomp.compile; assert 'tvm' not in sys.modules, 'tvm imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+@pytest.mark.parametrize("name", ["window", "lizard", "minilm-like"])
+def test_op_backward_takes_transposed_views_silently(name):
+    """Models hand the op [B, L, H, D] activations transposed to [B, H, L, D] (views): forward and backward
+    make them contiguous without a copy warning (the caller never chose that layout), and the gradients match
+    the reference's."""
+    from lincomp.backends import ops
+    from lincomp.lower.tvmir.kernel import TVMCopyWarning
+    spec = {"window": SPEC, "lizard": presets.lizard(window=8, sinks=2, feature_dim=4, chunk_size=16),
+            "minilm-like": AttentionSpec(window={"kind": "1d", "left": 5, "right": 5}, causal=False, prefix=1,
+                                         combine="shared", linear={"feature_map": "hedgehog", "feature_dim": 4,
+                                                                   "chunk_size": 16})}[name]
+    x = random_inputs(spec, B=2, H=2, L=37, D=8, seed=6)
+    views = {n: x[n].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for n in "qkv"}
+    assert not views["q"].is_contiguous()
+    rest = {n: t for n, t in x.items() if n not in "qkv"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TVMCopyWarning)
+        warnings.simplefilter("error", LincompFallbackWarning)
+        o = torch.ops.lincomp.attention(views["q"], views["k"], views["v"], ops.spec_to_json(spec), target="tvm",
+                                        **rest)
+        o.square().sum().backward()
+    ref = {n: x[n].double().requires_grad_(True) for n in "qkv"}
+    reference(spec, **ref, **{n: t.double() for n, t in rest.items()}).square().sum().backward()
+    assert all(rel_err(views[n].grad, ref[n].grad) <= 1e-4 for n in "qkv")
