@@ -88,12 +88,21 @@ class Lowered:
                 if lin.feature_map in ("hedgehog", "hedgehog_exp") or spec.combine == "shared":
                     fwd += ["features_q", "features_k"]
                 fwd.append("linear_fwd")
+                if spec.combine == "shared" and isinstance(spec.window, Window1D) and not spec.causal:
+                    fwd.append("linear_rev")   # the lagged scans' second side, where their cost wins (shared_lag.py)
             if spec.has_softmax:
                 fwd.append("window_fwd")
-            # softmax-only specs without pooled keys train on window_bwd.py (dkdv adds dq in place, or a
-            # separate dq kernel with config split_dq)
-            bwd = ("window_bwd_dkdv",) if (lin is None and spec.has_softmax and spec.pool is None) else ()
-            return {"forward": tuple(fwd), "backward": bwd}
+            # what the training calls launch: the window pass (dkdv adds dq in place, or a separate dq kernel
+            # with config split_dq; pooled keys add their pair), the linear scan's reverse walk (a non-causal
+            # branch's gradients are dense host products), and for combine="shared" the in-window terms'
+            bwd = []
+            if spec.has_softmax:
+                bwd += ["window_bwd_dkdv"] + (["pooled_bwd_dkdv"] if spec.pool is not None else [])
+            if lin is not None and spec.causal:
+                bwd.append("linear_bwd")
+            if spec.combine == "shared":
+                bwd += ["shared_bwd_q", "shared_bwd_k"]
+            return {"forward": tuple(fwd), "backward": tuple(bwd)}
         raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
 
     def summary(self) -> str:
@@ -140,8 +149,11 @@ def choose_algorithm(spec: AttentionSpec) -> Tuple[str, str]:
         return "linear", ("non-causal: S = phi(K)^T V once, then phi(Q) S" if not spec.causal else
                           "causal: chunked scan, quadratic inside a chunk, state carried across chunks")
     how = "one normaliser shared by both branches" if spec.combine == "shared" else "alpha-weighted sum"
+    lagged = ("; on a 1D window TVM inference may form the keys outside the window by lagged scans instead of the "
+              "full scan minus the in-window terms, where that costs less"
+              if spec.combine == "shared" and isinstance(spec.window, Window1D) else "")
     return "fused", (f"combine={spec.combine!r} ({how}): Triton computes the window inside the linear kernel per "
-                     "query chunk; TVM combines the linear output in the window kernel's epilogue")
+                     "query chunk; TVM combines the linear output in the window kernel's epilogue" + lagged)
 
 
 @lru_cache(maxsize=512)
