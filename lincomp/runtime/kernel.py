@@ -105,6 +105,12 @@ class Kernel:
         whose gradient the caller wants (None: all); a kernel may skip the work of the others (missing or None)."""
         raise NotImplementedError(f"{type(self).__name__} saves nothing; its gradient comes from the reference")
 
+
+def wants(needs, *names: str) -> bool:
+    """Whether a backward given ``needs`` (:meth:`Kernel.backward_saved`; None: all) must form the gradient of
+    any of ``names``."""
+    return needs is None or any(n in needs for n in names)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target={self.target!r}, spec={self.spec!r}, config={self.config})"
 

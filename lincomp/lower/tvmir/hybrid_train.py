@@ -21,6 +21,8 @@ from dataclasses import replace
 
 import torch
 
+from lincomp.runtime.kernel import wants
+
 WINDOW_NAMES = ("scale", "sink_logits")
 LINEAR_NAMES = ("linear_scale", "g", "feature_weight_q", "feature_weight_k", "initial_state")
 
@@ -101,17 +103,16 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, needs=None, **kwargs) -> d
     win, lin = branches(kernel)
     *lin_saved, lse2, o_lin, o_win = saved
     do = grad_o.to(torch.float32)
-    want = (lambda *ns: True) if needs is None else (lambda *ns: bool(set(ns) & set(needs)))
     gw = gl = {}
-    if want("q", "k", "v", "sink_logits"):
+    if wants(needs, "q", "k", "v", "sink_logits"):
         gw = win.backward_saved(do * _alpha(alpha, q.shape[1]), o_win, [lse2], q, k, v, needs=needs, **wkw)
-    if want("q", "k", "v", "g", "feature_weight_q", "feature_weight_k", "initial_state"):
+    if wants(needs, "q", "k", "v", "g", "feature_weight_q", "feature_weight_k", "initial_state"):
         gl = lin.backward_saved(do, o_lin, lin_saved, q, k, v, needs=needs, **lkw)
     out = dict(gl)
     for n in ("q", "k", "v"):
         parts = [d for d in (gl.get(n), gw.get(n)) if d is not None]
-        out[n] = sum(parts[1:], parts[0]) if parts and want(n) else None
+        out[n] = sum(parts[1:], parts[0]) if parts and wants(needs, n) else None
     out["sink_logits"] = gw.get("sink_logits")
-    out["alpha"] = (do.double() * o_win.double()).sum((0, 2, 3)) if want("alpha") else None
+    out["alpha"] = (do.double() * o_win.double()).sum((0, 2, 3)) if wants(needs, "alpha") else None
     kernel.config = {**kernel.config, **win.config, **lin.config}
     return out

@@ -58,7 +58,7 @@ from lincomp.lower.tvmir import window as _window
 from lincomp.lower.tvmir import window_bwd as _window_bwd
 from lincomp.lower.tvmir.codegen import base2
 from lincomp.runtime.buffers import Scratch, alloc_output
-from lincomp.runtime.kernel import Kernel, Unsupported
+from lincomp.runtime.kernel import Kernel, Unsupported, wants
 from lincomp.runtime.pool import window_only
 from lincomp.spec import AttentionSpec, GridWindow
 from lincomp.tuning import TuningDB, median_time_ms, shape_bucket
@@ -694,6 +694,7 @@ class TVMKernel(Kernel):
         do = _linear_train.scan_grad(spec, grad_o, o, den, call.linear_scale, aug)
         feats = _linear_train.Features(call, needs)
         fq, fk = feats.fq, feats.fk
+        want_dv = wants(needs, "v")
         grads, dS0 = {}, None
         if spec.causal:
             bwd = self._bwd_choice(sizes, L)
@@ -701,7 +702,6 @@ class TVMKernel(Kernel):
             Sc = saved[0][:, :, :(L + C - 1) // C]
             if not Sc.is_contiguous():
                 Sc = Sc.contiguous()
-            want_dv = needs is None or "v" in needs
             dfq, dfk, dv = _empty((B, H, L, sizes.F)), _empty((B, H, L, sizes.F)), _empty((B, H, L, Dv))
             dS0 = _empty((B, H, sizes.F, Dv + int(aug)))
             gate = [call.g] if lin.gate is not None else []
@@ -715,7 +715,7 @@ class TVMKernel(Kernel):
         if inwindow is not None:
             inwindow(feats, do, dfq, dfk, dv, grads)
         grads.update(feats.backward(dfq, dfk if fk.shape[1] == H else _linear_train.group_sum(dfk, fk.shape[1])))
-        grads["v"] = _linear_train.group_sum(dv, call.Hkv) if needs is None or "v" in needs else None
+        grads["v"] = _linear_train.group_sum(dv, call.Hkv) if want_dv else None
         if dS0 is not None and call.S0 is not None:
             grads["initial_state"] = (dS0[..., :Dv], dS0[..., Dv] if aug else torch.zeros_like(call.z0))
         return grads
@@ -807,8 +807,8 @@ def shared_precision_ok(cond: torch.Tensor) -> bool:
 
 def check_shared_precision(cond: torch.Tensor) -> None:
     """Raise Unsupported (-> the reference, with a warning) when a row's cancellation loses precision."""
-    worst = float(cond.max()) if cond.numel() else 0.0
-    if worst > SHARED_COND_LIMIT:     # NaN (from NaN inputs) compares false: the NaN output stands
+    if not shared_precision_ok(cond):
+        worst = float(cond.max())
         raise Unsupported(f"combine='shared': the TVM kernel subtracts the in-window linear terms from the full "
                           f"scan, and here that cancels ({worst * 2.0 ** -24:.1e} estimated relative error: a small "
                           "window_gamma or large features); the Triton kernel does not have this limit")

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from lincomp.reference.features import feature_map
+from lincomp.runtime.kernel import wants
 
 # Saved states are laid out for the smallest backward chunk, so their shape never depends on the chosen
 # config (fake tensors only know L): a larger chunk uses the first ceil(L / chunk) entries.
@@ -65,7 +66,7 @@ class Features:
         """``needs``: the names whose gradient is wanted (None: all); the others are constants of the vjp."""
         lin, H = call.spec.linear, call.H
         given = {n: getattr(call, n) for n in self.NAMES if getattr(call, n) is not None}
-        self.names = [n for n in given if needs is None or n in needs]
+        self.names = [n for n in given if wants(needs, n)]
 
         def phis(*wanted):
             x = dict(given, **dict(zip(self.names, wanted)))

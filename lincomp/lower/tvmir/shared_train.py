@@ -33,6 +33,7 @@ from lincomp.lower.tvmir import window_train as _wtrain
 from lincomp.lower.tvmir.hybrid_train import branches
 from lincomp.lower.tvmir.linear_train import group_sum
 from lincomp.runtime.buffers import alloc_output
+from lincomp.runtime.kernel import wants
 
 
 def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, linear_scale=None, needs=None,
@@ -42,18 +43,17 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, linear_scal
     call, sizes = kernel._train_call(q, k, v, scale, linear_scale, tensors)
     Sc, den, lse2 = saved
     win = branches(kernel)[0]
-    want = (lambda n: True) if needs is None else (lambda n: n in needs)
-    qkv = want("q") or want("k") or want("v")
+    qkv = wants(needs, "q", "k", "v")
     gw = win.backward_saved(grad_o, o, [lse2], q, k, v, scale=scale, row_stats=True, rows_only=not qkv)
     rsum, ridx = gw["rows"]
-    if want("q") or want("k"):
+    if wants(needs, "q", "k"):
         _row_max_grad(gw["q"], gw["k"], rsum, ridx, call)
     gl = kernel._linear_backward(call, sizes, grad_o, o, [Sc, den], needs=needs,
-                                 inwindow=lambda *a: _inwindow(kernel, call, sizes, *a, dv_wanted=want("v")))
+                                 inwindow=lambda *a: _inwindow(kernel, call, sizes, *a, dv_wanted=wants(needs, "v")))
     kernel.config = {**kernel.config, **win.config}
     out = dict(gl)
     for n in ("q", "k", "v"):
-        out[n] = gl[n] + gw[n] if want(n) else None
+        out[n] = gl[n] + gw[n] if wants(needs, n) else None
     out["window_gamma"] = rsum.double().sum((0, 2)) / call.window_gamma.double()
     return out
 

@@ -24,7 +24,7 @@ from lincomp.lower.tvmir import window as _window
 from lincomp.lower.tvmir import window_bwd as _bwd
 from lincomp.lower.tvmir.codegen import base2
 from lincomp.runtime.buffers import alloc_output
-from lincomp.runtime.kernel import Unsupported
+from lincomp.runtime.kernel import Unsupported, wants
 from lincomp.runtime.pool import pool_kv_vjp, pooled_kv, window_only
 from lincomp.spec import GridWindow
 from lincomp.tuning import median_time_ms
@@ -232,7 +232,7 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, row_stats: 
     lse2 = saved[0].to(torch.float32)
     lse2 = torch.where(lse2 == -math.inf, math.inf, lse2).contiguous()   # a row without keys: p = 2^-inf = 0
     c = _bwd.WindowBwdConfig.from_dict(cfg)
-    if needs is not None and not (set(needs) & {"q", "k", "v", "pool_weight"}) and not (row_stats or rows_only):
+    if not wants(needs, "q", "k", "v", "pool_weight") and not (row_stats or rows_only):
         return {"q": None, "k": None, "v": None, "pool_weight": None, "sink_logits": _sink_grad(call, lse2, delta)}
     tag = "window_bwd_rows_only" if rows_only else "window_bwd_rows" if row_stats else "window_bwd"
     mod = _module(kernel, tag, sizes, cfg, lambda: _bwd.backward_source(kernel.spec, _dims(sizes), c, row_stats,
