@@ -134,3 +134,40 @@ def test_training_keeps_the_full_scan(always_lag):
     qd = x["q"].double().requires_grad_(True)
     reference(spec, **dict(to_double(x), q=qd)).square().sum().backward()
     assert rel_err(q.grad, qd.grad) <= TOL
+
+
+@pytest.mark.parametrize("left,right,prefix", [(10 ** 9, 10 ** 9, 1), (3, 10 ** 9, 0), (10 ** 9, 2, 2), (0, 0, 60)])
+def test_reaches_past_the_sequence_pair_no_key(always_lag, left, right, prefix):
+    """The scans' key shift is the window's reach (clamped inside int32): a reach past the sequence's end, or a
+    prefix longer than it, leaves that side's scan with no key, and every output still matches the reference."""
+    spec = _spec(left, right, False, prefix, "hedgehog_exp")
+    x = random_inputs(spec, B=1, H=2, L=50, D=8, seed=6)
+    o, err, kern = _run(spec, x)
+    assert err <= TOL, err
+    assert _lagged_ran(kern)
+
+
+def test_scans_read_no_shifted_copy(always_lag, monkeypatch):
+    """The lag lives in the generated scan (scan row t pairs with key t - a / t + b, none outside the sequence):
+    an ungated call asks for no buffer but phi(q), phi(k), num and den (no shifted copy, no second num / den),
+    and the side after the window adds into num / den from the prefix's end on."""
+    from contextlib import contextmanager
+
+    from lincomp.lower.tvmir import kernel as tvm_kernel
+    from lincomp.runtime.buffers import Scratch
+    asked = set()
+
+    class Recording(Scratch):
+        @contextmanager
+        def lease(self):
+            with super().lease() as get:
+                yield lambda name, *a, **kw: (asked.add(name), get(name, *a, **kw))[1]
+
+    monkeypatch.setattr(tvm_kernel, "_SCRATCH", Recording())
+    spec = _spec(9, 5, False, 2, "hedgehog")
+    x = random_inputs(spec, B=1, H=2, L=90, D=8, seed=7)
+    o, err, kern = _run(spec, x)
+    assert err <= TOL, err
+    assert asked == {"fq", "fk", "num", "den"}, asked
+    rev = kern.source.split("def linear_rev")[1]
+    assert "vc[r, d] = T.if_then_else" in rev and "L - 1 - (c0 + r) + 6" in rev and ">= 2:" in rev

@@ -428,11 +428,12 @@ class TVMKernel(Kernel):
             if lagged:   # the causal scan each side of the window runs (shared_lag.py)
                 dims = _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F,
                                           _lag.scan_key_heads(spec, sizes.H, sizes.HF))
-                for reverse in (False, True) if not spec.causal else (False,):
+                cfg = replace(cfg, chunk=_lag.scan_chunk(cfg.chunk))
+                for name, side in _lag.sides(spec).items():
                     funcs.append(_linear.linear_source(_lag.scan_spec(spec), dims, cfg, mode="numden",
-                                                       initial_state=initial_state, precomputed=True,
-                                                       reverse=reverse, lanes=_build.vector_lanes(),
-                                                       name="linear_rev" if reverse else "linear_fwd"))
+                                                       initial_state=initial_state and name == "linear_fwd",
+                                                       precomputed=True, lanes=_build.vector_lanes(), name=name,
+                                                       **side))
             else:
                 funcs.append(_linear.linear_source(
                     spec, _linear.LinearDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF), cfg,
@@ -451,7 +452,8 @@ class TVMKernel(Kernel):
         return _lag.applies(self.spec) and not save and not call.return_state
 
     def _lag_pays(self, sizes: Sizes, configs: dict, L: int) -> bool:
-        return _lag.applies(self.spec) and _lag.cheaper(self.spec, sizes.F, sizes.Dv, configs["linear"]["chunk"], L)
+        return _lag.applies(self.spec) and _lag.cheaper(self.spec, sizes.F, sizes.Dv,
+                                                        _lag.scan_chunk(configs["linear"]["chunk"]), L)
 
     def _modules(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
                  key_bias: bool = False, save: bool = False, lagged: bool = False) -> dict:
@@ -524,8 +526,8 @@ class TVMKernel(Kernel):
                 if kpm is not None:   # a padded key contributes to no sum (the reference's phi(k) * mask)
                     fk.mul_(kpm[:, None, :, None])
             if lagged:
-                num, den, gcheck = _lag.out_of_window(m.fn("linear_fwd"), None if spec.causal else m.fn("linear_rev"),
-                                                      spec, call, fq, fk, scratch)
+                num, den, gcheck = _lag.out_of_window({name: m.fn(name) for name in _lag.sides(spec)}, spec, call,
+                                                      fq, fk, scratch)
                 if gcheck is not None:
                     check_gate(max(gcheck.tolist()))
                 lin_args = [num, den, call.window_gamma]

@@ -105,14 +105,18 @@ def phi_expr(fmap: str, x: str) -> str:
 
 def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, mode: str = "o",
                   initial_state: bool = False, return_state: bool = False, save_states: bool = False,
-                  precomputed: bool = False, reverse: bool = False, name: str = "linear_fwd",
-                  lanes: int = 16) -> str:
+                  precomputed: bool = False, reverse: bool = False, key_shift: int = 0, key_first: int = 0,
+                  accumulate_from: Optional[int] = None, name: str = "linear_fwd", lanes: int = 16) -> str:
     """TVMScript of the chunked linear kernel for ``spec`` (``lanes``: fp32 lanes of a vector register).
 
     ``save_states`` (causal only) adds ``Sc [B, H, NC, F, Dv (+1)]``: the state entering each of the NC
     chunks, with z as its last column when the denominators are formed (what linear_bwd.py reads).
     ``reverse`` (causal, no gate or state): the scan runs from the last row to the first, so row i sums the rows
-    after it (shared_lag.py's side after the window)."""
+    after it (shared_lag.py's side after the window).
+    ``key_shift`` / ``key_first`` (precomputed features): scan position t pairs with the key and value of
+    sequence row ``row(t) + key_shift``, and with none where that row is outside ``[key_first, L)`` (the lagged
+    scans of shared_lag.py, without shifted copies). ``accumulate_from`` (numden): num / den rows at or after it
+    are added to, the rows before it are left as they are (the second of two scans summing into one buffer)."""
     lin = spec.linear
     H, Hkv, D, Dv, F, HF = dims.H, dims.Hkv, dims.D, dims.Dv, dims.F, dims.HF
     C = cfg.chunk
@@ -130,7 +134,11 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
                       save_states=save_states, precomputed=precomputed)
     assert causal or (gate is None and not initial_state and not return_state and not save_states)
     assert not reverse or (causal and gate is None and not initial_state and not return_state and not save_states)
-    k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, gate=gate, den=den, keep_z=keep_z, lanes=lanes, reverse=reverse)
+    lagged = key_shift != 0 or key_first != 0
+    assert not lagged or (causal and precomputed and not save_states)
+    assert accumulate_from is None or mode == "numden"
+    k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, gate=gate, den=den, keep_z=keep_z, lanes=lanes, reverse=reverse,
+             key_shift=key_shift, key_first=key_first, accumulate_from=accumulate_from)
 
     s = Script()
     s("@T.prim_func")
@@ -182,6 +190,8 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
                     bufs.append(("ek", f"({C},)"))
             if gate == "vector":
                 bufs.append(("qd", f"({F}, {C})"))
+            if k.lagged:
+                bufs.append(("vc", f"({C}, {Dv})"))
             for buf, shape in bufs:
                 s(f'{buf} = T.alloc_buffer({shape}, "float32")')
             if gate is not None:
@@ -249,10 +259,30 @@ class _Ctx:
     lanes: int
     mr_scores: int = 16
     reverse: bool = False    # scan position t reads and writes sequence row L - 1 - t
+    key_shift: int = 0       # ... and pairs with the key / value of row at(t) + key_shift
+    key_first: int = 0       # (none where that row is before key_first or past L - 1)
+    accumulate_from: Optional[int] = None
 
     def at(self, t: str) -> str:
         """The sequence row of scan position ``t``."""
         return f"L - 1 - ({t})" if self.reverse else t
+
+    @property
+    def lagged(self) -> bool:
+        return self.key_shift != 0 or self.key_first != 0
+
+    def key_row(self, t: str) -> str:
+        """The key / value row of scan position ``t`` (t < L), clamped into the sequence."""
+        row = self.at(t) if not self.key_shift else f"{self.at(t)} + {self.key_shift}".replace("+ -", "- ")
+        return f"T.min(T.max({row}, 0), L - 1)" if self.lagged else row
+
+    def key_valid(self, t: str) -> str:
+        """Scan position ``t`` (any int) pairs with a key."""
+        cond = [f"{t} < L"]
+        if self.lagged:
+            row = f"{self.at(t)} + {self.key_shift}".replace("+ -", "- ")
+            cond += [f"{row} >= {self.key_first}", f"{row} < L"]
+        return " and ".join(cond)
 
     @property
     def Fg(self) -> int:
@@ -281,11 +311,17 @@ def _emit_load_chunk(s, spec, k: _Ctx, inline, fk_head) -> None:
     """phi(k) rows of the chunk; rows past L are zero."""
     C, F = k.C, k.F
     fmap = spec.linear.feature_map
-    src_k = (lambda r, f: phi_expr(fmap, f"k[b, hk, {k.at(f'T.min(c0 + {r}, L - 1)')}, {f}]")) if inline else \
-        (lambda r, f: f"fk[b, {fk_head}, {k.at(f'T.min(c0 + {r}, L - 1)')}, {f}]")
+    src_k = (lambda r, f: phi_expr(fmap, f"k[b, hk, {k.key_row(f'T.min(c0 + {r}, L - 1)')}, {f}]")) if inline else \
+        (lambda r, f: f"fk[b, {fk_head}, {k.key_row(f'T.min(c0 + {r}, L - 1)')}, {f}]")
     with s.block(f"for r in range({C}):"):
         with s.block(f"for f in T.vectorized({F}):"):
-            s(f"kc[r, f] = T.if_then_else(c0 + r < L, {src_k('r', 'f')}, T.float32(0))")
+            s(f"kc[r, f] = T.if_then_else({k.key_valid('c0 + r')}, {src_k('r', 'f')}, T.float32(0))")
+    if k.lagged:
+        s("# the chunk's values, zero where no key pairs (so that no Inf / NaN of an unpaired row is read)")
+        with s.block(f"for r in range({C}):"):
+            with s.block(f"for d in T.vectorized({k.Dv}):"):
+                s(f"vc[r, d] = T.if_then_else({k.key_valid('c0 + r')}, "
+                  f"v[b, hk, {k.key_row('T.min(c0 + r, L - 1)')}, d], T.float32(0))")
 
 
 def _emit_load_queries(s, spec, k: _Ctx, inline: bool, decay: bool = False) -> None:
@@ -467,7 +503,11 @@ def _emit_outputs(s, k: _Ctx, intra: bool, mode: str, normalize: bool) -> None:
                 s("dc[i] = dc[i] + qT[f, i] * z[f]")
         if mode == "numden":
             with s.block(f"for i in range(T.min({C}, L - c0)):"):
-                s(f"den[b, h, {k.at('c0 + i')}] = dc[i]")
+                if k.accumulate_from is None:
+                    s(f"den[b, h, {k.at('c0 + i')}] = dc[i]")
+                else:
+                    with s.block(f"if {k.at('c0 + i')} >= {k.accumulate_from}:"):
+                        s(f"den[b, h, {k.at('c0 + i')}] = den[b, h, {k.at('c0 + i')}] + dc[i]")
         elif normalize:
             with s.block(f"for i in T.vectorized({C}):"):
                 s("dc[i] = T.if_then_else(dc[i] == T.float32(0), T.float32(0), T.float32(1) / dc[i])")
@@ -476,15 +516,28 @@ def _emit_outputs(s, k: _Ctx, intra: bool, mode: str, normalize: bool) -> None:
     terms = []
     if intra:
         terms.append((lambda r0: f"{r0} + {mr}", lambda r, x: f"aT[{x}, {r}]",
-                      lambda x, w: f"v[b, hk, {k.at(f'T.min(c0 + {x}, L - 1)')}, {w}]"))
+                      _values(k)))
     terms.append((str(F), lambda r, x: f"qT[{x}, {r}]", lambda x, w: f"S[{x}, {w}]"))
-    if mode == "numden":
+    guard = lambda r: f"c0 + {r} < L"   # noqa: E731
+    if mode == "numden" and k.accumulate_from is not None:
+        def store(r, w, val):
+            cell = f"num[b, h, {k.at(f'c0 + {r}')}, {w}]"
+            return f"{cell} = {cell} + {val}"
+        guard = lambda r: f"c0 + {r} < L and {k.at(f'c0 + {r}')} >= {k.accumulate_from}"   # noqa: E731
+    elif mode == "numden":
         store = lambda r, w, val: f"num[b, h, {k.at(f'c0 + {r}')}, {w}] = {val}"   # noqa: E731
     elif normalize:
         store = lambda r, w, val: f"o[b, h, {k.at(f'c0 + {r}')}, {w}] = {val} * dc[{r}]"   # noqa: E731
     else:
         store = lambda r, w, val: f"o[b, h, {k.at(f'c0 + {r}')}, {w}] = {val}"   # noqa: E731
-    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, terms=terms, store=store, guard=lambda r: f"c0 + {r} < L")
+    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, terms=terms, store=store, guard=guard)
+
+
+def _values(k: _Ctx):
+    """b(x, w) of a product with the chunk's values: the zero-padded copy when lagged, else v itself."""
+    if k.lagged:
+        return lambda x, w: f"vc[{x}, {w}]"
+    return lambda x, w: f"v[b, hk, {k.at(f'T.min(c0 + {x}, L - 1)')}, {w}]"
 
 
 def _emit_state_update(s, k: _Ctx, gated: bool) -> None:
@@ -499,7 +552,7 @@ def _emit_state_update(s, k: _Ctx, gated: bool) -> None:
                     s(f"kc[j, f] = kc[j, f] * {exp2(f'({ge} - {gj}) * {L2E}')}")
     dec = (lambda r: f"decay[{r}]") if gate == "vector" else (lambda r: "decay[0]")
     emit_gemm_tile(s, rows=F, mr=k.mr_f, width=Dv, red=str(C),
-                   a=lambda r, x: f"kc[{x}, {r}]", b=lambda x, w: f"v[b, hk, {k.at(f'T.min(c0 + {x}, L - 1)')}, {w}]",
+                   a=lambda r, x: f"kc[{x}, {r}]", b=_values(k),
                    init=(lambda r, w: f"S[{r}, {w}] * {dec(r)}") if gated else (lambda r, w: f"S[{r}, {w}]"),
                    store=lambda r, w, val: f"S[{r}, {w}] = {val}")
     if k.keep_z:
