@@ -532,52 +532,14 @@ class TVMKernel(Kernel):
                     check_gate(max(gcheck.tolist()))
                 lin_args = [num, den, call.window_gamma]
             else:
-                k_in = call.k
-                if kpm is not None and _linear.inline_features(spec):   # identity / relu: phi(0) = 0
-                    k_in = torch.where(kpm[:, None, :, None], call.k, torch.zeros((), dtype=call.k.dtype))
-                args = [call.q, k_in] if _linear.inline_features(spec) else [fq, fk]
-                args.append(call.v)
-                gcheck = None
-                if lin.gate is not None:
-                    gcheck = torch.empty(B * H, dtype=torch.float32)
-                    args += [call.g, gcheck]
-                if call.S0 is not None:
-                    args += [call.S0, call.z0]
-                if spec.combine == "shared" or (save and lin.normalize):
-                    num = scratch("num", (B, H, L, Dv))
-                    den = _empty((B, H, L)) if save else scratch("den", (B, H, L))   # saved: the backward keeps it
-                    args += [num, den]
-                else:
-                    lin_o = o if spec.combine is None else scratch("lin_o", (B, H, L, Dv))
-                    args.append(lin_o)
-                if call.return_state:
-                    state = (_empty((B, H, sizes.F, Dv)), _empty((B, H, sizes.F)))
-                    args += list(state)
-                if save:
-                    saved += [_empty(s) for s in _linear_train.saved_shapes(spec, B, H, L, sizes.F, Dv)]
-                    if spec.causal:
-                        args.append(saved[0])
-                m.fn("linear_fwd")(*args, call.linear_scale)
-                if save and lin.normalize and spec.combine is None:   # o = num / den (0 where den = 0), den kept
-                    saved[1] = den
-                    torch.div(num, torch.where(den == 0, torch.ones_like(den), den)[..., None], out=o)
-                    o.masked_fill_((den == 0)[..., None], 0.0)
-                if gcheck is not None:
-                    check_gate(max(gcheck.tolist()))
-                if spec.combine == "shared":
-                    lin_args = [num, den, call.window_gamma, fq, fk]
-                    if lin.gate is not None:
-                        lin_args.append(call.g.double().cumsum(2).contiguous())
-                    cond = scratch("cond", (B, H, L)).zero_()
-                    lin_args.append(cond)
-                elif spec.combine == "sum":
-                    lin_args = [lin_o, call.alpha]
+                lin_args, state = self._full_scan(m.fn("linear_fwd"), scratch, call, sizes, o, saved, fq, fk)
         if spec.has_softmax:
             args = self._window_inputs(call, configs["window"]) + (lin_args or [])
             if kpm is not None:   # padded keys score -inf (as the reference masks them)
                 args.append(torch.zeros(B, L, dtype=torch.float32).masked_fill_(~kpm.cpu(), -math.inf))
             mods["window"].fn("window_fwd")(*args, o, *(saved[2:] if save else []), call.scale)
             if spec.combine == "shared" and not lagged:
+                den, cond = lin_args[1], lin_args[-1]
                 if self._can_lag(call, save) and not shared_precision_ok(cond):
                     # the full scan minus the in-window terms cancelled here: the lagged form has no difference
                     return self._run_in(scratch, call, sizes, configs, saved, lagged=True)
@@ -585,6 +547,58 @@ class TVMKernel(Kernel):
                 if save:   # the kernel overwrote the scan's den with the shared one
                     saved[1] = den
         return o, state
+
+    def _full_scan(self, scan, scratch, call: Call, sizes: Sizes, o: torch.Tensor, saved: Optional[list],
+                   fq: Optional[torch.Tensor], fk: Optional[torch.Tensor]) -> tuple:
+        """The linear branch over the whole sequence (``linear_fwd``): (the window kernel's linear arguments or
+        None, the final state or None). Linear-only specs write ``o`` (and, training, fill ``saved``);
+        combine="shared" passes [num, den, window_gamma, fq, fk, (G,) cond] for the window kernel to subtract
+        the in-window terms (cond: its cancellation check); combine="sum" passes [lin_o, alpha]."""
+        spec, lin = self.spec, self.spec.linear
+        B, H, L, Dv = call.B, call.H, call.L, call.Dv
+        kpm, save = call.key_padding_mask, saved is not None
+        k_in = call.k
+        if kpm is not None and _linear.inline_features(spec):   # identity / relu: phi(0) = 0
+            k_in = torch.where(kpm[:, None, :, None], call.k, torch.zeros((), dtype=call.k.dtype))
+        args = [call.q, k_in] if _linear.inline_features(spec) else [fq, fk]
+        args.append(call.v)
+        gcheck = None
+        if lin.gate is not None:
+            gcheck = torch.empty(B * H, dtype=torch.float32)
+            args += [call.g, gcheck]
+        if call.S0 is not None:
+            args += [call.S0, call.z0]
+        if spec.combine == "shared" or (save and lin.normalize):
+            num = scratch("num", (B, H, L, Dv))
+            den = _empty((B, H, L)) if save else scratch("den", (B, H, L))   # saved: the backward keeps it
+            args += [num, den]
+        else:
+            lin_o = o if spec.combine is None else scratch("lin_o", (B, H, L, Dv))
+            args.append(lin_o)
+        state = None
+        if call.return_state:
+            state = (_empty((B, H, sizes.F, Dv)), _empty((B, H, sizes.F)))
+            args += list(state)
+        if save:
+            saved += [_empty(s) for s in _linear_train.saved_shapes(spec, B, H, L, sizes.F, Dv)]
+            if spec.causal:
+                args.append(saved[0])
+        scan(*args, call.linear_scale)
+        if save and lin.normalize and spec.combine is None:   # o = num / den (0 where den = 0), den kept
+            saved[1] = den
+            torch.div(num, torch.where(den == 0, torch.ones_like(den), den)[..., None], out=o)
+            o.masked_fill_((den == 0)[..., None], 0.0)
+        if gcheck is not None:
+            check_gate(max(gcheck.tolist()))
+        if spec.combine == "shared":
+            lin_args = [num, den, call.window_gamma, fq, fk]
+            if lin.gate is not None:
+                lin_args.append(call.g.double().cumsum(2).contiguous())
+            lin_args.append(scratch("cond", (B, H, L)).zero_())
+            return lin_args, state
+        if spec.combine == "sum":
+            return [lin_o, call.alpha], state
+        return None, state
 
     def _window_inputs(self, call: Call, cfg: dict) -> list:
         """The window kernel's leading arguments: q, k, v, the plan, sinks and pooled keys."""
