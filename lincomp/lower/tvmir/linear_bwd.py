@@ -137,10 +137,10 @@ def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, 
                 s(f'{buf} = T.alloc_buffer({shape}, "float32")')
             if gate == "vector":
                 s('small = T.alloc_buffer((1,), "int32")')
-            if gate is not None:
-                s(f'gacc = T.alloc_buffer(({Fg},), "float64")', f'grow = T.alloc_buffer(({F},), "float32")')
             if gate == "scalar":
                 s(f'gpart = T.alloc_buffer(({k.lanes},), "float64")')
+            if gate is not None:
+                s(f'gacc = T.alloc_buffer(({Fg},), "float64")', f'grow = T.alloc_buffer(({F},), "float32")')
                 with s.block(f"for f in range({Fg}):"):
                     s("gacc[f] = T.float64(0)")
             with s.block(f"for f in range({F}):"):
