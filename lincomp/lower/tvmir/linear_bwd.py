@@ -40,7 +40,7 @@ class LinearBwdConfig:
     the forward that saves the states in training, so both walk the same chunk boundaries."""
 
     chunk: int = 16
-    mr: int = 4          # rows per micro-kernel step of the row-major products (width Dv)
+    mr: int = 4          # rows per micro-kernel step of the row-major products (width Dv; 16-column blocks on AVX2)
 
     def __post_init__(self):
         check_config_int(self.chunk, "linear_bwd.chunk", 16, 128, pow2=True)   # >= MIN_CHUNK of the saved states
