@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lincomp.lower.tvmir.codegen import (LOG2E, NEG_INF, Script, check_config_int, divisor_at_most, emit_gemm_tile,
-                                         exp2, f32)
+                                         exp2, f32, rows_that_fit, tile_cols)
 from lincomp.spec import AttentionSpec
 
 INLINE_MAPS = ("identity", "elu1", "relu")
@@ -126,8 +126,11 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
     keep_z = den or return_state                  # z is carried
     inline = inline_features(spec) and not precomputed
     cs = divisor_at_most(C, cfg.sub_chunk)
-    regs = 32 if lanes >= 16 else 16                      # vector registers (AVX-512: 32)
-    rows_fit = max(1, (regs - 6) // -(-Dv // lanes))      # accumulator rows of width Dv that fit
+    # score blocks: one vector of queries with 32 registers (16 rows of accumulators), two with 16 (AVX2: 4 rows
+    # x 2 vectors share each loaded operand; one-vector blocks of 8 rows need a broadcast per FMA)
+    sb = 2 * lanes if lanes < 16 else lanes
+    cols = tile_cols(Dv, lanes)                           # products of width Dv run in column blocks (AVX2)
+    rows_fit = rows_that_fit(Dv, lanes, cols)             # accumulator rows of width Dv (or its block) that fit
     mr = divisor_at_most(C, min(cfg.mr, rows_fit))
     mr_f = divisor_at_most(F, min(cfg.mr, rows_fit))
     names = arg_names(spec, mode=mode, initial_state=initial_state, return_state=return_state,
@@ -137,8 +140,9 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
     lagged = key_shift != 0 or key_first != 0
     assert not lagged or (causal and precomputed and not save_states)
     assert accumulate_from is None or mode == "numden"
-    k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, gate=gate, den=den, keep_z=keep_z, lanes=lanes, reverse=reverse,
-             key_shift=key_shift, key_first=key_first, accumulate_from=accumulate_from)
+    k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, cols=cols, score_block=sb, mr_scores=rows_that_fit(sb, lanes),
+             gate=gate, den=den, keep_z=keep_z, lanes=lanes, reverse=reverse, key_shift=key_shift,
+             key_first=key_first, accumulate_from=accumulate_from)
 
     s = Script()
     s("@T.prim_func")
@@ -257,7 +261,9 @@ class _Ctx:
     den: bool
     keep_z: bool
     lanes: int
-    mr_scores: int = 16
+    cols: Optional[int] = None   # column block of the width-Dv products (codegen.tile_cols)
+    mr_scores: int = 16          # rows per step of the score blocks
+    score_block: int = 16        # queries per column block of the scores
     reverse: bool = False    # scan position t reads and writes sequence row L - 1 - t
     key_shift: int = 0       # ... and pairs with the key / value of row at(t) + key_shift
     key_first: int = 0       # (none where that row is before key_first or past L - 1)
@@ -387,15 +393,26 @@ def _emit_factored_scores(s, spec, k: _Ctx, inline: bool) -> None:
     C, F, gate = k.C, k.F, k.gate
     s("# decay factors through the chunk start: aT = (K e^-G) @ (Q e^G)^T, then the causal mask")
     if gate == "vector":
+        # eq holds phi(q) decayed from the chunk start, formed row by row (contiguous loads of q, G), then
+        # transposed once: one strided pass instead of two (q and its decay)
+        fmap = spec.linear.feature_map
+        src_q = (lambda f: phi_expr(fmap, f"q[b, h, {k.at('T.min(c0 + r, L - 1)')}, {f}]")) if inline else \
+            (lambda f: f"fq[b, h, {k.at('T.min(c0 + r, L - 1)')}, {f}]")
+        dec = exp2(f"Gc[r, f] * {L2E}")
+        factor = dec if k.den else f"(linear_scale * {dec})"
         with s.block(f"for r in range({C}):"):
             with s.block(f"for f in T.vectorized({F}):"):
-                s(f"eq[r, f] = {exp2(f'Gc[r, f] * {L2E}')}")
+                s(f"eq[r, f] = T.if_then_else(c0 + r < L, {src_q('f')} * {factor}, T.float32(0))")
+        s("# phi(q) transposed (queries along the vector lanes)")
+        with s.block(f"for f in range({F}):"):
+            with s.block(f"for r in T.vectorized({C}):"):
+                s("qT[f, r] = eq[r, f]")
         key_factor, end_decay = exp2(f"-Gc[j, f] * {L2E}"), "decay[f]"
     else:   # one factor per token each way, exponentials vectorised over the chunk's tokens
         with s.block(f"for r in T.vectorized({C}):"):
             s(f"eq[r, 0] = {exp2(f'Gc[r, 0] * {L2E}')}", f"ek[r] = {exp2(f'-Gc[r, 0] * {L2E}')}")
         key_factor, end_decay = "ek[j]", "decay[0]"
-    _emit_load_queries(s, spec, k, inline, decay=True)
+        _emit_load_queries(s, spec, k, inline, decay=True)
     s("# keys decayed from the chunk start (scores) and, in place, to its end (the state update)")
     with s.block(f"for j in range({C}):"):
         with s.block(f"for f in T.vectorized({F}):"):
@@ -429,7 +446,7 @@ def _emit_block_scores(s, k: _Ctx, kbuf: str, qbuf: str, scalar_decay: bool) -> 
     Block cb of queries only needs keys j < (cb + 1) * lanes; the outputs never read aT below that.
     """
     C, F = k.C, k.F
-    w = k.lanes if C % k.lanes == 0 else C
+    w = k.score_block if C % k.score_block == 0 else C
     s(f"# aT = {kbuf} @ {qbuf}, one block of queries at a time (keys past the block's last query skipped),")
     s("# then the causal mask" + (" and decay d_ij = 2^((G_i - G_j) log2 e)" if scalar_decay else ""))
     for cb in range(C // w):
@@ -530,7 +547,7 @@ def _emit_outputs(s, k: _Ctx, intra: bool, mode: str, normalize: bool) -> None:
         store = lambda r, w, val: f"o[b, h, {k.at(f'c0 + {r}')}, {w}] = {val} * dc[{r}]"   # noqa: E731
     else:
         store = lambda r, w, val: f"o[b, h, {k.at(f'c0 + {r}')}, {w}] = {val}"   # noqa: E731
-    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, terms=terms, store=store, guard=guard)
+    emit_gemm_tile(s, rows=C, mr=mr, width=Dv, terms=terms, store=store, guard=guard, cols=k.cols)
 
 
 def _values(k: _Ctx):
@@ -554,7 +571,7 @@ def _emit_state_update(s, k: _Ctx, gated: bool) -> None:
     emit_gemm_tile(s, rows=F, mr=k.mr_f, width=Dv, red=str(C),
                    a=lambda r, x: f"kc[{x}, {r}]", b=_values(k),
                    init=(lambda r, w: f"S[{r}, {w}] * {dec(r)}") if gated else (lambda r, w: f"S[{r}, {w}]"),
-                   store=lambda r, w, val: f"S[{r}, {w}] = {val}")
+                   store=lambda r, w, val: f"S[{r}, {w}] = {val}", cols=k.cols)
     if k.keep_z:
         if gated:
             with s.block(f"for f in T.vectorized({F}):"):

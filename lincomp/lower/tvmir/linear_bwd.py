@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from lincomp.lower.tvmir.codegen import LOG2E, Script, check_config_int, divisor_at_most, emit_gemm_tile, exp2, f32
+from lincomp.lower.tvmir.codegen import (LOG2E, Script, check_config_int, divisor_at_most, emit_gemm_tile, exp2, f32,
+                                         rows_that_fit, tile_cols)
 from lincomp.lower.tvmir.linear import FACTOR_LIMIT, GATE_FLOOR
 
 L2E = f32(LOG2E)
@@ -39,7 +40,7 @@ class LinearBwdConfig:
     the forward that saves the states in training, so both walk the same chunk boundaries."""
 
     chunk: int = 16
-    mr: int = 4          # rows per micro-kernel step of the row-major products (width Dv)
+    mr: int = 4          # rows per micro-kernel step of the row-major products (width Dv; 16-column blocks on AVX2)
 
     def __post_init__(self):
         check_config_int(self.chunk, "linear_bwd.chunk", 16, 128, pow2=True)   # >= MIN_CHUNK of the saved states
@@ -90,12 +91,14 @@ def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, 
     H, Hkv, HF, F, Dv, Dsv = dims.H, dims.Hkv, dims.HF, dims.F, dims.Dv, dims.Dsv
     C = cfg.chunk
     regs = 32 if lanes >= 16 else 16
-    mr_v = divisor_at_most(C, min(cfg.mr, max(1, (regs - 6) // -(-Dsv // lanes))))   # rows of width Dv(+1)
-    mr_f = divisor_at_most(F, min(cfg.mr, max(1, (regs - 6) // -(-Dsv // lanes))))
+    cols_v, cols_s = tile_cols(Dv, lanes), tile_cols(Dsv, lanes)   # column blocks of the width Dv / Dv(+1) products
+    mr_v = divisor_at_most(C, min(cfg.mr, rows_that_fit(Dv, lanes, cols_v)))     # rows of width Dv (dv)
+    mr_f = divisor_at_most(F, min(cfg.mr, rows_that_fit(Dsv, lanes, cols_s)))    # rows of width Dv(+1) (dT)
     mr_c = divisor_at_most(F, max(1, (regs - 6) // -(-C // lanes)))                  # rows of width C
     mr_cc = divisor_at_most(C, max(1, (regs - 6) // -(-C // lanes)))
     k = _K(C=C, F=F, Dv=Dv, Dsv=Dsv, gate=gate, mr_v=mr_v, mr_f=mr_f, mr_c=mr_c, mr_cc=mr_cc,
-           fk_head="h" if HF == H else "hk", dv=dv)
+           fk_head="h" if HF == H else "hk", dv=dv, cols_v=cols_v, cols_s=cols_s,
+           lanes=divisor_at_most(F, lanes))
     s = Script()
     s("@T.prim_func")
     names = arg_names(gate)
@@ -134,6 +137,8 @@ def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, 
                 s(f'{buf} = T.alloc_buffer({shape}, "float32")')
             if gate == "vector":
                 s('small = T.alloc_buffer((1,), "int32")')
+            if gate == "scalar":
+                s(f'gpart = T.alloc_buffer(({k.lanes},), "float64")')
             if gate is not None:
                 s(f'gacc = T.alloc_buffer(({Fg},), "float64")', f'grow = T.alloc_buffer(({F},), "float32")')
                 with s.block(f"for f in range({Fg}):"):
@@ -174,6 +179,9 @@ class _K:
     mr_cc: int
     fk_head: str
     dv: bool = True
+    cols_v: Optional[int] = None
+    cols_s: Optional[int] = None
+    lanes: int = 8           # partial sums of the scalar gate's gradient (F must be a multiple)
 
 
 def _emit_loads(s, k: _K) -> None:
@@ -274,8 +282,8 @@ def _emit_scores(s, k: _K, kbuf: str, qbuf: str) -> None:
 
 def _transpose_dA(s, k: _K) -> None:
     with s.block(f"for r in range({k.C}):"):
-        with s.block(f"for x in range({k.C}):"):
-            s("dAT[x, r] = dA[r, x]")
+        with s.block(f"for x in T.vectorized({k.C}):"):
+            s("dAT[r, x] = dA[x, r]")
 
 
 def _emit_store_grads(s, k: _K, qfactor: Optional[str] = None, kfactor: Optional[str] = None) -> None:
@@ -298,8 +306,14 @@ def _emit_store_grads(s, k: _K, qfactor: Optional[str] = None, kfactor: Optional
                 s(f"dg[b, h, c0 + r, f] = T.if_then_else(g[b, h, c0 + r, f] < T.float32({GATE_FLOOR}), T.float32(0), "
                   "T.Cast(\"float32\", gacc[f]))")
         elif k.gate == "scalar":
-            with s.block(f"for f in range({k.F}):"):
-                s("gacc[0] = gacc[0] + T.Cast(\"float64\", grow[f])")
+            # the row's sum over features in lanes of float64 partial sums (no serial chain of F adds per row),
+            # then one add into the running sum
+            with s.block(f"for l in T.vectorized({k.lanes}):"):
+                s("gpart[l] = T.Cast(\"float64\", grow[l])")
+            with s.block(f"for f8 in range(1, {k.F // k.lanes}):"):
+                with s.block(f"for l in T.vectorized({k.lanes}):"):
+                    s(f"gpart[l] = gpart[l] + T.Cast(\"float64\", grow[f8 * {k.lanes} + l])")
+            s("gacc[0] = gacc[0] + (" + " + ".join(f"gpart[{l}]" for l in range(k.lanes)) + ")")
             s(f"dg[b, h, c0 + r] = T.if_then_else(g[b, h, c0 + r] < T.float32({GATE_FLOOR}), T.float32(0), "
               "T.Cast(\"float32\", gacc[0]))")
 
@@ -323,8 +337,9 @@ def _emit_matrix_decay(s, k: _K) -> None:
                     s("PT[r, x] = PT[r, x] * Dm[r, x]")
         with s.block(f"for r in range({C}):"):
             s("dd[r] = dA[r, r]")   # the diagonal apart, as _mask_dA does
-            with s.block(f"for x in range({C}):"):
-                s("dAT[x, r] = T.if_then_else(x < r, dA[r, x] * Dm[x, r], T.float32(0))", "dA[r, x] = dAT[x, r]")
+            with s.block(f"for x in T.vectorized({C}):"):
+                s("dA[r, x] = T.if_then_else(x < r, dA[r, x] * Dm[x, r], T.float32(0))")
+        _transpose_dA(s, k)
         s("# do decayed from the chunk start (the state term of dphi(q)); v decayed to the chunk end (of dphi(k))")
         with s.block(f"for w in range({Dsv}):"):
             with s.block(f"for r in T.vectorized({C}):"):
@@ -416,9 +431,10 @@ def _emit_dv_and_state(s, k: _K) -> None:
         emit_gemm_tile(s, rows=C, mr=k.mr_v, width=Dv,
                        terms=[(str(C), lambda r, x: f"PT[{r}, {x}]", do_row),
                               (str(F), lambda r, x: f"{ke}[{r}, {x}]", lambda x, w: f"dT[{x}, {w}]")],
-                       store=lambda r, w, val: f"dv[b, h, c0 + {r}, {w}] = {val}", guard=lambda r: f"c0 + {r} < L")
+                       store=lambda r, w, val: f"dv[b, h, c0 + {r}, {w}] = {val}", guard=lambda r: f"c0 + {r} < L",
+                       cols=k.cols_v)
     s("# dT <- decay dT + (phi(q) decayed from the chunk start)^T do: the gradient of the state entering c")
     dec = (lambda r: f"decay[{r}]") if gate == "vector" else (lambda r: "decay[0]")
     emit_gemm_tile(s, rows=F, mr=k.mr_f, width=Dsv, red=str(C), a=lambda r, x: f"{qd}[{r}, {x}]", b=do_row,
                    init=(lambda r, w: f"dT[{r}, {w}] * {dec(r)}") if gate else (lambda r, w: f"dT[{r}, {w}]"),
-                   store=lambda r, w, val: f"dT[{r}, {w}] = {val}")
+                   store=lambda r, w, val: f"dT[{r}, {w}] = {val}", cols=k.cols_s)
