@@ -387,16 +387,17 @@ def window_only_spec(window: int):
     return sliding_window(window)
 
 
-def student_specs(names: Sequence[str], window: int) -> Dict[str, object]:
-    """``{name: spec}`` for the presets ``lizard`` / ``lolcats`` at ``window``, or spec JSON / preset names."""
+def student_specs(names: Sequence[str], window: int, feature_dim: int = 64) -> Dict[str, object]:
+    """``{name: spec}`` for the presets ``lizard`` / ``lolcats`` at ``window`` with ``feature_dim`` Hedgehog
+    features, or spec JSON / preset names (taken as they are)."""
     from lincomp import presets
 
     out = {}
     for name in names:
         if name == "lizard":
-            out[name] = presets.lizard(window=window)
+            out[name] = presets.lizard(window=window, feature_dim=feature_dim)
         elif name == "lolcats":
-            out[name] = presets.lolcats(block=window)
+            out[name] = presets.lolcats(block=window, feature_dim=feature_dim)
         else:
             spec = presets.resolve(name)
             out[spec.name or name] = spec

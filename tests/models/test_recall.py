@@ -145,3 +145,32 @@ def test_dense_batches_vary_the_query_count():
     assert int((full(0)["labels"] != -100).sum()) == 2 * 16
     with pytest.raises(ValueError, match="dense"):
         R.batches([4], 40, 2, vocab=V, dense="some")
+
+
+def test_cli_stage2_defaults_and_flags(monkeypatch):
+    """Stage 2 trains at the evaluation length on the most-pairs rows by default (far keys in view during
+    training); --train-pairs 0 goes back to the evaluation counts, --feature-dim reaches the recipe."""
+    import argparse
+
+    from lincomp.models import distill_cli
+
+    p = argparse.ArgumentParser()
+    distill_cli.register(p.add_subparsers())       # reads the recipe's defaults: before the stand-in
+    seen = {}
+    monkeypatch.setattr(distill_cli, "run_recall", lambda **kw: seen.update(kw))
+
+    def call(*extra):
+        seen.clear()
+        a = p.parse_args(["distill", "recall", *extra])
+        assert a.func(a) == 0
+        return dict(seen)
+
+    d = distill_cli._defaults(run_recall)
+    kw = call()
+    assert "train_pairs" not in kw and "pairs" not in kw       # the recipe's own defaults
+    assert kw["finetune_length"] == d["finetune_length"] == d["length"] and kw["feature_dim"] == d["feature_dim"]
+    assert max(d["train_pairs"]) == max(d["pairs"])
+    assert call("--train-pairs", "0")["train_pairs"] is None
+    kw = call("--train-pairs", "8", "--train-pairs", "32", "--finetune-length", "256", "--feature-dim", "32")
+    assert kw["train_pairs"] == [8, 32] and kw["finetune_length"] == 256 and kw["feature_dim"] == 32
+
