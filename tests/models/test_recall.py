@@ -148,8 +148,8 @@ def test_dense_batches_vary_the_query_count():
 
 
 def test_cli_stage2_defaults_and_flags(monkeypatch):
-    """Stage 2 trains at the evaluation length on the most-pairs rows by default (far keys in view during
-    training); --train-pairs 0 goes back to the evaluation counts, --feature-dim reaches the recipe."""
+    """Stage 2 trains at the evaluation length by default (far keys in view during training); the repeatable
+    options keep the recipe's defaults when left out, --train-pairs 0 trains on the evaluation counts."""
     import argparse
 
     from lincomp.models import distill_cli
@@ -169,7 +169,7 @@ def test_cli_stage2_defaults_and_flags(monkeypatch):
     kw = call()
     assert "train_pairs" not in kw and "pairs" not in kw       # the recipe's own defaults
     assert kw["finetune_length"] == d["finetune_length"] == d["length"] and kw["feature_dim"] == d["feature_dim"]
-    assert max(d["train_pairs"]) == max(d["pairs"])
+    assert set(d["train_pairs"]) <= set(d["pairs"])                # the training layout is one of those scored
     assert call("--train-pairs", "0")["train_pairs"] is None
     kw = call("--train-pairs", "8", "--train-pairs", "32", "--finetune-length", "256", "--feature-dim", "32")
     assert kw["train_pairs"] == [8, 32] and kw["finetune_length"] == 256 and kw["feature_dim"] == 32
