@@ -322,7 +322,9 @@ def load_teacher(out_dir: Union[str, Path], cfg: RecallTeacherConfig):
     if not info_path.exists():
         return None
     info = json.loads(info_path.read_text())
-    if info.get("config") != cfg.to_json():
+    # Fields added since a teacher was saved take their defaults (``data`` came after run 4's teacher); the
+    # defaults reproduce what it was trained as, so it is loaded, not retrained.
+    if {**RecallTeacherConfig().to_json(), **info.get("config", {})} != cfg.to_json():
         return None
     from transformers import LlamaForCausalLM
 

@@ -174,3 +174,21 @@ def test_cli_stage2_defaults_and_flags(monkeypatch):
     kw = call("--train-pairs", "8", "--train-pairs", "32", "--finetune-length", "256", "--feature-dim", "32")
     assert kw["train_pairs"] == [8, 32] and kw["finetune_length"] == 256 and kw["feature_dim"] == 32
 
+
+
+def test_teacher_saved_before_a_config_field_existed_still_loads(tmp_path):
+    """A cached teacher whose saved config lacks a field added later (``data``) is loaded, not retrained; a
+    real difference in the config still retrains."""
+    import dataclasses
+
+    pytest.importorskip("transformers")
+    from transformers import LlamaForCausalLM
+
+    from lincomp.models.causal_lm import _save_dir_atomically
+
+    cfg = R.QUICK_TEACHER
+    saved = cfg.to_json()
+    del saved["data"]                                              # as saved before the field existed
+    _save_dir_atomically(LlamaForCausalLM(cfg.llama_config()), tmp_path / "t", {"config": saved})
+    assert R.load_teacher(tmp_path / "t", cfg) is not None
+    assert R.load_teacher(tmp_path / "t", dataclasses.replace(cfg, seed=cfg.seed + 1)) is None
