@@ -1027,13 +1027,13 @@ def _add_recall_parser(sub) -> None:
     g = r.add_argument_group("data")
     _option(g, "--length", d, "evaluation length in tokens (the teacher's longest training stage is 1024)")
     g.add_argument("--pairs", type=int, action="append", default=None,
-                   help="key-value pairs per sequence (repeatable; default "
-                        + " and ".join(map(str, d["pairs"])) + ")")
+                   help="key-value pairs per evaluation sequence (repeatable; default "
+                        + ", ".join(map(str, d["pairs"])) + ")")
     _option(g, "--distill-length", d, "stage 1 sequence length in tokens")
     _option(g, "--finetune-length", d, "stage 2 sequence length in tokens (at most --length)")
     g.add_argument("--train-pairs", type=int, action="append", default=None,
                    help="key-value pairs per training row, both stages (repeatable; default "
-                        + " and ".join(map(str, d["train_pairs"])) + "; 0: the --pairs counts)")
+                        + ", ".join(map(str, d["train_pairs"])) + "; 0: the --pairs counts)")
     _option(g, "--eval-sequences", d, "evaluation sequences per pairs count")
     g.add_argument("--every-stage", action="store_true",
                    help="also score each student before distillation and after stage 1")
