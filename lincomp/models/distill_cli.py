@@ -1039,6 +1039,10 @@ def _add_recall_parser(sub) -> None:
                    help="also score each student before distillation and after stage 1")
     g.add_argument("--quick", action="store_true", help="a tiny configuration that runs in about a minute")
     _common(r, d)
+    training = next(g for g in r._action_groups if g.title == "training")   # the group _common made
+    training.add_argument(
+        "--teacher-seed", type=_at_least(int), default=None,
+        help="the teacher's seed (default --seed): a second student seed on a teacher that learned the task")
     r.set_defaults(func=_cmd_recall)
 
 
@@ -1049,6 +1053,10 @@ def _cmd_recall(a) -> int:
     given = {k: v for k, v in (("pairs", a.pairs), ("specs", a.student), ("train_pairs", a.train_pairs)) if v}
     if given.get("train_pairs") == [0]:
         given["train_pairs"] = None
+    if a.teacher_seed is not None:
+        from lincomp.models.recall import RecallTeacherConfig
+
+        given["teacher"] = RecallTeacherConfig(seed=a.teacher_seed)
     run_recall(seed=a.seed, out_dir=a.out, window=a.window, length=a.length, steps=a.steps,
                finetune_steps=a.finetune_steps, lr=a.lr, finetune_lr=a.finetune_lr, batch_size=a.batch_size,
                distill_length=a.distill_length, finetune_length=a.finetune_length, feature_dim=a.feature_dim,

@@ -173,6 +173,9 @@ def test_cli_stage2_defaults_and_flags(monkeypatch):
     assert call("--train-pairs", "0")["train_pairs"] is None
     kw = call("--train-pairs", "8", "--train-pairs", "32", "--finetune-length", "256", "--feature-dim", "32")
     assert kw["train_pairs"] == [8, 32] and kw["finetune_length"] == 256 and kw["feature_dim"] == 32
+    assert "teacher" not in kw                                     # the teacher's seed is --seed
+    kw = call("--seed", "1", "--teacher-seed", "0")
+    assert kw["seed"] == 1 and kw["teacher"] == R.RecallTeacherConfig(seed=0)
 
 
 
