@@ -853,9 +853,10 @@ def _cmd_model(a) -> int:
 
 # ------------------------------------------------------------------ associative recall (models/recall.py)
 def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", window: int = 64,
-               length: int = 1024, pairs: Sequence[int] = (8, 32), specs: Sequence[str] = ("lizard", "lolcats"),
-               teacher=None, steps: int = 100, finetune_steps: int = 100,
-               lr: float = 1e-2, finetune_lr: float = 2e-3, batch_size: int = 4, distill_length: int = 256,
+               length: int = 1024, pairs: Sequence[int] = (8, 32, 64),
+               specs: Sequence[str] = ("lizard", "lolcats"), teacher=None, feature_dim: int = 64, steps: int = 200,
+               finetune_steps: int = 800, lr: float = 1e-2, finetune_lr: float = 3e-3, batch_size: int = 4,
+               distill_length: int = 256, finetune_length: int = 1024, train_pairs: Optional[Sequence[int]] = (32,),
                eval_sequences: int = 16, every_stage: bool = False, quick: bool = False, device: str = "cpu",
                progress: bool = True, baseline: bool = True,
                fresh: bool = False, log=print) -> dict:
@@ -863,8 +864,11 @@ def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", 
     layer-local attention transfer; stage 2: LoRA + the answer loss), and score teacher, the window alone and
     every student by query-key distance bucket for each ``pairs`` count, at ``length`` tokens.
 
-    Distillation runs at ``distill_length`` tokens (the reference kernels it trains through are quadratic;
-    the spec's window and gates do not depend on the length), evaluation at ``length``. ``every_stage``
+    Training rows hold ``train_pairs`` pairs (None: the evaluation ``pairs`` counts; one fixed training
+    distribution makes the ``pairs`` sweep score the same students). Stage 1 runs at ``distill_length``
+    tokens (a layer-local fit: short rows suffice), stage 2 at ``finetune_length`` tokens (capped at
+    ``length``): the answer loss must see keys as far back as the evaluation puts them. ``feature_dim``: the
+    Hedgehog features of the lizard / lolcats presets. Evaluation runs at ``length``. ``every_stage``
     also scores each student before distillation and after stage 1 (slow at long lengths). ``quick``: a
     tiny configuration (about a minute on a busy CPU). Writes ``out_dir/results.json`` (schema:
     :func:`format_recall`'s docstring), the teacher
@@ -888,11 +892,15 @@ def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", 
         teacher = teacher or replace(QUICK_TEACHER, seed=seed)
         window, length, pairs = min(window, 8), min(length, 48), list(teacher.pairs)
         steps, finetune_steps, eval_sequences = min(steps, 10), min(finetune_steps, 10), min(eval_sequences, 32)
-        distill_length, every_stage = length, True
+        distill_length, finetune_length, train_pairs, every_stage = length, length, None, True
     cfg = teacher or RecallTeacherConfig(seed=seed)
     vocab = cfg.vocab
+    distill_length, finetune_length = min(distill_length, length), min(finetune_length, length)
+    train_pairs = list(train_pairs or pairs)
     for n in pairs:
         _check(n, length, vocab)
+    for n in train_pairs:
+        _check(n, finetune_length, vocab)
     out = Path(out_dir) if out_dir else None
     log(f"teacher: softmax Llama {cfg.layers} layers x {cfg.hidden_size} ({cfg.heads} heads), vocab {vocab.size}, "
         f"curriculum {list(cfg.curriculum)} (cached in {out / 'teacher' if out else 'memory'})")
@@ -916,12 +924,12 @@ def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", 
         wo = linearize_student(copy.deepcopy(model), window_only_spec(window))
         score("window_only", wo)
         del wo
-    distill_length = min(distill_length, length)
-    train = batches([n for n in pairs if 4 * n <= distill_length] or [min(pairs)], distill_length, batch_size,
-                    seed=seed + 1, vocab=vocab)
+    train = batches([n for n in train_pairs if 4 * n <= distill_length] or [min(train_pairs)], distill_length,
+                    batch_size, seed=seed + 1, vocab=vocab)
+    finetune = batches(train_pairs, finetune_length, batch_size, seed=seed + 1, vocab=vocab)
     final = "after_finetune" if finetune_steps else "after_attention"
     distilled, spec_dicts = {}, {}
-    for name, spec in student_specs(specs, window).items():
+    for name, spec in student_specs(specs, window, feature_dim).items():
         torch.manual_seed(seed)
         student = linearize_student(copy.deepcopy(model), spec)
         spec_dicts[name] = spec.to_dict()
@@ -933,7 +941,7 @@ def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", 
                 score(f"{name}_{stage}", student)
 
         distilled[name] = _distill_and_measure(
-            student, model, train, measure=measure,
+            student, model, train, measure=measure, finetune_data=finetune,
             steps=steps, finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr, task_loss="lm", seed=seed,
             out_dir=str(out / name) if out else None, fresh=fresh, progress=progress)
         for n in pairs:
@@ -960,7 +968,9 @@ def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", 
                "chance": 1.0 / vocab.values, "vocab": {"keys": vocab.keys, "values": vocab.values}, "machine": machine_info(), "device": device,
                "teacher": {k: v for k, v in tinfo.items() if k != "history"}, "specs": spec_dicts,
                "distill": {"steps": steps, "finetune_steps": finetune_steps, "lr": lr, "finetune_lr": finetune_lr,
-                           "batch_size": batch_size, "length": distill_length, **{k: v for k, v in distilled.items()}},
+                           "batch_size": batch_size, "length": distill_length, "finetune_length": finetune_length,
+                           "train_pairs": train_pairs, "feature_dim": feature_dim,
+                           **{k: v for k, v in distilled.items()}},
                "eval_sequences": eval_sequences, "rows": rows, "wall_s": time.perf_counter() - t_start}
     if out:
         _write_json(out / "results.json", results)
@@ -1013,29 +1023,46 @@ def _add_recall_parser(sub) -> None:
     s.add_argument("--student", action="append", default=None, metavar="NAME",
                    help="student spec (repeatable): lizard, lolcats, another preset or a spec JSON "
                         f"(default: {' and '.join(d['specs'])} at --window)")
+    _option(s, "--feature-dim", d, "Hedgehog feature dimension of the lizard and lolcats students")
     g = r.add_argument_group("data")
     _option(g, "--length", d, "evaluation length in tokens (the teacher's longest training stage is 1024)")
     g.add_argument("--pairs", type=int, action="append", default=None,
-                   help="key-value pairs per sequence (repeatable; default "
-                        + " and ".join(map(str, d["pairs"])) + ")")
-    _option(g, "--distill-length", d, "distillation sequence length in tokens")
+                   help="key-value pairs per evaluation sequence (repeatable; default "
+                        + ", ".join(map(str, d["pairs"])) + ")")
+    _option(g, "--distill-length", d, "stage 1 sequence length in tokens")
+    _option(g, "--finetune-length", d, "stage 2 sequence length in tokens (at most --length)")
+    g.add_argument("--train-pairs", type=int, action="append", default=None,
+                   help="key-value pairs per training row, both stages (repeatable; default "
+                        + ", ".join(map(str, d["train_pairs"])) + "; 0: the --pairs counts)")
     _option(g, "--eval-sequences", d, "evaluation sequences per pairs count")
     g.add_argument("--every-stage", action="store_true",
                    help="also score each student before distillation and after stage 1")
     g.add_argument("--quick", action="store_true", help="a tiny configuration that runs in about a minute")
     _common(r, d)
+    training = next(g for g in r._action_groups if g.title == "training")   # the group _common made
+    training.add_argument(
+        "--teacher-seed", type=_at_least(int), default=None,
+        help="the teacher's seed (default --seed): a second student seed on a teacher that learned the task")
     r.set_defaults(func=_cmd_recall)
 
 
 def _cmd_recall(a) -> int:
     if a.spec is not None:
         raise SystemExit("lincomp distill recall: use --student NAME (repeatable) instead of --spec")
-    run_recall(seed=a.seed, out_dir=a.out, window=a.window, length=a.length,
-               pairs=a.pairs or _defaults(run_recall)["pairs"], specs=a.student or ("lizard", "lolcats"), steps=a.steps,
+    # repeatable options left out keep the recipe's defaults; --train-pairs 0: the evaluation counts
+    given = {k: v for k, v in (("pairs", a.pairs), ("specs", a.student), ("train_pairs", a.train_pairs)) if v}
+    if given.get("train_pairs") == [0]:
+        given["train_pairs"] = None
+    if a.teacher_seed is not None:
+        from lincomp.models.recall import RecallTeacherConfig
+
+        given["teacher"] = RecallTeacherConfig(seed=a.teacher_seed)
+    run_recall(seed=a.seed, out_dir=a.out, window=a.window, length=a.length, steps=a.steps,
                finetune_steps=a.finetune_steps, lr=a.lr, finetune_lr=a.finetune_lr, batch_size=a.batch_size,
-               distill_length=a.distill_length, eval_sequences=a.eval_sequences, every_stage=a.every_stage,
+               distill_length=a.distill_length, finetune_length=a.finetune_length, feature_dim=a.feature_dim,
+               eval_sequences=a.eval_sequences, every_stage=a.every_stage,
                quick=a.quick, device=_device(a.device), progress=not a.no_progress,
-               baseline=not a.no_baseline, fresh=a.fresh)
+               baseline=not a.no_baseline, fresh=a.fresh, **given)
     return 0
 
 

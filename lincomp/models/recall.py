@@ -322,7 +322,9 @@ def load_teacher(out_dir: Union[str, Path], cfg: RecallTeacherConfig):
     if not info_path.exists():
         return None
     info = json.loads(info_path.read_text())
-    if info.get("config") != cfg.to_json():
+    # Fields added since a teacher was saved take their defaults (``data`` came after run 4's teacher); the
+    # defaults reproduce what it was trained as, so it is loaded, not retrained.
+    if {**RecallTeacherConfig().to_json(), **info.get("config", {})} != cfg.to_json():
         return None
     from transformers import LlamaForCausalLM
 
@@ -387,16 +389,17 @@ def window_only_spec(window: int):
     return sliding_window(window)
 
 
-def student_specs(names: Sequence[str], window: int) -> Dict[str, object]:
-    """``{name: spec}`` for the presets ``lizard`` / ``lolcats`` at ``window``, or spec JSON / preset names."""
+def student_specs(names: Sequence[str], window: int, feature_dim: int = 64) -> Dict[str, object]:
+    """``{name: spec}`` for the presets ``lizard`` / ``lolcats`` at ``window`` with ``feature_dim`` Hedgehog
+    features, or spec JSON / preset names (taken as they are)."""
     from lincomp import presets
 
     out = {}
     for name in names:
         if name == "lizard":
-            out[name] = presets.lizard(window=window)
+            out[name] = presets.lizard(window=window, feature_dim=feature_dim)
         elif name == "lolcats":
-            out[name] = presets.lolcats(block=window)
+            out[name] = presets.lolcats(block=window, feature_dim=feature_dim)
         else:
             spec = presets.resolve(name)
             out[spec.name or name] = spec

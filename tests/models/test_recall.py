@@ -145,3 +145,53 @@ def test_dense_batches_vary_the_query_count():
     assert int((full(0)["labels"] != -100).sum()) == 2 * 16
     with pytest.raises(ValueError, match="dense"):
         R.batches([4], 40, 2, vocab=V, dense="some")
+
+
+def test_cli_stage2_defaults_and_flags(monkeypatch):
+    """Stage 2 trains at the evaluation length by default (far keys in view during training); the repeatable
+    options keep the recipe's defaults when left out, --train-pairs 0 trains on the evaluation counts."""
+    import argparse
+
+    from lincomp.models import distill_cli
+
+    p = argparse.ArgumentParser()
+    distill_cli.register(p.add_subparsers())       # reads the recipe's defaults: before the stand-in
+    seen = {}
+    monkeypatch.setattr(distill_cli, "run_recall", lambda **kw: seen.update(kw))
+
+    def call(*extra):
+        seen.clear()
+        a = p.parse_args(["distill", "recall", *extra])
+        assert a.func(a) == 0
+        return dict(seen)
+
+    d = distill_cli._defaults(run_recall)
+    kw = call()
+    assert "train_pairs" not in kw and "pairs" not in kw       # the recipe's own defaults
+    assert kw["finetune_length"] == d["finetune_length"] == d["length"] and kw["feature_dim"] == d["feature_dim"]
+    assert set(d["train_pairs"]) <= set(d["pairs"])                # the training layout is one of those scored
+    assert call("--train-pairs", "0")["train_pairs"] is None
+    kw = call("--train-pairs", "8", "--train-pairs", "32", "--finetune-length", "256", "--feature-dim", "32")
+    assert kw["train_pairs"] == [8, 32] and kw["finetune_length"] == 256 and kw["feature_dim"] == 32
+    assert "teacher" not in kw                                     # the teacher's seed is --seed
+    kw = call("--seed", "1", "--teacher-seed", "0")
+    assert kw["seed"] == 1 and kw["teacher"] == R.RecallTeacherConfig(seed=0)
+
+
+
+def test_teacher_saved_before_a_config_field_existed_still_loads(tmp_path):
+    """A cached teacher whose saved config lacks a field added later (``data``) is loaded, not retrained; a
+    real difference in the config still retrains."""
+    import dataclasses
+
+    pytest.importorskip("transformers")
+    from transformers import LlamaForCausalLM
+
+    from lincomp.models.causal_lm import _save_dir_atomically
+
+    cfg = R.QUICK_TEACHER
+    saved = cfg.to_json()
+    del saved["data"]                                              # as saved before the field existed
+    _save_dir_atomically(LlamaForCausalLM(cfg.llama_config()), tmp_path / "t", {"config": saved})
+    assert R.load_teacher(tmp_path / "t", cfg) is not None
+    assert R.load_teacher(tmp_path / "t", dataclasses.replace(cfg, seed=cfg.seed + 1)) is None
