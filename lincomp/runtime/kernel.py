@@ -106,13 +106,14 @@ class Kernel:
         raise NotImplementedError(f"{type(self).__name__} saves nothing; its gradient comes from the reference")
 
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(target={self.target!r}, spec={self.spec!r}, config={self.config})"
+
+
 def wants(needs, *names: str) -> bool:
     """Whether a backward given ``needs`` (:meth:`Kernel.backward_saved`; None: all) must form the gradient of
     any of ``names``."""
     return needs is None or any(n in needs for n in names)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(target={self.target!r}, spec={self.spec!r}, config={self.config})"
 
 
 def warn_fallback(target: str, why) -> None:
