@@ -137,12 +137,11 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
                       save_states=save_states, precomputed=precomputed)
     assert causal or (gate is None and not initial_state and not return_state and not save_states)
     assert not reverse or (causal and gate is None and not initial_state and not return_state and not save_states)
-    lagged = key_shift != 0 or key_first != 0
-    assert not lagged or (causal and precomputed and not save_states)
     assert accumulate_from is None or mode == "numden"
     k = _Ctx(C=C, F=F, Dv=Dv, cs=cs, mr=mr, mr_f=mr_f, cols=cols, score_block=sb, mr_scores=rows_that_fit(sb, lanes),
              gate=gate, den=den, keep_z=keep_z, lanes=lanes, reverse=reverse, key_shift=key_shift,
              key_first=key_first, accumulate_from=accumulate_from)
+    assert not k.lagged or (causal and precomputed and not save_states)
 
     s = Script()
     s("@T.prim_func")
@@ -277,17 +276,19 @@ class _Ctx:
     def lagged(self) -> bool:
         return self.key_shift != 0 or self.key_first != 0
 
+    def _shifted(self, t: str) -> str:
+        """at(t) + key_shift, unclamped."""
+        return f"{self.at(t)} + {self.key_shift}".replace("+ -", "- ") if self.key_shift else self.at(t)
+
     def key_row(self, t: str) -> str:
         """The key / value row of scan position ``t`` (t < L), clamped into the sequence."""
-        row = self.at(t) if not self.key_shift else f"{self.at(t)} + {self.key_shift}".replace("+ -", "- ")
-        return f"T.min(T.max({row}, 0), L - 1)" if self.lagged else row
+        return f"T.min(T.max({self._shifted(t)}, 0), L - 1)" if self.lagged else self.at(t)
 
     def key_valid(self, t: str) -> str:
         """Scan position ``t`` (any int) pairs with a key."""
         cond = [f"{t} < L"]
         if self.lagged:
-            row = f"{self.at(t)} + {self.key_shift}".replace("+ -", "- ")
-            cond += [f"{row} >= {self.key_first}", f"{row} < L"]
+            cond += [f"{self._shifted(t)} >= {self.key_first}", f"{self._shifted(t)} < L"]
         return " and ".join(cond)
 
     @property
@@ -330,13 +331,19 @@ def _emit_load_chunk(s, spec, k: _Ctx, inline, fk_head) -> None:
                   f"v[b, hk, {k.key_row('T.min(c0 + r, L - 1)')}, d], T.float32(0))")
 
 
+def _query_src(spec, k: _Ctx, inline: bool):
+    """``src(r, f)``: phi(q)_f of the chunk's row r (clamped into the sequence), mapped on load or precomputed."""
+    fmap = spec.linear.feature_map
+    if inline:
+        return lambda r, f: phi_expr(fmap, f"q[b, h, {k.at(f'T.min(c0 + {r}, L - 1)')}, {f}]")
+    return lambda r, f: f"fq[b, h, {k.at(f'T.min(c0 + {r}, L - 1)')}, {f}]"
+
+
 def _emit_load_queries(s, spec, k: _Ctx, inline: bool, decay: bool = False) -> None:
     """qT[f, r] = phi(q_r)_f (times linear_scale when the output is not normalised; times the decay
     from the chunk start, 2^(Gc[r] log2 e), with ``decay``); rows past L are zero."""
     C, F = k.C, k.F
-    fmap = spec.linear.feature_map
-    src_q = (lambda r, f: phi_expr(fmap, f"q[b, h, {k.at(f'T.min(c0 + {r}, L - 1)')}, {f}]")) if inline else \
-        (lambda r, f: f"fq[b, h, {k.at(f'T.min(c0 + {r}, L - 1)')}, {f}]")
+    src_q = _query_src(spec, k, inline)
     factors = [] if k.den else ["linear_scale"]
     if decay:
         factors.append("eq[r, f]" if k.gate == "vector" else "eq[r, 0]")
@@ -395,14 +402,12 @@ def _emit_factored_scores(s, spec, k: _Ctx, inline: bool) -> None:
     if gate == "vector":
         # eq holds phi(q) decayed from the chunk start, formed row by row (contiguous loads of q, G), then
         # transposed once: one strided pass instead of two (q and its decay)
-        fmap = spec.linear.feature_map
-        src_q = (lambda f: phi_expr(fmap, f"q[b, h, {k.at('T.min(c0 + r, L - 1)')}, {f}]")) if inline else \
-            (lambda f: f"fq[b, h, {k.at('T.min(c0 + r, L - 1)')}, {f}]")
+        src_q = _query_src(spec, k, inline)
         dec = exp2(f"Gc[r, f] * {L2E}")
         factor = dec if k.den else f"(linear_scale * {dec})"
         with s.block(f"for r in range({C}):"):
             with s.block(f"for f in T.vectorized({F}):"):
-                s(f"eq[r, f] = T.if_then_else(c0 + r < L, {src_q('f')} * {factor}, T.float32(0))")
+                s(f"eq[r, f] = T.if_then_else(c0 + r < L, {src_q('r', 'f')} * {factor}, T.float32(0))")
         s("# phi(q) transposed (queries along the vector lanes)")
         with s.block(f"for f in range({F}):"):
             with s.block(f"for r in T.vectorized({C}):"):
