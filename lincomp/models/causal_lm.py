@@ -56,6 +56,13 @@ class LlamaTeacherConfig:
         """What the subclass's LlamaConfig adds: ``vocab_size``, ``tie_word_embeddings``, ``rope_theta``..."""
         raise NotImplementedError
 
+    def matches_saved(self, saved: dict) -> bool:
+        """Whether a teacher saved with config ``saved`` (``teacher_info.json``) was trained as this one. Fields
+        added since it was saved take their defaults, which reproduce what it was trained as (``data`` came after
+        the first teachers), so it is loaded, not retrained."""
+        as_json = lambda c: json.loads(json.dumps(asdict(c)))   # noqa: E731  (tuples as the file's lists)
+        return {**as_json(type(self)()), **saved} == as_json(self)
+
     def llama_config(self):
         """The matching ``transformers.LlamaConfig`` (RoPE, RMSNorm, SwiGLU; no bos / eos / pad ids)."""
         from transformers import LlamaConfig
@@ -213,15 +220,15 @@ def _save_dir_atomically(model, out_dir: Path, info: dict) -> None:
         shutil.rmtree(old)
 
 
-def load_teacher(out_dir: Union[str, Path], cfg: Optional[TeacherConfig] = None):
-    """A finished teacher from ``out_dir`` (and its info), or None when absent or trained with another cfg."""
+def load_teacher(out_dir: Union[str, Path], cfg: Optional[LlamaTeacherConfig] = None):
+    """A finished teacher from ``out_dir`` (and its info), or None when absent or trained with another cfg (any
+    :class:`LlamaTeacherConfig`: the recall teacher's too)."""
     out_dir = Path(out_dir)
     info_path = out_dir / "teacher_info.json"
     if not info_path.exists():
         return None
     info = json.loads(info_path.read_text())
-    # Fields added since a teacher was saved take their defaults (which reproduce what it was trained as).
-    if cfg is not None and {**asdict(TeacherConfig()), **info.get("config", {})} != asdict(cfg):
+    if cfg is not None and not cfg.matches_saved(info.get("config", {})):
         return None
     from transformers import LlamaForCausalLM
 

@@ -317,18 +317,11 @@ def curriculum_batches(cfg: RecallTeacherConfig):
 
 
 def load_teacher(out_dir: Union[str, Path], cfg: RecallTeacherConfig):
-    """``(model, info)`` of a finished teacher in ``out_dir`` trained with ``cfg``, else None."""
-    info_path = Path(out_dir) / "teacher_info.json"
-    if not info_path.exists():
-        return None
-    info = json.loads(info_path.read_text())
-    # Fields added since a teacher was saved take their defaults (``data`` came after run 4's teacher); the
-    # defaults reproduce what it was trained as, so it is loaded, not retrained.
-    if {**RecallTeacherConfig().to_json(), **info.get("config", {})} != cfg.to_json():
-        return None
-    from transformers import LlamaForCausalLM
+    """``(model, info)`` of a finished teacher in ``out_dir`` trained with ``cfg``, else None (causal_lm's
+    loader: a teacher saved before a config field existed takes that field's default)."""
+    from lincomp.models.causal_lm import load_teacher as load_llama_teacher
 
-    return LlamaForCausalLM.from_pretrained(out_dir).eval(), info
+    return load_llama_teacher(out_dir, cfg)
 
 
 def train_teacher(cfg: RecallTeacherConfig, out_dir: Optional[Union[str, Path]] = None, *, device="cpu",
