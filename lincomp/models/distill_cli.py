@@ -679,8 +679,9 @@ def _at_least(kind):
     return parse
 
 
-def _common(p: argparse.ArgumentParser, d: dict) -> None:
-    """The training and output options both recipes share; ``d``: the recipe's :func:`_defaults`."""
+def _common(p: argparse.ArgumentParser, d: dict):
+    """The training and output options both recipes share; ``d``: the recipe's :func:`_defaults`. Returns the
+    "training" group, for a recipe's own training options."""
     g = p.add_argument_group("training")
     _option(g, "--steps", d, "stage 1 steps: attention transfer, trains only what linearize added")
     _option(g, "--lr", d, "stage 1 learning rate", type=float)
@@ -698,6 +699,7 @@ def _common(p: argparse.ArgumentParser, d: dict) -> None:
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     o.add_argument("--no-baseline", action="store_true", help="skip the window-only baseline row")
+    return g
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -1038,8 +1040,7 @@ def _add_recall_parser(sub) -> None:
     g.add_argument("--every-stage", action="store_true",
                    help="also score each student before distillation and after stage 1")
     g.add_argument("--quick", action="store_true", help="a tiny configuration that runs in about a minute")
-    _common(r, d)
-    training = next(g for g in r._action_groups if g.title == "training")   # the group _common made
+    training = _common(r, d)
     training.add_argument(
         "--teacher-seed", type=_at_least(int), default=None,
         help="the teacher's seed (default --seed): a second student seed on a teacher that learned the task")
