@@ -1,6 +1,6 @@
 """Tune the TVM kernels of the CPU benchmark's specs on this machine and store the results.
 
-    python benchmarks/tune_cpu.py [--db tuning_db] [--force] [--only swa,clear,gla,lizard]
+    python benchmarks/tune_cpu.py [--db tuning_db] [--force] [--only swa,clear,gla,lizard,lizard128,minilm]
 
 Each spec / length bucket is searched over the hand-written config space (lincomp.lower.tvmir.kernel.
 config_space) by measurement; the best config lands in ``--db`` (default: the repository's shipped
@@ -28,16 +28,23 @@ B, H, D = 1, 4, 64
 
 
 def cases(only):
+    """(spec, L, H, D) per case; L None: the spec's own length (a grid)."""
     swa = AttentionSpec(window={"kind": "1d", "left": 255, "right": 0}, causal=True)
+    lizard = presets.lizard(window=128, sinks=4, feature_dim=64)
     out = []
     if "swa" in only:
-        out += [(swa, 4096), (swa, 16384)]
+        out += [(swa, 4096, H, D), (swa, 16384, H, D)]
     if "clear" in only:
-        out.append((presets.clear(8, (64, 64), text_tokens=64), None))
+        out.append((presets.clear(8, (64, 64), text_tokens=64), None, H, D))
     if "gla" in only:
-        out += [(presets.gla("scalar"), 4096), (presets.gla("vector"), 4096)]
+        out += [(presets.gla("scalar"), 4096, H, D), (presets.gla("vector"), 4096, H, D)]
     if "lizard" in only:
-        out.append((presets.lizard(window=128, sinks=4, feature_dim=64), 4096))
+        out.append((lizard, 4096, H, D))
+    if "lizard128" in only:   # the hybrid benchmark's wide-head case (bench_hybrid.py)
+        out.append((lizard, 4096, H, 128))
+    if "minilm" in only:      # the demo's spec at the hybrid benchmark's sizes (H=12, D=32)
+        from lincomp.models.distill_cli import minilm_spec
+        out += [(minilm_spec(), 1024, 12, 32), (minilm_spec(), 4096, 12, 32)]
     return out
 
 
@@ -50,14 +57,15 @@ def main(argv=None) -> int:
     from lincomp.tuning import TuningDB, device_name
     db = TuningDB(args.db, shipped=None)
     print(f"device {device_name('cpu')!r} -> {db.file_for('cpu')}")
-    for spec, L in cases(set(args.only.split(","))):
-        x = random_inputs(spec, B=B, H=H, L=L, D=D, seed=0)
+    for spec, L, heads, dim in cases(set(args.only.split(","))):
+        x = random_inputs(spec, B=B, H=heads, L=L, D=dim, seed=0)
         kern = lincomp.compile(spec, target="tvm", db=db)
         t0 = time.perf_counter()
         q, k, v = x.pop("q"), x.pop("k"), x.pop("v")
         results = kern.tune(q, k, v, force=args.force, progress=False, **x)
-        for part, res in zip(kern._parts(), results):
-            print(f"{spec.summary():40s} L={q.shape[2]:6d} {part:6s} {res.time_ms:8.2f} ms "
+        for res in results:   # forward parts, then the backward kernels the spec trains with
+            part = res.entry.kernel if res.entry is not None else "?"
+            print(f"{spec.summary():40s} L={q.shape[2]:6d} D={dim:3d} {part:10s} {res.time_ms:8.2f} ms "
                   f"{'(stored)' if res.cached else f'({len(res.candidates)} configs)'} {res.config}")
         print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
