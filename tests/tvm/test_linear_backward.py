@@ -93,6 +93,14 @@ def test_maps_and_gates(fmap, gate):
     check(linear_spec(fmap, gate, fmap != "identity"), L=45, seed=1, initial_state=True)
 
 
+@pytest.mark.parametrize("gate", [None, "scalar", "vector"])
+@pytest.mark.parametrize("D", [31, 64])
+def test_normaliser_column_at_wide_heads(gate, D):
+    """With the normaliser, value rows are Dv + 1 wide (65 at D = 64): the state products run in power-of-two
+    column blocks (codegen.pow2_parts); every gradient still matches."""
+    check(linear_spec("hedgehog", gate, normalize=True), L=40, D=D, seed=2)
+
+
 @pytest.mark.parametrize("fmap", ["identity", "elu1", "hedgehog"])
 def test_non_causal(fmap):
     check(linear_spec(fmap, None, fmap != "identity", causal=False), L=50, H=4, Hkv=2, seed=2)
