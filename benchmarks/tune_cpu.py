@@ -1,6 +1,6 @@
 """Tune the TVM kernels of the CPU benchmark's specs on this machine and store the results.
 
-    python benchmarks/tune_cpu.py [--db tuning_db] [--force] [--only swa,clear,gla,lizard,lizard128,minilm]
+    python benchmarks/tune_cpu.py [--db tuning_db] [--force] [--only swa,clear,gla,lizard,lizard128,lizard-train,minilm]
 
 Each spec / length bucket is searched over the hand-written config space (lincomp.lower.tvmir.kernel.
 config_space) by measurement; the best config lands in ``--db`` (default: the repository's shipped
@@ -42,6 +42,9 @@ def cases(only):
         out.append((lizard, 4096, H, D))
     if "lizard128" in only:   # the hybrid benchmark's wide-head case (bench_hybrid.py)
         out.append((lizard, 4096, H, 128))
+    if "lizard-train" in only:   # training runs a sum hybrid as its two branches (hybrid_train.py), each tuned alone
+        from lincomp.lower.tvmir.hybrid_train import branch_specs
+        out += [(branch, 4096, H, D) for branch in branch_specs(lizard)]
     if "minilm" in only:      # the demo's spec at the hybrid benchmark's sizes (H=12, D=32)
         from lincomp.models.distill_cli import minilm_spec
         out += [(minilm_spec(), 1024, 12, 32), (minilm_spec(), 4096, 12, 32)]

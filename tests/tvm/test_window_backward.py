@@ -112,9 +112,10 @@ def test_random_specs_grads_match_reference(spec, data):
     B = data.draw(st.integers(1, 2), label="B")
     block = data.draw(st.sampled_from([16, 32]), label="block")
     split = data.draw(st.booleans(), label="split_dq")
+    mr_d = data.draw(st.sampled_from([1, 2, 4]), label="mr_d")   # rows per dq / dk / dv step (the tuned space's)
     x = random_inputs(spec, B=B, H=H, Hkv=Hkv, L=L, D=D, seed=data.draw(st.integers(0, 999), label="seed"))
     kern = lincomp.compile(spec, target="tvm", config={"window_bwd": {"block_m": block, "block_n": block,
-                                                                      "split_dq": split}})
+                                                                      "split_dq": split, "mr_d": mr_d}})
     check_grads(spec, x, kern)
     assert kern.config["window_bwd"]["source"] == "fixed"
     assert kern.config["window_bwd"]["params"]["split_dq"] is split
