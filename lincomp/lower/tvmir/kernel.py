@@ -727,7 +727,7 @@ class TVMKernel(Kernel):
             if dg:
                 grads["g"] = dg[0]
         else:
-            dfq, dfk, dv = _linear_train.noncausal_grads(spec, feats, call.v, do, call.Hkv)
+            dfq, dfk, dv = _linear_train.noncausal_grads(spec, feats, call.v, do, call.Hkv, want_dv)
         if inwindow is not None:
             inwindow(feats, do, dfq, dfk, dv, grads)
         grads.update(feats.backward(dfq, dfk if fk.shape[1] == H else _linear_train.group_sum(dfk, fk.shape[1])))

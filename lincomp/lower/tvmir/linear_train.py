@@ -93,8 +93,9 @@ def group_sum(x: torch.Tensor, Hkv: int) -> torch.Tensor:
     return x if H == Hkv else x.view(B, Hkv, H // Hkv, *x.shape[2:]).sum(2)
 
 
-def noncausal_grads(spec, feats: Features, v, do: torch.Tensor, Hkv: int) -> tuple:
-    """(dfq, dfk per query head, dv per query head) of o = phi(q) S (/ phi(q) . z), S = phi(k)^T v."""
+def noncausal_grads(spec, feats: Features, v, do: torch.Tensor, Hkv: int, want_dv: bool = True) -> tuple:
+    """(dfq, dfk per query head, dv per query head or None without ``want_dv``) of o = phi(q) S (/ phi(q) . z),
+    S = phi(k)^T v."""
     fq, fk = feats.fq, feats.fk
     H = fq.shape[1]
     fkh = fk if fk.shape[1] == H else fk.repeat_interleave(H // fk.shape[1], dim=1)
@@ -106,7 +107,7 @@ def noncausal_grads(spec, feats: Features, v, do: torch.Tensor, Hkv: int) -> tup
     dS = fq.transpose(-1, -2) @ do                  # [B, H, F, Dsv]
     dfq = do @ S.transpose(-1, -2)
     dfk = vh @ dS.transpose(-1, -2)
-    dv = (fkh @ dS)[..., :v.shape[-1]]
+    dv = (fkh @ dS)[..., :v.shape[-1]] if want_dv else None   # attention transfer freezes v: a fifth product saved
     return dfq, dfk, dv
 
 
