@@ -120,12 +120,12 @@ def test_key_padding_mask_with_elu1_features_falls_back():
     assert rel_err(out, lincomp.reference(spec, **x, key_padding_mask=kpm)) <= 1e-5
 
 
-@pytest.mark.parametrize("D", [48, 128])
+@pytest.mark.parametrize("D", [48, 96, 128])
 @pytest.mark.parametrize("name", ["lizard", "clear-pooled"])
 def test_wide_heads_in_value_column_blocks(check, name, D):
     """Head dims past one P @ V pass (window.PV_COLS) run the product in column blocks, the rows per step fitted
-    to a block; a head dim that is no multiple of 16 takes narrower blocks: sinks, a linear branch and pooled keys
-    included."""
+    to a block; a head dim that is no power of two runs in power-of-two blocks (codegen.pow2_parts: 96 = 64 + 32):
+    sinks, a linear branch and pooled keys included."""
     spec = presets.lizard(window=16, sinks=2, feature_dim=8) if name == "lizard" else \
         AttentionSpec(window={"kind": "2d", "grid": [8, 8], "radius": 2, "shape": "circle", "pool": 2}, prefix=4)
     check(spec, H=2, L=68 if name != "lizard" else 45, D=D, seed=3)
