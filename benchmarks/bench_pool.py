@@ -25,19 +25,9 @@ import torch  # noqa: E402
 
 from lincomp import presets  # noqa: E402
 from lincomp.reference import window_mask  # noqa: E402
-from lincomp.ir import lower  # noqa: E402
-from lincomp.runtime.pool import pooled_kv, window_only  # noqa: E402
+from lincomp.ir.flex import pooled_mask_mod  # noqa: E402
+from lincomp.runtime.pool import pooled_kv  # noqa: E402
 from lincomp.testing import random_inputs, rel_err  # noqa: E402
-
-
-def clear_pool_mask_mod(spec, L: int):
-    """The window's rule (the IR's mask_mod) on keys < L; keys >= L are the pooled ones, seen by every grid
-    query."""
-    window, prefix = lower(window_only(spec)).mask_mod(), spec.prefix
-
-    def mask_mod(b, h, q, kv):
-        return ((kv < L) & window(b, h, q, kv)) | ((kv >= L) & (q >= prefix))
-    return mask_mod
 
 
 def clear_pool(bench: bc.Bench, radius: int = 8, grid=(64, 64), prefix: int = 64, factor: int = 4):
@@ -47,7 +37,7 @@ def clear_pool(bench: bc.Bench, radius: int = 8, grid=(64, 64), prefix: int = 64
     q, k, v, w = x["q"], x["k"], x["v"], x["pool_weight"]
     pairs = int(window_mask(spec, L).sum()) + (L - prefix) * P
     ours = bench.ours(spec, x)
-    flex, built = bc.flex_peer(clear_pool_mask_mod(spec, L), L, kv_len=L + P)
+    flex, built = bc.flex_peer(pooled_mask_mod(spec), L, kv_len=L + P)
 
     def peer():
         kp, vp = pooled_kv(spec, k, v, w)

@@ -5,10 +5,14 @@
    fp16), and lincomp's forward against FlexAttention's at every benchmark size;
 2. timing, bf16, D = 128, forward and forward + backward:
    - causal sliding windows w = 128, 1024, 4096 at L = 8K, 32K, 128K (B = 1, H = 16);
-   - CLEAR circles r = 8, 16, 32 on grids 64^2, 128^2, 256^2 with 512 prefix tokens (B = 1, H = 24).
+   - CLEAR circles r = 8, 16, 32 on grids 64^2, 128^2, 256^2 with 512 prefix tokens (B = 1, H = 24);
+   - the grid windows of the sliding-tile / pooled family (B = 1, H = 24): CLEAR r = 8 with pooled keys
+     (df = 4) on 64^2 and 128^2 + 512, and sliding tiles on a video grid (STA: 16x32x32, tiles 4x8x8,
+     kernel 3x3x3; 30x48x80, tiles 6x8x8, kernel 3x3x3, HunyuanVideo's latent shape).
    Peers: ``F.scaled_dot_product_attention`` with the flash backend (dense; causal for 1D) and
    ``torch.compile(flex_attention)`` with the same mask (row-major tokens, as CLEAR's code; the block
-   mask is built once, outside the timing).
+   mask is built once, outside the timing; pooled specs: the window's keys then the pooled ones,
+   ``lincomp.ir.flex.pooled_mask_mod``, the pooling inside the timed call).
 Useful TFLOP/s count only visible pairs (computed analytically, never with an L x L mask):
 forward 4 * D * pairs, forward + backward 3.5x that (FlashAttention's convention). SDPA's TFLOP/s
 count the pairs it computes (all, or the causal half).
@@ -29,6 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
+from lincomp import presets
 from lincomp.ir import lower
 from lincomp.ir.cost import count_visible_pairs
 from lincomp.spec import AttentionSpec, GridWindow, Window1D
@@ -39,7 +44,11 @@ SWA_CASES = [(w, L) for w in (128, 1024, 4096) for L in (32768, 8192, 131072)]  
 CLEAR_CASES = [(r, g) for g in (64, 128, 256) for r in (8, 16, 32)]                 # B=1, H=24, 512 text
 QUICK_SWA = [(128, 8192), (1024, 32768)]
 QUICK_CLEAR = [(8, 64), (16, 128)]
-GOAL_VS_FLEX = {"1d": 1.1, "2d": 1.5}
+GRID_CASES = [("clear-pool r=8 df=4 64x64+512", ("pool", 8, 64)), ("clear-pool r=8 df=4 128x128+512", ("pool", 8, 128)),
+              ("sta 16x32x32 t4x8x8 k3", ("sta", (16, 32, 32), (4, 8, 8))),
+              ("sta 30x48x80 t6x8x8 k3", ("sta", (30, 48, 80), (6, 8, 8)))]
+QUICK_GRID = GRID_CASES[:1] + GRID_CASES[2:3]
+GOAL_VS_FLEX = {"1d": 1.1, "2d": 1.5, "grid": 1.5}
 GOAL_VS_SDPA = 0.7
 BWD_FACTOR = 2.5   # backward = 2.5 x forward FLOPs (5 matmuls vs 2)
 
@@ -110,7 +119,7 @@ def write_table(rows: list, out_dir: str) -> tuple:
 def summarize(rows: list) -> dict:
     """Geometric-mean speedups per family and pass, and how many timed rows met their goals."""
     out = {}
-    for fam in ("1d", "2d"):
+    for fam in GOAL_VS_FLEX:
         for ps in ("fwd", "fwd+bwd"):
             sel = [r for r in rows if r.get("kind") == fam and r.get("pass") == ps and r.get("vs_flex")]
             if sel:
@@ -126,6 +135,13 @@ def summarize(rows: list) -> dict:
 # =============================================================================== GPU parts
 def swa_spec(w: int) -> AttentionSpec:
     return AttentionSpec(window=Window1D(w - 1, 0), causal=True, name=f"swa-{w}")
+
+
+def grid_spec(case: tuple) -> AttentionSpec:
+    """("pool", r, g): CLEAR r with pooled keys (df = 4) on g x g + 512; ("sta", grid, tile): kernel 3x3x3."""
+    if case[0] == "pool":
+        return presets.clear_pool(case[1], 4, (case[2], case[2]), text_tokens=512)
+    return presets.sta(case[1], case[2], (3, 3, 3))
 
 
 def clear_spec(r: int, g: int, prefix: int = 512) -> AttentionSpec:
@@ -160,6 +176,8 @@ def correctness_checks(device="cuda") -> list:
              ("swa w=1000+sinks L=1500 GQA", AttentionSpec(window=Window1D(999, 0), causal=True, sinks=4), 1500),
              ("clear r=8 24^2+512", clear_spec(8, 24), None),
              ("3d square r=2 4x12x12+64", AttentionSpec(window=GridWindow((4, 12, 12), 2, "square"), prefix=64), None),
+             ("3d sta 4x8x8 t2x4x4 k3+16", presets.sta((4, 8, 8), (2, 4, 4), (3, 3, 3), text_tokens=16), None),
+             ("clear-pool r=4 df=4 16x16+64", presets.clear_pool(4, 4, (16, 16), text_tokens=64), None),
              ("dense causal L=1000", AttentionSpec(causal=True), 1000)]
     for dtype in (torch.bfloat16, torch.float16):
         for name, spec, L in specs:
@@ -169,7 +187,7 @@ def correctness_checks(device="cuda") -> list:
                 inp = random_inputs(spec, B=2, H=4, Hkv=Hkv, L=L, D=128 if "3d" not in name else 64, dtype=dtype,
                                     device=device, seed=1)
                 kern = lincomp.compile(spec, target="triton")
-                names = [n for n in ("q", "k", "v", "sink_logits") if n in inp]
+                names = [n for n in ("q", "k", "v", "sink_logits", "pool_weight") if n in inp]
                 leaves = {n: t.clone().requires_grad_(n in names) for n, t in inp.items()}
                 o = kern(**leaves)
                 do = torch.randn_like(o)
@@ -195,13 +213,17 @@ def _case_rows(kind, name, spec, B, H, L, D, peers, sdpa_cache, tune_left, quick
     gen = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dtype, generator=gen) for _ in range(3))
     do = torch.randn(B, H, L, D, device=dev, dtype=dtype, generator=gen)
+    extra = {}
+    if spec.pool is not None:   # CLEAR's pooled keys: a learned pooling weight, as a checkpoint holds one
+        from lincomp.testing import random_inputs
+        extra["pool_weight"] = random_inputs(spec, B=B, H=H, L=L, D=D, dtype=dtype, device=dev, seed=0)["pool_weight"]
     pairs = useful_pairs(spec, L)
     base = {"family": "window", "kind": kind, "case": name, "L": L, "B": B, "H": H, "D": D, "dtype": "bfloat16",
             "pairs": pairs, "density": pairs / (L * L), "device": device_name(dev)}
     tuned = False
     if tune_left() > 0 and spec not in tuned_specs:   # one tuning per spec; other lengths use its entry
         try:
-            res = W.tune_window(spec, inputs={"q": q, "k": k, "v": v}, max_configs=6)
+            res = W.tune_window(spec, inputs={"q": q, "k": k, "v": v, **extra}, max_configs=6)
             tuned = True
             tuned_specs.add(spec)
             base["tuning"] = {kern: ("cached" if r.cached else f"{len(r.candidates)} configs") for kern, r in res.items()}
@@ -211,10 +233,10 @@ def _case_rows(kind, name, spec, B, H, L, D, peers, sdpa_cache, tune_left, quick
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
 
     def lin_f():
-        return kern(q, k, v)
+        return kern(q, k, v, **extra)
 
     def lin_fb():
-        o = kern(qg, kg, vg)
+        o = kern(qg, kg, vg, **extra)
         return torch.autograd.grad(o, (qg, kg, vg), do)
 
     results = {"lincomp": {"fwd": _time_ms(lin_f), "fwd+bwd": _time_ms(lin_fb)}}
@@ -226,15 +248,27 @@ def _case_rows(kind, name, spec, B, H, L, D, peers, sdpa_cache, tune_left, quick
     # --- FlexAttention (same mask, row-major tokens)
     if peers.get("flex") is not None:
         try:
-            flex, create_block_mask, mask_mod = peers["flex"], peers["create_block_mask"], peers["mask_for"](spec)
-            bm = create_block_mask(mask_mod, None, None, L, L, device=dev, BLOCK_SIZE=128, _compile=True)
+            flex, create_block_mask = peers["flex"], peers["create_block_mask"]
+            if spec.pool is None:
+                mask_mod, kv_len = peers["mask_for"](spec), L
+            else:   # the window's keys, then the pooled ones (pooled inside the timed call, as ours)
+                from lincomp.ir.flex import pooled_mask_mod
+                mask_mod, kv_len = pooled_mask_mod(spec), L + spec.window.pooled_tokens
+            bm = create_block_mask(mask_mod, None, None, L, kv_len, device=dev, BLOCK_SIZE=128, _compile=True)
             torch.cuda.synchronize()
 
+            def keys(kk, vv):
+                if spec.pool is None:
+                    return kk, vv
+                from lincomp.runtime.pool import pooled_kv
+                kp, vp = pooled_kv(spec, kk, vv, extra["pool_weight"])
+                return torch.cat([kk, kp], 2), torch.cat([vv, vp], 2)
+
             def flex_f():
-                return flex(q, k, v, block_mask=bm)
+                return flex(q, *keys(k, v), block_mask=bm)
 
             def flex_fb():
-                o = flex(qg, kg, vg, block_mask=bm)
+                o = flex(qg, *keys(kg, vg), block_mask=bm)
                 return torch.autograd.grad(o, (qg, kg, vg), do)
 
             o_flex = flex_f()
@@ -346,7 +380,9 @@ def check_and_time(out_dir: str, quick: bool = False, *, time_budget_s: Optional
     sdpa_cache, tuned_specs = {}, set()
     cases = ([("1d", f"swa w={w} L={L // 1024}K", swa_spec(w), 1, 16, L) for w, L in (QUICK_SWA if quick else SWA_CASES)]
              + [("2d", f"clear r={r} {g}x{g}+512", clear_spec(r, g), 1, 24, g * g + 512)
-                for r, g in (QUICK_CLEAR if quick else CLEAR_CASES)])
+                for r, g in (QUICK_CLEAR if quick else CLEAR_CASES)]
+             + [("grid", name, spec, 1, 24, spec.expected_length())
+                for name, spec in ((n, grid_spec(a)) for n, a in (QUICK_GRID if quick else GRID_CASES))])
     for kind, name, spec, B, H, L in cases:
         if left() < 15:
             rows.append({"family": "window", "kind": kind, "case": name, "skipped": "time budget"})

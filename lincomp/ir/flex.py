@@ -2,7 +2,8 @@
 
 - :func:`mask_mod` / :func:`block_mask`: the IR's visibility rule (:mod:`lincomp.ir.rule`) as FlexAttention
   takes it, for specs that are a softmax over a mask (no linear branch, sinks or pooled keys, which a mask
-  cannot say). ``AttentionSpec.mask_mod()`` / ``.block_mask(L)`` call these.
+  cannot say). ``AttentionSpec.mask_mod()`` / ``.block_mask(L)`` call these. :func:`pooled_mask_mod`: a
+  pooled spec's mask over the window's keys followed by the pooled ones (FlexAttention on concatenated keys).
 - :func:`from_mask_mod`: evaluates a user's ``mask_mod(b, h, q_idx, kv_idx)`` on the full [L, L] index grid
   (FlexAttention's own ``create_mask``, so whatever FlexAttention accepts works here) and recognises the
   rules lincomp has: dense, causal, 1D bands / sliding windows, terraced blocks, 2D / 3D circles, squares
@@ -47,6 +48,24 @@ def mask_mod(spec) -> Callable:
     spec = AttentionSpec.coerce(spec)
     _check_maskable(spec)
     return _rule.mask_mod(spec)
+
+
+def pooled_mask_mod(spec) -> Callable:
+    """FlexAttention ``mask_mod`` of a pooled spec (CLEAR's ``window.pool``) as one attention over the keys
+    ``cat([k, k_pooled], 2)`` ([B, H, L + P, D]; ``k_pooled`` / ``v_pooled`` from the spec's pooling,
+    ``lincomp.runtime.pool.pooled_kv``): a key below L by the window's rule, a pooled key (index >= L) seen by
+    every grid query and by no prefix token. What a FlexAttention port of CLEAR's pooled path computes."""
+    spec = AttentionSpec.coerce(spec)
+    if spec.pool is None:
+        raise ValueError(f"pooled_mask_mod needs a spec with window.pool, {spec.summary()!r} has none; "
+                         "use spec.mask_mod()")
+    from dataclasses import replace
+    window = mask_mod(replace(spec, window=replace(spec.window, pool=None)))
+    L, prefix = spec.expected_length(), spec.prefix
+
+    def fn(b, h, q_idx, kv_idx):
+        return ((kv_idx < L) & window(b, h, q_idx, kv_idx)) | ((kv_idx >= L) & (q_idx >= prefix))
+    return fn
 
 
 def block_mask(spec, L: Optional[int] = None, *, device="cpu", B: Optional[int] = None, H: Optional[int] = None,

@@ -126,6 +126,25 @@ def test_specs_a_mask_cannot_express_raise(spec):
         spec.block_mask(16)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")   # flex_attention's "called without torch.compile"
+@pytest.mark.parametrize("spec", [presets.clear_pool(2, 2, (4, 4), 3), presets.clear_pool(1, 4, (8, 4), 0)],
+                         ids=["prefix", "no-prefix"])
+def test_pooled_mask_mod_over_concatenated_keys_is_the_reference(spec):
+    """FlexAttention with pooled_mask_mod over [k; pooled k] gives the reference's pooled output."""
+    from lincomp.ir.flex import pooled_mask_mod
+    from lincomp.runtime.pool import pooled_kv
+    from lincomp.testing import random_inputs
+    x = random_inputs(spec, B=2, H=2, D=16, seed=3)
+    kp, vp = pooled_kv(spec, x["k"], x["v"], x["pool_weight"])
+    L, P = spec.expected_length(), kp.shape[2]
+    bm = flex.create_block_mask(pooled_mask_mod(spec), None, None, L, L + P, device="cpu", BLOCK_SIZE=16)
+    out = flex.flex_attention(x["q"], torch.cat([x["k"], kp], 2), torch.cat([x["v"], vp], 2), block_mask=bm)
+    ref = lincomp.reference(spec, **{n: t.double() for n, t in x.items()})
+    assert rel_err(out, ref) <= 1e-4
+    with pytest.raises(ValueError, match="needs a spec with window.pool"):
+        pooled_mask_mod(presets.clear(2, (4, 4), 3))
+
+
 def test_block_mask_length_checks():
     with pytest.raises(ValueError, match="needs L"):
         presets.sliding_window(4).block_mask()
