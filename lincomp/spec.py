@@ -527,6 +527,13 @@ class AttentionSpec:
         from dataclasses import replace
         return replace(self, window=replace(self.window, grid=tuple(grid)))
 
+    def without_pool(self) -> "AttentionSpec":
+        """The spec without ``window.pool``: the window alone, before the pooled keys join (itself if unpooled)."""
+        if self.pool is None:
+            return self
+        from dataclasses import replace
+        return replace(self, window=replace(self.window, pool=None))
+
     # -- FlexAttention (the IR's rule; lincomp.ir.flex, imported on first use) ------------------------
     def mask_mod(self):
         """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` of this spec (token indices, prefix first).

@@ -59,8 +59,7 @@ def pooled_mask_mod(spec) -> Callable:
     if spec.pool is None:
         raise ValueError(f"pooled_mask_mod needs a spec with window.pool, {spec.summary()!r} has none; "
                          "use spec.mask_mod()")
-    from dataclasses import replace
-    window = mask_mod(replace(spec, window=replace(spec.window, pool=None)))
+    window = mask_mod(spec.without_pool())
     L, prefix = spec.expected_length(), spec.prefix
 
     def fn(b, h, q_idx, kv_idx):

@@ -89,7 +89,4 @@ def merge_pooled(o_w: torch.Tensor, lse_w: torch.Tensor, q: torch.Tensor, kp: to
 
 def window_only(spec):
     """The spec without ``window.pool``: what a window kernel computes before the pooled keys join."""
-    if spec.pool is None:
-        return spec
-    from dataclasses import replace
-    return replace(spec, window=replace(spec.window, pool=None))
+    return spec.without_pool()
