@@ -253,6 +253,7 @@ def _case_rows(kind, name, spec, B, H, L, D, peers, sdpa_cache, tune_left, quick
                 mask_mod, kv_len = peers["mask_for"](spec), L
             else:   # the window's keys, then the pooled ones (pooled inside the timed call, as ours)
                 from lincomp.ir.flex import pooled_mask_mod
+                from lincomp.runtime.pool import pooled_kv
                 mask_mod, kv_len = pooled_mask_mod(spec), L + spec.window.pooled_tokens
             bm = create_block_mask(mask_mod, None, None, L, kv_len, device=dev, BLOCK_SIZE=128, _compile=True)
             torch.cuda.synchronize()
@@ -260,7 +261,6 @@ def _case_rows(kind, name, spec, B, H, L, D, peers, sdpa_cache, tune_left, quick
             def keys(kk, vv):
                 if spec.pool is None:
                     return kk, vv
-                from lincomp.runtime.pool import pooled_kv
                 kp, vp = pooled_kv(spec, kk, vv, extra["pool_weight"])
                 return torch.cat([kk, kp], 2), torch.cat([vv, vp], 2)
 

@@ -105,7 +105,6 @@ class Kernel:
         whose gradient the caller wants (None: all); a kernel may skip the work of the others (missing or None)."""
         raise NotImplementedError(f"{type(self).__name__} saves nothing; its gradient comes from the reference")
 
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target={self.target!r}, spec={self.spec!r}, config={self.config})"
 
