@@ -132,6 +132,15 @@ def vector_lanes() -> int:
         return 8
 
 
+@lru_cache(maxsize=None)
+def bf16_dot() -> bool:
+    """The target CPU has AVX-512 BF16 (``vdpbf16ps``): the bf16 window kernel's dot products."""
+    try:
+        return "avx512bf16" in tvm.target.codegen.llvm_get_cpu_features(target())
+    except Exception:  # pragma: no cover
+        return False
+
+
 def vector_registers() -> int:
     """Architectural vector registers (32 with AVX-512, 16 otherwise)."""
     return 32 if vector_lanes() >= 16 else 16

@@ -63,3 +63,33 @@ def exp2(x):
 
 
 SCRIPT_VARS = {"exp2": exp2}
+
+
+# -- bf16 dot products (AVX-512 BF16) ---------------------------------------------------------------
+# TVM 0.27 legalises bfloat16 values to float32 before LLVM sees them, so a TIR call of the dot-product
+# intrinsic cannot be typed. The bf16 kernels keep bf16 data as int32 words (two bf16 each) and call two
+# helpers written in LLVM IR, linked into the module (``pragma_import_llvm``) and inlined by LLVM:
+#   lincomp_dpbf16(acc, a, b):  acc[l] + a.lo[l] * b.lo[l] + a.hi[l] * b.hi[l]  (vdpbf16ps, fp32 accumulate)
+#   lincomp_pack_bf16(x, y):    word l = bf16(x[l]) | bf16(y[l]) << 16           (vcvtne2ps2bf16, round to even)
+# linkonce_odr: every PrimFunc of a module imports them; the linker keeps one copy.
+BF16_LLVM = r"""
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+
+define linkonce_odr <16 x float> @lincomp_dpbf16(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) alwaysinline {
+  %a2 = bitcast <16 x i32> %a to <32 x bfloat>
+  %b2 = bitcast <16 x i32> %b to <32 x bfloat>
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %a2, <32 x bfloat> %b2)
+  ret <16 x float> %r
+}
+
+define linkonce_odr <16 x i32> @lincomp_pack_bf16(<16 x float> %x, <16 x float> %y) alwaysinline {
+  %x2 = fptrunc <16 x float> %x to <16 x bfloat>
+  %y2 = fptrunc <16 x float> %y to <16 x bfloat>
+  %xy = shufflevector <16 x bfloat> %x2, <16 x bfloat> %y2, <32 x i32> <i32 0, i32 16, i32 1, i32 17, i32 2, i32 18, i32 3, i32 19, i32 4, i32 20, i32 5, i32 21, i32 6, i32 22, i32 7, i32 23, i32 8, i32 24, i32 9, i32 25, i32 10, i32 26, i32 11, i32 27, i32 12, i32 28, i32 13, i32 29, i32 14, i32 30, i32 15, i32 31>
+  %w = bitcast <32 x bfloat> %xy to <16 x i32>
+  ret <16 x i32> %w
+}
+"""
+BF16_LANES = 16   # fp32 accumulators per dot-product call (one AVX-512 register)
+
+SCRIPT_VARS["BF16_LLVM"] = BF16_LLVM

@@ -248,14 +248,18 @@ class TVMKernel(Kernel):
         call = self._bind_checked(q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state,
                                   **tensors)
         out_dtype = q.dtype
-        self._prepare(call)
+        bf16 = out_dtype == torch.bfloat16 and k.dtype == v.dtype == torch.bfloat16
+        self._prepare(call, keep_bf16=bf16)
         sizes = Sizes.of(call)
         choices = self._choices_for(sizes, call.L)
         if self.hints.get("autotune") and any(c.source == "default" for c in choices.values()):
             # on-first-use tuning (hint autotune=True): only where the database had nothing for this bucket
             self.tune(q, k, v, progress=False, **tensors)
             choices = self._choices_for(sizes, call.L)
-        o, state = self._run(call, sizes, {p: c.params for p, c in choices.items()})
+        configs = {p: c.params for p, c in choices.items()}
+        if bf16 and self.bf16_unsupported(sizes, configs) is not None:
+            self._prepare(call)   # widened to fp32 (self.bf16_unsupported says why)
+        o, state = self._run(call, sizes, configs)
         self.config = {**self.config, **{KERNEL_NAMES[p]: c.as_dict() for p, c in choices.items()}}
         if out_dtype != torch.float32:
             o = o.to(out_dtype)        # the state stays float32, as the reference returns it
@@ -340,18 +344,28 @@ class TVMKernel(Kernel):
         ts = [q, k, v] + [t for x in tensors.values() for t in (x if isinstance(x, (tuple, list)) else (x,))]
         return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
-    def _prepare(self, call: Call) -> None:
-        """Make every tensor fp32, contiguous and 64-byte aligned (copying, with a reason, if needed)."""
+    def _prepare(self, call: Call, keep_bf16: bool = False) -> None:
+        """Make every tensor fp32, contiguous and 64-byte aligned (copying, with a reason, if needed);
+        ``keep_bf16``: q, k, v stay bf16 (contiguous, aligned) for the bf16 window kernel."""
         for name in ("q", "k", "v", "g", "feature_weight_q", "feature_weight_k", "sink_logits",
                      "window_gamma", "alpha", "S0", "z0"):
             t = getattr(call, name)
             if t is not None:
-                setattr(call, name, self._fit(name, t))
+                setattr(call, name, self._fit(name, t, torch.bfloat16 if keep_bf16 and name in ("q", "k", "v") else torch.float32))
 
-    def _fit(self, name: str, t: torch.Tensor) -> torch.Tensor:
+    def bf16_unsupported(self, sizes: Sizes, configs: dict) -> Optional[str]:
+        """Why bf16 inputs of this call are widened to fp32 (None: the bf16 window kernel runs them)."""
+        if not _build.bf16_dot():
+            return f"this CPU ({_build.host_cpu()}) has no AVX-512 BF16 dot product"
+        if not self.spec.has_softmax or self.spec.linear is not None:
+            return "only the softmax-only window kernel has a bf16 variant"
+        dims = _window.WindowDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv)
+        return _window.bf16_unsupported(self.spec, dims, _window.WindowConfig.from_dict(configs["window"]))
+
+    def _fit(self, name: str, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         reasons = []
-        if t.dtype != torch.float32:
-            reasons.append(f"dtype {t.dtype} -> float32")
+        if t.dtype != dtype:
+            reasons.append(f"dtype {t.dtype} -> {dtype}".replace("torch.", ""))
         if not t.is_contiguous():
             reasons.append(f"non-contiguous (strides {list(t.stride())})")
         elif t.data_ptr() % 64:
@@ -364,7 +378,7 @@ class TVMKernel(Kernel):
             self._warned.add((name, why))
             warnings.warn(f"lincomp tvm: copying {name} before the kernel: {why}; pass contiguous tensors "
                           "to avoid the copy", TVMCopyWarning, stacklevel=5)
-        out = torch.empty(t.shape, dtype=torch.float32)   # fresh allocations are 64-byte aligned
+        out = torch.empty(t.shape, dtype=dtype)   # fresh allocations are 64-byte aligned
         out.copy_(t)
         return out
 
@@ -408,7 +422,7 @@ class TVMKernel(Kernel):
         return _linear.LinearConfig.from_dict(cfg).to_dict()
 
     def _part_sources(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
-                      key_bias: bool = False, save: bool = False, lagged: bool = False) -> dict:
+                      key_bias: bool = False, save: bool = False, lagged: bool = False, bf16: bool = False) -> dict:
         """{part: [PrimFunc texts]} for this call's variant (``key_bias``: the window takes a key-padding bias;
         ``save``: the training forward, which keeps the chunk states and, with the normaliser, the denominators;
         ``lagged``: combine="shared"'s out-of-window terms by lagged scans, shared_lag.py)."""
@@ -443,7 +457,7 @@ class TVMKernel(Kernel):
         if spec.has_softmax:
             dims = _window.WindowDims(sizes.H, sizes.Hkv, sizes.D, sizes.Dv, sizes.F, sizes.HF)
             out["window"] = [_window.window_source(spec, dims, _window.WindowConfig.from_dict(configs["window"]),
-                                                   key_bias=key_bias, save_lse=save, lagged=lagged)]
+                                                   key_bias=key_bias, save_lse=save, lagged=lagged, bf16=bf16)]
         return out
 
     def _can_lag(self, call: Call, save: bool) -> bool:
@@ -456,16 +470,16 @@ class TVMKernel(Kernel):
                                                         _lag.scan_chunk(configs["linear"]["chunk"]), L)
 
     def _modules(self, sizes: Sizes, configs: dict, initial_state: bool, return_state: bool,
-                 key_bias: bool = False, save: bool = False, lagged: bool = False) -> dict:
+                 key_bias: bool = False, save: bool = False, lagged: bool = False, bf16: bool = False) -> dict:
         """The compiled parts of this variant (generated, compiled or loaded once; then a dict lookup)."""
         key = (sizes, tuple(sorted((p, _frozen(c)) for p, c in configs.items())), initial_state, return_state,
-               key_bias, save, lagged)
+               key_bias, save, lagged, bf16)
         built = self._mods.get(key)
         if built is None:
             built = {}
             for part, funcs in self._part_sources(sizes, configs, initial_state, return_state, key_bias,
-                                                  save, lagged).items():
-                built[part] = _build.build(funcs, f"{part}-{self.spec.summary() or 'spec'}")
+                                                  save, lagged, bf16).items():
+                built[part] = _build.build(funcs, f"{part}-{self.spec.summary() or 'spec'}{'-bf16' if bf16 else ''}")
             self._mods[key] = built
         self._built = built
         return built
@@ -509,7 +523,9 @@ class TVMKernel(Kernel):
         save = saved is not None
         if lagged is None:
             lagged = self._can_lag(call, save) and self._lag_pays(sizes, configs, L)
-        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state, kpm is not None, save, lagged)
+        bf16 = call.q.dtype == torch.bfloat16   # forward() kept bf16 inputs for the bf16 window kernel
+        mods = self._modules(sizes, configs, call.S0 is not None, call.return_state, kpm is not None, save, lagged,
+                             bf16)
         o = _empty((B, H, L, Dv))
         state = None
         lin_args = None
@@ -607,6 +623,10 @@ class TVMKernel(Kernel):
             args.append(base2(call.sink_logits))
         if self.spec.pool is not None:
             args += _pooled_args(call, cfg)
+        if call.q.dtype == torch.bfloat16:   # bf16 bits: q, k (and pooled keys) as pairs, v (and values) as int16
+            args[:3] = [call.q.view(torch.int32), call.k.view(torch.int32), call.v.view(torch.int16)]
+            if self.spec.pool is not None:
+                args[-2:] = [args[-2].view(torch.int32), args[-1].view(torch.int16)]
         return args
 
     # -- training: the linear branch (linear_train.py, linear_bwd.py) ------------------------------
@@ -787,11 +807,12 @@ def _pooled_args(call: Call, cfg: dict) -> list:
     kp, vp = pooled_kv(call.spec, call.k, call.v, call.pool_weight)
     rows = _window.pooled_rows(call.spec, cfg["block_n"] * max(1, cfg.get("kv_group", 1)))
     out = []
+    dtype = call.q.dtype   # float32, or bfloat16 for the bf16 kernel
     for x in (kp, vp):
         if x.shape[2] == rows:   # whole steps already (CLEAR df=4: P = 256): no padded copy
-            out.append(x.to(torch.float32).contiguous())
+            out.append(x.to(dtype).contiguous())
             continue
-        buf = torch.zeros(x.shape[0], x.shape[1], rows, x.shape[3], dtype=torch.float32)
+        buf = torch.zeros(x.shape[0], x.shape[1], rows, x.shape[3], dtype=dtype)
         buf[:, :, :x.shape[2]] = x
         out.append(buf)
     return out

@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from lincomp.lower.tvmir.codegen import LOG2E, NEG_INF, Script, check_config_int, divisor_at_most, emit_gemm_tile, exp2, f32
+from lincomp.lower.tvmir.codegen import (BF16_LANES, LOG2E, NEG_INF, Script, check_config_int, divisor_at_most,
+                                         emit_bf16_tile, emit_gemm_tile, exp2, f32, ramp)
 from lincomp.ir.lowered import lower
 from lincomp.spec import AttentionSpec, GridWindow
 
@@ -125,29 +126,53 @@ def visibility(spec: AttentionSpec, pi: str, pj: str) -> str:
 
 # ---------------------------------------------------------------------------------------- template
 @contextmanager
-def signature(s: Script, name: str, names: list, dims: WindowDims, kv_rows: str = "L"):
+def signature(s: Script, name: str, names: list, dims: WindowDims, kv_rows: str = "L", bf16: bool = False):
     """``def name(...):`` of a window PrimFunc (buffers ``<arg>_h``, ``scale`` a float) with its symbolic
     sizes (B, L, NT1 = tiles + 1, NNZ = plan entries) and q, k, v matched (k, v with ``kv_rows`` rows: the
-    pooled backward passes the pooled keys); the body goes inside."""
+    pooled backward passes the pooled keys); the body goes inside. ``bf16``: q, k are bf16 pairs (int32
+    words, D / 2 per row), v bf16 bits (int16)."""
     s("@T.prim_func")
     params = ", ".join(f"{a}: T.float32" if a == "scale" else f"{a}_h: T.handle" for a in names)
     with s.block(f"def {name}({params}):"):
         s(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
         s("B = T.int32()", "L = T.int32()", "NT1 = T.int32()", "NNZ = T.int32()")
-        s(f'q = T.match_buffer(q_h, (B, {dims.H}, L, {dims.D}), "float32")',
-          f'k = T.match_buffer(k_h, (B, {dims.Hkv}, {kv_rows}, {dims.D}), "float32")',
-          f'v = T.match_buffer(v_h, (B, {dims.Hkv}, {kv_rows}, {dims.Dv}), "float32")')
+        if bf16:
+            s(f'q = T.match_buffer(q_h, (B, {dims.H}, L, {dims.D // 2}), "int32")',
+              f'k = T.match_buffer(k_h, (B, {dims.Hkv}, {kv_rows}, {dims.D // 2}), "int32")',
+              f'v = T.match_buffer(v_h, (B, {dims.Hkv}, {kv_rows}, {dims.Dv}), "int16")')
+        else:
+            s(f'q = T.match_buffer(q_h, (B, {dims.H}, L, {dims.D}), "float32")',
+              f'k = T.match_buffer(k_h, (B, {dims.Hkv}, {kv_rows}, {dims.D}), "float32")',
+              f'v = T.match_buffer(v_h, (B, {dims.Hkv}, {kv_rows}, {dims.Dv}), "float32")')
         yield
 
 
+def bf16_unsupported(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig) -> Optional[str]:
+    """Why the window kernel cannot take bf16 inputs for this variant (None: it can). The bf16 kernel is the
+    softmax-only inference forward; its dot products pair bf16 values along the head dim and along the keys."""
+    if spec.combine is not None:
+        return f"combine={spec.combine!r} (the bf16 kernel is softmax-only)"
+    if dims.D % 2 or dims.Dv % BF16_LANES:
+        return f"head dims D={dims.D}, Dv={dims.Dv} (bf16 needs an even D and Dv a multiple of {BF16_LANES})"
+    if cfg.block_m % BF16_LANES:
+        return f"block_m={cfg.block_m} (bf16 needs a multiple of {BF16_LANES})"
+    return None
+
+
 def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name: str = "window_fwd",
-                  key_bias: bool = False, save_lse: bool = False, lagged: bool = False) -> str:
+                  key_bias: bool = False, save_lse: bool = False, lagged: bool = False, bf16: bool = False) -> str:
     """TVMScript of the window kernel for ``spec`` (a PrimFunc named ``name``).
 
     ``key_bias``: one more input ``key_bias [B, L]`` added to every score of key j in base-2 units (-inf hides
     the key: a key-padding mask); a row left with no key outputs 0. ``save_lse``: also write ``lse [B, H, L]``,
     each row's log2-sum-exp2 of its base-2 scores, sinks included (-inf: no key). ``lagged``: see arg_names.
+    ``bf16``: q, k, v (and pooled keys) come as bf16 bits; scores and P @ V use the CPU's bf16 dot products
+    (fp32 accumulation, P rounded to bf16 as flash attention does on GPUs); o stays fp32.
     """
+    if bf16:
+        why = bf16_unsupported(spec, dims, cfg)
+        if why or save_lse:
+            raise ValueError(f"no bf16 window kernel for {why or 'training (save_lse)'}")
     H, Hkv, D, Dv = dims.H, dims.Hkv, dims.D, dims.Dv
     BM, BN, G = cfg.block_m, cfg.block_n, max(1, cfg.kv_group)
     GN = G * BN     # keys per online-softmax step
@@ -166,7 +191,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
     names = arg_names(spec, key_bias, save_lse, lagged)
 
     s = Script()
-    with signature(s, name, names, dims):
+    with signature(s, name, names, dims, bf16=bf16):
         s('kv_offsets = T.match_buffer(kv_offsets_h, (NT1,), "int32")',
           'kv_indices = T.match_buffer(kv_indices_h, (NNZ,), "int32")',
           'kv_full = T.match_buffer(kv_full_h, (NNZ,), "int32")')
@@ -176,8 +201,9 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
             s(f'sink_logits = T.match_buffer(sink_logits_h, ({H}, {spec.sinks}), "float32")')
         if spec.pool is not None:
             NP = pooled_rows(spec, GN)
-            s(f'kp = T.match_buffer(kp_h, (B, {Hkv}, {NP}, {D}), "float32")',
-              f'vp = T.match_buffer(vp_h, (B, {Hkv}, {NP}, {Dv}), "float32")')
+            kd, kt, vt = (D // 2, "int32", "int16") if bf16 else (D, "float32", "float32")
+            s(f'kp = T.match_buffer(kp_h, (B, {Hkv}, {NP}, {kd}), "{kt}")',
+              f'vp = T.match_buffer(vp_h, (B, {Hkv}, {NP}, {Dv}), "{vt}")')
         if summed:
             s(f'lin_o = T.match_buffer(lin_o_h, (B, {H}, L, {Dv}), "float32")',
               f'alpha = T.match_buffer(alpha_h, ({H},), "float32")')
@@ -196,29 +222,40 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
         if save_lse:
             s(f'lse = T.match_buffer(lse_h, (B, {H}, L), "float32")')
         s("# one task per (batch, head, query tile)")
-        with s.block(f"for task in T.parallel(B * {H} * (NT1 - 1)):"):
+        with s.block_if('with T.attr(0, "pragma_import_llvm", BF16_LLVM):  # the bf16 dot-product helpers'
+                        if bf16 else None), s.block(f"for task in T.parallel(B * {H} * (NT1 - 1)):"):
             s("b = task // ({H} * (NT1 - 1))".format(H=H),
               f"h = task // (NT1 - 1) % {H}",
               "t = task % (NT1 - 1)",
               f"hk = h // {group}" if group > 1 else "hk = h")
             fk_head = "h" if (shared and HF == H) else "hk"
             for buf, shape, dt in (("qpos", f"({BM},)", "int32"), ("kpos", f"({GN},)", "int32"),
-                                   ("qT", f"({D}, {BM})", "float32"),
+                                   ("qT", f"({D // 2 if bf16 else D}, {BM})", "int32" if bf16 else "float32"),
                                    ("sT", f"({max(GN, pooled_step(spec, GN)) if spec.pool else GN}, {BM})", "float32"),
                                    ("acc", f"({BM}, {Dv})", "float32"), ("m", f"({BM},)", "float32"),
                                    ("l", f"({BM},)", "float32"), ("mu", f"({BM},)", "float32"),
                                    ("corr", f"({BM},)", "float32")):
                 s(f'{buf} = T.alloc_buffer({shape}, "{dt}")')
+            if bf16:   # P (bf16 pairs of keys per query) and V (bf16 pairs of keys per column), per step
+                steps = max(GN, pooled_step(spec, GN)) if spec.pool else GN
+                s(f'P2 = T.alloc_buffer(({steps // 2}, {BM}), "int32")',
+                  f'V2 = T.alloc_buffer(({steps // 2}, {Dv}), "int32")')
             if inwin:
                 s(f'fqT = T.alloc_buffer(({F}, {BM}), "float32")',
                   f'aT = T.alloc_buffer(({GN}, {BM}), "float32")',
                   f'accl = T.alloc_buffer(({BM}, {Dv}), "float32")',
                   f'll = T.alloc_buffer(({BM},), "float32")')
             _emit_positions(s, spec, "qpos", "t", BM, grid)
-            s("# the query tile, transposed and pre-scaled for base-2 softmax")
-            with s.block(f"for i in range({BM}):"):
-                with s.block(f"for d in range({D}):"):
-                    s(f"qT[d, i] = q[b, h, T.max(qpos[i], 0), d] * (scale * {f32(LOG2E)})")
+            if bf16:
+                s("# the query tile transposed by pairs of the head dim (bf16 words; the scores are scaled)")
+                with s.block(f"for i in range({BM}):"):
+                    with s.block(f"for d in range({D // 2}):"):
+                        s("qT[d, i] = q[b, h, T.max(qpos[i], 0), d]")
+            else:
+                s("# the query tile, transposed and pre-scaled for base-2 softmax")
+                with s.block(f"for i in range({BM}):"):
+                    with s.block(f"for d in range({D}):"):
+                        s(f"qT[d, i] = q[b, h, T.max(qpos[i], 0), d] * (scale * {f32(LOG2E)})")
             if inwin:
                 with s.block(f"for i in range({BM}):"):
                     with s.block(f"for f in range({F}):"):
@@ -255,11 +292,11 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
 
                 _emit_step(s, GN, BM, D, Dv, mr_qk, mr_pv, plan_mask,
                            key=lambda r, x: f"k[b, hk, T.max(kpos[{r}], 0), {x}]",
-                           val=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]")
+                           val=lambda x, w: f"v[b, hk, T.max(kpos[{x}], 0), {w}]", bf16=bf16)
                 if inwin:
                     _emit_shared_inwindow(s, spec, BM, G, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
             if spec.pool is not None:
-                _emit_pooled(s, spec, GN, BM, D, Dv, mr_qk, mr_pv)
+                _emit_pooled(s, spec, GN, BM, D, Dv, mr_qk, mr_pv, bf16)
             _emit_epilogue(s, spec, BM, Dv, shared, summed, save_lse, lagged)
     return s.text()
 
@@ -301,13 +338,21 @@ def _emit_row_max(s: Script, rows: str, BM: int) -> None:
             s("mu[i] = T.max(mu[i], sT[j, i])")
 
 
-def _emit_step(s: Script, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: int, mask, key, val) -> None:
+def _emit_step(s: Script, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: int, mask, key, val,
+               bf16: bool = False) -> None:
     """One online-softmax step over GN keys: scores, ``mask()`` (writes masked sT and the running max mu),
-    rescale, exponentiate, accumulate P @ V. ``key(r, x)`` / ``val(x, w)`` index the key / value rows."""
+    rescale, exponentiate, accumulate P @ V. ``key(r, x)`` / ``val(x, w)`` index the key / value rows
+    (``bf16``: ``key`` an int32 pair of the head dim, ``val`` an int16 element)."""
     s(f"# sT = K @ qT: scores of {GN} keys (rows) x {BM} queries (vectorised)")
-    emit_gemm_tile(s, rows=GN, mr=mr_qk, width=BM, red=str(D), a=key,
-                   b=lambda x, w: f"qT[{x}, {w}]", init=None,
-                   store=lambda r, w, val_: f"sT[{r}, {w}] = {val_}")
+    if bf16:
+        lanes = f"{BF16_LANES}"
+        emit_bf16_tile(s, rows=GN, mr=mr_qk, width=BM, pairs=str(D // 2), a=key,
+                       b=lambda x, o: f"qT[{x}, {ramp(o)}]",
+                       store=lambda r, o, val_: f"sT[{r}, {ramp(o)}] = {val_} * T.broadcast(scale * {f32(LOG2E)}, {lanes})")
+    else:
+        emit_gemm_tile(s, rows=GN, mr=mr_qk, width=BM, red=str(D), a=key,
+                       b=lambda x, w: f"qT[{x}, {w}]", init=None,
+                       store=lambda r, w, val_: f"sT[{r}, {w}] = {val_}")
     s("# mask (unless every pair is visible) and the running max")
     with s.block(f"for i in T.vectorized({BM}):"):
         s("mu[i] = m[i]")
@@ -323,13 +368,36 @@ def _emit_step(s: Script, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: 
         with s.block(f"for i in T.vectorized({BM}):"):
             s(f"sT[j, i] = {exp2('sT[j, i] - mu[i]')}",
               "l[i] = l[i] + sT[j, i]")
+    if bf16:
+        _emit_pv_bf16(s, GN, BM, Dv, mr_pv, val)
+        return
     s("# acc = corr * acc + P @ V (MR query rows x Dv, vectorised)")
     emit_gemm_tile(s, rows=BM, mr=mr_pv, width=Dv, red=str(GN), a=lambda r, x: f"sT[{x}, {r}]", b=val, cols=PV_COLS,
                    init=lambda r, w: f"acc[{r}, {w}] * corr[{r}]",
                    store=lambda r, w, val_: f"acc[{r}, {w}] = {val_}")
 
 
-def _emit_pooled(s: Script, spec: AttentionSpec, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: int) -> None:
+def _emit_pv_bf16(s: Script, GN: int, BM: int, Dv: int, mr_pv: int, val) -> None:
+    """``acc = corr * acc + P @ V`` on bf16 dot products: P and V packed by pairs of keys (int32 words)."""
+    s("# P and V as bf16 pairs of keys: P2[x, i] = (p[2x, i], p[2x+1, i]), V2[x, w] = (v[2x, w], v[2x+1, w])")
+    with s.block(f"for x in range({GN // 2}):"):
+        for o in range(0, BM, BF16_LANES):
+            s(f'P2[x, {ramp(o)}] = T.call_pure_extern("int32x{BF16_LANES}", "lincomp_pack_bf16", '
+              f"sT[2 * x, {ramp(o)}], sT[2 * x + 1, {ramp(o)}])")
+        with s.block(f"for w in T.vectorized({Dv}):"):
+            s(f'V2[x, w] = T.bitwise_or(T.bitwise_and(T.Cast("int32", {val("2 * x", "w")}), 65535), '
+              f'T.shift_left(T.Cast("int32", {val("2 * x + 1", "w")}), 16))')
+    s("# acc = corr * acc + P @ V (MR query rows x Dv columns, 16 per dot product)")
+    for c0 in range(0, Dv, PV_COLS):
+        width = min(PV_COLS, Dv - c0)
+        emit_bf16_tile(s, rows=BM, mr=mr_pv, width=width, pairs=str(GN // 2),
+                       a=lambda r, x: f"P2[{x}, {r}]", b=lambda x, o, c0=c0: f"V2[{x}, {ramp(c0 + o)}]",
+                       init=lambda r, o, c0=c0: f"acc[{r}, {ramp(c0 + o)}] * T.broadcast(corr[{r}], {BF16_LANES})",
+                       store=lambda r, o, val_, c0=c0: f"acc[{r}, {ramp(c0 + o)}] = {val_}")
+
+
+def _emit_pooled(s: Script, spec: AttentionSpec, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: int,
+                 bf16: bool = False) -> None:
     """CLEAR's pooled keys (``window.pool``): after the plan's tiles, a grid tile's queries attend to all P
     pooled keys ``kp`` / ``vp`` (pooled once per call, outside) in the same online softmax. Tiles of
     prefix queries (every slot < n) skip them; padding slots compute rows nobody writes."""
@@ -355,7 +423,7 @@ def _emit_pooled(s: Script, spec: AttentionSpec, GN: int, BM: int, D: int, Dv: i
 
             _emit_step(s, GN, BM, D, Dv, mr_qk, mr_pv, mask,
                        key=lambda r, x: f"kp[b, hk, pt * {GN} + {r}, {x}]",
-                       val=lambda x, w: f"vp[b, hk, pt * {GN} + {x}, {w}]")
+                       val=lambda x, w: f"vp[b, hk, pt * {GN} + {x}, {w}]", bf16=bf16)
 
 
 def _emit_positions(s: Script, spec: AttentionSpec, buf: str, tile: str, size: int, grid: bool,
