@@ -17,21 +17,24 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
-from lincomp.lower.tvmir.codegen import EXP2_POLY
+from lincomp.lower.tvmir.codegen import EXP2_POLY, EXP2_POLY_BF16
 
 OP_NAME = "tirx.lincomp_exp2"
+# The bf16 window kernel's probabilities are rounded to bf16 (relative error 2^-9) before P @ V: a degree-3
+# polynomial (max relative error 1.4e-4) is exact enough there and two FMAs a vector cheaper.
+OP_NAME_BF16 = "tirx.lincomp_exp2_bf16"
 _registered = False
 
 
-def _lower_exp2(call):
+def _lower_exp2(call, coeffs=EXP2_POLY):
     x = call.args[0]
     dt = x.ty.dtype
     lanes = dt.lanes
     idt = "int32" if lanes == 1 else f"int32x{lanes}"
     xv, fv = tirx.Var("x", dt), tirx.Var("f", dt)
     n = tirx.round(xv)
-    poly = tirx.const(EXP2_POLY[5], dt)
-    for c in EXP2_POLY[4::-1]:
+    poly = tirx.const(coeffs[-1], dt)
+    for c in coeffs[-2::-1]:
         poly = poly * fv + tirx.const(c, dt)
     bits = tirx.shift_left(tirx.Cast(idt, n) + tirx.const(127, idt), tirx.const(23, idt))
     body = poly * tirx.reinterpret(dt, bits)
@@ -49,10 +52,12 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    for attr, value in (("TCallEffectKind", 1), ("TVectorizable", True), ("TScriptPrinterName", "lincomp_exp2"),
-                        ("TGlobalSymbol", "lincomp_exp2")):
-        tvm.ir.register_op_attr(OP_NAME, attr, value)
-    tirx.op.register_intrin_lowering(OP_NAME, "llvm", f=_lower_exp2, level=100)
+    for op, coeffs in ((OP_NAME, EXP2_POLY), (OP_NAME_BF16, EXP2_POLY_BF16)):
+        short = op.split(".")[1]
+        for attr, value in (("TCallEffectKind", 1), ("TVectorizable", True), ("TScriptPrinterName", short),
+                            ("TGlobalSymbol", short)):
+            tvm.ir.register_op_attr(op, attr, value)
+        tirx.op.register_intrin_lowering(op, "llvm", f=lambda call, c=coeffs: _lower_exp2(call, c), level=100)
     _registered = True
 
 
@@ -62,7 +67,13 @@ def exp2(x):
     return tirx.call_intrin("float32", OP_NAME, x)
 
 
-SCRIPT_VARS = {"exp2": exp2}
+def exp2_bf16(x):
+    """2**x to 1.4e-4 relative (the bf16 kernel's probabilities; generated scripts call ``exp2_bf16(...)``)."""
+    register()
+    return tirx.call_intrin("float32", OP_NAME_BF16, x)
+
+
+SCRIPT_VARS = {"exp2": exp2, "exp2_bf16": exp2_bf16}
 
 
 # -- bf16 dot products (AVX-512 BF16) ---------------------------------------------------------------
@@ -71,6 +82,7 @@ SCRIPT_VARS = {"exp2": exp2}
 # helpers written in LLVM IR, linked into the module (``pragma_import_llvm``) and inlined by LLVM:
 #   lincomp_dpbf16(acc, a, b):  acc[l] + a.lo[l] * b.lo[l] + a.hi[l] * b.hi[l]  (vdpbf16ps, fp32 accumulate)
 #   lincomp_pack_bf16(x, y):    word l = bf16(x[l]) | bf16(y[l]) << 16           (vcvtne2ps2bf16, round to even)
+#   lincomp_round_bf16(x):      x[0..15] as 16 bf16 values in 8 words              (the output rows)
 # linkonce_odr: every PrimFunc of a module imports them; the linker keeps one copy.
 BF16_LLVM = r"""
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
@@ -89,7 +101,20 @@ define linkonce_odr <16 x i32> @lincomp_pack_bf16(<16 x float> %x, <16 x float> 
   %w = bitcast <32 x bfloat> %xy to <16 x i32>
   ret <16 x i32> %w
 }
+
+define linkonce_odr <8 x i32> @lincomp_round_bf16(<16 x float> %x) alwaysinline {
+  %x2 = fptrunc <16 x float> %x to <16 x bfloat>
+  %w = bitcast <16 x bfloat> %x2 to <8 x i32>
+  ret <8 x i32> %w
+}
 """
 BF16_LANES = 16   # fp32 accumulators per dot-product call (one AVX-512 register)
 
 SCRIPT_VARS["BF16_LLVM"] = BF16_LLVM
+
+
+def fingerprint() -> str:
+    """What the generated text names but does not spell out (the helpers' IR, the exp2 polynomials): part of
+    every module's cache key, so editing them rebuilds cached modules."""
+    import hashlib
+    return hashlib.sha256(repr((BF16_LLVM, EXP2_POLY, EXP2_POLY_BF16)).encode()).hexdigest()[:12]

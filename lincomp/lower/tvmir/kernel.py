@@ -526,7 +526,8 @@ class TVMKernel(Kernel):
         bf16 = call.q.dtype == torch.bfloat16   # forward() kept bf16 inputs for the bf16 window kernel
         mods = self._modules(sizes, configs, call.S0 is not None, call.return_state, kpm is not None, save, lagged,
                              bf16)
-        o = _empty((B, H, L, Dv))
+        # the bf16 window kernel writes bf16 bits (two per int32 word)
+        o = alloc_output((B, H, L, Dv), torch.bfloat16) if bf16 else _empty((B, H, L, Dv))
         state = None
         lin_args = None
         if lin is not None:
@@ -553,7 +554,8 @@ class TVMKernel(Kernel):
             args = self._window_inputs(call, configs["window"]) + (lin_args or [])
             if kpm is not None:   # padded keys score -inf (as the reference masks them)
                 args.append(torch.zeros(B, L, dtype=torch.float32).masked_fill_(~kpm.cpu(), -math.inf))
-            mods["window"].fn("window_fwd")(*args, o, *(saved[2:] if save else []), call.scale)
+            mods["window"].fn("window_fwd")(*args, o.view(torch.int32) if bf16 else o, *(saved[2:] if save else []),
+                                            call.scale)
             if spec.combine == "shared" and not lagged:
                 den, cond = lin_args[1], lin_args[-1]
                 if self._can_lag(call, save) and not shared_precision_ok(cond):

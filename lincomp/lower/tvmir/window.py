@@ -218,7 +218,10 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
             s('cond = T.match_buffer(cond_h, (B, {H}, L), "float32")'.replace("{H}", str(H)))
         if key_bias:
             s('key_bias = T.match_buffer(key_bias_h, (B, L), "float32")')
-        s(f'o = T.match_buffer(o_h, (B, {H}, L, {Dv}), "float32")')
+        if bf16:   # bf16 output bits, two per word
+            s(f'o = T.match_buffer(o_h, (B, {H}, L, {Dv // 2}), "int32")')
+        else:
+            s(f'o = T.match_buffer(o_h, (B, {H}, L, {Dv}), "float32")')
         if save_lse:
             s(f'lse = T.match_buffer(lse_h, (B, {H}, L), "float32")')
         s("# one task per (batch, head, query tile)")
@@ -297,7 +300,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                     _emit_shared_inwindow(s, spec, BM, G, BN, Dv, F, gate, fk_head, vis, mr_qk, mr_pv)
             if spec.pool is not None:
                 _emit_pooled(s, spec, GN, BM, D, Dv, mr_qk, mr_pv, bf16)
-            _emit_epilogue(s, spec, BM, Dv, shared, summed, save_lse, lagged)
+            _emit_epilogue(s, spec, BM, Dv, shared, summed, save_lse, lagged, bf16)
     return s.text()
 
 
@@ -366,7 +369,7 @@ def _emit_step(s: Script, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: 
     s("# p = 2^(s - m) in place; l += row sums")
     with s.block(f"for j in range({GN}):"):
         with s.block(f"for i in T.vectorized({BM}):"):
-            s(f"sT[j, i] = {exp2('sT[j, i] - mu[i]')}",
+            s(f"sT[j, i] = {exp2('sT[j, i] - mu[i]', bf16)}",
               "l[i] = l[i] + sT[j, i]")
     if bf16:
         _emit_pv_bf16(s, GN, BM, Dv, mr_pv, val)
@@ -507,7 +510,7 @@ def _emit_shared_inwindow(s, spec, BM, G, BN1, Dv, F, gate, fk_head, vis, mr_qk,
 
 
 def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: bool, summed: bool,
-                   save_lse: bool = False, lagged: bool = False) -> None:
+                   save_lse: bool = False, lagged: bool = False, bf16: bool = False) -> None:
     s("# write the tile's rows (padding slots have no position)")
     with s.block(f"for i in range({BM}):"):
         with s.block("if qpos[i] >= 0:"):
@@ -536,6 +539,11 @@ def _emit_epilogue(s: Script, spec: AttentionSpec, BM: int, Dv: int, shared: boo
                       "lin_den[b, h, p] = den")
             else:
                 s("inv = T.if_then_else(l[i] == T.float32(0), T.float32(0), T.float32(1) / l[i])   # NaN stays NaN")
+                if bf16:   # rounded to bf16 here (16 columns a call), not by another pass over o
+                    for c in range(0, Dv, BF16_LANES):
+                        s(f"o[b, h, p, {ramp(c // 2, BF16_LANES // 2)}] = T.call_pure_extern(\"int32x{BF16_LANES // 2}\", "
+                          f"\"lincomp_round_bf16\", acc[i, {ramp(c)}] * T.broadcast(inv, {BF16_LANES}))")
+                    return
                 with s.block(f"for d in T.vectorized({Dv}):"):
                     if summed:
                         s("o[b, h, p, d] = lin_o[b, h, p, d] + alpha[h] * acc[i, d] * inv")
