@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import ROOT, Bench, cpu_model  # noqa: E402
+from bench_cpu import ROOT, Bench, cpu_model, save_markdown  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as Fn  # noqa: E402
@@ -103,10 +103,7 @@ def main(argv=None) -> int:
              "| case | implementation | median ms |", "| --- | --- | ---: |"]
     lines += [f"| {c} | {n} | {ms:.2f} |" for c, n, ms in rows if n != "summary"]
     lines += [""] + [f"- {c}: {ms}" for c, n, ms in rows if n == "summary"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    save_markdown(args.out, lines)
     return 0
 
 

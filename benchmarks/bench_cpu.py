@@ -332,6 +332,14 @@ class Bench:
         print(f"  {case:28s} goal: {'; '.join(notes)}", flush=True)
 
 
+def save_markdown(path, lines: list) -> None:
+    """Write a result table (``lines`` joined, trailing newline), creating its folder; say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
 def write_table(bench: Bench, path: Path, meta: dict, title: str = "CPU kernels: lincomp TVM vs peers") -> None:
     lines = [f"# {title}", "",
              f"- CPU: **{meta['cpu']}** (LLVM mcpu `{meta['mcpu']}`), torch {torch.__version__}, "
@@ -348,8 +356,7 @@ def write_table(bench: Bench, path: Path, meta: dict, title: str = "CPU kernels:
              f"- lincomp configs come from the tuning database (`benchmarks/tune_cpu.py`) when it has this CPU, "
              f"else the defaults; kernels' parallel loops on {meta['tvm_threads']}; "
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
-             "- fp32 only: bf16 inputs are accepted but widened to fp32 (the kernels are compute-bound in fp32 "
-             "FMAs; a bf16 path would need AVX512-BF16 dot-product intrinsics and a looser accuracy contract)", "",
+             "- fp32 only (bf16: `benchmarks/bench_bf16_cpu.py`)", "",
              "| case | implementation | median ms | useful GFLOP/s | x fp32 floor | notes |",
              "| --- | --- | ---: | ---: | ---: | --- |"]
     for r in bench.rows:
