@@ -248,17 +248,16 @@ class TVMKernel(Kernel):
         call = self._bind_checked(q, k, v, scale=scale, linear_scale=linear_scale, return_state=return_state,
                                   **tensors)
         out_dtype = q.dtype
-        bf16 = out_dtype == torch.bfloat16 and k.dtype == v.dtype == torch.bfloat16
-        self._prepare(call, keep_bf16=bf16)
-        sizes = Sizes.of(call)
+        sizes = Sizes.of(call)   # shapes only: the same before and after _prepare
         choices = self._choices_for(sizes, call.L)
         if self.hints.get("autotune") and any(c.source == "default" for c in choices.values()):
             # on-first-use tuning (hint autotune=True): only where the database had nothing for this bucket
             self.tune(q, k, v, progress=False, **tensors)
             choices = self._choices_for(sizes, call.L)
         configs = {p: c.params for p, c in choices.items()}
-        if bf16 and self.bf16_unsupported(sizes, configs) is not None:
-            self._prepare(call)   # widened to fp32 (self.bf16_unsupported says why)
+        # bf16 q, k, v stay bf16 where the bf16 window kernel runs them, else are widened (bf16_unsupported: why)
+        bf16 = (out_dtype == k.dtype == v.dtype == torch.bfloat16) and self.bf16_unsupported(sizes, configs) is None
+        self._prepare(call, keep_bf16=bf16)
         o, state = self._run(call, sizes, configs)
         self.config = {**self.config, **{KERNEL_NAMES[p]: c.as_dict() for p, c in choices.items()}}
         if out_dtype != torch.float32:
@@ -351,7 +350,8 @@ class TVMKernel(Kernel):
                      "window_gamma", "alpha", "S0", "z0"):
             t = getattr(call, name)
             if t is not None:
-                setattr(call, name, self._fit(name, t, torch.bfloat16 if keep_bf16 and name in ("q", "k", "v") else torch.float32))
+                bf16 = keep_bf16 and name in ("q", "k", "v")
+                setattr(call, name, self._fit(name, t, torch.bfloat16 if bf16 else torch.float32))
 
     def bf16_unsupported(self, sizes: Sizes, configs: dict) -> Optional[str]:
         """Why bf16 inputs of this call are widened to fp32 (None: the bf16 window kernel runs them)."""

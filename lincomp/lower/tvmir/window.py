@@ -167,7 +167,8 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
     the key: a key-padding mask); a row left with no key outputs 0. ``save_lse``: also write ``lse [B, H, L]``,
     each row's log2-sum-exp2 of its base-2 scores, sinks included (-inf: no key). ``lagged``: see arg_names.
     ``bf16``: q, k, v (and pooled keys) come as bf16 bits; scores and P @ V use the CPU's bf16 dot products
-    (fp32 accumulation, P rounded to bf16 as flash attention does on GPUs); o stays fp32.
+    (fp32 accumulation, P rounded to bf16 as flash attention does on GPUs; softmax in fp32); o is written as
+    bf16 (int32 words of two values).
     """
     if bf16:
         why = bf16_unsupported(spec, dims, cfg)
