@@ -173,7 +173,7 @@ def build(funcs: List[str], tag: str) -> Built:
     The module's parallel loops run on torch's OpenMP threads (:mod:`lincomp.lower.tvmir.threads`),
     else on TVM's pool."""
     source = full_source(funcs)
-    key = hashlib.sha256((target_key() + "\n" + intrinsics.fingerprint() + "\n" + source).encode()).hexdigest()[:20]
+    key = hashlib.sha256((target_key() + "\n" + intrinsics.FINGERPRINT + "\n" + source).encode()).hexdigest()[:20]
     with _lock:
         hit = _memo.get(key)
         if hit is not None:

@@ -14,6 +14,8 @@ Registering it is idempotent and touches no TVM op but its own.
 
 from __future__ import annotations
 
+import hashlib
+
 import tvm
 from tvm import tirx
 
@@ -78,7 +80,7 @@ SCRIPT_VARS = {"exp2": exp2, "exp2_bf16": exp2_bf16}
 
 # -- bf16 dot products (AVX-512 BF16) ---------------------------------------------------------------
 # TVM 0.27 legalises bfloat16 values to float32 before LLVM sees them, so a TIR call of the dot-product
-# intrinsic cannot be typed. The bf16 kernels keep bf16 data as int32 words (two bf16 each) and call two
+# intrinsic cannot be typed. The bf16 kernels keep bf16 data as int32 words (two bf16 each) and call three
 # helpers written in LLVM IR, linked into the module (``pragma_import_llvm``) and inlined by LLVM:
 #   lincomp_dpbf16(acc, a, b):  acc[l] + a.lo[l] * b.lo[l] + a.hi[l] * b.hi[l]  (vdpbf16ps, fp32 accumulate)
 #   lincomp_pack_bf16(x, y):    word l = bf16(x[l]) | bf16(y[l]) << 16           (vcvtne2ps2bf16, round to even)
@@ -108,13 +110,7 @@ define linkonce_odr <8 x i32> @lincomp_round_bf16(<16 x float> %x) alwaysinline 
   ret <8 x i32> %w
 }
 """
-BF16_LANES = 16   # fp32 accumulators per dot-product call (one AVX-512 register)
-
 SCRIPT_VARS["BF16_LLVM"] = BF16_LLVM
-
-
-def fingerprint() -> str:
-    """What the generated text names but does not spell out (the helpers' IR, the exp2 polynomials): part of
-    every module's cache key, so editing them rebuilds cached modules."""
-    import hashlib
-    return hashlib.sha256(repr((BF16_LLVM, EXP2_POLY, EXP2_POLY_BF16)).encode()).hexdigest()[:12]
+# What the generated text names but does not spell out (the helpers' IR, the exp2 polynomials): part of every
+# module's cache key, so editing them rebuilds cached modules.
+FINGERPRINT = hashlib.sha256(repr((BF16_LLVM, EXP2_POLY, EXP2_POLY_BF16)).encode()).hexdigest()[:12]

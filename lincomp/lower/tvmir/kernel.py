@@ -620,15 +620,11 @@ class TVMKernel(Kernel):
 
     def _window_inputs(self, call: Call, cfg: dict) -> list:
         """The window kernel's leading arguments: q, k, v, the plan, sinks and pooled keys."""
-        args = [call.q, call.k, call.v, *self._plan(call.L, cfg)]
+        args = [*_storage(call.q, call.k, call.v), *self._plan(call.L, cfg)]
         if self.spec.sinks:
             args.append(base2(call.sink_logits))
         if self.spec.pool is not None:
             args += _pooled_args(call, cfg)
-        if call.q.dtype == torch.bfloat16:   # bf16 bits: q, k (and pooled keys) as pairs, v (and values) as int16
-            args[:3] = [call.q.view(torch.int32), call.k.view(torch.int32), call.v.view(torch.int16)]
-            if self.spec.pool is not None:
-                args[-2:] = [args[-2].view(torch.int32), args[-1].view(torch.int16)]
         return args
 
     # -- training: the linear branch (linear_train.py, linear_bwd.py) ------------------------------
@@ -817,7 +813,15 @@ def _pooled_args(call: Call, cfg: dict) -> list:
         buf = torch.zeros(x.shape[0], x.shape[1], rows, x.shape[3], dtype=dtype)
         buf[:, :, :x.shape[2]] = x
         out.append(buf)
-    return out
+    return list(_storage(*out))
+
+
+def _storage(*qkv) -> tuple:
+    """Keys (and queries) then values as the window kernel's buffers take them (window.storage): as they are in
+    fp32; bf16 keys as int32 words of two values along the head dim, bf16 values as int16 bits."""
+    if qkv[0].dtype != torch.bfloat16:
+        return qkv
+    return (*[x.view(torch.int32) for x in qkv[:-1]], qkv[-1].view(torch.int16))
 
 
 def check_values(call: Call) -> None:

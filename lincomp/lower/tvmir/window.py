@@ -125,6 +125,12 @@ def visibility(spec: AttentionSpec, pi: str, pj: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- template
+def storage(D: int, bf16: bool) -> tuple:
+    """(row width, dtype) of the q / k buffers and the dtype of v: fp32 values, or bf16 bits (q, k as int32
+    words of two values along the head dim, v as int16)."""
+    return (D // 2, "int32", "int16") if bf16 else (D, "float32", "float32")
+
+
 @contextmanager
 def signature(s: Script, name: str, names: list, dims: WindowDims, kv_rows: str = "L", bf16: bool = False):
     """``def name(...):`` of a window PrimFunc (buffers ``<arg>_h``, ``scale`` a float) with its symbolic
@@ -136,14 +142,10 @@ def signature(s: Script, name: str, names: list, dims: WindowDims, kv_rows: str 
     with s.block(f"def {name}({params}):"):
         s(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
         s("B = T.int32()", "L = T.int32()", "NT1 = T.int32()", "NNZ = T.int32()")
-        if bf16:
-            s(f'q = T.match_buffer(q_h, (B, {dims.H}, L, {dims.D // 2}), "int32")',
-              f'k = T.match_buffer(k_h, (B, {dims.Hkv}, {kv_rows}, {dims.D // 2}), "int32")',
-              f'v = T.match_buffer(v_h, (B, {dims.Hkv}, {kv_rows}, {dims.Dv}), "int16")')
-        else:
-            s(f'q = T.match_buffer(q_h, (B, {dims.H}, L, {dims.D}), "float32")',
-              f'k = T.match_buffer(k_h, (B, {dims.Hkv}, {kv_rows}, {dims.D}), "float32")',
-              f'v = T.match_buffer(v_h, (B, {dims.Hkv}, {kv_rows}, {dims.Dv}), "float32")')
+        kd, kt, vt = storage(dims.D, bf16)
+        s(f'q = T.match_buffer(q_h, (B, {dims.H}, L, {kd}), "{kt}")',
+          f'k = T.match_buffer(k_h, (B, {dims.Hkv}, {kv_rows}, {kd}), "{kt}")',
+          f'v = T.match_buffer(v_h, (B, {dims.Hkv}, {kv_rows}, {dims.Dv}), "{vt}")')
         yield
 
 
@@ -202,7 +204,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
             s(f'sink_logits = T.match_buffer(sink_logits_h, ({H}, {spec.sinks}), "float32")')
         if spec.pool is not None:
             NP = pooled_rows(spec, GN)
-            kd, kt, vt = (D // 2, "int32", "int16") if bf16 else (D, "float32", "float32")
+            kd, kt, vt = storage(D, bf16)
             s(f'kp = T.match_buffer(kp_h, (B, {Hkv}, {NP}, {kd}), "{kt}")',
               f'vp = T.match_buffer(vp_h, (B, {Hkv}, {NP}, {Dv}), "{vt}")')
         if summed:
@@ -234,7 +236,7 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
               f"hk = h // {group}" if group > 1 else "hk = h")
             fk_head = "h" if (shared and HF == H) else "hk"
             for buf, shape, dt in (("qpos", f"({BM},)", "int32"), ("kpos", f"({GN},)", "int32"),
-                                   ("qT", f"({D // 2 if bf16 else D}, {BM})", "int32" if bf16 else "float32"),
+                                   ("qT", f"({storage(D, bf16)[0]}, {BM})", storage(D, bf16)[1]),
                                    ("sT", f"({max(GN, pooled_step(spec, GN)) if spec.pool else GN}, {BM})", "float32"),
                                    ("acc", f"({BM}, {Dv})", "float32"), ("m", f"({BM},)", "float32"),
                                    ("l", f"({BM},)", "float32"), ("mu", f"({BM},)", "float32"),
@@ -250,16 +252,11 @@ def window_source(spec: AttentionSpec, dims: WindowDims, cfg: WindowConfig, name
                   f'accl = T.alloc_buffer(({BM}, {Dv}), "float32")',
                   f'll = T.alloc_buffer(({BM},), "float32")')
             _emit_positions(s, spec, "qpos", "t", BM, grid)
-            if bf16:
-                s("# the query tile transposed by pairs of the head dim (bf16 words; the scores are scaled)")
-                with s.block(f"for i in range({BM}):"):
-                    with s.block(f"for d in range({D // 2}):"):
-                        s("qT[d, i] = q[b, h, T.max(qpos[i], 0), d]")
-            else:
-                s("# the query tile, transposed and pre-scaled for base-2 softmax")
-                with s.block(f"for i in range({BM}):"):
-                    with s.block(f"for d in range({D}):"):
-                        s(f"qT[d, i] = q[b, h, T.max(qpos[i], 0), d] * (scale * {f32(LOG2E)})")
+            s("# the query tile transposed by pairs of the head dim (bf16 words; the scores are scaled)" if bf16 else
+              "# the query tile, transposed and pre-scaled for base-2 softmax")
+            with s.block(f"for i in range({BM}):"):
+                with s.block(f"for d in range({storage(D, bf16)[0]}):"):
+                    s("qT[d, i] = q[b, h, T.max(qpos[i], 0), d]" + ("" if bf16 else f" * (scale * {f32(LOG2E)})"))
             if inwin:
                 with s.block(f"for i in range({BM}):"):
                     with s.block(f"for f in range({F}):"):
@@ -349,10 +346,10 @@ def _emit_step(s: Script, GN: int, BM: int, D: int, Dv: int, mr_qk: int, mr_pv: 
     (``bf16``: ``key`` an int32 pair of the head dim, ``val`` an int16 element)."""
     s(f"# sT = K @ qT: scores of {GN} keys (rows) x {BM} queries (vectorised)")
     if bf16:
-        lanes = f"{BF16_LANES}"
         emit_bf16_tile(s, rows=GN, mr=mr_qk, width=BM, pairs=str(D // 2), a=key,
                        b=lambda x, o: f"qT[{x}, {ramp(o)}]",
-                       store=lambda r, o, val_: f"sT[{r}, {ramp(o)}] = {val_} * T.broadcast(scale * {f32(LOG2E)}, {lanes})")
+                       store=lambda r, o, val_: f"sT[{r}, {ramp(o)}] = {val_} * "
+                                                f"T.broadcast(scale * {f32(LOG2E)}, {BF16_LANES})")
     else:
         emit_gemm_tile(s, rows=GN, mr=mr_qk, width=BM, red=str(D), a=key,
                        b=lambda x, w: f"qT[{x}, {w}]", init=None,
