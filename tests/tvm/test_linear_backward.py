@@ -101,6 +101,16 @@ def test_normaliser_column_at_wide_heads(gate, D):
     check(linear_spec("hedgehog", gate, normalize=True), L=40, D=D, seed=2)
 
 
+@pytest.mark.parametrize("gate", [None, "scalar", "vector"])
+@pytest.mark.parametrize("D, chunk", [(24, 32), (64, 16)])
+def test_register_transposes_at_wide_heads(gate, D, chunk):
+    """Whole chunks transpose q, v, do (and the vector gate's decays) and the gradients' rows in registers
+    (codegen.emit_transpose), 16 x 16 blocks on AVX-512, 8 x 8 on AVX2; D=24 leaves ragged rows and columns; the
+    last chunk is partial (the guarded path)."""
+    check(linear_spec("identity", gate, False), L=2 * chunk + 7, D=D, seed=3, initial_state=True,
+          config={"linear_bwd": {"chunk": chunk}})
+
+
 @pytest.mark.parametrize("fmap", ["identity", "elu1", "hedgehog"])
 def test_non_causal(fmap):
     check(linear_spec(fmap, None, fmap != "identity", causal=False), L=50, H=4, Hkv=2, seed=2)
@@ -162,14 +172,19 @@ def test_op_trains_on_the_kernels(monkeypatch, name):
 
 
 def test_poisoned_outputs_are_on():
-    """The backward's outputs (and the saved states past the chunks a config uses) start as NaN here."""
+    """The backward's outputs (and the saved states past the chunks a config uses) start as NaN here; a walk
+    with chunk 32 writes the buffer's first B * H * ceil(L / 32) states contiguously (chunk_states)."""
+    from lincomp.lower.tvmir.linear_train import chunk_states
     from lincomp.runtime.buffers import poisoning
     assert poisoning()
     spec = linear_spec("identity", "vector")
     x = random_inputs(spec, B=1, H=2, L=20, D=8, seed=4)
     kern = lincomp.compile(spec, target="tvm", config={"linear_bwd": {"chunk": 32}})
     _, saved = kern.forward_and_save(**x)
-    assert torch.isnan(saved[0][:, :, 1:]).all() and not torch.isnan(saved[0][:, :, :1]).any()
+    used = chunk_states(saved[0], 20, 32)
+    assert used.shape == (1, 2, 1, 8, 8) and used.data_ptr() == saved[0].data_ptr() and used.is_contiguous()
+    flat = saved[0].view(-1)
+    assert not torch.isnan(flat[:used.numel()]).any() and torch.isnan(flat[used.numel():]).all()
 
 
 def test_backward_config_is_checked():

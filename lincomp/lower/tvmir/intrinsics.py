@@ -19,7 +19,7 @@ import hashlib
 import tvm
 from tvm import tirx
 
-from lincomp.lower.tvmir.codegen import EXP2_POLY, EXP2_POLY_BF16
+from lincomp.lower.tvmir.codegen import EXP2_POLY, EXP2_POLY_BF16, TRANSPOSE_SIZES
 
 OP_NAME = "tirx.lincomp_exp2"
 # The bf16 window kernel's probabilities are rounded to bf16 (relative error 2^-9) before P @ V: a degree-3
@@ -111,6 +111,42 @@ define linkonce_odr <8 x i32> @lincomp_round_bf16(<16 x float> %x) alwaysinline 
 }
 """
 SCRIPT_VARS["BF16_LLVM"] = BF16_LLVM
+
+
+# -- n x n transposes in registers ------------------------------------------------------------------------
+# A vectorised strided copy (``for r in T.vectorized(C): qT[f, r] = q[r, f]``) is a gather: one element per
+# lane and cycle or worse. lincomp_transpose{n}(dst, dst_stride, src, src_stride) loads n rows of n floats,
+# exchanges one bit of the (row, column) index per stage (log2 n stages of n two-source shuffles) and stores
+# n rows: dst[i, j] = src[j, i], strides in elements. Printed for every vector width the kernels use.
+def transpose_llvm(n: int) -> str:
+    """LLVM IR of ``lincomp_transpose{n}`` (n a power of two)."""
+    vt = f"<{n} x float>"
+    lines = [f"define linkonce_odr void @lincomp_transpose{n}(ptr %dst, i32 %ds, ptr %src, i32 %ss) alwaysinline {{",
+             "  %ss64 = sext i32 %ss to i64", "  %ds64 = sext i32 %ds to i64"]
+    rows = []
+    for r in range(n):
+        lines += [f"  %so{r} = mul i64 %ss64, {r}", f"  %sp{r} = getelementptr float, ptr %src, i64 %so{r}",
+                  f"  %t0_{r} = load {vt}, ptr %sp{r}, align 4"]
+        rows.append(f"%t0_{r}")
+    bit, stage = 1, 0
+    while bit < n:   # swap bit ``bit`` between the row and the column index
+        new = list(rows)
+        for lo in (r for r in range(n) if not r & bit):
+            hi = lo | bit
+            for dst, mask in ((lo, [c if not c & bit else n + (c ^ bit) for c in range(n)]),
+                              (hi, [(c ^ bit) if not c & bit else n + c for c in range(n)])):
+                new[dst] = f"%t{stage + 1}_{dst}"
+                lanes = ", ".join(f"i32 {m}" for m in mask)
+                lines.append(f"  {new[dst]} = shufflevector {vt} {rows[lo]}, {vt} {rows[hi]}, <{n} x i32> <{lanes}>")
+        rows, bit, stage = new, bit * 2, stage + 1
+    for r in range(n):
+        lines += [f"  %do{r} = mul i64 %ds64, {r}", f"  %dp{r} = getelementptr float, ptr %dst, i64 %do{r}",
+                  f"  store {vt} {rows[r]}, ptr %dp{r}, align 4"]
+    return "\n".join(lines + ["  ret void", "}"]) + "\n"
+
+
+TRANSPOSE_LLVM = "".join(transpose_llvm(n) for n in TRANSPOSE_SIZES)
+SCRIPT_VARS["TRANSPOSE_LLVM"] = TRANSPOSE_LLVM
 # What the generated text names but does not spell out (the helpers' IR, the exp2 polynomials): part of every
 # module's cache key, so editing them rebuilds cached modules.
-FINGERPRINT = hashlib.sha256(repr((BF16_LLVM, EXP2_POLY, EXP2_POLY_BF16)).encode()).hexdigest()[:12]
+FINGERPRINT = hashlib.sha256(repr((BF16_LLVM, TRANSPOSE_LLVM, EXP2_POLY, EXP2_POLY_BF16)).encode()).hexdigest()[:12]

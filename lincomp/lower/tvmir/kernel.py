@@ -549,7 +549,8 @@ class TVMKernel(Kernel):
                     check_gate(max(gcheck.tolist()))
                 lin_args = [num, den, call.window_gamma]
             else:
-                lin_args, state = self._full_scan(m.fn("linear_fwd"), scratch, call, sizes, o, saved, fq, fk)
+                lin_args, state = self._full_scan(m.fn("linear_fwd"), scratch, call, sizes, o, saved, fq, fk,
+                                                  configs["linear"]["chunk"])
         if spec.has_softmax:
             args = self._window_inputs(call, configs["window"]) + (lin_args or [])
             if kpm is not None:   # padded keys score -inf (as the reference masks them)
@@ -567,7 +568,7 @@ class TVMKernel(Kernel):
         return o, state
 
     def _full_scan(self, scan, scratch, call: Call, sizes: Sizes, o: torch.Tensor, saved: Optional[list],
-                   fq: Optional[torch.Tensor], fk: Optional[torch.Tensor]) -> tuple:
+                   fq: Optional[torch.Tensor], fk: Optional[torch.Tensor], chunk: int) -> tuple:
         """The linear branch over the whole sequence (``linear_fwd``): (the window kernel's linear arguments or
         None, the final state or None). Linear-only specs write ``o`` (and, training, fill ``saved``);
         combine="shared" passes [num, den, window_gamma, fq, fk, (G,) cond] for the window kernel to subtract
@@ -600,7 +601,7 @@ class TVMKernel(Kernel):
         if save:
             saved += [_empty(s) for s in _linear_train.saved_shapes(spec, B, H, L, sizes.F, Dv)]
             if spec.causal:
-                args.append(saved[0])
+                args.append(_linear_train.chunk_states(saved[0], L, chunk))
         scan(*args, call.linear_scale)
         if save and lin.normalize and spec.combine is None:   # o = num / den (0 where den = 0), den kept
             saved[1] = den
@@ -733,9 +734,7 @@ class TVMKernel(Kernel):
         if spec.causal:
             bwd = self._bwd_choice(sizes, L)
             C = bwd.params["chunk"]
-            Sc = saved[0][:, :, :(L + C - 1) // C]
-            if not Sc.is_contiguous():
-                Sc = Sc.contiguous()
+            Sc = _linear_train.chunk_states(saved[0], L, C)
             dfq, dfk, dv = _empty((B, H, L, sizes.F)), _empty((B, H, L, sizes.F)), _empty((B, H, L, Dv))
             dS0 = _empty((B, H, sizes.F, Dv + int(aug)))
             gate = [call.g] if lin.gate is not None else []

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from lincomp.lower.tvmir.codegen import (LOG2E, NEG_INF, Script, check_config_int, divisor_at_most, emit_gemm_tile,
-                                         exp2, f32, rows_that_fit, tile_cols)
+from lincomp.lower.tvmir.codegen import (LOG2E, NEG_INF, TRANSPOSE_IMPORT, Script, check_config_int, divisor_at_most,
+                                         emit_gemm_tile, emit_transpose, exp2, f32, rows_that_fit, tile_cols)
 from lincomp.spec import AttentionSpec
 
 INLINE_MAPS = ("identity", "elu1", "relu")
@@ -176,12 +176,12 @@ def linear_source(spec: AttentionSpec, dims: LinearDims, cfg: LinearConfig, *, m
         if save_states:
             s("NC = T.int32()", f'Sc = T.match_buffer(Sc_h, (B, {H}, NC, {F}, {Dv + int(den)}), "float32")')
         s("# one task per (batch, head); its chunks run in order")
-        with s.block(f"for task in T.parallel(B * {H}):"):
+        with s.block(TRANSPOSE_IMPORT), s.block(f"for task in T.parallel(B * {H}):"):
             s(f"b = task // {H}", f"h = task % {H}", f"hk = h // {group}" if group > 1 else "hk = h")
             fk_head = "h" if HF == H else "hk"
             Fg = k.Fg
-            bufs = [("S", f"({F}, {Dv})"), ("qT", f"({F}, {C})"), ("kc", f"({C}, {F})"), ("aT", f"({C}, {C})"),
-]
+            bufs = [("S", f"({F}, {Dv})"), ("qT", f"({F}, {C})"), ("qr", f"({C}, {F})"), ("kc", f"({C}, {F})"),
+                    ("aT", f"({C}, {C})")]
             if keep_z:
                 bufs.append(("z", f"({F},)"))
             if den:
@@ -349,16 +349,23 @@ def _emit_load_queries(s, spec, k: _Ctx, inline: bool, decay: bool = False) -> N
         factors.append("eq[r, f]" if k.gate == "vector" else "eq[r, 0]")
     # o is linear in phi(q): scale it once here (one product per row: LLVM does not reassociate floats)
     scale = f" * ({' * '.join(factors)})" if len(factors) > 1 else "".join(f" * {x}" for x in factors)
-    s("# phi(q) transposed (queries along the vector lanes)" + (", times linear_scale" if not k.den else "")
-      + (", decayed from the chunk start" if decay else ""))
+    s("# phi(q) row by row" + (", times linear_scale" if not k.den else "")
+      + (", decayed from the chunk start" if decay else "") + ", then transposed (queries along the vector lanes)")
     with s.block(f"if c0 + {C} <= L:"):
-        with s.block(f"for f in range({F}):"):
-            with s.block(f"for r in T.vectorized({C}):"):
-                s(f"qT[f, r] = {src_q('r', 'f').replace('T.min(c0 + r, L - 1)', 'c0 + r')}{scale}")
+        with s.block(f"for r in range({C}):"):
+            with s.block(f"for f in T.vectorized({F}):"):
+                s(f"qr[r, f] = {src_q('r', 'f').replace('T.min(c0 + r, L - 1)', 'c0 + r')}{scale}")
     with s.block("else:"):
         with s.block(f"for r in range({C}):"):
-            with s.block(f"for f in range({F}):"):
-                s(f"qT[f, r] = T.if_then_else(c0 + r < L, {src_q('r', 'f')}{scale}, T.float32(0))")
+            with s.block(f"for f in T.vectorized({F}):"):
+                s(f"qr[r, f] = T.if_then_else(c0 + r < L, {src_q('r', 'f')}{scale}, T.float32(0))")
+    _emit_transpose_queries(s, k, "qr")
+
+
+def _emit_transpose_queries(s, k: _Ctx, rows: str) -> None:
+    """qT = the [C, F] buffer ``rows`` transposed, in registers (codegen.emit_transpose)."""
+    emit_transpose(s, rows=k.F, cols=k.C, dst=lambda i, j: f"qT[{i}, {j}]", src=lambda i, j: f"{rows}[{i}, {j}]",
+                   dst_stride=k.C, src_stride=k.F, lanes=k.lanes)
 
 
 def _emit_gates(s, k: _Ctx) -> None:
@@ -409,9 +416,7 @@ def _emit_factored_scores(s, spec, k: _Ctx, inline: bool) -> None:
             with s.block(f"for f in T.vectorized({F}):"):
                 s(f"eq[r, f] = T.if_then_else(c0 + r < L, {src_q('r', 'f')} * {factor}, T.float32(0))")
         s("# phi(q) transposed (queries along the vector lanes)")
-        with s.block(f"for f in range({F}):"):
-            with s.block(f"for r in T.vectorized({C}):"):
-                s("qT[f, r] = eq[r, f]")
+        _emit_transpose_queries(s, k, "eq")
         key_factor, end_decay = exp2(f"-Gc[j, f] * {L2E}"), "decay[f]"
     else:   # one factor per token each way, exponentials vectorised over the chunk's tokens
         with s.block(f"for r in T.vectorized({C}):"):

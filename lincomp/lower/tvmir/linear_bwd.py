@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from lincomp.lower.tvmir.codegen import (LOG2E, Script, check_config_int, divisor_at_most, emit_gemm_tile, exp2, f32,
-                                         rows_that_fit, tile_cols)
+from lincomp.lower.tvmir.codegen import (LOG2E, TRANSPOSE_IMPORT, Script, check_config_int, divisor_at_most,
+                                         emit_gemm_tile, emit_transpose, exp2, f32, rows_that_fit, tile_cols)
 from lincomp.lower.tvmir.linear import FACTOR_LIMIT, GATE_FLOOR
 
 L2E = f32(LOG2E)
@@ -98,7 +98,7 @@ def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, 
     mr_cc = divisor_at_most(C, max(1, (regs - 6) // -(-C // lanes)))
     k = _K(C=C, F=F, Dv=Dv, Dsv=Dsv, gate=gate, mr_v=mr_v, mr_f=mr_f, mr_c=mr_c, mr_cc=mr_cc,
            fk_head="h" if HF == H else "hk", dv=dv, cols_v=cols_v, cols_s=cols_s,
-           lanes=divisor_at_most(F, lanes))
+           lanes=divisor_at_most(F, lanes), vl=lanes)
     s = Script()
     s("@T.prim_func")
     names = arg_names(gate)
@@ -120,17 +120,18 @@ def linear_bwd_source(gate: Optional[str], dims: BwdDims, cfg: LinearBwdConfig, 
         if gshape:
             s(f'dg = T.match_buffer(dg_h, {gshape}, "float32")')
         s("# one task per (batch, head); its chunks run last to first, carrying dT")
-        with s.block(f"for task in T.parallel(B * {H}):"):
+        with s.block(TRANSPOSE_IMPORT), s.block(f"for task in T.parallel(B * {H}):"):
             group = H // Hkv
             s(f"b = task // {H}", f"h = task % {H}", f"hk = h // {group}" if group > 1 else "hk = h")
             Fg = F if gate == "vector" else 1
             bufs = [("dT", (F, Dsv)), ("dd", (C,)), ("kc", (C, F)), ("qT", (F, C)), ("vcT", (Dsv, C)), ("dcT", (Dsv, C)),
-                    ("PT", (C, C)), ("dA", (C, C)), ("dAT", (C, C)), ("tq", (F, C)), ("tk", (F, C))]
+                    ("PT", (C, C)), ("dA", (C, C)), ("dAT", (C, C)), ("tq", (F, C)), ("tk", (F, C)),
+                    ("tqr", (C, F)), ("tkr", (C, F))]
             if gate is not None:
                 bufs += [("Gc", (C, Fg)), ("GT", (Fg, C)), ("decay", (Fg,)), ("qdT", (F, C)), ("ke", (C, F)),
                          ("kend", (C, Fg))]
             if gate == "vector":
-                bufs += [("eqT", (F, C)), ("kd", (C, F)), ("ek", (C, F))]
+                bufs += [("eqT", (F, C)), ("eqr", (C, F)), ("kd", (C, F)), ("ek", (C, F))]
             elif gate == "scalar":
                 bufs += [("eq", (C,)), ("Dm", (C, C)), ("dceT", (Dsv, C))]
             for buf, shape in bufs:
@@ -182,6 +183,7 @@ class _K:
     cols_v: Optional[int] = None
     cols_s: Optional[int] = None
     lanes: int = 8           # partial sums of the scalar gate's gradient (F must be a multiple)
+    vl: int = 16             # the target's vector lanes (register-transpose blocks)
 
 
 def _emit_loads(s, k: _K) -> None:
@@ -197,6 +199,15 @@ def _emit_loads(s, k: _K) -> None:
 
 def _emit_load_rows(s, k: _K, full: bool) -> None:
     C, F, Dv, Dsv = k.C, k.F, k.Dv, k.Dsv
+    if full:   # whole chunks: transposed in registers
+        with s.block(f"for r in range({C}):"):
+            with s.block(f"for f in T.vectorized({F}):"):
+                s(f"kc[r, f] = fk[b, {k.fk_head}, c0 + r, f]")
+        for dst, src, rows in (("qT", "fq[b, h, c0 + {}, {}]", F), ("vcT", "v[b, hk, c0 + {}, {}]", Dv),
+                               ("dcT", "do[b, h, c0 + {}, {}]", Dsv)):
+            emit_transpose(s, rows=rows, cols=C, dst=lambda i, j, d=dst: f"{d}[{i}, {j}]",
+                           src=lambda i, j, t=src: t.format(i, j), dst_stride=C, src_stride=rows, lanes=k.vl)
+        return
 
     def load(src: str) -> str:
         if full:
@@ -224,9 +235,12 @@ def _emit_gates(s, k: _K) -> None:
     with s.block(f"for r in range(1, {C}):"):
         with s.block(f"for f in T.vectorized({Fg}):"):
             s(f"Gc[r, f] = Gc[r - 1, f] + T.if_then_else(c0 + r < L, {gc('T.min(c0 + r, L - 1)')}, T.float32(0))")
-    with s.block(f"for f in range({Fg}):"):
+    if gate == "vector":
+        emit_transpose(s, rows=F, cols=C, dst=lambda i, j: f"GT[{i}, {j}]", src=lambda i, j: f"Gc[{i}, {j}]",
+                       dst_stride=C, src_stride=F, lanes=k.vl)
+    else:
         with s.block(f"for r in T.vectorized({C}):"):
-            s("GT[f, r] = Gc[r, f]")
+            s("GT[0, r] = Gc[r, 0]")
     with s.block(f"for f in T.vectorized({Fg}):"):
         s(f"decay[f] = {exp2(f'Gc[{C - 1}, f] * {L2E}')}")
     with s.block(f"for r in range({C}):"):
@@ -236,10 +250,15 @@ def _emit_gates(s, k: _K) -> None:
     with s.block(f"for r in range({C}):"):
         with s.block(f"for f in T.vectorized({F}):"):
             s(f"ke[r, f] = kc[r, f] * kend[r, {fg}]")
-    if gate == "vector":
+    if gate == "vector":   # e^Gc row by row (the stores' factor), transposed for the decayed queries
+        with s.block(f"for r in range({C}):"):
+            with s.block(f"for f in T.vectorized({F}):"):
+                s(f"eqr[r, f] = {exp2(f'Gc[r, f] * {L2E}')}")
+        emit_transpose(s, rows=F, cols=C, dst=lambda i, j: f"eqT[{i}, {j}]", src=lambda i, j: f"eqr[{i}, {j}]",
+                       dst_stride=C, src_stride=F, lanes=k.vl)
         with s.block(f"for f in range({F}):"):
             with s.block(f"for r in T.vectorized({C}):"):
-                s(f"eqT[f, r] = {exp2(f'GT[f, r] * {L2E}')}", "qdT[f, r] = qT[f, r] * eqT[f, r]")
+                s("qdT[f, r] = qT[f, r] * eqT[f, r]")
         s("small[0] = 1")
         with s.block(f"for f in range({F}):"):
             with s.block(f"if Gc[{C - 1}, f] < T.float32({FACTOR_LIMIT}):"):
@@ -287,19 +306,22 @@ def _transpose_dA(s, k: _K) -> None:
 
 
 def _emit_store_grads(s, k: _K, qfactor: Optional[str] = None, kfactor: Optional[str] = None) -> None:
-    """dfq / dfk rows inside L from the transposed tq / tk (times a per-(row, feature) factor); with a gate,
-    d g by the reverse cumulative sum of dG_t = phi(q_t) . dphi(q_t) - phi(k_t) . dphi(k_t) (float64),
+    """dfq / dfk rows inside L from tq / tk (transposed back to rows, times a per-(row, feature) factor); with a
+    gate, d g by the reverse cumulative sum of dG_t = phi(q_t) . dphi(q_t) - phi(k_t) . dphi(k_t) (float64),
     0 for a gate under the floor (the kernels never saw it)."""
+    for t in ("tq", "tk"):
+        emit_transpose(s, rows=k.C, cols=k.F, dst=lambda i, j, t=t: f"{t}r[{i}, {j}]", src=lambda i, j, t=t: f"{t}[{i}, {j}]",
+                       dst_stride=k.F, src_stride=k.C, lanes=k.vl)
     n = f"T.min({k.C}, L - c0)"
     with s.block(f"for rr in range({n}):"):
         s(f"r = {n} - 1 - rr")   # last row first: the sum runs from the sequence's end
         with s.block(f"for f in T.vectorized({k.F}):"):
-            off = {out: f"{buf}[f, r]" + (f" * {fac}" if fac else "")
-                   for out, buf, fac in (("dfq", "tq", qfactor), ("dfk", "tk", kfactor))}
+            off = {out: f"{buf}[r, f]" + (f" * {fac}" if fac else "")
+                   for out, buf, fac in (("dfq", "tqr", qfactor), ("dfk", "tkr", kfactor))}
             s(f"dfq[b, h, c0 + r, f] = {off['dfq']} + dd[r] * kc[r, f]",
-              f"dfk[b, h, c0 + r, f] = {off['dfk']} + dd[r] * qT[f, r]")
+              f"dfk[b, h, c0 + r, f] = {off['dfk']} + dd[r] * fq[b, h, c0 + r, f]")
             if k.gate is not None:   # the identity over the decaying pairs only (see _mask_dA)
-                s(f"grow[f] = qT[f, r] * ({off['dfq']}) - kc[r, f] * ({off['dfk']})")
+                s(f"grow[f] = fq[b, h, c0 + r, f] * ({off['dfq']}) - kc[r, f] * ({off['dfk']})")
         if k.gate == "vector":
             with s.block(f"for f in T.vectorized({k.F}):"):
                 s("gacc[f] = gacc[f] + T.Cast(\"float64\", grow[f])")
@@ -383,7 +405,7 @@ def _emit_vector_factored(s, k: _K) -> None:
     _mask_dA(s, k)
     _transpose_dA(s, k)
     _emit_feature_grads(s, k, "kd", "qdT", "dcT", scaled=True)
-    _emit_store_grads(s, k, qfactor="eqT[f, r]", kfactor="ek[r, f]")
+    _emit_store_grads(s, k, qfactor="eqr[r, f]", kfactor="ek[r, f]")
 
 
 def _emit_vector_exact(s, k: _K) -> None:

@@ -30,6 +30,15 @@ def n_saved_chunks(L) -> int:
     return (L + MIN_CHUNK - 1) // MIN_CHUNK
 
 
+def chunk_states(Sc: torch.Tensor, L: int, chunk: int) -> torch.Tensor:
+    """The saved states of a walk with ``chunk``: the buffer's first B * H * ceil(L / chunk) entries laid out as a
+    contiguous [B, H, ceil(L / chunk), F, Dv (+1)] (the saving forward writes this view, the backward reads it; a
+    slice of the [B, H, ceil(L / 16), ...] layout would be strided and cost the backward a copy)."""
+    B, H, _, F, Dsv = Sc.shape
+    nc = (L + chunk - 1) // chunk
+    return Sc.view(-1)[:B * H * nc * F * Dsv].view(B, H, nc, F, Dsv)
+
+
 def saved_shapes(spec, B, H, L, F, Dv) -> list:
     """Shapes of the saved list: Sc [B, H, ceil(L / 16), F, Dv (+1)], den [B, H, L] (normalised, else [0]);
     combine="shared" (shared_train.py): the shared den and then lse2 [B, H, L]."""
