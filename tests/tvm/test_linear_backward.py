@@ -111,6 +111,19 @@ def test_register_transposes_at_wide_heads(gate, D, chunk):
           config={"linear_bwd": {"chunk": chunk}})
 
 
+@pytest.mark.parametrize("fmap", ["hedgehog", "hedgehog_exp"])
+@pytest.mark.parametrize("D, gqa", [(32, True), (64, False)])
+def test_feature_map_vjp_kernels(fmap, D, gqa):
+    """Hedgehog maps train on generated kernels (features.py: phi again, then d x and d W per 256-token task,
+    summed on the host), not on torch's vjp: 64 features per side, L=300 (two tasks, a partial 32-row tile),
+    GQA (a key head's d k sums its query heads' terms)."""
+    spec = AttentionSpec(causal=True, linear={"feature_map": fmap, "gate": "scalar", "normalize": fmap == "hedgehog",
+                                              "feature_dim": 64})
+    kern, errs = check(spec, L=300, H=4, Hkv=2 if gqa else None, D=D, seed=7)
+    assert any(key[0] == "features_train" for key in kern._mods), "the feature maps' vjp did not run on the kernels"
+    assert {"feature_weight_q", "feature_weight_k", "q", "k"} <= set(errs)
+
+
 @pytest.mark.parametrize("fmap", ["identity", "elu1", "hedgehog"])
 def test_non_causal(fmap):
     check(linear_spec(fmap, None, fmap != "identity", causal=False), L=50, H=4, Hkv=2, seed=2)

@@ -716,6 +716,22 @@ class TVMKernel(Kernel):
             built = self._mods[key] = _build.build([src], f"linear_bwd-{self.spec.summary() or 'spec'}")
         return built
 
+    def _feature_module(self, sizes: Sizes) -> "_build.Built":
+        """features_q / features_k (phi, as the forward) and features_bwd_q / features_bwd_k (their vjp) of a
+        hedgehog map, for training."""
+        key = ("features_train", sizes)
+        built = self._mods.get(key)
+        if built is None:
+            fmap, lanes = self.spec.linear.feature_map, _build.vector_lanes()
+            fit = dict(mr=_fit_rows(4, sizes.E), lanes=lanes)
+            funcs = []
+            for side, Hx, H in (("q", sizes.H, sizes.H), ("k", sizes.Hkv, sizes.HF)):
+                dims = _features.FeatureDims(Hx, H, sizes.D, sizes.E)
+                funcs += [_features.feature_source(fmap, dims, name=f"features_{side}", **fit),
+                          _features.feature_bwd_source(fmap, dims, name=f"features_bwd_{side}", lanes=lanes)]
+            built = self._mods[key] = _build.build(funcs, f"features-{self.spec.summary() or 'spec'}")
+        return built
+
     def _linear_backward(self, call: Call, sizes: Sizes, grad_o, o, saved: list, inwindow=None,
                          needs=None) -> dict:
         """The scan's gradients on the kernel, the feature maps' and the gate's on the host (linear_train.py).
@@ -727,7 +743,7 @@ class TVMKernel(Kernel):
         aug = lin.normalize or spec.combine == "shared"   # shared: the scan's den column feeds its normaliser
         den = saved[1] if aug else None
         do = _linear_train.scan_grad(spec, grad_o, o, den, call.linear_scale, aug)
-        feats = _linear_train.Features(call, needs)
+        feats = _linear_train.Features(call, needs, self._feature_module(sizes) if lin.has_weights else None)
         fq, fk = feats.fq, feats.fk
         want_dv = wants(needs, "v")
         grads, dS0 = {}, None

@@ -65,17 +65,27 @@ def scan_grad(spec, grad_o: torch.Tensor, o: torch.Tensor, den: Optional[torch.T
 
 
 class Features:
-    """phi(q), phi(k) of a call and the vjp of the maps (``torch.func.vjp``: it differentiates inside a
-    custom op's backward too, where plain autograd records nothing). phi(k) has H heads with per-head
-    weights, else the key heads."""
+    """phi(q), phi(k) of a call and the vjp of the maps. phi(k) has H heads with per-head weights, else the key
+    heads. Hedgehog maps run on the generated kernels of ``module`` (features.py: phi, and its vjp giving
+    d x and d W); elementwise maps (or no module) on ``torch.func.vjp`` of the reference maps (it differentiates
+    inside a custom op's backward too, where plain autograd records nothing)."""
 
     NAMES = ("q", "k", "feature_weight_q", "feature_weight_k")
 
-    def __init__(self, call, needs=None):
-        """``needs``: the names whose gradient is wanted (None: all); the others are constants of the vjp."""
+    def __init__(self, call, needs=None, module=None):
+        """``needs``: the names whose gradient is wanted (None: all); the others are constants of the vjp.
+        ``module``: the compiled features_q / _k and features_bwd_q / _k (TVMKernel._feature_module)."""
         lin, H = call.spec.linear, call.H
         given = {n: getattr(call, n) for n in self.NAMES if getattr(call, n) is not None}
         self.names = [n for n in given if wants(needs, n)]
+        self._module, self._call = module, call
+        if module is not None:
+            B, L = call.B, call.L
+            self.fq = torch.empty(B, H, L, call.F, dtype=torch.float32)
+            self.fk = torch.empty(B, H, L, call.F, dtype=torch.float32)
+            module.fn("features_q")(call.q, call.feature_weight_q, self.fq)
+            module.fn("features_k")(call.k, call.feature_weight_k, self.fk)
+            return
 
         def phis(*wanted):
             x = dict(given, **dict(zip(self.names, wanted)))
@@ -93,7 +103,22 @@ class Features:
 
     def backward(self, dfq: torch.Tensor, dfk: torch.Tensor) -> dict:
         """{name: gradient} of q, k and the feature weights from d phi(q), d phi(k) (phi(k)'s own heads)."""
-        return dict(zip(self.names, self._vjp((dfq, dfk))))
+        if self._module is None:
+            return dict(zip(self.names, self._vjp((dfq, dfk))))
+        from lincomp.lower.tvmir.features import TASK_ROWS
+        call, out = self._call, {}
+        B, H, L, D = call.B, call.H, call.L, call.D
+        for side, dphi in (("q", dfq), ("k", dfk)):
+            x, w = getattr(call, side), getattr(call, f"feature_weight_{side}")
+            wanted = [n for n in (side, f"feature_weight_{side}") if n in self.names]
+            if not wanted:
+                continue
+            dx = torch.empty(B, H, L, D, dtype=torch.float32)
+            dwp = torch.empty(B, H, (L + TASK_ROWS - 1) // TASK_ROWS, D, w.shape[-1], dtype=torch.float32)
+            self._module.fn(f"features_bwd_{side}")(x, w, w.transpose(-1, -2).contiguous(), dphi.contiguous(), dx, dwp)
+            out[side] = group_sum(dx, x.shape[1])          # a key head shared by a group of query heads
+            out[f"feature_weight_{side}"] = dwp.sum((0, 2))
+        return {n: out[n] for n in self.names}
 
 
 def group_sum(x: torch.Tensor, Hkv: int) -> torch.Tensor:
