@@ -534,8 +534,9 @@ class TVMKernel(Kernel):
             m = mods["linear"]
             fq = fk = None
             if (not _linear.inline_features(spec)) or spec.combine == "shared":
-                fq = scratch("fq", (B, H, L, sizes.F))
-                fk = scratch("fk", (B, sizes.HF, L, sizes.F))
+                keep = save and lin.has_weights   # the backward reads them (linear_train.saved_shapes)
+                fq = _empty((B, H, L, sizes.F)) if keep else scratch("fq", (B, H, L, sizes.F))
+                fk = _empty((B, sizes.HF, L, sizes.F)) if keep else scratch("fk", (B, sizes.HF, L, sizes.F))
                 wq = [call.feature_weight_q] if lin.has_weights else []
                 wk = [call.feature_weight_k] if lin.has_weights else []
                 m.fn("features_q")(call.q, *wq, fq)
@@ -555,7 +556,7 @@ class TVMKernel(Kernel):
             args = self._window_inputs(call, configs["window"]) + (lin_args or [])
             if kpm is not None:   # padded keys score -inf (as the reference masks them)
                 args.append(torch.zeros(B, L, dtype=torch.float32).masked_fill_(~kpm.cpu(), -math.inf))
-            mods["window"].fn("window_fwd")(*args, o.view(torch.int32) if bf16 else o, *(saved[2:] if save else []),
+            mods["window"].fn("window_fwd")(*args, o.view(torch.int32) if bf16 else o, *(saved[2:3] if save else []),
                                             call.scale)
             if spec.combine == "shared" and not lagged:
                 den, cond = lin_args[1], lin_args[-1]
@@ -600,6 +601,8 @@ class TVMKernel(Kernel):
             args += list(state)
         if save:
             saved += [_empty(s) for s in _linear_train.saved_shapes(spec, B, H, L, sizes.F, Dv)]
+            if lin.has_weights:   # phi(q), phi(k): _run_in formed them in fresh buffers
+                saved[-2:] = [fq, fk]
             if spec.causal:
                 args.append(_linear_train.chunk_states(saved[0], L, chunk))
         scan(*args, call.linear_scale)
@@ -743,7 +746,8 @@ class TVMKernel(Kernel):
         aug = lin.normalize or spec.combine == "shared"   # shared: the scan's den column feeds its normaliser
         den = saved[1] if aug else None
         do = _linear_train.scan_grad(spec, grad_o, o, den, call.linear_scale, aug)
-        feats = _linear_train.Features(call, needs, self._feature_module(sizes) if lin.has_weights else None)
+        feats = _linear_train.Features(call, needs, self._feature_module(sizes) if lin.has_weights else None,
+                                       _linear_train.saved_features(spec, saved))
         fq, fk = feats.fq, feats.fk
         want_dv = wants(needs, "v")
         grads, dS0 = {}, None

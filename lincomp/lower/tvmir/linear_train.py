@@ -41,13 +41,20 @@ def chunk_states(Sc: torch.Tensor, L: int, chunk: int) -> torch.Tensor:
 
 def saved_shapes(spec, B, H, L, F, Dv) -> list:
     """Shapes of the saved list: Sc [B, H, ceil(L / 16), F, Dv (+1)], den [B, H, L] (normalised, else [0]);
-    combine="shared" (shared_train.py): the shared den and then lse2 [B, H, L]."""
+    combine="shared" (shared_train.py): the shared den and then lse2 [B, H, L]; hedgehog maps: then phi(q), phi(k)
+    [B, H, L, F] as the forward formed them (the backward would otherwise form them again)."""
     shared = spec.combine == "shared"
     aug = int(spec.linear.normalize or shared)
     lse = [(B, H, L)] if shared else []
+    feats = [(B, H, L, F)] * 2 if spec.linear.has_weights else []
     if not spec.causal:
-        return [(0,), (B, H, L) if aug else (0,), *lse]
-    return [(B, H, n_saved_chunks(L), F, Dv + aug), (B, H, L) if aug else (0,), *lse]
+        return [(0,), (B, H, L) if aug else (0,), *lse, *feats]
+    return [(B, H, n_saved_chunks(L), F, Dv + aug), (B, H, L) if aug else (0,), *lse, *feats]
+
+
+def saved_features(spec, saved: list) -> Optional[tuple]:
+    """(phi(q), phi(k)) of the saved list (hedgehog maps: its last two entries), else None."""
+    return (saved[-2], saved[-1]) if spec.linear.has_weights else None
 
 
 def scan_grad(spec, grad_o: torch.Tensor, o: torch.Tensor, den: Optional[torch.Tensor], linear_scale: float,
@@ -72,13 +79,17 @@ class Features:
 
     NAMES = ("q", "k", "feature_weight_q", "feature_weight_k")
 
-    def __init__(self, call, needs=None, module=None):
+    def __init__(self, call, needs=None, module=None, phi=None):
         """``needs``: the names whose gradient is wanted (None: all); the others are constants of the vjp.
-        ``module``: the compiled features_q / _k and features_bwd_q / _k (TVMKernel._feature_module)."""
+        ``module``: the compiled features_q / _k and features_bwd_q / _k (TVMKernel._feature_module); ``phi``:
+        (phi(q), phi(k)) as the saving forward formed them (with ``module``), else formed here."""
         lin, H = call.spec.linear, call.H
         given = {n: getattr(call, n) for n in self.NAMES if getattr(call, n) is not None}
         self.names = [n for n in given if wants(needs, n)]
         self._module, self._call = module, call
+        if module is not None and phi is not None:
+            self.fq, self.fk = phi
+            return
         if module is not None:
             B, L = call.B, call.L
             self.fq = torch.empty(B, H, L, call.F, dtype=torch.float32)

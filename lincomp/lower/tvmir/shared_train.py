@@ -41,14 +41,14 @@ def backward_saved(kernel, grad_o, o, saved, q, k, v, *, scale=None, linear_scal
     """{name: gradient} of q, k, v, window_gamma, g, the feature weights and initial_state (``needs``: the
     names wanted, None: all; the others may be missing)."""
     call, sizes = kernel._train_call(q, k, v, scale, linear_scale, tensors)
-    Sc, den, lse2 = saved
+    Sc, den, lse2, *phi = saved   # phi(q), phi(k) of hedgehog maps (linear_train.saved_shapes)
     win = branches(kernel)[0]
     qkv = wants(needs, "q", "k", "v")
     gw = win.backward_saved(grad_o, o, [lse2], q, k, v, scale=scale, row_stats=True, rows_only=not qkv)
     rsum, ridx = gw["rows"]
     if wants(needs, "q", "k"):
         _row_max_grad(gw["q"], gw["k"], rsum, ridx, call)
-    gl = kernel._linear_backward(call, sizes, grad_o, o, [Sc, den], needs=needs,
+    gl = kernel._linear_backward(call, sizes, grad_o, o, [Sc, den, *phi], needs=needs,
                                  inwindow=lambda *a: _inwindow(kernel, call, sizes, *a, dv_wanted=wants(needs, "v")))
     kernel.config = {**kernel.config, **win.config}
     out = dict(gl)
