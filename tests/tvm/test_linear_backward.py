@@ -111,6 +111,18 @@ def test_register_transposes_at_wide_heads(gate, D, chunk):
           config={"linear_bwd": {"chunk": chunk}})
 
 
+@pytest.mark.parametrize("lanes", [8, 4])
+def test_narrower_vector_printers(monkeypatch, lanes):
+    """The code an AVX2 (8 lanes) or SSE (4 lanes) host gets: 8 x 8 / 4 x 4 register transposes, its column
+    blocks and row counts, built and run on this host (a narrower vector is legal on a wider one)."""
+    from lincomp.lower.tvmir import build
+    monkeypatch.setattr(build, "vector_lanes", lambda: lanes)
+    for gate in ("scalar", "vector"):
+        kern, _ = check(linear_spec("identity", gate, False), L=2 * 32 + 5, D=24, seed=4, initial_state=True,
+                        config={"linear_bwd": {"chunk": 32}})
+        assert f"lincomp_transpose{lanes}" in kern.preview_source(H=2, D=24, L=69)
+
+
 @pytest.mark.parametrize("fmap", ["hedgehog", "hedgehog_exp"])
 @pytest.mark.parametrize("D, gqa", [(32, True), (64, False)])
 def test_feature_map_vjp_kernels(fmap, D, gqa):
