@@ -64,24 +64,28 @@ def feature_source(fmap: str, dims: FeatureDims, mr: int = 4, name: str = "featu
                 s(f'part = T.alloc_buffer((2, {V}), "float32")', 'mx = T.alloc_buffer((2,), "float32")')
             with s.block(f"for r in range(T.min({ROWS}, L - t0)):"):
                 if fmap == "hedgehog":
-                    s("# softmax(p) and softmax(-p) over the E entries (shifted by max p and min p)")
-                    _emit_lane_reduce(s, E, V, (lambda a, x: f"T.max({a}, {x})", lambda a, x: f"T.min({a}, {x})"),
-                                      (lambda e: f"p[r, {e}]", lambda e: f"p[r, {e}]"))
-                    with s.block(f"for e in T.vectorized({E}):"):
-                        s(f"out[b, h, t0 + r, e] = {exp2(f'(p[r, e] - mx[0]) * {L2E}')}",
-                          f"out[b, h, t0 + r, {E} + e] = {exp2(f'(mx[1] - p[r, e]) * {L2E}')}")
-                    s("# the two sums (then multiply by their reciprocals: 1 ulp, against a division per entry)")
-                    _emit_lane_reduce(s, E, V, (lambda a, x: f"{a} + {x}",) * 2,
-                                      (lambda e: f"out[b, h, t0 + r, {e}]", lambda e: f"out[b, h, t0 + r, {E} + {e}]"))
-                    s("mx[0] = T.float32(1) / mx[0]", "mx[1] = T.float32(1) / mx[1]")
-                    with s.block(f"for e in T.vectorized({E}):"):
-                        s("out[b, h, t0 + r, e] = out[b, h, t0 + r, e] * mx[0]",
-                          f"out[b, h, t0 + r, {E} + e] = out[b, h, t0 + r, {E} + e] * mx[1]")
+                    _emit_row_softmaxes(s, E, V, lambda e: f"out[b, h, t0 + r, {e}]",
+                                        lambda e: f"out[b, h, t0 + r, {E} + {e}]")
                 else:
                     with s.block(f"for e in T.vectorized({E}):"):
                         s(f"out[b, h, t0 + r, e] = {exp2(f'p[r, e] * {L2E}')}",
                           f"out[b, h, t0 + r, {E} + e] = {exp2(f'-p[r, e] * {L2E}')}")
     return s.text()
+
+
+def _emit_row_softmaxes(s: Script, E: int, V: int, dst_a, dst_b) -> None:
+    """``dst_a(e)`` = softmax(p[r])_e and ``dst_b(e)`` = softmax(-p[r])_e for the tile row r (uses part / mx)."""
+    L2E = f32(LOG2E)
+    s("# softmax(p) and softmax(-p) over the E entries (shifted by max p and min p)")
+    _emit_lane_reduce(s, E, V, (lambda a, x: f"T.max({a}, {x})", lambda a, x: f"T.min({a}, {x})"),
+                      (lambda e: f"p[r, {e}]", lambda e: f"p[r, {e}]"))
+    with s.block(f"for e in T.vectorized({E}):"):
+        s(f"{dst_a('e')} = {exp2(f'(p[r, e] - mx[0]) * {L2E}')}", f"{dst_b('e')} = {exp2(f'(mx[1] - p[r, e]) * {L2E}')}")
+    s("# the two sums (then multiply by their reciprocals: 1 ulp, against a division per entry)")
+    _emit_lane_reduce(s, E, V, (lambda a, x: f"{a} + {x}",) * 2, (dst_a, dst_b))
+    s("mx[0] = T.float32(1) / mx[0]", "mx[1] = T.float32(1) / mx[1]")
+    with s.block(f"for e in T.vectorized({E}):"):
+        s(f"{dst_a('e')} = {dst_a('e')} * mx[0]", f"{dst_b('e')} = {dst_b('e')} * mx[1]")
 
 
 def _emit_lane_reduce(s: Script, E: int, V: int, ops, items) -> None:
@@ -155,15 +159,7 @@ def feature_bwd_source(fmap: str, dims: FeatureDims, name: str = "features_bwd",
                                   f"{dout('e', f'{E} + ')} * {exp2(f'-p[r, e] * {L2E}')}, T.float32(0))")
                         else:
                             s("# a = softmax(p), b = softmax(-p), as the forward forms them")
-                            _emit_lane_reduce(s, E, V, (lambda a, x: f"T.max({a}, {x})", lambda a, x: f"T.min({a}, {x})"),
-                                              (lambda e: f"p[r, {e}]", lambda e: f"p[r, {e}]"))
-                            with s.block(f"for e in T.vectorized({E}):"):
-                                s(f"pa[e] = {exp2(f'(p[r, e] - mx[0]) * {L2E}')}",
-                                  f"pb[e] = {exp2(f'(mx[1] - p[r, e]) * {L2E}')}")
-                            _emit_lane_reduce(s, E, V, (lambda a, x: f"{a} + {x}",) * 2,
-                                              (lambda e: f"pa[{e}]", lambda e: f"pb[{e}]"))
-                            with s.block(f"for e in T.vectorized({E}):"):
-                                s("pa[e] = pa[e] * (T.float32(1) / mx[0])", "pb[e] = pb[e] * (T.float32(1) / mx[1])")
+                            _emit_row_softmaxes(s, E, V, lambda e: f"pa[{e}]", lambda e: f"pb[{e}]")
                             s("# the softmaxes' vjp: dout . a and dout . b")
                             _emit_lane_reduce(s, E, V, (lambda a, x: f"{a} + {x}",) * 2,
                                               (lambda e: f"{dout(e, '')} * pa[{e}]",
