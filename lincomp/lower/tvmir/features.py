@@ -4,6 +4,7 @@ Hedgehog maps project each token with a per-head weight, ``p = x W[h]`` (``W: [H
 ``hedgehog``: ``[softmax(p), softmax(-p)]`` (each over its E entries) or ``hedgehog_exp``:
 ``[exp(p), exp(-p)]``. Elementwise maps (identity / elu1 / relu) are cheap enough to be applied inline
 by the linear kernel; they come here only when the window kernel of a ``shared`` hybrid needs them.
+Training takes the hedgehog maps' vjp from ``feature_bwd_source`` (d x and d W; linear_train.Features).
 """
 
 from __future__ import annotations
