@@ -224,21 +224,25 @@ def test_backward_config_is_checked():
     assert kern.config["linear_bwd"]["params"]["chunk"] >= 16
 
 
-def test_compiled_training_step():
-    """torch.compile (dynamic lengths) keeps the op opaque: the saved states' fake shapes follow L alone,
-    and two lengths train on the kernels through one compiled graph."""
-    spec = lincomp.presets.gla("vector")
+@pytest.mark.parametrize("spec", [lincomp.presets.gla("vector"), linear_spec("hedgehog_exp", "scalar", True)],
+                         ids=["gla", "hedgehog-saves-phi"])
+def test_compiled_training_step(spec):
+    """torch.compile (dynamic lengths) keeps the op opaque: the saved states' fake shapes follow L alone (with a
+    hedgehog map, the saved phi(q), phi(k) too), and two lengths train on the kernels through one compiled graph."""
     sj = ops.spec_to_json(spec)
+    names = [n for n in ("g", "feature_weight_q", "feature_weight_k")
+             if (n == "g" and spec.linear.gate) or (n != "g" and spec.linear.has_weights)]
 
-    def step(q, k, v, g):
-        return ops.attention(q, k, v, sj, None, g, target="tvm", fallback="error").square().sum()
+    def step(q, k, v, *tensors):
+        kw = dict(zip(names, tensors))
+        return ops.attention(q, k, v, sj, None, target="tvm", fallback="error", **kw).square().sum()
     compiled = torch.compile(step, dynamic=True)
     for L, seed in ((40, 3), (53, 4)):
         x = random_inputs(spec, B=1, H=2, L=L, D=8, seed=seed)
         lv = leaves(x, torch.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("error", LincompFallbackWarning)
-            compiled(lv["q"], lv["k"], lv["v"], lv["g"]).backward()
+            compiled(lv["q"], lv["k"], lv["v"], *[lv[n] for n in names]).backward()
         ref = leaves(x, torch.float64)
         reference(spec, **ref).square().sum().backward()
         errs = {n: rel_err(lv[n].grad, ref[n].grad) for n in lv}
