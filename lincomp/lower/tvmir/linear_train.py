@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from lincomp.lower.tvmir.features import TASK_ROWS
 from lincomp.reference.features import feature_map
 from lincomp.runtime.kernel import wants
 
@@ -116,7 +117,6 @@ class Features:
         """{name: gradient} of q, k and the feature weights from d phi(q), d phi(k) (phi(k)'s own heads)."""
         if self._module is None:
             return dict(zip(self.names, self._vjp((dfq, dfk))))
-        from lincomp.lower.tvmir.features import TASK_ROWS
         call, out = self._call, {}
         B, H, L, D = call.B, call.H, call.L, call.D
         for side, dphi in (("q", dfq), ("k", dfk)):
