@@ -202,6 +202,27 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, start: int = 0
     return float(math.exp(nll[start:].mean().item()))
 
 
+@torch.no_grad()
+def copy_probe(model, tokens: torch.Tensor, length: int = 1024, span: int = 128, count: int = 4,
+               seed: int = 7) -> dict:
+    """Does a causal byte model copy from far back (what induction heads do)? ``count`` windows of ``length``
+    bytes of ``tokens`` (fixed, :func:`eval_windows`), each with one random lowercase string of ``span`` bytes
+    written at byte 16 and again at the end. Returns the mean next-byte NLL (nats) over the string's first
+    occurrence (unpredictable: ~ln 26 = 3.26 for a model that knows it is letters) and over its second (~0 for
+    a model that copies; the same as the first for one that does not), and the distance between them (bytes)."""
+    if span < 2 or 16 + 2 * span > length:
+        raise ValueError(f"copy_probe needs 2 <= span and 16 + 2 * span <= length, got span {span}, length {length}")
+    x = eval_windows(tokens, length, count).clone()
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(ord("a"), ord("z") + 1, (x.shape[0], span), generator=g)
+    x[:, 16:16 + span] = s
+    x[:, length - span:] = s
+    nll = token_nll(model, x, batch_size=2)           # nll[i] predicts byte i + 1
+    first = nll[16:16 + span - 1].mean().item()        # bytes 17 .. 16 + span - 1 (the first byte is a guess)
+    second = nll[length - span:].mean().item()         # bytes length - span + 1 .. length - 1
+    return {"first": first, "second": second, "distance": length - span - 16, "span": span}
+
+
 # ------------------------------------------------------------------------------------------ train
 def _save_dir_atomically(model, out_dir: Path, info: dict) -> None:
     """save_pretrained into a temp folder, then swap it in (readers never see half a model)."""

@@ -391,6 +391,45 @@ def test_context_use_window_covering_everything_is_the_teacher(llama):
     assert short["before_8"] > 1 and t["from_8"] > 1 and set(t) == {"perplexity", "before_8", "from_8"}
 
 
+class _BigramCopier(torch.nn.Module):
+    """A byte "model" that copies as an induction head does: after a bigram seen before it predicts the byte
+    that followed it then (near certainly), else any lowercase letter."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        B, L = input_ids.shape
+        logits = torch.full((B, L, 256), -30.0)
+        logits[:, :, ord("a"):ord("z") + 1] = 0.0
+        for b in range(B):
+            seen = {}
+            row = input_ids[b].tolist()
+            for i in range(1, L):
+                nxt = seen.get((row[i - 1], row[i]))
+                if nxt is not None:
+                    logits[b, i, nxt] = 6.0                  # p ~ 0.94: a chance repeat costs ~6 nats
+                if i + 1 < L:
+                    seen[(row[i - 1], row[i])] = row[i + 1]
+        return type("Out", (), {"logits": logits})()
+
+
+def test_copy_probe_tells_a_copier_from_a_model_that_does_not_copy(llama):
+    import math
+    tokens = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1))
+    before = tokens.clone()
+    copier = clm.copy_probe(_BigramCopier(), tokens, length=96, span=32, count=2)
+    assert copier["first"] > math.log(26) - 0.05     # random letters: their bigrams are (mostly) new
+    assert copier["second"] < 0.5 and copier["distance"] == 96 - 32 - 16
+    model, _ = llama                                                     # untrained: no copying
+    fresh = clm.copy_probe(model, tokens, length=96, span=32, count=2)
+    assert fresh["second"] == pytest.approx(fresh["first"], rel=0.05) and fresh["first"] > 4
+    assert torch.equal(tokens, before)                                  # the caller's tokens are not written
+    with pytest.raises(ValueError, match="span"):
+        clm.copy_probe(model, tokens, length=64, span=32)
+
+
 def test_decode_memory_is_flat_for_the_student():
     spec = presets.lizard(window=64, sinks=4, feature_dim=32)
     from lincomp.models.distill_cli import kv_cache_bytes, linear_decode_bytes
