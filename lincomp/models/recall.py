@@ -235,6 +235,13 @@ class RecallTeacherConfig(LlamaTeacherConfig):
     head 0 starts as a previous-token head (:func:`init_previous_token_head`), the half of the induction
     circuit whose slow formation is the long plateau of MQAR training; every weight still trains. Without
     both, 2-layer models at 32-128 tokens were still near the in-context-guess level after 800-2200 steps.
+
+    ``plateau_check`` ``(step, accuracy)`` and ``attempts``: some initialisations never leave that plateau
+    (seeds 1 and 2: ~12% at 1500 steps, where seed 0 is at 99%; they part by step 400-600). At ``step`` the
+    teacher answers held-out rows of the first stage's layout (its largest pairs count); below ``accuracy``
+    training restarts from a new initialisation (``seed + 1000 * attempt``; the data stay those of ``seed``),
+    at most ``attempts`` times in all (the last attempt always runs to the end). ``teacher_info.json`` records
+    every attempt. A check step past the curriculum's end checks nothing.
     """
 
     hidden_size: int = 64
@@ -248,6 +255,16 @@ class RecallTeacherConfig(LlamaTeacherConfig):
     dense_queries: tuple = ("all", "mixed", "mixed")
     pairs: tuple = (4, 8, 32)
     curriculum: tuple = ((64, 1500, 32), (256, 700, 8), (1024, 300, 2))
+    plateau_check: tuple = (600, 0.3)
+    attempts: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"RecallTeacherConfig.attempts must be an int >= 1, got {self.attempts!r}")
+        if len(self.plateau_check) != 2 or not 0 <= self.plateau_check[1] <= 1:
+            raise ValueError("RecallTeacherConfig.plateau_check must be (step, accuracy in [0, 1]), got "
+                             f"{self.plateau_check!r}")
 
     @property
     def vocab(self) -> RecallVocab:
@@ -339,36 +356,70 @@ def train_teacher(cfg: RecallTeacherConfig, out_dir: Optional[Union[str, Path]] 
         found = load_teacher(out_dir, cfg)
         if found is not None:
             return found
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(cfg.llama_config())
-        if cfg.prev_token_head:
-            init_previous_token_head(model, cfg.prev_token_head)
-        model.to(device)
-    model.train()
-    data = curriculum_batches(cfg)
+    check_step, check_accuracy = cfg.plateau_check
+    length0 = cfg.curriculum[0][0]
+    probe = make_batch(64, max([p for p in cfg.pairs if 4 * p <= length0] or [min(cfg.pairs)]), length0,
+                       seed=424_242 + cfg.seed, vocab=cfg.vocab)
+    attempts, t0 = [], time.perf_counter()
+    for attempt in range(cfg.attempts):
+        init_seed = cfg.seed + 1000 * attempt
+        last = attempt + 1 >= cfg.attempts
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = LlamaForCausalLM(cfg.llama_config())
+            if cfg.prev_token_head:
+                init_previous_token_head(model, cfg.prev_token_head)
+            model.to(device)
+        model.train()
+        data = curriculum_batches(cfg)
+        record = {"init_seed": init_seed, "check_step": check_step if check_step < cfg.steps else None}
 
-    def loss_at(step: int):
-        b = {k: v.to(device) for k, v in data(step).items()}
-        loss = model(**b).loss
-        return loss, {}
+        def loss_at(step: int, model=model, record=record, last=last):
+            if step == check_step:
+                model.eval()
+                record["check_accuracy"] = query_accuracy(model, probe, window=length0)["all"]
+                model.train()
+                if record["check_accuracy"] < check_accuracy and not last:
+                    raise _Plateau()
+            b = {k: v.to(device) for k, v in data(step).items()}
+            return model(**b).loss, {}
 
-    ckpt = Path(out_dir).with_name(Path(out_dir).name + ".train.safetensors") if out_dir is not None else None
-    t0 = time.perf_counter()
-    history, resumed = train_steps(dict(sorted(model.named_parameters())), loss_at, steps=cfg.steps, lr=cfg.lr,
-                                   name="recall-teacher", seed=cfg.seed, weight_decay=cfg.weight_decay,
-                                   warmup=0.03, checkpoint=ckpt, checkpoint_every=100,
-                                   settings={"config": cfg.to_json()}, progress=progress, log_every=10)
+        name = "" if attempt == 0 else f".attempt{attempt}"   # attempt 0 keeps the name earlier runs resume
+        ckpt = (Path(out_dir).with_name(Path(out_dir).name + f"{name}.train.safetensors")
+                if out_dir is not None else None)
+        try:
+            history, resumed = train_steps(dict(sorted(model.named_parameters())), loss_at, steps=cfg.steps,
+                                           lr=cfg.lr, name="recall-teacher", seed=cfg.seed,
+                                           weight_decay=cfg.weight_decay, warmup=0.03, checkpoint=ckpt,
+                                           checkpoint_every=100,
+                                           settings={"config": cfg.to_json(), **({"init_seed": init_seed}
+                                                                                 if attempt else {})},
+                                           progress=progress, log_every=10)
+        except _Plateau:
+            attempts.append({**record, "restarted": True})
+            if progress:
+                print(f"recall teacher: init seed {init_seed} answers {100 * record['check_accuracy']:.1f}% of "
+                      f"the probe at step {check_step} (< {100 * check_accuracy:.0f}%: still on the plateau); "
+                      "restarting from a new initialisation", flush=True)
+            if ckpt is not None and ckpt.exists():
+                ckpt.unlink()
+            continue
+        attempts.append({**record, "restarted": False})
+        break
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
     info = {"config": cfg.to_json(), "wall_s": time.perf_counter() - t0, "resumed_from": resumed,
-            "final_loss": history[-1]["loss"] if history else None, "history": history[-20:]}
+            "attempts": attempts, "final_loss": history[-1]["loss"] if history else None, "history": history[-20:]}
     if out_dir is not None:
         _save_dir_atomically(model, Path(out_dir), info)
         if ckpt is not None and ckpt.exists():
             ckpt.unlink()
     return model, info
+
+
+class _Plateau(Exception):
+    """Raised inside the teacher's training loop when an attempt fails its plateau check."""
 
 
 # ------------------------------------------------------------------------------------------- recipe

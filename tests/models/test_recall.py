@@ -195,3 +195,30 @@ def test_teacher_saved_before_a_config_field_existed_still_loads(tmp_path):
     _save_dir_atomically(LlamaForCausalLM(cfg.llama_config()), tmp_path / "t", {"config": saved})
     assert R.load_teacher(tmp_path / "t", cfg) is not None
     assert R.load_teacher(tmp_path / "t", dataclasses.replace(cfg, seed=cfg.seed + 1)) is None
+
+
+def test_teacher_restarts_from_a_new_init_when_it_stays_on_the_plateau(tmp_path):
+    """A teacher below the plateau check's accuracy restarts from seed + 1000 (its checkpoint removed), the last
+    attempt always runs to the end, and teacher_info.json records every attempt; a check it passes trains once."""
+    import dataclasses
+
+    pytest.importorskip("transformers")
+    never = dataclasses.replace(R.QUICK_TEACHER, curriculum=((48, 12, 4),), plateau_check=(5, 1.0), attempts=3)
+    model, info = R.train_teacher(never, tmp_path / "t", progress=False)
+    got = info["attempts"]
+    assert [a["init_seed"] for a in got] == [never.seed, never.seed + 1000, never.seed + 2000]
+    assert [a["restarted"] for a in got] == [True, True, False]
+    assert all(0 <= a["check_accuracy"] < 1 for a in got)
+    assert not list(tmp_path.glob("*.train.safetensors"))              # no checkpoint of a failed attempt left
+    assert json.loads((tmp_path / "t" / "teacher_info.json").read_text())["attempts"] == got
+    assert R.load_teacher(tmp_path / "t", never) is not None            # cached: loaded, not retrained
+    passes = dataclasses.replace(never, plateau_check=(5, 0.0))
+    _, info = R.train_teacher(passes, None, progress=False)
+    assert [a["restarted"] for a in info["attempts"]] == [False]
+    late = dataclasses.replace(never, plateau_check=(10_000, 1.0))        # past the end: checks nothing
+    _, info = R.train_teacher(late, None, progress=False)
+    assert info["attempts"] == [{"init_seed": never.seed, "check_step": None, "restarted": False}]
+    with pytest.raises(ValueError, match="attempts"):
+        dataclasses.replace(never, attempts=0)
+    with pytest.raises(ValueError, match="plateau_check"):
+        dataclasses.replace(never, plateau_check=(5, 2.0))
