@@ -222,3 +222,22 @@ def test_teacher_restarts_from_a_new_init_when_it_stays_on_the_plateau(tmp_path)
         dataclasses.replace(never, attempts=0)
     with pytest.raises(ValueError, match="plateau_check"):
         dataclasses.replace(never, plateau_check=(5, 2.0))
+
+
+def test_a_teacher_that_did_not_learn_is_reported_not_scored_silently(tmp_path, monkeypatch):
+    """The quick recipe's teacher is far below 99%: results.json says teacher_ok false and the table warns; a
+    full (non-quick) run also raises a warning naming the accuracy and what to do."""
+    from lincomp.models import distill_cli
+
+    pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = run_recall(quick=True, seed=0, out_dir=str(tmp_path / "q"), progress=False, log=lambda *_: None)
+    assert r["teacher_ok"] is False and r["teacher_target"] == 0.99
+    assert json.loads((tmp_path / "q" / "results.json").read_text())["teacher_ok"] is False
+    assert "WARNING: the teacher is below 99.0%" in distill_cli.format_recall(r)
+    assert "WARNING" not in distill_cli.format_recall({**r, "teacher_ok": True})
+    monkeypatch.setattr(distill_cli, "RECALL_TEACHER_TARGET", 1.01)   # no teacher passes: the warning fires
+    with pytest.warns(UserWarning, match="did not learn the task"):
+        run_recall(teacher=R.QUICK_TEACHER, out_dir=None, window=8, length=48, pairs=[4], train_pairs=[4], steps=1, finetune_steps=0,
+                   eval_sequences=4, specs=["lizard"], feature_dim=8, progress=False, log=lambda *_: None)
