@@ -883,8 +883,8 @@ def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", 
     import torch
 
     from lincomp.models.distill import save_student
-    from lincomp.models.recall import (QUICK_TEACHER, RecallTeacherConfig, _check, batches, make_batch,
-                                       query_accuracy, save_dataset, student_specs, train_teacher,
+    from lincomp.models.recall import (QUICK_TEACHER, RecallTeacherConfig, _check, batches, fitting_pairs,
+                                       make_batch, query_accuracy, save_dataset, student_specs, train_teacher,
                                        window_only_spec)
 
     t_start = time.perf_counter()
@@ -937,7 +937,7 @@ def run_recall(*, seed: int = 0, out_dir: Optional[str] = "out/distill/recall", 
         wo = linearize_student(copy.deepcopy(model), window_only_spec(window))
         score("window_only", wo)
         del wo
-    train = batches([n for n in train_pairs if 4 * n <= distill_length] or [min(train_pairs)], distill_length,
+    train = batches(fitting_pairs(train_pairs, distill_length), distill_length,
                     batch_size, seed=seed + 1, vocab=vocab)
     finetune = batches(train_pairs, finetune_length, batch_size, seed=seed + 1, vocab=vocab)
     final = "after_finetune" if finetune_steps else "after_attention"

@@ -319,11 +319,17 @@ def init_previous_token_head(model, gain: float = 32.0, freqs: int = 4) -> None:
         attn.o_proj.weight[:, :D] *= 5.0
 
 
+def fitting_pairs(pairs: Sequence[int], length: int) -> list:
+    """The pairs counts whose rows fit ``length`` tokens with room for queries (4 * pairs <= length), else the
+    smallest count alone."""
+    return [p for p in pairs if 4 * p <= length] or [min(pairs)]
+
+
 def curriculum_batches(cfg: RecallTeacherConfig):
     """``step -> batch`` over ``cfg.curriculum`` (each stage a pure function of (seed, stage, step))."""
     stages, start = [], 0
     for i, (length, steps, bs) in enumerate(cfg.curriculum):
-        pairs = [p for p in cfg.pairs if 4 * p <= length] or [min(cfg.pairs)]
+        pairs = fitting_pairs(cfg.pairs, length)
         stages.append((start, start + steps, batches(pairs, length, bs, seed=cfg.seed * 101 + i, vocab=cfg.vocab,
                                                      dense=cfg.dense_queries[min(i, len(cfg.dense_queries) - 1)])))
         start += steps
@@ -362,7 +368,7 @@ def train_teacher(cfg: RecallTeacherConfig, out_dir: Optional[Union[str, Path]] 
             return found
     check_step, check_accuracy = cfg.plateau_check
     length0 = cfg.curriculum[0][0]
-    probe = make_batch(64, max([p for p in cfg.pairs if 4 * p <= length0] or [min(cfg.pairs)]), length0,
+    probe = make_batch(64, max(fitting_pairs(cfg.pairs, length0)), length0,
                        seed=424_242 + cfg.seed, vocab=cfg.vocab)
     attempts, t0 = [], time.perf_counter()
     for attempt in range(cfg.attempts):
